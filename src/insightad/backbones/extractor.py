@@ -1,0 +1,91 @@
+"""Frozen multi-layer feature extraction shared by every method (timm ``features_only``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from insightad.backbones.registry import BackboneSpec, get_spec
+from insightad.backbones.weights import resolve_weights
+from insightad.errors import InsightADError
+
+
+class FeatureExtractor(nn.Module):
+    """Normalised float images -> feature maps of the requested levels (finest first).
+
+    Blocks past the deepest requested level are dropped, so asking for middle layers costs
+    only the forward pass up to them.
+    """
+
+    def __init__(self, arch: str, layers: Sequence[int], in_chans: int = 3) -> None:
+        super().__init__()
+        import timm
+
+        self.arch, self.layers = arch, tuple(int(i) for i in layers)
+        try:
+            self.body = timm.create_model(arch, pretrained=False, features_only=True,
+                                          out_indices=self.layers, in_chans=in_chans)
+        except (IndexError, AssertionError, ValueError) as e:
+            raise InsightADError(f"layers: {list(layers)} not available for {arch} ({e})") from None
+        self._truncate()
+        self.channels = list(self.body.feature_info.channels())
+        self.reductions = list(self.body.feature_info.reduction())
+
+    def _truncate(self) -> None:
+        body = self.body
+        stages = getattr(body, "_stage_out_idx", None)
+        if stages and hasattr(body, "blocks"):  # timm EfficientNetFeatures: stage s ends at block s-1
+            body.blocks = body.blocks[: max(stages)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body(x))
+
+    def load_weights(self, full_sd: dict[str, torch.Tensor], origin: str) -> None:
+        """Strict load: every tensor of this extractor must come from ``full_sd`` with its exact shape."""
+        own = self.body.state_dict()
+        missing = [k for k in own if k not in full_sd]
+        if missing:
+            raise InsightADError(f"{origin}: weights lack {len(missing)} tensors of {self.arch} (e.g. {missing[0]})")
+        for k, v in own.items():
+            if full_sd[k].shape != v.shape:
+                raise InsightADError(f"{origin}: tensor {k} has shape {tuple(full_sd[k].shape)}, "
+                                     f"expected {tuple(v.shape)}")
+        self.body.load_state_dict({k: full_sd[k] for k in own}, strict=True)
+
+
+def layer_indices(spec: BackboneSpec, layers: Sequence[int | str]) -> list[int]:
+    """Levels given by index (0 = finest) or by module name (``layer2``, ``blocks.2``)."""
+    import timm
+
+    out = []
+    names = None
+    for layer in layers:
+        if isinstance(layer, int) or (isinstance(layer, str) and layer.lstrip("-").isdigit()):
+            out.append(int(layer))
+            continue
+        if names is None:
+            probe = timm.create_model(spec.arch, pretrained=False, features_only=True)
+            names = list(probe.feature_info.module_name())
+        if layer not in names:
+            raise InsightADError(f"layers: {layer!r} is not a feature level of {spec.arch} (levels: {', '.join(names)})")
+        out.append(names.index(layer))
+    return out
+
+
+def build_extractor(backbone: str, layers: Sequence[int | str], weights: str | None = None,
+                    *, pretrained: bool = True, in_chans: int = 3) -> tuple[FeatureExtractor, BackboneSpec, str]:
+    """(frozen extractor in eval mode, its spec, where its weights came from).
+
+    ``pretrained=False`` builds the architecture only (used when a model file supplies the weights).
+    """
+    spec = get_spec(backbone)
+    extractor = FeatureExtractor(spec.arch, layer_indices(spec, layers), in_chans)
+    source = "model-file"
+    if pretrained:
+        sd, source = resolve_weights(spec, weights)
+        if sd is not None:
+            extractor.load_weights(sd, source)
+    extractor.eval().requires_grad_(False)
+    return extractor, spec, source

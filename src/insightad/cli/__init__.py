@@ -1,0 +1,57 @@
+"""The ``insightad`` command: one sub-command per module of this package (``insightad <cmd> --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from insightad import __version__
+from insightad.errors import InsightADError
+
+# sub-command -> module with add_parser(subparsers, argv) and run(args) -> int
+COMMANDS = {
+    "train": "insightad.cli.train",
+    "predict": "insightad.cli.predict",
+    "evaluate": "insightad.cli.evaluate",
+    "demo": "insightad.cli.demo",
+    "info": "insightad.cli.info",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="insightad", description="Visual anomaly detection: learn normal from "
+                                     "good images, score new images, show where the defect is.")
+    parser.add_argument("--version", action="version", version=f"insightad {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, module in COMMANDS.items():
+        if wanted and name != wanted:  # build only the parser in use: method flags depend on argv
+            sub.add_parser(name, add_help=False)
+            continue
+        importlib.import_module(module).add_parser(sub, argv[1:] if wanted else [])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        prepare = getattr(args, "_prepare", None)
+        if prepare:
+            args = prepare(args)
+        return int(args._run(args) or 0)
+    except InsightADError as e:
+        print(f"insightad: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("insightad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

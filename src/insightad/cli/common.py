@@ -1,0 +1,89 @@
+"""Pieces several sub-commands share: data flags, config-file handling, printing, threshold overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from insightad import config
+from insightad.cli.options import add_config_flag, add_dataclass_args, apply_config, load_config_file
+from insightad.errors import InsightADError
+
+
+def new_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None
+               ) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description or help,
+                       )
+    add_config_flag(p)
+    return p
+
+
+def add_data_flags(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
+    p.add_argument("--data", "--data-path", "--data_path", dest="data", required=data_required, metavar="PATH",
+                   help="dataset folder (MVTec AD category, normal/abnormal folders, crack set, or a folder of images)")
+    add_dataclass_args(p, config.DataParams, title="data")
+
+
+def add_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="MODEL",
+                   help="model file written by 'insightad train'")
+
+
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                   help="show progress bars (default: when the terminal is interactive)")
+
+
+def with_config(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> argparse.Namespace:
+    """Re-parse with the config file's values as defaults, so that flags override the file."""
+    if not getattr(args, "config", None):
+        return args
+    cfg = load_config_file(args.config, command)
+    apply_config(parser, cfg, args.config, command)
+    return parser.parse_args(args._argv)
+
+
+def data_params(args: argparse.Namespace) -> config.DataParams:
+    from insightad.cli.options import gather
+
+    return gather(args, config.DataParams)
+
+
+def parse_threshold(value: str | None) -> float | None:
+    """``--threshold`` as a number or a JSON file written by calibrate; pickle files are refused."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    path = Path(value)
+    if path.suffix.lower() in (".pkl", ".pickle", ".joblib"):
+        raise InsightADError(f"{path}: pickle threshold files are refused (loading one can run arbitrary code); "
+                             "pass a number or the JSON file from 'insightad calibrate --out'")
+    if not path.is_file():
+        raise InsightADError(f"--threshold: expected a number or a JSON file, got {value!r} (no such file)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return float(data["threshold"] if isinstance(data, dict) else data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
+        raise InsightADError(f"{path}: expected JSON with a numeric 'threshold' field") from None
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)

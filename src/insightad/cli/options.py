@@ -1,0 +1,94 @@
+"""Dataclass fields as CLI flags, the optional TOML ``--config`` file, and shared flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from insightad import config
+from insightad.errors import InsightADError
+
+
+def _list_of(elem: type):
+    def parse(text: str) -> list:
+        try:
+            return [elem(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a list of {elem.__name__} (e.g. 1,2,3), got {text!r}") from None
+    return parse
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                       title: str | None = None) -> None:
+    """One flag per field (``--image-size``, plus ``--image_size`` and any alias), default SUPPRESS
+    so only what the user typed overrides the config file and the dataclass defaults."""
+    group = parser.add_argument_group(title or (cls.__doc__ or cls.__name__).strip().splitlines()[0])
+    hints = typing.get_type_hints(cls)
+    existing = {s for a in parser._actions for s in a.option_strings}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        names = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            names.append(f"--{f.name}")
+        names += [a for a in f.metadata.get("aliases", ()) if a not in names]
+        names = [n for n in names if n not in existing]
+        if not names:
+            continue
+        kind = config._base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if kind in (list, tuple):
+            args = typing.get_args(config._strip_optional(hints[f.name]))
+            kw["type"] = _list_of(args[0] if args else str)
+            kw["metavar"] = "LIST"
+        else:
+            kw["type"] = kind if kind in (int, float) else str
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        group.add_argument(*names, **kw)
+
+
+def gather(args: argparse.Namespace, cls: type, **fixed: Any) -> Any:
+    """The dataclass from parsed flags (and config-file defaults), validated."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(fixed)
+    return config.build(cls, values)
+
+
+def load_config_file(path: str | Path, command: str) -> dict[str, Any]:
+    """Flat keys apply to every command that has them; a ``[command]`` table applies to that one."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InsightADError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InsightADError(f"{path}: not valid TOML ({e})") from None
+    flat = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    section = {k.replace("-", "_"): v for k, v in (data.get(command) or {}).items()}
+    return {"__flat__": flat, "__section__": section}
+
+
+def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str, command: str) -> None:
+    """Config values become parser defaults, so flags still win."""
+    dests = {a.dest for a in parser._actions}
+    for key in cfg["__section__"]:
+        if key not in dests:
+            raise InsightADError(f"{path}: [{command}] has unknown key {key!r} (not an option of 'insightad {command}')")
+    values = {k: v for k, v in cfg["__flat__"].items() if k in dests}
+    values.update(cfg["__section__"])
+    parser.set_defaults(**values)
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys mirror these flags; flags win")

@@ -1,0 +1,88 @@
+"""Reading image and mask files: every format the layouts allow, with one-line errors naming the file."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from insightad.errors import InsightADError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 200_000_000  # far above real inspection images, below decompression bombs
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by extension, not a mask (``*_mask.*``) and not hidden."""
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+            and not path.stem.endswith("_mask"))
+
+
+def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+            img = Image.open(fp)
+            img.load()
+        except FileNotFoundError:
+            raise InsightADError(f"{name}: file not found") from None
+        except IsADirectoryError:
+            raise InsightADError(f"{name}: is a folder, expected an image file") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InsightADError(f"{name}: image too large ({e}); limit is {max_pixels} pixels") from None
+        except Image.UnidentifiedImageError:
+            raise InsightADError(f"{name}: not a readable image (expected PNG, JPEG, BMP or TIFF)") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            reason = str(e).split("\n")[0] or type(e).__name__
+            raise InsightADError(f"{name}: unreadable or truncated image ({reason})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+    return img
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit L or RGB: 16-bit and float images scaled, palettes expanded, alpha dropped."""
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if img.mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("1", "LA", "La"):
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def load_image(source: str | Path | bytes, channels: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode fully into an 8-bit image; ``channels`` 3 gives RGB, 1 gives grayscale, None keeps it."""
+    img = to_8bit(_open(source, max_pixels))
+    if channels == 3 and img.mode != "RGB":
+        img = img.convert("RGB")
+    elif channels == 1 and img.mode != "L":
+        img = img.convert("L")
+    return img
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None, image_path: str | Path | None = None) -> np.ndarray:
+    """Boolean defect mask (any non-zero value is a defect); ``size`` is the image's (width, height)."""
+    img = to_8bit(_open(path, DEFAULT_MAX_PIXELS))
+    if img.mode != "L":
+        img = img.convert("L")
+    if size is not None and img.size != tuple(size):
+        of = f" of {image_path}" if image_path else ""
+        raise InsightADError(f"{path}: mask is {img.size[0]}x{img.size[1]} but the image{of} is "
+                             f"{size[0]}x{size[1]}; a mask must match its image's size")
+    return np.asarray(img) > 0

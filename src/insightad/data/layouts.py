@@ -1,0 +1,224 @@
+"""Dataset layouts (MVTec AD, normal/abnormal folders, crack sets, a flat folder) and their splits."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from insightad.data.images import is_image_file
+from insightad.errors import InsightADError
+
+NORMAL, ANOMALOUS = 0, 1
+MASK_DIRS = ("ground_truth", "masks", "mask")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset: where it is, what it is, where its mask is (if any)."""
+
+    path: Path
+    label: int  # 0 normal, 1 anomalous
+    defect: str  # "good" for normal images, else the defect type
+    split: str  # "train" or "test"
+    mask: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """The images under ``root`` in a known layout. ``has_test_split``: the layout names its test images."""
+
+    root: Path
+    layout: str
+    samples: list[Sample] = field(default_factory=list)
+    has_test_split: bool = False
+
+    def rel(self, path: Path) -> str:
+        """Path relative to the root, with forward slashes (what model files record)."""
+        return path.resolve().relative_to(self.root).as_posix()
+
+    @property
+    def train(self) -> list[Sample]:
+        return [s for s in self.samples if s.split == "train"]
+
+    @property
+    def test(self) -> list[Sample]:
+        return [s for s in self.samples if s.split == "test"]
+
+    def counts(self) -> dict[str, int]:
+        return {"normal": sum(s.label == NORMAL for s in self.samples),
+                "anomalous": sum(s.label == ANOMALOUS for s in self.samples)}
+
+
+def _images_in(folder: Path, recursive: bool = True) -> list[Path]:
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if p.is_file() and is_image_file(p) and not _in_mask_dir(p, folder))
+
+
+def _in_mask_dir(path: Path, top: Path) -> bool:
+    return any(part.lower() in MASK_DIRS for part in path.relative_to(top).parts[:-1])
+
+
+def _require_images(folder: Path, what: str) -> list[Path]:
+    images = _images_in(folder)
+    if not images:
+        raise InsightADError(f"{folder}: no images found (expected {what}: .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
+    return images
+
+
+def _find_dir(root: Path, name: str) -> Path | None:
+    """``root/name``, matched case-insensitively."""
+    exact = root / name
+    if exact.is_dir():
+        return exact
+    for p in root.iterdir():
+        if p.is_dir() and p.name.lower() == name.lower():
+            return p
+    return None
+
+
+def _mask_index(*folders: Path) -> dict[str, Path]:
+    """Stem of the image -> mask file, from ``<stem>_mask.<ext>`` files under the given folders."""
+    index: dict[str, Path] = {}
+    for folder in folders:
+        if folder is None or not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*_mask.*")):
+            if p.is_file():
+                index.setdefault(_defect_key(p.parent.name, p.stem[: -len("_mask")]), p)
+                index.setdefault(p.stem[: -len("_mask")], p)
+    return index
+
+
+def _defect_key(defect: str, stem: str) -> str:
+    return f"{defect}/{stem}"
+
+
+def _mvtec(root: Path) -> Dataset:
+    train_good = root / "train" / "good"
+    if not train_good.is_dir():
+        raise InsightADError(f"{root}: MVTec AD layout needs {train_good}")
+    samples = [Sample(p, NORMAL, "good", "train") for p in _require_images(train_good, "normal training images")]
+    test = root / "test"
+    if not test.is_dir():
+        raise InsightADError(f"{root}: MVTec AD layout needs a test/ folder")
+    gt = root / "ground_truth"
+    for sub in sorted(p for p in test.iterdir() if p.is_dir()):
+        masks = _mask_index(gt / sub.name) if sub.name != "good" else {}
+        for p in _images_in(sub):
+            label = NORMAL if sub.name == "good" else ANOMALOUS
+            samples.append(Sample(p, label, sub.name, "test", masks.get(p.stem)))
+    if not any(s.split == "test" for s in samples):
+        raise InsightADError(f"{test}: no test images found")
+    return Dataset(root, "mvtec", samples, has_test_split=True)
+
+
+def _labelled(root: Path, normal: Path, abnormal: Path | None, layout: str) -> Dataset:
+    masks = _mask_index(*[root / d for d in MASK_DIRS], normal, *(x for x in [abnormal] if x))
+    samples = [Sample(p, NORMAL, "good", "train") for p in _require_images(normal, "normal images")]
+    if abnormal is not None:
+        for p in _images_in(abnormal):
+            parts = p.relative_to(abnormal).parts
+            defect = parts[0] if len(parts) > 1 else abnormal.name.lower()
+            mask = masks.get(_defect_key(defect, p.stem)) or masks.get(p.stem)
+            samples.append(Sample(p, ANOMALOUS, defect, "test", mask))
+    return Dataset(root, layout, samples, has_test_split=False)
+
+
+def _images_only(root: Path) -> Dataset:
+    samples = [Sample(p, NORMAL, "good", "train") for p in _require_images(root, "normal images")]
+    return Dataset(root, "images", samples, has_test_split=False)
+
+
+def detect_layout(root: Path, normal_dir: str = "normal") -> str:
+    """Which layout a folder holds, or a clear error listing what was looked for."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return "mvtec"
+    if _find_dir(root, "Negative") and _find_dir(root, "Positive"):
+        return "crack"
+    if (root / normal_dir).is_dir():
+        return "folder"
+    cats = [p.name for p in sorted(root.iterdir()) if (p / "train" / "good").is_dir()]
+    if cats:
+        raise InsightADError(f"{root}: holds several MVTec AD categories; point at one of them, e.g. {root / cats[0]} "
+                             f"(found: {', '.join(cats)})")
+    if any(p.is_file() and is_image_file(p) for p in root.iterdir()):
+        return "images"
+    raise InsightADError(f"{root}: cannot tell the dataset layout: expected train/ and test/ (MVTec AD), "
+                         f"{normal_dir}/ [+ abnormal/] (folder), Negative/ and Positive/ (crack) or image files; "
+                         "set --layout")
+
+
+def discover(path: str | Path, layout: str = "auto", normal_dir: str = "normal",
+             abnormal_dir: str = "abnormal") -> Dataset:
+    """Read a dataset folder into samples; the layout is detected unless given."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise InsightADError(f"{root}: no such file or folder")
+    if not root.is_dir():
+        raise InsightADError(f"{root}: expected a dataset folder, got a file")
+    root = root.resolve()
+    if layout == "auto":
+        layout = detect_layout(root, normal_dir)
+    if layout == "mvtec":
+        return _mvtec(root)
+    if layout == "crack":
+        neg, pos = _find_dir(root, "Negative"), _find_dir(root, "Positive")
+        if neg is None:
+            raise InsightADError(f"{root}: crack layout needs a Negative/ folder of normal images")
+        return _labelled(root, neg, pos, "crack")
+    if layout == "folder":
+        normal = root / normal_dir
+        if not normal.is_dir():
+            raise InsightADError(f"{root}: folder layout needs {normal} (set --normal-dir)")
+        abnormal = root / abnormal_dir
+        return _labelled(root, normal, abnormal if abnormal.is_dir() else None, "folder")
+    if layout == "images":
+        return _images_only(root)
+    raise InsightADError(f"layout: expected auto, mvtec, folder, crack or images, got {layout!r}")
+
+
+# ------------------------------------------------------------------------------------- splits
+def holdout_split(ds: Dataset, fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, held-out) normal samples. Layouts with a test split train on all of train/."""
+    normals = [s for s in ds.samples if s.split == "train"]
+    if ds.has_test_split or fraction <= 0:
+        return normals, []
+    order = sorted(normals, key=lambda s: ds.rel(s.path))
+    random.Random(seed).shuffle(order)
+    n_hold = int(round(len(order) * fraction))
+    if len(order) - n_hold < 1:
+        raise InsightADError(f"{ds.root}: {len(order)} normal images are too few to hold out {fraction:.0%}")
+    held = sorted(order[:n_hold], key=lambda s: s.path)
+    train = sorted(order[n_hold:], key=lambda s: s.path)
+    return train, [replace(s, split="test") for s in held]
+
+
+def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
+    """The images to score on ``ds``, given the training split a model recorded.
+
+    Same dataset as training: the test split, or the held-out normals plus the anomalous images.
+    Another path: every image. Either way an image the model was trained on is refused.
+    """
+    trained: set[Path] = set()
+    same_root = False
+    if split:
+        train_root = Path(split.get("root", ""))
+        trained = {(train_root / r).resolve() for r in split.get("train", [])}
+        same_root = train_root == ds.root
+    if same_root:
+        if ds.has_test_split:
+            chosen = ds.test
+        else:
+            held = {(ds.root / r).resolve() for r in split.get("holdout", [])}
+            chosen = [replace(s, split="test") for s in ds.samples
+                      if s.label == ANOMALOUS or s.path.resolve() in held]
+    else:
+        chosen = [replace(s, split="test") for s in (ds.test if ds.has_test_split else ds.samples)]
+    overlap = [s.path for s in chosen if s.path.resolve() in trained]
+    if overlap:
+        raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) was used to train the model; "
+                             "refusing to score training images (evaluate on held-out or new images)")
+    if not chosen:
+        raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
+    return chosen

@@ -1,0 +1,152 @@
+"""One file per trained model: safetensors tensors + JSON metadata. Loading never runs code.
+
+The metadata holds the method and its hyper-parameters, the preprocessing, the backbone and
+where its weights came from, the threshold and how it was chosen, the training split and the
+package version; the tensors hold everything the model needs, backbone weights included, so a
+model file scores images with no network access.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from insightad import __version__
+from insightad.data.preprocess import Preprocessing
+from insightad.errors import InsightADError
+from insightad.methods import Detector, get_class
+from insightad.methods.base import resolve_device
+
+FORMAT = "insightad-model"
+FORMAT_VERSION = 1
+META_KEY = "insightad"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def metadata(det: Detector) -> dict[str, Any]:
+    """Everything but the tensors."""
+    det._check_fitted()
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": det.method,
+        "params": det.get_params(),
+        "preprocessing": det.preprocessing_.to_dict(),
+        "backbone": ({"name": det.backbone, "arch": getattr(det, "backbone_arch_", None),
+                      "weights_source": getattr(det, "backbone_source_", None),
+                      "layers": det.feature_layers()} if det.uses_backbone else None),
+        "threshold": {"value": det.threshold_, "strategy": det.threshold_strategy_,
+                      "details": getattr(det, "threshold_info_", {})},
+        "split": getattr(det, "split_", None),
+        "training": {"n_images": getattr(det, "n_train_", None), "fit_seconds": getattr(det, "fit_seconds_", None)},
+        "state": det.state_metadata(),
+    }
+
+
+def save_model(det: Detector, path: str | Path) -> Path:
+    """Write the model file atomically; returns its path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = metadata(det)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in det.model_.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a model file, checked, without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise InsightADError(f"{path}: model file not found")
+    if path.is_dir():
+        raise InsightADError(f"{path}: is a folder, expected a model file")
+    if path.stat().st_size == 0:
+        raise InsightADError(f"{path}: model file is empty")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt or foreign file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InsightADError(f"{path}: not a valid InsightAD model file (corrupt, truncated or another format: {reason})") from None
+    if raw is None:
+        raise InsightADError(f"{path}: a safetensors file but not an InsightAD model (no '{META_KEY}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InsightADError(f"{path}: model metadata is not valid JSON (file damaged?)") from None
+    if meta.get("format") != FORMAT:
+        raise InsightADError(f"{path}: not an InsightAD model file (format {meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise InsightADError(f"{path}: model file format {meta['format_version']} is newer than this InsightAD "
+                             f"({__version__}) reads; upgrade insightad")
+    return meta
+
+
+def load_model(path: str | Path, device: str = "cpu") -> Detector:
+    """A fitted detector from a model file: no pickle, no network."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise InsightADError(f"{path}: cannot read the model's tensors ({str(e).splitlines()[0]})") from None
+    cls = get_class(meta["method"])
+    det = cls(**{**meta["params"], "device": device})
+    det.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
+    det.device_ = resolve_device(device)
+    bb = meta.get("backbone") or {}
+    det.backbone_arch_, det.backbone_source_ = bb.get("arch"), bb.get("weights_source")
+    try:
+        model = det._restore(tensors, meta.get("state") or {})
+        model.load_state_dict(tensors, strict=True)
+    except InsightADError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise InsightADError(f"{path}: the tensors do not fit a {meta['method']} model "
+                             f"({str(e).splitlines()[0][:200]})") from None
+    det.model_ = model.to(det.device_).eval()
+    thr = meta["threshold"]
+    det.set_threshold(thr["value"], thr["strategy"], **(thr.get("details") or {}))
+    det.split_ = meta.get("split")
+    det.n_train_ = (meta.get("training") or {}).get("n_images")
+    det.model_path_ = str(path)
+    det.metadata_ = meta
+    return det
+
+
+def update_metadata(path: str | Path, **changes: Any) -> None:
+    """Rewrite a model file atomically with some metadata fields replaced (e.g. the threshold)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    meta = read_metadata(path)
+    tensors = load_file(str(path))
+    meta.update(changes)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
