@@ -1,0 +1,50 @@
+"""Shared fixtures: small generated datasets and a fitted baseline, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("INSIGHTAD_OFFLINE", "1")  # tests never reach for the network
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SIZE = 64  # working resolution for tests: small keeps the suite fast on 2 cores
+
+
+@pytest.fixture(scope="session")
+def mvtec_dir(tmp_path_factory) -> Path:
+    """A synthetic MVTec AD category: 30 good train images, 8 good + 4x4 defective test images, masks."""
+    from insightad.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("mvtec") / "disc", kind="disc", layout="mvtec", n_train=30,
+                         n_test_good=8, n_per_defect=4, size=96, seed=1)
+
+
+@pytest.fixture(scope="session")
+def folder_dir(tmp_path_factory) -> Path:
+    from insightad.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("folder") / "parts", kind="plate", layout="folder", n_train=24,
+                         n_test_good=6, n_per_defect=3, size=96, seed=2)
+
+
+@pytest.fixture(scope="session")
+def crack_dir(tmp_path_factory) -> Path:
+    from insightad.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("crack") / "concrete", kind="weave", layout="crack", n_train=24,
+                         n_test_good=6, n_per_defect=4, defects=("crack",), size=96, seed=3, image_format="jpg")
+
+
+@pytest.fixture(scope="session")
+def baseline_model(mvtec_dir, tmp_path_factory) -> Path:
+    """A baseline model file trained on ``mvtec_dir`` at test resolution."""
+    from insightad.apps.train import train_model
+    from insightad.config import DataParams
+
+    out = tmp_path_factory.mktemp("models") / "baseline.safetensors"
+    train_model(mvtec_dir, "baseline", {"image_size": SIZE}, DataParams(), out, progress=False)
+    return out
