@@ -82,7 +82,8 @@ def _hub_cache_file(arch: str) -> Path | None:
             from huggingface_hub import try_to_load_from_cache
 
             for fname in ("model.safetensors", "pytorch_model.bin"):
-                hit = try_to_load_from_cache(cfg.hf_hub_id.split("@")[0], fname)
+                hit = try_to_load_from_cache(cfg.hf_hub_id.split("@")[0], fname,
+                                              cache_dir=os.environ.get("HF_HUB_CACHE") or None)
                 if isinstance(hit, str) and Path(hit).is_file():
                     return Path(hit)
         except ImportError:

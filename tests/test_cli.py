@@ -1,0 +1,115 @@
+"""The insightad command end to end, in-process: train, predict, evaluate, info, demo, config, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from insightad.cli import main
+from tests.conftest import SIZE
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_predict_evaluate_on_holdout_layout(crack_dir, tmp_path, capsys):
+    model = tmp_path / "m.safetensors"
+    code, out, err = run(capsys, "train", "--mode", "baseline", "--data", crack_dir, "--out", model,
+                         "--image_size", SIZE, "--batch_size", 8, "--holdout", 0.25)
+    assert code == 0, err
+    assert "8 normal images held out" in out and str(model) in out and model.exists()
+    meta = json.loads(run(capsys, "info", "--model", model)[1])
+    assert meta["split"]["holdout"] == "8 files" and meta["split"]["holdout_fraction"] == 0.25
+
+    code, out, _ = run(capsys, "evaluate", "--model", model, "--data", crack_dir, "--json")
+    m = json.loads(out)
+    assert code == 0 and m["n_normal"] == 8 and m["n_anomalous"] == 4
+    for key in ("image_auroc", "average_precision", "accuracy", "precision", "recall", "f1", "threshold"):
+        assert key in m
+
+    img = sorted((crack_dir / "Positive").iterdir())[0]
+    code, out, _ = run(capsys, "predict", "--model", model, img, "--json")
+    line = json.loads(out.strip().splitlines()[0])
+    assert code == 0 and set(line) >= {"path", "score", "threshold", "anomalous"}
+    code, out, _ = run(capsys, "predict", "--model", model, "--image", img, "--threshold", 1e9)
+    assert code == 0 and "normal" in out and "1e+09" in out
+
+
+def test_evaluate_refuses_training_images(crack_dir, tmp_path, capsys):
+    model = tmp_path / "m.safetensors"
+    assert run(capsys, "train", "--data", crack_dir, "--out", model, "--image-size", SIZE)[0] == 0
+    code, _, err = run(capsys, "evaluate", "--model", model, "--data", crack_dir / "Negative")
+    assert code == 1 and "used to train the model" in err and err.count("\n") == 1
+
+
+def test_table_output_and_mvtec(baseline_model, mvtec_dir, capsys):
+    code, out, _ = run(capsys, "evaluate", "--model", baseline_model, "--data", mvtec_dir)
+    assert code == 0 and "image_auroc" in out and "8 normal, 16 anomalous" in out
+
+
+def test_config_file_and_flag_override(folder_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'method = "baseline"\nimage-size = {SIZE}\nk = 2\n[train]\nholdout = 0.5\n')
+    model = tmp_path / "m.safetensors"
+    code, _, err = run(capsys, "train", "--config", cfg, "--data", folder_dir, "--out", model, "--k", 4)
+    assert code == 0, err
+    meta = json.loads(run(capsys, "info", "--model", model)[1])
+    assert meta["params"]["k"] == 4 and meta["params"]["image_size"] == SIZE
+    assert meta["split"]["holdout_fraction"] == 0.5
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nnot_an_option = 1\n")
+    code, _, err = run(capsys, "train", "--config", bad, "--data", folder_dir, "--out", model)
+    assert code == 1 and "unknown key 'not_an_option'" in err
+    bad.write_text("this is = = not toml")
+    code, _, err = run(capsys, "train", "--config", bad, "--data", folder_dir)
+    assert code == 1 and "not valid TOML" in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--data", "/nonexistent/x"], "no such file or folder"),
+    (["predict", "--model", "/nonexistent/m.safetensors", "/nonexistent/a.png"], "no such file"),
+    (["evaluate", "--model", "/nonexistent/m.safetensors", "--data", "/nonexistent"], "model file not found"),
+    (["train", "--data", ".", "--batch-size", "0"], "batch_size: expected a value >= 1"),
+])
+def test_errors_are_one_line_with_nonzero_exit(argv, msg, capsys):
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_threshold_files(baseline_model, mvtec_dir, tmp_path, capsys):
+    pkl = tmp_path / "thr.pkl"
+    pkl.write_bytes(b"\x80\x04K\x01.")
+    img = sorted((mvtec_dir / "test" / "good").iterdir())[0]
+    code, _, err = run(capsys, "predict", "--model", baseline_model, img, "--threshold", pkl)
+    assert code == 1 and "pickle" in err
+    js = tmp_path / "thr.json"
+    js.write_text('{"threshold": 0.25}')
+    code, out, _ = run(capsys, "predict", "--model", baseline_model, img, "--threshold", js, "--json")
+    assert code == 0 and json.loads(out)["threshold"] == 0.25
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "nope", "--data", "."])
+    assert e.value.code == 2
+    assert main([]) == 2
+
+
+def test_help_everywhere(capsys):
+    for cmd in ("train", "predict", "evaluate", "demo", "info"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: insightad" in capsys.readouterr().out
+
+
+def test_demo(tmp_path, capsys):
+    code, out, err = run(capsys, "demo", "--out", tmp_path / "demo", "--json")
+    assert code == 0, err
+    assert "demo finished" in out and (tmp_path / "demo" / "examples" / "examples.png").exists()
+    metrics = json.loads([line for line in out.splitlines() if line.startswith("{")][0])
+    assert metrics["image_auroc"] > 0.9

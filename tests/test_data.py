@@ -1,0 +1,171 @@
+"""Dataset layouts, image formats, masks, splits, and every bad input the data layer can meet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from insightad.data import discover, load_image, load_mask
+from insightad.data.layouts import evaluation_samples, holdout_split
+from insightad.data.preprocess import Preprocessing
+from insightad.errors import InsightADError
+
+
+def _img(path: Path, size=(40, 30), mode="RGB", value=128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode != "RGB" else (value, value, value)).save(path)
+    return path
+
+
+def test_detects_each_layout(mvtec_dir, folder_dir, crack_dir, tmp_path):
+    assert discover(mvtec_dir).layout == "mvtec"
+    assert discover(folder_dir).layout == "folder"
+    assert discover(crack_dir).layout == "crack"
+    _img(tmp_path / "flat" / "a.png")
+    assert discover(tmp_path / "flat").layout == "images"
+
+
+def test_mvtec_samples_and_masks(mvtec_dir):
+    ds = discover(mvtec_dir)
+    assert len(ds.train) == 30 and all(s.label == 0 for s in ds.train)
+    bad = [s for s in ds.test if s.label == 1]
+    assert len(bad) == 16 and all(s.mask is not None and s.mask.stem == s.path.stem + "_mask" for s in bad)
+    assert {s.defect for s in bad} == {"scratch", "blob", "crack", "missing"}
+
+
+def test_folder_layout_masks_by_stem_and_custom_names(tmp_path):
+    root = tmp_path / "set"
+    for i in range(3):
+        _img(root / "ok" / f"{i:03d}.bmp")
+    _img(root / "ng" / "003.jpg")
+    _img(root / "ng" / "004.tif")  # a defect image without a mask still counts
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:9, 5:9] = 253  # real sets use 253/254/255: any non-zero value is a defect pixel
+    Image.fromarray(mask).save(root / "ng" / "003_mask.png")
+    ds = discover(root, normal_dir="ok", abnormal_dir="ng")
+    assert ds.layout == "folder"
+    anomalous = {s.path.name: s for s in ds.samples if s.label == 1}
+    assert set(anomalous) == {"003.jpg", "004.tif"}
+    assert anomalous["003.jpg"].mask.name == "003_mask.png" and anomalous["004.tif"].mask is None
+    m = load_mask(anomalous["003.jpg"].mask, (40, 30))
+    assert m.sum() == 16 and m.dtype == bool
+
+
+def test_forced_layout_and_bad_layouts(tmp_path, mvtec_dir):
+    with pytest.raises(InsightADError, match="crack layout needs a Negative"):
+        discover(mvtec_dir, layout="crack")
+    with pytest.raises(InsightADError, match="folder layout needs"):
+        discover(mvtec_dir, layout="folder")
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(InsightADError, match=r"nope: no such file or folder"):
+        discover(tmp_path / "nope")
+    (tmp_path / "empty" / "normal").mkdir(parents=True)
+    with pytest.raises(InsightADError, match=r"normal: no images found"):
+        discover(tmp_path / "empty")
+    (tmp_path / "blank").mkdir()
+    with pytest.raises(InsightADError, match="cannot tell the dataset layout"):
+        discover(tmp_path / "blank")
+    f = _img(tmp_path / "x.png")
+    with pytest.raises(InsightADError, match="expected a dataset folder"):
+        discover(f)
+
+
+def test_folder_of_categories_names_them(tmp_path, mvtec_dir):
+    root = tmp_path / "mvtec_root"
+    root.mkdir()
+    (root / "bottle").symlink_to(mvtec_dir, target_is_directory=True)
+    with pytest.raises(InsightADError, match="several MVTec AD categories.*bottle"):
+        discover(root)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "bmp", "tiff"])
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_formats_and_modes(tmp_path, fmt, mode):
+    path = tmp_path / f"im.{fmt}"
+    Image.new(mode, (33, 21), 200 if mode == "L" else (200, 10, 10)).save(path)
+    img = load_image(path, 3)
+    assert img.mode == "RGB" and img.size == (33, 21)
+    x, size = Preprocessing(size=(16, 16)).load(path)
+    assert x.dtype.is_floating_point is False and tuple(x.shape) == (3, 16, 16) and size == (21, 33)
+
+
+def test_16bit_tiff_and_palette(tmp_path):
+    arr = (np.arange(20 * 10).reshape(10, 20) * 300).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.tif")
+    img = load_image(tmp_path / "deep.tif")
+    assert img.mode == "L"
+    Image.new("P", (8, 8)).save(tmp_path / "pal.png")
+    assert load_image(tmp_path / "pal.png").mode == "RGB"
+
+
+def test_truncated_and_corrupt_images(tmp_path):
+    good = _img(tmp_path / "good.png", size=(200, 200))
+    data = good.read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InsightADError, match=r"trunc.png: unreadable or truncated image"):
+        load_image(tmp_path / "trunc.png")
+    (tmp_path / "junk.jpg").write_bytes(b"this is not an image")
+    with pytest.raises(InsightADError, match=r"junk.jpg: not a readable image"):
+        load_image(tmp_path / "junk.jpg")
+    with pytest.raises(InsightADError, match="file not found"):
+        load_image(tmp_path / "absent.png")
+
+
+def test_jpeg_truncated(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (120, 120, 3), dtype=np.uint8)).save(tmp_path / "n.jpg", quality=95)
+    data = (tmp_path / "n.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 3])
+    with pytest.raises(InsightADError, match="t.jpg: unreadable or truncated"):
+        load_image(tmp_path / "t.jpg")
+
+
+def test_mask_size_mismatch_names_both(tmp_path):
+    _img(tmp_path / "m_mask.png", size=(10, 10), mode="L", value=255)
+    with pytest.raises(InsightADError, match=r"m_mask.png: mask is 10x10 but the image of .*img.png is 40x30"):
+        load_mask(tmp_path / "m_mask.png", (40, 30), image_path=tmp_path / "img.png")
+
+
+def test_pixel_limit(tmp_path):
+    _img(tmp_path / "big.png", size=(300, 300))
+    with pytest.raises(InsightADError, match="too large"):
+        load_image(tmp_path / "big.png", max_pixels=10_000)
+
+
+def test_holdout_split_is_deterministic_and_disjoint(folder_dir):
+    ds = discover(folder_dir)
+    a_train, a_held = holdout_split(ds, 0.2, seed=5)
+    b_train, b_held = holdout_split(ds, 0.2, seed=5)
+    _, c_held = holdout_split(ds, 0.2, seed=6)
+    assert [s.path for s in a_held] == [s.path for s in b_held]
+    assert {s.path for s in a_held} != {s.path for s in c_held}
+    assert len(a_held) == 6 and not ({s.path for s in a_train} & {s.path for s in a_held})
+
+
+def test_mvtec_has_no_holdout(mvtec_dir):
+    train, held = holdout_split(discover(mvtec_dir), 0.2, 0)
+    assert len(train) == 30 and held == []
+
+
+def test_evaluation_samples_same_path_other_path_and_refusal(folder_dir, tmp_path):
+    ds = discover(folder_dir)
+    train, held = holdout_split(ds, 0.2, 0)
+    split = {"root": str(ds.root), "train": [ds.rel(s.path) for s in train],
+             "holdout": [ds.rel(s.path) for s in held]}
+    chosen = evaluation_samples(ds, split)
+    assert {s.path for s in chosen if s.label == 0} == {s.path for s in held}
+    assert sum(s.label for s in chosen) == 12
+    # Another path: every image is used.
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, s in enumerate(ds.samples[-5:]):
+        (other / f"{i}_{s.path.name}").write_bytes(s.path.read_bytes())
+    assert len(evaluation_samples(discover(other), split)) == 5
+    # Pointing at the training folder itself: training images are refused, with a count.
+    with pytest.raises(InsightADError, match="used to train the model"):
+        evaluation_samples(discover(folder_dir / "normal"), split)
