@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("INSIGHTAD_OFFLINE", "1")  # tests never reach for the network
+if "INSIGHTAD_CACHE" not in os.environ:  # exported ONNX graphs are cached per test session, not in ~/.cache
+    import tempfile
+
+    os.environ["INSIGHTAD_CACHE"] = tempfile.mkdtemp(prefix="insightad-test-cache-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SIZE = 64  # working resolution for tests: small keeps the suite fast on 2 cores

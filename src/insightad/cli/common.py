@@ -32,6 +32,22 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
                    help="model file written by 'insightad train'")
 
 
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """--engine, --threads, --device: how a loaded model runs (same scores within 1e-4 across engines)."""
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="inference engine (auto: ONNX Runtime on CPU when installed, else PyTorch)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (PyTorch engine)")
+
+
+def load_inference_model(args: argparse.Namespace):
+    from insightad.apps.inference import load_for_inference
+
+    if args.threads is not None and args.threads < 1:
+        raise InsightADError(f"--threads: expected a positive number, got {args.threads}")
+    return load_for_inference(args.model, args.engine, args.threads, args.device)
+
+
 def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                    help="show progress bars (default: when the terminal is interactive)")

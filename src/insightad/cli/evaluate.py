@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from insightad.cli.common import (add_data_flags, add_model_flag, add_progress_flag, data_params, new_parser,
+from insightad.cli.common import (add_engine_flags, load_inference_model, add_data_flags, add_model_flag, add_progress_flag, data_params, new_parser,
                                   parse_threshold, print_json, with_config)
 
 
@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     add_data_flags(p)
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "evaluate"), _argv=argv)
 
@@ -34,9 +34,7 @@ def format_table(m: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.evaluate.run import evaluate_model
-    from insightad.model_file import load_model
-
-    det = load_model(args.model, device=args.device)
+    det = load_inference_model(args)
     ev = evaluate_model(det, args.data, data_params(args), parse_threshold(args.threshold), args.progress)
     if args.json:
         print_json(ev.metrics)

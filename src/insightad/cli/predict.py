@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from insightad.cli.common import add_model_flag, add_progress_flag, new_parser, parse_threshold, print_json, with_config
+from insightad.cli.common import add_engine_flags, load_inference_model, add_model_flag, add_progress_flag, new_parser, parse_threshold, print_json, with_config
 from insightad.data.images import is_image_file
 from insightad.errors import InsightADError
 
@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="an image (repeatable; seed alias)")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "predict"), _argv=argv)
 
@@ -42,10 +42,8 @@ def expand_images(items: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.model_file import load_model
-
     paths = expand_images(list(args.images) + list(args.image))
-    det = load_model(args.model, device=args.device)
+    det = load_inference_model(args)
     thr = parse_threshold(args.threshold)
     pred = det.predict(paths, maps=False, progress=args.progress, threshold=thr)
     if args.json:

@@ -162,9 +162,13 @@ class Detector:
     def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 (B, C, H, W) at model size -> (scores (B,), maps (B, H, W) at model size or None)."""
         self._check_fitted()
-        dev = getattr(self, "device_", torch.device("cpu"))
-        x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        out = self.model_(x)
+        engine = getattr(self, "engine_", None)
+        if engine is not None:  # e.g. ONNX Runtime: same inputs, same outputs
+            out = engine(x)
+        else:
+            dev = getattr(self, "device_", torch.device("cpu"))
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            out = self.model_(x)
         scores = out[0].float()
         maps = out[1].float() if len(out) > 1 else None
         return scores, maps

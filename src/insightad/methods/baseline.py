@@ -22,16 +22,11 @@ def pooled_features(feats: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(pooled, dim=1)
 
 
-def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """Mean Euclidean distance of each row of x to its k nearest rows of bank."""
-    out = []
-    bank_sq = (bank * bank).sum(1)
-    for i in range(0, x.shape[0], chunk):
-        xi = x[i:i + chunk]
-        d2 = (xi * xi).sum(1, keepdim=True) + bank_sq[None] - 2.0 * xi @ bank.T
-        nearest = torch.topk(d2.clamp_min(0.0), k, dim=1, largest=False).values
-        out.append(nearest.sqrt().mean(1))
-    return torch.cat(out)
+def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean Euclidean distance of each row of x to its k nearest rows of bank (no Python loop over
+    rows, so the graph exports with a dynamic batch)."""
+    d2 = (x * x).sum(1, keepdim=True) + (bank * bank).sum(1)[None] - 2.0 * x @ bank.T
+    return torch.topk(d2.clamp_min(0.0), k, dim=1, largest=False).values.sqrt().mean(1)
 
 
 def fit_gaussian(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,69 @@
+"""Load a model for inference on the chosen engine: one entry point for predict, evaluate, sort, serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from insightad.data.preprocess import Preprocessing
+from insightad.engines import resolve_engine
+from insightad.errors import InsightADError
+from insightad.methods.base import Detector
+
+
+class ExportedDetector(Detector):
+    """A detector backed only by an InsightAD ONNX export (no PyTorch weights)."""
+
+    method = "onnx-export"
+
+    def _restore(self, tensors, state):  # pragma: no cover - never built from a model file
+        raise InsightADError("an ONNX export is not a model file")
+
+
+def load_onnx_file(path: str | Path, threads: int | None = None) -> Detector:
+    from insightad.engines.onnx_runtime import OnnxEngine, read_onnx_metadata
+
+    meta = read_onnx_metadata(path)
+    det = ExportedDetector(image_size=meta["input_height"], device="cpu")
+    det.method = meta["method"]
+    det.has_maps = bool(meta["has_maps"])
+    det.backbone = meta.get("backbone", "")
+    det.preprocessing_ = Preprocessing(size=(meta["input_height"], meta["input_width"]), channels=meta["channels"],
+                                       resize=meta["resize"], mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    det.set_threshold(meta["threshold"], meta.get("threshold_strategy", "onnx-metadata"))
+    det.engine_ = OnnxEngine(str(path), threads)
+    det.engine_name_ = "onnx"
+    det.model_ = None
+    det.split_ = None
+    return det
+
+
+def load_for_inference(path: str | Path, engine: str = "auto", threads: int | None = None,
+                       device: str = "cpu") -> Detector:
+    """A model file (or an InsightAD ONNX export) ready to predict on ``engine``.
+
+    ``auto`` picks ONNX Runtime on CPU when installed (exported once per model file and cached),
+    falling back to PyTorch for a method whose graph cannot be exported.
+    """
+    from insightad.model_file import load_model
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    if str(path).lower().endswith(".onnx"):
+        if engine == "torch":
+            raise InsightADError(f"{path}: an ONNX file runs on the onnx engine only (drop --engine torch)")
+        return load_onnx_file(path, threads)
+    det = load_model(path, device=device)
+    chosen = resolve_engine(engine, device)
+    det.engine_name_ = "torch"
+    if chosen == "onnx":
+        from insightad.engines.onnx_runtime import OnnxEngine, cached_export
+
+        try:
+            det.engine_ = OnnxEngine(cached_export(det, path), threads)
+            det.engine_name_ = "onnx"
+        except InsightADError:
+            if engine == "onnx":
+                raise
+    return det

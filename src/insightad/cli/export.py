@@ -1,0 +1,34 @@
+"""insightad export: one ONNX graph (uint8 images in, scores and maps out) verified against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from insightad.cli.common import add_model_flag, new_parser, with_config
+
+
+def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    p = new_parser(sub, "export", "export a model file to ONNX (for ONNX Runtime, any language)",
+                   "Write one ONNX graph that takes uint8 images already resized to the model's input "
+                   "size (N x C x H x W, any batch size) and returns image scores and, for methods with "
+                   "maps, anomaly maps; normalisation is inside. The threshold, input size and resize "
+                   "filter travel in the ONNX metadata. The export is checked against PyTorch (1e-4 "
+                   "relative) before it is written.")
+    add_model_flag(p)
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx", help="default: the model path with .onnx")
+    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "export"), _argv=argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from insightad.engines.onnx_export import export_onnx
+    from insightad.model_file import load_model
+
+    det = load_model(args.model)
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    export_onnx(det, out)
+    p = det.preprocessing_
+    print(f"exported {det.method} to {out} (input uint8 {p.channels}x{p.size[0]}x{p.size[1]}, "
+          f"resize {p.resize}, threshold {det.threshold_:.6g}; verified against PyTorch)")
+    return 0

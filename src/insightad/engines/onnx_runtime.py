@@ -1,0 +1,102 @@
+"""The ONNX Runtime engine: runs an exported graph on uint8 batches; refuses foreign ONNX files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from insightad.errors import InsightADError
+
+DEFAULT_THREADS = None  # ONNX Runtime's own choice: one per physical core
+
+
+def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+class OnnxEngine:
+    """Callable like a model: uint8 (B, C, H, W) tensor -> (scores, maps) tensors."""
+
+    def __init__(self, model: bytes | str, threads: int | None = DEFAULT_THREADS) -> None:
+        self.session = make_session(model, threads)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        arr = np.ascontiguousarray(x.cpu().numpy())
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, {"images": arr}))
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The InsightAD metadata of an ONNX file, or a clear refusal."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InsightADError(f"{path}: ONNX file not found")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001
+        raise InsightADError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:120]})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    from insightad.engines.onnx_export import META_KEY, ONNX_FORMAT
+
+    try:
+        meta = json.loads(props[META_KEY])
+        assert meta.get("format") == ONNX_FORMAT
+    except (KeyError, ValueError, AssertionError):
+        raise InsightADError(f"{path}: not an InsightAD ONNX export (no '{META_KEY}' metadata); "
+                             "export one with 'insightad export'") from None
+    inputs = {i.name: i for i in proto.graph.input}
+    if "images" not in inputs:
+        raise InsightADError(f"{path}: ONNX graph has no 'images' input; its metadata does not match the graph")
+    dims = [d.dim_value for d in inputs["images"].type.tensor_type.shape.dim]
+    expected = [meta["channels"], meta["input_height"], meta["input_width"]]
+    if dims[1:] != expected:
+        raise InsightADError(f"{path}: graph input is {dims[1:]} but the metadata says {expected}; refusing "
+                             "a file whose metadata does not match its graph")
+    return meta
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("INSIGHTAD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "insightad")
+    return Path(base) / "onnx"
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def cached_export(det, model_path: str | Path | None) -> bytes:
+    """The model's ONNX graph, exported once per model file and cached (keyed by its content)."""
+    from insightad.engines.onnx_export import export_bytes
+    from insightad.model_file import atomic_write
+
+    if model_path is None:
+        return export_bytes(det)
+    target = cache_dir() / f"{file_digest(model_path)}.onnx"
+    if target.is_file():
+        return target.read_bytes()
+    data = export_bytes(det)
+    try:
+        atomic_write(target, lambda tmp: tmp.write_bytes(data))
+    except OSError:
+        pass  # a read-only home is no reason to fail a prediction
+    return data

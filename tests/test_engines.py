@@ -1,0 +1,102 @@
+"""Engines: ONNX export verified against PyTorch, same scores across engines, foreign files refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from insightad.apps.inference import load_for_inference
+from insightad.cli import main
+from insightad.errors import InsightADError
+
+onnx = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def images(mvtec_dir):
+    return sorted((mvtec_dir / "test").rglob("*.png"))[:10]
+
+
+def test_engines_agree_within_1e4(baseline_model, images):
+    torch_scores = load_for_inference(baseline_model, "torch").predict(images).scores
+    onnx_det = load_for_inference(baseline_model, "onnx")
+    assert onnx_det.engine_name_ == "onnx"
+    onnx_scores = onnx_det.predict(images).scores
+    np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-4)
+    # The same image always gets the same score on one engine, alone or in a batch.
+    alone = onnx_det.predict(images[3:4]).scores[0]
+    assert alone == pytest.approx(onnx_scores[3], rel=1e-6)
+
+
+def test_auto_engine_is_onnx_on_cpu(baseline_model):
+    assert load_for_inference(baseline_model).engine_name_ == "onnx"
+
+
+def test_export_cli_and_predict_from_onnx_file(baseline_model, images, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(baseline_model), "--format", "onnx", "--out", str(out)]) == 0
+    assert "verified against PyTorch" in capsys.readouterr().out
+    import onnx as onnx_lib
+
+    props = {p.key: p.value for p in onnx_lib.load(str(out)).metadata_props}
+    meta = json.loads(props["insightad"])
+    assert meta["input_height"] == 64 and meta["resize"] == "bilinear" and float(props["threshold"]) > 0
+    det = load_for_inference(out)
+    ref = load_for_inference(baseline_model, "torch").predict(images).scores
+    np.testing.assert_allclose(det.predict(images).scores, ref, rtol=1e-4)
+    assert main(["predict", "--model", str(out), str(images[0]), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["score"] == pytest.approx(ref[0], rel=1e-4)
+
+
+def test_foreign_and_mismatched_onnx_refused(tmp_path, baseline_model):
+    import onnx as onnx_lib
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["images"], ["scores"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("scores", TensorProto.UINT8, [1, 3, 8, 8])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx_lib.save(helper.make_model(graph), str(foreign))
+    with pytest.raises(InsightADError, match="not an InsightAD ONNX export"):
+        load_for_inference(foreign)
+    # Right metadata, wrong graph: the metadata says 64x64 but the graph takes 8x8.
+    out = tmp_path / "m.onnx"
+    main(["export", "--model", str(baseline_model), "--out", str(out)])
+    meta = {p.key: p.value for p in onnx_lib.load(str(out)).metadata_props}
+    model = helper.make_model(graph)
+    for k, v in meta.items():
+        e = model.metadata_props.add()
+        e.key, e.value = k, v
+    mismatched = tmp_path / "mismatch.onnx"
+    onnx_lib.save(model, str(mismatched))
+    with pytest.raises(InsightADError, match="does not match"):
+        load_for_inference(mismatched)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx at all")
+    with pytest.raises(InsightADError, match="not a readable ONNX file"):
+        load_for_inference(junk)
+    with pytest.raises(InsightADError, match="onnx engine only"):
+        load_for_inference(out, "torch")
+
+
+def test_unexportable_model_says_why(baseline_model, tmp_path):
+    from insightad.engines.onnx_export import export_onnx
+    from insightad.model_file import load_model
+
+    det = load_model(baseline_model)
+    det.model_.onnx_unsupported = "a part of this model has no ONNX equivalent"
+    with pytest.raises(InsightADError, match="cannot export to ONNX: a part"):
+        export_onnx(det, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_evaluate_same_on_both_engines(baseline_model, mvtec_dir, capsys):
+    results = {}
+    for engine in ("torch", "onnx"):
+        assert main(["evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--json",
+                     "--engine", engine]) == 0
+        results[engine] = json.loads(capsys.readouterr().out)
+    assert results["torch"]["image_auroc"] == pytest.approx(results["onnx"]["image_auroc"], abs=1e-9)
