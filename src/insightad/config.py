@@ -118,6 +118,8 @@ class DetectorParams:
     batch_size: int = param(16, "images per batch", minimum=1, aliases=("--batch_size",))
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     device: str = param("auto", "auto, cpu or cuda")
+    fit_engine: str = param("auto", "engine for the frozen backbone during fit (auto: ONNX Runtime on CPU "
+                            "when installed)", choices=("auto", "torch", "onnx"))
     seed: int = param(0, "random seed")
 
 

@@ -60,7 +60,8 @@ def metadata(det: Detector) -> dict[str, Any]:
         "threshold": {"value": det.threshold_, "strategy": det.threshold_strategy_,
                       "details": getattr(det, "threshold_info_", {})},
         "split": getattr(det, "split_", None),
-        "training": {"n_images": getattr(det, "n_train_", None), "fit_seconds": getattr(det, "fit_seconds_", None)},
+        "training": {"n_images": getattr(det, "n_train_", None), "fit_seconds": getattr(det, "fit_seconds_", None),
+                     "fit_engine": getattr(det, "fit_engine_", None)},
         "state": det.state_metadata(),
     }
 

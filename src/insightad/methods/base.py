@@ -116,6 +116,15 @@ class Detector:
                                                 mean=tuple(spec.mean), std=tuple(spec.std))
         return extractor
 
+    def _feature_runner(self, extractor: FeatureExtractor):
+        """uint8 batch -> backbone features on the fast engine (see engines.features)."""
+        from insightad.engines.features import feature_runner
+
+        p = self.preprocessing_
+        fn, self.fit_engine_ = feature_runner(self._normalize(), extractor, (p.channels, *p.size),
+                                              self.fit_engine, self.device_)
+        return fn
+
     def _normalize(self) -> Normalize:
         p = self.preprocessing_
         return Normalize(p.mean, p.std, p.channels)

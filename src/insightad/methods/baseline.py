@@ -70,13 +70,11 @@ class BaselineDetector(Detector):
     def _fit(self, images: Sequence, progress: bool) -> None:
         extractor = self._make_extractor()
         norm = self._normalize()
-        probe = BaselineModel(norm, extractor, self.scorer, self.k, torch.zeros(1, 1), torch.zeros(1),
-                              torch.zeros(1, 1)).to(self.device_)
+        features = self._feature_runner(extractor)
         chunks = []
         with torch.inference_mode():
             for batch in self._batches(images, progress, "baseline: features"):
-                x = batch.images.to(self.device_).contiguous(memory_format=torch.channels_last)
-                chunks.append(probe.embed(x).cpu())
+                chunks.append(pooled_features(features(batch.images)).cpu())
         emb = torch.cat(chunks).float()
         mean, precision = self._gaussian(emb)
         self.model_ = BaselineModel(norm, extractor, self.scorer, self.k, emb, mean, precision).to(self.device_)
