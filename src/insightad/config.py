@@ -135,6 +135,23 @@ class BaselineParams(DetectorParams):
                                         "training scores", minimum=0.0, maximum=100.0)
 
 
+# ------------------------------------------------------------------------------- augmentation
+@dataclass
+class AugmentParams:
+    """The second seed's augmentation of normal images; each part switchable, ranges settable."""
+
+    rotation: float = param(40.0, "maximum rotation in degrees (0 switches it off)", minimum=0.0, maximum=180.0)
+    shift: float = param(0.2, "maximum shift as a fraction of width/height (0: off)", minimum=0.0, maximum=0.5)
+    shear: float = param(0.2, "maximum shear factor (0.2 is about 11.3 degrees; 0: off)", minimum=0.0, maximum=1.0)
+    zoom: float = param(0.2, "maximum zoom in or out as a fraction (0: off)", minimum=0.0, maximum=0.9)
+    hflip: bool = param(True, "random horizontal flip")
+    vflip: bool = param(False, "random vertical flip")
+    fill: str = param("auto", "how to fill pixels uncovered by the transform: reflect (mirror: textures), "
+                      "edge (repeat the border: objects on a plain background), constant (black), or auto "
+                      "(edge when the image border is plain, else reflect)",
+                      choices=("auto", "reflect", "edge", "constant"))
+
+
 # ------------------------------------------------------------------------------------- output
 @dataclass
 class RunParams:

@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": "insightad.cli.demo",
     "info": "insightad.cli.info",
     "export": "insightad.cli.export",
+    "augment": "insightad.cli.augment",
 }
 
 
