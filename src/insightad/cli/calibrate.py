@@ -40,8 +40,6 @@ def write_threshold_json(path: Path, model: str, record: dict) -> None:
 
     from insightad.model_file import atomic_write
 
-    if path.suffix.lower() != ".json":
-        raise InsightADError(f"--out: expected a .json file name, got {str(path)!r}")
     body = {"threshold": record["value"], "strategy": record["strategy"], "model": str(Path(model).resolve()),
             "details": record["details"]}
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8"))
@@ -51,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from insightad.decide import calibrate as cal_mod
     from insightad.model_file import load_model
 
+    if args.out and Path(args.out).suffix.lower() != ".json":
+        raise InsightADError(f"--out: expected a .json file name, got {args.out!r}")
     if not 0 <= args.percentile <= 100:
         raise InsightADError(f"--percentile: expected a value between 0 and 100, got {args.percentile:g}")
     det = load_model(args.model, device=args.device)
