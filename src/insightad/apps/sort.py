@@ -117,12 +117,11 @@ def _transfer(src: Path, dest: Path, move: bool) -> None:
         os.unlink(src)
 
 
-def walk_images(root: Path, skip: Path | None = None) -> Iterator[Path]:
+def walk_images(root: Path) -> Iterator[Path]:
     """Image files under ``root`` (relative paths), folder by folder in sorted order, hidden ones skipped."""
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and (skip is None or (here / d).resolve() != skip))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             p = here / name
             if is_image_file(p):
