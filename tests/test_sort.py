@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from insightad.apps.sort import CSV_NAME, FolderSorter
+from insightad.apps.sort import CSV_NAME, JOURNAL, FolderSorter
 from insightad.cli import main
 from insightad.errors import InsightADError
 from insightad.model_file import load_model
@@ -142,6 +142,10 @@ def test_kill_9_in_the_middle(baseline_model, incoming, tmp_path, det):
     assert len(_rows(out)) == 4  # the first batch is recorded, the second was cut short
     with open(out / CSV_NAME, "a") as f:
         f.write("/torn/row.png,0.1")  # and a half-written row, as a kill during a write leaves
+    with open(out / JOURNAL, "a") as f:
+        f.write('{"kind": "intent", "path": "/torn')
+    (out / "normal").mkdir(exist_ok=True)
+    (out / "normal" / ".half_copied.png.partial").write_bytes(b"\x89PNG")  # a copy cut short
     s = FolderSorter(det, incoming, out, move=True, batch_size=4).run()
     assert s.recovered == 4 and s.skipped == 4  # batch 1: 3 sorted + 1 error; batch 2: 4 intents
     _check_complete(incoming, out, names, moved=True)

@@ -49,7 +49,13 @@ def run(args: argparse.Namespace) -> int:
     det = load_model(args.model, device=args.device)
     sorter = FolderSorter(det, args.input, out, move=args.move, threshold=thr, batch_size=args.batch_size,
                           progress=args.progress)
-    s = sorter.run()
+    try:
+        s = sorter.run()
+    except KeyboardInterrupt:
+        print(f"insightad: sort interrupted; run the same command again to finish (nothing is lost: "
+              f"{sorter.journal_path.name} and {sorter.csv_path.name} in {sorter.out} record what was done)",
+              file=sys.stderr)
+        raise
     if args.json:
         print_json({**s.as_dict(), "threshold": sorter.threshold})
         return 0
