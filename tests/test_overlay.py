@@ -9,7 +9,7 @@ from PIL import Image
 
 from insightad.apps.overlay import OUTLINE_RGB, MapDisplay, overlay_name, render_overlay
 from insightad.cli import main
-from mapdetector import map_model  # noqa: F401  (fixture)
+from tests.mapdetector import map_model  # noqa: F401  (fixture)
 
 
 def _banner_height(img: Image.Image, frame_rgb) -> int:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from insightad.cli import main
 from insightad.evaluate.report import per_defect_rows, resampled_report
-from mapdetector import map_model  # noqa: F401  (fixture)
+from tests.mapdetector import map_model  # noqa: F401  (fixture)
 
 PNGS = ("roc_curve.png", "pr_curve.png", "score_histogram.png", "per_defect_scores.png", "balanced_unbalanced.png",
         "worst_cases.png")

@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from insightad.cli.common import (add_data_flags, add_model_flag, add_progress_flag, data_params, new_parser,
-                                  print_json, with_config)
+from insightad.cli.common import (add_data_flags, add_engine_flags, add_model_flag, add_progress_flag, data_params,
+                                  load_inference_model, new_parser, print_json, with_config)
 from insightad.decide.thresholds import STRATEGIES
 from insightad.errors import InsightADError
 
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the threshold without changing the model file")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "calibrate"), _argv=argv)
 
@@ -47,13 +47,15 @@ def write_threshold_json(path: Path, model: str, record: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.decide import calibrate as cal_mod
-    from insightad.model_file import load_model
 
     if args.out and Path(args.out).suffix.lower() != ".json":
         raise InsightADError(f"--out: expected a .json file name, got {args.out!r}")
     if not 0 <= args.percentile <= 100:
         raise InsightADError(f"--percentile: expected a value between 0 and 100, got {args.percentile:g}")
-    det = load_model(args.model, device=args.device)
+    if str(args.model).lower().endswith(".onnx"):
+        raise InsightADError(f"{args.model}: calibrate needs the model file (.safetensors), not an ONNX export "
+                             "(export again after calibrating)")
+    det = load_inference_model(args)
     cal = cal_mod.calibrate(det, args.data, data_params(args), args.strategy, args.percentile, args.progress)
     for w in cal.choice.warnings:
         print(f"insightad: warning: {w}", file=sys.stderr)

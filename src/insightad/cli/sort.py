@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from insightad.cli.common import add_model_flag, add_progress_flag, new_parser, parse_threshold, print_json, with_config
+from insightad.cli.common import (add_engine_flags, add_model_flag, add_progress_flag, load_inference_model, new_parser,
+                                  parse_threshold, print_json, with_config)
 from insightad.errors import InsightADError
 
 
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, metavar="N",
                    help="images scored per batch (default: 32)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "sort"), _argv=argv)
 
@@ -39,14 +40,13 @@ def default_out(input_dir: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.sort import FolderSorter, check_folders
-    from insightad.model_file import load_model
 
     if args.batch_size < 1:
         raise InsightADError(f"--batch-size: expected at least 1, got {args.batch_size}")
     out = Path(args.out) if args.out else default_out(args.input)
     check_folders(Path(args.input), out)  # before loading the model: a wrong folder fails fast
     thr = parse_threshold(args.threshold)
-    det = load_model(args.model, device=args.device)
+    det = load_inference_model(args)
     sorter = FolderSorter(det, args.input, out, move=args.move, threshold=thr, batch_size=args.batch_size,
                           progress=args.progress)
     try:
