@@ -96,11 +96,12 @@ def score_histogram(labels: np.ndarray, scores: np.ndarray, threshold: float, pa
     y = np.asarray(labels, bool)
     bins = _bins(scores, threshold)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    ax.hist(scores[~y], bins=bins, color=NORMAL_COLOUR, alpha=0.6, label=f"normal (n = {(~y).sum()})",
-            edgecolor="white", linewidth=0.5)
-    if y.any():
-        ax.hist(scores[y], bins=bins, color=DEFECT_COLOUR, alpha=0.6, label=f"defective (n = {y.sum()})",
-                edgecolor="white", linewidth=0.5)
+    # filled bars for the share, a solid outline on top so neither class hides the other where they overlap
+    for mask, colour, name in ((y, DEFECT_COLOUR, "defective"), (~y, NORMAL_COLOUR, "normal")):
+        if mask.any():
+            ax.hist(scores[mask], bins=bins, color=colour, alpha=0.35)
+            ax.hist(scores[mask], bins=bins, histtype="step", color=colour, linewidth=1.8,
+                    label=f"{name} (n = {mask.sum()})")
     ax.axvline(threshold, color=THRESHOLD_COLOUR, ls="--", lw=1.8, label=threshold_label)
     ax.set(xlabel="anomaly score (higher = more anomalous)", ylabel="number of images", title=title)
     ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
