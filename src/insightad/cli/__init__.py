@@ -13,7 +13,9 @@ from insightad.errors import InsightADError
 COMMANDS = {
     "train": "insightad.cli.train",
     "predict": "insightad.cli.predict",
+    "calibrate": "insightad.cli.calibrate",
     "evaluate": "insightad.cli.evaluate",
+    "sort": "insightad.cli.sort",
     "demo": "insightad.cli.demo",
     "info": "insightad.cli.info",
     "export": "insightad.cli.export",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from insightad.cli.common import (add_engine_flags, load_inference_model, add_data_flags, add_model_flag, add_progress_flag, data_params, new_parser,
                                   parse_threshold, print_json, with_config)
+from insightad.errors import InsightADError
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -17,6 +19,12 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     add_data_flags(p)
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
+    p.add_argument("--report", metavar="DIR", help="write the full report into DIR: metrics.json, report.md, ROC/PR "
+                   "curves, score histogram, per-defect table and plot, balanced/unbalanced figures, worst cases")
+    p.add_argument("--prevalence", type=float, default=0.05, metavar="P",
+                   help="share of defective images in the unbalanced report (default: 0.05)")
+    p.add_argument("--draws", type=int, default=10, metavar="N",
+                   help="seeded draws averaged in the balanced/unbalanced reports (default: 10)")
     add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "evaluate"), _argv=argv)
@@ -34,10 +42,40 @@ def format_table(m: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.evaluate.run import evaluate_model
+    if args.report and not 0 < args.prevalence < 1:
+        raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {args.prevalence:g}")
+    if args.report and args.draws < 1:
+        raise InsightADError(f"--draws: expected at least 1, got {args.draws}")
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise InsightADError(f"{args.report}: --report expects a folder, and this is a file")
     det = load_inference_model(args)
-    ev = evaluate_model(det, args.data, data_params(args), parse_threshold(args.threshold), args.progress)
+    dp = data_params(args)
+    ev = evaluate_model(det, args.data, dp, parse_threshold(args.threshold), args.progress)
+    if args.report:
+        from insightad.evaluate.report import write_report
+
+        report = write_report(det, ev, args.report, prevalence=args.prevalence, draws=args.draws, seed=dp.seed,
+                              model_path=args.model, data=args.data)
+        ev.metrics["balanced"], ev.metrics["unbalanced"] = report["balanced"], report["unbalanced"]
     if args.json:
         print_json(ev.metrics)
     else:
         print(format_table(ev.metrics))
+        if args.report:
+            print(format_resampled(report))
+            print(f"report written to {args.report} (open report.md)")
     return 0
+
+
+def format_resampled(report: dict) -> str:
+    """The balanced/unbalanced lines (mean ± std over the draws)."""
+    lines = []
+    for kind in ("balanced", "unbalanced"):
+        r = report[kind]
+        if not r.get("available"):
+            continue
+        vals = ", ".join(f"{k}={r['mean'][k]:.4f}±{r['std'][k]:.4f}" for k in ("auc", "accuracy", "precision",
+                                                                            "recall", "f1"))
+        lines.append(f"[{kind.capitalize()}] {r['n_normal']} normal + {r['n_anomalous']} defective, "
+                     f"{r['draws']} draws: {vals}")
+    return "\n".join(lines)

@@ -17,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="an image (repeatable; seed alias)")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--overlay", "--output-overlay", "--output_overlay", dest="overlay", metavar="DIR",
+                   help="write <stem>_overlay.png per image into DIR: heatmap and defect outline for methods "
+                   "with maps, score and verdict for all")
     add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "predict"), _argv=argv)
@@ -45,14 +48,25 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_images(list(args.images) + list(args.image))
     det = load_inference_model(args)
     thr = parse_threshold(args.threshold)
-    pred = det.predict(paths, maps=False, progress=args.progress, threshold=thr)
+    overlays: list = [None] * len(paths)
+    if args.overlay:
+        from insightad.apps.overlay import predict_with_overlays
+
+        pred, overlays = predict_with_overlays(det, paths, args.overlay, thr, progress=args.progress)
+    else:
+        pred = det.predict(paths, maps=False, progress=args.progress, threshold=thr)
     if args.json:
-        for path, s, lab in zip(paths, pred.scores, pred.labels):
-            print_json({"path": str(path), "score": float(s), "threshold": pred.threshold,
-                        "anomalous": bool(lab), "method": det.method})
+        for path, s, sn, lab, ov in zip(paths, pred.scores, pred.scores_normalized, pred.labels, overlays):
+            row = {"path": str(path), "score": float(s), "score_normalized": float(sn), "threshold": pred.threshold,
+                   "anomalous": bool(lab), "method": det.method}
+            if ov is not None:
+                row["overlay"] = str(ov)
+            print_json(row)
         return 0
     width = max(len(str(p)) for p in paths)
-    print(f"{'image':<{width}}  {'score':>12}  verdict   (threshold {pred.threshold:.6g})")
-    for path, s, lab in zip(paths, pred.scores, pred.labels):
-        print(f"{str(path):<{width}}  {s:>12.6g}  {'ANOMALOUS' if lab else 'normal'}")
+    print(f"{'image':<{width}}  {'score':>12}  {'normalized':>10}  verdict   (threshold {pred.threshold:.6g})")
+    for path, s, sn, lab in zip(paths, pred.scores, pred.scores_normalized, pred.labels):
+        print(f"{str(path):<{width}}  {s:>12.6g}  {sn:>10.4f}  {'ANOMALOUS' if lab else 'normal'}")
+    if args.overlay:
+        print(f"{len(overlays)} overlays written to {args.overlay}")
     return 0

@@ -33,7 +33,10 @@ def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: f
     m["method"] = det.method
     m["threshold_strategy"] = det.threshold_strategy_ if threshold is None else "override"
     if want_maps:
-        from insightad.evaluate import pixel  # added with the map methods
-
-        m.update(pixel.pixel_metrics(samples, pred.maps))
+        try:
+            from insightad.evaluate import pixel  # added with the map methods
+        except ImportError:
+            m["pixel_note"] = "pixel metrics unavailable: insightad.evaluate.pixel is not part of this build"
+        else:
+            m.update(pixel.pixel_metrics(samples, pred.maps))
     return Evaluation(samples, pred, m)

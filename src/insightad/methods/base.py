@@ -25,6 +25,7 @@ from insightad.backbones import build_extractor
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.data.loader import Batch, ImageSource, iter_batches
 from insightad.data.preprocess import Normalize, Preprocessing
+from insightad.decide.normalize import normalize_scores
 from insightad.errors import InsightADError
 
 
@@ -204,7 +205,8 @@ class Detector:
                     all_maps[i] = arr
         thr = self.threshold_ if threshold is None else float(threshold)
         labels = np.where(np.isnan(scores), False, scores > thr)
-        return Prediction(scores, all_maps, thr, labels, errors=errors)
+        normalized = normalize_scores(scores, thr, getattr(self, "threshold_info_", {}).get("scale"))
+        return Prediction(scores, all_maps, thr, labels, normalized, errors=errors)
 
     def anomaly_score(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Raw scores only (higher = more anomalous)."""

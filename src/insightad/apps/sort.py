@@ -1,0 +1,346 @@
+"""Sort a folder of images into ``normal/`` and ``anomalous/`` with a CSV of scores, safe to interrupt.
+
+Images are read in batches (nothing is held for the whole folder); an unreadable image becomes an
+``error`` row and the run goes on. Crash safety rests on two append-only files in the output folder:
+
+- ``.insightad-sort.journal``: one JSON line per decided image (*intent*: source, destination,
+  score, decision), written and fsync'ed **before** any file is copied or moved;
+- ``results.csv``: one row per finished image, appended and fsync'ed **after** its file is in place.
+
+A copy is written to a hidden temporary name, fsync'ed, then renamed, so a destination name only
+ever holds a complete file; a move is a rename (or copy + rename + delete of the source across
+file systems). On restart, a torn last line of either file is cut off, every intent without a CSV
+row is finished (the destination is there: done; the source is there: transfer again; both, after a
+cross-file-system move: the source is deleted once the sizes match), then the walk goes on, skipping
+every image with a row. So no image is lost, none ends up twice, and no row is written twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insightad.data.images import is_image_file
+from insightad.errors import InsightADError
+
+JOURNAL = ".insightad-sort.journal"
+CSV_NAME = "results.csv"
+FIELDS = ("path", "score", "score_normalized", "decision", "destination", "error")
+DECISIONS = ("normal", "anomalous")
+PARTIAL = ".partial"
+
+Hook = Callable[[str, str], None]  # (stage, relative path): test hook for simulated crashes
+
+
+@dataclass
+class SortSummary:
+    """What one run did (``skipped``: images finished by an earlier run)."""
+
+    out: Path
+    csv: Path
+    move: bool
+    normal: int = 0
+    anomalous: int = 0
+    errors: int = 0
+    skipped: int = 0
+    recovered: int = 0
+    seconds: float = 0.0
+    error_examples: list[str] = field(default_factory=list)
+
+    @property
+    def processed(self) -> int:
+        return self.normal + self.anomalous + self.errors
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "csv": str(self.csv), "mode": "move" if self.move else "copy",
+                "normal": self.normal, "anomalous": self.anomalous, "errors": self.errors, "skipped": self.skipped,
+                "recovered": self.recovered, "seconds": round(self.seconds, 3)}
+
+
+# ----------------------------------------------------------------------------- file helpers
+def _fsync_file(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a write cut short by a kill)."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            _fsync_file(f)
+
+
+def _copy_durable(src: Path, dest: Path) -> None:
+    """Copy to a hidden temporary name beside ``dest``, fsync, rename: ``dest`` is whole or absent."""
+    tmp = dest.parent / f".{dest.name}{PARTIAL}"
+    with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 20)
+        _fsync_file(fo)
+    shutil.copystat(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _transfer(src: Path, dest: Path, move: bool) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if move and os.stat(src).st_dev == os.stat(dest.parent).st_dev:
+        os.rename(src, dest)  # atomic: the file is at one of the two names, never both or neither
+        return
+    _copy_durable(src, dest)
+    if move:
+        os.unlink(src)
+
+
+def walk_images(root: Path) -> Iterator[Path]:
+    """Image files under ``root`` (relative paths), folder by folder in sorted order, hidden ones skipped."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = here / name
+            if is_image_file(p):
+                yield p.relative_to(root)
+
+
+def check_folders(input_dir: Path, out_dir: Path) -> tuple[Path, Path]:
+    """Resolved (input, out); refuses an output folder inside the input folder (or the reverse)."""
+    if not input_dir.exists():
+        raise InsightADError(f"{input_dir}: no such folder")
+    if not input_dir.is_dir():
+        raise InsightADError(f"{input_dir}: expected a folder of images to sort, got a file")
+    src, out = input_dir.resolve(), out_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise InsightADError(f"{out_dir}: --out must be a folder, and this is a file")
+    if out == src or src in out.parents:
+        raise InsightADError(f"{out_dir}: the output folder is inside the input folder {input_dir}; a sorted copy "
+                             "would be sorted again on the next run. Choose --out outside it")
+    if out in src.parents:
+        raise InsightADError(f"{input_dir}: the input folder is inside the output folder {out_dir}; choose --out "
+                             "elsewhere")
+    return src, out
+
+
+# ----------------------------------------------------------------------------- the run
+class FolderSorter:
+    """One sort of ``input_dir`` into ``out_dir`` with a detector; ``run()`` does (or resumes) the work."""
+
+    def __init__(self, det, input_dir: str | Path, out_dir: str | Path, *, move: bool = False,
+                 threshold: float | None = None, batch_size: int = 32, progress: bool = False,
+                 hook: Hook | None = None) -> None:
+        self.det = det
+        self.src, self.out = check_folders(Path(input_dir), Path(out_dir))
+        self.move, self.batch_size, self.progress, self.hook = move, max(1, batch_size), progress, hook
+        self.threshold = float(det.threshold_ if threshold is None else threshold)
+        self.journal_path, self.csv_path = self.out / JOURNAL, self.out / CSV_NAME
+        self.summary = SortSummary(self.out, self.csv_path, move)
+        self._claimed: set[Path] = set()
+
+    # ------------------------------------------------------------------ journal and CSV
+    def _header(self) -> dict[str, Any]:
+        return {"kind": "header", "input": str(self.src), "mode": "move" if self.move else "copy",
+                "threshold": self.threshold, "model": getattr(self.det, "model_path_", None),
+                "method": self.det.method}
+
+    def _open(self) -> tuple[set[str], list[dict[str, Any]]]:
+        """Create or reopen the journal and CSV; returns (finished paths, intents)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        _cut_torn_tail(self.journal_path)
+        _cut_torn_tail(self.csv_path)
+        intents: list[dict[str, Any]] = []
+        if self.journal_path.exists() and self.journal_path.stat().st_size:
+            lines = self.journal_path.read_text(encoding="utf-8").splitlines()
+            header = json.loads(lines[0])
+            self._check_same_run(header)
+            intents = [json.loads(x) for x in lines[1:] if x.strip()]
+        else:
+            self._append(self.journal_path, json.dumps(self._header()) + "\n")
+        done: set[str] = set()
+        if self.csv_path.exists() and self.csv_path.stat().st_size:
+            with open(self.csv_path, newline="", encoding="utf-8") as f:
+                done = {row["path"] for row in csv.DictReader(f)}
+        else:
+            self._append(self.csv_path, ",".join(FIELDS) + "\n")
+        return done, intents
+
+    def _check_same_run(self, header: dict[str, Any]) -> None:
+        where = f"{self.out}: holds an unfinished or finished sort"
+        if header.get("input") != str(self.src):
+            raise InsightADError(f"{where} of another folder ({header.get('input')}); use a new --out")
+        mode = "move" if self.move else "copy"
+        if header.get("mode") != mode:
+            raise InsightADError(f"{where} in {header.get('mode')} mode; run again with"
+                                 f"{' --move' if header.get('mode') == 'move' else 'out --move'} or use a new --out")
+        old = float(header.get("threshold"))
+        if not np.isclose(old, self.threshold, rtol=1e-9, atol=0.0):
+            raise InsightADError(f"{where} made at threshold {old:.9g}, not {self.threshold:.9g}: pass "
+                                 f"--threshold {old!r} to finish it with the same decisions, or use a new --out")
+
+    @staticmethod
+    def _append(path: Path, text: str) -> None:
+        """Append and fsync: the line is on disk before the caller moves on."""
+        with open(path, "a", encoding="utf-8", newline="") as f:
+            f.write(text)
+            _fsync_file(f)
+
+    @staticmethod
+    def _csv_text(rows: list[dict[str, Any]]) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+        for r in rows:
+            w.writerow(r)
+        return buf.getvalue()
+
+    def _row(self, path: Path, score: float, normalized: float, decision: str, dest: str = "",
+             error: str = "") -> dict[str, Any]:
+        fmt = (lambda v: "" if v is None or not np.isfinite(v) else f"{v:.9g}")
+        return {"path": str(path), "score": fmt(score), "score_normalized": fmt(normalized), "decision": decision,
+                "destination": dest, "error": error}
+
+    def _count(self, decision: str, error: str = "") -> None:
+        if decision == "error":
+            self.summary.errors += 1
+            if len(self.summary.error_examples) < 5:
+                self.summary.error_examples.append(error)
+        else:
+            setattr(self.summary, decision, getattr(self.summary, decision) + 1)
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self, intents: list[dict[str, Any]], done: set[str]) -> None:
+        """Finish every intent that has no CSV row (a run was interrupted between the two)."""
+        for partial in list(self.out.rglob(f".*{PARTIAL}")):
+            partial.unlink(missing_ok=True)
+        rows = []
+        seen: set[str] = set()
+        for it in intents:
+            if it["path"] in done or it["path"] in seen:
+                continue
+            seen.add(it["path"])
+            src, dest = Path(it["path"]), self.out / it["dest"]
+            error = ""
+            if dest.exists() and src.exists() and self.move:
+                if dest.stat().st_size == src.stat().st_size:
+                    os.unlink(src)
+                else:
+                    _transfer(src, dest, self.move)
+            elif not dest.exists() and src.exists():
+                _transfer(src, dest, self.move)
+            elif not dest.exists():
+                error = "the image disappeared from the input folder before it was sorted"
+            decision = "error" if error else it["decision"]
+            rows.append(self._row(src, it["score"], it.get("score_normalized"), decision,
+                                  "" if error else it["dest"], error))
+            self._count(decision, error)
+            done.add(it["path"])
+        if rows:
+            self._fsync_dests()
+            self._append(self.csv_path, self._csv_text(rows))
+            self.summary.recovered = len(rows)
+
+    def _fsync_dests(self) -> None:
+        for d in DECISIONS:
+            _fsync_dir(self.out / d)
+
+    # ------------------------------------------------------------------ main loop
+    def _destination(self, decision: str, rel: Path) -> Path:
+        """``out/<decision>/<relative path>``, numbered when the name is taken (never overwrites)."""
+        dest = self.out / decision / rel
+        n = 1
+        while dest.exists() or dest in self._claimed:
+            dest = dest.with_name(f"{rel.stem}-{n}{rel.suffix}")
+            n += 1
+        self._claimed.add(dest)
+        return dest
+
+    def _batch(self, rels: list[Path]) -> None:
+        paths = [self.src / r for r in rels]
+        pred = self.det.predict(paths, maps=False, strict=False, threshold=self.threshold)
+        intents, rows = [], []
+        for i, (rel, path) in enumerate(zip(rels, paths)):
+            if i in pred.errors:
+                rows.append(self._row(path, float("nan"), float("nan"), "error", error=pred.errors[i]))
+                continue
+            decision = "anomalous" if pred.labels[i] else "normal"
+            dest = self._destination(decision, rel)
+            intents.append({"kind": "intent", "path": str(path), "dest": dest.relative_to(self.out).as_posix(),
+                            "score": float(pred.scores[i]), "score_normalized": float(pred.scores_normalized[i]),
+                            "decision": decision})
+        if intents:
+            self._append(self.journal_path, "".join(json.dumps(it) + "\n" for it in intents))
+        self._stage("intents", rels[0].as_posix())
+        for it in intents:
+            _transfer(Path(it["path"]), self.out / it["dest"], self.move)
+            self._stage("transferred", it["path"])
+            rows.append(self._row(Path(it["path"]), it["score"], it["score_normalized"], it["decision"], it["dest"]))
+        self._fsync_dests()
+        if self.move:
+            for parent in {p.parent for p in paths}:
+                _fsync_dir(parent)
+        self._append(self.csv_path, self._csv_text(rows))
+        for r in rows:
+            self._count(r["decision"], r["error"])
+        self._claimed.clear()
+
+    def _stage(self, stage: str, what: str) -> None:
+        if self.hook is not None:
+            self.hook(stage, what)
+
+    def run(self) -> SortSummary:
+        """Sort every image not finished yet; resumable after any interruption."""
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        done, intents = self._open()
+        self._recover(intents, done)
+        todo = sum(1 for r in walk_images(self.src) if str(self.src / r) not in done)
+        self.summary.skipped = len(done) - self.summary.recovered
+        if todo == 0 and not done:
+            raise InsightADError(f"{self.src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
+        bar = tqdm(total=todo, desc="sort", unit="img", disable=not self.progress)
+        batch: list[Path] = []
+        try:
+            for rel in walk_images(self.src):
+                if str(self.src / rel) in done:
+                    continue
+                batch.append(rel)
+                if len(batch) == self.batch_size:
+                    self._batch(batch)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                self._batch(batch)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        self.summary.seconds = time.perf_counter() - t0
+        return self.summary
+
+
+def sort_folder(det, input_dir: str | Path, out_dir: str | Path, **kw: Any) -> SortSummary:
+    """Sort ``input_dir`` into ``out_dir/normal`` and ``out_dir/anomalous`` (see :class:`FolderSorter`)."""
+    return FolderSorter(det, input_dir, out_dir, **kw).run()

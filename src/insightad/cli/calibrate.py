@@ -1,0 +1,88 @@
+"""insightad calibrate: choose a decision threshold on images the model was not trained on and keep it
+in the model file (rewritten atomically), with how it was chosen."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from insightad.cli.common import (add_data_flags, add_engine_flags, add_model_flag, add_progress_flag, data_params,
+                                  load_inference_model, new_parser, print_json, with_config)
+from insightad.decide.thresholds import STRATEGIES
+from insightad.errors import InsightADError
+
+
+def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    p = new_parser(sub, "calibrate", "choose the decision threshold and store it in the model file",
+                   "Score images the model was not trained on and choose its threshold. percentile: the "
+                   "--percentile-th percentile of normal scores (normal images only are needed: the held-out "
+                   "normals of the training dataset, or any folder of extra normal images); f1: the threshold "
+                   "with the best F1 on labelled normal and defective images; youden: the ROC point with the "
+                   "largest TPR - FPR. Training images are refused.")
+    add_model_flag(p)
+    add_data_flags(p)
+    p.add_argument("--strategy", default="percentile", choices=STRATEGIES, help="how to choose (default: percentile)")
+    p.add_argument("--percentile", type=float, default=95.0, metavar="P",
+                   help="percentile of normal scores for --strategy percentile (default: 95)")
+    p.add_argument("--out", "--output", dest="out", metavar="FILE.json",
+                   help="also write the threshold to this JSON file (for --threshold FILE.json)")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the threshold without changing the model file")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_engine_flags(p)
+    add_progress_flag(p)
+    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "calibrate"), _argv=argv)
+
+
+def write_threshold_json(path: Path, model: str, record: dict) -> None:
+    import json
+
+    from insightad.model_file import atomic_write
+
+    body = {"threshold": record["value"], "strategy": record["strategy"], "model": str(Path(model).resolve()),
+            "details": record["details"]}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from insightad.decide import calibrate as cal_mod
+
+    if args.out and Path(args.out).suffix.lower() != ".json":
+        raise InsightADError(f"--out: expected a .json file name, got {args.out!r}")
+    if not 0 <= args.percentile <= 100:
+        raise InsightADError(f"--percentile: expected a value between 0 and 100, got {args.percentile:g}")
+    if str(args.model).lower().endswith(".onnx"):
+        raise InsightADError(f"{args.model}: calibrate needs the model file (.safetensors), not an ONNX export "
+                             "(export again after calibrating)")
+    det = load_inference_model(args)
+    cal = cal_mod.calibrate(det, args.data, data_params(args), args.strategy, args.percentile, args.progress)
+    for w in cal.choice.warnings:
+        print(f"insightad: warning: {w}", file=sys.stderr)
+    old = (det.threshold_, det.threshold_strategy_)
+    if not args.dry_run:
+        cal_mod.apply(det, args.model, cal)
+    record = cal.threshold_record()
+    if args.out:
+        write_threshold_json(Path(args.out), args.model, record)
+    if args.json:
+        print_json({**record, "model": args.model, "written": not args.dry_run, "json": args.out})
+        return 0
+    d = cal.choice.details
+    used = ", ".join(f"{n} in {folder}" for folder, n in cal.folders().items())
+    print(f"calibrated on {d['n_normal']} normal and {d['n_anomalous']} defective images of {d['data']} ({used})")
+    how = {"percentile": lambda: f"{d['percentile']:g}th percentile of normal scores "
+                                 f"({d['false_alarm_rate']:.1%} of these normals above it)",
+           "f1": lambda: f"best F1 {d['f1']:.4f} (precision {d['precision']:.4f}, recall {d['recall']:.4f})",
+           "youden": lambda: f"best Youden J {d['youden_j']:.4f} (TPR {d['tpr']:.4f}, FPR {d['fpr']:.4f})"}
+    print(f"threshold {record['value']:.6g}: {how[record['strategy']]()}")
+    if "pixel_threshold" in d:
+        print(f"pixel outline level {d['pixel_threshold']:.6g} (same strategy on each image's map maximum)")
+    print(f"previous threshold {old[0]:.6g} ({old[1]})")
+    if args.dry_run:
+        print("dry run: the model file was not changed")
+    else:
+        print(f"stored in {args.model}")
+    if args.out:
+        print(f"threshold written to {args.out}")
+    return 0

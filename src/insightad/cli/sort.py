@@ -1,0 +1,72 @@
+"""insightad sort: copy (or move) every image of a folder into normal/ and anomalous/, with a CSV of scores."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from insightad.cli.common import (add_engine_flags, add_model_flag, add_progress_flag, load_inference_model, new_parser,
+                                  parse_threshold, print_json, with_config)
+from insightad.errors import InsightADError
+
+
+def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    p = new_parser(sub, "sort", "sort a folder of images into normal/ and anomalous/ with a CSV of scores",
+                   "Score every image under --input (sub-folders included) in batches and copy it (or --move it) "
+                   "to OUT/normal/ or OUT/anomalous/ (keeping its relative path), writing OUT/results.csv with "
+                   "path, score, score_normalized, decision, destination and error. Unreadable images are listed "
+                   "as errors and left in place. An interrupted run started again with the same arguments "
+                   "finishes what it had begun and skips what is done: no image is lost or duplicated.")
+    add_model_flag(p)
+    p.add_argument("--input", "--sort-out", "--sort_out", dest="input", required=True, metavar="DIR",
+                   help="folder of images to sort (--sort_out: the first seed's name for it)")
+    p.add_argument("--out", "--output", dest="out", metavar="DIR",
+                   help="output folder, not inside the input folder (default: <input>_sorted beside it)")
+    p.add_argument("--move", action="store_true", help="move the images instead of copying them")
+    p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, metavar="N",
+                   help="images scored per batch (default: 32)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_engine_flags(p)
+    add_progress_flag(p)
+    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "sort"), _argv=argv)
+
+
+def default_out(input_dir: str) -> Path:
+    src = Path(input_dir).expanduser().resolve()
+    return src.with_name(f"{src.name}_sorted")
+
+
+def run(args: argparse.Namespace) -> int:
+    from insightad.apps.sort import FolderSorter, check_folders
+
+    if args.batch_size < 1:
+        raise InsightADError(f"--batch-size: expected at least 1, got {args.batch_size}")
+    out = Path(args.out) if args.out else default_out(args.input)
+    check_folders(Path(args.input), out)  # before loading the model: a wrong folder fails fast
+    thr = parse_threshold(args.threshold)
+    det = load_inference_model(args)
+    sorter = FolderSorter(det, args.input, out, move=args.move, threshold=thr, batch_size=args.batch_size,
+                          progress=args.progress)
+    try:
+        s = sorter.run()
+    except KeyboardInterrupt:
+        print(f"insightad: sort interrupted; run the same command again to finish (nothing is lost: "
+              f"{sorter.journal_path.name} and {sorter.csv_path.name} in {sorter.out} record what was done)",
+              file=sys.stderr)
+        raise
+    if args.json:
+        print_json({**s.as_dict(), "threshold": sorter.threshold})
+        return 0
+    verb = "moved" if s.move else "copied"
+    print(f"sorted {s.processed} images in {s.seconds:.1f} s (threshold {sorter.threshold:.6g}): {s.normal} normal, "
+          f"{s.anomalous} anomalous, {s.errors} unreadable (listed as errors, left in place)")
+    if s.recovered:
+        print(f"finished {s.recovered} images an interrupted run had begun")
+    if s.skipped:
+        print(f"skipped {s.skipped} images already sorted by an earlier run")
+    print(f"{verb} into {s.out}/normal and {s.out}/anomalous; scores in {s.csv}")
+    for e in s.error_examples:
+        print(f"  error: {e}", file=sys.stderr)
+    return 0

@@ -1,0 +1,9 @@
+"""Decisions: choosing a threshold (percentile of normal scores, F1-optimal, ROC/Youden), applying it
+to a model file (calibrate), and the normalised score that puts the threshold at 0.5."""
+
+from insightad.decide.normalize import default_scale, normalize_scores, robust_scale
+from insightad.decide.thresholds import (STRATEGIES, ThresholdChoice, choose_threshold, f1_threshold,
+                                         min_normals_for, percentile_threshold, youden_threshold)
+
+__all__ = ["STRATEGIES", "ThresholdChoice", "choose_threshold", "default_scale", "f1_threshold",
+           "min_normals_for", "normalize_scores", "percentile_threshold", "robust_scale", "youden_threshold"]

@@ -1,0 +1,116 @@
+"""Calibrate: score images the model was not trained on, choose a threshold, keep it in the model file.
+
+Images come from ``--data`` through the same rules as evaluation (``evaluation_samples``): on the
+training dataset, the held-out normals (or the MVTec test split) and the defective images; on any
+other folder (e.g. a flat folder of extra normal images), every image. Training images are refused.
+For methods with maps, the same strategy applied to each image's map maximum gives the pixel level
+at which overlays draw the defect outline (``pixel_threshold``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insightad.config import DataParams
+from insightad.data.layouts import ANOMALOUS, NORMAL, Dataset, Sample, discover, evaluation_samples
+from insightad.decide.normalize import robust_scale
+from insightad.decide.thresholds import STRATEGIES, ThresholdChoice, choose_threshold
+from insightad.errors import InsightADError
+from insightad.methods import Detector
+
+
+@dataclass
+class Calibration:
+    """The choice, the images it was made on and their scores."""
+
+    choice: ThresholdChoice
+    dataset: Dataset
+    samples: list[Sample]
+    scores: np.ndarray
+
+    def folders(self) -> dict[str, int]:
+        """Images used, counted per folder (relative to the dataset root), for a one-line summary."""
+        return dict(Counter(str(Path(self.dataset.rel(s.path)).parent) for s in self.samples))
+
+    def threshold_record(self) -> dict[str, Any]:
+        """The model file's ``threshold`` entry."""
+        return {"value": self.choice.value, "strategy": self.choice.strategy, "details": self.choice.details}
+
+
+def score_in_chunks(det: Detector, paths: list[Path], want_map_max: bool, chunk: int = 32,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw scores (and each map's maximum), a chunk at a time so full-size maps are never all held."""
+    from tqdm import tqdm
+
+    scores = np.empty(len(paths))
+    map_max = np.empty(len(paths)) if want_map_max else None
+    for start in tqdm(range(0, len(paths), chunk), desc="calibrate", unit="chunk", disable=not progress,
+                      leave=False):
+        pred = det.predict(paths[start:start + chunk], maps=want_map_max)
+        scores[start:start + len(pred)] = pred.scores
+        if map_max is not None:
+            map_max[start:start + len(pred)] = [float(np.max(m)) for m in pred.maps]
+    return scores, map_max
+
+
+def calibration_samples(det: Detector, data: str | Path, dp: DataParams, strategy: str
+                        ) -> tuple[Dataset, list[Sample], list[str]]:
+    """The images a strategy may use (never training images), and warnings about them."""
+    if strategy not in STRATEGIES:
+        raise InsightADError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
+    split = getattr(det, "split_", None)
+    samples = evaluation_samples(ds, split)
+    warnings = []
+    if strategy == "percentile":
+        samples = [s for s in samples if s.label == NORMAL]
+        if not samples:
+            raise InsightADError(f"{ds.root}: no normal images the model was not trained on (train with --holdout > 0, "
+                                 "or point --data at a folder of extra normal images)")
+    elif not any(s.label == ANOMALOUS for s in samples):
+        raise InsightADError(f"{ds.root}: strategy {strategy} needs defective images and found none "
+                             "(use --strategy percentile with normal images only)")
+    if split and Path(split.get("root", "")) == ds.root:
+        warnings.append(f"these are the images 'insightad evaluate' scores on {ds.root}: its figures that depend on "
+                        "the threshold (accuracy, precision, recall, F1) will be optimistic; calibrate on separate "
+                        "images (e.g. a folder of extra normal images) to avoid this")
+    return ds, samples, warnings
+
+
+def calibrate(det: Detector, data: str | Path, dp: DataParams, strategy: str = "percentile",
+              percentile: float = 95.0, progress: bool = False) -> Calibration:
+    """Choose a threshold for ``det`` on images of ``data`` (the detector is not changed)."""
+    ds, samples, warnings = calibration_samples(det, data, dp, strategy)
+    labels = np.array([s.label == ANOMALOUS for s in samples])
+    scores, map_max = score_in_chunks(det, [s.path for s in samples], det.has_maps, progress=progress)
+    choice = choose_threshold(strategy, scores, labels, percentile)
+    details: dict[str, Any] = dict(choice.details)
+    details.update({
+        "data": str(ds.root), "layout": ds.layout, "n_normal": int((~labels).sum()), "n_anomalous": int(labels.sum()),
+        "scale": robust_scale(scores[~labels], choice.value) if (~labels).any() else None,
+        "previous": {"value": getattr(det, "threshold_", None), "strategy": getattr(det, "threshold_strategy_", None)},
+        "calibrated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "images": [ds.rel(s.path) for s in samples],
+    })
+    if map_max is not None:
+        pixel = choose_threshold(strategy, map_max, labels, percentile)
+        details["pixel_threshold"] = pixel.value
+        details["pixel_scale"] = robust_scale(map_max[~labels], pixel.value) if (~labels).any() else None
+    choice.warnings = warnings + choice.warnings
+    details["warnings"] = list(choice.warnings)
+    choice.details = details
+    return Calibration(choice, ds, samples, scores)
+
+
+def apply(det: Detector, model_path: str | Path, cal: Calibration) -> None:
+    """Store the calibrated threshold in the model file (rewritten atomically) and in ``det``."""
+    from insightad.model_file import update_metadata
+
+    update_metadata(model_path, threshold=cal.threshold_record())
+    det.set_threshold(cal.choice.value, cal.choice.strategy, **cal.choice.details)

@@ -1,0 +1,280 @@
+"""``insightad evaluate --report DIR``: metrics JSON, curves, histograms, the per-defect table and plot,
+balanced/unbalanced resampled reports, pixel metrics for map methods, and the worst mistakes.
+
+Files written into DIR (each atomically):
+
+- ``metrics.json``: everything below as numbers; ``report.md``: the same for people, with the figures;
+- ``roc_curve.png``, ``pr_curve.png``, ``score_histogram.png`` (threshold marked);
+- ``per_defect.csv``, ``per_defect.md``, ``per_defect_scores.png``: count, mean, std, min, max of the
+  score and the detection rate at the threshold for each defect type (for ``good``: the false-alarm rate);
+- ``balanced_unbalanced.png``: AUC, accuracy, precision, recall, F1 as mean ± std over seeded draws;
+  balanced = as many normal as defective images, unbalanced = every normal plus defectives sampled
+  to the prevalence asked;
+- ``worst_cases.png``: the highest-scoring normal images and lowest-scoring defective images as
+  overlays (heatmap and outline for map methods; ground-truth mask in magenta when known).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+from insightad.data.images import load_mask
+from insightad.errors import InsightADError
+from insightad.evaluate import plots
+from insightad.model_file import atomic_write
+
+RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
+
+
+# ------------------------------------------------------------------------------------ numbers
+def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """AUC and accuracy/precision/recall/F1 of ``score > threshold`` (labels must hold both classes)."""
+    y = np.asarray(labels, bool)
+    pred = scores > threshold
+    return {"auc": float(skm.roc_auc_score(y, scores)), "accuracy": float(skm.accuracy_score(y, pred)),
+            "precision": float(skm.precision_score(y, pred, zero_division=0)),
+            "recall": float(skm.recall_score(y, pred, zero_division=0)),
+            "f1": float(skm.f1_score(y, pred, zero_division=0))}
+
+
+def resampled_report(labels: np.ndarray, scores: np.ndarray, threshold: float, kind: str,
+                     prevalence: float = 0.05, draws: int = 10, seed: int = 0) -> dict[str, Any]:
+    """The first seed's balanced / unbalanced reports: metrics averaged over ``draws`` seeded samples.
+
+    balanced: min(#normal, #defective) of each class. unbalanced: every normal image plus
+    round(prevalence / (1 - prevalence) * #normal) defective ones (at least 1, at most all).
+    """
+    y = np.asarray(labels, bool)
+    normal, defect = np.flatnonzero(~y), np.flatnonzero(y)
+    if normal.size == 0 or defect.size == 0:
+        return {"available": False, "reason": "needs both normal and defective images"}
+    if kind == "balanced":
+        n_norm = n_def = min(normal.size, defect.size)
+    elif kind == "unbalanced":
+        n_norm = normal.size
+        n_def = int(min(defect.size, max(1, round(prevalence / (1 - prevalence) * normal.size))))
+    else:
+        raise ValueError(kind)
+    rows = []
+    for d in range(draws):
+        rng = np.random.default_rng([seed, d, 0 if kind == "balanced" else 1])
+        idx = np.concatenate([rng.choice(normal, n_norm, replace=False), rng.choice(defect, n_def, replace=False)])
+        rows.append(threshold_metrics(y[idx], scores[idx], threshold))
+    out: dict[str, Any] = {"available": True, "n_normal": int(n_norm), "n_anomalous": int(n_def),
+                           "prevalence": n_def / (n_norm + n_def), "draws": draws, "seed": seed,
+                           "mean": {k: float(np.mean([r[k] for r in rows])) for k in RESAMPLED_METRICS},
+                           "std": {k: float(np.std([r[k] for r in rows])) for k in RESAMPLED_METRICS}}
+    if kind == "unbalanced":
+        out["prevalence_asked"] = prevalence
+        wanted = prevalence / (1 - prevalence) * normal.size
+        if n_def == defect.size and n_def < wanted:
+            out["note"] = (f"only {defect.size} defective images: prevalence {out['prevalence']:.3f} instead of "
+                           f"{prevalence:g}")
+        elif wanted < 0.5:
+            out["note"] = (f"{normal.size} normal images are too few for prevalence {prevalence:g}: one defective "
+                           f"image gives {out['prevalence']:.3f}")
+    return out
+
+
+def per_defect_rows(defects: list[str], scores: np.ndarray, threshold: float) -> list[dict[str, Any]]:
+    """Per defect type ('good' first): count, mean, std (sample), min, max, share scored above threshold."""
+    names = sorted(set(defects), key=lambda d: (d != "good", d))
+    arr = np.asarray(defects)
+    rows = []
+    for n in names:
+        s = scores[arr == n]
+        rows.append({"defect": n, "count": int(s.size), "mean": float(s.mean()),
+                     "std": float(s.std(ddof=1)) if s.size > 1 else 0.0, "min": float(s.min()),
+                     "max": float(s.max()), "detection_rate": float((s > threshold).mean())})
+    return rows
+
+
+def per_defect_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def per_defect_markdown(rows: list[dict[str, Any]], threshold: float) -> str:
+    lines = ["| defect type | count | mean score | std | min | max | detection rate |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['defect']} | {r['count']} | {r['mean']:.4g} | {r['std']:.4g} | {r['min']:.4g} | "
+                     f"{r['max']:.4g} | {r['detection_rate']:.1%} |")
+    lines.append("")
+    lines.append(f"Detection rate = share of the images scored above the threshold ({threshold:.4g}); for "
+                 "`good` it is the false-alarm rate.")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ report
+def _write_text(path: Path, text: str) -> Path:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def _short(path: Path) -> str:
+    return "/".join(Path(path).parts[-2:])
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def calibration_overlap(det, samples) -> int:
+    """How many of these images the model's threshold was calibrated on (0 when unknown)."""
+    info = getattr(det, "threshold_info_", {}) or {}
+    if not info.get("images") or not info.get("data"):
+        return 0
+    root = Path(info["data"])
+    used = {(root / r).resolve() for r in info["images"]}
+    return sum(Path(s.path).resolve() in used for s in samples)
+
+
+def worst_cases(det, ev, out: Path, per_row: int = 4) -> Path:
+    """Top row: normal images with the highest scores; bottom row: defective ones with the lowest."""
+    from insightad.apps.overlay import MapDisplay, render_overlay
+    from insightad.data.images import load_image
+
+    labels = np.array([s.label for s in ev.samples], bool)
+    scores, thr = ev.prediction.scores, ev.prediction.threshold
+    normals = [i for i in np.argsort(-scores) if not labels[i]][:per_row]
+    defects = [i for i in np.argsort(scores) if labels[i]][:per_row]
+    chosen = normals + defects
+    pred = det.predict([ev.samples[i].path for i in chosen], maps=det.has_maps, threshold=thr)
+    display = MapDisplay.for_detector(det, thr) if det.has_maps else None
+    tiles = []
+    for j, i in enumerate(chosen):
+        s = ev.samples[i]
+        image = load_image(s.path, 3)
+        truth = load_mask(s.mask, image.size, s.path) if s.mask is not None else None
+        rendered = render_overlay(image, float(pred.scores[j]), thr,
+                                  anomaly_map=pred.maps[j] if pred.maps is not None else None, display=display,
+                                  score_normalized=float(pred.scores_normalized[j]), truth_mask=truth)
+        wrong = bool(scores[i] > thr) != bool(labels[i])
+        kind = ("FALSE POSITIVE" if labels[i] == 0 else "FALSE NEGATIVE") if wrong else \
+            ("closest normal (correct)" if labels[i] == 0 else "closest defect (correct)")
+        tiles.append((np.asarray(rendered), f"{kind}\n{_short(s.path)}", "#c0392b" if wrong else "#555555"))
+    n_fp = int(((scores > thr) & ~labels).sum())
+    n_fn = int(((scores <= thr) & labels).sum())
+    legend = ("white outline: predicted defect (map above the pixel threshold); magenta: ground-truth mask"
+              if det.has_maps else "image-level method: score and verdict only; magenta: ground-truth mask")
+    title = (f"{det.method}: highest-scoring normal images (top) and lowest-scoring defective images (bottom)\n"
+             f"{_count(n_fp, 'false positive')} and {_count(n_fn, 'false negative')} in all at threshold {thr:.4g}")
+    return plots.image_sheet(tiles, out / "worst_cases.png", title, cols=max(len(normals), len(defects), 1),
+                             footer=legend)
+
+
+def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draws: int = 10, seed: int = 0,
+                 model_path: str | None = None, data: str | None = None) -> dict[str, Any]:
+    """Write every report file into ``out_dir``; returns what ``metrics.json`` holds."""
+    if not 0 < prevalence < 1:
+        raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {prevalence:g}")
+    if draws < 1:
+        raise InsightADError(f"--draws: expected at least 1, got {draws}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InsightADError(f"{out}: --report expects a folder, and this is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.array([s.label for s in ev.samples], bool)
+    scores, thr = ev.prediction.scores, float(ev.prediction.threshold)
+    m = ev.metrics
+    strategy = m.get("threshold_strategy", "model")
+    thr_label = f"threshold {thr:.4g} ({strategy})"
+    overlap = calibration_overlap(det, ev.samples) if strategy != "override" else 0
+    note = (f"threshold chosen on {overlap} of these {len(labels)} images: threshold-dependent figures are optimistic"
+            if overlap else None)
+    name = f"{det.method} on {Path(data).name if data else 'data'}"
+    files: dict[str, str] = {}
+    both = labels.any() and (~labels).any()
+    if both:
+        files["roc_curve"] = plots.roc_curve(labels, scores, thr, out / "roc_curve.png", f"ROC curve: {name}", note).name
+        files["pr_curve"] = plots.pr_curve(labels, scores, thr, out / "pr_curve.png",
+                                           f"Precision-recall curve: {name}", note).name
+    files["score_histogram"] = plots.score_histogram(labels, scores, thr, out / "score_histogram.png",
+                                                     f"Anomaly scores, normal vs defective: {name}", thr_label,
+                                                     note).name
+    rows = per_defect_rows([s.defect for s in ev.samples], scores, thr)
+    files["per_defect_csv"] = _write_text(out / "per_defect.csv", per_defect_csv(rows)).name
+    files["per_defect_md"] = _write_text(out / "per_defect.md", per_defect_markdown(rows, thr)).name
+    groups = {r["defect"]: scores[np.asarray([s.defect for s in ev.samples]) == r["defect"]] for r in rows}
+    files["per_defect_scores"] = plots.defect_distributions(groups, thr, out / "per_defect_scores.png",
+                                                            f"Scores per defect type: {name}", thr_label).name
+    balanced = resampled_report(labels, scores, thr, "balanced", prevalence, draws, seed)
+    unbalanced = resampled_report(labels, scores, thr, "unbalanced", prevalence, draws, seed)
+    if balanced["available"]:
+        bars = {f"balanced ({balanced['n_normal']}+{balanced['n_anomalous']})":
+                {k: (balanced["mean"][k], balanced["std"][k]) for k in RESAMPLED_METRICS},
+                f"unbalanced ({unbalanced['n_normal']}+{unbalanced['n_anomalous']}, prevalence "
+                f"{unbalanced['prevalence']:.3f})": {k: (unbalanced["mean"][k], unbalanced["std"][k])
+                                                    for k in RESAMPLED_METRICS}}
+        files["balanced_unbalanced"] = plots.bar_with_error(
+            bars, out / "balanced_unbalanced.png",
+            f"Balanced vs unbalanced test sets: {name}\n(mean ± std over {draws} seeded draws, {thr_label})",
+            ylabel="metric value").name
+    files["worst_cases"] = worst_cases(det, ev, out).name
+    pixel = {k: m[k] for k in ("pixel_auroc", "aupro") if k in m}
+    if not pixel:
+        has_masks = any(s.mask is not None for s in ev.samples)
+        pixel = {"available": False, "reason": ("image-level method: no maps" if not det.has_maps else
+                                                m.get("pixel_note") or ("no ground-truth masks" if not has_masks
+                                                                        else "not computed"))}
+    report = {"method": det.method, "model": model_path, "data": data, "threshold":
+              {"value": thr, "strategy": strategy, "calibrated_on_these_images": overlap},
+              "metrics": m, "balanced": balanced, "unbalanced": unbalanced, "per_defect": rows, "pixel": pixel,
+              "files": files}
+    files["metrics"] = "metrics.json"
+    files["report"] = "report.md"
+    _write_text(out / "metrics.json", json.dumps(report, indent=2, default=float) + "\n")
+    _write_text(out / "report.md", report_markdown(report, rows, thr))
+    return report
+
+
+def _pm(r: dict[str, Any], k: str) -> str:
+    return f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}"
+
+
+def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: float) -> str:
+    """The human-readable summary: tables plus the figures."""
+    m, f = report["metrics"], report["files"]
+    t = report["threshold"]
+    out = [f"# Evaluation: {report['method']}", "",
+           f"- model: `{report['model']}`", f"- data: `{report['data']}`",
+           f"- images: {m['n_normal']} normal, {m['n_anomalous']} defective",
+           f"- threshold: {thr:.6g} ({t['strategy']})"]
+    if t["calibrated_on_these_images"]:
+        out.append(f"- **note**: the threshold was chosen on {t['calibrated_on_these_images']} of these images, so "
+                   "accuracy, precision, recall and F1 are optimistic")
+    out += ["", "## Image level", "", "| metric | value |", "| --- | ---: |"]
+    for k in ("image_auroc", "average_precision", "accuracy", "precision", "recall", "f1"):
+        if m.get(k) is not None:
+            out.append(f"| {k} | {m[k]:.4f} |")
+    b, u = report["balanced"], report["unbalanced"]
+    if b["available"]:
+        out += ["", f"## Balanced and unbalanced (mean ± std over {b['draws']} seeded draws)", "",
+                "| set | normal | defective | " + " | ".join(RESAMPLED_METRICS) + " |",
+                "| --- | ---: | ---: | " + " | ".join("---:" for _ in RESAMPLED_METRICS) + " |"]
+        for label, r in (("balanced", b), (f"unbalanced (prevalence {u['prevalence']:.3f})", u)):
+            out.append(f"| {label} | {r['n_normal']} | {r['n_anomalous']} | "
+                       + " | ".join(_pm(r, k) for k in RESAMPLED_METRICS) + " |")
+        if u.get("note"):
+            out.append(f"\n{u['note']}")
+    out += ["", "## Per defect type", "", per_defect_markdown(rows, thr)]
+    p = report["pixel"]
+    out += ["## Pixel level", ""]
+    out += [f"- {k}: {v:.4f}" for k, v in p.items() if isinstance(v, float)] or [f"- {p.get('reason')}"]
+    out += ["", "## Figures", ""]
+    for key in ("roc_curve", "pr_curve", "score_histogram", "per_defect_scores", "balanced_unbalanced", "worst_cases"):
+        if key in f:
+            out.append(f"![{key}]({f[key]})")
+    return "\n".join(out) + "\n"
