@@ -127,7 +127,7 @@ class DetectorParams:
 class BaselineParams(DetectorParams):
     """Frozen ImageNet features pooled per image, distance to the normal training set."""
 
-    layers: list[int] = param([1, 2, 3], "backbone feature levels to pool (0 = finest)")
+    layers: list[int] = param([2, 3, 4], "backbone feature levels to pool (0 = finest)")
     scorer: str = param("knn", "knn: mean distance to the k nearest normal images; gaussian: "
                         "Mahalanobis distance with a shrunk covariance", choices=("knn", "gaussian"))
     k: int = param(3, "neighbours for the knn scorer", minimum=1)
