@@ -162,8 +162,8 @@ class ServeParams:
     max_images: int = param(32, "most images in one POST /infer/batch request", minimum=1)
     timeout_s: float = param(60.0, "a request waiting longer than this for inference gets 503",
                              minimum=0.0, exclusive_min=True)
-    api_key: str | None = param(None, "require this key in X-API-Key or 'Authorization: Bearer' "
-                                "(default: the INSIGHTAD_API_KEY environment variable, else no key)")
+    api_key: str | None = param(None, "require this key in X-API-Key or 'Authorization: Bearer'; unset: "
+                                "the INSIGHTAD_API_KEY environment variable if set, else no key")
     device: str = param("cpu", "cpu, cuda or auto")
     threads: int = param(0, "PyTorch CPU threads for inference (0: PyTorch's default)", minimum=0)
     access_log: bool = param(True, "log one line per request")

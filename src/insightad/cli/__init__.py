@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "insightad.cli.evaluate",
     "demo": "insightad.cli.demo",
     "info": "insightad.cli.info",
+    "serve": "insightad.cli.serve",
 }
 
 
