@@ -125,8 +125,12 @@ class InferenceWorker:
                 break
             if job is not None:
                 self._picked_up()
-                if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(WorkerStopped("the server is shutting down"))
+                self._refuse(job)
+
+    @staticmethod
+    def _refuse(job: Job) -> None:
+        if job.future.set_running_or_notify_cancel():
+            job.future.set_exception(WorkerStopped("the server is shutting down"))
 
     # ------------------------------------------------------------------ the thread
     def _picked_up(self) -> None:
@@ -160,6 +164,9 @@ class InferenceWorker:
             if first is None:
                 return
             self._picked_up()
+            if self._stopping:  # stopping: refuse what is still queued rather than work through it
+                self._refuse(first)
+                continue
             jobs = [j for j in self._gather(first) if j.future.set_running_or_notify_cancel()]
             if jobs:
                 self._serve(jobs)
