@@ -12,6 +12,7 @@ set -eu
 
 src="${1:-.}"
 [ "$#" -gt 0 ] && shift
+src="$(cd "$src" && pwd)"  # an absolute path: pip reads "name[extra]" without a slash as a package name
 py="${PYTHON:-python}"
 constraints="$src/constraints.txt"
 if [ ! -f "$constraints" ] || [ ! -f "$src/pyproject.toml" ]; then
@@ -34,4 +35,4 @@ case "${TORCH_VARIANT:-default}" in
 esac
 
 "$py" -m pip install -c "$constraints" "$@" "$src[serve]"
-"$py" -m insightad --version
+"$py" -c "import fastapi, uvicorn, insightad; print('installed insightad', insightad.__version__)"
