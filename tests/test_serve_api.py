@@ -173,6 +173,8 @@ def test_body_over_limit_is_413(client, images):
     assert r.status_code == 413 and "too large" in r.json()["detail"]
     r = client.post("/infer", files={"file": ("x.png", b"\0" * 1_100_000, "image/png")})
     assert r.status_code == 413
+    text = client.get("/metrics").text
+    assert 'insightad_request_errors_total{endpoint="/infer",status="413"} 3.0' in text
 
 
 def test_wrong_verb_405_unknown_path_404(client):

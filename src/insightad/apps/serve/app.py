@@ -136,7 +136,8 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
     app.state.worker, app.state.detector, app.state.settings, app.state.metrics = worker, det, settings, metrics
     app.state.threshold, app.state.ready = thr, False
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
+    app.add_middleware(MetricsMiddleware, metrics=metrics,  # outermost: counts 413s too
+                       known_paths=frozenset({"/infer", "/infer/batch", "/health", "/model", "/metrics"}))
     protected = [Depends(api_key_dependency(settings.api_key))]
 
     # ------------------------------------------------------------------ error handlers

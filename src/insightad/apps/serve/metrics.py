@@ -53,17 +53,20 @@ class ServerMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def route_template(scope: Scope) -> str:
-    """The matched route's path template (bounded label values); unmatched paths are 'other'."""
-    route = scope.get("route")
-    return getattr(route, "path", None) or "other"
+def route_template(scope: Scope, known: frozenset[str] = frozenset()) -> str:
+    """The matched route's path template (bounded label values). Requests refused before routing
+    (413 on Content-Length) keep their path when it is one of ``known``; anything else is 'other'."""
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    return scope.get("path", "") if scope.get("path") in known else "other"
 
 
 class MetricsMiddleware:
     """Count and time every HTTP request, from its first byte to the end of its response."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, known_paths: frozenset[str] = frozenset()) -> None:
+        self.app, self.metrics, self.known = app, metrics, known_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,7 +84,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            endpoint = route_template(scope)
+            endpoint = route_template(scope, self.known)
             m = self.metrics
             method = scope.get("method", "")
             m.requests.labels(method if method in HTTP_METHODS else "other", endpoint, str(status)).inc()
