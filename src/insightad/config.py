@@ -166,4 +166,6 @@ class ServeParams:
                                 "the INSIGHTAD_API_KEY environment variable if set, else no key")
     device: str = param("cpu", "cpu, cuda or auto")
     threads: int = param(0, "PyTorch CPU threads for inference (0: PyTorch's default)", minimum=0)
+    decode_threads: int = param(0, "threads that parse and decode request images (0: one per CPU core, "
+                                "at most 4)", minimum=0)
     access_log: bool = param(True, "log one line per request")

@@ -2,17 +2,20 @@
 
 Routes: ``POST /infer`` (JSON ``{"image": base64}`` or a multipart ``file``), ``POST /infer/batch``,
 ``GET /health``, ``GET /model``, ``GET /metrics``, OpenAPI docs at ``/docs``. The event loop only
-parses and routes: JSON parsing, base64 and image decoding, and heatmap encoding run in the thread
-pool, and the model runs in the inference worker's thread. Every error is a JSON ``{"detail": ...}``
+routes: JSON parsing, base64 and image decoding, and heatmap encoding run in a small pool of decode
+threads, and the model runs in the inference worker's thread. Every error is a JSON ``{"detail": ...}``
 with the right status; no traceback ever reaches a client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,12 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
                              settings.threads, on_batch=metrics.observe_batch)
     metrics.watch_queue(lambda: worker.pending)
     max_body = int(settings.max_body_mb * 1_000_000)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # A few threads parse and decode: more would only contend for the cores (and hold more memory).
+    io_pool = ThreadPoolExecutor(settings.decode_threads or min(4, cores), thread_name_prefix="insightad-decode")
+
+    async def off_loop(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(io_pool, functools.partial(fn, *args))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,6 +138,7 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
         finally:
             app.state.ready = False
             await run_in_threadpool(worker.stop)
+            io_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="InsightAD inference server", version=__version__, lifespan=lifespan,
                   description=f"Visual anomaly detection with a `{det.method}` model. Higher score = more "
@@ -192,7 +202,7 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             raise HTTPException(503, str(e)) from None
         submitted = False
         try:
-            decoded = await run_in_threadpool(decode_all, items)
+            decoded = await off_loop(decode_all, items)
             job = Job([d.tensor for d in decoded], want_maps and det.has_maps)
             submitted = True  # from here the worker owns the slot
             future = worker.submit(job)
@@ -207,7 +217,7 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             if not submitted:
                 worker.release()
         if job.want_maps:
-            return await run_in_threadpool(answer, results, decoded)
+            return await off_loop(answer, results, decoded)
         return answer(results, decoded)
 
     async def read_upload(request: Request) -> tuple[bytes, bool]:
@@ -235,14 +245,14 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             data, want = await read_upload(request)
             return (await score([("file", data)], want))[0]
-        req = await run_in_threadpool(_parse_json, InferRequest, await request.body())
+        req = await off_loop(_parse_json, InferRequest, await request.body())
         return (await score([("image", req.image)], req.heatmap))[0]
 
     @app.post("/infer/batch", response_model=BatchResponse, response_model_exclude_none=True,
               dependencies=protected, responses=ERRORS_DOC, openapi_extra=_json_body_doc(BatchRequest, multipart=False),
               summary="Score several images; results in the same order")
     async def infer_batch(request: Request) -> Any:
-        req = await run_in_threadpool(_parse_json, BatchRequest, await request.body())
+        req = await off_loop(_parse_json, BatchRequest, await request.body())
         if len(req.images) > settings.max_images:
             raise HTTPException(413, f"images: at most {settings.max_images} images per request (--max-images), "
                                      f"got {len(req.images)}")
