@@ -8,6 +8,7 @@ is built and installed from the copied files, so the test takes seconds, not min
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -125,7 +128,8 @@ def test_install_script_entrypoint_and_healthcheck(tmp_path, baseline_model):
     assert missing.returncode == 1 and "no model file at" in missing.stderr
 
     port = str(_free_port())
-    env = _env(venv, INSIGHTAD_MODEL=str(baseline_model), INSIGHTAD_HOST="127.0.0.1", INSIGHTAD_PORT=port)
+    env = _env(venv, INSIGHTAD_MODEL=str(baseline_model), INSIGHTAD_HOST="127.0.0.1", INSIGHTAD_PORT=port,
+               INSIGHTAD_API_KEY="from-env")
     assert subprocess.run([str(py), str(health)], env=env, capture_output=True, timeout=30).returncode == 1
     server = subprocess.Popen(["sh", str(entry), "--no-access-log"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
@@ -135,6 +139,13 @@ def test_install_script_entrypoint_and_healthcheck(tmp_path, baseline_model):
             assert server.poll() is None, server.stderr.read()
             assert time.monotonic() < deadline, "the server did not become healthy"
             time.sleep(0.3)
+        # the key comes from the environment (docker run -e): /model needs it, /health does not
+        url = f"http://127.0.0.1:{port}/model"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"X-API-Key": "from-env"}), timeout=10) as r:
+            assert json.load(r)["method"] == "baseline"
     finally:
         server.terminate()
         server.wait(30)

@@ -194,6 +194,8 @@ def test_cli_errors_are_one_line(baseline_model, capsys, tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in err and "\n" not in err
     assert cli_main(["serve", "--model", str(baseline_model), "--queue-size", "0"]) == 1
     assert "queue_size: expected a value >= 1" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", str(baseline_model), "--api-key", ""]) == 1
+    assert "--api-key: empty" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ overload
