@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from insightad.apps.serve import create_app
+    from insightad.apps.serve.memory import pin_mmap_threshold
     from insightad.apps.serve.security import API_KEY_ENV
 
     settings = gather(args, config.ServeParams)
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         settings.api_key = os.environ.get(API_KEY_ENV) or None
     elif not settings.api_key:
         raise InsightADError("--api-key: empty; give a key or leave the flag out")
+    pin_mmap_threshold()  # a dedicated server process: keep RSS flat under long loads (see memory.py)
     app = create_app(args.model, settings, threshold=parse_threshold(args.threshold))
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
