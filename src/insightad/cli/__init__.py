@@ -18,6 +18,7 @@ COMMANDS = {
     "sort": "insightad.cli.sort",
     "demo": "insightad.cli.demo",
     "info": "insightad.cli.info",
+    "serve": "insightad.cli.serve",
     "export": "insightad.cli.export",
     "augment": "insightad.cli.augment",
 }

@@ -1,0 +1,103 @@
+"""Request payloads to model-ready tensors, and anomaly maps to PNG: the server's byte-level I/O.
+
+Decoding follows the CLI's path exactly (``load_image`` then the model's own ``Preprocessing``), so a
+served score equals ``insightad predict``'s for the same image file. Every failure is an
+``InsightADError`` with a one-line message naming the field, which the app answers with 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from insightad.data.images import load_image
+from insightad.data.preprocess import Preprocessing
+from insightad.errors import InsightADError
+
+_DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]*)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass
+class DecodedImage:
+    """A request image at model size (uint8 C, H, W) and its original (height, width)."""
+
+    tensor: torch.Tensor
+    size: tuple[int, int]
+
+
+def decode_base64(text: str, field: str = "image") -> bytes:
+    """Standard or URL-safe base64 (line breaks, missing padding and a ``data:`` URL prefix allowed)."""
+    try:  # the common case, without copying the (large) string
+        data = base64.b64decode(text, validate=True)
+        if data:
+            return data
+    except (binascii.Error, ValueError):
+        pass
+    if text[:5].lower() == "data:":
+        text = _DATA_URL.sub("", text[:200], count=1) + text[200:]
+    text = _WHITESPACE.sub("", text)
+    if not text:
+        raise InsightADError(f"{field}: empty; expected the base64 of an encoded image (PNG, JPEG, BMP or TIFF)")
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InsightADError(f"{field}: not valid base64 (expected the base64 of an encoded image file)") from None
+    if not data:
+        raise InsightADError(f"{field}: base64 decodes to nothing; expected an encoded image")
+    return data
+
+
+def image_pixels(data: bytes) -> int | None:
+    """Width x height from the image header alone (None when the header cannot be read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+        except Image.DecompressionBombError as e:
+            sizes = [int(n) for n in re.findall(r"\d+", str(e))]
+            return sizes[0] if sizes else 10**12
+        except Exception:  # noqa: BLE001 - unreadable headers are reported by load_image below
+            return None
+    return w * h
+
+
+def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, field: str = "image") -> DecodedImage:
+    """Encoded image bytes -> the model's input, refusing images over ``max_pixels`` before decoding them."""
+    pixels = image_pixels(data)
+    if pixels is not None and pixels > max_pixels:
+        raise InsightADError(f"{field}: image has {pixels} pixels, over this server's limit of {max_pixels} "
+                             "(--max-pixels); send a smaller image")
+    try:
+        img = load_image(data, prep.channels, max_pixels=max_pixels)
+    except InsightADError as e:
+        raise InsightADError(f"{field}: {str(e).removeprefix('<bytes>: ')}") from None
+    tensor, size = prep.load(img)
+    return DecodedImage(tensor, size)
+
+
+def heatmap_png(amap: np.ndarray) -> tuple[str, float, float]:
+    """An anomaly map -> (base64 8-bit grayscale PNG scaled from its min to its max, min, max).
+
+    The PNG has the input image's size; pixel value v stands for min + v / 255 * (max - min), so the
+    raw map can be recovered to within 1/255 of its range.
+    """
+    amap = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(amap.min()), float(amap.max())
+    scaled = np.zeros(amap.shape, np.uint8) if hi <= lo else \
+        np.clip((amap - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(scaled, mode="L").save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii"), lo, hi

@@ -1,0 +1,74 @@
+"""insightad serve: the HTTP inference server (POST /infer) for a model file, on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from insightad import config
+from insightad.cli.common import add_model_flag, new_parser, parse_threshold, with_config
+from insightad.cli.options import add_dataclass_args, gather
+from insightad.errors import InsightADError
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    p = new_parser(sub, "serve", "serve a model over HTTP (POST /infer, /infer/batch, /health, /model, /metrics)",
+                   description="Start the HTTP inference server for a model file. It listens on 127.0.0.1 unless "
+                               "--host says otherwise (--host 0.0.0.0 opens it to the network). The API key "
+                               "defaults to the INSIGHTAD_API_KEY environment variable, which keeps it out of "
+                               "the process list. OpenAPI docs are served at /docs.")
+    add_model_flag(p)
+    p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's decision threshold")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level (default: info)")
+    add_dataclass_args(p, config.ServeParams, title="server")
+    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "serve"), _argv=argv)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, so that a busy port or a bad address is a one-line error, not a traceback."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise InsightADError(f"--host: cannot resolve {host!r} ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise InsightADError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from insightad.apps.serve import create_app
+    from insightad.apps.serve.memory import pin_mmap_threshold
+    from insightad.apps.serve.security import API_KEY_ENV
+
+    settings = gather(args, config.ServeParams)
+    if settings.api_key is None:
+        settings.api_key = os.environ.get(API_KEY_ENV) or None
+    elif not settings.api_key:
+        raise InsightADError("--api-key: empty; give a key or leave the flag out")
+    pin_mmap_threshold()  # a dedicated server process: keep RSS flat under long loads (see memory.py)
+    app = create_app(args.model, settings, threshold=parse_threshold(args.threshold))
+    sock = bind(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    det = app.state.detector
+    print(f"insightad: serving {args.model} ({det.method}, threshold {app.state.threshold:.6g}) "
+          f"on http://{shown}:{port} (docs: /docs; API key {'required' if settings.api_key else 'off'})",
+          file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=settings.access_log,
+                                           server_header=False, timeout_graceful_shutdown=10))
+    server.run(sockets=[sock])
+    return 0
