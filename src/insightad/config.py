@@ -7,6 +7,7 @@ the optional TOML ``--config`` file; flags override the file, the file overrides
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ def validate(obj: Any) -> None:
         kind = _base_type(hints.get(f.name))
         if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InsightADError(f"{f.name}: expected a number, got {value!r}")
+        if kind in (int, float) and not math.isfinite(value):
+            raise InsightADError(f"{f.name}: expected a finite number, got {value!r}")
         if kind is int and isinstance(value, float):
             if not value.is_integer():
                 raise InsightADError(f"{f.name}: expected a whole number, got {value!r}")
