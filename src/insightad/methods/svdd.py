@@ -197,12 +197,15 @@ class SVDDDetector(Detector):
 
     def _set_default_threshold(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
                                val: torch.Tensor | None, on_images: bool) -> None:
-        """Soft-boundary: the learned radius R. One-class: a percentile of held-out (else training) distances."""
+        """Soft-boundary: the radius R. One-class: a percentile of held-out (else training) distances."""
         self.train_scores_ = self._distances(sphere, features, train, on_images).double().numpy()
         held = val is not None
         scores = self._distances(sphere, features, val, on_images).double().numpy() if held else self.train_scores_
-        radius = float(sphere.radius)
-        if self.objective == "soft-boundary" and radius > 0:
+        if self.objective == "soft-boundary":
+            # R during training came from each epoch's batches, before that epoch's updates; for the
+            # final weights the optimal R is the (1 - nu) quantile of the final training distances.
+            radius = float(np.quantile(self.train_scores_, 1.0 - self.nu))
+            sphere.radius.fill_(radius)
             self.set_threshold(radius, "svdd_radius", nu=self.nu)
             return
         thr = float(np.percentile(scores, self.threshold_percentile))
