@@ -155,8 +155,8 @@ class TrainLoopParams:
     val_fraction: float = param(0.1, "fraction of the training images held out to validate each epoch "
                                 "(early stopping; 0: none)", minimum=0.0, maximum=0.5)
     resume: bool = param(False, "continue from the last complete checkpoint in --checkpoint-dir")
-    checkpoint_dir: str | None = param(None, "folder for the per-epoch checkpoint, history and curves "
-                                       "(default: next to --out, <out>.training/)")
+    checkpoint_dir: str | None = param(None, "folder for the per-epoch checkpoint, history and curves; "
+                                       "unset: beside --out, named <out>.training")
     augment: str = param("none", "augmentation applied to training images (none: train on the images as they are)")
     device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda")
     seed: int = param(0, "random seed (initialisation, shuffling, validation split)")
