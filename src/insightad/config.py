@@ -105,6 +105,32 @@ class DataParams:
     seed: int = param(0, "random seed (hold-out split, sampling, initialisation)")
 
 
+# ----------------------------------------------------------------------------------- training
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainLoopParams:
+    """The shared training loop: epochs, batches, optimiser, early stopping, checkpoints, augmentation."""
+
+    epochs: int = param(20, "training epochs (passes over the training images)", minimum=1, aliases=("--epoch",))
+    batch_size: int = param(32, "images per batch", minimum=1, aliases=("--batch_size",))
+    lr: float = param(1e-4, "learning rate", minimum=0.0, maximum=10.0, exclusive_min=True,
+                      aliases=("--learning-rate", "--learning_rate"))
+    optimizer: str = param("adam", "optimiser (sgd uses momentum 0.9)", choices=OPTIMIZERS)
+    weight_decay: float = param(1e-6, "L2 weight decay (decoupled for adamw)", minimum=0.0, maximum=1.0)
+    patience: int = param(5, "early stopping: stop after this many epochs without improvement of the "
+                          "validation loss (0: never stop early)", minimum=0)
+    val_fraction: float = param(0.1, "fraction of the training images held out to validate each epoch "
+                                "(early stopping; 0: none)", minimum=0.0, maximum=0.5)
+    resume: bool = param(False, "continue from the last complete checkpoint in --checkpoint-dir")
+    checkpoint_dir: str | None = param(None, "folder for the per-epoch checkpoint, history and curves; "
+                                       "unset: beside --out, named <out>.training")
+    augment: str = param("none", "augmentation applied to training images (none: train on the images as they are)")
+    device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda")
+    seed: int = param(0, "random seed (initialisation, shuffling, validation split)")
+
+
 # ---------------------------------------------------------------------------------- detectors
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
@@ -136,32 +162,16 @@ class BaselineParams(DetectorParams):
                                         "training scores", minimum=0.0, maximum=100.0)
 
 
-# ----------------------------------------------------------------------------------- training
-OPTIMIZERS = ("adam", "adamw", "sgd")
-
-
+# ------------------------------------------------------------------------------------- output
 @dataclass
-class TrainLoopParams:
-    """The shared training loop: epochs, batches, optimiser, early stopping, checkpoints, augmentation."""
+class RunParams:
+    """Settings of a command run rather than of a model."""
 
-    epochs: int = param(20, "training epochs (passes over the training images)", minimum=1, aliases=("--epoch",))
-    batch_size: int = param(32, "images per batch", minimum=1, aliases=("--batch_size",))
-    lr: float = param(1e-4, "learning rate", minimum=0.0, maximum=10.0, exclusive_min=True,
-                      aliases=("--learning-rate", "--learning_rate"))
-    optimizer: str = param("adam", "optimiser (sgd uses momentum 0.9)", choices=OPTIMIZERS)
-    weight_decay: float = param(1e-6, "L2 weight decay (decoupled for adamw)", minimum=0.0, maximum=1.0)
-    patience: int = param(5, "early stopping: stop after this many epochs without improvement of the "
-                          "validation loss (0: never stop early)", minimum=0)
-    val_fraction: float = param(0.1, "fraction of the training images held out to validate each epoch "
-                                "(early stopping; 0: none)", minimum=0.0, maximum=0.5)
-    resume: bool = param(False, "continue from the last complete checkpoint in --checkpoint-dir")
-    checkpoint_dir: str | None = param(None, "folder for the per-epoch checkpoint, history and curves; "
-                                       "unset: beside --out, named <out>.training")
-    augment: str = param("none", "augmentation applied to training images (none: train on the images as they are)")
-    device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda")
-    seed: int = param(0, "random seed (initialisation, shuffling, validation split)")
+    out: str | None = param(None, "output path (printed at the end)")
+    progress: bool = param(True, "show progress bars")
 
 
+# ---------------------------------------------------------------------------- trained methods
 SSL_INITS = ("imagenet", "random")
 
 
@@ -209,12 +219,3 @@ class SVDDParams(TrainLoopParams, DetectorParams):
                           "validation loss (0: never stop early)", minimum=0)
     threshold_percentile: float = param(99.0, "default threshold (one-class): this percentile of the "
                                         "validation (else training) distances", minimum=0.0, maximum=100.0)
-
-
-# ------------------------------------------------------------------------------------- output
-@dataclass
-class RunParams:
-    """Settings of a command run rather than of a model."""
-
-    out: str | None = param(None, "output path (printed at the end)")
-    progress: bool = param(True, "show progress bars")
