@@ -177,3 +177,22 @@ def test_augment_hook_sees_every_training_batch():
     torch.manual_seed(0)
     TrainingLoop(_params(epochs=2), name="tiny", augment=hook).run(TinyNet(), Classify(), _images()[:18], _images()[18:])
     assert sum(seen) == 2 * 18  # training images only, not the validation ones
+
+
+def test_per_image_pil_transforms_are_reproducible_batch_hooks():
+    from PIL import ImageOps
+
+    from insightad.training import per_image
+    from insightad.training.loop import epoch_generator
+
+    def maybe_mirror(img, rng):
+        return ImageOps.mirror(img) if rng.random() < 0.5 else img
+
+    hook = per_image(maybe_mirror)
+    x = _images(8)
+    a, b = hook(x, epoch_generator(0, 3)), hook(x, epoch_generator(0, 3))
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == x.shape
+    mirrored = [torch.equal(a[i], x[i].flip(-1)) for i in range(8)]
+    assert any(mirrored) and not all(mirrored)
+    with pytest.raises(InsightADError, match="changed the image shape"):
+        per_image(lambda img, rng: img.resize((4, 4)))(x, epoch_generator(0, 0))
