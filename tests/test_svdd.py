@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SIZE
+
 from insightad.cli import main
 from insightad.config import DataParams
 from insightad.errors import InsightADError
 
+SIZE = 64  # the suite's working resolution (conftest.SIZE)
 FAST = {"image_size": SIZE, "epochs": 40, "patience": 0}
 TINY = {**FAST, "backbone": "test_efficientnet", "weights": "random", "layers": [2, 3, 4]}  # loop tests: speed only
 
