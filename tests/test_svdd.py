@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-
 from insightad.cli import main
 from insightad.config import DataParams
 from insightad.errors import InsightADError
