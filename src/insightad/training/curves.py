@@ -14,6 +14,7 @@ def plot_curve(history: Sequence[dict[str, Any]], metric: str, path: Path, title
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from insightad.model_file import atomic_write
 
@@ -33,6 +34,7 @@ def plot_curve(history: Sequence[dict[str, Any]], metric: str, path: Path, title
         ax.axhline(chance, color="red", linestyle="--", linewidth=0.8, label=f"chance ({chance:g})")
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend()
