@@ -144,7 +144,7 @@ class TrainingLoop:
         state = {"epoch": 0, "history": [], "best_loss": None, "best_epoch": None, "bad_epochs": 0,
                  "stopped_early": False}
         best: dict[str, torch.Tensor] | None = None
-        fp = {**fingerprint(p), **self.fingerprint, "n_train": int(len(train)),
+        fp = {"trainer": self.name, **fingerprint(p), **self.fingerprint, "n_train": int(len(train)),
               "n_val": int(len(val)) if val is not None else 0}
         if p.resume:
             best, state = self._resume(model, optimizer, fp)
