@@ -25,9 +25,12 @@ def plot_curve(history: Sequence[dict[str, Any]], metric: str, path: Path, title
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    values = [y for points in series.values() for _, y in points]
     for label, points in series.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, label=label)
+    if min(values) > 0 and max(values) / min(values) > 100:  # a loss falling by decades: show them all
+        ax.set_yscale("log")
     if best_epoch is not None:
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
     if chance is not None:
