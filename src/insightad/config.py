@@ -150,27 +150,6 @@ class DetectorParams:
     seed: int = param(0, "random seed")
 
 
-@dataclass
-class BaselineParams(DetectorParams):
-    """Frozen ImageNet features pooled per image, distance to the normal training set."""
-
-    layers: list[int] = param([2, 3, 4], "backbone feature levels to pool (0 = finest)")
-    scorer: str = param("knn", "knn: mean distance to the k nearest normal images; gaussian: "
-                        "Mahalanobis distance with a shrunk covariance", choices=("knn", "gaussian"))
-    k: int = param(3, "neighbours for the knn scorer", minimum=1)
-    threshold_percentile: float = param(99.0, "default threshold: this percentile of leave-one-out "
-                                        "training scores", minimum=0.0, maximum=100.0)
-
-
-# ------------------------------------------------------------------------------------- output
-@dataclass
-class RunParams:
-    """Settings of a command run rather than of a model."""
-
-    out: str | None = param(None, "output path (printed at the end)")
-    progress: bool = param(True, "show progress bars")
-
-
 # ---------------------------------------------------------------------------- trained methods
 SSL_INITS = ("imagenet", "random")
 
@@ -219,3 +198,24 @@ class SVDDParams(TrainLoopParams, DetectorParams):
                           "validation loss (0: never stop early)", minimum=0)
     threshold_percentile: float = param(99.0, "default threshold (one-class): this percentile of the "
                                         "validation (else training) distances", minimum=0.0, maximum=100.0)
+
+
+@dataclass
+class BaselineParams(DetectorParams):
+    """Frozen ImageNet features pooled per image, distance to the normal training set."""
+
+    layers: list[int] = param([2, 3, 4], "backbone feature levels to pool (0 = finest)")
+    scorer: str = param("knn", "knn: mean distance to the k nearest normal images; gaussian: "
+                        "Mahalanobis distance with a shrunk covariance", choices=("knn", "gaussian"))
+    k: int = param(3, "neighbours for the knn scorer", minimum=1)
+    threshold_percentile: float = param(99.0, "default threshold: this percentile of leave-one-out "
+                                        "training scores", minimum=0.0, maximum=100.0)
+
+
+# ------------------------------------------------------------------------------------- output
+@dataclass
+class RunParams:
+    """Settings of a command run rather than of a model."""
+
+    out: str | None = param(None, "output path (printed at the end)")
+    progress: bool = param(True, "show progress bars")
