@@ -7,6 +7,7 @@ the optional TOML ``--config`` file; flags override the file, the file overrides
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ def validate(obj: Any) -> None:
         kind = _base_type(hints.get(f.name))
         if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InsightADError(f"{f.name}: expected a number, got {value!r}")
+        if kind in (int, float) and not math.isfinite(value):
+            raise InsightADError(f"{f.name}: expected a finite number, got {value!r}")
         if kind is int and isinstance(value, float):
             if not value.is_integer():
                 raise InsightADError(f"{f.name}: expected a whole number, got {value!r}")
@@ -102,6 +105,32 @@ class DataParams:
     seed: int = param(0, "random seed (hold-out split, sampling, initialisation)")
 
 
+# ----------------------------------------------------------------------------------- training
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainLoopParams:
+    """The shared training loop: epochs, batches, optimiser, early stopping, checkpoints, augmentation."""
+
+    epochs: int = param(20, "training epochs (passes over the training images)", minimum=1, aliases=("--epoch",))
+    batch_size: int = param(32, "images per batch", minimum=1, aliases=("--batch_size",))
+    lr: float = param(1e-4, "learning rate", minimum=0.0, maximum=10.0, exclusive_min=True,
+                      aliases=("--learning-rate", "--learning_rate"))
+    optimizer: str = param("adam", "optimiser (sgd uses momentum 0.9)", choices=OPTIMIZERS)
+    weight_decay: float = param(1e-6, "L2 weight decay (decoupled for adamw)", minimum=0.0, maximum=1.0)
+    patience: int = param(5, "early stopping: stop after this many epochs without improvement of the "
+                          "validation loss (0: never stop early)", minimum=0)
+    val_fraction: float = param(0.1, "fraction of the training images held out to validate each epoch "
+                                "(early stopping; 0: none)", minimum=0.0, maximum=0.5)
+    resume: bool = param(False, "continue from the last complete checkpoint in --checkpoint-dir")
+    checkpoint_dir: str | None = param(None, "folder for the per-epoch checkpoint, history and curves; "
+                                       "unset: beside --out, named <out>.training")
+    augment: str = param("none", "augmentation applied to training images (none: train on the images as they are)")
+    device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda")
+    seed: int = param(0, "random seed (initialisation, shuffling, validation split)")
+
+
 # ---------------------------------------------------------------------------------- detectors
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
@@ -121,6 +150,56 @@ class DetectorParams:
     fit_engine: str = param("auto", "engine for the frozen backbone during fit (auto: ONNX Runtime on CPU "
                             "when installed)", choices=("auto", "torch", "onnx"))
     seed: int = param(0, "random seed")
+
+
+# ---------------------------------------------------------------------------- trained methods
+SSL_INITS = ("imagenet", "random")
+
+
+@dataclass
+class SSLParams(TrainLoopParams):
+    """Rotation-prediction pretraining of a backbone on unlabelled images (writes a backbone file)."""
+
+    backbone: str = param(DEFAULT_BACKBONE, "architecture to train (a timm name, or ssl:PATH to continue "
+                          "from an earlier backbone file)")
+    init: str = param("imagenet", "start from the backbone's ImageNet weights or from random weights",
+                      choices=SSL_INITS)
+    weights: str | None = param(None, "with --init imagenet: a .safetensors/.pth file to start from "
+                                "instead of the installed ImageNet weights")
+    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16)
+    workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
+    epochs: int = param(10, "training epochs (each image is seen at 4 rotations per epoch)", minimum=1,
+                        aliases=("--epoch",))
+    min_accuracy: float = param(0.4, "warn when the best rotation accuracy stays below this (chance is 0.25)",
+                                minimum=0.0, maximum=1.0)
+
+
+SVDD_OBJECTIVES = ("one-class", "soft-boundary")
+
+
+@dataclass
+class SVDDParams(TrainLoopParams, DetectorParams):
+    """Deep SVDD: a bias-free projection head on frozen pooled backbone features, pulled towards a centre c."""
+
+    layers: list[int] = param([1, 2, 3], "backbone feature levels to pool (0 = finest)")
+    pooling: str = param("mean_std", "per-channel statistics of each level: mean, or mean and spatial "
+                         "standard deviation (sees thin local defects such as cracks better)",
+                         choices=("mean", "mean_std"))
+    objective: str = param("one-class", "one-class: mean squared distance to c; soft-boundary: radius R "
+                           "plus the distances beyond it, weighted by 1/nu", choices=SVDD_OBJECTIVES)
+    nu: float = param(0.1, "soft-boundary: the fraction of training images allowed outside the sphere",
+                      minimum=0.0, maximum=1.0, exclusive_min=True)
+    rep_dim: int = param(128, "dimension of the embedding space", minimum=1)
+    hidden: list[int] = param([512], "hidden layer widths of the projection head (empty: one linear map)")
+    eps: float = param(0.1, "centre coordinates closer to zero than this are pushed out to +-eps "
+                       "(a centre at 0 is trivially reached by zero weights)", minimum=0.0)
+    warmup_epochs: int = param(2, "soft-boundary: epochs before the radius R is first updated", minimum=0)
+    epochs: int = param(200, "training epochs (the head trains on cached features: seconds, not minutes)",
+                        minimum=1, aliases=("--epoch",))
+    patience: int = param(10, "early stopping: stop after this many epochs without improvement of the "
+                          "validation loss (0: never stop early)", minimum=0)
+    threshold_percentile: float = param(99.0, "default threshold (one-class): this percentile of the "
+                                        "validation (else training) distances", minimum=0.0, maximum=100.0)
 
 
 @dataclass

@@ -5,14 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from insightad.config import DataParams
+from insightad.config import DataParams, TrainLoopParams
 from insightad.data.layouts import Dataset, discover, holdout_split
-from insightad.methods import Detector, create_detector
+from insightad.methods import Detector, create_detector, get_backbone_trainer, params_class
 from insightad.model_file import save_model
 
 
 def default_model_path(data: Path, method: str) -> Path:
     return Path("models") / f"{Path(data).resolve().name}-{method}.safetensors"
+
+
+def training_dir(out: Path) -> Path:
+    """Where a trainable method keeps its checkpoint, history and curves: beside the output file."""
+    return out.with_suffix(".training")
+
+
+def with_training_dir(method: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Methods trained by the shared loop checkpoint next to their output unless told otherwise."""
+    if issubclass(params_class(method), TrainLoopParams) and not params.get("checkpoint_dir"):
+        return {**params, "checkpoint_dir": str(training_dir(out))}
+    return params
 
 
 def split_record(ds: Dataset, train: list, held: list, dp: DataParams) -> dict[str, Any]:
@@ -26,8 +38,22 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
     """Fit ``method`` on the normal training images of ``data``; returns (detector, model path, split)."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
-    det = create_detector(method, **params)
+    out = Path(out or default_model_path(ds.root, method))
+    det = create_detector(method, **with_training_dir(method, params, out))
     det.fit([s.path for s in train], progress=progress)
     det.split_ = split_record(ds, train, held, dp)
-    path = save_model(det, out or default_model_path(ds.root, method))
+    path = save_model(det, out)
     return det, path, det.split_
+
+
+def train_backbone(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
+                   out: str | Path | None = None, progress: bool = True) -> tuple[Any, Path, dict]:
+    """Train a backbone (``ssl``) on the same normal training images a detector would use, so
+    the held-out and anomalous images stay unseen; returns (trainer, backbone file, split)."""
+    ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
+    train, held = holdout_split(ds, dp.holdout, dp.seed)
+    out = Path(out or default_model_path(ds.root, method))
+    trainer = get_backbone_trainer(method)(**with_training_dir(method, params, out))
+    trainer.fit([s.path for s in train], progress=progress)
+    split = split_record(ds, train, held, dp)
+    return trainer, trainer.save(out, split), split

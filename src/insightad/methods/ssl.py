@@ -1,0 +1,188 @@
+"""Self-supervised backbone (the first seed's SSL step): rotation prediction on unlabelled images.
+
+Every training image is shown at 0, 90, 180 and 270 degrees; a 4-way linear head on the pooled
+deepest feature map learns which rotation it sees (cross-entropy). Predicting the rotation
+needs the orientation of edges, textures and shapes, so the backbone learns features of the
+user's own images. The result is a *backbone file* (not a detector): safetensors with the
+backbone's weights in timm names and ``insightad_backbone`` metadata, usable by every method as
+``--backbone ssl:PATH``.
+
+Rotation prediction only works when the rotation can be seen: on rotation-symmetric images
+(many textures) the accuracy stays near chance (0.25) and the backbone learns little; the
+trainer then warns instead of silently producing a useless backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from insightad import __version__, config
+from insightad.backbones import build_extractor
+from insightad.backbones.registry import BACKBONE_META_KEY
+from insightad.data.loader import ImageSource
+from insightad.data.preprocess import Normalize, Preprocessing
+from insightad.errors import InsightADError
+from insightad.training import TrainingLoop, TrainResult, fingerprint, load_images, sources_digest, validation_split
+from insightad.training.augment import Augment
+
+ROTATIONS = 4
+CHANCE = 1.0 / ROTATIONS
+BACKBONE_FORMAT = "insightad-backbone"
+
+
+class RotationUnlearnableWarning(UserWarning):
+    """The rotation task stayed near chance: the backbone learned little from these images."""
+
+
+def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) square images -> (4B, C, H, W) at 0/90/180/270 degrees and their labels 0..3."""
+    if x.shape[-1] != x.shape[-2]:
+        raise InsightADError(f"ssl: rotation needs square images, got {tuple(x.shape[-2:])}")
+    rotated = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(ROTATIONS)])
+    labels = torch.arange(ROTATIONS, device=x.device).repeat_interleave(x.shape[0])
+    return rotated, labels
+
+
+class RotationNet(nn.Module):
+    """uint8 images -> rotation logits (B, 4): normalisation, the backbone body, pooled deepest level, linear head."""
+
+    def __init__(self, normalize: Normalize, body: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.normalize, self.body = normalize, body
+        self.head = nn.Linear(channels, ROTATIONS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deepest = self.body(self.normalize(x))[-1]
+        return self.head(deepest.mean(dim=(2, 3)))
+
+
+class RotationObjective:
+    """Cross-entropy of the rotation of every image at all four rotations; accuracy as the metric."""
+
+    inputs_are_images = True
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = rotate_batch(batch)
+        logits = model(x)
+        accuracy = (logits.detach().argmax(1) == y).float().mean().item()
+        return F.cross_entropy(logits, y), {"accuracy": accuracy}
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> None:
+        pass
+
+
+def level_count(arch: str) -> int:
+    """How many feature levels timm's features_only model of ``arch`` has."""
+    import timm
+
+    return len(timm.create_model(arch, pretrained=False, features_only=True).feature_info)
+
+
+class RotationSSL:
+    """Trains a backbone on rotation prediction; ``save`` writes the backbone file."""
+
+    method = "ssl"
+    Params = config.SSLParams
+
+    def __init__(self, **params: Any) -> None:
+        p = config.build(self.Params, params, where=self.method)
+        if p.init == "random" and p.weights:
+            raise InsightADError("weights: only used with --init imagenet (got --init random)")
+        self.params = p
+
+    def get_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.params)
+
+    def fit(self, images: Sequence[ImageSource], progress: bool = False, augment: Augment | None = None
+            ) -> "RotationSSL":
+        """Train on ``images`` (normal or unlabelled); a held-out ``val_fraction`` measures rotation accuracy."""
+        p = self.params
+        if len(images) == 0:
+            raise InsightADError("ssl: no training images given")
+        loop = TrainingLoop(p, name="ssl", progress=progress, augment=augment,
+                            fingerprint=fingerprint(p, data=sources_digest(images)),
+                            curve_metrics={"accuracy": CHANCE})
+        torch.manual_seed(p.seed)
+        pretrained = p.init == "imagenet"
+        probe_spec_arch = _arch_of(p.backbone)
+        levels = list(range(level_count(probe_spec_arch)))
+        extractor, spec, source = build_extractor(p.backbone, levels, p.weights, pretrained=pretrained)
+        self.spec_, self.weights_source_ = spec, (source if pretrained else "random")
+        self.preprocessing_ = Preprocessing(size=(p.image_size, p.image_size), channels=3,
+                                            mean=tuple(spec.mean), std=tuple(spec.std))
+        extractor.requires_grad_(True)
+        norm = Normalize(spec.mean, spec.std, 3)
+        net = RotationNet(norm, extractor.body, extractor.channels[-1])
+        data = load_images(images, self.preprocessing_, p.batch_size, p.workers, progress, "ssl: load images")
+        tr, va = validation_split(len(images), p.val_fraction, p.seed)
+        self.result_: TrainResult = loop.run(net, RotationObjective(), data[tr], data[va] if len(va) else None)
+        self.body_ = net.body.cpu().eval()
+        self.n_train_, self.n_val_ = int(len(tr)), int(len(va))
+        best = self.result_.best()
+        self.heldout_ = self.n_val_ > 0
+        self.accuracy_ = float(best["val_accuracy"] if self.heldout_ else self._accuracy(net.cpu(), data[tr]))
+        self.warning_ = None
+        if self.accuracy_ < p.min_accuracy:
+            self.warning_ = (f"ssl: rotation accuracy stayed near chance ({self.accuracy_:.2f}, chance {CHANCE:.2f}, "
+                             f"warning below {p.min_accuracy:g}): these images look alike at every rotation "
+                             "(e.g. rotation-symmetric textures), so the backbone learned little from them; "
+                             "prefer the ImageNet backbone for these images, or train longer / on images "
+                             "with a clear orientation")
+            warnings.warn(self.warning_, RotationUnlearnableWarning, stacklevel=2)
+        return self
+
+    @torch.no_grad()
+    def _accuracy(self, net: RotationNet, data: torch.Tensor) -> float:
+        net.eval()
+        correct = 0
+        for chunk in data.split(self.params.batch_size):
+            x, y = rotate_batch(chunk)
+            correct += int((net(x).argmax(1) == y).sum())
+        return correct / (ROTATIONS * len(data))
+
+    def metadata(self, split: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The backbone file's ``insightad_backbone`` JSON."""
+        p, spec = self.params, self.spec_
+        r = self.result_
+        return {
+            "format": BACKBONE_FORMAT, "format_version": 1, "package_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "arch": spec.arch, "input_size": p.image_size, "mean": list(spec.mean), "std": list(spec.std),
+            "method": "ssl", "pretext": "rotation", "init": p.init, "init_weights": self.weights_source_,
+            "params": self.get_params(),
+            "rotation_accuracy": {"value": self.accuracy_, "heldout": self.heldout_, "chance": CHANCE,
+                                  "n_images": self.n_val_ if self.heldout_ else self.n_train_},
+            "warning": self.warning_,
+            "training": {**r.summary(), "n_train": self.n_train_, "n_val": self.n_val_},
+            "split": split,
+        }
+
+    def save(self, path: str | Path, split: dict[str, Any] | None = None) -> Path:
+        """Write the backbone file atomically (weights in timm names + metadata); returns its path."""
+        from safetensors.torch import save_file
+
+        from insightad.model_file import atomic_write
+
+        if not hasattr(self, "body_"):
+            raise InsightADError("ssl: nothing to save yet (call fit first)")
+        path = Path(path)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.body_.state_dict().items()}
+        meta = {BACKBONE_META_KEY: json.dumps(self.metadata(split))}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        return path
+
+
+def _arch_of(backbone: str) -> str:
+    from insightad.backbones import get_spec
+
+    return get_spec(backbone).arch

@@ -1,0 +1,227 @@
+"""Deep SVDD (Ruff et al., ICML 2018): normal images mapped close to a centre c; score = distance to c.
+
+The network is a frozen backbone (per level, the channel means and spatial standard deviations,
+each L2-normalised) followed by a trainable projection head. The paper's guards against the trivial solution (every
+image mapped onto c) are kept: the head has no bias terms, c is fixed from the mean embedding of
+the untrained network with coordinates too close to zero pushed out to +-eps, and the weights are
+decayed. Objectives: ``one-class`` (mean squared distance to c) and ``soft-boundary`` (radius R
+plus 1/nu times the mean excess of the squared distances over R^2, with R re-fitted each epoch
+as the (1 - nu) quantile of the training distances).
+
+With the backbone frozen and no augmentation, the pooled features are computed once and the
+head trains on them, so a hundred epochs cost seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from insightad import config
+from insightad.backbones.extractor import FeatureExtractor
+from insightad.data.preprocess import Normalize
+from insightad.methods.base import Detector
+from insightad.methods.baseline import pooled_features
+from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
+
+
+def projection_head(in_dim: int, hidden: Sequence[int], rep_dim: int) -> nn.Sequential:
+    """A bias-free MLP (LeakyReLU between layers): no constant offset to map everything onto c with."""
+    layers: list[nn.Module] = []
+    dims = [in_dim, *hidden, rep_dim]
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b, bias=False))
+        if i < len(dims) - 2:
+            layers.append(nn.LeakyReLU(0.1))
+    return nn.Sequential(*layers)
+
+
+class Hypersphere(nn.Module):
+    """Pooled features -> distance to the centre: the trainable head, the centre c, the radius R."""
+
+    def __init__(self, head: nn.Sequential, center: torch.Tensor, radius: float = 0.0) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("center", center.float().clone())
+        self.register_buffer("radius", torch.tensor(float(radius)))
+
+    def squared_distance(self, features: torch.Tensor) -> torch.Tensor:
+        return ((self.head(features) - self.center) ** 2).sum(dim=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.squared_distance(features).clamp_min(0.0).sqrt()
+
+
+def pooled_mean_std(feats: list[torch.Tensor]) -> torch.Tensor:
+    """Per level: the channel means and the channel spatial standard deviations, each L2-normalised."""
+    out = []
+    for f in feats:
+        flat = f.flatten(2).float()
+        out.append(F.normalize(flat.mean(dim=2), dim=1))
+        out.append(F.normalize(flat.std(dim=2, unbiased=False), dim=1))
+    return torch.cat(out, dim=1)
+
+
+class PooledFeatures(nn.Module):
+    """uint8 images -> pooled backbone features (frozen; stays in eval mode)."""
+
+    def __init__(self, normalize: Normalize, extractor: FeatureExtractor, pooling: str = "mean") -> None:
+        super().__init__()
+        self.normalize, self.extractor, self.pooling = normalize, extractor, pooling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.extractor(self.normalize(x))
+        return pooled_mean_std(feats) if self.pooling == "mean_std" else pooled_features(feats)
+
+    def train(self, mode: bool = True) -> "PooledFeatures":
+        return super().train(False)  # frozen: batch-norm statistics never move
+
+
+class SVDDModel(nn.Module):
+    """uint8 images -> (distance to c,)."""
+
+    def __init__(self, features: PooledFeatures, sphere: Hypersphere) -> None:
+        super().__init__()
+        self.features, self.sphere = features, sphere
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.sphere(self.features(x)),)
+
+
+def fixed_center(embeddings: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mean embedding with every coordinate of magnitude below ``eps`` moved to +-eps (sign kept, 0 -> +eps)."""
+    c = embeddings.mean(dim=0)
+    small = c.abs() < eps
+    c[small & (c < 0)] = -eps
+    c[small & (c >= 0)] = eps
+    return c
+
+
+class SVDDObjective:
+    """One-class or soft-boundary loss on a :class:`Hypersphere`; inputs are features or (augmented) images."""
+
+    def __init__(self, objective: str, nu: float, warmup_epochs: int, features: PooledFeatures | None) -> None:
+        self.objective, self.nu, self.warmup = objective, nu, warmup_epochs
+        self.features = features  # set when the loop feeds images (augmentation): features on the fly
+        self.inputs_are_images = features is not None
+        self._epoch_d2: list[torch.Tensor] = []
+
+    def _features(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.features is None:
+            return batch
+        with torch.no_grad():
+            return self.features(batch)
+
+    def loss(self, model: Hypersphere, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        d2 = model.squared_distance(self._features(batch))
+        if model.training:
+            self._epoch_d2.append(d2.detach())
+        if self.objective == "soft-boundary":
+            r2 = model.radius ** 2
+            loss = r2 + (d2 - r2).clamp_min(0.0).mean() / self.nu
+            return loss, {"outside": float((d2.detach() > r2).float().mean())}
+        return d2.mean(), {}
+
+    def end_epoch(self, model: Hypersphere, epoch: int) -> None:
+        """Soft-boundary: after the warm-up, R = the (1 - nu) quantile of this epoch's training distances."""
+        d2, self._epoch_d2 = torch.cat(self._epoch_d2), []
+        if self.objective == "soft-boundary" and epoch + 1 >= self.warmup:
+            r = torch.quantile(d2.clamp_min(0.0).sqrt().double(), 1.0 - self.nu).float()
+            model.radius.copy_(r)
+
+
+class SVDDDetector(Detector):
+    """Image-level detector: distance of the embedding to the centre c (higher = more anomalous)."""
+
+    method = "svdd"
+    Params = config.SVDDParams
+
+    def _fit(self, images: Sequence, progress: bool) -> None:
+        loop = TrainingLoop(config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
+                                         config.TrainLoopParams.__dataclass_fields__}),
+                            name="svdd", progress=progress,
+                            fingerprint=fingerprint(self.Params(**self.get_params()), data=sources_digest(images)))
+        extractor = self._make_extractor()
+        features = PooledFeatures(self._normalize(), extractor, self.pooling).to(self.device_).eval()
+        on_images = self.augment != "none"
+        data = self._inputs(images, features, on_images, progress)
+        tr, va = validation_split(len(images), self.val_fraction, self.seed)
+        train, val = data[tr], (data[va] if len(va) else None)
+        in_dim = int(self._probe_dim(features, data[:1], on_images))
+        sphere = Hypersphere(projection_head(in_dim, self.hidden, self.rep_dim), torch.zeros(self.rep_dim))
+        sphere.to(self.device_)
+        sphere.center.copy_(self._initial_center(sphere, features, train, on_images))
+        objective = SVDDObjective(self.objective, self.nu, self.warmup_epochs, features if on_images else None)
+        self.training_ = loop.run(sphere, objective, train, val)
+        self.model_ = SVDDModel(features, sphere).to(self.device_).eval()
+        self._set_default_threshold(sphere, features, train, val, on_images)
+
+    def _inputs(self, images: Sequence, features: PooledFeatures, on_images: bool, progress: bool) -> torch.Tensor:
+        """The loop's inputs: uint8 images when augmenting, else the frozen pooled features (computed once)."""
+        if on_images:
+            return load_images(images, self.preprocessing_, self.batch_size, self.workers, progress, "svdd: load images")
+        chunks = []
+        with torch.inference_mode():
+            for batch in self._batches(images, progress, "svdd: features"):
+                x = batch.images.to(self.device_).contiguous(memory_format=torch.channels_last)
+                chunks.append(features(x).float().cpu())
+        return torch.cat(chunks)
+
+    def _probe_dim(self, features: PooledFeatures, first: torch.Tensor, on_images: bool) -> int:
+        if not on_images:
+            return first.shape[1]
+        with torch.inference_mode():
+            return features(first.to(self.device_)).shape[1]
+
+    @torch.no_grad()
+    def _distances(self, sphere: Hypersphere, features: PooledFeatures, data: torch.Tensor, on_images: bool,
+                   embed: bool = False) -> torch.Tensor:
+        out = []
+        sphere.eval()
+        for chunk in data.split(self.batch_size):
+            f = chunk.to(self.device_)
+            if on_images:
+                f = features(f)
+            out.append((sphere.head(f) if embed else sphere(f)).cpu())
+        return torch.cat(out)
+
+    def _initial_center(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
+                        on_images: bool) -> torch.Tensor:
+        emb = self._distances(sphere, features, train, on_images, embed=True)
+        return fixed_center(emb, self.eps).to(self.device_)
+
+    def _set_default_threshold(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
+                               val: torch.Tensor | None, on_images: bool) -> None:
+        """Soft-boundary: the radius R. One-class: a percentile of held-out (else training) distances."""
+        self.train_scores_ = self._distances(sphere, features, train, on_images).double().numpy()
+        held = val is not None
+        scores = self._distances(sphere, features, val, on_images).double().numpy() if held else self.train_scores_
+        if self.objective == "soft-boundary":
+            # R during training came from each epoch's batches, before that epoch's updates; for the
+            # final weights the optimal R is the (1 - nu) quantile of the final training distances.
+            radius = float(np.quantile(self.train_scores_, 1.0 - self.nu))
+            sphere.radius.fill_(radius)
+            self.set_threshold(radius, "svdd_radius", nu=self.nu)
+            return
+        thr = float(np.percentile(scores, self.threshold_percentile))
+        self.set_threshold(thr, f"{'val' if held else 'train'}_p{self.threshold_percentile:g}", n=int(len(scores)))
+
+    def state_metadata(self) -> dict[str, Any]:
+        t = getattr(self, "training_", None)
+        return {"in_dim": int(self.model_.sphere.head[0].in_features), "objective": self.objective,
+                "radius": float(self.model_.sphere.radius), "training": t.summary() if t else None}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
+        extractor = self._make_extractor(pretrained=False)
+        shapes = [tensors[k].shape for k in sorted((k for k in tensors if k.startswith("sphere.head.")),
+                                                    key=lambda k: int(k.split(".")[2]))]
+        in_dim = shapes[0][1] if shapes else int(state.get("in_dim", 1))
+        hidden = [s[0] for s in shapes[:-1]]
+        rep_dim = shapes[-1][0] if shapes else self.rep_dim
+        sphere = Hypersphere(projection_head(in_dim, hidden, rep_dim), torch.empty(rep_dim))
+        return SVDDModel(PooledFeatures(self._normalize(), extractor, self.pooling), sphere)

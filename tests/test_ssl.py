@@ -1,0 +1,147 @@
+"""Rotation-prediction SSL: it learns on oriented objects, warns near chance, and its file is a backbone."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from insightad.cli import main
+from insightad.errors import InsightADError
+
+ARROW = 48  # working size of the SSL tests: an arrow is still clearly oriented at 48 px
+SSL_FLAGS = ["--backbone", "test_efficientnet", "--init", "random", "--image-size", str(ARROW), "--epochs", "3",
+             "--batch-size", "8", "--lr", "3e-3", "--val-fraction", "0.25", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def arrow_dir(tmp_path_factory):
+    """Arrows (a clear up direction) in MVTec layout: 32 good training images, a few defective ones."""
+    from insightad.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("arrow") / "arrow", kind="arrow", layout="mvtec", n_train=32,
+                         n_test_good=6, n_per_defect=3, defects=("missing", "blob"), size=ARROW, seed=5)
+
+
+@pytest.fixture(scope="session")
+def ssl_run(arrow_dir, tmp_path_factory):
+    """`insightad train --method ssl` on the arrows: (backbone path, stdout, stderr)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("ssl") / "arrow-ssl.safetensors"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["train", "--method", "ssl", "--data", str(arrow_dir), "--out", str(out), *SSL_FLAGS])
+    assert rc == 0, stderr.getvalue()
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_ssl_learns_rotation_and_writes_a_backbone_file(ssl_run):
+    from insightad.backbones.registry import get_spec, read_backbone_file_meta
+
+    path, stdout, stderr = ssl_run
+    meta = read_backbone_file_meta(path)
+    acc = meta["rotation_accuracy"]
+    assert acc["heldout"] and acc["n_images"] == 8
+    assert acc["value"] >= 0.6, meta["training"]  # chance is 0.25
+    assert "warning" not in stderr and meta["warning"] is None
+    assert meta["arch"] == "test_efficientnet" and meta["input_size"] == ARROW and meta["init"] == "random"
+    assert len(meta["split"]["train"]) == 32
+    spec = get_spec(f"ssl:{path}")
+    assert spec.arch == "test_efficientnet" and tuple(spec.mean) == tuple(meta["mean"])
+    assert f"--backbone ssl:{path}" in stdout and "rotation accuracy" in stdout
+    curves = path.with_suffix(".training")
+    for name in ("loss.png", "accuracy.png", "checkpoint.safetensors", "history.json"):
+        assert (curves / name).is_file(), name
+    history = json.loads((curves / "history.json").read_text())["history"]
+    assert len(history) == 3 and "val_accuracy" in history[0]
+
+
+@pytest.mark.parametrize("method", ["baseline", "svdd"])
+def test_ssl_backbone_serves_other_methods(method, ssl_run, arrow_dir, tmp_path):
+    from insightad.apps.train import train_model
+    from insightad.config import DataParams
+    from insightad.model_file import load_model
+
+    path, _, _ = ssl_run
+    params = {"backbone": f"ssl:{path}", "image_size": ARROW}
+    if method == "svdd":
+        params.update(epochs=5, layers=[2, 3, 4])
+    det, model_path, _ = train_model(arrow_dir, method, params, DataParams(), tmp_path / "m.safetensors",
+                                     progress=False)
+    assert det.backbone_source_ == f"ssl:{path.resolve()}"
+    images = sorted((arrow_dir / "test").rglob("*.png"))
+    before = det.predict(images).scores
+    # the model file carries the weights: it still scores with the backbone file gone
+    moved = path.with_name("moved.safetensors")
+    path.rename(moved)
+    try:
+        again = load_model(model_path).predict(images).scores
+    finally:
+        moved.rename(path)
+    np.testing.assert_allclose(again, before, rtol=1e-5, atol=1e-6)
+
+
+def test_ssl_warns_when_rotation_is_unlearnable(tmp_path):
+    from insightad.methods.ssl import RotationSSL, RotationUnlearnableWarning
+
+    flat = [np.full((32, 32, 3), 90 + 10 * i, np.uint8) for i in range(8)]  # identical at every rotation
+    ssl = RotationSSL(backbone="test_efficientnet", init="random", image_size=32, epochs=1, batch_size=4,
+                      val_fraction=0.25, lr=1e-3)
+    with pytest.warns(RotationUnlearnableWarning, match=r"rotation accuracy stayed near chance \(0\.25"):
+        ssl.fit(flat)
+    path = ssl.save(tmp_path / "flat.safetensors")
+    from insightad.backbones.registry import read_backbone_file_meta
+
+    assert "near chance" in read_backbone_file_meta(path)["warning"]
+
+
+def test_ssl_cli_prints_the_warning(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(6):
+        Image.new("RGB", (32, 32), (80 + 20 * i,) * 3).save(tmp_path / f"{i}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CLI reports it as a line, never as a Python warning
+        rc = main(["train", "--method", "ssl", "--data", str(tmp_path), "--out", str(tmp_path / "b.safetensors"),
+                   "--backbone", "test_efficientnet", "--init", "random", "--image-size", "32", "--epochs", "1",
+                   "--val-fraction", "0.2", "--holdout", "0", "--no-progress"])
+    assert rc == 0
+    assert "insightad: warning: ssl: rotation accuracy stayed near chance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "epochs: expected a value >= 1, got -1"),
+    (["--batch-size", "0"], "batch_size: expected a value >= 1, got 0"),
+    (["--lr", "0"], "lr: expected a value > 0.0, got 0.0"),
+    (["--lr", "nan"], "lr: expected a finite number, got nan"),
+    (["--init", "random", "--weights", "w.pth"], "weights: only used with --init imagenet"),
+    (["--init", "random", "--resume"], "no checkpoint to resume from"),
+])
+def test_ssl_bad_settings_are_clear_errors(flags, message, arrow_dir, tmp_path, capsys):
+    rc = main(["train", "--method", "ssl", "--data", str(arrow_dir), "--out", str(tmp_path / "b.safetensors"),
+               "--backbone", "test_efficientnet", "--image-size", "32", "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert rc == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_bad_init_choice_is_refused(arrow_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "ssl", "--data", str(arrow_dir), "--init", "scratch"])
+    assert "invalid choice: 'scratch'" in capsys.readouterr().err
+
+
+def test_ssl_needs_square_images():
+    import torch
+
+    from insightad.methods.ssl import rotate_batch
+
+    with pytest.raises(InsightADError, match="square"):
+        rotate_batch(torch.zeros(1, 3, 8, 6, dtype=torch.uint8))
+    x, y = rotate_batch(torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4))
+    assert x.shape == (8, 3, 4, 4) and y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(torch.rot90(x[2:4], 2, (2, 3)), x[6:8])  # 90 twice = 270 once more... both from the same images
