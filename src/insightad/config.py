@@ -126,7 +126,8 @@ class TrainLoopParams:
     resume: bool = param(False, "continue from the last complete checkpoint in --checkpoint-dir")
     checkpoint_dir: str | None = param(None, "folder for the per-epoch checkpoint, history and curves; "
                                        "unset: beside --out, named <out>.training")
-    augment: str = param("none", "augmentation applied to training images (none: train on the images as they are)")
+    augment: str = param("none", "augmentation applied to training images: none, affine (the rotation/shift/"
+                         "shear/zoom/flip of 'insightad augment'; without rotation for ssl) or affine-norotate")
     device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda")
     seed: int = param(0, "random seed (initialisation, shuffling, validation split)")
 
@@ -212,6 +213,38 @@ class BaselineParams(DetectorParams):
     k: int = param(3, "neighbours for the knn scorer", minimum=1)
     threshold_percentile: float = param(99.0, "default threshold: this percentile of leave-one-out "
                                         "training scores", minimum=0.0, maximum=100.0)
+
+
+AE_ARCHS = ("bottleneck", "seed")
+
+
+@dataclass
+class AutoencoderParams(TrainLoopParams):
+    """Convolutional autoencoder: (1 - alpha) * MSE + alpha * (1 - SSIM); reconstruction error is the map."""
+
+    arch: str = param("bottleneck", "network: bottleneck (a narrow latent that cannot copy defects) or seed "
+                      "(the second seed's 4-conv encoder, grayscale by default)", choices=AE_ARCHS)
+    channels: int = param(0, "1 (grayscale) or 3 (colour); 0: colour when the images are, grayscale for "
+                          "--arch seed", minimum=0, maximum=3)
+    latent: int = param(32, "bottleneck: channels of the latent at 1/32 of the image side", minimum=1)
+    image_size: int = param(256, "side of the square image the model works at (a multiple of 32; 16 for "
+                            "--arch seed)", minimum=32)
+    workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
+    alpha: float = param(0.84, "weight of (1 - SSIM) in the loss", minimum=0.0, maximum=1.0)
+    ssim_window: int = param(11, "SSIM window size (odd)", minimum=3)
+    map: str = param("mse", "anomaly map: per-pixel squared error (mse) or 1 - local SSIM (ssim)",
+                     choices=("mse", "ssim"))
+    score: str = param("max", "image score: the maximum or the mean of the smoothed map", choices=("max", "mean"))
+    smooth_sigma: float = param(4.0, "Gaussian smoothing of the map, in pixels at the model's size (0: none)",
+                                minimum=0.0)
+    epochs: int = param(100, "training epochs", minimum=1, aliases=("--epoch",))
+    lr: float = param(1e-3, "learning rate", minimum=0.0, maximum=10.0, exclusive_min=True,
+                      aliases=("--learning-rate", "--learning_rate"))
+    batch_size: int = param(16, "images per batch", minimum=1, aliases=("--batch_size",))
+    patience: int = param(10, "early stopping: stop after this many epochs without improvement of the "
+                          "validation loss (0: never stop early)", minimum=0)
+    threshold_percentile: float = param(99.0, "default threshold: this percentile of the validation (else "
+                                        "training) scores", minimum=0.0, maximum=100.0)
 
 
 # ------------------------------------------------------------------------------- augmentation

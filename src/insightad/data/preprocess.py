@@ -56,7 +56,7 @@ class Preprocessing:
         arr = np.asarray(img, dtype=np.uint8)
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
     def load(self, source: str | Path | bytes | Image.Image | np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """Any image source -> (uint8 tensor at model size, original (height, width))."""

@@ -30,7 +30,7 @@ def onnx_metadata(det) -> dict[str, Any]:
             "threshold_strategy": det.threshold_strategy_, "input_height": p.size[0], "input_width": p.size[1],
             "channels": p.channels, "resize": p.resize, "mean": list(p.mean), "std": list(p.std),
             "input": "uint8 NCHW (channels RGB or L), already resized to input_height x input_width",
-            "outputs": ["scores"] + (["maps"] if det.has_maps else []), "backbone": det.backbone}
+            "outputs": ["scores"] + (["maps"] if det.has_maps else []), "backbone": getattr(det, "backbone", None)}
 
 
 def _export_bytes(model: torch.nn.Module, dummy: torch.Tensor, outputs: list[str]) -> bytes:

@@ -12,6 +12,7 @@ from insightad.methods.base import Detector, Prediction
 _REGISTRY: dict[str, str] = {
     "baseline": "insightad.methods.baseline:BaselineDetector",
     "svdd": "insightad.methods.svdd:SVDDDetector",
+    "autoencoder": "insightad.methods.autoencoder:AutoencoderDetector",
 }
 
 # Methods that train a backbone rather than a detector (their result is a backbone file for

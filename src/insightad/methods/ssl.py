@@ -109,6 +109,10 @@ class RotationSSL:
         p = self.params
         if len(images) == 0:
             raise InsightADError("ssl: no training images given")
+        if augment is None and p.augment == "affine":  # rotation is this task's label: never augment with it
+            from insightad.training.augment import get_augmentation
+
+            augment = get_augmentation("affine-norotate")
         loop = TrainingLoop(p, name="ssl", progress=progress, augment=augment,
                             fingerprint=fingerprint(p, data=sources_digest(images)),
                             curve_metrics={"accuracy": CHANCE})

@@ -64,3 +64,19 @@ def get_augmentation(name: str) -> Augment:
     if name not in _AUGMENTATIONS:
         raise InsightADError(f"augment: unknown augmentation {name!r} (available: {', '.join(_AUGMENTATIONS)})")
     return _AUGMENTATIONS[name]
+
+
+def _affine(rotation: bool) -> Augment:
+    """The second seed's augmentation (insightad.data.augment) as a batch hook."""
+    from dataclasses import replace
+
+    from insightad.config import AugmentParams
+    from insightad.data.augment import apply, draw
+
+    params = AugmentParams() if rotation else replace(AugmentParams(), rotation=0.0)
+    return per_image(lambda img, rng: apply(img, draw(params, img.size, rng), params.fill))
+
+
+register_augmentation("affine", _affine(rotation=True))
+# Rotation-prediction pretraining learns from rotations: augmenting with them would blur its labels.
+register_augmentation("affine-norotate", _affine(rotation=False))

@@ -1,0 +1,173 @@
+"""Convolutional autoencoder (the second seed): learn to reconstruct normal images; reconstruction
+error is the anomaly map. Loss = (1 - alpha) * MSE + alpha * (1 - SSIM), alpha = 0.84, with
+kornia's SSIM; trained by the shared training loop (checkpoints, resume, early stopping, augment)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from insightad import config
+from insightad.errors import InsightADError
+from insightad.methods.autoencoder_nets import build_net
+from insightad.methods.base import Detector
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
+    """Local SSIM per pixel and channel (kornia), values in [-1, 1]; images in [0, 1]."""
+    import kornia
+
+    return kornia.metrics.ssim(a, b, window, max_val=1.0)
+
+
+def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, alpha: float, window: int) -> torch.Tensor:
+    """(1 - alpha) * MSE + alpha * (1 - mean SSIM)."""
+    mse = torch.mean((recon - x) ** 2)
+    return (1.0 - alpha) * mse + alpha * (1.0 - ssim_map(recon, x, window).mean())
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+class AutoencoderModel(nn.Module):
+    """uint8 images -> (scores, maps): reconstruction error per pixel, smoothed; score = its max or mean."""
+
+    def __init__(self, net: nn.Module, map_kind: str, score: str, sigma: float, window: int) -> None:
+        super().__init__()
+        self.net, self.map_kind, self.score, self.window = net, map_kind, score, window
+        k = gaussian_kernel(sigma) if sigma > 0 else torch.ones(1)
+        self.register_buffer("kernel", k, persistent=False)
+
+    def _smooth(self, m: torch.Tensor) -> torch.Tensor:
+        if self.kernel.numel() == 1:
+            return m
+        r = self.kernel.numel() // 2
+        kx = self.kernel.view(1, 1, 1, -1)
+        ky = self.kernel.view(1, 1, -1, 1)
+        m = nn.functional.pad(m, (r, r, 0, 0), mode="reflect")
+        m = nn.functional.conv2d(m, kx)
+        m = nn.functional.pad(m, (0, 0, r, r), mode="reflect")
+        return nn.functional.conv2d(m, ky)
+
+    def error_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel error at model size (B, 1, H, W), before smoothing."""
+        recon = self.net(x)
+        if self.map_kind == "ssim":
+            return (1.0 - ssim_map(recon, x, self.window)).mean(dim=1, keepdim=True)
+        return ((recon - x) ** 2).mean(dim=1, keepdim=True)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float() / 255.0
+        maps = self._smooth(self.error_map(x))[:, 0]
+        flat = maps.flatten(1)
+        scores = flat.amax(dim=1) if self.score == "max" else flat.mean(dim=1)
+        return scores, maps
+
+
+class ReconstructionObjective:
+    """The loop's objective: reconstruction loss on uint8 image batches (augmentation applies)."""
+
+    inputs_are_images = True
+
+    def __init__(self, alpha: float, window: int) -> None:
+        self.alpha, self.window = alpha, window
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch.float() / 255.0
+        recon = model(x)
+        mse = torch.mean((recon - x) ** 2)
+        ssim = ssim_map(recon, x, self.window).mean()
+        loss = (1.0 - self.alpha) * mse + self.alpha * (1.0 - ssim)
+        return loss, {"mse": float(mse.detach()), "ssim": float(ssim.detach())}
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> None:
+        pass
+
+
+def detect_channels(images: Sequence) -> int:
+    """3 when any of the first training images is in colour, else 1."""
+    from insightad.data.images import load_image
+    from insightad.data.layouts import Sample
+
+    for src in list(images)[:8]:
+        src = src.path if isinstance(src, Sample) else src
+        img = src if hasattr(src, "mode") else (load_image(src) if not isinstance(src, np.ndarray) else None)
+        if img is None:
+            if src.ndim == 3 and src.shape[2] == 3 and not (src[..., 0] == src[..., 1]).all():
+                return 3
+            continue
+        if img.mode == "RGB":
+            arr = np.asarray(img)
+            if not ((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()):
+                return 3
+    return 1
+
+
+class AutoencoderDetector(Detector):
+    """Pixel-level detector by reconstruction error (higher = more anomalous)."""
+
+    method = "autoencoder"
+    Params = config.AutoencoderParams
+    has_maps = True
+    uses_backbone = False
+
+    def _stride(self) -> int:
+        return 16 if self.arch == "seed" else 32
+
+    def _channels(self, images: Sequence) -> int:
+        if self.channels:
+            return self.channels
+        return 1 if self.arch == "seed" else detect_channels(images)
+
+    def _fit(self, images: Sequence, progress: bool) -> None:
+        from insightad.data.preprocess import Preprocessing
+        from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
+
+        if self.image_size % self._stride():
+            raise InsightADError(f"image_size: the {self.arch} autoencoder needs a multiple of {self._stride()}, "
+                                 f"got {self.image_size}")
+        channels = self._channels(images)
+        self.preprocessing_ = Preprocessing(size=(self.image_size, self.image_size), channels=channels,
+                                            mean=(0.0,) * channels, std=(1.0,) * channels)
+        loop_params = config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
+                                                           config.TrainLoopParams.__dataclass_fields__})
+        loop = TrainingLoop(loop_params, name="autoencoder", progress=progress,
+                            fingerprint=fingerprint(self.Params(**self.get_params()), data=sources_digest(images),
+                                                    channels=channels))
+        data = load_images(images, self.preprocessing_, self.batch_size, self.workers, progress,
+                           "autoencoder: load images")
+        tr, va = validation_split(len(data), self.val_fraction, self.seed)
+        train, val = data[tr], (data[va] if len(va) else None)
+        net = build_net(self.arch, channels, self.latent)
+        self.training_ = loop.run(net, ReconstructionObjective(self.alpha, self.ssim_window), train, val)
+        self.model_ = AutoencoderModel(net, self.map, self.score, self.smooth_sigma,
+                                       self.ssim_window).to(self.device_).eval()
+        held = val is not None
+        scores = self._scores(val if held else train)
+        thr = float(np.percentile(scores, self.threshold_percentile))
+        self.set_threshold(thr, f"{'val' if held else 'train'}_p{self.threshold_percentile:g}", n=int(len(scores)))
+
+    @torch.inference_mode()
+    def _scores(self, data: torch.Tensor) -> np.ndarray:
+        return torch.cat([self.forward_batch(chunk)[0].cpu() for chunk in data.split(self.batch_size)]).double().numpy()
+
+    def state_metadata(self) -> dict[str, Any]:
+        t = getattr(self, "training_", None)
+        return {"channels": self.preprocessing_.channels, "training": t.summary() if t else None}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
+        channels = self.preprocessing_.channels
+        latent = self.latent
+        for k, v in tensors.items():  # the latent width is read off the tensors
+            if self.arch == "bottleneck" and k == "net.encoder.5.weight":
+                latent = v.shape[0]
+        return AutoencoderModel(build_net(self.arch, channels, latent), self.map, self.score, self.smooth_sigma,
+                                self.ssim_window)

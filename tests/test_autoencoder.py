@@ -1,0 +1,94 @@
+"""Autoencoder: the loss falls, defects reconstruct worse than normal regions, grayscale and colour,
+the seed's architecture, large inputs, ONNX parity and a model-file round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from insightad.data.synthetic import make_image
+from insightad.errors import InsightADError
+from insightad.methods import create_detector
+from insightad.methods.autoencoder import reconstruction_loss
+
+FAST = dict(image_size=64, epochs=12, batch_size=8, lr=3e-3, val_fraction=0.0, patience=0, device="cpu",
+            latent=16)
+
+
+def _images(kind: str, n: int, seed: int, gray: bool = False):
+    return [make_image(kind, size=64, seed=seed + i, grayscale=gray)[0] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def plate_ae():
+    return create_detector("autoencoder", **FAST).fit(_images("plate", 32, 0))
+
+
+def test_loss_decreases_and_threshold_set(plate_ae):
+    hist = plate_ae.training_.history
+    assert hist[-1]["train_loss"] < 0.6 * hist[0]["train_loss"]
+    assert plate_ae.threshold_ > 0 and plate_ae.preprocessing_.channels == 3
+
+
+def test_defect_pixels_have_higher_error(plate_ae):
+    labels, scores = [], []
+    for i in range(6):
+        img, mask = make_image("plate", "missing", size=64, seed=500 + i)
+        m = plate_ae.predict([img]).maps[0]
+        assert m.shape == mask.shape
+        labels.append(mask.ravel())
+        scores.append(m.ravel())
+    assert roc_auc_score(np.concatenate(labels), np.concatenate(scores)) > 0.75
+
+
+def test_grayscale_data_gives_grayscale_model_and_large_inputs():
+    det = create_detector("autoencoder", **{**FAST, "epochs": 2}).fit(_images("weave", 12, 0, gray=True))
+    assert det.preprocessing_.channels == 1
+    big = make_image("weave", size=256, seed=99, grayscale=True)[0].resize((1024, 1024))
+    pred = det.predict([big, np.asarray(make_image("weave", size=64, seed=3)[0])])
+    assert pred.maps[0].shape == (1024, 1024) and pred.maps[1].shape == (64, 64)
+
+
+def test_seed_architecture_is_grayscale_with_the_seed_layers():
+    det = create_detector("autoencoder", **{**FAST, "epochs": 1, "arch": "seed"}).fit(_images("disc", 8, 0))
+    net = det.model_.net
+    convs = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 256] and all(c.stride == (2, 2) for c in convs)
+    assert det.preprocessing_.channels == 1 and isinstance(net.decoder[-1], torch.nn.Sigmoid)
+
+
+def test_loss_formula():
+    x = torch.rand(2, 1, 32, 32)
+    assert float(reconstruction_loss(x, x, 0.84, 11)) == pytest.approx(0.0, abs=1e-6)
+    y = torch.clamp(x + 0.1, 0, 1)
+    assert float(reconstruction_loss(x, y, 0.0, 11)) == pytest.approx(float(((x - y) ** 2).mean()), rel=1e-5)
+
+
+def test_round_trip_and_onnx_parity(plate_ae, tmp_path):
+    from insightad.apps.inference import load_for_inference
+    from insightad.model_file import save_model
+
+    path = save_model(plate_ae, tmp_path / "ae.safetensors")
+    imgs = [make_image("plate", "blob", size=80, seed=s)[0] for s in range(4)]
+    ref = plate_ae.predict(imgs)
+    torch_det = load_for_inference(path, "torch")
+    np.testing.assert_array_equal(torch_det.predict(imgs).scores, ref.scores)
+    onnx_det = load_for_inference(path, "onnx")
+    got = onnx_det.predict(imgs)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-4)
+    np.testing.assert_allclose(got.maps[0], ref.maps[0], rtol=1e-4, atol=1e-4 * float(np.abs(ref.maps[0]).max()))
+
+
+@pytest.mark.parametrize("bad,msg", [({"image_size": 70}, "multiple of 32"), ({"alpha": 1.5}, "alpha"),
+                                     ({"epochs": -1}, "epochs"), ({"batch_size": 0}, "batch_size")])
+def test_bad_settings(bad, msg):
+    with pytest.raises(InsightADError, match=msg):
+        create_detector("autoencoder", **{**FAST, **bad}).fit(_images("disc", 4, 0))
+
+
+def test_augmented_training_runs(tmp_path):
+    det = create_detector("autoencoder", **{**FAST, "epochs": 1, "augment": "affine"}).fit(_images("disc", 8, 0))
+    assert np.isfinite(det.threshold_)
