@@ -165,11 +165,12 @@ class SVDDDetector(Detector):
         """The loop's inputs: uint8 images when augmenting, else the frozen pooled features (computed once)."""
         if on_images:
             return load_images(images, self.preprocessing_, self.batch_size, self.workers, progress, "svdd: load images")
+        run = self._feature_runner(features.extractor)  # the frozen backbone on the fast engine
+        pool = pooled_mean_std if features.pooling == "mean_std" else pooled_features
         chunks = []
         with torch.inference_mode():
             for batch in self._batches(images, progress, "svdd: features"):
-                x = batch.images.to(self.device_).contiguous(memory_format=torch.channels_last)
-                chunks.append(features(x).float().cpu())
+                chunks.append(pool(run(batch.images)).float().cpu())
         return torch.cat(chunks)
 
     def _probe_dim(self, features: PooledFeatures, first: torch.Tensor, on_images: bool) -> int:
