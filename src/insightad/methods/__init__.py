@@ -11,6 +11,8 @@ from insightad.methods.base import Detector, Prediction
 # name -> "module:Class", imported on first use so one method's dependencies never slow another.
 _REGISTRY: dict[str, str] = {
     "baseline": "insightad.methods.baseline:BaselineDetector",
+    "padim": "insightad.methods.padim:PadimDetector",
+    "patchcore": "insightad.methods.patchcore:PatchCoreDetector",
 }
 
 
