@@ -160,7 +160,7 @@ class PatchCoreParams(DetectorParams):
                               "and concatenated")
     coreset_ratio: float = param(0.1, "fraction of training patches kept in the memory bank",
                                  minimum=0.0, maximum=1.0, exclusive_min=True, aliases=("--coreset",))
-    projection_dim: int = param(16, "dimension of the random projection used for coreset selection "
+    projection_dim: int = param(32, "dimension of the random projection used for coreset selection "
                                 "(0: the full features)", minimum=0)
     neighbourhood: int = param(3, "side of the neighbourhood averaged into each patch feature (odd)", minimum=1)
     num_neighbors: int = param(9, "bank neighbours used by the image-score re-weighting", minimum=1)

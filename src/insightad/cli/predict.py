@@ -17,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="an image (repeatable; seed alias)")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--heatmap", metavar="DIR", help="write <stem>_heatmap.png per image into DIR (map methods)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "predict"), _argv=argv)
@@ -47,14 +48,23 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_images(list(args.images) + list(args.image))
     det = load_model(args.model, device=args.device)
     thr = parse_threshold(args.threshold)
-    pred = det.predict(paths, maps=False, progress=args.progress, threshold=thr)
+    if args.heatmap and not det.has_maps:
+        raise InsightADError(f"--heatmap: {det.method} models give no anomaly maps (train padim or patchcore)")
+    pred = det.predict(paths, maps=bool(args.heatmap), progress=args.progress, threshold=thr)
+    heatmaps = [None] * len(paths)
+    if args.heatmap:
+        from insightad.apps.heatmap import write_heatmaps
+
+        heatmaps = write_heatmaps(paths, pred.maps, pred.threshold, args.heatmap)
     if args.json:
-        for path, s, lab in zip(paths, pred.scores, pred.labels):
+        for path, s, lab, hm in zip(paths, pred.scores, pred.labels, heatmaps):
             print_json({"path": str(path), "score": float(s), "threshold": pred.threshold,
-                        "anomalous": bool(lab), "method": det.method})
+                        "anomalous": bool(lab), "method": det.method, **({"heatmap": str(hm)} if hm else {})})
         return 0
     width = max(len(str(p)) for p in paths)
     print(f"{'image':<{width}}  {'score':>12}  verdict   (threshold {pred.threshold:.6g})")
     for path, s, lab in zip(paths, pred.scores, pred.labels):
         print(f"{str(path):<{width}}  {s:>12.6g}  {'ANOMALOUS' if lab else 'normal'}")
+    if args.heatmap:
+        print(f"{sum(h is not None for h in heatmaps)} heatmaps written to {args.heatmap}")
     return 0
