@@ -44,12 +44,17 @@ def test_streaming_sums_equal_one_shot_statistics():
     acc = PatchGaussianAccumulator(6, 5)
     for part in x.float().split([1, 7, 0, 15]):
         acc.update(part)
+    d = acc.distances(x[:3].float(), 0.01, chunk=4)
     mean, inv = acc.finalize(0.01, chunk=4)
     ref_cov = torch.stack([torch.cov(x[:, p].T) for p in range(6)]) + 0.01 * torch.eye(5, dtype=torch.float64)
     torch.testing.assert_close(mean.double(), x.mean(0), rtol=0, atol=1e-4)
-    torch.testing.assert_close(inv.double(), torch.linalg.inv(torch.linalg.cholesky(ref_cov)), rtol=2e-3, atol=2e-3)
+    ref_inv = torch.linalg.inv(torch.linalg.cholesky(ref_cov))
+    torch.testing.assert_close(inv.double(), ref_inv, rtol=2e-3, atol=2e-3)
+    y = x[:3] - x.mean(0)
+    ref_d = torch.einsum("pij,bpj->bpi", ref_inv, y).norm(dim=2)
+    torch.testing.assert_close(d.double(), ref_d, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match=r"expected \(B, 6, 5\)"):
-        acc.update(torch.zeros(2, 6, 4))
+        PatchGaussianAccumulator(6, 5).update(torch.zeros(2, 6, 4))
 
 
 def test_block_triangular_inverse():

@@ -146,7 +146,7 @@ class PadimParams(DetectorParams):
     epsilon: float = param(0.01, "diagonal regulariser added to every patch covariance", minimum=0.0,
                            exclusive_min=True)
     sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
-    threshold_holdout: float = param(0.1, "fraction of training images scored before they join the "
+    threshold_holdout: float = param(0.1, "fraction of training images (at most 64) scored before they join the "
                                      "statistics, for the default threshold", minimum=0.0, maximum=0.5)
     threshold_percentile: float = param(99.0, "default threshold: this percentile of the held-out "
                                         "training scores", minimum=0.0, maximum=100.0)

@@ -24,6 +24,8 @@ from insightad.methods.base import Detector
 from insightad.methods.maps import MapSmoother, concat_levels
 from insightad.methods.patch_gaussian import PatchGaussianAccumulator
 
+MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
+
 
 def feature_grid(extractor: FeatureExtractor, image_size: int, channels: int = 3) -> tuple[int, int]:
     """(h, w) of the finest requested level for a square input of ``image_size``."""
@@ -51,15 +53,6 @@ def pca_projection(x: torch.Tensor, dim: int, max_rows: int = 200_000, seed: int
     cov = xc.T @ xc / max(x.shape[0] - 1, 1)
     _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
     return centre.float(), vecs[:, -dim:].flip(1).float().contiguous()
-
-
-def load_statistics(model: "PadimModel", acc: PatchGaussianAccumulator, epsilon: float) -> None:
-    """Put the accumulator's current Gaussians into the model (in place: no second copy on the CPU)."""
-    on_cpu = model.inv_chol.device.type == "cpu"
-    mean, inv = acc.finalize(epsilon, out=model.inv_chol if on_cpu else None)
-    model.mean.copy_(mean)
-    if not on_cpu:
-        model.inv_chol.copy_(inv)
 
 
 class PadimModel(nn.Module):
@@ -92,10 +85,13 @@ class PadimModel(nn.Module):
         w = torch.bmm(y, self.inv_chol.transpose(1, 2))  # L^-1 y for every patch
         return w.square().sum(-1).sqrt().transpose(0, 1)
 
-    def score_embeddings(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.distances(z).reshape(z.shape[0], *self.feature_size)
-        maps = self.smoother(d)
+    def score_distances(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch distances (B, P) -> (image scores = map maxima, maps smoothed at model size)."""
+        maps = self.smoother(d.reshape(d.shape[0], *self.feature_size))
         return maps.amax(dim=(1, 2)), maps
+
+    def score_embeddings(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score_distances(self.distances(z))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score_embeddings(self.reduce(self.raw_features(x)))
@@ -104,9 +100,9 @@ class PadimModel(nn.Module):
 class PadimDetector(Detector):
     """PaDiM with a streaming fit.
 
-    Default threshold: a ``threshold_holdout`` fraction of the training images (chosen at random
-    with ``seed``) is streamed last; each is scored by the Gaussians of the images before it,
-    which never saw it, and only then added to the statistics. The threshold is the
+    Default threshold: a ``threshold_holdout`` fraction of the training images (at most 64, chosen
+    at random with ``seed``) is streamed last; each is scored by the Gaussians of all the other
+    images, which never saw it, and only then added to the statistics. The threshold is the
     ``threshold_percentile`` of those honest normal scores: scoring images a model was fitted on
     would give optimistic (too low) scores and too many false alarms, while holding images out
     of the final statistics would waste training data.
@@ -128,6 +124,7 @@ class PadimDetector(Detector):
     def _order(self, n: int) -> tuple[list[int], int]:
         """Image order for the stream (held-out images last) and how many come before them."""
         n_held = 0 if n < 2 or self.threshold_holdout == 0 else max(1, int(round(self.threshold_holdout * n)))
+        n_held = min(n_held, MAX_HELD_OUT)
         g = torch.Generator().manual_seed(self.seed)
         held = set(torch.randperm(n, generator=g)[:n_held].tolist())
         return [i for i in range(n) if i not in held] + sorted(held), n - n_held
@@ -142,26 +139,23 @@ class PadimDetector(Detector):
             centre, proj = torch.zeros(channels), random_projection(channels, dim, self.seed)
         else:
             centre, proj = torch.zeros(channels), torch.eye(channels)[:, :dim].contiguous()
+        # The P x d x d factors are only allocated at the end, in the accumulator's own buffer.
         model = PadimModel(self._normalize(), extractor, size, self.image_size, self.sigma, centre, proj,
-                           torch.zeros(positions, dim), torch.zeros(positions, dim, dim)).to(self.device_)
+                           torch.zeros(positions, dim), torch.zeros(0, dim, dim)).to(self.device_)
         order, n_fit = self._order(len(images))
         acc = PatchGaussianAccumulator(positions, dim)
-        state = {"partial": False, "held": []}
+        held: list[torch.Tensor] = []
 
         def consume(raw: torch.Tensor, pos: int) -> None:
             z = model.reduce(raw).cpu()
             k = max(0, min(len(z), n_fit - pos))
             acc.update(z[:k])
-            if k < len(z):  # held-out rows: scored by the statistics of the images before them
-                if not state["partial"]:
-                    load_statistics(model, acc, self.epsilon)
-                    state["partial"] = True
-                state["held"].append(model.score_embeddings(z[k:].to(self.device_))[0].cpu())
-                acc.update(z[k:])
+            held.append(z[k:])  # held-out images: scored once every fitting image is in
 
         pending: list[tuple[torch.Tensor, int]] = []
         pca_ready = self.reduction != "pca"
         pos = 0
+        scores = None
         with torch.inference_mode():
             for batch in self._batches([images[i] for i in order], progress, "padim: statistics"):
                 x = batch.images.to(self.device_).contiguous(memory_format=torch.channels_last)
@@ -179,11 +173,18 @@ class PadimDetector(Detector):
                 else:
                     consume(raw, pos)
                 pos += len(raw)
-            load_statistics(model, acc, self.epsilon)
+            z_held = torch.cat(held)
+            if len(z_held):
+                # Scored by the Gaussians of the other images, then added to the statistics.
+                scores = model.score_distances(acc.distances(z_held, self.epsilon))[0].numpy()
+                acc.update(z_held)
+            del z_held, held
+            mean, inv = acc.finalize(self.epsilon)
+            model.mean.copy_(mean)
+            model.inv_chol = inv.to(self.device_)
             self.model_ = model.eval()
-            if state["held"]:
-                scores, strategy = torch.cat(state["held"]).numpy(), "holdout"
-            else:  # one image, or no hold-out asked for: in-sample scores (optimistic)
+            strategy = "holdout"
+            if scores is None:  # one image, or no hold-out asked for: in-sample scores (optimistic)
                 scores, strategy = self.predict(list(images), maps=False).scores, "train"
         self.train_scores_ = scores
         thr = float(np.percentile(scores, self.threshold_percentile))

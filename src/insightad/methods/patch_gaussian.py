@@ -68,16 +68,34 @@ class PatchGaussianAccumulator:
         cov.diagonal(dim1=1, dim2=2).add_(epsilon)
         return cov
 
-    def finalize(self, epsilon: float, out: torch.Tensor | None = None, chunk: int = 512
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inverse_factors(self, epsilon: float, start: int, stop: int) -> torch.Tensor:
+        chol, info = torch.linalg.cholesky_ex(self.covariance(epsilon, start, stop))
+        if int(info.max()) > 0:  # numerically indefinite in float32: redo this chunk in float64
+            chol = torch.linalg.cholesky(self.covariance(epsilon, start, stop).double()).float()
+        return lower_triangular_inverse(chol)
+
+    def finalize(self, epsilon: float, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (P, d), inverse Cholesky factors L^-1 (P, d, d)) with cov + eps I = L L^T, so that
-        the squared Mahalanobis distance is ||L^-1 (x - mean)||^2. Chunked over positions so the
-        temporaries stay small; ``out`` reuses a buffer of the right shape."""
-        inv = out if out is not None else torch.empty(self.positions, self.dim, self.dim)
+        the squared Mahalanobis distance is ||L^-1 (x - mean)||^2.
+
+        The factors overwrite the outer-product sums chunk by chunk (no second P x d x d buffer),
+        so the accumulator cannot be updated afterwards.
+        """
+        mean = self.mean()
         for a in range(0, self.positions, chunk):
             b = min(a + chunk, self.positions)
-            chol, info = torch.linalg.cholesky_ex(self.covariance(epsilon, a, b))
-            if int(info.max()) > 0:  # numerically indefinite: fall back to float64 for this chunk
-                chol = torch.linalg.cholesky(self.covariance(epsilon, a, b).double()).float()
-            inv[a:b] = lower_triangular_inverse(chol)
-        return self.mean(), inv
+            self.sum_outer[a:b] = self._inverse_factors(epsilon, a, b)
+        inv, self.sum_outer = self.sum_outer, None
+        return mean, inv
+
+    def distances(self, z: torch.Tensor, epsilon: float, chunk: int = 512) -> torch.Tensor:
+        """Mahalanobis distances (B, P) of features (B, P, d) under the current statistics, computed
+        chunk by chunk over positions: no P x d x d inverse is kept, and accumulation can go on."""
+        mean = self.mean()
+        out = torch.empty(z.shape[0], self.positions)
+        for a in range(0, self.positions, chunk):
+            b = min(a + chunk, self.positions)
+            y = (z[:, a:b].float() - mean[a:b]).transpose(0, 1)
+            w = torch.bmm(y, self._inverse_factors(epsilon, a, b).transpose(1, 2))
+            out[:, a:b] = w.square().sum(-1).sqrt().transpose(0, 1)
+        return out
