@@ -150,7 +150,8 @@ class PadimDetector(Detector):
             z = model.reduce(raw).cpu()
             k = max(0, min(len(z), n_fit - pos))
             acc.update(z[:k])
-            held.append(z[k:])  # held-out images: scored once every fitting image is in
+            if k < len(z):  # held-out images: scored once every fitting image is in
+                held.append(z[k:].clone())  # a copy: a view would keep the whole batch alive
 
         pending: list[tuple[torch.Tensor, int]] = []
         pca_ready = self.reduction != "pca"
@@ -173,7 +174,7 @@ class PadimDetector(Detector):
                 else:
                     consume(raw, pos)
                 pos += len(raw)
-            z_held = torch.cat(held)
+            z_held = torch.cat(held) if held else torch.empty(0)
             if len(z_held):
                 # Scored by the Gaussians of the other images, then added to the statistics.
                 scores = model.score_distances(acc.distances(z_held, self.epsilon))[0].numpy()
