@@ -139,7 +139,7 @@ class PadimParams(DetectorParams):
 
     layers: list[int] = param([1, 2, 3], "backbone feature levels (0 = finest), upsampled to the finest "
                               "and concatenated")
-    n_features: int = param(100, "feature channels kept after reduction (ignored by reduction=none)", minimum=1)
+    n_features: int = param(120, "feature channels kept after reduction (ignored by reduction=none)", minimum=1)
     reduction: str = param("random", "channel reduction: random selection (as in the paper), pca, or none",
                            choices=("random", "pca", "none"))
     pca_images: int = param(32, "training images whose patches fit the PCA (reduction=pca)", minimum=1)
