@@ -130,7 +130,7 @@ class PadimDetector(Detector):
         return [i for i in range(n) if i not in held] + sorted(held), n - n_held
 
     def _fit(self, images: Sequence, progress: bool) -> None:
-        extractor = self._make_extractor()
+        extractor = self._make_extractor().to(memory_format=torch.channels_last)
         channels = sum(extractor.channels)
         dim = self._reduced_dim(channels)
         size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
@@ -197,7 +197,7 @@ class PadimDetector(Detector):
                 "n_features": int(self.model_.projection.shape[1])}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
-        extractor = self._make_extractor(pretrained=False)
+        extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)
         return PadimModel(self._normalize(), extractor, tuple(state["feature_size"]), self.image_size, self.sigma,
                           torch.empty_like(tensors["centre"]), torch.empty_like(tensors["projection"]),
                           torch.empty_like(tensors["mean"]), torch.empty_like(tensors["inv_chol"]))

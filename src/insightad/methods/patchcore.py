@@ -98,7 +98,7 @@ class PatchCoreDetector(Detector):
     def _fit(self, images: Sequence, progress: bool) -> None:
         if self.neighbourhood % 2 == 0:
             raise InsightADError(f"neighbourhood: expected an odd number (3, 5, ...), got {self.neighbourhood}")
-        extractor = self._make_extractor()
+        extractor = self._make_extractor().to(memory_format=torch.channels_last)
         dim = sum(extractor.channels)
         size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
         n, per = len(images), size[0] * size[1]
@@ -183,6 +183,6 @@ class PatchCoreDetector(Detector):
         return {"feature_size": list(self.model_.feature_size), "bank_size": int(self.model_.bank.shape[0])}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
-        extractor = self._make_extractor(pretrained=False)
+        extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)
         return PatchCoreModel(self._normalize(), extractor, tuple(state["feature_size"]), self.image_size, self.sigma,
                               self.neighbourhood, self.num_neighbors, torch.empty_like(tensors["bank"]))
