@@ -157,7 +157,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, type=Path, help="dataset folder (an MVTec AD category)")
+    p.add_argument("--data", type=Path, help="dataset folder (an MVTec AD category)")
     p.add_argument("--methods", nargs="+", default=["padim", "patchcore"], help="methods to compare")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=256)
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(run_one(json.loads(args.worker))), flush=True)
         return 0
+    if args.data is None:
+        p.error("--data is required")
     if args.engine not in ENGINES:
         p.error(f"--engine: {args.engine!r} is not implemented yet (available: {', '.join(ENGINES)})")
     if not args.data.is_dir():
