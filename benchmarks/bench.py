@@ -68,11 +68,12 @@ def run_one(spec: dict) -> dict:
     ev = evaluate_model(det, spec["data"], dp, progress=False)
     eval_s = time.perf_counter() - t
     paths = [s.path for s in ev.samples]
+    m = ev.metrics
+    del ev  # its maps (every test image at full size) would otherwise count twice in the peak RSS
     t = time.perf_counter()
     det.predict(paths, maps=True)
     predict_ips = len(paths) / (time.perf_counter() - t)
     backbone_ips = time_backbone(det, spec["batch_size"], spec["image_size"])
-    m = ev.metrics
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     out = {"method": method, "backbone": spec["backbone"], "engine": spec["engine"],
