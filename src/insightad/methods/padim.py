@@ -177,7 +177,7 @@ class PadimDetector(Detector):
             z_held = torch.cat(held) if held else torch.empty(0)
             if len(z_held):
                 # Scored by the Gaussians of the other images, then added to the statistics.
-                scores = model.score_distances(acc.distances(z_held, self.epsilon))[0].numpy()
+                scores = model.score_distances(acc.distances(z_held, self.epsilon).to(self.device_))[0].cpu().numpy()
                 acc.update(z_held)
             del z_held, held
             mean, inv = acc.finalize(self.epsilon)
