@@ -264,6 +264,46 @@ class AugmentParams:
                       choices=("auto", "reflect", "edge", "constant"))
 
 
+@dataclass
+class PadimParams(DetectorParams):
+    """PaDiM: one Gaussian per patch position on multi-layer features; Mahalanobis distance maps."""
+
+    layers: list[int] = param([1, 2, 3], "backbone feature levels (0 = finest), upsampled to the finest "
+                              "and concatenated")
+    n_features: int = param(120, "feature channels kept after reduction (ignored by reduction=none)", minimum=1)
+    reduction: str = param("random", "channel reduction: random selection (as in the paper), pca, or none",
+                           choices=("random", "pca", "none"))
+    pca_images: int = param(32, "training images whose patches fit the PCA (reduction=pca)", minimum=1)
+    epsilon: float = param(0.01, "diagonal regulariser added to every patch covariance", minimum=0.0,
+                           exclusive_min=True)
+    sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
+    threshold_holdout: float = param(0.1, "fraction of training images (at most 64) scored before they join the "
+                                     "statistics, for the default threshold", minimum=0.0, maximum=0.5)
+    threshold_percentile: float = param(99.0, "default threshold: this percentile of the held-out "
+                                        "training scores", minimum=0.0, maximum=100.0)
+
+
+@dataclass
+class PatchCoreParams(DetectorParams):
+    """PatchCore: a coreset memory bank of locally aware patch features; nearest-neighbour distance maps."""
+
+    layers: list[int] = param([2, 3], "backbone feature levels (0 = finest), upsampled to the finer "
+                              "and concatenated")
+    coreset_ratio: float = param(0.1, "fraction of training patches kept in the memory bank",
+                                 minimum=0.0, maximum=1.0, exclusive_min=True, aliases=("--coreset",))
+    projection_dim: int = param(32, "dimension of the random projection used for coreset selection "
+                                "(0: the full features)", minimum=0)
+    neighbourhood: int = param(3, "side of the neighbourhood averaged into each patch feature (odd)", minimum=1)
+    num_neighbors: int = param(9, "bank neighbours used by the image-score re-weighting", minimum=1)
+    sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
+    feature_cache_mb: int = param(256, "full-size training features kept in memory up to this size; "
+                                  "past it a second pass recomputes only the memory bank's", minimum=0)
+    threshold_images: int = param(16, "training images scored leave-one-image-out for the default "
+                                  "threshold", minimum=1)
+    threshold_percentile: float = param(99.0, "default threshold: this percentile of the leave-one-"
+                                        "image-out training scores", minimum=0.0, maximum=100.0)
+
+
 # ------------------------------------------------------------------------------------- output
 @dataclass
 class RunParams:

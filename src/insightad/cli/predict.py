@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from insightad.cli.common import add_engine_flags, load_inference_model, add_model_flag, add_progress_flag, new_parser, parse_threshold, print_json, with_config
+from insightad.cli.common import (add_engine_flags, add_model_flag, add_progress_flag, load_inference_model,
+                                  new_parser, parse_threshold, print_json, with_config)
 from insightad.data.images import is_image_file
 from insightad.errors import InsightADError
 
@@ -20,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--overlay", "--output-overlay", "--output_overlay", dest="overlay", metavar="DIR",
                    help="write <stem>_overlay.png per image into DIR: heatmap and defect outline for methods "
                    "with maps, score and verdict for all")
+    p.add_argument("--heatmap", metavar="DIR", help="write <stem>_heatmap.png per image into DIR (map methods)")
     add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "predict"), _argv=argv)
@@ -48,19 +50,30 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_images(list(args.images) + list(args.image))
     det = load_inference_model(args)
     thr = parse_threshold(args.threshold)
+    if args.heatmap and not det.has_maps:
+        raise InsightADError(f"--heatmap: {det.method} models give no anomaly maps (train padim, patchcore "
+                             "or autoencoder)")
     overlays: list = [None] * len(paths)
     if args.overlay:
         from insightad.apps.overlay import predict_with_overlays
 
         pred, overlays = predict_with_overlays(det, paths, args.overlay, thr, progress=args.progress)
-    else:
-        pred = det.predict(paths, maps=False, progress=args.progress, threshold=thr)
+    heatmaps = [None] * len(paths)
+    if args.heatmap or not args.overlay:  # overlays hold maps a chunk at a time; heatmaps need them all
+        pred = det.predict(paths, maps=bool(args.heatmap), progress=args.progress, threshold=thr)
+    if args.heatmap:
+        from insightad.apps.heatmap import write_heatmaps
+
+        heatmaps = write_heatmaps(paths, pred.maps, pred.threshold, args.heatmap)
     if args.json:
-        for path, s, sn, lab, ov in zip(paths, pred.scores, pred.scores_normalized, pred.labels, overlays):
+        for path, s, sn, lab, ov, hm in zip(paths, pred.scores, pred.scores_normalized, pred.labels, overlays,
+                                            heatmaps):
             row = {"path": str(path), "score": float(s), "score_normalized": float(sn), "threshold": pred.threshold,
                    "anomalous": bool(lab), "method": det.method}
             if ov is not None:
                 row["overlay"] = str(ov)
+            if hm is not None:
+                row["heatmap"] = str(hm)
             print_json(row)
         return 0
     width = max(len(str(p)) for p in paths)
@@ -69,4 +82,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{str(path):<{width}}  {s:>12.6g}  {sn:>10.4f}  {'ANOMALOUS' if lab else 'normal'}")
     if args.overlay:
         print(f"{len(overlays)} overlays written to {args.overlay}")
+    if args.heatmap:
+        print(f"{sum(h is not None for h in heatmaps)} heatmaps written to {args.heatmap}")
     return 0

@@ -13,6 +13,8 @@ _REGISTRY: dict[str, str] = {
     "baseline": "insightad.methods.baseline:BaselineDetector",
     "svdd": "insightad.methods.svdd:SVDDDetector",
     "autoencoder": "insightad.methods.autoencoder:AutoencoderDetector",
+    "padim": "insightad.methods.padim:PadimDetector",
+    "patchcore": "insightad.methods.patchcore:PatchCoreDetector",
 }
 
 # Methods that train a backbone rather than a detector (their result is a backbone file for

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Train, evaluate and time detectors on one dataset; one JSON line per run, then a comparison table.
+
+    python benchmarks/bench.py --data ../shared/data/mvtec_ad/bottle --methods padim patchcore \\
+        --coreset 0.1 0.01 --seeds 0 1 2
+
+Every run is a fresh Python process, so its peak RSS is its own. Each JSON line has ``method,
+backbone, engine, image_size, coreset, image_auroc, pixel_auroc, aupro, f1, fit_s, predict_ips,
+backbone_ips, peak_rss_mb`` and a few more keys:
+
+- ``fit_s``: ``Detector.fit`` wall time (decoding, features, statistics/coreset, default threshold);
+  imports and writing the model file are reported apart (``import_s``, ``train_total_s``).
+- ``predict_ips``: images per second of ``Detector.predict`` on the test images, maps at each
+  image's own resolution, decoding included, model warm (after evaluation has run once).
+- ``backbone_ips``: the feature extractor alone (the layers the method uses) on random uint8
+  images at the same batch size and image size, same engine: the ceiling for ``predict_ips``.
+- ``peak_rss_mb``: peak resident memory of the run's main process (``peak_rss_workers_mb``: the
+  largest image-decoding worker).
+- ``pixel_auroc``/``aupro``: compared at 256 px (``insightad.evaluate.pixel``).
+
+JSON lines go to stdout (or ``--out``); the table goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINES = ("torch",)  # ONNX Runtime comes with the export issue
+KEYS = ("method", "backbone", "engine", "image_size", "coreset", "image_auroc", "pixel_auroc", "aupro", "f1",
+        "fit_s", "predict_ips", "backbone_ips", "peak_rss_mb")
+
+
+# ----------------------------------------------------------------------------------- one run
+def run_one(spec: dict) -> dict:
+    """Runs inside the fresh worker process."""
+    import resource
+
+    t0 = time.perf_counter()
+    import numpy as np
+    import torch
+
+    from insightad.apps.train import train_model
+    from insightad.config import DataParams
+    from insightad.evaluate.run import evaluate_model
+    from insightad.methods import get_class
+
+    import_s = time.perf_counter() - t0
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    method = spec["method"]
+    params = {"backbone": spec["backbone"], "image_size": spec["image_size"], "batch_size": spec["batch_size"],
+              "seed": spec["seed"], "device": "cpu"}
+    if method == "patchcore":
+        params["coreset_ratio"] = spec["coreset"]
+    fields = set(get_class(method).Params.__dataclass_fields__)
+    params.update({k: v for k, v in spec["set"].items() if k in fields})
+    dp = DataParams(seed=spec["seed"])
+    t = time.perf_counter()
+    det, _, split = train_model(spec["data"], method, params, dp, spec["model_path"], progress=False)
+    train_total = time.perf_counter() - t
+    t = time.perf_counter()
+    ev = evaluate_model(det, spec["data"], dp, progress=False)
+    eval_s = time.perf_counter() - t
+    paths = [s.path for s in ev.samples]
+    m = ev.metrics
+    del ev  # its maps (every test image at full size) would otherwise count twice in the peak RSS
+    t = time.perf_counter()
+    det.predict(paths, maps=True)
+    predict_ips = len(paths) / (time.perf_counter() - t)
+    backbone_ips = time_backbone(det, spec["batch_size"], spec["image_size"])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out = {"method": method, "backbone": spec["backbone"], "engine": spec["engine"],
+           "image_size": spec["image_size"], "coreset": spec["coreset"] if method == "patchcore" else None,
+           "image_auroc": m.get("image_auroc"), "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"),
+           "f1": m.get("f1"), "fit_s": round(det.fit_seconds_, 2), "predict_ips": round(predict_ips, 2),
+           "backbone_ips": round(backbone_ips, 2), "peak_rss_mb": round(rss, 1),
+           "seed": spec["seed"], "batch_size": spec["batch_size"], "threads": torch.get_num_threads(),
+           "data": str(spec["data"]), "n_train": len(split["train"]), "n_test": len(paths),
+           "pixel_ap": m.get("pixel_ap"), "pixel_resolution": m.get("pixel_resolution"),
+           "threshold": det.threshold_, "threshold_strategy": det.threshold_strategy_,
+           "import_s": round(import_s, 2), "train_total_s": round(train_total, 2), "eval_s": round(eval_s, 2),
+           "peak_rss_workers_mb": round(rss_children, 1), "params": {k: v for k, v in det.get_params().items()
+                                                                      if k in spec["set"]}}
+    if method == "patchcore":
+        out["bank_size"] = int(det.model_.bank.shape[0])
+    return out
+
+
+def time_backbone(det, batch_size: int, image_size: int, min_seconds: float = 3.0) -> float:
+    """Images/s of the model's normalisation + feature extractor alone, warm, channels_last."""
+    import torch
+
+    model = det.model_
+    x = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(2):
+            model.extractor(model.normalize(x))
+        n, t = 0, time.perf_counter()
+        while n < 4 or time.perf_counter() - t < min_seconds:
+            model.extractor(model.normalize(x))
+            n += 1
+        return n * batch_size / (time.perf_counter() - t)
+
+
+# ----------------------------------------------------------------------------------- driver
+def runs(args: argparse.Namespace) -> list[dict]:
+    out = []
+    for method in args.methods:
+        for coreset in (args.coreset if method == "patchcore" else [None]):
+            for seed in args.seeds:
+                out.append({"method": method, "coreset": coreset, "seed": seed, "data": str(args.data),
+                            "backbone": args.backbone, "engine": args.engine, "image_size": args.image_size,
+                            "batch_size": args.batch_size, "threads": args.threads, "set": args.set})
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"bench: --set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Mean over seeds per configuration."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["coreset"], r["backbone"], r["engine"], r["image_size"]), []).append(r)
+    cols = ("image_auroc", "pixel_auroc", "aupro", "f1", "fit_s", "predict_ips", "backbone_ips", "peak_rss_mb")
+    head = f"{'method':<10} {'coreset':>7} {'engine':<6} {'seeds':>5} " + " ".join(f"{c:>12}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for (method, coreset, _bb, engine, _size), rs in groups.items():
+        cells = []
+        for c in cols:
+            vals = [r[c] for r in rs if r.get(c) is not None]
+            v = statistics.fmean(vals) if vals else None
+            cells.append(f"{v:>12.4f}" if v is not None and c in cols[:4] else
+                         f"{v:>12.1f}" if v is not None else f"{'-':>12}")
+        lines.append(f"{method:<10} {coreset if coreset is not None else '-':>7} {engine:<6} {len(rs):>5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, help="dataset folder (an MVTec AD category)")
+    p.add_argument("--methods", nargs="+", default=["padim", "patchcore"], help="methods to compare")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--engine", default="torch", help=f"inference engine ({', '.join(ENGINES)})")
+    p.add_argument("--coreset", type=float, nargs="+", default=[0.1], help="PatchCore coreset ratios")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method hyper-parameter (JSON value), e.g. --set n_features=100 --set 'layers=[1,2]'")
+    p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_one(json.loads(args.worker))), flush=True)
+        return 0
+    if args.data is None:
+        p.error("--data is required")
+    if args.engine not in ENGINES:
+        p.error(f"--engine: {args.engine!r} is not implemented yet (available: {', '.join(ENGINES)})")
+    if not args.data.is_dir():
+        p.error(f"--data: {args.data} is not a folder")
+    args.set = parse_set(args.set)
+    rows = []
+    with tempfile_dir() as tmp:
+        for i, spec in enumerate(runs(args)):
+            spec["model_path"] = str(Path(tmp) / f"run{i}.safetensors")
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"bench: run {spec['method']} seed {spec['seed']} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            line = proc.stdout.strip().splitlines()[-1]
+            rows.append(json.loads(line))
+            print(line, flush=True)
+            if args.out:
+                with args.out.open("a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+    print(table(rows), file=sys.stderr)
+    return 0
+
+
+def tempfile_dir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="insightad-bench-")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

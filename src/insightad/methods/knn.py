@@ -1,0 +1,32 @@
+"""Exact nearest-neighbour search in chunks (pure torch): memory bounded by the chunk, not the query count."""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # query rows x bank rows per distance block (16 MiB of float32)
+
+
+def squared_distances(q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, K) squared Euclidean distances, clamped at 0: |q|^2 - 2 q.b + |b|^2 as one matrix product."""
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(1)
+    d2 = torch.addmm(bank_sq.unsqueeze(0), q, bank.T, alpha=-2.0)
+    d2 += (q * q).sum(1, keepdim=True)
+    return d2.clamp_min_(0.0)
+
+
+def nearest(q: torch.Tensor, bank: torch.Tensor, banned: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to and index of the nearest bank row for each query row; ``banned`` (K,) bool rows
+    are never returned (used to score a training image against the bank without its own patches)."""
+    bank_sq = (bank * bank).sum(1)
+    if banned is not None:
+        bank_sq = bank_sq.masked_fill(banned, float("inf"))
+    step = max(1, CHUNK_ELEMENTS // max(1, bank.shape[0]))
+    dist, idx = [], []
+    for a in range(0, q.shape[0], step):
+        v, i = squared_distances(q[a:a + step], bank, bank_sq).min(1)
+        dist.append(v.sqrt())
+        idx.append(i)
+    return torch.cat(dist), torch.cat(idx)

@@ -1,0 +1,203 @@
+"""PaDiM (Defard et al. 2020): one Gaussian per patch position over multi-layer CNN features.
+
+Features of several backbone levels are brought to the finest level's grid and concatenated,
+reduced to ``n_features`` channels (random selection as in the paper, or PCA), and at every patch
+position the mean and covariance of the normal images are estimated in a streaming way. The
+anomaly map is the Mahalanobis distance of each patch to its position's Gaussian, smoothed and
+upsampled; the image score is the map's maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from insightad import config
+from insightad.backbones.extractor import FeatureExtractor
+from insightad.data.preprocess import Normalize
+from insightad.errors import InsightADError
+from insightad.methods.base import Detector
+from insightad.methods.maps import MapSmoother, concat_levels
+from insightad.methods.patch_gaussian import PatchGaussianAccumulator
+
+MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
+
+
+def feature_grid(extractor: FeatureExtractor, image_size: int, channels: int = 3) -> tuple[int, int]:
+    """(h, w) of the finest requested level for a square input of ``image_size``."""
+    with torch.inference_mode():
+        out = extractor(torch.zeros(1, channels, image_size, image_size))
+    return tuple(out[0].shape[-2:])
+
+
+def random_projection(channels: int, dim: int, seed: int) -> torch.Tensor:
+    """(C, d) one-hot columns selecting ``dim`` random channels (sorted), as in the paper."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(channels, generator=g)[:dim].sort().values
+    return torch.eye(channels)[:, idx].contiguous()
+
+
+def pca_projection(x: torch.Tensor, dim: int, max_rows: int = 200_000, seed: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centre (C,), components (C, d)) of the rows of ``x`` (N, C); fitted on at most ``max_rows``."""
+    if x.shape[0] > max_rows:
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(x.shape[0], generator=g)[:max_rows]]
+    x = x.double()
+    centre = x.mean(0)
+    xc = x - centre
+    cov = xc.T @ xc / max(x.shape[0] - 1, 1)
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    return centre.float(), vecs[:, -dim:].flip(1).float().contiguous()
+
+
+class PadimModel(nn.Module):
+    """uint8 images -> (image scores, maps at model size): pure tensors, no Python state."""
+
+    def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
+                 image_size: int, sigma: float, centre: torch.Tensor, projection: torch.Tensor,
+                 mean: torch.Tensor, inv_chol: torch.Tensor) -> None:
+        super().__init__()
+        self.normalize, self.extractor = normalize, extractor
+        self.feature_size = tuple(int(v) for v in feature_size)
+        self.smoother = MapSmoother(sigma, image_size, self.feature_size[0])
+        self.register_buffer("centre", centre)
+        self.register_buffer("projection", projection)
+        self.register_buffer("mean", mean)
+        self.register_buffer("inv_chol", inv_chol)
+
+    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> concatenated multi-level features per patch (B, P, C)."""
+        e = concat_levels(self.extractor(self.normalize(x)))
+        return e.flatten(2).transpose(1, 2)
+
+    def reduce(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B, P, C) -> (B, P, d)."""
+        return (raw - self.centre) @ self.projection
+
+    def distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of each patch to its position's Gaussian: (B, P, d) -> (B, P)."""
+        y = (z - self.mean).transpose(0, 1)  # (P, B, d)
+        w = torch.bmm(y, self.inv_chol.transpose(1, 2))  # L^-1 y for every patch
+        return w.square().sum(-1).sqrt().transpose(0, 1)
+
+    def score_distances(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch distances (B, P) -> (image scores = map maxima, maps smoothed at model size)."""
+        maps = self.smoother(d.reshape(d.shape[0], *self.feature_size))
+        return maps.amax(dim=(1, 2)), maps
+
+    def score_embeddings(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score_distances(self.distances(z))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score_embeddings(self.reduce(self.raw_features(x)))
+
+
+class PadimDetector(Detector):
+    """PaDiM with a streaming fit.
+
+    Default threshold: a ``threshold_holdout`` fraction of the training images (at most 64, chosen
+    at random with ``seed``) is streamed last; each is scored by the Gaussians of all the other
+    images, which never saw it, and only then added to the statistics. The threshold is the
+    ``threshold_percentile`` of those honest normal scores: scoring images a model was fitted on
+    would give optimistic (too low) scores and too many false alarms, while holding images out
+    of the final statistics would waste training data.
+    """
+
+    method = "padim"
+    Params = config.PadimParams
+    has_maps = True
+
+    # ------------------------------------------------------------------ fit
+    def _reduced_dim(self, channels: int) -> int:
+        if self.reduction == "none":
+            return channels
+        if self.n_features > channels:
+            raise InsightADError(f"n_features: {self.n_features} exceeds the {channels} channels of layers "
+                                 f"{list(self.layers)} of {self.backbone} (use at most {channels})")
+        return self.n_features
+
+    def _order(self, n: int) -> tuple[list[int], int]:
+        """Image order for the stream (held-out images last) and how many come before them."""
+        n_held = 0 if n < 2 or self.threshold_holdout == 0 else max(1, int(round(self.threshold_holdout * n)))
+        n_held = min(n_held, MAX_HELD_OUT)
+        g = torch.Generator().manual_seed(self.seed)
+        held = set(torch.randperm(n, generator=g)[:n_held].tolist())
+        return [i for i in range(n) if i not in held] + sorted(held), n - n_held
+
+    def _fit(self, images: Sequence, progress: bool) -> None:
+        extractor = self._make_extractor().to(memory_format=torch.channels_last)
+        channels = sum(extractor.channels)
+        dim = self._reduced_dim(channels)
+        size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
+        positions = size[0] * size[1]
+        if self.reduction == "random":
+            centre, proj = torch.zeros(channels), random_projection(channels, dim, self.seed)
+        else:
+            centre, proj = torch.zeros(channels), torch.eye(channels)[:, :dim].contiguous()
+        # The P x d x d factors are only allocated at the end, in the accumulator's own buffer.
+        model = PadimModel(self._normalize(), extractor, size, self.image_size, self.sigma, centre, proj,
+                           torch.zeros(positions, dim), torch.zeros(0, dim, dim)).to(self.device_)
+        order, n_fit = self._order(len(images))
+        acc = PatchGaussianAccumulator(positions, dim)
+        held: list[torch.Tensor] = []
+
+        def consume(raw: torch.Tensor, pos: int) -> None:
+            z = model.reduce(raw).cpu()
+            k = max(0, min(len(z), n_fit - pos))
+            acc.update(z[:k])
+            if k < len(z):  # held-out images: scored once every fitting image is in
+                held.append(z[k:].clone())  # a copy: a view would keep the whole batch alive
+
+        pending: list[tuple[torch.Tensor, int]] = []
+        pca_ready = self.reduction != "pca"
+        pos = 0
+        scores = None
+        with torch.inference_mode():
+            for batch in self._batches([images[i] for i in order], progress, "padim: statistics"):
+                x = batch.images.to(self.device_).contiguous(memory_format=torch.channels_last)
+                raw = model.raw_features(x)
+                if not pca_ready:
+                    pending.append((raw.cpu(), pos))
+                    if pos + len(raw) >= min(self.pca_images, len(images)):
+                        c, p = pca_projection(torch.cat([r for r, _ in pending]).flatten(0, 1), dim, seed=self.seed)
+                        model.centre.copy_(c)
+                        model.projection.copy_(p)
+                        pca_ready = True
+                        for r, at in pending:
+                            consume(r.to(self.device_), at)
+                        pending.clear()
+                else:
+                    consume(raw, pos)
+                pos += len(raw)
+            z_held = torch.cat(held) if held else torch.empty(0)
+            if len(z_held):
+                # Scored by the Gaussians of the other images, then added to the statistics.
+                scores = model.score_distances(acc.distances(z_held, self.epsilon).to(self.device_))[0].cpu().numpy()
+                acc.update(z_held)
+            del z_held, held
+            mean, inv = acc.finalize(self.epsilon)
+            model.mean.copy_(mean)
+            model.inv_chol = inv.to(self.device_)
+            self.model_ = model.eval()
+            strategy = "holdout"
+            if scores is None:  # one image, or no hold-out asked for: in-sample scores (optimistic)
+                scores, strategy = self.predict(list(images), maps=False).scores, "train"
+        self.train_scores_ = scores
+        thr = float(np.percentile(scores, self.threshold_percentile))
+        self.set_threshold(thr, f"{strategy}_p{self.threshold_percentile:g}", n=int(len(scores)))
+
+    # ------------------------------------------------------------------ persistence
+    def state_metadata(self) -> dict[str, Any]:
+        return {"feature_size": list(self.model_.feature_size), "channels": int(self.model_.projection.shape[0]),
+                "n_features": int(self.model_.projection.shape[1])}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
+        extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)
+        return PadimModel(self._normalize(), extractor, tuple(state["feature_size"]), self.image_size, self.sigma,
+                          torch.empty_like(tensors["centre"]), torch.empty_like(tensors["projection"]),
+                          torch.empty_like(tensors["mean"]), torch.empty_like(tensors["inv_chol"]))

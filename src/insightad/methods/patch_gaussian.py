@@ -1,0 +1,101 @@
+"""Streaming mean and covariance per patch position (PaDiM's statistics), memory independent of N.
+
+Running sums of the features and of their outer products, per position, updated batch by batch
+with one batched matrix product. The sums are taken around a shift (the first batch's mean per
+position) so that float32 accumulation does not lose the covariance to cancellation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lower_triangular_inverse(chol: torch.Tensor, leaf: int = 1) -> torch.Tensor:
+    """Inverse of a batch of lower-triangular matrices (..., n, n) by recursive 2x2 blocks:
+    [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]. Almost all work is batched matrix
+    products, several times faster on the CPU than batched triangular solves of small matrices."""
+    n = chol.shape[-1]
+    if n == 1:
+        return 1.0 / chol
+    if n <= leaf:
+        eye = torch.eye(n, dtype=chol.dtype, device=chol.device).expand_as(chol)
+        return torch.linalg.solve_triangular(chol, eye, upper=False)
+    h = n // 2
+    a_inv = lower_triangular_inverse(chol[..., :h, :h], leaf)
+    d_inv = lower_triangular_inverse(chol[..., h:, h:], leaf)
+    out = torch.zeros_like(chol)
+    out[..., :h, :h] = a_inv
+    out[..., h:, h:] = d_inv
+    out[..., h:, :h] = -(d_inv @ chol[..., h:, :h] @ a_inv)
+    return out
+
+
+class PatchGaussianAccumulator:
+    """Sums for P positions of d features; ``update`` with (B, P, d), ``finalize`` for (mean, L^-1)."""
+
+    def __init__(self, positions: int, dim: int) -> None:
+        self.positions, self.dim = int(positions), int(dim)
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(self.positions, self.dim, dtype=torch.float64)
+        self.sum_outer = torch.zeros(self.positions, self.dim, self.dim, dtype=torch.float32)
+
+    def update(self, z: torch.Tensor) -> None:
+        """Add a batch of features (B, P, d)."""
+        if z.shape[1:] != (self.positions, self.dim):
+            raise ValueError(f"expected (B, {self.positions}, {self.dim}) features, got {tuple(z.shape)}")
+        if z.shape[0] == 0:
+            return
+        z = z.float()
+        if self.shift is None:
+            self.shift = z.mean(0)
+        y = (z - self.shift).transpose(0, 1)  # (P, B, d)
+        self.sum += y.sum(1, dtype=torch.float64)
+        self.sum_outer.baddbmm_(y.transpose(1, 2), y)
+        self.n += z.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        if self.n == 0 or self.shift is None:
+            raise ValueError("no samples accumulated")
+        return (self.shift.double() + self.sum / self.n).float()
+
+    def covariance(self, epsilon: float, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Unbiased covariance (+ epsilon I) of positions [start, stop), float32 (P', d, d)."""
+        stop = self.positions if stop is None else stop
+        m = (self.sum[start:stop] / self.n).float()  # mean of the shifted features
+        cov = self.sum_outer[start:stop] - self.n * m.unsqueeze(2) * m.unsqueeze(1)
+        cov /= max(self.n - 1, 1)
+        cov.diagonal(dim1=1, dim2=2).add_(epsilon)
+        return cov
+
+    def _inverse_factors(self, epsilon: float, start: int, stop: int) -> torch.Tensor:
+        chol, info = torch.linalg.cholesky_ex(self.covariance(epsilon, start, stop))
+        if int(info.max()) > 0:  # numerically indefinite in float32: redo this chunk in float64
+            chol = torch.linalg.cholesky(self.covariance(epsilon, start, stop).double()).float()
+        return lower_triangular_inverse(chol)
+
+    def finalize(self, epsilon: float, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (P, d), inverse Cholesky factors L^-1 (P, d, d)) with cov + eps I = L L^T, so that
+        the squared Mahalanobis distance is ||L^-1 (x - mean)||^2.
+
+        The factors overwrite the outer-product sums chunk by chunk (no second P x d x d buffer),
+        so the accumulator cannot be updated afterwards.
+        """
+        mean = self.mean()
+        for a in range(0, self.positions, chunk):
+            b = min(a + chunk, self.positions)
+            self.sum_outer[a:b] = self._inverse_factors(epsilon, a, b)
+        inv, self.sum_outer = self.sum_outer, None
+        return mean, inv
+
+    def distances(self, z: torch.Tensor, epsilon: float, chunk: int = 512) -> torch.Tensor:
+        """Mahalanobis distances (B, P) of features (B, P, d) under the current statistics, computed
+        chunk by chunk over positions: no P x d x d inverse is kept, and accumulation can go on."""
+        mean = self.mean()
+        out = torch.empty(z.shape[0], self.positions)
+        for a in range(0, self.positions, chunk):
+            b = min(a + chunk, self.positions)
+            y = (z[:, a:b].float() - mean[a:b]).transpose(0, 1)
+            w = torch.bmm(y, self._inverse_factors(epsilon, a, b).transpose(1, 2))
+            out[:, a:b] = w.square().sum(-1).sqrt().transpose(0, 1)
+        return out

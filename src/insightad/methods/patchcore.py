@@ -1,0 +1,188 @@
+"""PatchCore (Roth et al. 2022): a coreset memory bank of locally aware patch features.
+
+Two middle backbone levels are average-pooled over a small neighbourhood (so each patch feature
+sees its surroundings), brought to the finer grid and concatenated. The training patches are
+reduced to a greedy k-center coreset chosen on a random projection; a test patch's anomaly is
+its distance to the nearest bank patch. The image score is the largest patch distance,
+re-weighted as in the paper by how isolated that patch's nearest bank neighbour is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from insightad import config
+from insightad.backbones.extractor import FeatureExtractor
+from insightad.data.preprocess import Normalize
+from insightad.errors import InsightADError
+from insightad.methods.base import Detector
+from insightad.methods.coreset import coreset_size, greedy_coreset, random_projection
+from insightad.methods.knn import nearest, squared_distances
+from insightad.methods.maps import MapSmoother, concat_levels
+from insightad.methods.padim import feature_grid
+
+
+class PatchCoreModel(nn.Module):
+    """uint8 images -> (image scores, maps at model size) against the memory bank."""
+
+    def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
+                 image_size: int, sigma: float, neighbourhood: int, num_neighbors: int, bank: torch.Tensor) -> None:
+        super().__init__()
+        self.normalize, self.extractor = normalize, extractor
+        self.feature_size = tuple(int(v) for v in feature_size)
+        self.neighbourhood, self.num_neighbors = int(neighbourhood), int(num_neighbors)
+        self.smoother = MapSmoother(sigma, image_size, self.feature_size[0])
+        self.register_buffer("bank", bank)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> locally aware patch features (B, P, D)."""
+        k = self.neighbourhood
+        feats = self.extractor(self.normalize(x))
+        if k > 1:
+            feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
+        return concat_levels(feats).flatten(2).transpose(1, 2)
+
+    def score_patches(self, p: torch.Tensor, banned: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P, D) patch features -> (image scores (B,), maps (B, H, W) at model size)."""
+        b, n, _ = p.shape
+        dist, idx = nearest(p.reshape(b * n, -1), self.bank, banned)
+        dist, idx = dist.view(b, n), idx.view(b, n)
+        worst, at = dist.max(1)
+        rows = torch.arange(b, device=p.device)
+        m_test = p[rows, at]  # the most anomalous patch of each image
+        m_star = idx[rows, at]  # its nearest bank patch
+        # The bank neighbourhood of m*: itself first, then its nearest other bank patches.
+        d_star = squared_distances(self.bank[m_star], self.bank)
+        d_star[rows, m_star] = -1.0
+        if banned is not None:
+            d_star = d_star.masked_fill(banned.unsqueeze(0), float("inf"))
+        k = min(self.num_neighbors, self.bank.shape[0])
+        support = d_star.topk(k, dim=1, largest=False).indices  # (B, k)
+        d_support = (m_test.unsqueeze(1) - self.bank[support]).norm(dim=2)  # (B, k)
+        # Paper: s = (1 - exp|m_test - m*| / sum_{m in N_b(m*)} exp|m_test - m|) * s*: a patch whose
+        # nearest bank patch is itself far from other bank patches (rare in normal data) counts more.
+        weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
+        scores = weight * worst
+        maps = self.smoother(dist.view(b, *self.feature_size))
+        return scores, maps
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score_patches(self.patches(x))
+
+
+class PatchCoreDetector(Detector):
+    """PatchCore with a two-stage fit: projected features for the coreset, then the bank at full size.
+
+    Memory: the coreset needs every training patch, but only as a ``projection_dim`` projection
+    (N x projection_dim floats). Full-size features are cached during the first pass while they
+    fit in ``feature_cache_mb``; past that, a second pass over the images recomputes them and keeps
+    only the coreset rows, so memory grows with the bank, not with the training set at full size.
+
+    Default threshold: ``threshold_images`` training images (at random, ``seed``) are scored
+    against the bank without their own patches (leave-one-image-out) and the threshold is the
+    ``threshold_percentile`` of those scores: an in-bank image would find its own patches at
+    distance ~0 and give a threshold far too low.
+    """
+
+    method = "patchcore"
+    Params = config.PatchCoreParams
+    has_maps = True
+
+    def _fit(self, images: Sequence, progress: bool) -> None:
+        if self.neighbourhood % 2 == 0:
+            raise InsightADError(f"neighbourhood: expected an odd number (3, 5, ...), got {self.neighbourhood}")
+        extractor = self._make_extractor().to(memory_format=torch.channels_last)
+        dim = sum(extractor.channels)
+        size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
+        n, per = len(images), size[0] * size[1]
+        model = PatchCoreModel(self._normalize(), extractor, size, self.image_size, self.sigma, self.neighbourhood,
+                               self.num_neighbors, torch.zeros(1, dim)).to(self.device_)
+        proj = random_projection(dim, self.projection_dim, self.seed) if 0 < self.projection_dim < dim else None
+        keep = n * per * dim * 4 <= self.feature_cache_mb * 2**20
+        projected = torch.empty(n * per, proj.shape[1] if proj is not None else dim)
+        cache = torch.empty(n * per, dim) if keep and proj is not None else None
+        with torch.inference_mode():
+            pos = 0
+            for batch in self._batches(images, progress, "patchcore: features"):
+                p = self._patches(model, batch.images).flatten(0, 1)
+                projected[pos:pos + len(p)] = p @ proj if proj is not None else p
+                if cache is not None:
+                    cache[pos:pos + len(p)] = p
+                pos += len(p)
+            if proj is None and keep:
+                cache = projected
+            k = coreset_size(n * per, self.coreset_ratio)
+            chosen = greedy_coreset(projected, k, self.seed).sort().values
+            del projected
+            judge = self._threshold_images(n)
+            if cache is not None:
+                bank = cache[chosen].clone()
+                kept = {i: cache[i * per:(i + 1) * per].clone() for i in judge}
+                del cache
+            else:
+                bank, kept = self._second_pass(model, images, chosen, judge, per, dim, progress)
+            model.bank = bank.to(self.device_)
+            self.model_ = model.eval()
+            self.bank_size_ = int(k)
+            self._set_default_threshold(model, kept, chosen // per, images)
+
+    def _patches(self, model: PatchCoreModel, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device_).contiguous(memory_format=torch.channels_last)
+        return model.patches(x).float().cpu()
+
+    def _threshold_images(self, n: int) -> list[int]:
+        if n < 2:
+            return []
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return sorted(torch.randperm(n, generator=g)[:min(self.threshold_images, n)].tolist())
+
+    def _second_pass(self, model: PatchCoreModel, images: Sequence, chosen: torch.Tensor, judge: list[int],
+                     per: int, dim: int, progress: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Recompute the features, keeping only the coreset rows and the threshold images' patches."""
+        bank = torch.empty(len(chosen), dim)
+        kept: dict[int, torch.Tensor] = {}
+        wanted = set(judge)
+        pos = 0
+        for batch in self._batches(images, progress, "patchcore: memory bank"):
+            p = self._patches(model, batch.images).flatten(0, 1)
+            lo, hi = torch.searchsorted(chosen, torch.tensor([pos, pos + len(p)])).tolist()
+            bank[lo:hi] = p[chosen[lo:hi] - pos]
+            first = pos // per
+            for j in range(len(p) // per):
+                if first + j in wanted:
+                    kept[first + j] = p[j * per:(j + 1) * per].clone()
+            pos += len(p)
+        return bank, kept
+
+    def _set_default_threshold(self, model: PatchCoreModel, kept: dict[int, torch.Tensor], source: torch.Tensor,
+                               images: Sequence) -> None:
+        scores = []
+        for i, p in sorted(kept.items()):
+            banned = (source == i).to(self.device_)
+            if bool(banned.all()):
+                continue
+            scores.append(float(model.score_patches(p.unsqueeze(0).to(self.device_), banned)[0]))
+        if scores:
+            strategy = "leave_one_image_out"
+        else:  # a single training image: in-sample scores (optimistic)
+            scores, strategy = list(self.predict(list(images), maps=False).scores), "train"
+        self.train_scores_ = np.asarray(scores)
+        thr = float(np.percentile(self.train_scores_, self.threshold_percentile))
+        self.set_threshold(thr, f"{strategy}_p{self.threshold_percentile:g}", n=len(scores),
+                           bank_size=int(model.bank.shape[0]))
+
+    # ------------------------------------------------------------------ persistence
+    def state_metadata(self) -> dict[str, Any]:
+        return {"feature_size": list(self.model_.feature_size), "bank_size": int(self.model_.bank.shape[0])}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
+        extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)
+        return PatchCoreModel(self._normalize(), extractor, tuple(state["feature_size"]), self.image_size, self.sigma,
+                              self.neighbourhood, self.num_neighbors, torch.empty_like(tensors["bank"]))

@@ -1,0 +1,119 @@
+"""PaDiM on synthetic data: maps find the defects, the streaming fit is exact, model files round-trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import SIZE
+from insightad.config import DataParams
+from insightad.data.layouts import discover
+from insightad.errors import InsightADError
+from insightad.methods import create_detector
+from insightad.methods.patch_gaussian import PatchGaussianAccumulator, lower_triangular_inverse
+
+
+@pytest.fixture(scope="module")
+def padim(mvtec_dir):
+    from insightad.apps.train import train_model
+
+    det, path, _ = train_model(mvtec_dir, "padim", {"image_size": SIZE, "n_features": 48}, DataParams(),
+                               mvtec_dir.parent / "padim.safetensors", progress=False)
+    return det, path
+
+
+def test_maps_light_up_on_defects(padim, mvtec_dir):
+    from insightad.evaluate.run import evaluate_model
+
+    det, _ = padim
+    ev = evaluate_model(det, mvtec_dir, DataParams(), progress=False)
+    assert ev.metrics["pixel_auroc"] > 0.85, ev.metrics
+    assert ev.metrics["aupro"] > 0.5, ev.metrics
+    assert ev.metrics["image_auroc"] > 0.8, ev.metrics
+    m = ev.prediction.maps[0]
+    assert m.shape == (96, 96) and m.dtype == np.float32  # each map at its image's own resolution
+    assert det.threshold_strategy_ == "holdout_p99" and det.threshold_info_["n"] == 3
+    assert np.isfinite(det.threshold_) and det.threshold_ > 0
+
+
+def test_streaming_sums_equal_one_shot_statistics():
+    """Features with a large common offset (where naive float32 sums lose the covariance)."""
+    g = torch.Generator().manual_seed(0)
+    x = 50.0 + torch.randn(23, 6, 5, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2.0, 5, dtype=torch.float64)
+    acc = PatchGaussianAccumulator(6, 5)
+    for part in x.float().split([1, 7, 0, 15]):
+        acc.update(part)
+    d = acc.distances(x[:3].float(), 0.01, chunk=4)
+    mean, inv = acc.finalize(0.01, chunk=4)
+    ref_cov = torch.stack([torch.cov(x[:, p].T) for p in range(6)]) + 0.01 * torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(mean.double(), x.mean(0), rtol=0, atol=1e-4)
+    ref_inv = torch.linalg.inv(torch.linalg.cholesky(ref_cov))
+    torch.testing.assert_close(inv.double(), ref_inv, rtol=2e-3, atol=2e-3)
+    y = x[:3] - x.mean(0)
+    ref_d = torch.einsum("pij,bpj->bpi", ref_inv, y).norm(dim=2)
+    torch.testing.assert_close(d.double(), ref_d, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=r"expected \(B, 6, 5\)"):
+        PatchGaussianAccumulator(6, 5).update(torch.zeros(2, 6, 4))
+
+
+def test_block_triangular_inverse():
+    a = torch.randn(3, 37, 37, dtype=torch.float64)
+    low = torch.linalg.cholesky(a @ a.mT + 37 * torch.eye(37, dtype=torch.float64))
+    torch.testing.assert_close(lower_triangular_inverse(low), torch.linalg.inv(low))
+
+
+def test_streamed_fit_equals_one_shot_fit(mvtec_dir):
+    """Batches of 4 and one batch of all images give the same model."""
+    train = [s.path for s in discover(mvtec_dir).train][:12]
+    kw = {"image_size": SIZE, "n_features": 32, "threshold_holdout": 0.25, "workers": 0}
+    small = create_detector("padim", batch_size=4, **kw).fit(train)
+    whole = create_detector("padim", batch_size=64, **kw).fit(train)
+    torch.testing.assert_close(small.model_.mean, whole.model_.mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(small.model_.inv_chol, whole.model_.inv_chol, rtol=1e-3, atol=1e-2)
+    np.testing.assert_allclose(small.train_scores_, whole.train_scores_, rtol=1e-4)
+    # The one-shot reference: every image's features at once, textbook covariance per position.
+    with torch.inference_mode():
+        x = torch.stack([whole.preprocessing_.load(p)[0] for p in train])
+        z = whole.model_.reduce(whole.model_.raw_features(x)).double()
+    np.testing.assert_allclose(whole.model_.mean.numpy(), z.mean(0).numpy(), rtol=1e-4, atol=1e-4)
+    cov = torch.stack([torch.cov(z[:, p].T) for p in range(0, z.shape[1], 37)]) + 0.01 * torch.eye(32, dtype=torch.float64)
+    ref = torch.linalg.inv(torch.linalg.cholesky(cov)).float()
+    torch.testing.assert_close(whole.model_.inv_chol[::37], ref, rtol=1e-3, atol=2e-3)
+
+
+def test_model_file_round_trips_to_identical_scores(padim, mvtec_dir):
+    from insightad.model_file import load_model
+
+    det, path = padim
+    test = [s.path for s in discover(mvtec_dir).test][:6]
+    before = det.predict(test)
+    after = load_model(path).predict(test)
+    np.testing.assert_array_equal(before.scores, after.scores)
+    np.testing.assert_array_equal(before.maps[2], after.maps[2])
+    assert after.threshold == det.threshold_
+
+
+def test_pca_reduction(mvtec_dir):
+    train = [s.path for s in discover(mvtec_dir).train][:10]
+    det = create_detector("padim", image_size=SIZE, reduction="pca", n_features=16, pca_images=4,
+                          batch_size=3, workers=0).fit(train)
+    proj = det.model_.projection
+    assert proj.shape == (176, 16)
+    torch.testing.assert_close(proj.T @ proj, torch.eye(16), atol=1e-4, rtol=0)  # orthonormal components
+    assert np.isfinite(det.predict(train[:2]).scores).all()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"reduction": "svd"}, "reduction: expected one of random, pca, none, got 'svd'"),
+    ({"epsilon": 0.0}, "epsilon: expected a value > 0.0"),
+    ({"n_features": 0}, "n_features: expected a value >= 1"),
+    ({"threshold_holdout": 0.8}, "threshold_holdout: expected a value <= 0.5"),
+    ({"layers": [1, 9]}, "layers: [1, 9] not available for tf_efficientnet_lite0"),
+    ({"n_features": 500}, "n_features: 500 exceeds the 176 channels of layers [1, 2, 3]"),
+])
+def test_bad_parameters_are_named(mvtec_dir, params, message):
+    train = [s.path for s in discover(mvtec_dir).train][:2]
+    with pytest.raises(InsightADError) as e:
+        create_detector("padim", image_size=SIZE, **params).fit(train)
+    assert message in str(e.value)
