@@ -82,7 +82,7 @@ def test_round_trip_and_onnx_parity(plate_ae, tmp_path):
     np.testing.assert_allclose(got.maps[0], ref.maps[0], rtol=1e-4, atol=1e-4 * float(np.abs(ref.maps[0]).max()))
 
 
-@pytest.mark.parametrize("bad,msg", [({"image_size": 70}, "multiple of 32"), ({"alpha": 1.5}, "alpha"),
+@pytest.mark.parametrize("bad,msg", [({"image_size": 72}, "multiple of 16"), ({"alpha": 1.5}, "alpha"),
                                      ({"epochs": -1}, "epochs"), ({"batch_size": 0}, "batch_size")])
 def test_bad_settings(bad, msg):
     with pytest.raises(InsightADError, match=msg):

@@ -100,3 +100,37 @@ def test_evaluate_same_on_both_engines(baseline_model, mvtec_dir, capsys):
                      "--engine", engine]) == 0
         results[engine] = json.loads(capsys.readouterr().out)
     assert results["torch"]["image_auroc"] == pytest.approx(results["onnx"]["image_auroc"], abs=1e-9)
+
+
+def test_feature_runner_cache_tells_levels_apart():
+    """Same weights, other levels: a different graph (the cache key includes the levels)."""
+    import torch
+
+    from insightad.backbones import build_extractor
+    from insightad.data.preprocess import Normalize
+    from insightad.engines.features import feature_runner
+
+    norm = Normalize((0.5,) * 3, (0.5,) * 3)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for layers, channels in (([1, 2, 3], [24, 40, 112]), ([2, 3], [40, 112])):
+        ext, _, _ = build_extractor("tf_efficientnet_lite0", layers)
+        run, engine = feature_runner(norm, ext, (3, 32, 32), "onnx")
+        assert engine == "onnx" and [f.shape[1] for f in run(x)] == channels
+
+
+@pytest.mark.parametrize("method,params", [
+    ("padim", {}), ("patchcore", {"coreset_ratio": 0.2}), ("svdd", {"epochs": 3, "device": "cpu"}),
+])
+def test_every_exportable_method_agrees_across_engines(method, params, mvtec_dir, tmp_path):
+    from insightad.apps.train import train_model
+    from insightad.config import DataParams
+
+    out = tmp_path / f"{method}.safetensors"
+    train_model(mvtec_dir, method, {"image_size": 64, **params}, DataParams(), out, progress=False)
+    images = sorted((mvtec_dir / "test").rglob("*.png"))[::3]
+    ref = load_for_inference(out, "torch").predict(images)
+    got = load_for_inference(out, "onnx").predict(images)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-4)
+    if ref.maps is not None:
+        for a, b in zip(got.maps, ref.maps):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))

@@ -226,9 +226,8 @@ class AutoencoderParams(TrainLoopParams):
                       "(the second seed's 4-conv encoder, grayscale by default)", choices=AE_ARCHS)
     channels: int = param(0, "1 (grayscale) or 3 (colour); 0: colour when the images are, grayscale for "
                           "--arch seed", minimum=0, maximum=3)
-    latent: int = param(32, "bottleneck: channels of the latent at 1/32 of the image side", minimum=1)
-    image_size: int = param(256, "side of the square image the model works at (a multiple of 32; 16 for "
-                            "--arch seed)", minimum=32)
+    latent: int = param(32, "bottleneck: channels of the latent at 1/16 of the image side", minimum=1)
+    image_size: int = param(256, "side of the square image the model works at (a multiple of 16)", minimum=32)
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     alpha: float = param(0.84, "weight of (1 - SSIM) in the loss", minimum=0.0, maximum=1.0)
     ssim_window: int = param(11, "SSIM window size (odd)", minimum=3)

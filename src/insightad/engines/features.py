@@ -31,8 +31,10 @@ class _Features(nn.Module):
         return tuple(self.extractor(self.normalize(x)))
 
 
-def _digest(module: nn.Module, shape: tuple[int, ...]) -> str:
-    h = hashlib.sha256(repr(shape).encode())
+def _digest(module: _Features, shape: tuple[int, ...]) -> str:
+    """Identifies the graph: weights, requested levels (same weights can serve other levels) and input shape."""
+    ext = module.extractor
+    h = hashlib.sha256(repr((shape, getattr(ext, "arch", None), getattr(ext, "layers", None))).encode())
     for k, v in module.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())

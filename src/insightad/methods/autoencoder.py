@@ -120,7 +120,7 @@ class AutoencoderDetector(Detector):
     uses_backbone = False
 
     def _stride(self) -> int:
-        return 16 if self.arch == "seed" else 32
+        return 16
 
     def _channels(self, images: Sequence) -> int:
         if self.channels:
@@ -167,7 +167,7 @@ class AutoencoderDetector(Detector):
         channels = self.preprocessing_.channels
         latent = self.latent
         for k, v in tensors.items():  # the latent width is read off the tensors
-            if self.arch == "bottleneck" and k == "net.encoder.5.weight":
+            if self.arch == "bottleneck" and k == "net.encoder.4.weight":
                 latent = v.shape[0]
         return AutoencoderModel(build_net(self.arch, channels, latent), self.map, self.score, self.smooth_sigma,
                                 self.ssim_window)

@@ -3,7 +3,7 @@
 The seed's encoder (four stride-2 convolutions, 32-64-128-256 channels) keeps a 256 x H/16 x W/16
 latent: as many numbers as a grayscale input, so it can learn to copy defects as well as normal
 structure. The default ``bottleneck`` network squeezes the image through a small latent
-(``latent`` channels at 1/32 of the input side), which forces it to reconstruct only what normal
+(``latent`` channels at 1/16 of the input side, 8x fewer numbers than a colour input), which forces it to reconstruct only what normal
 images share; defects then come back as reconstruction error.
 """
 
@@ -40,19 +40,19 @@ class SeedAutoencoder(nn.Module):
 
 
 class BottleneckAutoencoder(nn.Module):
-    """Five stride-2 stages (32..256 channels), a 1x1 squeeze to ``latent`` channels at 1/32 of the
-    side, and the mirror image back up; sigmoid output. Input side must be a multiple of 32."""
+    """Four stride-2 stages (32..256 channels), a linear 1x1 squeeze to ``latent`` channels at 1/16 of
+    the side (no ReLU there: a rectified latent can die and leave a constant output), and the mirror
+    image back up; sigmoid output. Input side must be a multiple of 16."""
 
-    stride = 32
+    stride = 16
 
     def __init__(self, channels: int = 3, latent: int = 32, width: int = 32) -> None:
         super().__init__()
-        w = [width, width * 2, width * 4, width * 8, width * 8]
+        w = [width, width * 2, width * 4, width * 8]
         self.encoder = nn.Sequential(_down(channels, w[0]), _down(w[0], w[1]), _down(w[1], w[2]),
-                                     _down(w[2], w[3]), _down(w[3], w[4]),
-                                     nn.Conv2d(w[4], latent, 1), nn.BatchNorm2d(latent), nn.ReLU(inplace=True))
-        self.decoder = nn.Sequential(nn.Conv2d(latent, w[4], 1, bias=False), nn.BatchNorm2d(w[4]), nn.ReLU(inplace=True),
-                                     _up(w[4], w[3]), _up(w[3], w[2]), _up(w[2], w[1]), _up(w[1], w[0]),
+                                     _down(w[2], w[3]), nn.Conv2d(w[3], latent, 1), nn.BatchNorm2d(latent))
+        self.decoder = nn.Sequential(nn.Conv2d(latent, w[3], 1, bias=False), nn.BatchNorm2d(w[3]), nn.ReLU(inplace=True),
+                                     _up(w[3], w[2]), _up(w[2], w[1]), _up(w[1], w[0]),
                                      nn.ConvTranspose2d(w[0], channels, 3, stride=2, padding=1, output_padding=1),
                                      nn.Sigmoid())
 

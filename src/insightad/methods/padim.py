@@ -27,6 +27,11 @@ from insightad.methods.patch_gaussian import PatchGaussianAccumulator
 MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
 
 
+def level_patches(feats: list[torch.Tensor]) -> torch.Tensor:
+    """Backbone levels -> concatenated features per patch position (B, P, C)."""
+    return concat_levels(feats).flatten(2).transpose(1, 2)
+
+
 def feature_grid(extractor: FeatureExtractor, image_size: int, channels: int = 3) -> tuple[int, int]:
     """(h, w) of the finest requested level for a square input of ``image_size``."""
     with torch.inference_mode():
@@ -72,8 +77,7 @@ class PadimModel(nn.Module):
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> concatenated multi-level features per patch (B, P, C)."""
-        e = concat_levels(self.extractor(self.normalize(x)))
-        return e.flatten(2).transpose(1, 2)
+        return level_patches(self.extractor(self.normalize(x)))
 
     def reduce(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, P, C) -> (B, P, d)."""
@@ -157,10 +161,10 @@ class PadimDetector(Detector):
         pca_ready = self.reduction != "pca"
         pos = 0
         scores = None
+        features = self._feature_runner(extractor)  # the frozen backbone on the fast engine
         with torch.inference_mode():
             for batch in self._batches([images[i] for i in order], progress, "padim: statistics"):
-                x = batch.images.to(self.device_).contiguous(memory_format=torch.channels_last)
-                raw = model.raw_features(x)
+                raw = level_patches(features(batch.images)).to(self.device_)
                 if not pca_ready:
                     pending.append((raw.cpu(), pos))
                     if pos + len(raw) >= min(self.pca_images, len(images)):

@@ -42,8 +42,11 @@ class PatchCoreModel(nn.Module):
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> locally aware patch features (B, P, D)."""
+        return self.patches_from_levels(self.extractor(self.normalize(x)))
+
+    def patches_from_levels(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone levels -> neighbourhood-averaged, concatenated patch features (B, P, D)."""
         k = self.neighbourhood
-        feats = self.extractor(self.normalize(x))
         if k > 1:
             feats = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
         return concat_levels(feats).flatten(2).transpose(1, 2)
@@ -98,6 +101,7 @@ class PatchCoreDetector(Detector):
     def _fit(self, images: Sequence, progress: bool) -> None:
         if self.neighbourhood % 2 == 0:
             raise InsightADError(f"neighbourhood: expected an odd number (3, 5, ...), got {self.neighbourhood}")
+        self._features_fn = None
         extractor = self._make_extractor().to(memory_format=torch.channels_last)
         dim = sum(extractor.channels)
         size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
@@ -132,10 +136,14 @@ class PatchCoreDetector(Detector):
             self.model_ = model.eval()
             self.bank_size_ = int(k)
             self._set_default_threshold(model, kept, chosen // per, images)
+        self._features_fn = None  # the fit-time engine session is not part of the fitted model
 
     def _patches(self, model: PatchCoreModel, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device_).contiguous(memory_format=torch.channels_last)
-        return model.patches(x).float().cpu()
+        if getattr(self, "_features_fn", None) is None:  # the frozen backbone on the fast engine
+            self._features_fn = self._feature_runner(model.extractor)
+        with torch.inference_mode():
+            feats = [f.to(self.device_) for f in self._features_fn(x)]
+            return model.patches_from_levels(feats).float().cpu()
 
     def _threshold_images(self, n: int) -> list[int]:
         if n < 2:
