@@ -39,9 +39,10 @@ def write_examples(ev, out_dir: str | Path, n: int = 8) -> Path:
     for ax, i in zip(axes.flat, idx):
         img = np.asarray(load_image(ev.samples[i].path, 3))
         ax.imshow(img)
-        if pred.maps is not None and pred.maps[i] is not None:
+        if pred.maps is not None and pred.maps[i] is not None:  # stretched over the image whatever its size
+            h, w = img.shape[:2]
             ax.imshow(pred.maps[i], cmap="jet", alpha=0.45, vmin=float(np.min(pred.scores)),
-                      vmax=float(np.max(pred.scores)))
+                      vmax=float(np.max(pred.scores)), extent=(-0.5, w - 0.5, h - 0.5, -0.5))
         verdict = "ANOMALOUS" if pred.labels[i] else "normal"
         truth = ev.samples[i].defect
         color = "tab:green" if bool(pred.labels[i]) == bool(labels[i]) else "tab:red"

@@ -87,13 +87,15 @@ def _edges(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], resolut
 
 
 def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], resolution: int | None = RESOLUTION,
-                  n_bins: int = N_BINS, fpr_limit: float = FPR_LIMIT) -> dict[str, Any]:
+                  n_bins: int = N_BINS, fpr_limit: float = FPR_LIMIT,
+                  shapes: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
     """Pixel AUROC, AUPRO and pixel AP of ``maps`` against the masks of ``samples``.
 
     ``maps[i]`` is a float array at image i's own resolution (or None: not scored). Normal images
     without a mask count as defect-free; anomalous images without a mask are skipped (counted in
     ``pixel_images_skipped``). Metrics that are undefined for the data (no defect pixels, no
-    defect-free pixels) are None.
+    defect-free pixels) are None. ``shapes[i]``: image i's (height, width) when its map was already
+    brought to ``resolution`` (masks are still checked against the image's own size).
     """
     if len(samples) != len(maps):
         raise InsightADError(f"pixel metrics: {len(samples)} samples but {len(maps)} maps")
@@ -103,10 +105,10 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
     pos = np.zeros(nb, dtype=np.int64)
     pro_sum = np.zeros(nb, dtype=np.float64)
     n_regions = used = skipped = 0
-    for s, m in zip(samples, maps):
+    for i, (s, m) in enumerate(zip(samples, maps)):
         if m is None:
             continue
-        gt = _gt(s, np.asarray(m).shape, resolution)
+        gt = _gt(s, tuple(shapes[i]) if shapes is not None else np.asarray(m).shape, resolution)
         if gt is None:
             skipped += 1
             continue
