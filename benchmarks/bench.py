@@ -80,9 +80,9 @@ def run_one(spec: dict) -> dict:
     t = time.perf_counter()
     det.predict(paths, maps=True)
     predict_ips = len(paths) / (time.perf_counter() - t)
-    backbone_ips = time_backbone(det, spec["batch_size"], spec["image_size"], spec["engine"])
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the backbone-alone timing
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    backbone_ips = time_backbone(det, spec["batch_size"], spec["image_size"], spec["engine"])
     out = {"method": method, "backbone": spec["backbone"], "engine": spec["engine"],
            "image_size": spec["image_size"], "coreset": spec["coreset"] if method == "patchcore" else None,
            "image_auroc": m.get("image_auroc"), "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"),
@@ -96,7 +96,7 @@ def run_one(spec: dict) -> dict:
            "peak_rss_workers_mb": round(rss_children, 1), "params": {k: v for k, v in det.get_params().items()
                                                                       if k in spec["set"]}}
     if method == "patchcore":
-        out["bank_size"] = int(det.model_.bank.shape[0])
+        out["bank_size"] = int(det.metadata_["state"]["bank_size"])
     return out
 
 
@@ -111,8 +111,9 @@ def time_backbone(det, batch_size: int, image_size: int, engine: str, min_second
     import torch
 
     from insightad.engines.features import feature_runner
+    from insightad.model_file import load_model
 
-    model = det.model_
+    model = det.model_ if det.model_ is not None else load_model(det.model_path_).model_
     if not hasattr(model, "extractor"):
         return None
 

@@ -66,4 +66,9 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
         except InsightADError:
             if engine == "onnx":
                 raise
+        else:  # the session holds the weights now: a second copy in PyTorch would only cost memory
+            det.model_ = None
+            import gc
+
+            gc.collect()
     return det

@@ -76,6 +76,22 @@ def cache_dir() -> Path:
     return Path(base) / "onnx"
 
 
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+def prune_cache(keep: Path | None = None, limit: int = CACHE_LIMIT_BYTES) -> None:
+    """Delete the least recently used exports beyond ``limit`` bytes (never ``keep``)."""
+    try:
+        files = sorted(cache_dir().glob("*.onnx"), key=lambda f: f.stat().st_atime, reverse=True)
+        total = 0
+        for f in files:
+            total += f.stat().st_size
+            if total > limit and f != keep:
+                f.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -97,6 +113,7 @@ def cached_export(det, model_path: str | Path | None) -> bytes:
     data = export_bytes(det)
     try:
         atomic_write(target, lambda tmp: tmp.write_bytes(data))
+        prune_cache(keep=target)
     except OSError:
         pass  # a read-only home is no reason to fail a prediction
     return data

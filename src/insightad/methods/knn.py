@@ -30,3 +30,21 @@ def nearest(q: torch.Tensor, bank: torch.Tensor, banned: torch.Tensor | None = N
         dist.append(v.sqrt())
         idx.append(i)
     return torch.cat(dist), torch.cat(idx)
+
+
+def nearest_per_image(p: torch.Tensor, bank: torch.Tensor, banned: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nearest`` for (B, P, D) patches, chunked along the patches of each image: the chunk count
+    depends only on P (fixed by the model's input size), so the traced graph keeps a dynamic batch."""
+    bank_sq = (bank * bank).sum(1)
+    if banned is not None:
+        bank_sq = bank_sq.masked_fill(banned, float("inf"))
+    step = max(1, CHUNK_ELEMENTS // max(1, bank.shape[0]))
+    dist, idx = [], []
+    for a in range(0, p.shape[1], step):
+        q = p[:, a:a + step]
+        d2 = (q * q).sum(2, keepdim=True) - 2.0 * torch.matmul(q, bank.T) + bank_sq
+        v, i = d2.clamp_min(0.0).min(2)
+        dist.append(v.sqrt())
+        idx.append(i)
+    return torch.cat(dist, 1), torch.cat(idx, 1)

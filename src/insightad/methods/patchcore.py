@@ -23,7 +23,7 @@ from insightad.data.preprocess import Normalize
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.coreset import coreset_size, greedy_coreset, random_projection
-from insightad.methods.knn import nearest, squared_distances
+from insightad.methods.knn import nearest_per_image, squared_distances
 from insightad.methods.maps import MapSmoother, concat_levels
 from insightad.methods.padim import feature_grid
 
@@ -55,8 +55,7 @@ class PatchCoreModel(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P, D) patch features -> (image scores (B,), maps (B, H, W) at model size)."""
         b, n, _ = p.shape
-        dist, idx = nearest(p.reshape(b * n, -1), self.bank, banned)
-        dist, idx = dist.view(b, n), idx.view(b, n)
+        dist, idx = nearest_per_image(p, self.bank, banned)
         worst, at = dist.max(1)
         rows = torch.arange(b, device=p.device)
         m_test = p[rows, at]  # the most anomalous patch of each image
