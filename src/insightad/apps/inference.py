@@ -56,6 +56,8 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
         return load_onnx_file(path, threads)
     det = load_model(path, device=device)
     chosen = resolve_engine(engine, device)
+    if engine == "auto" and not getattr(det.model_, "onnx_auto", True):
+        chosen = "torch"  # the method says its PyTorch graph is the better default (see its model)
     det.engine_name_ = "torch"
     if chosen == "onnx":
         from insightad.engines.onnx_runtime import OnnxEngine, cached_export

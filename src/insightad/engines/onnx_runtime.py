@@ -25,6 +25,8 @@ def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # No busy-waiting between calls: the cores are shared with the image-decoding workers.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 

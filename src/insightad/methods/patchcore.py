@@ -31,6 +31,10 @@ from insightad.methods.padim import feature_grid
 class PatchCoreModel(nn.Module):
     """uint8 images -> (image scores, maps at model size) against the memory bank."""
 
+    # ONNX Runtime plans memory for every unrolled nearest-neighbour chunk at once (5 GB at a 10%
+    # coreset on bottle) and runs slower than PyTorch here: --engine auto keeps PyTorch for it.
+    onnx_auto = False
+
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
                  image_size: int, sigma: float, neighbourhood: int, num_neighbors: int, bank: torch.Tensor) -> None:
         super().__init__()
