@@ -14,6 +14,7 @@ from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.data.preprocess import Normalize
 from insightad.methods.base import Detector
+from insightad.methods.knn import squared_distances
 
 
 def pooled_features(feats: list[torch.Tensor]) -> torch.Tensor:
@@ -25,8 +26,7 @@ def pooled_features(feats: list[torch.Tensor]) -> torch.Tensor:
 def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """Mean Euclidean distance of each row of x to its k nearest rows of bank (no Python loop over
     rows, so the graph exports with a dynamic batch)."""
-    d2 = (x * x).sum(1, keepdim=True) + (bank * bank).sum(1)[None] - 2.0 * x @ bank.T
-    return torch.topk(d2.clamp_min(0.0), k, dim=1, largest=False).values.sqrt().mean(1)
+    return torch.topk(squared_distances(x, bank), k, dim=1, largest=False).values.sqrt().mean(1)
 
 
 def fit_gaussian(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,13 +16,17 @@ def squared_distances(q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor
     return d2.clamp_min_(0.0)
 
 
+def bank_norms(bank: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+    """|b|^2 per bank row; banned rows at infinity so no minimum ever picks them."""
+    bank_sq = (bank * bank).sum(1)
+    return bank_sq if banned is None else bank_sq.masked_fill(banned, float("inf"))
+
+
 def nearest(q: torch.Tensor, bank: torch.Tensor, banned: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance to and index of the nearest bank row for each query row; ``banned`` (K,) bool rows
     are never returned (used to score a training image against the bank without its own patches)."""
-    bank_sq = (bank * bank).sum(1)
-    if banned is not None:
-        bank_sq = bank_sq.masked_fill(banned, float("inf"))
+    bank_sq = bank_norms(bank, banned)
     step = max(1, CHUNK_ELEMENTS // max(1, bank.shape[0]))
     dist, idx = [], []
     for a in range(0, q.shape[0], step):
@@ -36,9 +40,7 @@ def nearest_per_image(p: torch.Tensor, bank: torch.Tensor, banned: torch.Tensor 
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``nearest`` for (B, P, D) patches, chunked along the patches of each image: the chunk count
     depends only on P (fixed by the model's input size), so the traced graph keeps a dynamic batch."""
-    bank_sq = (bank * bank).sum(1)
-    if banned is not None:
-        bank_sq = bank_sq.masked_fill(banned, float("inf"))
+    bank_sq = bank_norms(bank, banned)
     step = max(1, CHUNK_ELEMENTS // max(1, bank.shape[0]))
     dist, idx = [], []
     for a in range(0, p.shape[1], step):
