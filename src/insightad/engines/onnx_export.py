@@ -64,11 +64,12 @@ def export_bytes(det, verify: bool = True) -> bytes:
     proto = onnx.load_from_string(raw)
     del raw  # large models (PaDiM's per-patch factors): keep one copy of the weights at a time
     del proto.metadata_props[:]
+    meta = onnx_metadata(det)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(onnx_metadata(det))
+    entry.key, entry.value = META_KEY, json.dumps(meta)
     for key in ("threshold", "input_height", "input_width", "resize", "method"):
         e = proto.metadata_props.add()
-        e.key, e.value = key, str(onnx_metadata(det)[key])
+        e.key, e.value = key, str(meta[key])
     data = proto.SerializeToString()
     del proto
     if verify:  # two batch sizes: a graph that baked in the export's batch size fails here, not later

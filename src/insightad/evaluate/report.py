@@ -227,8 +227,7 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     if not pixel:
         has_masks = any(s.mask is not None for s in ev.samples)
         pixel = {"available": False, "reason": ("image-level method: no maps" if not det.has_maps else
-                                                m.get("pixel_note") or ("no ground-truth masks" if not has_masks
-                                                                        else "not computed"))}
+                                                "no ground-truth masks" if not has_masks else "not computed")}
     report = {"method": det.method, "model": model_path, "data": data, "threshold":
               {"value": thr, "strategy": strategy, "calibrated_on_these_images": overlap},
               "metrics": m, "balanced": balanced, "unbalanced": unbalanced, "per_defect": rows, "pixel": pixel,

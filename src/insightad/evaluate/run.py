@@ -11,6 +11,7 @@ import numpy as np
 from insightad.config import DataParams
 from insightad.data.layouts import Sample, discover, evaluation_samples
 from insightad.evaluate.metrics import image_metrics
+from insightad.evaluate.pixel import RESOLUTION, pixel_metrics, resize_map
 from insightad.methods import Detector, Prediction
 
 
@@ -26,8 +27,6 @@ def predict_reduced(det: Detector, paths: list, maps: bool, threshold: float | N
     """Predict a chunk at a time, keeping each map only at the pixel metrics' resolution, so memory
     does not grow with the number and size of test images. Returns the prediction and image sizes."""
     from tqdm import tqdm
-
-    from insightad.evaluate.pixel import RESOLUTION, resize_map
 
     parts, sizes, reduced = [], [], []
     for start in tqdm(range(0, len(paths), chunk), desc="evaluate", unit="chunk", disable=not progress, leave=False):
@@ -59,10 +58,5 @@ def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: f
     m["method"] = det.method
     m["threshold_strategy"] = det.threshold_strategy_ if threshold is None else "override"
     if want_maps:
-        try:
-            from insightad.evaluate import pixel  # added with the map methods
-        except ImportError:
-            m["pixel_note"] = "pixel metrics unavailable: insightad.evaluate.pixel is not part of this build"
-        else:
-            m.update(pixel.pixel_metrics(samples, pred.maps, shapes=sizes))
+        m.update(pixel_metrics(samples, pred.maps, shapes=sizes))
     return Evaluation(samples, pred, m)

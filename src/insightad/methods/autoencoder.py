@@ -15,6 +15,7 @@ from insightad import config
 from insightad.errors import InsightADError
 from insightad.methods.autoencoder_nets import build_net
 from insightad.methods.base import Detector
+from insightad.methods.maps import MapSmoother
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
@@ -24,38 +25,25 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
     return kornia.metrics.ssim(a, b, window, max_val=1.0)
 
 
+def loss_terms(x: torch.Tensor, recon: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MSE, mean SSIM) of a reconstruction."""
+    return torch.mean((recon - x) ** 2), ssim_map(recon, x, window).mean()
+
+
 def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, alpha: float, window: int) -> torch.Tensor:
     """(1 - alpha) * MSE + alpha * (1 - mean SSIM)."""
-    mse = torch.mean((recon - x) ** 2)
-    return (1.0 - alpha) * mse + alpha * (1.0 - ssim_map(recon, x, window).mean())
-
-
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(round(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
+    mse, ssim = loss_terms(x, recon, window)
+    return (1.0 - alpha) * mse + alpha * (1.0 - ssim)
 
 
 class AutoencoderModel(nn.Module):
     """uint8 images -> (scores, maps): reconstruction error per pixel, smoothed; score = its max or mean."""
 
-    def __init__(self, net: nn.Module, map_kind: str, score: str, sigma: float, window: int) -> None:
+    def __init__(self, net: nn.Module, map_kind: str, score: str, sigma: float, window: int,
+                 image_size: int) -> None:
         super().__init__()
         self.net, self.map_kind, self.score, self.window = net, map_kind, score, window
-        k = gaussian_kernel(sigma) if sigma > 0 else torch.ones(1)
-        self.register_buffer("kernel", k, persistent=False)
-
-    def _smooth(self, m: torch.Tensor) -> torch.Tensor:
-        if self.kernel.numel() == 1:
-            return m
-        r = self.kernel.numel() // 2
-        kx = self.kernel.view(1, 1, 1, -1)
-        ky = self.kernel.view(1, 1, -1, 1)
-        m = nn.functional.pad(m, (r, r, 0, 0), mode="reflect")
-        m = nn.functional.conv2d(m, kx)
-        m = nn.functional.pad(m, (0, 0, r, r), mode="reflect")
-        return nn.functional.conv2d(m, ky)
+        self.smoother = MapSmoother(sigma, image_size, image_size)  # the map is already at model size
 
     def error_map(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel error at model size (B, 1, H, W), before smoothing."""
@@ -66,7 +54,7 @@ class AutoencoderModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.float() / 255.0
-        maps = self._smooth(self.error_map(x))[:, 0]
+        maps = self.smoother(self.error_map(x)[:, 0])
         flat = maps.flatten(1)
         scores = flat.amax(dim=1) if self.score == "max" else flat.mean(dim=1)
         return scores, maps
@@ -82,9 +70,7 @@ class ReconstructionObjective:
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch.float() / 255.0
-        recon = model(x)
-        mse = torch.mean((recon - x) ** 2)
-        ssim = ssim_map(recon, x, self.window).mean()
+        mse, ssim = loss_terms(x, model(x), self.window)
         loss = (1.0 - self.alpha) * mse + self.alpha * (1.0 - ssim)
         return loss, {"mse": float(mse.detach()), "ssim": float(ssim.detach())}
 
@@ -148,8 +134,8 @@ class AutoencoderDetector(Detector):
         train, val = data[tr], (data[va] if len(va) else None)
         net = build_net(self.arch, channels, self.latent)
         self.training_ = loop.run(net, ReconstructionObjective(self.alpha, self.ssim_window), train, val)
-        self.model_ = AutoencoderModel(net, self.map, self.score, self.smooth_sigma,
-                                       self.ssim_window).to(self.device_).eval()
+        self.model_ = AutoencoderModel(net, self.map, self.score, self.smooth_sigma, self.ssim_window,
+                                       self.image_size).to(self.device_).eval()
         held = val is not None
         scores = self._scores(val if held else train)
         thr = float(np.percentile(scores, self.threshold_percentile))
@@ -170,4 +156,4 @@ class AutoencoderDetector(Detector):
             if self.arch == "bottleneck" and k == "net.encoder.4.weight":
                 latent = v.shape[0]
         return AutoencoderModel(build_net(self.arch, channels, latent), self.map, self.score, self.smooth_sigma,
-                                self.ssim_window)
+                                self.ssim_window, self.image_size)

@@ -108,8 +108,8 @@ class PatchCoreDetector(Detector):
     def _fit(self, images: Sequence, progress: bool) -> None:
         if self.neighbourhood % 2 == 0:
             raise InsightADError(f"neighbourhood: expected an odd number (3, 5, ...), got {self.neighbourhood}")
-        self._features_fn = None
         extractor = self._make_extractor().to(memory_format=torch.channels_last)
+        features = self._feature_runner(extractor)  # the frozen backbone on the fast engine
         dim = sum(extractor.channels)
         size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
         n, per = len(images), size[0] * size[1]
@@ -122,7 +122,7 @@ class PatchCoreDetector(Detector):
         with torch.inference_mode():
             pos = 0
             for batch in self._batches(images, progress, "patchcore: features"):
-                p = self._patches(model, batch.images).flatten(0, 1)
+                p = self._patches(features, model, batch.images).flatten(0, 1)
                 projected[pos:pos + len(p)] = p @ proj if proj is not None else p
                 if cache is not None:
                     cache[pos:pos + len(p)] = p
@@ -138,18 +138,15 @@ class PatchCoreDetector(Detector):
                 kept = {i: cache[i * per:(i + 1) * per].clone() for i in judge}
                 del cache
             else:
-                bank, kept = self._second_pass(model, images, chosen, judge, per, dim, progress)
+                bank, kept = self._second_pass(features, model, images, chosen, judge, per, dim, progress)
             model.bank = bank.to(self.device_)
             self.model_ = model.eval()
             self.bank_size_ = int(k)
             self._set_default_threshold(model, kept, chosen // per, images)
-        self._features_fn = None  # the fit-time engine session is not part of the fitted model
 
-    def _patches(self, model: PatchCoreModel, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_features_fn", None) is None:  # the frozen backbone on the fast engine
-            self._features_fn = self._feature_runner(model.extractor)
+    def _patches(self, features, model: PatchCoreModel, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            feats = [f.to(self.device_) for f in self._features_fn(x)]
+            feats = [f.to(self.device_) for f in features(x)]
             return model.patches_from_levels(feats).float().cpu()
 
     def _threshold_images(self, n: int) -> list[int]:
@@ -158,7 +155,7 @@ class PatchCoreDetector(Detector):
         g = torch.Generator().manual_seed(self.seed + 1)
         return sorted(torch.randperm(n, generator=g)[:min(self.threshold_images, n)].tolist())
 
-    def _second_pass(self, model: PatchCoreModel, images: Sequence, chosen: torch.Tensor, judge: list[int],
+    def _second_pass(self, features, model: PatchCoreModel, images: Sequence, chosen: torch.Tensor, judge: list[int],
                      per: int, dim: int, progress: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Recompute the features, keeping only the coreset rows and the threshold images' patches."""
         bank = torch.empty(len(chosen), dim)
@@ -166,7 +163,7 @@ class PatchCoreDetector(Detector):
         wanted = set(judge)
         pos = 0
         for batch in self._batches(images, progress, "patchcore: memory bank"):
-            p = self._patches(model, batch.images).flatten(0, 1)
+            p = self._patches(features, model, batch.images).flatten(0, 1)
             lo, hi = torch.searchsorted(chosen, torch.tensor([pos, pos + len(p)])).tolist()
             bank[lo:hi] = p[chosen[lo:hi] - pos]
             first = pos // per
