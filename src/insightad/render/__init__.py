@@ -1,0 +1,1 @@
+"""Pictures people read: one colour convention for every anomaly map the product draws."""
