@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 def write_threshold_json(path: Path, model: str, record: dict) -> None:
     import json
 
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     body = {"threshold": record["value"], "strategy": record["strategy"], "model": str(Path(model).resolve()),
             "details": record["details"]}
@@ -46,7 +46,7 @@ def write_threshold_json(path: Path, model: str, record: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.decide import calibrate as cal_mod
+    from insightad.apps import calibrate as cal_mod
 
     if args.out and Path(args.out).suffix.lower() != ".json":
         raise InsightADError(f"--out: expected a .json file name, got {args.out!r}")
