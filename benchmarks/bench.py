@@ -43,7 +43,6 @@ def run_one(spec: dict) -> dict:
     import resource
 
     t0 = time.perf_counter()
-    import numpy as np
     import torch
 
     from insightad.apps.train import train_model
@@ -90,7 +89,8 @@ def run_one(spec: dict) -> dict:
     out = {"method": method, "backbone": spec["backbone"], "engine": spec["engine"],
            "image_size": spec["image_size"], "coreset": spec["coreset"] if method == "patchcore" else None,
            "image_auroc": m.get("image_auroc"), "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"),
-           "f1": m.get("f1"), "fit_s": round(fit_seconds, 2), "predict_ips": round(predict_ips, 2), "predict_maps_ips": round(predict_maps_ips, 2),
+           "f1": m.get("f1"), "fit_s": round(fit_seconds, 2), "predict_ips": round(predict_ips, 2),
+           "predict_maps_ips": round(predict_maps_ips, 2),
            "backbone_ips": round(backbone_ips, 2) if backbone_ips else None, "peak_rss_mb": round(rss, 1),
            "seed": spec["seed"], "batch_size": spec["batch_size"], "threads": torch.get_num_threads(),
            "data": str(spec["data"]), "n_train": len(split["train"]), "n_test": len(paths),

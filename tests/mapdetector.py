@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from insightad.data.preprocess import Preprocessing
 from insightad.config import DetectorParams
+from insightad.data.preprocess import Preprocessing
 from insightad.methods import register_method
 from insightad.methods.base import Detector
 

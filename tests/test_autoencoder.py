@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from insightad.data.synthetic import make_image

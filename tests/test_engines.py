@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from insightad.inference.load import load_for_inference
 from insightad.cli import main
 from insightad.errors import InsightADError
+from insightad.inference.load import load_for_inference
 
 onnx = pytest.importorskip("onnxruntime")
 

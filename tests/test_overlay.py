@@ -7,9 +7,9 @@ import json
 import numpy as np
 from PIL import Image
 
+from insightad.cli import main
 from insightad.render.colormap import MapScale
 from insightad.render.overlay import OUTLINE_RGB, overlay_name, render_overlay
-from insightad.cli import main
 from tests.mapdetector import map_model  # noqa: F401  (fixture)
 
 

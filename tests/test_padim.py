@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SIZE
 from insightad.config import DataParams
 from insightad.data.layouts import discover
 from insightad.errors import InsightADError
 from insightad.methods import create_detector
 from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator, lower_triangular_inverse
+from tests.conftest import SIZE
 
 
 @pytest.fixture(scope="module")

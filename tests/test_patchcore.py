@@ -8,8 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import SIZE
-from insightad.render.heatmap import heatmap_names
 from insightad.cli import main
 from insightad.config import DataParams
 from insightad.data.layouts import discover
@@ -17,6 +15,8 @@ from insightad.errors import InsightADError
 from insightad.methods import create_detector
 from insightad.methods.components.coreset import coreset_size, greedy_coreset
 from insightad.methods.components.knn import nearest
+from insightad.render.heatmap import heatmap_names
+from tests.conftest import SIZE
 
 
 @pytest.fixture(scope="module")

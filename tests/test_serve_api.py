@@ -15,16 +15,17 @@ from torch import nn
 
 from insightad.apps.serve import create_app
 from insightad.apps.serve.settings import ServeParams
-from insightad.render.colormap import MapScale, colorize
+from insightad.config import DetectorParams
 from insightad.data.preprocess import Preprocessing
 from insightad.data.synthetic import make_image
-from insightad.config import DetectorParams
+from insightad.inference.load import load_for_inference
 from insightad.methods import register_method, unregister_method
 from insightad.methods.base import Detector
-from insightad.inference.load import load_for_inference
 from insightad.model_file import load_model, save_model
+from insightad.render.colormap import MapScale, colorize
 
-RESPONSE_KEYS = {"Anomaly", "anomalous", "score", "score_normalized", "threshold", "method"}  # intended: + anomalous, score_normalized
+# intended change (architecture issue): + anomalous, score_normalized
+RESPONSE_KEYS = {"Anomaly", "anomalous", "score", "score_normalized", "threshold", "method"}
 MAP_SIZE = 64  # working size of the test-only map method
 
 

@@ -15,7 +15,6 @@ from typing import Any, TypeVar, dataclass_transform
 
 from insightad.errors import InsightADError
 
-
 T = TypeVar("T")
 
 
@@ -89,7 +88,8 @@ def _base_type(hint: Any) -> Any:
 
 def _strip_optional(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1 else hint
+    unions = (typing.Union, getattr(__import__("types"), "UnionType", None))
+    return args[0] if typing.get_origin(hint) in unions and len(args) == 1 else hint
 
 
 def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
@@ -104,7 +104,7 @@ def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------- data
-LAYOUTS = ("auto", "mvtec", "folder", "crack", "images")
+LAYOUTS = ("mvtec", "folder", "crack", "images")  # every dataset layout InsightAD reads (data.layouts)
 
 
 @params
@@ -112,7 +112,7 @@ class DataParams:
     """Where images come from and how normal images are split for training and held out."""
 
     layout: str = param("auto", "dataset layout; auto detects MVTec AD, normal/abnormal folders, "
-                        "crack (Negative/Positive) or a flat folder of normal images", choices=LAYOUTS)
+                        "crack (Negative/Positive) or a flat folder of normal images", choices=("auto", *LAYOUTS))
     normal_dir: str = param("normal", "name of the normal-images folder (folder layout)")
     abnormal_dir: str = param("abnormal", "name of the anomalous-images folder (folder layout)")
     holdout: float = param(0.2, "fraction of normal images held out of training where the layout has "

@@ -13,14 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from insightad import __version__
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
+from insightad.io import atomic_write
 from insightad.methods import Detector, get_method
 from insightad.runtime import resolve_device
-from insightad.io import atomic_write
+from insightad.version import __version__
 
 FORMAT = "insightad-model"
 FORMAT_VERSION = 1
@@ -75,7 +73,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt or foreign file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InsightADError(f"{path}: not a valid InsightAD model file (corrupt, truncated or another format: {reason})") from None
+        raise InsightADError(f"{path}: not a valid InsightAD model file (corrupt, truncated or another format: "
+                             f"{reason})") from None
     if raw is None:
         raise InsightADError(f"{path}: a safetensors file but not an InsightAD model (no '{META_KEY}' metadata)")
     try:

@@ -10,8 +10,8 @@ from tqdm import tqdm
 from insightad.config import AugmentParams
 from insightad.data.augment import augment
 from insightad.data.images import load_image
-from insightad.io import list_images
 from insightad.errors import InsightADError
+from insightad.io import list_images
 
 SAVE_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -46,6 +46,6 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
             targets.append((out / rel.parent / f"{rel.stem}_aug{k:03d}{path.suffix}",
                             augment(img, params, image_seed(seed, rel.as_posix(), k))))
         for target, im in targets:
-            atomic_write(target, lambda tmp, im=im: im.save(tmp, format=fmt))
+            atomic_write(target, lambda tmp, im=im, fmt=fmt: im.save(tmp, format=fmt))
             written.append(target)
     return written

@@ -26,15 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from insightad import __version__, config
-from insightad.config import DEFAULT_BACKBONE, TrainLoopParams, param, params
+from insightad import config
 from insightad.backbones import build_extractor
 from insightad.backbones.registry import BACKBONE_META_KEY
+from insightad.config import DEFAULT_BACKBONE, TrainLoopParams, param, params
 from insightad.data.loader import ImageSource
 from insightad.data.preprocess import Normalize, Preprocessing
 from insightad.errors import InsightADError
 from insightad.training import TrainingLoop, TrainResult, fingerprint, load_images, sources_digest, validation_split
 from insightad.training.augment import Augment
+from insightad.version import __version__
 
 ROTATIONS = 4
 CHANCE = 1.0 / ROTATIONS
@@ -125,7 +126,7 @@ class RotationSSL:
         return dataclasses.asdict(self.params)
 
     def fit(self, images: Sequence[ImageSource], progress: bool = False, augment: Augment | None = None
-            ) -> "RotationSSL":
+            ) -> RotationSSL:
         """Train on ``images`` (normal or unlabelled); a held-out ``val_fraction`` measures rotation accuracy."""
         p = self.params
         if len(images) == 0:

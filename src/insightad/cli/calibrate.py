@@ -7,8 +7,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from insightad.cli.common import (add_data_flags, add_engine_flags, add_model_flag, add_progress_flag, data_params,
-                                  load_inference_model, new_parser, print_json, with_config)
+from insightad.cli.common import (
+    add_data_flags,
+    add_engine_flags,
+    add_model_flag,
+    add_progress_flag,
+    data_params,
+    load_inference_model,
+    new_parser,
+    print_json,
+    with_config,
+)
 from insightad.decide.thresholds import STRATEGIES
 from insightad.errors import InsightADError
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from insightad import config
 from insightad.errors import InsightADError

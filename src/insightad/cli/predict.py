@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from insightad.cli.common import (add_engine_flags, add_model_flag, add_progress_flag, load_inference_model,
-                                  new_parser, parse_threshold, print_json, with_config)
-from insightad.io import list_images
+from insightad.cli.common import (
+    add_engine_flags,
+    add_model_flag,
+    add_progress_flag,
+    load_inference_model,
+    new_parser,
+    parse_threshold,
+    print_json,
+    with_config,
+)
 from insightad.errors import InsightADError
+from insightad.io import list_images
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -67,10 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
         heatmaps = write_heatmaps(paths, pred.maps, MapScale.for_detector(det, thr), args.heatmap)
     if args.json:
-        for path, s, sn, lab, ov, hm in zip(paths, pred.scores, pred.scores_normalized, pred.labels, overlays,
-                                            heatmaps):
-            row = {"path": str(path), "score": float(s), "score_normalized": float(sn), "threshold": pred.threshold,
-                   "anomalous": bool(lab), "method": det.method}
+        for i, (path, ov, hm) in enumerate(zip(paths, overlays, heatmaps)):
+            row = {"path": str(path), **pred.record(i), "method": det.method}
             if ov is not None:
                 row["overlay"] = str(ov)
             if hm is not None:

@@ -7,7 +7,6 @@ import os
 import socket
 import sys
 
-from insightad import config
 from insightad.apps.serve.settings import ServeParams
 from insightad.cli.common import add_model_flag, new_parser, parse_threshold, with_config
 from insightad.cli.options import add_dataclass_args, gather

@@ -6,8 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from insightad.cli.common import (add_engine_flags, add_model_flag, add_progress_flag, load_inference_model, new_parser,
-                                  parse_threshold, print_json, with_config)
+from insightad.cli.common import (
+    add_engine_flags,
+    add_model_flag,
+    add_progress_flag,
+    load_inference_model,
+    new_parser,
+    parse_threshold,
+    print_json,
+    with_config,
+)
 from insightad.errors import InsightADError
 
 

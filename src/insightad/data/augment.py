@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from insightad.config import AugmentParams
 
+
 @dataclass(frozen=True)
 class AffineDraw:
     """One random draw of the transform's parameters."""

@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from insightad.io import is_image_file, is_regular_file, list_images
 from insightad.errors import InsightADError
+from insightad.io import is_image_file, is_regular_file, list_images
 
 NORMAL, ANOMALOUS = 0, 1
 MASK_DIRS = ("ground_truth", "masks", "mask")

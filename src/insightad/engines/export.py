@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from insightad.engines.onnx_runtime import META_KEY, ONNX_FORMAT, make_session
 from insightad.errors import InsightADError
+
+__all__ = ["META_KEY", "ONNX_FORMAT", "example_batches", "export_verified", "verify"]
 
 OPSET = 17
 PARITY_RTOL = 1e-4
-META_KEY = "insightad"
-ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
 
 
 def _to_onnx(module: nn.Module, example: torch.Tensor, outputs: Sequence[str]) -> bytes:
@@ -54,8 +55,6 @@ def verify(module: nn.Module, data: bytes, batches: Sequence[torch.Tensor], what
            rtol: float = PARITY_RTOL) -> None:
     """ONNX Runtime must reproduce every output of ``module`` within ``rtol`` (relative to the output's
     largest magnitude) on every batch; otherwise one line saying which output and by how much."""
-    from insightad.engines.onnx_runtime import make_session
-
     sess = make_session(data, threads=None)
     names = [o.name for o in sess.get_outputs()]
     for images in batches:

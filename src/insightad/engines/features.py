@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from insightad.runtime import resolve_engine
 from insightad.errors import InsightADError
+from insightad.runtime import resolve_engine
 
 FeatureFn = Callable[[torch.Tensor], list[torch.Tensor]]
 

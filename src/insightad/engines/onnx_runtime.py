@@ -13,6 +13,8 @@ import torch
 
 from insightad.errors import InsightADError
 
+META_KEY = "insightad"  # the metadata entry of an InsightAD graph
+ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
 DEFAULT_THREADS = None  # ONNX Runtime's own choice: one per physical core
 
 
@@ -54,7 +56,6 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:120]})") from None
     props = {p.key: p.value for p in proto.metadata_props}
-    from insightad.engines.export import META_KEY, ONNX_FORMAT
 
     try:
         meta = json.loads(props[META_KEY])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from PIL import Image
 
 from insightad.data.images import load_image
@@ -33,7 +32,8 @@ def write_examples(ev, out_dir: str | Path, n: int = 8, det=None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.array([s.label for s in ev.samples], dtype=bool)
     pred = ev.prediction
-    scale = MapScale.for_detector(det, pred.threshold) if det is not None else MapScale(pred.threshold, default_scale(pred.threshold))
+    scale = (MapScale.for_detector(det, pred.threshold) if det is not None
+             else MapScale(pred.threshold, default_scale(pred.threshold)))
     idx = _pick(pred.scores, labels, min(n, len(labels)))
     cols = 4
     rows = max(1, (len(idx) + cols - 1) // cols)

@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from insightad import __version__
 from insightad.engines.export import ONNX_FORMAT, example_batches, export_verified
 from insightad.engines.onnx_runtime import cache_dir, file_digest, prune_cache
 from insightad.errors import InsightADError
 from insightad.io import atomic_write_bytes
 from insightad.methods.base import Detector
+from insightad.version import __version__
 
 FLAT_KEYS = ("threshold", "input_height", "input_width", "resize", "method")
 

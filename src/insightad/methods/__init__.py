@@ -6,10 +6,9 @@ Importing this package registers the built-in methods (each module registers its
 
 from __future__ import annotations
 
+from insightad.methods import autoencoder, baseline, padim, patchcore, svdd  # noqa: E402,F401  (registration)
 from insightad.methods.base import Detector, Prediction
 from insightad.methods.registry import create_detector, get_method, list_methods, register_method, unregister_method
-
-from insightad.methods import autoencoder, baseline, padim, patchcore, svdd  # noqa: E402,F401  (registration)
 
 __all__ = ["Detector", "Prediction", "create_detector", "get_method", "list_methods", "register_method",
            "unregister_method"]

@@ -16,10 +16,8 @@ from insightad.config import TrainLoopParams, param, params
 from insightad.errors import InsightADError
 from insightad.methods.autoencoder_nets import build_net
 from insightad.methods.base import Detector
-from insightad.methods.registry import register_method
 from insightad.methods.components.maps import MapSmoother
-
-
+from insightad.methods.registry import register_method
 
 AE_ARCHS = ("bottleneck", "conv4")
 AE_ARCH_ALIASES = {"seed": "conv4"}  # the name the second seed's network had before; hidden alias
@@ -29,7 +27,8 @@ class AutoencoderParams(TrainLoopParams):
     """Convolutional autoencoder: (1 - alpha) * MSE + alpha * (1 - SSIM); reconstruction error is the map."""
 
     arch: str = param("bottleneck", "network: bottleneck (a narrow latent that cannot copy defects) or conv4 "
-                      "(a plain autoencoder of four stride-2 convolutions, grayscale by default)", choices=AE_ARCHS, value_aliases=AE_ARCH_ALIASES)
+                      "(a plain autoencoder of four stride-2 convolutions, grayscale by default)",
+                      choices=AE_ARCHS, value_aliases=AE_ARCH_ALIASES)
     channels: int = param(0, "1 (grayscale) or 3 (colour); 0: colour when the images are, grayscale for "
                           "--arch conv4", minimum=0, maximum=3)
     latent: int = param(32, "bottleneck: channels of the latent at 1/16 of the image side", minimum=1)

@@ -3,8 +3,8 @@
 The seed's encoder (four stride-2 convolutions, 32-64-128-256 channels) keeps a 256 x H/16 x W/16
 latent: as many numbers as a grayscale input, so it can learn to copy defects as well as normal
 structure. The default ``bottleneck`` network squeezes the image through a small latent
-(``latent`` channels at 1/16 of the input side, 8x fewer numbers than a colour input), which forces it to reconstruct only what normal
-images share; defects then come back as reconstruction error.
+(``latent`` channels at 1/16 of the input side, 8x fewer numbers than a colour input), which forces
+it to reconstruct only what normal images share; defects then come back as reconstruction error.
 """
 
 from __future__ import annotations

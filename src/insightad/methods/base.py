@@ -101,6 +101,36 @@ class Detector:
     onnx_auto: ClassVar[bool] = True  # --engine auto may pick ONNX Runtime for it
     onnx_unsupported: ClassVar[str | None] = None  # why it cannot be exported, if it cannot
 
+    # Hyper-parameters every method has (from config.DetectorParams or TrainLoopParams via its Params).
+    backbone: str
+    weights: str | None
+    image_size: int
+    batch_size: int
+    workers: int
+    device: str
+    fit_engine: str
+    seed: int
+    # Learned state (set by fit or by loading a model file).
+    model_: nn.Module | None
+    engine_: Any
+    engine_name_: str
+    device_: torch.device
+    preprocessing_: Preprocessing
+    decision_scores_: np.ndarray
+    decision_source_: str
+    threshold_: float
+    threshold_strategy_: str
+    threshold_info_: dict[str, Any]
+    split_: dict[str, Any] | None
+    n_train_: int | None
+    fit_seconds_: float
+    fit_engine_: str
+    backbone_arch_: str | None
+    backbone_source_: str | None
+    model_path_: str
+    metadata_: dict[str, Any]
+    training_: Any
+
     # ------------------------------------------------------------------ parameters
     @classmethod
     def param_names(cls) -> list[str]:
@@ -129,7 +159,8 @@ class Detector:
         return self
 
     def __repr__(self) -> str:
-        fields = self.Params.__dataclass_fields__
+        fields = dataclasses.fields(self.Params)
+        fields = {f.name: f for f in fields}
         changed = {k: v for k, v in self.get_params().items() if v != _default_of(fields[k])}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
@@ -203,7 +234,7 @@ class Detector:
         n = (len(images) + self.batch_size - 1) // self.batch_size
         return tqdm(batches, total=n, desc=desc, unit="batch", disable=not progress, leave=False)
 
-    def set_threshold(self, value: float, strategy: str, **details: Any) -> "Detector":
+    def set_threshold(self, value: float, strategy: str, **details: Any) -> Detector:
         """Record the decision threshold and how it was chosen (kept in the model file)."""
         if not np.isfinite(value):
             raise InsightADError(f"threshold: expected a finite number, got {value!r}")

@@ -6,20 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from insightad.config import DetectorParams, param, params
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.config import DetectorParams, param, params
 from insightad.data.preprocess import Normalize
 from insightad.methods.base import Detector
-from insightad.methods.registry import register_method
 from insightad.methods.components.knn import squared_distances
 from insightad.methods.components.pooling import pooled_features
-
-
-
+from insightad.methods.registry import register_method
 
 
 @params

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from insightad.config import DetectorParams, param, params
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.config import DetectorParams, param, params
 from insightad.data.preprocess import Normalize
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.registry import register_method
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
 from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
+from insightad.methods.registry import register_method
 
 MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
 
@@ -198,7 +198,8 @@ class PadimDetector(PadimParams, Detector):
                 # Scored by the Gaussians of the other images, then added to the statistics.
                 scores = model.score_distances(acc.distances(z_held, self.epsilon).to(self.device_))[0].cpu().numpy()
                 acc.update(z_held)
-            del z_held, held
+            del z_held
+            held.clear()
             mean, inv = acc.finalize(self.epsilon)
             model.mean.copy_(mean)
             model.inv_chol = inv.to(self.device_)

@@ -18,19 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from insightad.config import DetectorParams, param, params
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.config import DetectorParams, param, params
 from insightad.data.preprocess import Normalize
-from insightad.errors import InsightADError
 from insightad.decide.thresholds import FitPolicy
+from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.registry import register_method
 from insightad.methods.components.coreset import coreset_size, greedy_coreset, random_projection
 from insightad.methods.components.knn import nearest, nearest_per_image, squared_distances
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
-
-
-
+from insightad.methods.registry import register_method
 
 
 @params

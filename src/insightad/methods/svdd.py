@@ -20,20 +20,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from insightad import config
-from insightad.config import DetectorParams, TrainLoopParams, param, params
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.config import DetectorParams, TrainLoopParams, param, params
 from insightad.data.preprocess import Normalize
 from insightad.decide.thresholds import FitPolicy
 from insightad.methods.base import Detector
-from insightad.methods.registry import register_method
 from insightad.methods.components.pooling import pooled_features, pooled_mean_std
+from insightad.methods.registry import register_method
 from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
-
-
 
 SVDD_OBJECTIVES = ("one-class", "soft-boundary")
 
@@ -99,7 +96,7 @@ class PooledFeatures(nn.Module):
         feats = self.extractor(self.normalize(x))
         return pooled_mean_std(feats) if self.pooling == "mean_std" else pooled_features(feats)
 
-    def train(self, mode: bool = True) -> "PooledFeatures":
+    def train(self, mode: bool = True) -> PooledFeatures:
         return super().train(False)  # frozen: batch-norm statistics never move
 
 

@@ -20,7 +20,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from insightad import __version__
 from insightad.apps.serve.limits import BodySizeLimitMiddleware
 from insightad.apps.serve.metrics import MetricsMiddleware
 from insightad.apps.serve.routes import add_routes
@@ -29,6 +28,7 @@ from insightad.apps.serve.service import ScoringService
 from insightad.apps.serve.settings import ServeParams
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
+from insightad.version import __version__
 
 log = logging.getLogger("insightad.serve")
 PATHS = frozenset({"/infer", "/infer/batch", "/health", "/model", "/metrics"})

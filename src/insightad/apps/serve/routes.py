@@ -13,8 +13,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from insightad.apps.serve.schemas import (BatchRequest, BatchResponse, ErrorResponse, Health, InferRequest,
-                                          InferResponse, ModelInfo)
+from insightad.apps.serve.schemas import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    Health,
+    InferRequest,
+    InferResponse,
+    ModelInfo,
+)
 from insightad.apps.serve.service import TRUE_WORDS, ScoringService
 from insightad.errors import InsightADError
 

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 from starlette.exceptions import HTTPException
 
-from insightad import __version__
 from insightad.apps.serve.codec import DecodedImage, decode_base64, decode_image, heatmap_png
 from insightad.apps.serve.metrics import ServerMetrics
 from insightad.apps.serve.settings import ServeParams
 from insightad.apps.serve.worker import InferenceWorker, Job, QueueFull, Result, WorkerStopped
 from insightad.methods.base import Detector, upsample_maps
 from insightad.render.colormap import MapScale
+from insightad.version import __version__
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
