@@ -171,7 +171,7 @@ class DetectorParams:
 # ------------------------------------------------------------------------------- augmentation
 @params
 class AugmentParams:
-    """The second seed's augmentation of normal images; each part switchable, ranges settable."""
+    """Augmentation of normal images (rotation, shift, shear, zoom, flips); each part switchable, ranges settable."""
 
     rotation: float = param(40.0, "maximum rotation in degrees (0 switches it off)", minimum=0.0, maximum=180.0)
     shift: float = param(0.2, "maximum shift as a fraction of width/height (0: off)", minimum=0.0, maximum=0.5)

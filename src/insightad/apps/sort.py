@@ -302,8 +302,3 @@ class FolderSorter:
             bar.close()
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
-
-
-def sort_folder(det, input_dir: str | Path, out_dir: str | Path, **kw: Any) -> SortSummary:
-    """Sort ``input_dir`` into ``out_dir/normal`` and ``out_dir/anomalous`` (see :class:`FolderSorter`)."""
-    return FolderSorter(det, input_dir, out_dir, **kw).run()

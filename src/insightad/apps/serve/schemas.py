@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class InferRequest(BaseModel):
-    """The second seed's request: one base64-encoded image (PNG, JPEG, BMP or TIFF, any size)."""
+    """One base64-encoded image (PNG, JPEG, BMP or TIFF, any size): the original request contract."""
 
     image: str = Field(description="base64 of an encoded image file (a data: URL prefix is allowed)")
     heatmap: bool = Field(False, description="also return the anomaly map as a base64 PNG (methods with maps)")

@@ -25,7 +25,7 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
 
 def answer_record(record: dict[str, Any], method: str) -> dict[str, Any]:
-    """The HTTP answer of one image: the seed's ``Anomaly`` plus the shared record (``anomalous``,
+    """The HTTP answer of one image: the original contract's ``Anomaly`` plus the shared record (``anomalous``,
     score, score_normalized, threshold) and the method."""
     return {"Anomaly": bool(record["anomalous"]), "anomalous": bool(record["anomalous"]), "score": record["score"],
             "score_normalized": record["score_normalized"], "threshold": record["threshold"], "method": method}
