@@ -1,0 +1,203 @@
+"""Out-of-fold validation: every validation normal (and the synthetic defect made on it) is scored
+by a model that never saw that normal.
+
+Schemes, by method:
+
+- ``padim`` (random or no channel reduction): exact k-fold cross-fitting from its additive
+  statistics. The per-position sums of all training images are accumulated once; each fold's
+  model is those sums minus the fold's own, which is exactly the model fitted without the fold.
+  Cost: two extra backbone passes over the training images, no refit.
+- ``baseline``: k-fold refit (its fit is one backbone pass, so k refits are cheap).
+- every other method (``patchcore``, and the trained ``svdd`` and ``autoencoder``): one held-out
+  fold (1/k of the images); the method is refitted once on the other folds. Train time grows by
+  under 2x instead of k x, and the validation set is the fold (its size is stated and warned about).
+
+The final model is always fitted on all training normals (by the caller): validation models
+are thrown away.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from insightad.data.defects import DEFECT_KINDS, SyntheticDefect, make_defects
+from insightad.errors import InsightADError
+from insightad.methods.base import Detector
+from insightad.methods.patch_gaussian import PatchGaussianAccumulator
+
+DEFAULT_FOLDS = 5
+REFIT_ALL_FOLDS = ("baseline",)
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold scores of validation normals and of one synthetic defect per validation normal."""
+
+    scheme: str
+    normal_index: np.ndarray  # which training images were validation normals
+    normal_scores: np.ndarray
+    defects: list[SyntheticDefect] = field(default_factory=list)
+    defect_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+    defect_maps: list[np.ndarray] | None = None  # at model size; None for image-level methods
+    normal_map_max: np.ndarray | None = None
+    seconds: float = 0.0
+
+    @property
+    def defect_kinds(self) -> list[str]:
+        return [d.kind for d in self.defects]
+
+
+def fold_ids(n: int, k: int, seed: int) -> np.ndarray:
+    """A fold number per image: a seeded permutation cut into ``k`` near-equal folds."""
+    if n < 2:
+        raise InsightADError(f"validation: out-of-fold scores need at least 2 training images, got {n}")
+    k = max(2, min(int(k), n))
+    out = np.empty(n, dtype=np.int64)
+    out[np.random.default_rng([int(seed), 13]).permutation(n)] = np.arange(n) % k
+    return out
+
+
+def clone_unfitted(det: Detector) -> Detector:
+    """A fresh detector with the same hyper-parameters."""
+    return type(det)(**det.get_params())
+
+
+def at_model_size(det: Detector, images: Sequence) -> list[np.ndarray]:
+    """Images decoded and resized exactly as the detector's preprocessing does, as uint8 (H, W[, C])."""
+    out = []
+    for src in images:
+        t, _ = det.preprocessing_.load(getattr(src, "path", src))
+        a = t.numpy().transpose(1, 2, 0)
+        out.append(a[..., 0] if a.shape[2] == 1 else a)
+    return out
+
+
+def scheme_for(det: Detector) -> str:
+    if det.method == "padim" and getattr(det, "reduction", "random") != "pca":
+        return "kfold-exact"
+    return "kfold-refit" if det.method in REFIT_ALL_FOLDS else "heldout-fold"
+
+
+def out_of_fold(det: Detector, images: Sequence, k: int = DEFAULT_FOLDS, seed: int = 0, synthetic: bool = True,
+                kinds: Sequence[str] = DEFECT_KINDS, scheme: str | None = None) -> OutOfFold:
+    """Out-of-fold scores for ``images`` (the training normals) with ``det``'s hyper-parameters.
+
+    ``det`` is the final model, already fitted on all ``images`` (kfold-exact reads its projection
+    and backbone); it is not changed.
+    """
+    t0 = time.perf_counter()
+    folds = fold_ids(len(images), k, seed)
+    scheme = scheme or scheme_for(det)
+    if scheme == "kfold-exact":
+        res = _padim_exact(det, images, folds, seed, synthetic, kinds)
+    elif scheme in ("kfold-refit", "heldout-fold"):
+        fitted = sorted(set(folds.tolist())) if scheme == "kfold-refit" else [0]
+        res = _refit(det, images, folds, fitted, seed, synthetic, kinds)
+    else:
+        raise InsightADError(f"validation scheme: expected kfold-exact, kfold-refit or heldout-fold, got {scheme!r}")
+    res.scheme = f"{scheme} (k={int(folds.max()) + 1})"
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _defects_for(arrays: list[np.ndarray], index: np.ndarray, seed: int, synthetic: bool,
+                 kinds: Sequence[str]) -> list[SyntheticDefect]:
+    if not synthetic or len(arrays) < 1:
+        return []
+    made = make_defects(arrays, seed=seed, kinds=kinds)
+    return [SyntheticDefect(d.image, d.mask, d.kind, int(index[d.source])) for d in made]
+
+
+def _collect(scheme: str, n_index: list[np.ndarray], n_scores: list[np.ndarray], n_max: list[np.ndarray],
+             defects: list[SyntheticDefect], d_scores: list[np.ndarray], d_maps: list[np.ndarray] | None) -> OutOfFold:
+    idx = np.concatenate(n_index)
+    order = np.argsort(idx, kind="stable")
+    return OutOfFold(scheme, idx[order], np.concatenate(n_scores)[order], defects,
+                     np.concatenate(d_scores) if d_scores else np.empty(0), d_maps,
+                     np.concatenate(n_max)[order] if n_max else None)
+
+
+def _refit(det: Detector, images: Sequence, folds: np.ndarray, fitted: list[int], seed: int, synthetic: bool,
+           kinds: Sequence[str]) -> OutOfFold:
+    n_index, n_scores, n_max, d_scores = [], [], [], []
+    defects: list[SyntheticDefect] = []
+    d_maps: list[np.ndarray] | None = [] if det.has_maps else None
+    for f in fitted:
+        held = np.flatnonzero(folds == f)
+        rest = [images[i] for i in np.flatnonzero(folds != f)]
+        fold_det = clone_unfitted(det).fit(rest)
+        arrays = at_model_size(fold_det, [images[i] for i in held])
+        made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
+        pred = fold_det.predict(arrays + [d.image for d in made], maps=det.has_maps)
+        n_index.append(held)
+        n_scores.append(pred.scores[:len(held)])
+        d_scores.append(pred.scores[len(held):])
+        if pred.maps is not None:
+            n_max.append(np.array([float(np.max(m)) for m in pred.maps[:len(held)]]))
+            if d_maps is not None:
+                d_maps.extend(pred.maps[len(held):])
+        defects.extend(made)
+    return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
+
+
+# ------------------------------------------------------------------------------ PaDiM, exact
+def _minus(total: PatchGaussianAccumulator, part: PatchGaussianAccumulator) -> PatchGaussianAccumulator:
+    """The statistics of the images in ``total`` but not in ``part`` (both summed around one shift)."""
+    rest = PatchGaussianAccumulator(total.positions, total.dim)
+    rest.n = total.n - part.n
+    rest.shift = total.shift
+    rest.sum = total.sum - part.sum
+    rest.sum_outer = total.sum_outer - part.sum_outer
+    return rest
+
+
+def _padim_features(det: Detector, arrays_or_paths: Sequence) -> torch.Tensor:
+    """Reduced patch features (N, P, d) of images, through the fitted model's own layers."""
+    model = det.model_
+    dev = getattr(det, "device_", torch.device("cpu"))
+    out = []
+    with torch.inference_mode():
+        for batch in det._batches(list(arrays_or_paths), False, "padim: validation"):
+            x = batch.images.to(dev).contiguous(memory_format=torch.channels_last)
+            out.append(model.reduce(model.raw_features(x)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,
+                 kinds: Sequence[str]) -> OutOfFold:
+    det._check_fitted()
+    model = det.model_
+    positions, dim = model.mean.shape
+    total = PatchGaussianAccumulator(positions, dim)
+    fold_list = sorted(set(folds.tolist()))
+    for f in fold_list:  # pass 1: the sums of every training image, one shift for all
+        total.update(_padim_features(det, [images[i] for i in np.flatnonzero(folds == f)]))
+    n_index, n_scores, n_max, d_scores = [], [], [], []
+    defects: list[SyntheticDefect] = []
+    d_maps: list[np.ndarray] = []
+    for f in fold_list:  # pass 2: each fold's model = total minus the fold
+        held = np.flatnonzero(folds == f)
+        arrays = at_model_size(det, [images[i] for i in held])
+        z = _padim_features(det, arrays)
+        part = PatchGaussianAccumulator(positions, dim)
+        part.shift = total.shift
+        part.update(z)
+        rest = _minus(total, part)
+        made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
+        if made:
+            z = torch.cat([z, _padim_features(det, [d.image for d in made])])
+        with torch.inference_mode():
+            s, maps = model.score_distances(rest.distances(z, det.epsilon).to(getattr(det, "device_", "cpu")))
+        s, maps = s.cpu().double().numpy(), maps.float().cpu().numpy()
+        n_index.append(held)
+        n_scores.append(s[:len(held)])
+        n_max.append(maps[:len(held)].reshape(len(held), -1).max(1))
+        d_scores.append(s[len(held):])
+        d_maps.extend(list(maps[len(held):]))
+        defects.extend(made)
+    return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
