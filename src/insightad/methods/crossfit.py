@@ -26,12 +26,15 @@ import numpy as np
 import torch
 
 from insightad.data.defects import DEFECT_KINDS, SyntheticDefect, make_defects
+from insightad.decide.decisions import DEFAULT_MAX_FALSE_ALARMS, DecisionRecord, decide
+from insightad.decide.normalize import robust_scale
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.patch_gaussian import PatchGaussianAccumulator
 
 DEFAULT_FOLDS = 5
 REFIT_ALL_FOLDS = ("baseline",)
+MIN_VALIDATION_NORMALS = 20
 
 
 @dataclass
@@ -201,3 +204,32 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
         d_maps.extend(list(maps[len(held):]))
         defects.extend(made)
     return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
+
+
+# ------------------------------------------------------------------------------ the decision
+def validate_and_decide(det: Detector, images: Sequence, strategy: str = "fpr",
+                        max_false_alarms: float = DEFAULT_MAX_FALSE_ALARMS, folds: int = DEFAULT_FOLDS,
+                        seed: int = 0) -> tuple[OutOfFold, DecisionRecord]:
+    """Out-of-fold scores of the training normals and synthetic defects -> ``det``'s threshold, with
+    the false-alarm rate and synthetic recall expected at it recorded in ``threshold_info_``.
+
+    The out-of-fold normal scores become ``decision_scores_``; the scale of ``score_normalized`` is
+    their spread. The previous (in-method) threshold is kept under ``method_default``.
+    """
+    oof = out_of_fold(det, images, k=folds, seed=seed)
+    masks = [d.mask for d in oof.defects] if oof.defect_maps is not None else None
+    rec = decide(strategy, oof.normal_scores, oof.defect_scores, oof.defect_kinds,
+                 max_false_alarms=max_false_alarms, percentile=float(getattr(det, "threshold_percentile", 99.0)),
+                 synthetic_maps=oof.defect_maps, synthetic_masks=masks, validation=oof.scheme)
+    n = len(oof.normal_scores)
+    if n < MIN_VALIDATION_NORMALS:
+        rec.warnings.insert(0, f"the validation set is small ({n} normal images scored out of fold): the expected "
+                               "false-alarm rate and recall are rough (train on more normal images)")
+    previous = {"value": getattr(det, "threshold_", None), "strategy": getattr(det, "threshold_strategy_", None)}
+    det.decision_scores_ = oof.normal_scores
+    details = {"decision": rec.to_dict(), "scale": robust_scale(oof.normal_scores, rec.threshold),
+               "n": n, "method_default": previous, "validation_seconds": round(oof.seconds, 3)}
+    if rec.pixel_threshold is not None:
+        details["pixel_threshold"] = rec.pixel_threshold
+    det.set_threshold(rec.threshold, f"oof_{strategy}", **details)
+    return oof, rec
