@@ -60,22 +60,24 @@ def auto_fit(images: Sequence, common: dict[str, Any], decision: DecisionParams,
              log: Callable[[str], None] | None = None) -> tuple[Detector, list[Candidate]]:
     """Fit every candidate (in the order given) until the budget is spent; returns the chosen detector
     (with the table in ``selection_``) and all candidates."""
-    factory = factory or (lambda m, p: create_detector(m, **p))
-    for m in decision.candidates:
-        if factory is create_detector and m not in available():
+    if factory is None:
+        factory = lambda m, p: create_detector(m, **_params_for(m, p))  # noqa: E731
+        unknown = [m for m in decision.candidates if m not in available()]
+        if unknown:
+            m = unknown[0]
             raise InsightADError(f"--candidates: unknown method {m!r} (available: {', '.join(available())})")
     start = time.perf_counter()
     out: list[Candidate] = []
     for m in decision.candidates:
         spent = time.perf_counter() - start
-        if spent >= decision.time_budget:
+        if spent >= decision.time_budget and any(c.detector is not None for c in out):
             out.append(Candidate(m, None, {"method": m, "synthetic_auroc": None, "fit_seconds": None,
                                            "skipped": f"time budget spent ({spent:.0f} s)"}))
             continue
         if log:
             log(f"auto: fitting {m}")
         t = time.perf_counter()
-        det = factory(m, _params_for(m, common))
+        det = factory(m, common)
         det.fit(list(images), progress=progress)
         _, rec = validate_and_decide(det, images, decision.threshold_strategy, decision.max_false_alarms,
                                      decision.folds, seed)
