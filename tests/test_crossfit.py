@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import SIZE
 from insightad.data.defects import DEFECT_KINDS, make_defects
 from insightad.data.synthetic import TOLERANCE, make_image
 from insightad.errors import InsightADError
+from tests.conftest import SIZE
 
 
 def _normals(n=6, size=64, kind="disc"):
@@ -44,13 +44,13 @@ def test_crossfitted_padim_equals_models_fitted_without_each_fold(mvtec_dir):
     from insightad.methods import create_detector
     from insightad.methods.crossfit import at_model_size, fold_ids, out_of_fold
 
-    paths = [s.path for s in discover(mvtec_dir).train][:20]
+    paths = [s.path for s in discover(mvtec_dir).train][:12]
     params = {"image_size": SIZE, "n_features": 24, "fit_engine": "torch"}
     final = create_detector("padim", **params).fit(paths)
-    oof = out_of_fold(final, paths, k=4, seed=0)
-    assert oof.scheme.startswith("kfold-exact") and len(oof.normal_scores) == 20 and len(oof.defects) == 20
-    folds = fold_ids(20, 4, 0)
-    for f in (0, 3):
+    oof = out_of_fold(final, paths, k=3, seed=0)
+    assert oof.scheme.startswith("kfold-exact") and len(oof.normal_scores) == 12 and len(oof.defects) == 12
+    folds = fold_ids(12, 3, 0)
+    for f in (2,):
         held = np.flatnonzero(folds == f)
         alone = create_detector("padim", **params).fit([p for i, p in enumerate(paths) if folds[i] != f])
         want = alone.predict(at_model_size(alone, [paths[i] for i in held]), maps=False).scores
@@ -58,13 +58,21 @@ def test_crossfitted_padim_equals_models_fitted_without_each_fold(mvtec_dir):
     assert np.median(oof.defect_scores) > np.median(oof.normal_scores)
 
 
-def test_heldout_fold_scheme_for_other_methods(mvtec_dir):
+def test_heldout_fold_refit_equals_exact_baseline_folds(mvtec_dir):
+    """Baseline's exact k-fold scores (one embedding pass, bank minus the fold) equal a refit without
+    the fold (the held-out-fold scheme), for the fold's normals and the defects made on them."""
     from insightad.data.layouts import discover
     from insightad.methods import create_detector
     from insightad.methods.crossfit import out_of_fold
 
     paths = [s.path for s in discover(mvtec_dir).train][:15]
-    final = create_detector("baseline", image_size=SIZE).fit(paths)
-    oof = out_of_fold(final, paths, k=5, seed=0, scheme="heldout-fold")
-    assert oof.scheme == "heldout-fold (k=5)" and len(oof.normal_scores) == 3 and len(oof.defect_scores) == 3
-    assert oof.defect_maps is None
+    final = create_detector("baseline", image_size=SIZE, fit_engine="torch").fit(paths)
+    exact = out_of_fold(final, paths, k=5, seed=0)
+    held = out_of_fold(final, paths, k=5, seed=0, scheme="heldout-fold")
+    assert exact.scheme == "kfold-exact (k=5)" and len(exact.normal_scores) == 15
+    assert held.scheme == "heldout-fold (k=5)" and len(held.normal_scores) == 3 and len(held.defect_scores) == 3
+    same = np.isin(exact.normal_index, held.normal_index)
+    np.testing.assert_allclose(exact.normal_scores[same], held.normal_scores, rtol=1e-4)
+    first = [i for i, d in enumerate(exact.defects) if d.source in set(held.normal_index.tolist())]
+    np.testing.assert_allclose(exact.defect_scores[first], held.defect_scores, rtol=1e-4)
+    assert exact.defect_maps is None

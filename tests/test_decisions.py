@@ -6,8 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from insightad.decide.decisions import (DecisionRecord, decide, fit_tail, fpr_threshold, pixel_threshold,
-                                        wilson_interval)
+from insightad.decide.decisions import (
+    DecisionRecord,
+    decide,
+    fit_tail,
+    fpr_threshold,
+    pixel_threshold,
+    wilson_interval,
+)
 from insightad.errors import InsightADError
 
 
@@ -37,7 +43,9 @@ def test_false_alarm_cap_holds_on_generated_data(n, dist):
     rate, rates = 0.02, []
     for seed in range(60):
         rng = np.random.default_rng(seed)
-        draw = (lambda k: rng.normal(0, 1, k)) if dist == "normal" else (lambda k: rng.gamma(2.0, 1.0, k))
+        def draw(k: int, rng: np.random.Generator = rng) -> np.ndarray:
+            return rng.normal(0, 1, k) if dist == "normal" else rng.gamma(2.0, 1.0, k)
+
         t, _ = fpr_threshold(draw(n), rate)
         rates.append((draw(20000) > t).mean())
     assert np.mean(rates) <= rate * 1.6, (np.mean(rates), n, dist)  # average false-alarm rate near the cap
@@ -48,7 +56,7 @@ def test_tail_model_used_below_one_over_rate():
     rng = np.random.default_rng(1)
     assert fit_tail(rng.normal(size=30), 0.02).kind in ("gpd", "normal")
     assert fit_tail(rng.normal(size=50), 0.02).kind == "empirical"
-    t, tail = fpr_threshold(rng.normal(size=30), 0.02)
+    _t, tail = fpr_threshold(rng.normal(size=30), 0.02)
     assert tail.kind in ("gpd", "normal")
     rec = decide("fpr", rng.normal(size=30))
     assert rec.warnings and "validation normals" in rec.warnings[0]

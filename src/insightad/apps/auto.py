@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 from insightad.config import DecisionParams
 from insightad.errors import InsightADError
 from insightad.methods import Detector, available, create_detector, params_class
@@ -61,7 +60,7 @@ def auto_fit(images: Sequence, common: dict[str, Any], decision: DecisionParams,
     """Fit every candidate (in the order given) until the budget is spent; returns the chosen detector
     (with the table in ``selection_``) and all candidates."""
     if factory is None:
-        factory = lambda m, p: create_detector(m, **_params_for(m, p))  # noqa: E731
+        factory = lambda m, p: create_detector(m, **_params_for(m, p))
         unknown = [m for m in decision.candidates if m not in available()]
         if unknown:
             m = unknown[0]
