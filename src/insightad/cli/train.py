@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     add_data_flags(p)
     p.add_argument("--out", "--output", dest="out", metavar="MODEL",
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
+    p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
+                   "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
     add_progress_flag(p)
     if method in available() + backbone_trainers():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
@@ -78,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         _print_training(det.training_)
     print(f"default threshold {det.threshold_:.6g} ({det.threshold_strategy_})")
     _print_decision(det)
+    if getattr(args, "report", None):
+        from insightad.apps.train_report import write_train_report
+
+        write_train_report(det, args.report)
+        print(f"train report written to {args.report}/report.md")
     print(f"model written to {path}")
     sys.stdout.flush()
     return 0

@@ -271,6 +271,7 @@ def validate_and_decide(det: Detector, images: Sequence, strategy: str = "fpr",
                                "false-alarm rate and recall are rough (train on more normal images)")
     previous = {"value": getattr(det, "threshold_", None), "strategy": getattr(det, "threshold_strategy_", None)}
     det.decision_scores_ = oof.normal_scores
+    det.validation_ = oof  # for the train report; not saved in the model file
     details = {"decision": rec.to_dict(), "scale": robust_scale(oof.normal_scores, rec.threshold),
                "n": n, "method_default": previous, "validation_seconds": round(oof.seconds, 3)}
     if rec.pixel_threshold is not None:
