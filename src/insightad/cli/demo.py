@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     det, model_path, _ = train_model(data, method, params, DataParams(seed=args.seed), out / f"demo-{method}.safetensors",
                                      progress=args.progress, decision=DecisionParams(time_budget=DEMO_BUDGET_S))
     if getattr(det, "selection_", None):
-        from insightad.apps.auto import format_table
+        from insightad.apps.auto import format_table as auto_table
 
-        print(format_table(det.selection_["candidates"], det.selection_["chosen"]))
+        print(auto_table(det.selection_["candidates"], det.selection_["chosen"]))
     method = det.method
     rec = det.threshold_info_.get("decision")
     print(f"[2/4] trained {method} on 60 good images in {det.fit_seconds_:.1f} s -> {model_path}")
