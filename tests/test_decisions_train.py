@@ -104,10 +104,12 @@ def test_calibrate_labels_with_given_scores_checks_the_model_hash(decided, tmp_p
     assert "row 2: label expected normal or anomalous" in capsys.readouterr().err
 
 
-def test_auto_picks_the_better_of_two_stubs_within_the_budget(mvtec_dir):
+def test_auto_picks_the_better_of_two_stubs_within_the_budget(mvtec_dir, tmp_path):
     from insightad.apps.auto import auto_fit
     from insightad.data.layouts import discover
+    from insightad.model_file import save_model
 
+    register_method()
     paths = [s.path for s in discover(mvtec_dir).train][:20]
     kinds = {"noise": NoiseDetector, "meandev": MeanDeviationDetector}
 
@@ -119,6 +121,8 @@ def test_auto_picks_the_better_of_two_stubs_within_the_budget(mvtec_dir):
     rows = {r["method"]: r for r in chosen.selection_["candidates"]}
     assert rows["meandev"]["synthetic_auroc"] > rows["noise"]["synthetic_auroc"]
     assert all(r["fit_seconds"] >= 0 and r["size_mb"] >= 0 for r in rows.values())
+    back = load_model(save_model(chosen, tmp_path / "auto.safetensors"))  # the table travels with the model
+    assert back.selection_ == chosen.selection_ and back.threshold_info_["decision"]["synthetic_auroc"] > 0.5
     # a budget already spent after the first candidate: the others are skipped and said so
     chosen, cands = auto_fit(paths, {}, DecisionParams(candidates=["noise", "meandev"], time_budget=1e-6),
                              factory=factory)

@@ -67,8 +67,14 @@ def fold_ids(n: int, k: int, seed: int) -> np.ndarray:
 
 
 def clone_unfitted(det: Detector) -> Detector:
-    """A fresh detector with the same hyper-parameters."""
-    return type(det)(**det.get_params())
+    """A fresh detector with the same hyper-parameters, except that a trained method's validation
+    model neither writes into nor resumes from the final model's checkpoint folder (that checkpoint
+    saw the held-out fold)."""
+    params = det.get_params()
+    for key, off in (("checkpoint_dir", None), ("resume", False)):
+        if key in params:
+            params[key] = off
+    return type(det)(**params)
 
 
 def at_model_size(det: Detector, images: Sequence) -> list[np.ndarray]:
