@@ -49,7 +49,7 @@ def run_one(spec: dict) -> dict:
     from insightad.apps.train import train_model
     from insightad.config import DataParams
     from insightad.evaluate.run import evaluate_model
-    from insightad.methods import get_class
+    from insightad.methods import get_method
 
     import_s = time.perf_counter() - t0
     if spec["threads"]:
@@ -59,7 +59,7 @@ def run_one(spec: dict) -> dict:
               "seed": spec["seed"], "device": "cpu"}
     if method == "patchcore":
         params["coreset_ratio"] = spec["coreset"]
-    fields = set(get_class(method).Params.__dataclass_fields__)
+    fields = set(get_method(method).Params.__dataclass_fields__)
     if "fit_engine" in fields:  # the frozen backbone of fit runs on the engine under test too
         params["fit_engine"] = spec["engine"]
     params.update({k: v for k, v in spec["set"].items() if k in fields})
@@ -67,7 +67,7 @@ def run_one(spec: dict) -> dict:
     t = time.perf_counter()
     det, _, split = train_model(spec["data"], method, params, dp, spec["model_path"], progress=False)
     train_total = time.perf_counter() - t
-    from insightad.apps.inference import load_for_inference
+    from insightad.inference.load import load_for_inference
 
     fit_seconds = det.fit_seconds_
     det = load_for_inference(spec["model_path"], spec["engine"], spec["threads"] or None)

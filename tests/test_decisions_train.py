@@ -13,7 +13,7 @@ from torch import nn
 from insightad.cli import main
 from insightad.config import DataParams, DecisionParams
 from insightad.model_file import load_model, read_metadata
-from tests.mapdetector import NAME, MeanDeviationDetector, register_method
+from tests.mapdetector import NAME, MeanDeviationDetector, register_meandev
 
 
 class NoiseModel(nn.Module):
@@ -37,7 +37,7 @@ def decided(mvtec_dir, tmp_path_factory):
     """A meandev model trained with the out-of-fold decision (held-out fold: 6 of 30 normals)."""
     from insightad.apps.train import train_model
 
-    register_method()
+    register_meandev()
     out = tmp_path_factory.mktemp("decided") / "m.safetensors"
     det, path, _ = train_model(mvtec_dir, NAME, {"image_size": 64}, DataParams(), out, progress=False,
                                decision=DecisionParams())
@@ -109,7 +109,7 @@ def test_auto_picks_the_better_of_two_stubs_within_the_budget(mvtec_dir, tmp_pat
     from insightad.data.layouts import discover
     from insightad.model_file import save_model
 
-    register_method()
+    register_meandev()
     paths = [s.path for s in discover(mvtec_dir).train][:20]
     kinds = {"noise": NoiseDetector, "meandev": MeanDeviationDetector}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from insightad.config import DecisionParams
 from insightad.errors import InsightADError
-from insightad.methods import Detector, available, create_detector, params_class
+from insightad.methods import Detector, create_detector, get_method, list_methods
 from insightad.methods.crossfit import at_model_size, validate_and_decide
 
 TIE = 0.005  # synthetic AUROCs closer than this count as a tie
@@ -28,7 +28,7 @@ class Candidate:
 
 def _params_for(method: str, common: dict[str, Any]) -> dict[str, Any]:
     """The shared hyper-parameters the user gave that this method has (its own defaults otherwise)."""
-    names = {f.name for f in dataclasses.fields(params_class(method))}
+    names = {f.name for f in dataclasses.fields(get_method(method).Params)}
     return {k: v for k, v in common.items() if k in names}
 
 
@@ -61,10 +61,10 @@ def auto_fit(images: Sequence, common: dict[str, Any], decision: DecisionParams,
     (with the table in ``selection_``) and all candidates."""
     if factory is None:
         factory = lambda m, p: create_detector(m, **_params_for(m, p))
-        unknown = [m for m in decision.candidates if m not in available()]
+        unknown = [m for m in decision.candidates if m not in list_methods()]
         if unknown:
             m = unknown[0]
-            raise InsightADError(f"--candidates: unknown method {m!r} (available: {', '.join(available())})")
+            raise InsightADError(f"--candidates: unknown method {m!r} (available: {', '.join(list_methods())})")
     start = time.perf_counter()
     out: list[Candidate] = []
     for m in decision.candidates:

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from insightad.decide.decisions import DecisionRecord
 from insightad.errors import InsightADError
-from insightad.model_file import atomic_write
+from insightad.io import atomic_write
 from insightad.render.colormap import MapScale, blend, with_colorbar
 
 

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 def write_threshold_json(path: Path, model: str, record: dict) -> None:
     import json
 
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     body = {"threshold": record["value"], "strategy": record["strategy"], "model": str(Path(model).resolve()),
             "details": record["details"]}
@@ -51,7 +51,7 @@ def write_threshold_json(path: Path, model: str, record: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.decide import calibrate as cal_mod
+    from insightad.apps import calibrate as cal_mod
 
     if args.out and Path(args.out).suffix.lower() != ".json":
         raise InsightADError(f"--out: expected a .json file name, got {args.out!r}")
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_labels(args: argparse.Namespace, det) -> int:
     """``--labels``: the threshold from operator-labelled images (re-scored, or scores as given)."""
-    from insightad.decide import calibrate as cal_mod
+    from insightad.apps import calibrate as cal_mod
     from insightad.decide.labels import check_model_hash, read_labels
 
     lf = read_labels(args.labels)
@@ -111,7 +111,7 @@ def run_labels(args: argparse.Namespace, det) -> int:
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise InsightADError(f"{args.labels}: {len(missing)} listed images not found, e.g. {missing[0]}")
-        scores, _ = cal_mod.score_in_chunks(det, paths, False, progress=args.progress)
+        scores, _ = cal_mod.score_with_map_max(det, paths, False, progress=args.progress)
     else:
         scores = lf.scores
     record = cal_mod.labels_record(det, lf, scores, strategy, args.percentile)

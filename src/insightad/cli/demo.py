@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     ev = evaluate_model(det, data, DataParams(), progress=args.progress)
     print("[3/4] evaluated on the test images:")
     print(format_table(ev.metrics))
-    sheet = write_examples(ev, out / "examples")
+    sheet = write_examples(ev, out / "examples", det=det)
     print(f"[4/4] example images written to {sheet}")
     elapsed = time.perf_counter() - t0
     if args.json:

@@ -8,6 +8,7 @@ import socket
 import sys
 
 from insightad import config
+from insightad.apps.serve.settings import ServeParams
 from insightad.cli.common import add_model_flag, new_parser, parse_threshold, with_config
 from insightad.cli.options import add_dataclass_args, gather
 from insightad.errors import InsightADError
@@ -24,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     add_model_flag(p)
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's decision threshold")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level (default: info)")
-    add_dataclass_args(p, config.ServeParams, title="server")
+    add_dataclass_args(p, ServeParams, title="server")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "serve"), _argv=argv)
 
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from insightad.apps.serve.memory import pin_mmap_threshold
     from insightad.apps.serve.security import API_KEY_ENV
 
-    settings = gather(args, config.ServeParams)
+    settings = gather(args, ServeParams)
     if settings.api_key is None:
         settings.api_key = os.environ.get(API_KEY_ENV) or None
     elif not settings.api_key:

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "finishes what it had begun and skips what is done: no image is lost or duplicated.")
     add_model_flag(p)
     p.add_argument("--input", "--sort-out", "--sort_out", dest="input", required=True, metavar="DIR",
-                   help="folder of images to sort (--sort_out: the first seed's name for it)")
+                   help="folder of images to sort")
     p.add_argument("--out", "--output", dest="out", metavar="DIR",
                    help="output folder, not inside the input folder (default: <input>_sorted beside it)")
     p.add_argument("--move", action="store_true", help="move the images instead of copying them")

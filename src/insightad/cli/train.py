@@ -8,7 +8,13 @@ import sys
 from insightad import config
 from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, with_config
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
-from insightad.methods import available, backbone_trainers, get_class, params_class
+
+
+def method_names() -> list[str]:
+    from insightad.apps.train import BACKBONE_METHODS
+    from insightad.methods import list_methods
+
+    return list_methods() + list(BACKBONE_METHODS)
 
 
 def _method_from(argv: list[str]) -> str:
@@ -28,6 +34,8 @@ def _method_from(argv: list[str]) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    from insightad.apps.train import params_class
+
     method = _method_from(argv)
     p = new_parser(sub, "train", "fit a detector on normal images and write its model file",
                    "Fit a detector on the normal training images of --data and write one model file. "
@@ -36,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "backbone instead and writes a backbone file for '--backbone ssl:PATH'. Method-specific "
                    "flags are listed by 'insightad train --method NAME --help'.")
     p.add_argument("--method", "--mode", dest="method", default="baseline",
-                   choices=available() + ["auto"] + backbone_trainers(),
+                   choices=method_names() + ["auto"],
                    help="detection method; auto: fit --candidates within --time-budget and keep the best on "
                         "synthetic defects; ssl: train a backbone")
     add_data_flags(p)
@@ -45,26 +53,28 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
                    "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
     add_progress_flag(p)
-    if method in available() + backbone_trainers():
+    from insightad.apps.train import BACKBONE_METHODS, params_class
+
+    if method in method_names():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
     elif method == "auto":
         add_dataclass_args(p, config.DetectorParams, title="hyper-parameters shared by the candidates")
-    if method not in backbone_trainers():
+    if method not in BACKBONE_METHODS:
         skip = () if method == "auto" else ("candidates", "time_budget")
         add_dataclass_args(p, config.DecisionParams, skip=skip, title="the default threshold")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train"), _argv=argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.apps.train import train_model
+    from insightad.apps.train import BACKBONE_METHODS, params_class, train_model
 
-    if args.method in backbone_trainers():
+    if args.method in BACKBONE_METHODS:
         return run_backbone(args)
     if args.method == "auto":
         given = {k: v for k, v in vars(gather(args, config.DetectorParams)).items()
                  if k in vars(args)}  # only what the user typed: each candidate keeps its own defaults
     else:
-        given = vars(gather(args, get_class(args.method).Params))
+        given = vars(gather(args, params_class(args.method)))
     decision = gather(args, config.DecisionParams)
     det, path, split = train_model(args.data, args.method, given, data_params(args), args.out, args.progress,
                                    decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -120,7 +130,7 @@ def run_backbone(args: argparse.Namespace) -> int:
     """``--method ssl``: train a backbone and write a backbone file (not a detector)."""
     import warnings
 
-    from insightad.apps.train import train_backbone
+    from insightad.apps.train import params_class, train_backbone
 
     params = gather(args, params_class(args.method))
     with warnings.catch_warnings(record=True) as caught:

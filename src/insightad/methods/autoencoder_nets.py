@@ -22,8 +22,8 @@ def _up(cin: int, cout: int) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class SeedAutoencoder(nn.Module):
-    """The second seed's architecture: 4 stride-2 convs (32, 64, 128, 256) + BN + ReLU, mirrored by
+class Conv4Autoencoder(nn.Module):
+    """A plain autoencoder (the second seed's network): 4 stride-2 convs (32, 64, 128, 256) + BN + ReLU, mirrored by
     4 transposed convs, sigmoid output. Input side must be a multiple of 16."""
 
     stride = 16
@@ -60,10 +60,7 @@ class BottleneckAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-ARCHS = {"seed": SeedAutoencoder, "bottleneck": BottleneckAutoencoder}
-
-
 def build_net(arch: str, channels: int, latent: int) -> nn.Module:
-    if arch == "seed":
-        return SeedAutoencoder(channels)
+    if arch == "conv4":
+        return Conv4Autoencoder(channels)
     return BottleneckAutoencoder(channels, latent)

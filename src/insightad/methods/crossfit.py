@@ -31,7 +31,7 @@ from insightad.decide.decisions import DEFAULT_MAX_FALSE_ALARMS, DecisionRecord,
 from insightad.decide.normalize import robust_scale
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.patch_gaussian import PatchGaussianAccumulator
+from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
 
 DEFAULT_FOLDS = 5
 REFIT_ALL_FOLDS: tuple[str, ...] = ()  # methods whose k-fold refit is cheap enough to do for every fold

@@ -1,4 +1,4 @@
-"""Request payloads to model-ready tensors, and anomaly maps to PNG: the server's byte-level I/O.
+"""Request payloads to model-ready tensors, and anomaly maps to colour PNGs: the server's byte-level I/O.
 
 Decoding follows the CLI's path exactly (``load_image`` then the model's own ``Preprocessing``), so a
 served score equals ``insightad predict``'s for the same image file. Every failure is an
@@ -21,6 +21,7 @@ from PIL import Image
 from insightad.data.images import load_image
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
+from insightad.render.colormap import MapScale, colorize
 
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]*)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -88,16 +89,18 @@ def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, field: str =
     return DecodedImage(tensor, size)
 
 
-def heatmap_png(amap: np.ndarray) -> tuple[str, float, float]:
-    """An anomaly map -> (base64 8-bit grayscale PNG scaled from its min to its max, min, max).
+MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side
 
-    The PNG has the input image's size; pixel value v stands for min + v / 255 * (max - min), so the
-    raw map can be recovered to within 1/255 of its range.
-    """
-    amap = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(amap.min()), float(amap.max())
-    scaled = np.zeros(amap.shape, np.uint8) if hi <= lo else \
-        np.clip((amap - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+
+def heatmap_png(amap: np.ndarray, scale: MapScale) -> str:
+    """An anomaly map -> base64 RGB PNG in the one colour convention (``render.colormap``), at the
+    input's size but at most ``MAX_HEATMAP_SIDE`` on its long side (answers stay small)."""
+    amap = np.asarray(amap, dtype=np.float32)
+    h, w = amap.shape
+    f = min(1.0, MAX_HEATMAP_SIDE / max(h, w))
+    img = Image.fromarray(colorize(amap, scale))
+    if f < 1.0:
+        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    Image.fromarray(scaled, mode="L").save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii"), lo, hi
+    img.save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")

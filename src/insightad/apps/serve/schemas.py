@@ -22,18 +22,22 @@ class BatchRequest(BaseModel):
 
 
 class InferResponse(BaseModel):
-    """The seed's ``Anomaly`` decision plus the raw score, the threshold it was compared with and the method."""
+    """The ``Anomaly`` decision of the original contract, plus the same record as ``insightad predict --json``."""
 
     model_config = ConfigDict(populate_by_name=True)
 
-    Anomaly: bool = Field(description="score > threshold")
+    Anomaly: bool = Field(description="score > threshold (the original contract's name)")
+    anomalous: bool = Field(description="the same decision, under the name every machine-readable output uses")
     score: float = Field(description="raw anomaly score (higher = more anomalous)")
+    score_normalized: float | None = Field(None, description="logistic map of the score: 0.5 at the threshold")
     threshold: float = Field(description="the decision threshold in use")
     method: str = Field(description="detection method of the served model")
-    heatmap: str | None = Field(None, description="base64 8-bit grayscale PNG of the anomaly map at the input's "
-                                "size; value v means heatmap_min + v/255 * (heatmap_max - heatmap_min)")
-    heatmap_min: float | None = Field(None, description="map value that PNG value 0 stands for")
-    heatmap_max: float | None = Field(None, description="map value that PNG value 255 stands for")
+    heatmap: str | None = Field(None, description="base64 RGB PNG of the anomaly map at the input's size (at most "
+                                "1024 px on its long side), in the product's colour convention: the colour of "
+                                "map value m is jet(1 / (1 + exp(-(m - heatmap_level) / heatmap_scale)))")
+    heatmap_level: float | None = Field(None, description="map value drawn at the middle of the colour scale "
+                                        "(the pixel threshold)")
+    heatmap_scale: float | None = Field(None, description="spread of the colour scale around heatmap_level")
 
 
 class BatchResponse(BaseModel):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from insightad import __version__, config
+from insightad.config import DEFAULT_BACKBONE, TrainLoopParams, param, params
 from insightad.backbones import build_extractor
 from insightad.backbones.registry import BACKBONE_META_KEY
 from insightad.data.loader import ImageSource
@@ -39,6 +40,26 @@ ROTATIONS = 4
 CHANCE = 1.0 / ROTATIONS
 BACKBONE_FORMAT = "insightad-backbone"
 
+
+
+SSL_INITS = ("imagenet", "random")
+
+@params
+class SSLParams(TrainLoopParams):
+    """Rotation-prediction pretraining of a backbone on unlabelled images (writes a backbone file)."""
+
+    backbone: str = param(DEFAULT_BACKBONE, "architecture to train (a timm name, or ssl:PATH to continue "
+                          "from an earlier backbone file)")
+    init: str = param("imagenet", "start from the backbone's ImageNet weights or from random weights",
+                      choices=SSL_INITS)
+    weights: str | None = param(None, "with --init imagenet: a .safetensors/.pth file to start from "
+                                "instead of the installed ImageNet weights")
+    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16)
+    workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
+    epochs: int = param(10, "training epochs (each image is seen at 4 rotations per epoch)", minimum=1,
+                        aliases=("--epoch",))
+    min_accuracy: float = param(0.4, "warn when the best rotation accuracy stays below this (chance is 0.25)",
+                                minimum=0.0, maximum=1.0)
 
 class RotationUnlearnableWarning(UserWarning):
     """The rotation task stayed near chance: the backbone learned little from these images."""
@@ -92,7 +113,7 @@ class RotationSSL:
     """Trains a backbone on rotation prediction; ``save`` writes the backbone file."""
 
     method = "ssl"
-    Params = config.SSLParams
+    Params = SSLParams
 
     def __init__(self, **params: Any) -> None:
         p = config.build(self.Params, params, where=self.method)
@@ -175,7 +196,7 @@ class RotationSSL:
         """Write the backbone file atomically (weights in timm names + metadata); returns its path."""
         from safetensors.torch import save_file
 
-        from insightad.model_file import atomic_write
+        from insightad.io import atomic_write
 
         if not hasattr(self, "body_"):
             raise InsightADError("ssl: nothing to save yet (call fit first)")
