@@ -74,7 +74,8 @@ def write_train_report(det: Any, out_dir: str | Path) -> dict[str, Any]:
     lines = [f"# Training: {det.method}", "", f"- threshold {det.threshold_:.6g} ({det.threshold_strategy_})",
              f"- {rec.summary()}", f"- validation: {rec.validation}, {rec.n_normal} normals scored out of fold, "
              f"{rec.n_synthetic} synthetic defects (one per validation normal)",
-             f"- synthetic AUROC {rec.synthetic_auroc:.4f}" if rec.synthetic_auroc is not None else "- no synthetic defects"]
+             (f"- synthetic AUROC {rec.synthetic_auroc:.4f}" if rec.synthetic_auroc is not None
+              else "- no synthetic defects")]
     if rec.pixel_threshold is not None:
         lines.append(f"- pixel threshold {rec.pixel_threshold:.6g} (best pixel F1 on the synthetic masks)")
     lines += [f"- warning: {w}" for w in rec.warnings]

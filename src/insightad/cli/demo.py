@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from insightad.cli.evaluate import format_table
     from insightad.config import DataParams, DecisionParams
     from insightad.data.synthetic import write_dataset
-    from insightad.evaluate.run import evaluate_model
     from insightad.evaluate.examples import write_examples
+    from insightad.evaluate.run import evaluate_model
 
     t0 = time.perf_counter()
     out = Path(args.out)

@@ -34,7 +34,7 @@ def _method_from(argv: list[str]) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
-    from insightad.apps.train import params_class
+    from insightad.apps.train import BACKBONE_METHODS, params_class
 
     method = _method_from(argv)
     p = new_parser(sub, "train", "fit a detector on normal images and write its model file",
@@ -53,8 +53,6 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
                    "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
     add_progress_flag(p)
-    from insightad.apps.train import BACKBONE_METHODS, params_class
-
     if method in method_names():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
     elif method == "auto":
