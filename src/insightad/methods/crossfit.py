@@ -180,7 +180,7 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
         made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
         per_fold.append((held, made, _embeddings(det, arrays + [d.image for d in made])))
     emb = torch.empty(len(images), per_fold[0][2].shape[1])
-    for held, made, e in per_fold:
+    for held, _made, e in per_fold:
         emb[torch.as_tensor(held)] = e[:len(held)]
     for held, made, e in per_fold:
         rest = emb[torch.as_tensor(np.setdiff1d(np.arange(len(images)), held))]
