@@ -391,13 +391,18 @@ def score_chunk(det, paths: Sequence[bytes], opts: ScoreOptions) -> pa.Table:
     }, schema=SCHEMA)
 
 
+def _save_npy(path: Path, m: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save on a name would add ".npy" to the temporary name
+        np.save(f, np.asarray(m, np.float32))
+
+
 def _write_extras(det, opts: ScoreOptions, path: bytes, source: str | bytes, m, pred, j: int
                   ) -> tuple[str | None, str | None]:
     """The map (float32 ``.npy``) and overlay (PNG) of one image, each written to a temp name and renamed."""
     map_path = overlay_path = None
     if opts.maps_dir and m is not None:
         target = _mirror(opts.maps_dir, opts, path, ".map.npy")
-        durable_write(target, lambda tmp: np.save(open(tmp, "wb"), np.asarray(m, np.float32)))
+        durable_write(target, lambda tmp: _save_npy(tmp, m))
         map_path = os.fsdecode(os.fsencode(target))
     if opts.overlays_dir:
         from insightad.apps.overlay import MapDisplay, render_overlay

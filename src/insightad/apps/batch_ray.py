@@ -30,7 +30,7 @@ def import_ray() -> Any:
     """The ``ray`` module with Ray Data, or a one-line message saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise InsightADError(f"--ray needs Ray (with Ray Data), which is not installed: {INSTALL_HINT}") from None
     return ray

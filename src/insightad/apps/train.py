@@ -8,6 +8,7 @@ from typing import Any
 from insightad.config import DataParams, TrainLoopParams
 from insightad.data.layouts import Dataset, discover, holdout_split
 from insightad.methods import Detector, create_detector, get_backbone_trainer, params_class
+from insightad.methods.base import ShardRunner
 from insightad.model_file import save_model
 
 
@@ -34,13 +35,15 @@ def split_record(ds: Dataset, train: list, held: list, dp: DataParams) -> dict[s
 
 
 def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
-                out: str | Path | None = None, progress: bool = True) -> tuple[Detector, Path, dict]:
-    """Fit ``method`` on the normal training images of ``data``; returns (detector, model path, split)."""
+                out: str | Path | None = None, progress: bool = True,
+                shards: ShardRunner | None = None) -> tuple[Detector, Path, dict]:
+    """Fit ``method`` on the normal training images of ``data``; returns (detector, model path, split).
+    ``shards`` spreads a reduction fit over workers (see ``apps.train_ray``)."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     out = Path(out or default_model_path(ds.root, method))
     det = create_detector(method, **with_training_dir(method, params, out))
-    det.fit([s.path for s in train], progress=progress)
+    det.fit([s.path for s in train], progress=progress, shards=shards)
     det.split_ = split_record(ds, train, held, dp)
     path = save_model(det, out)
     return det, path, det.split_

@@ -7,6 +7,7 @@ import sys
 
 from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, with_config
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
+from insightad.errors import InsightADError
 from insightad.methods import available, backbone_trainers, get_class, params_class
 
 
@@ -40,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     add_data_flags(p)
     p.add_argument("--out", "--output", dest="out", metavar="MODEL",
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
+    p.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="spread the fit over Ray workers (baseline, padim): 'local' starts Ray here, 'auto' or "
+                   "HOST:PORT joins a cluster whose nodes all read --data")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="Ray workers for --ray (default: 2)")
     add_progress_flag(p)
     if method in available() + backbone_trainers():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
@@ -53,7 +58,16 @@ def run(args: argparse.Namespace) -> int:
         return run_backbone(args)
     cls = get_class(args.method)
     params = gather(args, cls.Params)
-    det, path, split = train_model(args.data, args.method, vars(params), data_params(args), args.out, args.progress)
+    shards = None
+    if args.ray:
+        from insightad.apps.train_ray import ray_shards
+
+        if not cls.sharded_fit:
+            raise InsightADError(f"--ray: {args.method}'s fit cannot be distributed (baseline and padim can); "
+                                 "train it without --ray")
+        shards = ray_shards(args.method, vars(params), args.workers, args.ray)
+    det, path, split = train_model(args.data, args.method, vars(params), data_params(args), args.out, args.progress,
+                                   shards)
     held = f", {len(split['holdout'])} normal images held out" if split["holdout"] else ""
     print(f"trained {args.method} on {len(split['train'])} normal images of {split['root']} "
           f"({split['layout']} layout{held}) in {det.fit_seconds_:.1f} s")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +27,9 @@ from insightad.data.loader import Batch, ImageSource, iter_batches
 from insightad.data.preprocess import Normalize, Preprocessing
 from insightad.decide.normalize import normalize_scores
 from insightad.errors import InsightADError
+
+
+ShardRunner = Callable[[str, Sequence[Any]], list[Any]]  # (detector method, images) -> one result per shard
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Detector:
     Params: ClassVar[type] = config.DetectorParams
     has_maps: ClassVar[bool] = False
     uses_backbone: ClassVar[bool] = True
+    sharded_fit: ClassVar[bool] = False  # True: _fit_sharded can spread the per-image work (fit(shards=...))
 
     def __init__(self, **params: Any) -> None:
         p = config.build(self.Params, params, where=self.method or type(self).__name__)
@@ -131,14 +135,26 @@ class Detector:
         return Normalize(p.mean, p.std, p.channels)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images: Sequence[ImageSource], progress: bool = False) -> "Detector":
-        """Learn what normal looks like from ``images`` (paths, PIL images, arrays or Samples)."""
+    def fit(self, images: Sequence[ImageSource], progress: bool = False,
+            shards: ShardRunner | None = None) -> "Detector":
+        """Learn what normal looks like from ``images`` (paths, PIL images, arrays or Samples).
+
+        ``shards`` (e.g. Ray tasks, see apps.train_ray) runs the per-image work of methods whose fit
+        is a reduction elsewhere: ``shards(name, images)`` calls ``name`` on a copy of this detector
+        for contiguous shards of ``images`` and returns the results in order; the fitted model is
+        the one a single-process fit gives (within float tolerance)."""
         if len(images) == 0:
             raise InsightADError("fit: no training images given")
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(self.device)
         t0 = time.perf_counter()
-        self._fit(images, progress)
+        if shards is None:
+            self._fit(images, progress)
+        elif not self.sharded_fit:
+            raise InsightADError(f"{self.method}: this method's fit is not a reduction and cannot be distributed; "
+                                 "train it without --ray")
+        else:
+            self._fit_sharded(images, progress, shards)
         self.fit_seconds_ = time.perf_counter() - t0
         self.n_train_ = len(images)
         if not hasattr(self, "threshold_"):
@@ -146,6 +162,9 @@ class Detector:
         return self
 
     def _fit(self, images: Sequence[ImageSource], progress: bool) -> None:
+        raise NotImplementedError
+
+    def _fit_sharded(self, images: Sequence[ImageSource], progress: bool, shards: ShardRunner) -> None:
         raise NotImplementedError
 
     def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True
