@@ -120,6 +120,40 @@ def test_distributed_padim_fit_equals_single_process(ray_local, mvtec_dir):
     assert two.threshold_strategy_ == one.threshold_strategy_
 
 
+def test_sort_on_ray_keeps_its_crash_safety(ray_local, inputs, baseline_model, local_rows, tmp_path):
+    from insightad.apps.batch_ray import sort_scorer
+    from insightad.apps.sort import CSV_NAME, FolderSorter
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in [q for q in sorted(inputs.glob("*.png")) if q.name.isascii()][:9]:  # UTF-8 names: non-UTF-8 ones in sort's CSV are issue 12's
+        shutil.copy(p, src / p.name)
+    det = load_for_inference(baseline_model, "torch")
+    scorer = sort_scorer(Path(baseline_model), det.threshold_, workers=2, chunk=3, engine="torch")
+    seen = []
+
+    def crash(stage: str, what: str) -> None:  # killed after the first file of the second chunk is in place
+        seen.append(stage)
+        if stage == "transferred" and seen.count("intents") == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        FolderSorter(det, src, tmp_path / "out", batch_size=3, hook=crash, scorer=scorer).run()
+    s = FolderSorter(det, src, tmp_path / "out", batch_size=3, scorer=scorer).run()
+    assert s.recovered >= 1  # the interrupted chunk's journaled decisions were finished, not scored again
+    import csv
+
+    with open(tmp_path / "out" / CSV_NAME, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in src.glob("*.png"))  # once each
+    placed = sorted(p.name for p in (tmp_path / "out").rglob("*.png"))
+    assert placed == sorted(r["path"].rsplit("/", 1)[1] for r in rows if r["decision"] != "error")
+    ref = {os.fsdecode(r["path_bytes"]).rsplit("/", 1)[1]: r for r in local_rows}
+    for r in rows:
+        want = ref[Path(r["path"]).name]
+        assert r["decision"] == ("error" if want["error"] else "anomalous" if want["anomalous"] else "normal")
+
+
 def test_two_node_cluster_gives_the_same_rows(inputs, baseline_model, local_rows, tmp_path):
     from ray.cluster_utils import Cluster
 

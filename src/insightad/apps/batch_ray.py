@@ -129,3 +129,39 @@ def _scored(ray: Any, job: BatchJob, todo: list[bytes], workers: int, gpus: floa
                                "opts": job.options(job.threshold), "engine": "torch" if gpus > 0 else engine,
                                "device": device, "threads": 1})
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+
+
+def table_prediction(table: pa.Table, threshold: float) -> tuple[list[bytes], Any]:
+    """A chunk's rows as (path bytes, Prediction): NaN score and an ``errors`` entry for error rows."""
+    import numpy as np
+
+    from insightad.methods.base import Prediction
+
+    nan = float("nan")
+    scores = np.array([nan if v is None else v for v in table.column("score").to_pylist()], dtype=np.float64)
+    normalized = np.array([nan if v is None else v for v in table.column("score_normalized").to_pylist()])
+    labels = np.array([bool(v) for v in table.column("anomalous").to_pylist()], dtype=bool)
+    errors = {i: e for i, e in enumerate(table.column("error").to_pylist()) if e is not None}
+    return table.column("path_bytes").to_pylist(), Prediction(scores, None, threshold, labels, normalized, errors)
+
+
+def sort_scorer(model: Path, threshold: float, address: str = "local", workers: int = 2, chunk: int = 32,
+                num_cpus: int | None = None, engine: str = "auto"):
+    """``FolderSorter``'s scorer on Ray: the batch actor pool scores, the sorter places each chunk as it
+    comes back (journal, transfer, CSV), so sort's crash-safety is unchanged."""
+    from insightad.apps.batch import ResultsStore, Source, file_sha256
+
+    ray = import_ray()
+
+    def score(paths: list[Path]):
+        if not paths:
+            return
+        connect(address, num_cpus)
+        raw = [os.fsencode(p) for p in paths]
+        job = BatchJob(Path(model), Source(raw, b""), ResultsStore(Path(os.devnull)), threshold, chunk=chunk,
+                       model_sha256=file_sha256(model))
+        for table in _scored(ray, job, raw, workers, 0.0, engine, Scorer):
+            got, pred = table_prediction(table, threshold)
+            yield [Path(os.fsdecode(p)) for p in got], pred
+
+    return score
