@@ -148,3 +148,47 @@ def test_batch_without_ray_installed_says_how(monkeypatch, inputs, tmp_path, bas
     rc = main(["batch", "--model", str(baseline_model), "--input", str(inputs), "--out", str(tmp_path / "r.parquet"),
                "--ray", "local"])
     assert rc == 1 and "pip install 'insightad[ray]'" in capsys.readouterr().err
+
+
+def _in_process_shards(method: str, params: dict, k: int):
+    """A ShardRunner without Ray: ``k`` contiguous shards, each on a fresh detector (as a Ray task does)."""
+    from insightad.methods import create_detector
+
+    def run(name, images):
+        b = [round(i * len(images) / k) for i in range(k + 1)]
+        return [getattr(create_detector(method, **params), name)(list(images[x:y])) for x, y in zip(b, b[1:])]
+
+    return run
+
+
+@pytest.mark.parametrize("method", ["padim", "patchcore", "baseline"])
+def test_sharded_fit_equals_single_process_fit(method, mvtec_dir):
+    """The reduction hooks (PaDiM's summed statistics, gathered features) give the single-process model."""
+    import torch
+
+    from insightad.methods import create_detector
+
+    images = sorted((mvtec_dir / "train" / "good").glob("*.png"))[:10]
+    params = {"image_size": 64, "batch_size": 4, "fit_engine": "torch"}
+    one = create_detector(method, **params).fit(images)
+    many = create_detector(method, **params).fit(images, shards=_in_process_shards(method, params, 3))
+    for name, t in one.model_.state_dict().items():
+        if t.is_floating_point() and name.split(".")[0] not in ("extractor", "normalize"):
+            got = many.model_.state_dict()[name]
+            if name == "inv_chol":  # compare the covariances: the inverse factors amplify float32 noise
+                t, got = (torch.linalg.inv(x.double()) for x in (t, got))
+                t, got = t @ t.transpose(1, 2), got @ got.transpose(1, 2)
+            np.testing.assert_allclose(got.numpy(), t.numpy(), rtol=1e-4, atol=1e-5 * float(t.abs().max()),
+                                       err_msg=name)
+    assert many.threshold_ == pytest.approx(one.threshold_, rel=1e-4)
+    test = sorted((mvtec_dir / "test" / "crack").glob("*.png"))
+    np.testing.assert_allclose(many.predict(test).scores, one.predict(test).scores, rtol=1e-4)
+
+
+def test_sharded_fit_refused_where_fit_is_not_a_reduction(mvtec_dir):
+    from insightad.errors import InsightADError
+    from insightad.methods import create_detector
+
+    det = create_detector("padim", image_size=64, reduction="pca")
+    with pytest.raises(InsightADError, match="reduction=pca"):
+        det.fit(sorted((mvtec_dir / "train" / "good").glob("*.png"))[:4], shards=_in_process_shards("padim", {}, 2))

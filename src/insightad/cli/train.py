@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--out", "--output", dest="out", metavar="MODEL",
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
-                   help="spread the fit over Ray workers (baseline, padim): 'local' starts Ray here, 'auto' or "
+                   help="spread the fit over Ray workers (baseline, padim, patchcore): 'local' starts Ray here, 'auto' or "
                    "HOST:PORT joins a cluster whose nodes all read --data")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="Ray workers for --ray (default: 2)")
     add_progress_flag(p)
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         from insightad.apps.train_ray import ray_shards
 
         if not cls.sharded_fit:
-            raise InsightADError(f"--ray: {args.method}'s fit cannot be distributed (baseline and padim can); "
+            raise InsightADError(f"--ray: {args.method}'s fit cannot be distributed (baseline, padim and patchcore can); "
                                  "train it without --ray")
         shards = ray_shards(args.method, vars(params), args.workers, args.ray)
     det, path, split = train_model(args.data, args.method, vars(params), data_params(args), args.out, args.progress,
