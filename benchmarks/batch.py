@@ -52,8 +52,15 @@ def peak_kb(pid: int) -> int:
     return 0
 
 
-def ray_workers() -> list[int]:
-    """Pids of this user's Ray actor processes (their command line starts with ``ray::``)."""
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def ray_workers(root: int) -> list[int]:
+    """Pids of the Ray actor processes (command line ``ray::...MapWorker``) descended from ``root``."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -62,7 +69,11 @@ def ray_workers() -> list[int]:
             except OSError:
                 continue
             if cmd.startswith(b"ray::") and b"MapWorker" in cmd:
-                out.append(int(d.name))
+                pid = p = int(d.name)
+                while p > 1 and p != root:
+                    p = _parent(p)
+                if p == root:
+                    out.append(pid)
     return out
 
 
@@ -76,7 +87,7 @@ def run(name: str, cmd: list[str], env: dict[str, str]) -> dict:
     def sample() -> None:
         while not stop.is_set():
             driver[0] = max(driver[0], peak_kb(proc.pid))
-            for pid in ray_workers():
+            for pid in ray_workers(proc.pid):
                 peaks[pid] = max(peaks.get(pid, 0), peak_kb(pid))
             stop.wait(0.5)
 

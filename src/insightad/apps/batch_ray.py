@@ -124,7 +124,8 @@ def _scored(ray: Any, job: BatchJob, todo: list[bytes], workers: int, gpus: floa
     device = "cuda" if gpus > 0 else "cpu"
     resources: dict[str, Any] = {"num_gpus": gpus} if gpus > 0 else {}
     ds = ray.data.from_arrow(blocks).map_batches(
-        scorer, batch_size=job.chunk, batch_format="pyarrow", concurrency=workers, num_cpus=1, **resources,
+        scorer, batch_size=job.chunk, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1, **resources,
         fn_constructor_kwargs={"model": [model_ref], "suffix": Path(job.model).suffix,
                                "opts": job.options(job.threshold), "engine": "torch" if gpus > 0 else engine,
                                "device": device, "threads": 1})
