@@ -66,11 +66,8 @@ def _same(rows: list[dict], ref: list[dict]) -> None:
     assert any(r["path_bytes"].endswith(ODD) and r["error"] is None for r in rows)
 
 
-def test_ray_local_gives_the_local_rows(ray_local, inputs, baseline_model, local_rows, tmp_path):
-    _same(_ray_rows(inputs, baseline_model, tmp_path / "r.parquet"), local_rows)
-
-
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, inputs, baseline_model, local_rows, tmp_path):
+    """Ray local gives the local runner's rows (scores within 1e-5), even when an actor is killed mid-run."""
     marker = str(tmp_path / "killed")
 
     class DiesOnce(Scorer):  # the first actor to reach its second chunk is killed while scoring it
