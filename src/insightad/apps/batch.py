@@ -15,40 +15,25 @@ name that is not valid UTF-8 round-trips.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import glob as globlib
 import hashlib
 import os
 import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from insightad.data.images import IMAGE_EXTENSIONS, is_image_file
+from insightad.apps.batch_sources import Source, is_url, list_source
+from insightad.apps.batch_store import SCHEMA, ResultsStore, durable_write, output_lock
 from insightad.errors import InsightADError
 
-SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("path_bytes", pa.binary()),
-    ("score", pa.float64()),
-    ("score_normalized", pa.float64()),
-    ("anomalous", pa.bool_()),
-    ("threshold", pa.float64()),
-    ("error", pa.string()),
-    ("model_sha256", pa.string()),
-    ("time", pa.timestamp("ms", tz="UTC")),
-    ("map", pa.string()),
-    ("overlay", pa.string()),
-])
-GLOB_CHARS = ("*", "?", "[")
+__all__ = ["SCHEMA", "BatchJob", "BatchSummary", "ResultsStore", "ScoreOptions", "Source", "durable_write",
+           "file_sha256", "list_source", "output_lock", "run_local", "score_chunk"]
 
 
 # ----------------------------------------------------------------------------- names
@@ -62,242 +47,12 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def is_url(path: bytes) -> bool:
-    return b"://" in path
-
-
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- sources
-@dataclass
-class Source:
-    """The inputs of a job (exact path bytes, in order, no repeats) and the root their names mirror from."""
-
-    paths: list[bytes]
-    root: bytes
-
-    def relative(self, path: bytes) -> bytes:
-        rel = path[len(self.root):] if self.root and path.startswith(self.root) else path
-        return rel.lstrip(b"/") or os.path.basename(path)
-
-
-def _walk(root: bytes) -> Iterator[bytes]:
-    """Image files under ``root`` (regular files, symlinks to files included), sorted, hidden skipped."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(b"."))
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            if is_image_file(Path(os.fsdecode(name))) and os.path.isfile(p):
-                yield p
-
-
-def _unique(paths: Sequence[bytes]) -> list[bytes]:
-    return list(dict.fromkeys(paths))
-
-
-def _url_source(spec: str) -> Source:
-    """A source on an fsspec file system (``s3://``, ``gs://``, ``file://``...): folder, glob or list."""
-    import fsspec
-
-    fs, where = fsspec.core.url_to_fs(spec)
-    proto = spec.split("://", 1)[0] + "://"
-    if any(c in where for c in GLOB_CHARS):
-        found = [p for p in fs.glob(where) if p.lower().endswith(IMAGE_EXTENSIONS)]
-        root = where.split("*")[0].rsplit("/", 1)[0]
-    elif fs.isdir(where):
-        found = [p for p in fs.find(where) if is_image_file(Path(p))]
-        root = where
-    elif fs.isfile(where):
-        with fs.open(where, "rb") as f:
-            found = [ln.decode("utf-8", "surrogateescape").strip() for ln in f.read().splitlines()]
-        found = [p for p in found if p and not p.startswith("#")]
-        return Source(_unique([os.fsencode(p) for p in found]), b"")
-    else:
-        raise InsightADError(f"{spec}: no such folder, file or glob")
-    paths = [os.fsencode(p if "://" in p else proto + p) for p in sorted(found)]
-    return Source(_unique(paths), os.fsencode(proto + root))
-
-
-def list_source(spec: str) -> Source:
-    """A folder (recursive), a text file of paths (one a line; relative ones from the file's folder),
-    or a glob (``**`` recursive). A listed path that does not exist becomes an error row later."""
-    if "://" in spec:
-        return _url_source(spec)
-    raw = os.fsencode(os.path.expanduser(spec))
-    if any(c.encode() in raw for c in GLOB_CHARS) and not os.path.exists(raw):
-        found = sorted(p for p in globlib.glob(raw, recursive=True)
-                       if os.path.isfile(p) and is_image_file(Path(os.fsdecode(p))))
-        prefix = raw[:min(raw.find(c.encode()) for c in GLOB_CHARS if c.encode() in raw)]
-        root = os.path.dirname(prefix)
-        if not found:
-            raise InsightADError(f"{spec}: the glob matches no image files "
-                                 f"(expected {', '.join(IMAGE_EXTENSIONS)})")
-        return Source(_unique([os.path.abspath(p) for p in found]), os.path.abspath(root or b"."))
-    if os.path.isdir(raw):
-        found = list(_walk(os.path.abspath(raw)))
-        if not found:
-            raise InsightADError(f"{spec}: no images found in this folder (expected {', '.join(IMAGE_EXTENSIONS)})")
-        return Source(found, os.path.abspath(raw))
-    if os.path.isfile(raw):
-        with open(raw, "rb") as f:
-            head = f.read(4096)
-        if is_image_file(Path(spec)) or b"\x00" in head:
-            raise InsightADError(f"{spec}: expected a folder, a glob or a text file of image paths (one a line), "
-                                 "got an image or a binary file")
-        base = os.path.dirname(os.path.abspath(raw))
-        with open(raw, "rb") as f:
-            lines = [ln.rstrip(b"\r").strip() for ln in f.read().splitlines()]
-        paths = [ln if is_url(ln) else os.path.normpath(os.path.join(base, ln))
-                 for ln in lines if ln and not ln.startswith(b"#")]
-        if not paths:
-            raise InsightADError(f"{spec}: the list of paths is empty (expected one image path a line)")
-        local = [p for p in paths if not is_url(p)]
-        root = os.path.commonpath([os.path.dirname(p) for p in local]) if local else b""
-        return Source(_unique(paths), root)
-    raise InsightADError(f"{spec}: no such folder, file or glob")
-
-
-# ----------------------------------------------------------------------------- results store
-@dataclass
-class ResultsStore:
-    """``out`` (the merged Parquet table), ``out.parts/`` (committed chunks) and ``out.lock``."""
-
-    out: Path
-    csv: Path | None = None
-    _seq: int = 0
-
-    @property
-    def parts_dir(self) -> Path:
-        return self.out.with_name(self.out.name + ".parts")
-
-    @property
-    def lock_path(self) -> Path:
-        return self.out.with_name(self.out.name + ".lock")
-
-    def check(self) -> None:
-        """Refuse outputs that cannot be written, before any work starts."""
-        for p in [self.out] + ([self.csv] if self.csv else []):
-            if p.is_dir():
-                raise InsightADError(f"{p}: is a folder; expected a results file name (e.g. results.parquet)")
-            parent = p.parent if str(p.parent) else Path(".")
-            parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(parent, os.W_OK):
-                raise InsightADError(f"{p}: cannot write in {parent}")
-        if self.out.exists():
-            try:
-                got = pq.read_schema(self.out)
-            except Exception:  # noqa: BLE001
-                raise InsightADError(f"{self.out}: exists and is not a Parquet file; choose another --out") from None
-            if "path_bytes" not in got.names or "model_sha256" not in got.names:
-                raise InsightADError(f"{self.out}: exists and is not an insightad batch results table; "
-                                     "choose another --out")
-
-    def _part_files(self) -> list[Path]:
-        return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
-
-    def read_all(self, columns: list[str] | None = None) -> pa.Table:
-        """The merged table and every committed part, in commit order (duplicates not yet removed)."""
-        tables = [pq.read_table(self.out, columns=columns)] if self.out.exists() else []
-        tables += [pq.read_table(p, columns=columns) for p in self._part_files()]
-        schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
-        return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
-
-    def done(self, model_sha: str) -> dict[bytes, tuple[float, bool]]:
-        """path bytes -> (threshold, is error) of the rows already committed for this model."""
-        t = self.read_all(["path_bytes", "model_sha256", "threshold", "error"])
-        out: dict[bytes, tuple[float, bool]] = {}
-        for p, m, thr, err in zip(*(t.column(c).to_pylist() for c in t.column_names)):
-            if m == model_sha and p not in out:
-                out[p] = (thr, err is not None)
-        return out
-
-    def commit(self, table: pa.Table) -> Path:
-        """Write one chunk's rows as a part file: temp name, fsync, rename, fsync the folder."""
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        self._seq += 1
-        name = f"part-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.parquet"
-        target = self.parts_dir / name
-        durable_write(target, lambda tmp: pq.write_table(table.cast(SCHEMA), tmp))
-        return target
-
-    def consolidate(self) -> pa.Table:
-        """Merge ``out`` and the parts (first row of each (path, model) wins), write ``out`` (and the CSV)
-        atomically, then delete the parts: a kill at any point leaves nothing lost or duplicated."""
-        parts = self._part_files()
-        t = self.read_all()
-        seen: set[tuple[bytes, str]] = set()
-        keep = []
-        for i, key in enumerate(zip(t.column("path_bytes").to_pylist(), t.column("model_sha256").to_pylist())):
-            if key not in seen:
-                seen.add(key)
-                keep.append(i)
-        t = t.take(pa.array(keep, pa.int64())) if len(keep) != t.num_rows else t
-        t = t.sort_by([("model_sha256", "ascending"), ("path_bytes", "ascending")])
-        durable_write(self.out, lambda tmp: pq.write_table(t, tmp))
-        if self.csv is not None:
-            import pyarrow.csv as pacsv
-
-            durable_write(self.csv, lambda tmp: pacsv.write_csv(t.drop_columns(["path_bytes"]), tmp))
-        for p in parts:
-            p.unlink(missing_ok=True)
-        if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):
-            self.parts_dir.rmdir()
-        return t
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def durable_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` to a hidden temporary name beside ``path``, fsync it, rename, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-@contextmanager
-def output_lock(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``lock_path`` for the run; a second run is refused at once."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
-            raise InsightADError(f"{what}: another run is writing it (lock {lock_path} held by pid {holder}); wait "
-                                 "for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock; the file stays (harmless, reused)
-
 
 # ----------------------------------------------------------------------------- scoring one chunk
 @dataclass(frozen=True)
