@@ -135,25 +135,28 @@ LOCK_NAME = ".insightad.lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
-    """Hold an exclusive lock on ``folder`` (a lock file inside it) for the duration; a second holder
-    is refused at once with one line naming the folder. Released when the process ends, however."""
+def file_lock(lock_path: str | Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl`` lock on ``lock_path`` for the duration; a second holder is refused at
+    once with one line naming ``what`` and the holder's pid. Released when the process ends, however."""
     import fcntl
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK_NAME
-    f = open(lock, "a+")
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InsightADError(f"{folder}: another {what} is already writing to this folder; wait for it "
-                                 "to finish or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield lock
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            raise InsightADError(f"{what}: another run is writing it (lock {lock_path} held by pid {holder}); wait "
+                                 "for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_path
     finally:
-        f.close()
+        os.close(fd)  # closing the descriptor releases the lock; the file stays (harmless, reused)
+
+
+def folder_lock(folder: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:
+    """``file_lock`` on a lock file inside ``folder`` (sort's output folder)."""
+    return file_lock(Path(folder) / LOCK_NAME, f"{folder} ({what})")

@@ -38,6 +38,8 @@ FIELDS = ("path", "score", "score_normalized", "decision", "destination", "error
 DECISIONS = ("normal", "anomalous")
 
 Hook = Callable[[str, str], None]  # (stage, relative path): test hook for simulated crashes
+# paths to score -> (paths of a chunk, its Prediction) as chunks finish, in any order (e.g. apps.batch_ray)
+Scorer = Callable[[list[Path]], Iterator[tuple[list[Path], Any]]]
 
 
 @dataclass
@@ -111,8 +113,9 @@ class FolderSorter:
 
     def __init__(self, det, input_dir: str | Path, out_dir: str | Path, *, move: bool = False,
                  threshold: float | None = None, batch_size: int = 32, progress: bool = False,
-                 hook: Hook | None = None) -> None:
+                 hook: Hook | None = None, scorer: Scorer | None = None) -> None:
         self.det = det
+        self.scorer = scorer
         self.src, self.out = check_folders(Path(input_dir), Path(out_dir))
         self.move, self.batch_size, self.progress, self.hook = move, max(1, batch_size), progress, hook
         self.threshold = float(det.threshold_ if threshold is None else threshold)
@@ -238,7 +241,11 @@ class FolderSorter:
 
     def _batch(self, rels: list[Path]) -> None:
         paths = [self.src / r for r in rels]
-        pred = self.det.predict(paths, maps=False, strict=False, threshold=self.threshold)
+        self._place(rels, self.det.predict(paths, maps=False, strict=False, threshold=self.threshold))
+
+    def _place(self, rels: list[Path], pred) -> None:
+        """Journal the decisions of a scored batch, transfer the files, then write their CSV rows."""
+        paths = [self.src / r for r in rels]
         intents, rows = [], []
         for i, (rel, path) in enumerate(zip(rels, paths)):
             if i in pred.errors:
@@ -287,7 +294,12 @@ class FolderSorter:
         bar = tqdm(total=todo, desc="sort", unit="img", disable=not self.progress)
         batch: list[Path] = []
         try:
-            for rel in self._walk():
+            if self.scorer is not None:  # scored elsewhere (Ray), chunk by chunk; placed here, one chunk at a time
+                rels = [r for r in self._walk() if str(self.src / r) not in done]
+                for part, pred in self.scorer([self.src / r for r in rels]):
+                    self._place([p.relative_to(self.src) for p in part], pred)
+                    bar.update(len(part))
+            for rel in self._walk() if self.scorer is None else []:
                 if str(self.src / rel) in done:
                     continue
                 batch.append(rel)

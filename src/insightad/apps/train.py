@@ -9,6 +9,7 @@ from typing import Any
 from insightad.config import DataParams, DecisionParams, TrainLoopParams
 from insightad.data.layouts import Dataset, discover, holdout_split
 from insightad.methods import Detector, create_detector, get_method
+from insightad.methods.base import ShardRunner
 from insightad.model_file import save_model
 
 
@@ -48,10 +49,12 @@ def split_record(ds: Dataset, train: list, held: list, dp: DataParams) -> dict[s
 
 def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
                 out: str | Path | None = None, progress: bool = True, decision: DecisionParams | None = None,
-                log: Callable[[str], None] | None = None) -> tuple[Detector, Path, dict]:
+                log: Callable[[str], None] | None = None, shards: ShardRunner | None = None
+                ) -> tuple[Detector, Path, dict]:
     """Fit ``method`` (or ``auto``) on the normal training images of ``data``; returns (detector, model
     path, split). With ``decision``, the threshold is chosen on out-of-fold normals and synthetic defects
-    (``methods.crossfit``); without it, the method's own default stays."""
+    (``methods.crossfit``); without it, the method's own default stays. ``shards`` spreads a reduction fit
+    over workers (see ``apps.train_ray``)."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     out = Path(out or default_model_path(ds.root, method))
@@ -63,7 +66,7 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
                           log=log)
     else:
         det = create_detector(method, **with_training_dir(method, params, out))
-        det.fit(paths, progress=progress)
+        det.fit(paths, progress=progress, shards=shards)
         if decision is not None:
             from insightad.methods.crossfit import validate_and_decide
 

@@ -16,6 +16,7 @@ COMMANDS = {
     "calibrate": "insightad.cli.calibrate",
     "evaluate": "insightad.cli.evaluate",
     "sort": "insightad.cli.sort",
+    "batch": "insightad.cli.batch",
     "demo": "insightad.cli.demo",
     "info": "insightad.cli.info",
     "serve": "insightad.cli.serve",

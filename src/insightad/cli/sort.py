@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, metavar="N",
                    help="images scored per batch (default: 32)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="score on Ray (as 'insightad batch --ray'); files are still placed by this process")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="Ray actors for --ray (default: 2)")
     add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "sort"), _argv=argv)
@@ -54,9 +57,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.input)
     check_folders(Path(args.input), out)  # before loading the model: a wrong folder fails fast
     thr = parse_threshold(args.threshold)
+    scorer = None
+    if args.ray:
+        from insightad.apps.batch_ray import import_ray
+
+        import_ray()  # before any work: say how to install it
     det = load_inference_model(args)
+    if args.ray:
+        from insightad.apps.batch_ray import sort_scorer
+
+        scorer = sort_scorer(Path(args.model), float(det.threshold_ if thr is None else thr), args.ray, args.workers,
+                             args.batch_size, engine=args.engine)
     sorter = FolderSorter(det, args.input, out, move=args.move, threshold=thr, batch_size=args.batch_size,
-                          progress=args.progress)
+                          progress=args.progress, scorer=scorer)
     try:
         s = sorter.run()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import sys
 from insightad import config
 from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, with_config
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
+from insightad.errors import InsightADError
 
 
 def method_names() -> list[str]:
@@ -52,6 +53,10 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
     p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
                    "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
+    p.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="spread the fit over Ray workers (baseline, padim, patchcore): 'local' starts Ray here, 'auto' or "
+                   "HOST:PORT joins a cluster whose nodes all read --data")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="Ray workers for --ray (default: 2)")
     add_progress_flag(p)
     if method in method_names():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
@@ -74,8 +79,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         given = vars(gather(args, params_class(args.method)))
     decision = gather(args, config.DecisionParams)
+    shards = None
+    if args.ray:
+        from insightad.apps.train_ray import ray_shards
+        from insightad.methods import get_method
+
+        if args.method == "auto" or not get_method(args.method).sharded_fit:
+            raise InsightADError(f"--ray: {args.method}'s fit cannot be distributed (baseline, padim and patchcore "
+                                 "can); train it without --ray")
+        shards = ray_shards(args.method, given, args.workers, args.ray)
     det, path, split = train_model(args.data, args.method, given, data_params(args), args.out, args.progress,
-                                   decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True))
+                                   decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                   shards=shards)
     held = f", {len(split['holdout'])} normal images held out" if split["holdout"] else ""
     print(f"trained {det.method} on {len(split['train'])} normal images of {split['root']} "
           f"({split['layout']} layout{held}) in {det.fit_seconds_:.1f} s")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +29,8 @@ from insightad.decide.normalize import normalize_scores
 from insightad.decide.thresholds import FitPolicy, threshold_from_fit
 from insightad.errors import InsightADError
 from insightad.runtime import resolve_device
+
+ShardRunner = Callable[[str, Sequence[Any]], list[Any]]  # (detector method, images) -> one result per shard
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Detector:
     uses_backbone: ClassVar[bool] = True  # the model file records a backbone
     onnx_auto: ClassVar[bool] = True  # --engine auto may pick ONNX Runtime for it
     onnx_unsupported: ClassVar[str | None] = None  # why it cannot be exported, if it cannot
+    sharded_fit: ClassVar[bool] = False  # True: _fit_sharded can spread the per-image work (fit(shards=...))
 
     # Hyper-parameters every method has (from config.DetectorParams or TrainLoopParams via its Params).
     backbone: str
@@ -200,14 +203,26 @@ class Detector:
         return Normalize(p.mean, p.std, p.channels)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images: Sequence[ImageSource], progress: bool = False) -> Detector:
-        """Learn what normal looks like from ``images`` (paths, PIL images, arrays or Samples)."""
+    def fit(self, images: Sequence[ImageSource], progress: bool = False,
+            shards: ShardRunner | None = None) -> Detector:
+        """Learn what normal looks like from ``images`` (paths, PIL images, arrays or Samples).
+
+        ``shards`` (e.g. Ray tasks, see apps.train_ray) runs the per-image work of methods whose fit
+        is a reduction elsewhere: ``shards(name, images)`` calls ``name`` on a copy of this detector
+        for contiguous shards of ``images`` and returns the results in order; the fitted model is
+        the one a single-process fit gives (within float tolerance)."""
         if len(images) == 0:
             raise InsightADError("fit: no training images given")
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(self.device)
         t0 = time.perf_counter()
-        self._fit(images, progress)
+        if shards is None:
+            self._fit(images, progress)
+        elif not self.sharded_fit:
+            raise InsightADError(f"{self.method}: this method's fit is not a reduction and cannot be distributed; "
+                                 "train it without --ray")
+        else:
+            self._fit_sharded(images, progress, shards)
         self._finish_fit()
         self.fit_seconds_ = time.perf_counter() - t0
         self.n_train_ = len(images)
@@ -226,6 +241,9 @@ class Detector:
         self.set_threshold(choice.value, choice.strategy, **choice.details)
 
     def _fit(self, images: Sequence[ImageSource], progress: bool) -> None:
+        raise NotImplementedError
+
+    def _fit_sharded(self, images: Sequence[ImageSource], progress: bool, shards: ShardRunner) -> None:
         raise NotImplementedError
 
     def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True

@@ -16,6 +16,7 @@ from insightad.methods.base import Detector
 from insightad.methods.components.knn import squared_distances
 from insightad.methods.components.pooling import pooled_features
 from insightad.methods.registry import register_method
+from insightad.runtime import resolve_device
 
 
 @params
@@ -73,16 +74,33 @@ class BaselineDetector(BaselineParams, Detector):
 
     Params = BaselineParams
 
-    def _fit(self, images: Sequence, progress: bool) -> None:
-        extractor = self._make_extractor()
-        norm = self._normalize()
+    sharded_fit = True
+
+    def _embeddings(self, extractor: FeatureExtractor, images: Sequence, progress: bool) -> torch.Tensor:
         features = self._feature_runner(extractor)
         chunks = []
         with torch.inference_mode():
             for batch in self._batches(images, progress, "baseline: features"):
                 chunks.append(pooled_features(features(batch.images)).cpu())
-        emb = torch.cat(chunks).float()
+        return torch.cat(chunks).float()
+
+    def shard_embeddings(self, images: Sequence, progress: bool = False) -> torch.Tensor:
+        """Pooled features of a shard of training images (run on a worker; see ``_fit_sharded``)."""
+        self.device_ = resolve_device(self.device)
+        return self._embeddings(self._make_extractor(), list(images), progress)
+
+    def _fit(self, images: Sequence, progress: bool) -> None:
+        extractor = self._make_extractor()
+        self._finish(extractor, self._embeddings(extractor, images, progress))
+
+    def _fit_sharded(self, images: Sequence, progress: bool, shards) -> None:
+        """Features per shard, gathered here in order; the bank, Gaussian and threshold as in ``_fit``."""
+        extractor = self._make_extractor()
+        self._finish(extractor, torch.cat([e.float() for e in shards("shard_embeddings", list(images))]))
+
+    def _finish(self, extractor: FeatureExtractor, emb: torch.Tensor) -> None:
         mean, precision = self._gaussian(emb)
+        norm = self._normalize()
         self.model_ = BaselineModel(norm, extractor, self.scorer, self.k, emb, mean, precision).to(self.device_)
         loo = self._leave_one_out(emb, mean, precision)
         self.decision_scores_, self.decision_source_ = loo.numpy(), "train_loo"

@@ -24,6 +24,7 @@ from insightad.methods.base import Detector
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
 from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
 from insightad.methods.registry import register_method
+from insightad.runtime import resolve_device
 
 MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
 
@@ -130,6 +131,7 @@ class PadimDetector(PadimParams, Detector):
 
     Params = PadimParams
     has_maps = True
+    sharded_fit = True
 
     # ------------------------------------------------------------------ fit
     def _reduced_dim(self, channels: int) -> int:
@@ -148,7 +150,8 @@ class PadimDetector(PadimParams, Detector):
         held = set(torch.randperm(n, generator=g)[:n_held].tolist())
         return [i for i in range(n) if i not in held] + sorted(held), n - n_held
 
-    def _fit(self, images: Sequence, progress: bool) -> None:
+    def _build_model(self) -> PadimModel:
+        """The model before any statistics: backbone, channel reduction (random or none), empty Gaussians."""
         extractor = self._make_extractor().to(memory_format=torch.channels_last)
         channels = sum(extractor.channels)
         dim = self._reduced_dim(channels)
@@ -159,8 +162,12 @@ class PadimDetector(PadimParams, Detector):
         else:
             centre, proj = torch.zeros(channels), torch.eye(channels)[:, :dim].contiguous()
         # The P x d x d factors are only allocated at the end, in the accumulator's own buffer.
-        model = PadimModel(self._normalize(), extractor, size, self.image_size, self.sigma, centre, proj,
-                           torch.zeros(positions, dim), torch.zeros(0, dim, dim)).to(self.device_)
+        return PadimModel(self._normalize(), extractor, size, self.image_size, self.sigma, centre, proj,
+                          torch.zeros(positions, dim), torch.zeros(0, dim, dim)).to(self.device_)
+
+    def _fit(self, images: Sequence, progress: bool) -> None:
+        model = self._build_model()
+        positions, dim = model.mean.shape
         order, n_fit = self._order(len(images))
         acc = PatchGaussianAccumulator(positions, dim)
         held: list[torch.Tensor] = []
@@ -175,8 +182,7 @@ class PadimDetector(PadimParams, Detector):
         pending: list[tuple[torch.Tensor, int]] = []
         pca_ready = self.reduction != "pca"
         pos = 0
-        scores = None
-        features = self._feature_runner(extractor)  # the frozen backbone on the fast engine
+        features = self._feature_runner(model.extractor)  # the frozen backbone on the fast engine
         with torch.inference_mode():
             for batch in self._batches([images[i] for i in order], progress, "padim: statistics"):
                 raw = level_patches(features(batch.images)).to(self.device_)
@@ -193,13 +199,18 @@ class PadimDetector(PadimParams, Detector):
                 else:
                     consume(raw, pos)
                 pos += len(raw)
-            z_held = torch.cat(held) if held else torch.empty(0)
+            self._finish(model, acc, torch.cat(held) if held else torch.empty(0), images)
+
+    def _finish(self, model: PadimModel, acc: PatchGaussianAccumulator, z_held: torch.Tensor,
+                images: Sequence) -> None:
+        """Score the held-out images by the Gaussians of the others, add them, invert, set the threshold."""
+        scores = None
+        with torch.inference_mode():
             if len(z_held):
                 # Scored by the Gaussians of the other images, then added to the statistics.
                 scores = model.score_distances(acc.distances(z_held, self.epsilon).to(self.device_))[0].cpu().numpy()
                 acc.update(z_held)
             del z_held
-            held.clear()
             mean, inv = acc.finalize(self.epsilon)
             model.mean.copy_(mean)
             model.inv_chol = inv.to(self.device_)
@@ -208,6 +219,42 @@ class PadimDetector(PadimParams, Detector):
             if scores is None:  # one image, or no hold-out asked for: in-sample scores (optimistic)
                 scores, strategy = self.predict(list(images), maps=False).scores, "train"
         self.decision_scores_, self.decision_source_ = np.asarray(scores), strategy
+
+    # ------------------------------------------------------------------ distributed fit (a reduction)
+    def _check_shardable(self) -> None:
+        if self.reduction == "pca":
+            raise InsightADError("padim: reduction=pca is fitted in one process (the projection needs the first "
+                                 "images before any sums); use reduction=random (the default) or none to distribute")
+
+    def shard_sums(self, images: Sequence, progress: bool = False) -> dict[str, Any]:
+        """Partial per-patch sums over a shard of fitting images (run on a worker; see ``_fit_sharded``)."""
+        self._check_shardable()
+        self.device_ = resolve_device(self.device)
+        model = self._build_model()
+        acc = PatchGaussianAccumulator(*model.mean.shape)
+        features = self._feature_runner(model.extractor)
+        with torch.inference_mode():
+            for batch in self._batches(list(images), progress, "padim: shard statistics"):
+                acc.update(model.reduce(level_patches(features(batch.images)).to(self.device_)).cpu())
+        return acc.state()
+
+    def _fit_sharded(self, images: Sequence, progress: bool, shards) -> None:
+        """The fitting images' sums come from ``shards`` (added here); the held-out images, at most 64,
+        are scored here exactly as in ``_fit``, then added."""
+        self._check_shardable()
+        model = self._build_model()
+        order, n_fit = self._order(len(images))
+        acc = PatchGaussianAccumulator(*model.mean.shape)
+        for part in shards("shard_sums", [images[i] for i in order[:n_fit]]):
+            acc.merge(part)
+        held = [images[i] for i in order[n_fit:]]
+        z = []
+        if held:
+            features = self._feature_runner(model.extractor)
+            with torch.inference_mode():
+                for batch in self._batches(held, progress, "padim: held-out"):
+                    z.append(model.reduce(level_patches(features(batch.images)).to(self.device_)).cpu())
+        self._finish(model, acc, torch.cat(z) if z else torch.empty(0), images)
 
     # ------------------------------------------------------------------ persistence
     def state_metadata(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from insightad.methods.components.coreset import coreset_size, greedy_coreset, r
 from insightad.methods.components.knn import nearest, nearest_per_image, squared_distances
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
 from insightad.methods.registry import register_method
+from insightad.runtime import resolve_device
 
 
 @params
@@ -125,6 +126,7 @@ class PatchCoreDetector(PatchCoreParams, Detector):
     # ONNX Runtime plans memory for every unrolled nearest-neighbour chunk at once (5 GB at a 10%
     # coreset on bottle) and runs slower than PyTorch here: --engine auto keeps PyTorch for it.
     onnx_auto = False
+    sharded_fit = True
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         if self.neighbourhood % 2 == 0:
@@ -150,6 +152,14 @@ class PatchCoreDetector(PatchCoreParams, Detector):
                 pos += len(p)
             if proj is None and keep:
                 cache = projected
+            self._finish(model, projected, cache, images, per, lambda chosen, judge: self._second_pass(
+                features, model, images, chosen, judge, per, dim, progress))
+
+    def _finish(self, model: PatchCoreModel, projected: torch.Tensor, cache: torch.Tensor | None, images: Sequence,
+                per: int, second_pass) -> None:
+        """Coreset on the (projected) patches, the memory bank, the default threshold."""
+        n = len(images)
+        with torch.inference_mode():
             k = coreset_size(n * per, self.coreset_ratio)
             chosen = greedy_coreset(projected, k, self.seed).sort().values
             del projected
@@ -159,11 +169,42 @@ class PatchCoreDetector(PatchCoreParams, Detector):
                 kept = {i: cache[i * per:(i + 1) * per].clone() for i in judge}
                 del cache
             else:
-                bank, kept = self._second_pass(features, model, images, chosen, judge, per, dim, progress)
+                bank, kept = second_pass(chosen, judge)
             model.bank = bank.to(self.device_)
             self.model_ = model.eval()
             self.bank_size_ = int(k)
             self._score_normals(model, kept, chosen // per, images)
+
+    # ------------------------------------------------------------------ distributed fit (features per shard)
+    def _empty_model(self) -> tuple[PatchCoreModel, int]:
+        extractor = self._make_extractor().to(memory_format=torch.channels_last)
+        dim = sum(extractor.channels)
+        size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
+        model = PatchCoreModel(self._normalize(), extractor, size, self.image_size, self.sigma, self.neighbourhood,
+                               self.num_neighbors, torch.zeros(1, dim)).to(self.device_)
+        return model, dim
+
+    def shard_patches(self, images: Sequence, progress: bool = False) -> torch.Tensor:
+        """Patch features (n * positions, C) of a shard of training images (run on a worker)."""
+        self.device_ = resolve_device(self.device)
+        model, _ = self._empty_model()
+        features = self._feature_runner(model.extractor)
+        out = [self._patches(features, model, b.images).flatten(0, 1)
+               for b in self._batches(list(images), progress, "patchcore: shard features")]
+        return torch.cat(out)
+
+    def _fit_sharded(self, images: Sequence, progress: bool, shards) -> None:
+        """Features extracted on the workers and gathered here (they must fit in --feature-cache-mb);
+        projection, coreset, bank and threshold as in ``_fit``."""
+        model, dim = self._empty_model()
+        per = model.feature_size[0] * model.feature_size[1]
+        if len(images) * per * dim * 4 > self.feature_cache_mb * 2**20:
+            raise InsightADError(f"patchcore --ray: the {len(images)} images' patch features "
+                                 f"({len(images) * per * dim * 4 / 2**20:.0f} MB) exceed feature_cache_mb "
+                                 f"({self.feature_cache_mb}); raise it or train without --ray")
+        cache = torch.cat([t.float() for t in shards("shard_patches", list(images))])
+        proj = random_projection(dim, self.projection_dim, self.seed) if 0 < self.projection_dim < dim else None
+        self._finish(model, cache @ proj if proj is not None else cache, cache, images, per, None)
 
     def _patches(self, features, model: PatchCoreModel, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -54,6 +54,30 @@ class PatchGaussianAccumulator:
         self.sum_outer.baddbmm_(y.transpose(1, 2), y)
         self.n += z.shape[0]
 
+    def state(self) -> dict[str, torch.Tensor | int | None]:
+        """The partial sums (for adding up shards accumulated elsewhere with :meth:`merge`)."""
+        return {"n": self.n, "shift": self.shift, "sum": self.sum, "sum_outer": self.sum_outer}
+
+    def merge(self, other: dict[str, torch.Tensor | int | None]) -> None:
+        """Add another accumulator's :meth:`state`, re-centred on this one's shift: with d = s' - s,
+        sum(z - s) = S1' + n' d and sum((z - s)(z - s)^T) = S2' + S1' d^T + d S1'^T + n' d d^T."""
+        n = int(other["n"])
+        if n == 0:
+            return
+        s1, s2, shift = other["sum"], other["sum_outer"], other["shift"]
+        if self.shift is None:
+            self.shift = shift.float().clone()
+            self.sum += s1.double()
+            self.sum_outer += s2.float()
+        else:
+            d = (shift.double() - self.shift.double())  # (P, d)
+            s1 = s1.double()
+            cross = s1.unsqueeze(2) * d.unsqueeze(1)
+            outer = s2.double() + cross + cross.transpose(1, 2) + n * d.unsqueeze(2) * d.unsqueeze(1)
+            self.sum += s1 + n * d
+            self.sum_outer += outer.float()
+        self.n += n
+
     def mean(self) -> torch.Tensor:
         if self.n == 0 or self.shift is None:
             raise ValueError("no samples accumulated")

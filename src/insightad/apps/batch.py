@@ -1,0 +1,296 @@
+"""Batch scoring: every image of a SOURCE scored once into a resumable Parquet table, here or on Ray.
+
+One code path scores a chunk of inputs (:func:`score_chunk`): the local runner calls it in this
+process, the Ray runner inside actors (``apps.batch_ray``). Results are committed per finished
+chunk as a Parquet *part file* (written to a temporary name, fsync'ed, renamed), so a killed run
+loses at most the chunks in flight; at the end the parts are merged into ``--out`` (again temp +
+rename) and deleted. On restart the inputs already in ``--out`` or in a part file, for the same
+model file (SHA-256 of its bytes), are skipped; merging keeps the first row of each (path, model),
+so no row is ever duplicated. An exclusive lock file beside ``--out`` refuses a second run.
+
+Paths are kept as their exact bytes (``path_bytes``) beside a display string (``path``), so a
+name that is not valid UTF-8 round-trips.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from insightad.apps.batch_sources import Source, is_url, list_source
+from insightad.apps.batch_store import SCHEMA, ResultsStore
+from insightad.errors import InsightADError
+from insightad.io import atomic_write, file_lock
+
+__all__ = ["SCHEMA", "BatchJob", "BatchSummary", "ResultsStore", "ScoreOptions", "Source", "file_sha256",
+           "list_source", "run_local", "score_chunk"]
+
+
+# ----------------------------------------------------------------------------- names
+def display(path: bytes) -> str:
+    """A path's bytes as a printable string; bytes that are not UTF-8 appear as ``\\xNN``."""
+    return path.decode("utf-8", "backslashreplace")
+
+
+def clean_text(text: str) -> str:
+    """A message that may hold surrogate-escaped path bytes, made valid UTF-8 (Arrow, terminals)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+# ----------------------------------------------------------------------------- scoring one chunk
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What every scorer (this process or a Ray actor) needs besides the model."""
+
+    model_sha256: str
+    threshold: float | None = None
+    maps_dir: str | None = None
+    overlays_dir: str | None = None
+    root: bytes = b""
+
+
+def read_source(path: bytes) -> str | bytes:
+    """What the detector reads: a local path (only a regular file: a FIFO would block) or a URL's bytes."""
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(os.fsdecode(path), "rb") as f:
+            return f.read()
+    name = os.fsdecode(path)
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise InsightADError(f"{name}: file not found") from None
+    except OSError as e:
+        raise InsightADError(f"{name}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InsightADError(f"{name}: not a regular file")
+    return name
+
+
+def _mirror(base: str, opts: ScoreOptions, path: bytes, suffix: str) -> Path:
+    rel = Source([], opts.root).relative(path)
+    if is_url(rel):
+        rel = rel.split(b"://", 1)[1].lstrip(b"/")
+    return Path(base) / (os.fsdecode(rel) + suffix)
+
+
+def score_chunk(det, paths: Sequence[bytes], opts: ScoreOptions) -> pa.Table:
+    """One row per path, whatever happens to it: scores, decision, or the error that stopped it."""
+    now = dt.datetime.now(dt.timezone.utc)
+    n = len(paths)
+    errors: dict[int, str] = {}
+    sources: list[str | bytes] = []
+    where: list[int] = []
+    for i, p in enumerate(paths):
+        try:
+            sources.append(read_source(p))
+            where.append(i)
+        except InsightADError as e:
+            errors[i] = str(e)
+        except Exception as e:  # noqa: BLE001 - one unreadable input is one error row, never a failed job
+            errors[i] = f"{display(p)}: cannot read ({type(e).__name__}: {e})"
+    scores = np.full(n, np.nan)
+    normalized = np.full(n, np.nan)
+    anomalous: list[bool | None] = [None] * n
+    maps_out: list[str | None] = [None] * n
+    overlays_out: list[str | None] = [None] * n
+    want_maps = bool(det.has_maps and (opts.maps_dir or opts.overlays_dir))
+    thr = float(det.threshold_ if opts.threshold is None else opts.threshold)
+    if sources:
+        pred = det.predict(sources, maps=want_maps, strict=False, threshold=opts.threshold)
+        for j, i in enumerate(where):
+            if j in pred.errors:
+                errors[i] = pred.errors[j]
+                continue
+            if not np.isfinite(pred.scores[j]):
+                errors[i] = f"{display(paths[i])}: the model gave a non-finite score ({pred.scores[j]})"
+                continue
+            scores[i], normalized[i], anomalous[i] = pred.scores[j], pred.scores_normalized[j], bool(pred.labels[j])
+            m = pred.maps[j] if want_maps and pred.maps is not None else None
+            try:
+                maps_out[i], overlays_out[i] = _write_extras(det, opts, paths[i], sources[j], m, pred, j)
+            except OSError as e:
+                errors[i] = f"{display(paths[i])}: scored, but its map/overlay could not be written ({e})"
+                scores[i], normalized[i], anomalous[i] = np.nan, np.nan, None
+    ok = [i not in errors for i in range(n)]
+    return pa.table({
+        "path": [display(p) for p in paths],
+        "path_bytes": pa.array(list(paths), pa.binary()),
+        "score": pa.array([float(s) if k else None for s, k in zip(scores, ok)], pa.float64()),
+        "score_normalized": pa.array([float(s) if k else None for s, k in zip(normalized, ok)], pa.float64()),
+        "anomalous": pa.array(anomalous, pa.bool_()),
+        "threshold": pa.array([thr] * n, pa.float64()),
+        "error": pa.array([clean_text(errors[i]) if i in errors else None for i in range(n)], pa.string()),
+        "model_sha256": pa.array([opts.model_sha256] * n, pa.string()),
+        "time": pa.array([now] * n, pa.timestamp("ms", tz="UTC")),
+        "map": pa.array([clean_text(m) if m else None for m in maps_out], pa.string()),
+        "overlay": pa.array([clean_text(o) if o else None for o in overlays_out], pa.string()),
+    }, schema=SCHEMA)
+
+
+def _save_npy(path: Path, m: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save on a name would add ".npy" to the temporary name
+        np.save(f, np.asarray(m, np.float32))
+
+
+def _write_extras(det, opts: ScoreOptions, path: bytes, source: str | bytes, m, pred, j: int
+                  ) -> tuple[str | None, str | None]:
+    """The map (float32 ``.npy``) and overlay (PNG) of one image, each written to a temp name and renamed."""
+    map_path = overlay_path = None
+    if opts.maps_dir and m is not None:
+        target = _mirror(opts.maps_dir, opts, path, ".map.npy")
+        atomic_write(target, lambda tmp: _save_npy(tmp, m))
+        map_path = os.fsdecode(os.fsencode(target))
+    if opts.overlays_dir:
+        from insightad.apps.overlay import MapDisplay, render_overlay
+        from insightad.data.images import load_image
+
+        image = load_image(source if isinstance(source, str) else bytes(source), 3)
+        shown = MapDisplay.for_detector(det, opts.threshold) if m is not None else None
+        img = render_overlay(image, float(pred.scores[j]), pred.threshold, anomaly_map=m, display=shown,
+                             score_normalized=float(pred.scores_normalized[j]))
+        target = _mirror(opts.overlays_dir, opts, path, ".overlay.png")
+        atomic_write(target, lambda tmp: img.save(tmp, format="PNG"))
+        overlay_path = str(target)
+    return map_path, overlay_path
+
+
+# ----------------------------------------------------------------------------- the job
+@dataclass
+class BatchSummary:
+    """What a run did, and the state of the results for this model and these inputs."""
+
+    out: Path
+    inputs: int
+    scored: int = 0
+    skipped: int = 0
+    errors: int = 0
+    anomalous: int = 0
+    seconds: float = 0.0
+    startup_seconds: float = 0.0
+    error_examples: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "inputs": self.inputs, "scored": self.scored, "skipped": self.skipped,
+                "errors": self.errors, "anomalous": self.anomalous, "seconds": round(self.seconds, 3),
+                "startup_seconds": round(self.startup_seconds, 3),
+                "images_per_second": round(self.images_per_second, 3)}
+
+
+class Progress:
+    """done/total, images/s and errors on stderr (a tqdm bar when asked for)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.errors = 0
+        self.bar = tqdm(total=total, desc="batch", unit="img", disable=not enabled, file=sys.stderr)
+
+    def update(self, table: pa.Table) -> None:
+        self.errors += table.num_rows - table.column("error").null_count
+        self.bar.update(table.num_rows)
+        self.bar.set_postfix(errors=self.errors, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class BatchJob:
+    """One ``insightad batch``: a model file, a source, a results store and where maps/overlays go."""
+
+    model: Path
+    source: Source
+    store: ResultsStore
+    threshold: float | None = None
+    maps_dir: str | None = None
+    overlays_dir: str | None = None
+    chunk: int = 64
+    progress: bool = False
+    model_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise InsightADError(f"--chunk: expected at least 1, got {self.chunk}")
+        self.model_sha256 = self.model_sha256 or file_sha256(self.model)
+
+    def options(self, threshold: float) -> ScoreOptions:
+        return ScoreOptions(self.model_sha256, threshold, self.maps_dir, self.overlays_dir, self.source.root)
+
+    def todo(self, threshold: float) -> tuple[list[bytes], int]:
+        """Inputs without a committed row for this model, and how many were done earlier. A run left
+        half-done at another threshold is refused (its rows would mix two decisions)."""
+        done = self.store.done(self.model_sha256)
+        wanted = [p for p in self.source.paths if p in done]
+        for p in wanted[:1]:
+            old = done[p][0]
+            if old is not None and not np.isclose(old, threshold, rtol=1e-9, atol=0.0):
+                raise InsightADError(f"{self.store.out}: holds rows of this model at threshold {old:.9g}, not "
+                                     f"{threshold:.9g}; pass --threshold {old!r} to finish it, or choose another --out")
+        return [p for p in self.source.paths if p not in done], len(wanted)
+
+    def chunks(self, todo: list[bytes]) -> Iterator[list[bytes]]:
+        for a in range(0, len(todo), self.chunk):
+            yield todo[a:a + self.chunk]
+
+    def finish(self, summary: BatchSummary) -> pa.Table:
+        """Merge the parts into ``--out`` and count this job's rows (errors, anomalous)."""
+        t = self.store.consolidate()
+        mine = set(self.source.paths)
+        keys = zip(t.column("path_bytes").to_pylist(), t.column("model_sha256").to_pylist(),
+                   t.column("error").to_pylist(), t.column("anomalous").to_pylist())
+        for p, m, err, anom in keys:
+            if m != self.model_sha256 or p not in mine:
+                continue
+            if err is not None:
+                summary.errors += 1
+                if len(summary.error_examples) < 5:
+                    summary.error_examples.append(err)
+            elif anom:
+                summary.anomalous += 1
+        return t
+
+
+def run_local(job: BatchJob, det) -> BatchSummary:
+    """Score the job in this process, committing a part file per chunk (the path ``predict`` takes)."""
+    thr = float(det.threshold_ if job.threshold is None else job.threshold)
+    summary = BatchSummary(job.store.out, len(job.source.paths))
+    with file_lock(job.store.lock_path, str(job.store.out)):
+        todo, summary.skipped = job.todo(thr)
+        opts = job.options(job.threshold)
+        bar = Progress(len(todo), job.progress)
+        t0 = time.perf_counter()
+        try:
+            for part in job.chunks(todo):
+                table = score_chunk(det, part, opts)
+                job.store.commit(table)
+                summary.scored += table.num_rows
+                bar.update(table)
+        finally:
+            bar.close()
+            summary.seconds = time.perf_counter() - t0
+        job.finish(summary)
+    return summary

@@ -1,0 +1,109 @@
+"""Sources of a batch job: a folder (recursive), a text file of paths, or a glob; local or fsspec URLs.
+
+Paths are kept as their exact bytes, so a name that is not valid UTF-8 is carried unchanged.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from insightad.data.images import IMAGE_EXTENSIONS, is_image_file
+from insightad.errors import InsightADError
+
+GLOB_CHARS = ("*", "?", "[")
+
+
+def is_url(path: bytes) -> bool:
+    return b"://" in path
+
+
+@dataclass
+class Source:
+    """The inputs of a job (exact path bytes, in order, no repeats) and the root their names mirror from."""
+
+    paths: list[bytes]
+    root: bytes
+
+    def relative(self, path: bytes) -> bytes:
+        rel = path[len(self.root):] if self.root and path.startswith(self.root) else path
+        return rel.lstrip(b"/") or os.path.basename(path)
+
+
+def _walk(root: bytes) -> Iterator[bytes]:
+    """Image files under ``root`` (regular files, symlinks to files included), sorted, hidden skipped."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(b"."))
+        for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
+            if is_image_file(Path(os.fsdecode(name))) and os.path.isfile(p):
+                yield p
+
+
+def _unique(paths: Sequence[bytes]) -> list[bytes]:
+    return list(dict.fromkeys(paths))
+
+
+def _url_source(spec: str) -> Source:
+    """A source on an fsspec file system (``s3://``, ``gs://``, ``file://``...): folder, glob or list."""
+    import fsspec
+
+    fs, where = fsspec.core.url_to_fs(spec)
+    proto = spec.split("://", 1)[0] + "://"
+    if any(c in where for c in GLOB_CHARS):
+        found = [p for p in fs.glob(where) if p.lower().endswith(IMAGE_EXTENSIONS)]
+        root = where.split("*")[0].rsplit("/", 1)[0]
+    elif fs.isdir(where):
+        found = [p for p in fs.find(where) if is_image_file(Path(p))]
+        root = where
+    elif fs.isfile(where):
+        with fs.open(where, "rb") as f:
+            found = [ln.decode("utf-8", "surrogateescape").strip() for ln in f.read().splitlines()]
+        found = [p for p in found if p and not p.startswith("#")]
+        return Source(_unique([os.fsencode(p) for p in found]), b"")
+    else:
+        raise InsightADError(f"{spec}: no such folder, file or glob")
+    paths = [os.fsencode(p if "://" in p else proto + p) for p in sorted(found)]
+    return Source(_unique(paths), os.fsencode(proto + root))
+
+
+def list_source(spec: str) -> Source:
+    """A folder (recursive), a text file of paths (one a line; relative ones from the file's folder),
+    or a glob (``**`` recursive). A listed path that does not exist becomes an error row later."""
+    if "://" in spec:
+        return _url_source(spec)
+    raw = os.fsencode(os.path.expanduser(spec))
+    if any(c.encode() in raw for c in GLOB_CHARS) and not os.path.exists(raw):
+        found = sorted(p for p in globlib.glob(raw, recursive=True)
+                       if os.path.isfile(p) and is_image_file(Path(os.fsdecode(p))))
+        prefix = raw[:min(raw.find(c.encode()) for c in GLOB_CHARS if c.encode() in raw)]
+        root = os.path.dirname(prefix)
+        if not found:
+            raise InsightADError(f"{spec}: the glob matches no image files "
+                                 f"(expected {', '.join(IMAGE_EXTENSIONS)})")
+        return Source(_unique([os.path.abspath(p) for p in found]), os.path.abspath(root or b"."))
+    if os.path.isdir(raw):
+        found = list(_walk(os.path.abspath(raw)))
+        if not found:
+            raise InsightADError(f"{spec}: no images found in this folder (expected {', '.join(IMAGE_EXTENSIONS)})")
+        return Source(found, os.path.abspath(raw))
+    if os.path.isfile(raw):
+        with open(raw, "rb") as f:
+            head = f.read(4096)
+        if is_image_file(Path(spec)) or b"\x00" in head:
+            raise InsightADError(f"{spec}: expected a folder, a glob or a text file of image paths (one a line), "
+                                 "got an image or a binary file")
+        base = os.path.dirname(os.path.abspath(raw))
+        with open(raw, "rb") as f:
+            lines = [ln.rstrip(b"\r").strip() for ln in f.read().splitlines()]
+        paths = [ln if is_url(ln) else os.path.normpath(os.path.join(base, ln))
+                 for ln in lines if ln and not ln.startswith(b"#")]
+        if not paths:
+            raise InsightADError(f"{spec}: the list of paths is empty (expected one image path a line)")
+        local = [p for p in paths if not is_url(p)]
+        root = os.path.commonpath([os.path.dirname(p) for p in local]) if local else b""
+        return Source(_unique(paths), root)
+    raise InsightADError(f"{spec}: no such folder, file or glob")

@@ -1,0 +1,114 @@
+"""The results of a batch job: a Parquet table, its committed part files, and the lock that keeps one writer."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from insightad.errors import InsightADError
+from insightad.io import atomic_write
+
+SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("path_bytes", pa.binary()),
+    ("score", pa.float64()),
+    ("score_normalized", pa.float64()),
+    ("anomalous", pa.bool_()),
+    ("threshold", pa.float64()),
+    ("error", pa.string()),
+    ("model_sha256", pa.string()),
+    ("time", pa.timestamp("ms", tz="UTC")),
+    ("map", pa.string()),
+    ("overlay", pa.string()),
+])
+
+@dataclass
+class ResultsStore:
+    """``out`` (the merged Parquet table), ``out.parts/`` (committed chunks) and ``out.lock``."""
+
+    out: Path
+    csv: Path | None = None
+    _seq: int = 0
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".parts")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".lock")
+
+    def check(self) -> None:
+        """Refuse outputs that cannot be written, before any work starts."""
+        for p in [self.out] + ([self.csv] if self.csv else []):
+            if p.is_dir():
+                raise InsightADError(f"{p}: is a folder; expected a results file name (e.g. results.parquet)")
+            parent = p.parent if str(p.parent) else Path(".")
+            parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(parent, os.W_OK):
+                raise InsightADError(f"{p}: cannot write in {parent}")
+        if self.out.exists():
+            try:
+                got = pq.read_schema(self.out)
+            except Exception:  # noqa: BLE001
+                raise InsightADError(f"{self.out}: exists and is not a Parquet file; choose another --out") from None
+            if "path_bytes" not in got.names or "model_sha256" not in got.names:
+                raise InsightADError(f"{self.out}: exists and is not an insightad batch results table; "
+                                     "choose another --out")
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+
+    def read_all(self, columns: list[str] | None = None) -> pa.Table:
+        """The merged table and every committed part, in commit order (duplicates not yet removed)."""
+        tables = [pq.read_table(self.out, columns=columns)] if self.out.exists() else []
+        tables += [pq.read_table(p, columns=columns) for p in self._part_files()]
+        schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
+        return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
+
+    def done(self, model_sha: str) -> dict[bytes, tuple[float, bool]]:
+        """path bytes -> (threshold, is error) of the rows already committed for this model."""
+        t = self.read_all(["path_bytes", "model_sha256", "threshold", "error"])
+        out: dict[bytes, tuple[float, bool]] = {}
+        for p, m, thr, err in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+            if m == model_sha and p not in out:
+                out[p] = (thr, err is not None)
+        return out
+
+    def commit(self, table: pa.Table) -> Path:
+        """Write one chunk's rows as a part file: temp name, fsync, rename, fsync the folder."""
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.parquet"
+        target = self.parts_dir / name
+        atomic_write(target, lambda tmp: pq.write_table(table.cast(SCHEMA), tmp))
+        return target
+
+    def consolidate(self) -> pa.Table:
+        """Merge ``out`` and the parts (first row of each (path, model) wins), write ``out`` (and the CSV)
+        atomically, then delete the parts: a kill at any point leaves nothing lost or duplicated."""
+        parts = self._part_files()
+        t = self.read_all()
+        seen: set[tuple[bytes, str]] = set()
+        keep = []
+        for i, key in enumerate(zip(t.column("path_bytes").to_pylist(), t.column("model_sha256").to_pylist())):
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        t = t.take(pa.array(keep, pa.int64())) if len(keep) != t.num_rows else t
+        t = t.sort_by([("model_sha256", "ascending"), ("path_bytes", "ascending")])
+        atomic_write(self.out, lambda tmp: pq.write_table(t, tmp))
+        if self.csv is not None:
+            import pyarrow.csv as pacsv
+
+            atomic_write(self.csv, lambda tmp: pacsv.write_csv(t.drop_columns(["path_bytes"]), tmp))
+        for p in parts:
+            p.unlink(missing_ok=True)
+        if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):
+            self.parts_dir.rmdir()
+        return t

@@ -1,0 +1,109 @@
+"""insightad batch: score every image of a folder, list or glob into a resumable Parquet table, here or on Ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from insightad.cli.common import (
+    add_engine_flags,
+    add_model_flag,
+    add_progress_flag,
+    load_inference_model,
+    new_parser,
+    parse_threshold,
+    print_json,
+    with_config,
+)
+from insightad.errors import InsightADError
+
+
+def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    p = new_parser(sub, "batch", "score many images into a Parquet table, in this process or on a Ray cluster",
+                   "Score every image of --input (a folder, searched recursively; a text file of paths, one a "
+                   "line; or a glob) and write one row per input to --out (Parquet): path, path_bytes (the exact "
+                   "bytes of the name), score, score_normalized, anomalous, threshold, error, model_sha256, time. "
+                   "An unreadable image is an error row and the exit code is 1. Rows are committed chunk by chunk: "
+                   "an interrupted run started again with the same --out skips what is done (by path and model "
+                   "file hash), and never writes a row twice. --ray local starts Ray on this machine; --ray "
+                   "auto|HOST:PORT joins a running cluster (see docs/scale.md).")
+    add_model_flag(p)
+    p.add_argument("--input", required=True, metavar="SOURCE",
+                   help="folder of images (recursive), text file of image paths, or a glob such as 'dir/**/*.png'")
+    p.add_argument("--out", required=True, metavar="RESULTS.parquet", help="Parquet results table (resumable)")
+    p.add_argument("--csv", metavar="FILE.csv", help="also write the results as CSV (without path_bytes)")
+    p.add_argument("--maps", metavar="DIR", help="write each image's anomaly map as <name>.map.npy (float32) here")
+    p.add_argument("--overlays", metavar="DIR", help="write each image's overlay as <name>.overlay.png here")
+    p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
+    p.add_argument("--chunk", type=int, default=64, metavar="N",
+                   help="images per committed chunk (and per Ray task) (default: 64)")
+    p.add_argument("--ray", metavar="local|auto|ADDRESS",
+                   help="run on Ray: 'local' starts it here, 'auto' or HOST:PORT joins a running cluster")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="Ray actors, one model each (default: 2)")
+    p.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                   help="CPUs a --ray local instance may use (default: all cores)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="GPUs per Ray actor; > 0 runs the PyTorch engine on CUDA (default: 0, ONNX Runtime on CPU)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_engine_flags(p)
+    add_progress_flag(p)
+    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "batch"), _argv=argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import pyarrow  # noqa: F401 - the results are Parquet
+    except ImportError:
+        raise InsightADError("batch writes Parquet and needs pyarrow: pip install 'insightad[ray]'") from None
+    from insightad.apps.batch import BatchJob, ResultsStore, list_source, run_local
+
+    if args.gpus_per_worker < 0:
+        raise InsightADError(f"--gpus-per-worker: expected 0 or more, got {args.gpus_per_worker}")
+    if args.ray:
+        from insightad.apps.batch_ray import import_ray
+
+        import_ray()  # before any work: say how to install it
+    store = ResultsStore(Path(args.out), Path(args.csv) if args.csv else None)
+    store.check()
+    for flag in ("maps", "overlays"):
+        d = getattr(args, flag)
+        if d and Path(d).exists() and not Path(d).is_dir():
+            raise InsightADError(f"--{flag} {d}: expected a folder, got a file")
+    if not Path(args.model).is_file():
+        raise InsightADError(f"{args.model}: model file not found")
+    source = list_source(args.input)
+    thr = parse_threshold(args.threshold)
+    det = load_inference_model(args)
+    if args.maps and not det.has_maps:
+        raise InsightADError(f"--maps: {det.method} models give no anomaly maps (train padim, patchcore or autoencoder)")
+    job = BatchJob(Path(args.model), source, store, thr, args.maps, args.overlays, args.chunk, args.progress)
+    threshold = float(det.threshold_ if thr is None else thr)
+    try:
+        if args.ray:
+            from insightad.apps.batch_ray import run_ray
+
+            del det  # the actors load their own copy
+            s = run_ray(job, threshold, args.ray, args.workers, args.ray_cpus, args.gpus_per_worker, args.engine)
+        else:
+            s = run_local(job, det)
+    except KeyboardInterrupt:
+        print(f"insightad: batch interrupted; run the same command again to finish (finished chunks are kept in "
+              f"{store.parts_dir})", file=sys.stderr)
+        raise
+    if args.json:
+        print_json({**s.as_dict(), "threshold": threshold, "model_sha256": job.model_sha256})
+    else:
+        where = f" on Ray ({args.ray}, {args.workers} workers; start-up {s.startup_seconds:.1f} s)" if args.ray else ""
+        print(f"scored {s.scored} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s){where}; "
+              f"{s.skipped} done by an earlier run")
+        print(f"{s.inputs} inputs: {s.inputs - s.errors - s.anomalous} normal, {s.anomalous} anomalous, "
+              f"{s.errors} errors (threshold {threshold:.6g}); results in {store.out}"
+              + (f" and {store.csv}" if store.csv else ""))
+    for e in s.error_examples:
+        print(f"  error: {e}", file=sys.stderr)
+    if s.errors:
+        print(f"insightad: {s.errors} of {s.inputs} inputs could not be scored (error rows in {store.out})",
+              file=sys.stderr)
+        return 1
+    return 0
