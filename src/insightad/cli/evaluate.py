@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise InsightADError(f"{args.report}: --report expects a folder, and this is a file")
     det = load_inference_model(args)
     dp = data_params(args)
-    ev = evaluate_model(det, args.data, dp, parse_threshold(args.threshold), args.progress)
+    ev = evaluate_model(det, args.data, dp, parse_threshold(args.threshold, args.model), args.progress)
     if args.report:
         from insightad.evaluate.report import write_report
 

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     elif not settings.api_key:
         raise InsightADError("--api-key: empty; give a key or leave the flag out")
     pin_mmap_threshold()  # a dedicated server process: keep RSS flat under long loads (see memory.py)
-    app = create_app(args.model, settings, threshold=parse_threshold(args.threshold))
+    app = create_app(args.model, settings, threshold=parse_threshold(args.threshold, args.model))
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

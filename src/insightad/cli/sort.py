@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise InsightADError(f"--batch-size: expected at least 1, got {args.batch_size}")
     out = Path(args.out) if args.out else default_out(args.input)
     check_folders(Path(args.input), out)  # before loading the model: a wrong folder fails fast
-    thr = parse_threshold(args.threshold)
+    thr = parse_threshold(args.threshold, args.model)
     det = load_inference_model(args)
     sorter = FolderSorter(det, args.input, out, move=args.move, threshold=thr, batch_size=args.batch_size,
                           progress=args.progress)

@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(model, settings)`` -> an ASGI app serving one detector.
 
 Routes: ``POST /infer`` (JSON ``{"image": base64}`` or a multipart ``file``), ``POST /infer/batch``,
-``GET /health``, ``GET /model``, ``GET /metrics``, OpenAPI docs at ``/docs``. The event loop only
+``GET /health``, ``GET /model``, ``GET /metrics``, OpenAPI docs at ``/docs`` and ``/redoc`` (offline), the
+operators' page at ``/`` (``page.py``). The event loop only
 routes: JSON parsing, base64 and image decoding, and heatmap encoding run in a small pool of decode
 threads, and the model runs in the inference worker's thread. Every error is a JSON ``{"detail": ...}``
 with the right status; no traceback ever reaches a client.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -29,7 +31,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from insightad import __version__
-from insightad.apps.serve.codec import DecodedImage, decode_base64, decode_image, heatmap_png
+from insightad.apps.serve.codec import (DecodedImage, bounded_size, decode_base64, decode_image, heatmap_color_png,
+                                        heatmap_png)
+from insightad.apps.serve.page import mount_page, served_model_sha256
 from insightad.apps.serve.limits import BodySizeLimitMiddleware
 from insightad.apps.serve.metrics import MetricsMiddleware, ServerMetrics
 from insightad.apps.serve.schemas import (BatchRequest, BatchResponse, ErrorResponse, Health, InferRequest,
@@ -37,8 +41,10 @@ from insightad.apps.serve.schemas import (BatchRequest, BatchResponse, ErrorResp
 from insightad.apps.serve.security import api_key_dependency
 from insightad.apps.serve.worker import InferenceWorker, Job, QueueFull, Result, WorkerStopped
 from insightad.config import ServeParams
+from insightad.decide.normalize import normalize_scores
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector, upsample_maps
+from insightad.render.colormap import MapScale
 
 log = logging.getLogger("insightad.serve")
 
@@ -86,7 +92,8 @@ def _json_body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
         content["multipart/form-data"] = {"schema": {
             "type": "object", "required": ["file"],
             "properties": {"file": {"type": "string", "format": "binary", "description": "an image file"},
-                           "heatmap": {"type": "boolean", "default": False}}}}
+                           "heatmap": {"type": "boolean", "default": False},
+                           "heatmap_style": {"type": "string", "enum": ["gray", "color"], "default": "gray"}}}}
     return {"requestBody": {"required": True, "content": content}}
 
 
@@ -115,6 +122,9 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
     if not math.isfinite(thr):
         raise InsightADError(f"threshold: expected a finite number, got {threshold!r}")
     info = _model_info(det, thr)
+    info["model_sha256"] = served_model_sha256(det)
+    map_scale = MapScale.for_detector(det, thr)
+    norm_scale = (getattr(det, "threshold_info_", {}) or {}).get("scale")
     prep = det.preprocessing_
     metrics = ServerMetrics()
     worker = InferenceWorker(det, settings.max_batch, settings.batch_wait_ms, settings.queue_size,
@@ -140,7 +150,7 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             await run_in_threadpool(worker.stop)
             io_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="InsightAD inference server", version=__version__, lifespan=lifespan,
+    app = FastAPIOffline(title="InsightAD inference server", version=__version__, lifespan=lifespan,
                   description=f"Visual anomaly detection with a `{det.method}` model. Higher score = more "
                               "anomalous; `Anomaly` is `score > threshold`.")
     app.state.worker, app.state.detector, app.state.settings, app.state.metrics = worker, det, settings, metrics
@@ -179,20 +189,26 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             out.append(decode_image(data, prep, settings.max_pixels, field))
         return out
 
-    def answer(results: list[Result], decoded: list[DecodedImage]) -> list[dict[str, Any]]:
+    def answer(results: list[Result], decoded: list[DecodedImage], style: str = "gray") -> list[dict[str, Any]]:
         out = []
         for res, img in zip(results, decoded):
             if not math.isfinite(res.score):
                 raise RuntimeError(f"the model produced a non-finite score ({res.score})")
             item: dict[str, Any] = {"Anomaly": res.score > thr, "score": res.score, "threshold": thr,
-                                    "method": det.method}
-            if res.map is not None:
+                                    "method": det.method,
+                                    "score_normalized": float(normalize_scores([res.score], thr, norm_scale)[0])}
+            if res.map is not None and style == "color":
+                amap = upsample_maps(res.map[None], [bounded_size(img.size)])[0]
+                item["heatmap_color"] = heatmap_color_png(amap, map_scale)
+                item["heatmap_level"], item["heatmap_scale"] = map_scale.level, map_scale.scale
+            elif res.map is not None:
                 amap = upsample_maps(res.map[None], [img.size])[0]
                 item["heatmap"], item["heatmap_min"], item["heatmap_max"] = heatmap_png(amap)
             out.append(item)
         return out
 
-    async def score(items: list[tuple[str, str | bytes]], want_maps: bool) -> list[dict[str, Any]]:
+    async def score(items: list[tuple[str, str | bytes]], want_maps: bool, style: str = "gray"
+                    ) -> list[dict[str, Any]]:
         try:
             worker.admit()
         except QueueFull as e:
@@ -217,10 +233,10 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             if not submitted:
                 worker.release()
         if job.want_maps:
-            return await off_loop(answer, results, decoded)
-        return answer(results, decoded)
+            return await off_loop(answer, results, decoded, style)
+        return answer(results, decoded, style)
 
-    async def read_upload(request: Request) -> tuple[bytes, bool]:
+    async def read_upload(request: Request) -> tuple[bytes, bool, str]:
         form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
         try:
             upload = form.get("file")
@@ -233,7 +249,11 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             if not data:
                 raise InsightADError(f"file: the uploaded file {upload.filename!r} is empty")
             want = str(form.get("heatmap", "false")).strip().lower() in TRUE_WORDS
-            return data, want
+            style = str(form.get("heatmap_style", "gray")).strip().lower()
+            if style not in ("gray", "color"):
+                raise RequestValidationError([{"loc": ("body", "heatmap_style"), "type": "literal_error",
+                                               "msg": "Input should be 'gray' or 'color'"}])
+            return data, want, style
         finally:
             await form.close()
 
@@ -243,10 +263,10 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
               summary="Score one image (JSON with base64, or a multipart upload in field 'file')")
     async def infer(request: Request) -> Any:
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            data, want = await read_upload(request)
-            return (await score([("file", data)], want))[0]
+            data, want, style = await read_upload(request)
+            return (await score([("file", data)], want, style))[0]
         req = await off_loop(_parse_json, InferRequest, await request.body())
-        return (await score([("image", req.image)], req.heatmap))[0]
+        return (await score([("image", req.image)], req.heatmap, req.heatmap_style))[0]
 
     @app.post("/infer/batch", response_model=BatchResponse, response_model_exclude_none=True,
               dependencies=protected, responses=ERRORS_DOC, openapi_extra=_json_body_doc(BatchRequest, multipart=False),
@@ -257,7 +277,7 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             raise HTTPException(413, f"images: at most {settings.max_images} images per request (--max-images), "
                                      f"got {len(req.images)}")
         items = [(f"images[{i}]", s) for i, s in enumerate(req.images)]
-        return {"results": await score(items, req.heatmap)}
+        return {"results": await score(items, req.heatmap, req.heatmap_style)}
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}},
              summary="Liveness and readiness: 200 when the model is loaded and the worker runs")
@@ -278,4 +298,5 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
         body, ctype = metrics.exposition()
         return Response(body, media_type=ctype)
 
+    mount_page(app, det, thr, map_scale, protected)  # the operators' page at / (apps/serve/page.py)
     return app

@@ -21,6 +21,7 @@ from PIL import Image
 from insightad.data.images import load_image
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
+from insightad.render.colormap import MapScale, colorize
 
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]*)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -101,3 +102,27 @@ def heatmap_png(amap: np.ndarray) -> tuple[str, float, float]:
     buf = io.BytesIO()
     Image.fromarray(scaled, mode="L").save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode("ascii"), lo, hi
+
+
+COLOR_MAX_SIDE = 1024  # the coloured heatmap is for eyes: bounded, whatever the input's size
+
+
+def bounded_size(size: tuple[int, int], max_side: int = COLOR_MAX_SIDE) -> tuple[int, int]:
+    """(height, width) scaled down (aspect kept) so the longer side is at most ``max_side``."""
+    h, w = size
+    f = min(1.0, max_side / max(h, w))
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def heatmap_color_png(amap: np.ndarray, scale: MapScale) -> str:
+    """An anomaly map -> base64 RGBA PNG in the product's one colour convention.
+
+    RGB is ``render.colormap.colorize`` on the model's calibrated scale; alpha is ``unit(m) ** 1.5``
+    (as ``render.colormap.blend`` weights it), so laid over the image with opacity ``a`` it gives
+    exactly ``blend(image, map, scale, max_alpha=a)``: regions well below the level stay clear.
+    """
+    rgb = colorize(amap, scale)
+    alpha = np.round(255.0 * scale.unit(amap) ** 1.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA").save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
