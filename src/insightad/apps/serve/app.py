@@ -150,7 +150,7 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             await run_in_threadpool(worker.stop)
             io_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPIOffline(title="InsightAD inference server", version=__version__, lifespan=lifespan,
+    app = FastAPIOffline(redoc_url=None, title="InsightAD inference server", version=__version__, lifespan=lifespan,
                   description=f"Visual anomaly detection with a `{det.method}` model. Higher score = more "
                               "anomalous; `Anomaly` is `score > threshold`.")
     app.state.worker, app.state.detector, app.state.settings, app.state.metrics = worker, det, settings, metrics

@@ -220,6 +220,8 @@ function renderCard(r) {
   for (const [k, v] of rows) c.stats.append(el("dt", { text: k }), el("dd", { class: `v-${k.split(" ")[0]}`, text: v }));
   c.msg.textContent = r.note || "";
   c.card.dataset.decision = anomalous ? "anomalous" : "normal";
+  c.card.dataset.score = String(r.score);  // exact, for scripts and tests (the table shows 5 digits)
+  if (r.ms !== undefined) c.card.dataset.ms = String(r.ms);
 }
 
 function applyOverlaySettings() {
@@ -390,7 +392,7 @@ function refreshThresholdView() {
   const n = scored().length;
   const [lo, hi] = scoreRange();
   const slider = $("thr-slider");
-  slider.min = lo; slider.max = hi; slider.step = (hi - lo) / 1000;
+  slider.min = lo; slider.max = hi; slider.step = "any";  // no snapping: the exported value is the one shown
   slider.value = state.pageThr;
   $("thr-number").value = Number(state.pageThr.toPrecision(6));
   slider.disabled = $("thr-number").disabled = $("thr-export").disabled = n === 0;
