@@ -22,6 +22,8 @@ import uvicorn
 from insightad.cli import main as cli_main
 from insightad.config import ServeParams
 from insightad.data.synthetic import make_image
+from tests.mapdetector import NAME as METHOD
+from tests.mapdetector import register_method
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser")
                              or "") if p and Path(p).is_file()), None)
@@ -34,13 +36,15 @@ TIMEOUT_MS = 20_000
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def padim_model(mvtec_dir, tmp_path_factory) -> Path:
-    """A small PaDiM (it has maps, so the page shows heatmaps)."""
+def map_model(mvtec_dir, tmp_path_factory) -> Path:
+    """A tiny detector with maps (tests/mapdetector.py: no backbone, so it trains in a second); the page
+    treats every method alike, and the served scores are compared with the API's, not with a number."""
     from insightad.apps.train import train_model
     from insightad.config import DataParams
 
-    out = tmp_path_factory.mktemp("page-model") / "padim.safetensors"
-    train_model(mvtec_dir, "padim", {"image_size": 64, "n_features": 32}, DataParams(), out, progress=False)
+    register_method()
+    out = tmp_path_factory.mktemp("page-model") / "meandev.safetensors"
+    train_model(mvtec_dir, METHOD, {"image_size": 64}, DataParams(), out, progress=False)
     return out
 
 
@@ -85,18 +89,18 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def server(padim_model):
+def server(map_model):
     from insightad.apps.serve import create_app
 
-    with running(create_app(padim_model, ServeParams())) as url:
+    with running(create_app(map_model, ServeParams())) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def keyed_server(padim_model):
+def keyed_server(map_model):
     from insightad.apps.serve import create_app
 
-    with running(create_app(padim_model, ServeParams(api_key=KEY))) as url:
+    with running(create_app(map_model, ServeParams(api_key=KEY))) as url:
         yield url
 
 
@@ -134,10 +138,14 @@ def page(browser):
     ctx.close()
 
 
+def wait_for_model(page) -> None:
+    page.wait_for_function(f"() => document.getElementById('model-summary').textContent.includes('{METHOD}')")
+
+
 def open_page(page, url: str) -> Recorder:
     rec = Recorder(page)
     page.goto(url + "/")
-    page.wait_for_function("() => document.getElementById('model-summary').textContent.includes('padim')")
+    wait_for_model(page)
     return rec
 
 
@@ -174,7 +182,7 @@ def test_page_loads_with_no_request_leaving_loopback(page, server):
     assert "ok" in page.inner_text("#health-info")
     info = page.inner_text("#model-info")
     sha = httpx.get(f"{server}/model").json()["model_sha256"]
-    assert "padim" in info and "64 × 64" in info and sha in info and "holdout" in info
+    assert METHOD in info and "64 × 64" in info and sha in info and "train_p99" in info
     assert rec.urls and not rec.foreign(), rec.foreign()
     assert not rec.errors, rec.errors
 
@@ -199,7 +207,7 @@ def test_upload_shows_the_api_score_heatmap_and_a_readable_error(page, server, i
     assert not rec.foreign()
 
 
-def test_slider_redecides_in_the_browser_without_a_request(page, server, images, tmp_path, padim_model, capsys):
+def test_slider_redecides_in_the_browser_without_a_request(page, server, images, tmp_path, map_model, capsys):
     open_page(page, server)
     upload(page, [images["good_1"], images["good_2"], images["scratch_1"]])
     page.click(".tab[data-view=threshold]")
@@ -225,7 +233,7 @@ def test_slider_redecides_in_the_browser_without_a_request(page, server, images,
     body = json.loads(path.read_text())
     assert body["model_sha256"] == httpx.get(f"{server}/model").json()["model_sha256"]
     assert body["threshold"] == pytest.approx(max(scores) + 1e-6, rel=1e-6)
-    assert cli_main(["predict", "--model", str(padim_model), str(images["scratch_1"]), "--threshold", str(path),
+    assert cli_main(["predict", "--model", str(map_model), str(images["scratch_1"]), "--threshold", str(path),
                      "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["threshold"] == body["threshold"] and row["anomalous"] is False
@@ -243,7 +251,7 @@ def test_review_labels_survive_a_reload_and_export_as_csv(page, server, images, 
     page.keyboard.press("n")  # second -> normal
     page.locator(".tile").nth(2).locator("button", has_text="defective").click()
     page.reload()
-    page.wait_for_function("() => document.getElementById('model-summary').textContent.includes('padim')")
+    wait_for_model(page)
     page.click(".tab[data-view=review]")
     assert page.locator(".tile.labelled").count() == 3  # labels (and the session's scores) kept
     page.select_option("#filter", "anomalous")
@@ -275,7 +283,7 @@ def test_api_key_is_asked_once_and_sent_with_every_request(page, keyed_server, i
     assert "refused" in page.inner_text("#key-error")
     page.fill("#key-input", KEY)
     page.click("#key-submit")
-    page.wait_for_function("() => document.getElementById('model-summary').textContent.includes('padim')")
+    wait_for_model(page)
     upload(page, [images["blob_1"]])
     c = card(page, "blob_1")
     assert float(c.get_attribute("data-score")) == api_score(keyed_server, images["blob_1"], KEY)["score"]
