@@ -57,6 +57,9 @@ def images(tmp_path_factory) -> dict[str, Path]:
         img, _ = make_image("disc", defect, size=96, seed=seed)
         out[name] = root / f"{name}.png"
         img.save(out[name])
+    (root / "other").mkdir()
+    out["same_name"] = root / "other" / "good_1.png"  # another image with a name already used
+    make_image("disc", "blob", size=96, seed=75)[0].save(out["same_name"])
     out["corrupt"] = root / "corrupt.png"
     out["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n this is not really a PNG")
     return out
@@ -139,7 +142,8 @@ def page(browser):
 
 
 def wait_for_model(page) -> None:
-    page.wait_for_function(f"() => document.getElementById('model-summary').textContent.includes('{METHOD}')")
+    page.wait_for_selector("body[data-ready]", state="attached")
+    assert METHOD in page.inner_text("#model-summary")
 
 
 def open_page(page, url: str) -> Recorder:
@@ -239,13 +243,18 @@ def test_slider_redecides_in_the_browser_without_a_request(page, server, images,
     assert row["threshold"] == body["threshold"] and row["anomalous"] is False
 
 
+def tiles(page) -> list[tuple[str, float]]:
+    return [(n, float(sc)) for n, sc in page.eval_on_selector_all(
+        ".tile", "ts => ts.map(t => [t.dataset.name, t.dataset.score])")]
+
+
 def test_review_labels_survive_a_reload_and_export_as_csv(page, server, images, tmp_path):
     open_page(page, server)
-    upload(page, [images["good_1"], images["blob_1"], images["scratch_1"]])
+    upload(page, [images["good_1"], images["blob_1"], images["scratch_1"], images["same_name"]])
     page.click(".tab[data-view=review]")
-    names = page.eval_on_selector_all(".tile", "ts => ts.map(t => t.dataset.name)")
-    scores = {n: float(card(page, n).get_attribute("data-score")) for n in names}
-    assert [scores[n] for n in names] == sorted(scores.values(), reverse=True)  # highest score first
+    shown = tiles(page)
+    assert len(shown) == 4 and [s for _, s in shown] == sorted((s for _, s in shown), reverse=True)  # highest first
+    assert [n for n, _ in shown].count("good_1.png") == 2  # same name, two images: labelled apart
     page.keyboard.press("d")  # first (highest) -> defective
     page.keyboard.press("j")
     page.keyboard.press("n")  # second -> normal
@@ -253,22 +262,22 @@ def test_review_labels_survive_a_reload_and_export_as_csv(page, server, images, 
     page.reload()
     wait_for_model(page)
     page.click(".tab[data-view=review]")
-    assert page.locator(".tile.labelled").count() == 3  # labels (and the session's scores) kept
+    labelled = [(n, float(sc)) for n, sc in page.eval_on_selector_all(
+        ".tile.labelled", "ts => ts.map(t => [t.dataset.name, t.dataset.score])")]
+    assert labelled == shown[:3]  # labels (and the session's scores) kept across the reload
     page.select_option("#filter", "anomalous")
     thr = httpx.get(f"{server}/model").json()["threshold"]["value"]
-    shown = page.eval_on_selector_all(".tile", "ts => ts.map(t => t.dataset.name)")
-    assert sorted(shown) == sorted(n for n, s in scores.items() if s > thr)
+    assert tiles(page) == [t for t in shown if t[1] > thr]
     with page.expect_download() as dl:
         page.click("#export-labels")
     path = tmp_path / "labels.csv"
     dl.value.save_as(path)
-    rows = list(csv.DictReader(io.StringIO(path.read_text())))
-    sha = httpx.get(f"{server}/model").json()["model_sha256"]
     assert path.read_text().splitlines()[0] == "name,label,score,model_sha256"
-    got = {r["name"]: r for r in rows}
-    expected = {f"{names[0]}": "anomalous", f"{names[1]}": "normal", f"{names[2]}": "anomalous"}
-    assert {n: r["label"] for n, r in got.items()} == expected
-    assert all(float(r["score"]) == scores[n] and r["model_sha256"] == sha for n, r in got.items())
+    sha = httpx.get(f"{server}/model").json()["model_sha256"]
+    rows = {(r["name"], float(r["score"]), r["label"], r["model_sha256"])
+            for r in csv.DictReader(io.StringIO(path.read_text()))}
+    expected = {(*shown[0], "anomalous", sha), (*shown[1], "normal", sha), (*shown[2], "anomalous", sha)}
+    assert rows == expected
 
 
 def test_api_key_is_asked_once_and_sent_with_every_request(page, keyed_server, images):

@@ -15,7 +15,7 @@ const state = {
   serverThr: null,    // the server's threshold
   pageThr: null,      // the slider's threshold (decisions in this page only)
   results: [],        // {id, name, score, score_normalized, anomalous, threshold, ms, error, thumb, card}
-  labels: {},         // name -> "normal" | "anomalous"
+  labels: {},         // labelKey(r) -> {name, score, label: "normal" | "anomalous"}
   queue: [], running: 0, done: 0, total: 0, aborters: new Set(),
   selected: 0,
   nextId: 1,
@@ -91,6 +91,9 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 function decide(score) { return score > state.pageThr; }
+// Files in different folders often share a name (000.png): an image is its name and its score.
+function labelKey(r) { return `${r.name}|${r.score}`; }
+function labelOf(r) { const l = state.labels[labelKey(r)]; return l ? l.label : undefined; }
 function download(name, text, type) {
   const url = URL.createObjectURL(new Blob([text], { type }));
   const a = el("a", { href: url, download: name });
@@ -240,7 +243,7 @@ function addFiles(files) {
   if (!list.length) return;
   show("inspect");
   for (const file of list) {
-    const r = { id: state.nextId++, name: file.name, file };
+    const r = { id: state.nextId++, name: file.webkitRelativePath || file.name, file };
     state.results.push(r);
     makeCard(r);
     state.queue.push(r);
@@ -273,6 +276,7 @@ function updateProgress() {
   if (!busy) { state.done = state.total = 0; }
   saveSession();
   refreshThresholdView();
+  if (!$("view-review").hidden) renderGallery();
 }
 
 function cancelAll() {
@@ -375,6 +379,8 @@ function restoreSession() {
     renderCard(r);
   }
   refreshThresholdView();
+  if (!$("view-review").hidden) renderGallery();
+  document.body.dataset.ready = "1";  // model known, session restored (scripts and tests wait for this)
 }
 
 // ------------------------------------------------------------------ threshold
@@ -473,7 +479,9 @@ function near(r) {
 
 function reviewItems() {
   const f = $("filter").value;
-  return scored().filter((r) => f === "all" || (f === "near" ? near(r) : (decide(r.score) === (f === "anomalous"))))
+  const seen = new Set();  // the same image scored twice is one image to review
+  const unique = scored().filter((r) => !seen.has(labelKey(r)) && seen.add(labelKey(r)));
+  return unique.filter((r) => f === "all" || (f === "near" ? near(r) : (decide(r.score) === (f === "anomalous"))))
     .sort((a, b) => b.score - a.score);
 }
 
@@ -483,10 +491,10 @@ function renderGallery() {
   const g = $("gallery");
   g.replaceChildren();
   items.forEach((r, i) => {
-    const label = state.labels[r.name];
+    const label = labelOf(r);
     const anomalous = decide(r.score);
     const tile = el("figure", { class: `tile${i === state.selected ? " selected" : ""}${label ? " labelled" : ""}`,
-      "data-name": r.name });
+      "data-name": r.name, "data-score": String(r.score) });
     tile.append(r.thumb ? el("img", { src: r.thumb, alt: r.name }) : el("div", { class: "nothumb", text: "no preview" }));
     const nBtn = el("button", { type: "button", class: `lab${label === "normal" ? " on" : ""}`, text: "normal (n)" });
     const dBtn = el("button", { type: "button", class: `lab${label === "anomalous" ? " on bad" : ""}`, text: "defective (d)" });
@@ -507,7 +515,8 @@ function renderGallery() {
 }
 
 function setLabel(r, label) {
-  if (label) state.labels[r.name] = label; else delete state.labels[r.name];
+  if (label) state.labels[labelKey(r)] = { name: r.name, score: r.score, label };
+  else delete state.labels[labelKey(r)];
   localStorage.setItem(LABEL_STORE + state.sha, JSON.stringify(state.labels));
   renderGallery();
 }
@@ -518,12 +527,9 @@ function csvField(v) {
 }
 
 function exportLabels() {
-  const byName = new Map(scored().map((r) => [r.name, r]));
   const lines = ["name,label,score,model_sha256"];
-  for (const [name, label] of Object.entries(state.labels)) {
-    const r = byName.get(name);
-    if (!r) continue;  // labelled earlier, not scored in this session: no score to give
-    lines.push([name, label, String(r.score), state.model.model_sha256 || ""].map(csvField).join(","));
+  for (const { name, score, label } of Object.values(state.labels)) {
+    lines.push([name, label, String(score), state.model.model_sha256 || ""].map(csvField).join(","));
   }
   download(`labels-${(state.model.model_sha256 || "model").slice(0, 12)}.csv`, lines.join("\n") + "\n", "text/csv");
 }
@@ -547,6 +553,10 @@ function onKey(ev) {
 function init() {
   for (const b of document.querySelectorAll(".tab")) b.onclick = () => show(b.dataset.view);
   $("file-input").onchange = (ev) => { addFiles(ev.target.files); ev.target.value = ""; };
+  $("folder-input").onchange = (ev) => {  // a folder: its images only, named by their path inside it
+    addFiles(Array.from(ev.target.files).filter((f) => /\.(png|jpe?g|bmp|tiff?)$/i.test(f.name)));
+    ev.target.value = "";
+  };
   const drop = $("drop");
   drop.ondragover = (ev) => { ev.preventDefault(); drop.classList.add("over"); };
   drop.ondragleave = () => drop.classList.remove("over");
