@@ -75,6 +75,11 @@ def summary(xs: list[float]) -> dict:
             "n": len(xs)}
 
 
+def shrink(path: Path) -> None:
+    """256-colour PNG: a third of the size, still readable (the screenshots live in git)."""
+    Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+
+
 def screenshots(page, out: Path, gallery: list[str]) -> list[str]:
     page.click("#clear")
     upload_and_wait(page, gallery)
@@ -83,14 +88,14 @@ def screenshots(page, out: Path, gallery: list[str]) -> list[str]:
     page.screenshot(path=str(out / "page-inspect.png"))
     shots.append("page-inspect.png")
     page.click(".tab[data-view=threshold]")
-    scores = sorted(float(s) for s in page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.score)"))
+    scores = sorted(float(s) for s in page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.score)") if s)
     mid = scores[len(scores) // 2 - 1] if len(scores) > 2 else scores[0]
     page.eval_on_selector("#thr-slider", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
                           mid + 1e-3)
     page.screenshot(path=str(out / "page-threshold.png"))
     shots.append("page-threshold.png")
     page.click(".tab[data-view=review]")
-    for key in ("d", "j", "d", "j", "n"):
+    for key in ("d", "j", "d", "j", "d", "j", "d"):
         page.keyboard.press(key)
     page.screenshot(path=str(out / "page-review.png"))
     shots.append("page-review.png")
@@ -120,6 +125,8 @@ def main() -> int:
                 upload_and_wait(page, [args.image])
             ms = [float(m) for m in page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.ms)")][:-1]
             shots = screenshots(page, Path(args.screenshots), args.gallery) if args.screenshots else []
+            for name in shots:
+                shrink(Path(args.screenshots) / name)
             browser.close()
     finally:
         server.should_exit = True

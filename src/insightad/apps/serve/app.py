@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException
 from insightad import __version__
 from insightad.apps.serve.codec import (DecodedImage, bounded_size, decode_base64, decode_image, heatmap_color_png,
                                         heatmap_png)
-from insightad.apps.serve.page import mount_page, served_model_sha256
 from insightad.apps.serve.limits import BodySizeLimitMiddleware
 from insightad.apps.serve.metrics import MetricsMiddleware, ServerMetrics
+from insightad.apps.serve.page import mount_page, served_model_sha256
 from insightad.apps.serve.schemas import (BatchRequest, BatchResponse, ErrorResponse, Health, InferRequest,
                                           InferResponse, ModelInfo)
 from insightad.apps.serve.security import api_key_dependency

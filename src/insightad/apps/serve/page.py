@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.params import Depends
 from fastapi.openapi.docs import get_redoc_html
+from fastapi.params import Depends
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
