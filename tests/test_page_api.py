@@ -127,3 +127,14 @@ def test_cli_refuses_a_threshold_file_of_another_model(command, tmp_path, baseli
     err = capsys.readouterr().err
     assert rc != 0 and "other.json: this threshold was chosen for another model" in err
     assert not (tmp_path / "sorted").exists()  # refused before anything was written
+
+
+def test_serve_tls_flags_need_both_files(tmp_path, map_model, capsys):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    rc = cli_main(["serve", "--model", str(map_model), "--ssl-certfile", str(cert)])
+    assert rc != 0 and "give both" in capsys.readouterr().err
+    rc = cli_main(["serve", "--model", str(map_model), "--ssl-certfile", str(cert), "--ssl-keyfile",
+                   str(tmp_path / "missing.pem")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--ssl-keyfile" in err and "missing.pem: no such file" in err

@@ -110,7 +110,9 @@ def keyed_server(map_model):
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu",
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])  # a test-pattern camera
         yield b
         b.close()
 
@@ -311,3 +313,16 @@ def test_docs_and_redoc_render_offline(page, server):
     page.wait_for_load_state("networkidle")
     # ReDoc's bundle asks for its attribution logo from a CDN; the /redoc page's CSP stops it in the browser
     assert rec.urls and set(rec.foreign()) <= rec.blocked, (rec.foreign(), rec.blocked)
+
+
+def test_camera_tab_scores_frames_with_a_live_overlay(page, server):
+    rec = open_page(page, server)
+    page.context.grant_permissions(["camera"])
+    page.click(".tab[data-view=camera]")
+    page.click("#cam-start")
+    page.wait_for_function("() => Number(document.querySelector('#cam-stats')?.dataset.score) >= 0 && "
+                           "document.getElementById('cam-overlay').naturalWidth > 0")
+    assert "frames" in page.inner_text("#cam-stats")
+    page.click(".tab[data-view=inspect]")  # leaving the tab stops the camera
+    assert page.is_enabled("#cam-start") and not page.is_enabled("#cam-stop")
+    assert not rec.foreign() and not rec.errors, (rec.foreign(), rec.errors)

@@ -110,6 +110,7 @@ function show(view) {
   if (view === "threshold") drawHistogram();
   if (view === "review") renderGallery();
   if (view === "model") refreshHealth();
+  if (view !== "camera") stopCamera();
 }
 
 // ------------------------------------------------------------------ model and health
@@ -549,6 +550,84 @@ function onKey(ev) {
   ev.preventDefault();
 }
 
+// ------------------------------------------------------------------ camera
+const camera = { stream: null, timer: null, busy: false, frames: 0 };
+
+async function startCamera() {
+  if (!window.isSecureContext || !navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    $("cam-status").textContent = "The browser allows the camera only on localhost or over HTTPS " +
+      "(serve with --ssl-certfile and --ssl-keyfile).";
+    return;
+  }
+  try {
+    camera.stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: false });
+  } catch (e) {
+    $("cam-status").textContent = `No camera: ${e.message || e.name}`;
+    return;
+  }
+  const video = $("cam-video");
+  video.srcObject = camera.stream;
+  await video.play();
+  $("cam-start").disabled = true;
+  $("cam-stop").disabled = false;
+  $("cam-status").textContent = "scoring one frame a second…";
+  camera.timer = setInterval(scoreFrame, 1000);
+  scoreFrame();
+}
+
+function stopCamera() {
+  if (camera.timer) clearInterval(camera.timer);
+  if (camera.stream) for (const t of camera.stream.getTracks()) t.stop();
+  camera.timer = camera.stream = null;
+  $("cam-start").disabled = false;
+  $("cam-stop").disabled = true;
+  if (camera.frames) $("cam-status").textContent = `stopped after ${camera.frames} frames`;
+}
+
+async function scoreFrame() {
+  const video = $("cam-video");
+  if (camera.busy || !camera.stream || !video.videoWidth) return;  // never queue frames behind a slow one
+  camera.busy = true;
+  const t0 = performance.now();
+  try {
+    const canvas = el("canvas");
+    canvas.width = video.videoWidth;
+    canvas.height = video.videoHeight;
+    canvas.getContext("2d").drawImage(video, 0, 0);
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.9));
+    const form = new FormData();
+    form.append("file", blob, "camera.jpg");
+    form.append("heatmap", state.model && state.model.has_maps ? "true" : "false");
+    form.append("heatmap_style", "color");
+    const resp = await api("infer", { method: "POST", body: form });
+    if (!resp.ok) { $("cam-status").textContent = `frame not scored: ${await errorText(resp)}`; return; }
+    const body = await resp.json();
+    const old = $("cam-frame").src;
+    await loadImage($("cam-frame"), URL.createObjectURL(blob));
+    if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+    const overlay = $("cam-overlay");
+    if (body.heatmap_color) {
+      await loadImage(overlay, `data:image/png;base64,${body.heatmap_color}`);
+      overlay.hidden = !$("overlay-on").checked;
+      overlay.style.opacity = $("opacity").value;
+    }
+    camera.frames++;
+    const anomalous = decide(body.score);
+    const stats = $("cam-stats");
+    stats.dataset.score = String(body.score);
+    stats.replaceChildren();
+    for (const [k, v] of [["score (raw)", fmt(body.score)], ["threshold", fmt(state.pageThr)],
+      ["score_normalized", fmt(body.score_normalized)], ["decision", anomalous ? "anomalous" : "normal"],
+      ["time", `${Math.round(performance.now() - t0)} ms`], ["frames", String(camera.frames)]]) {
+      stats.append(el("dt", { text: k }), el("dd", { text: v }));
+    }
+  } catch (e) {
+    $("cam-status").textContent = `frame not scored: ${e.message}`;
+  } finally {
+    camera.busy = false;
+  }
+}
+
 // ------------------------------------------------------------------ wiring
 function init() {
   for (const b of document.querySelectorAll(".tab")) b.onclick = () => show(b.dataset.view);
@@ -578,6 +657,8 @@ function init() {
   $("export-labels").onclick = exportLabels;
   $("clear-labels").onclick = () => { state.labels = {}; localStorage.removeItem(LABEL_STORE + state.sha); renderGallery(); };
   document.addEventListener("keydown", onKey);
+  $("cam-start").onclick = startCamera;
+  $("cam-stop").onclick = stopCamera;
   refreshHealth();
   loadModel();
 }
