@@ -22,7 +22,8 @@ from insightad.methods.base import Detector
 from insightad.apps.inference import load_for_inference
 from insightad.model_file import load_model, save_model
 
-RESPONSE_KEYS = {"Anomaly", "score", "threshold", "method"}
+# score_normalized: added for the web page (intended change, issue 11/17; `Anomaly` and the rest unchanged)
+RESPONSE_KEYS = {"Anomaly", "score", "threshold", "method", "score_normalized"}
 MAP_SIZE = 64  # working size of the test-only map method
 
 
