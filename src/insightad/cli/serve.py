@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    description="Start the HTTP inference server for a model file. It listens on 127.0.0.1 unless "
                                "--host says otherwise (--host 0.0.0.0 opens it to the network). The API key "
                                "defaults to the INSIGHTAD_API_KEY environment variable, which keeps it out of "
-                               "the process list. OpenAPI docs are served at /docs.")
+                               "the process list. The web page for operators is at /, OpenAPI docs at /docs and /redoc "
+                               "(all offline).")
     add_model_flag(p)
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's decision threshold")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level (default: info)")

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -196,7 +197,8 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
                 raise RuntimeError(f"the model produced a non-finite score ({res.score})")
             item: dict[str, Any] = {"Anomaly": res.score > thr, "score": res.score, "threshold": thr,
                                     "method": det.method,
-                                    "score_normalized": float(normalize_scores([res.score], thr, norm_scale)[0])}
+                                    "score_normalized": float(normalize_scores(np.array([res.score]), thr,
+                                                                               norm_scale)[0])}
             if res.map is not None and style == "color":
                 amap = upsample_maps(res.map[None], [bounded_size(img.size)])[0]
                 item["heatmap_color"] = heatmap_color_png(amap, map_scale)
