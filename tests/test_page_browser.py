@@ -326,3 +326,18 @@ def test_camera_tab_scores_frames_with_a_live_overlay(page, server):
     page.click(".tab[data-view=inspect]")  # leaving the tab stops the camera
     assert page.is_enabled("#cam-start") and not page.is_enabled("#cam-stop")
     assert not rec.foreign() and not rec.errors, (rec.foreign(), rec.errors)
+
+
+def test_method_without_maps_says_why_there_is_no_heatmap(page, baseline_model, images):
+    from insightad.apps.serve import create_app
+
+    with running(create_app(baseline_model, ServeParams(engine="torch"))) as url:  # no ONNX export to wait for
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready]", state="attached")
+        note = page.inner_text("#nomap-note")
+        assert "baseline" in note and "no anomaly map" in note
+        assert page.locator("#colorbar-box").is_hidden() and page.is_disabled("#overlay-on")
+        upload(page, [images["blob_1"]])
+        c = card(page, "blob_1")
+        assert float(c.get_attribute("data-score")) == api_score(url, images["blob_1"])["score"]
+        assert "no heatmap: baseline gives an image score only" in c.inner_text()
