@@ -43,13 +43,12 @@ def run_one(spec: dict) -> dict:
     import resource
 
     t0 = time.perf_counter()
-    import numpy as np
     import torch
 
     from insightad.apps.train import train_model
     from insightad.config import DataParams
     from insightad.evaluate.run import evaluate_model
-    from insightad.methods import get_class
+    from insightad.methods import get_method
 
     import_s = time.perf_counter() - t0
     if spec["threads"]:
@@ -59,7 +58,7 @@ def run_one(spec: dict) -> dict:
               "seed": spec["seed"], "device": "cpu"}
     if method == "patchcore":
         params["coreset_ratio"] = spec["coreset"]
-    fields = set(get_class(method).Params.__dataclass_fields__)
+    fields = set(get_method(method).Params.__dataclass_fields__)
     if "fit_engine" in fields:  # the frozen backbone of fit runs on the engine under test too
         params["fit_engine"] = spec["engine"]
     params.update({k: v for k, v in spec["set"].items() if k in fields})
@@ -67,7 +66,7 @@ def run_one(spec: dict) -> dict:
     t = time.perf_counter()
     det, _, split = train_model(spec["data"], method, params, dp, spec["model_path"], progress=False)
     train_total = time.perf_counter() - t
-    from insightad.apps.inference import load_for_inference
+    from insightad.inference.load import load_for_inference
 
     fit_seconds = det.fit_seconds_
     det = load_for_inference(spec["model_path"], spec["engine"], spec["threads"] or None)
@@ -90,7 +89,8 @@ def run_one(spec: dict) -> dict:
     out = {"method": method, "backbone": spec["backbone"], "engine": spec["engine"],
            "image_size": spec["image_size"], "coreset": spec["coreset"] if method == "patchcore" else None,
            "image_auroc": m.get("image_auroc"), "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"),
-           "f1": m.get("f1"), "fit_s": round(fit_seconds, 2), "predict_ips": round(predict_ips, 2), "predict_maps_ips": round(predict_maps_ips, 2),
+           "f1": m.get("f1"), "fit_s": round(fit_seconds, 2), "predict_ips": round(predict_ips, 2),
+           "predict_maps_ips": round(predict_maps_ips, 2),
            "backbone_ips": round(backbone_ips, 2) if backbone_ips else None, "peak_rss_mb": round(rss, 1),
            "seed": spec["seed"], "batch_size": spec["batch_size"], "threads": torch.get_num_threads(),
            "data": str(spec["data"]), "n_train": len(split["train"]), "n_test": len(paths),

@@ -119,7 +119,7 @@ def main() -> int:
     import torch
 
     from insightad.config import DataParams
-    from insightad.methods import available
+    from insightad.methods import list_methods
 
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -127,7 +127,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     dp = DataParams(holdout=args.holdout, seed=args.seed)
     methods = [m for m in args.methods.split(",") if m]
-    missing = [m for m in methods if m not in available()]
+    missing = [m for m in methods if m not in list_methods()]
     for m in missing:
         print(json.dumps({"method": m, "missing": "not in this installation"}), flush=True)
     if args.ssl_backbone:
@@ -136,7 +136,7 @@ def main() -> int:
         ssl_path, ssl_row = train_ssl(args, dp, out)
     print(json.dumps(ssl_row), flush=True)
     rows = []
-    for method in [m for m in methods if m in available()]:
+    for method in [m for m in methods if m in list_methods()]:
         for label, backbone in (("imagenet", args.backbone), ("ssl", f"ssl:{ssl_path}")):
             row = run_one(args, dp, method, backbone, label, out)
             rows.append(row)

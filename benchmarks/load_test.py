@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        from insightad.model_file import atomic_write
+        from insightad.io import atomic_write
 
         atomic_write(args.out, lambda tmp: tmp.write_text(text + "\n"))
     return 0 if n_err == 0 else 1

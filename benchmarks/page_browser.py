@@ -30,8 +30,8 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from insightad.apps.serve import create_app
+from insightad.apps.serve.settings import ServeParams
 from insightad.cli.serve import bind
-from insightad.config import ServeParams
 
 
 def serve(model: str) -> tuple[str, uvicorn.Server, threading.Thread]:
@@ -64,7 +64,7 @@ def api_ms(url: str, image: str, repeat: int) -> list[float]:
     for _ in range(repeat):
         t0 = time.perf_counter()
         r = httpx.post(f"{url}/infer", files={"file": (Path(image).name, data)},
-                       data={"heatmap": "true", "heatmap_style": "color"}, timeout=120)
+                       data={"heatmap": "true"}, timeout=120)
         r.raise_for_status()
         out.append((time.perf_counter() - t0) * 1000)
     return out

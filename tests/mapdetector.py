@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from insightad.config import DetectorParams
 from insightad.data.preprocess import Preprocessing
-from insightad.methods import register
+from insightad.methods import register_method
 from insightad.methods.base import Detector
 
 NAME = "meandev"
@@ -35,8 +35,7 @@ class MeanDeviationModel(nn.Module):
         return d.flatten(1).amax(1), d
 
 
-class MeanDeviationDetector(Detector):
-    method = NAME
+class MeanDeviationDetector(DetectorParams, Detector):
     has_maps = True
     uses_backbone = False
 
@@ -46,14 +45,14 @@ class MeanDeviationDetector(Detector):
         self.model_ = MeanDeviationModel(stack.mean(0)).to(self.device_)
         with torch.inference_mode():
             train = self.model_((stack * 255).round().to(torch.uint8))[0].numpy()
-        self.set_threshold(float(np.percentile(train, 99)), "train_p99", n=len(train))
+        self.decision_scores_, self.decision_source_ = train, "train"
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         return MeanDeviationModel(torch.empty_like(tensors["mean_image"]))
 
 
-def register_method() -> str:
-    register(NAME, f"{__name__}:MeanDeviationDetector")
+def register_meandev() -> str:
+    register_method(NAME)(MeanDeviationDetector)
     return NAME
 
 
@@ -69,7 +68,7 @@ if pytest is not None:
         from insightad.apps.train import train_model
         from insightad.config import DataParams
 
-        register_method()
+        register_meandev()
         out = tmp_path / "meandev.safetensors"
         train_model(mvtec_dir, NAME, {"image_size": 64}, DataParams(), out, progress=False)
         return out

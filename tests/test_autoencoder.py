@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from insightad.data.synthetic import make_image
 from insightad.errors import InsightADError
 from insightad.methods import create_detector
-from insightad.methods.autoencoder import reconstruction_loss
+from insightad.methods.autoencoder import ReconstructionObjective
 
 FAST = dict(image_size=64, epochs=12, batch_size=8, lr=3e-3, val_fraction=0.0, patience=0, device="cpu",
             latent=16)
@@ -52,8 +51,8 @@ def test_grayscale_data_gives_grayscale_model_and_large_inputs():
     assert pred.maps[0].shape == (1024, 1024) and pred.maps[1].shape == (64, 64)
 
 
-def test_seed_architecture_is_grayscale_with_the_seed_layers():
-    det = create_detector("autoencoder", **{**FAST, "epochs": 1, "arch": "seed"}).fit(_images("disc", 8, 0))
+def test_conv4_architecture_is_grayscale_with_four_convolutions():
+    det = create_detector("autoencoder", **{**FAST, "epochs": 1, "arch": "conv4"}).fit(_images("disc", 8, 0))
     net = det.model_.net
     convs = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 64, 128, 256] and all(c.stride == (2, 2) for c in convs)
@@ -61,14 +60,17 @@ def test_seed_architecture_is_grayscale_with_the_seed_layers():
 
 
 def test_loss_formula():
-    x = torch.rand(2, 1, 32, 32)
-    assert float(reconstruction_loss(x, x, 0.84, 11)) == pytest.approx(0.0, abs=1e-6)
-    y = torch.clamp(x + 0.1, 0, 1)
-    assert float(reconstruction_loss(x, y, 0.0, 11)) == pytest.approx(float(((x - y) ** 2).mean()), rel=1e-5)
+    # (was a test of the removed reconstruction_loss helper: the same formula, through the objective the loop uses)
+    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    xf = x.float() / 255.0
+    same = ReconstructionObjective(0.84, 11).loss(torch.nn.Identity(), x)[0]
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    shift = ReconstructionObjective(0.0, 11).loss(lambda t: torch.clamp(t + 0.1, 0, 1), x)[0]
+    assert float(shift) == pytest.approx(float(((xf - torch.clamp(xf + 0.1, 0, 1)) ** 2).mean()), rel=1e-5)
 
 
 def test_round_trip_and_onnx_parity(plate_ae, tmp_path):
-    from insightad.apps.inference import load_for_inference
+    from insightad.inference.load import load_for_inference
     from insightad.model_file import save_model
 
     path = save_model(plate_ae, tmp_path / "ae.safetensors")

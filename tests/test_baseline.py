@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from insightad.data import discover
 from insightad.errors import InsightADError
-from insightad.methods import available, create_detector
+from insightad.methods import create_detector, list_methods
 from tests.conftest import SIZE
 
 
@@ -32,7 +32,7 @@ def test_defects_score_higher(data, scorer):
 def test_contract_and_params():
     det = create_detector("baseline", k=5, image_size=SIZE)
     assert det.get_params()["k"] == 5 and not det.is_fitted
-    assert "baseline" in available()
+    assert "baseline" in list_methods()
     with pytest.raises(InsightADError, match="not fitted"):
         det.predict([np.zeros((8, 8, 3), np.uint8)])
     assert det.set_params(k=2).k == 2

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from insightad.decide import (choose_threshold, f1_threshold, min_normals_for, normalize_scores,
-                              percentile_threshold, robust_scale, youden_threshold)
+from insightad.decide import (
+    choose_threshold,
+    f1_threshold,
+    min_normals_for,
+    normalize_scores,
+    percentile_threshold,
+    robust_scale,
+    youden_threshold,
+)
 from insightad.errors import InsightADError
 
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from insightad.apps.inference import load_for_inference
 from insightad.cli import main
 from insightad.errors import InsightADError
+from insightad.inference.load import load_for_inference
 
 onnx = pytest.importorskip("onnxruntime")
 
@@ -83,11 +83,11 @@ def test_foreign_and_mismatched_onnx_refused(tmp_path, baseline_model):
 
 
 def test_unexportable_model_says_why(baseline_model, tmp_path):
-    from insightad.engines.onnx_export import export_onnx
+    from insightad.inference.export import export_onnx
     from insightad.model_file import load_model
 
     det = load_model(baseline_model)
-    det.model_.onnx_unsupported = "a part of this model has no ONNX equivalent"
+    det.onnx_unsupported = "a part of this model has no ONNX equivalent"  # capability flag now on the detector
     with pytest.raises(InsightADError, match="cannot export to ONNX: a part"):
         export_onnx(det, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()

@@ -7,8 +7,9 @@ import json
 import numpy as np
 from PIL import Image
 
-from insightad.apps.overlay import OUTLINE_RGB, MapDisplay, overlay_name, render_overlay
 from insightad.cli import main
+from insightad.render.colormap import MapScale
+from insightad.render.overlay import OUTLINE_RGB, overlay_name, render_overlay
 from tests.mapdetector import map_model  # noqa: F401  (fixture)
 
 
@@ -22,9 +23,9 @@ def test_outline_drawn_exactly_around_the_region_above_the_level():
     img = Image.new("RGB", (400, 400), (60, 60, 60))
     m = np.zeros((400, 400), np.float32)
     m[100:200, 150:300] = 1.0
-    out = render_overlay(img, 2.0, 1.0, anomaly_map=m, display=MapDisplay(0.5, 0.1), score_normalized=0.99)
+    out = render_overlay(img, 2.0, 1.0, anomaly_map=m, scale=MapScale(0.5, 0.1), score_normalized=0.99)
     top = _banner_height(out, (220, 40, 40))
-    frame = (out.size[0] - 400) // 2
+    frame = int(np.argmax(np.any(np.asarray(out)[top + 50] != (220, 40, 40), axis=1)))  # a colour bar now sits right
     body = np.asarray(out)[top + frame: top + frame + 400, frame: frame + 400]
     white = np.all(body == OUTLINE_RGB, axis=2)
     ys, xs = np.nonzero(white)

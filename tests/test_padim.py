@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SIZE
 from insightad.config import DataParams
 from insightad.data.layouts import discover
 from insightad.errors import InsightADError
 from insightad.methods import create_detector
-from insightad.methods.patch_gaussian import PatchGaussianAccumulator, lower_triangular_inverse
+from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator, lower_triangular_inverse
+from tests.conftest import SIZE
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_streamed_fit_equals_one_shot_fit(mvtec_dir):
     whole = create_detector("padim", batch_size=64, **kw).fit(train)
     torch.testing.assert_close(small.model_.mean, whole.model_.mean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(small.model_.inv_chol, whole.model_.inv_chol, rtol=1e-3, atol=1e-2)
-    np.testing.assert_allclose(small.train_scores_, whole.train_scores_, rtol=1e-4)
+    np.testing.assert_allclose(small.decision_scores_, whole.decision_scores_, rtol=1e-4)
     # The one-shot reference: every image's features at once, textbook covariance per position.
     with torch.inference_mode():
         x = torch.stack([whole.preprocessing_.load(p)[0] for p in train])

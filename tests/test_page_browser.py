@@ -19,11 +19,11 @@ import httpx
 import pytest
 import uvicorn
 
+from insightad.apps.serve.settings import ServeParams
 from insightad.cli import main as cli_main
-from insightad.config import ServeParams
 from insightad.data.synthetic import make_image
 from tests.mapdetector import NAME as METHOD
-from tests.mapdetector import register_method
+from tests.mapdetector import register_meandev
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser")
                              or "") if p and Path(p).is_file()), None)
@@ -42,7 +42,7 @@ def map_model(mvtec_dir, tmp_path_factory) -> Path:
     from insightad.apps.train import train_model
     from insightad.config import DataParams
 
-    register_method()
+    register_meandev()
     out = tmp_path_factory.mktemp("page-model") / "meandev.safetensors"
     train_model(mvtec_dir, METHOD, {"image_size": 64}, DataParams(), out, progress=False)
     return out

@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import SIZE
-from insightad.apps.heatmap import heatmap_names
 from insightad.cli import main
 from insightad.config import DataParams
 from insightad.data.layouts import discover
 from insightad.errors import InsightADError
 from insightad.methods import create_detector
-from insightad.methods.coreset import coreset_size, greedy_coreset
-from insightad.methods.knn import nearest
+from insightad.methods.components.coreset import coreset_size, greedy_coreset
+from insightad.methods.components.knn import nearest
+from insightad.render.heatmap import heatmap_names
+from tests.conftest import SIZE
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_maps_light_up_on_defects(patchcore, mvtec_dir):
     assert det.model_.bank.shape == (coreset_size(30 * 8 * 8, 0.25), 152)
     assert det.threshold_strategy_ == "leave_one_image_out_p99" and det.threshold_info_["n"] == 16
     # The default threshold sits above the normal training images' honest scores.
-    assert det.threshold_ >= np.median(det.train_scores_) > 0
+    assert det.threshold_ >= np.median(det.decision_scores_) > 0
 
 
 def _naive_greedy(x: torch.Tensor, k: int, first: int) -> list[int]:
@@ -84,7 +84,7 @@ def test_second_pass_builds_the_same_bank(mvtec_dir):
     cached = create_detector("patchcore", **kw).fit(train)
     streamed = create_detector("patchcore", feature_cache_mb=0, **kw).fit(train)
     torch.testing.assert_close(cached.model_.bank, streamed.model_.bank)
-    np.testing.assert_allclose(cached.train_scores_, streamed.train_scores_, rtol=1e-5)
+    np.testing.assert_allclose(cached.decision_scores_, streamed.decision_scores_, rtol=1e-5)
     assert cached.threshold_ == pytest.approx(streamed.threshold_, rel=1e-5)
 
 

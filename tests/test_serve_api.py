@@ -14,16 +14,18 @@ from PIL import Image
 from torch import nn
 
 from insightad.apps.serve import create_app
-from insightad.config import ServeParams
+from insightad.apps.serve.settings import ServeParams
+from insightad.config import DetectorParams
 from insightad.data.preprocess import Preprocessing
 from insightad.data.synthetic import make_image
-from insightad.methods import _REGISTRY, register
+from insightad.inference.load import load_for_inference
+from insightad.methods import register_method, unregister_method
 from insightad.methods.base import Detector
-from insightad.apps.inference import load_for_inference
 from insightad.model_file import load_model, save_model
+from insightad.render.colormap import MapScale, colorize
 
-# score_normalized: added for the web page (intended change, issue 11/17; `Anomaly` and the rest unchanged)
-RESPONSE_KEYS = {"Anomaly", "score", "threshold", "method", "score_normalized"}
+# intended change (architecture issue): + anomalous, score_normalized
+RESPONSE_KEYS = {"Anomaly", "anomalous", "score", "score_normalized", "threshold", "method"}
 MAP_SIZE = 64  # working size of the test-only map method
 
 
@@ -264,8 +266,7 @@ class MeanDiffModel(nn.Module):
         return d.flatten(1).amax(1), d
 
 
-class MeanDiffDetector(Detector):
-    method = "test_meandiff"
+class MeanDiffDetector(DetectorParams, Detector):
     has_maps = True
     uses_backbone = False
 
@@ -273,7 +274,8 @@ class MeanDiffDetector(Detector):
         self.preprocessing_ = Preprocessing(size=(self.image_size, self.image_size))
         x = torch.cat([b.images for b in self._batches(images, progress, "fit")])
         self.model_ = MeanDiffModel(x.float().mean(0))
-        self.set_threshold(float(self.model_(x)[0].max()), "train_max")
+        self.decision_scores_, self.decision_source_ = self.model_(x)[0].numpy(), "train"
+        self.threshold_percentile = 100.0
 
     def _restore(self, tensors, state):
         return MeanDiffModel(torch.empty_like(tensors["mean"]))
@@ -281,14 +283,14 @@ class MeanDiffDetector(Detector):
 
 @pytest.fixture(scope="module")
 def map_model(tmp_path_factory):
-    register("test_meandiff", f"{__name__}:MeanDiffDetector")
+    register_method("test_meandiff")(MeanDiffDetector)
     try:
         train = [make_image("disc", None, size=96, seed=100 + i)[0] for i in range(12)]
         det = MeanDiffDetector(image_size=MAP_SIZE, device="cpu").fit(train)
         path = save_model(det, tmp_path_factory.mktemp("maps") / "meandiff.safetensors")
         yield path
     finally:
-        _REGISTRY.pop("test_meandiff", None)
+        unregister_method("test_meandiff")
 
 
 def test_heatmap_for_map_methods(map_model):
@@ -307,12 +309,12 @@ def test_heatmap_for_map_methods(map_model):
     assert body["score"] == plain["score"] and body["method"] == "test_meandiff"
     for item in (upload, *batch):
         assert item["heatmap"] == body["heatmap"]
+    # Intended change (architecture issue): the heatmap is an RGB PNG in the one colour convention.
     heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap"])))
-    assert heat.format == "PNG" and heat.mode == "L" and heat.size == (120, 80)
+    assert heat.format == "PNG" and heat.mode == "RGB" and heat.size == (120, 80)
     ref = det.predict([data]).maps[0]
     assert ref.shape == (80, 120)
-    assert body["heatmap_min"] == pytest.approx(ref.min(), abs=1e-4)
-    assert body["heatmap_max"] == pytest.approx(ref.max(), abs=1e-4)
-    decoded = body["heatmap_min"] + np.asarray(heat, np.float64) / 255 * (body["heatmap_max"] - body["heatmap_min"])
-    assert np.abs(decoded - ref).max() <= (ref.max() - ref.min()) / 255 + 1e-4
+    scale = MapScale(body["heatmap_level"], body["heatmap_scale"])
+    assert np.array_equal(np.asarray(heat), colorize(ref, scale))
+    decoded = scale.unit(ref)
     assert decoded[mask].mean() > 2 * decoded[~mask].mean()  # the defect is where the map is bright

@@ -1,9 +1,9 @@
 """The Docker image's recipe without a Docker engine: the files the Dockerfile copies, its install script
 run in a fresh virtual environment, and its entrypoint and health check started against a real model.
 
-The venv is created with ``--system-site-packages`` and pip runs with ``--no-index``: the dependencies
-(torch included) come from this machine's site-packages, nothing is downloaded, and only InsightAD itself
-is built and installed from the copied files, so the test takes seconds, not minutes.
+The venv sees the test environment's site-packages through a ``.pth`` file and pip runs with ``--no-index``:
+the dependencies (torch included) come from the environment running the tests, nothing is downloaded, and
+only InsightAD itself is built and installed from the copied files, so the test takes seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import site
 import socket
 import subprocess
 import sys
@@ -111,8 +112,13 @@ def test_install_script_entrypoint_and_healthcheck(tmp_path, baseline_model):
     app = tmp_path / "opt" / "insightad"
     copy_like_docker(app)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
+    # The dependencies (and pip, setuptools) come from the environment running this test, whatever it is (a
+    # virtual environment or not): a .pth line adds its site-packages after the new venv's own.
+    inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    Path(inner, "outer-env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     done = subprocess.run(["sh", str(app / "docker/install.sh"), str(app), "--no-index", "--no-build-isolation",
                            "--quiet"], env=_env(venv, PYTHON=str(py)), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr

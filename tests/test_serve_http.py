@@ -21,9 +21,9 @@ import uvicorn
 from torch import nn
 
 from insightad.apps.serve import create_app
+from insightad.apps.serve.settings import ServeParams
 from insightad.cli import main as cli_main
 from insightad.cli.serve import bind
-from insightad.config import ServeParams
 from insightad.data.synthetic import make_image
 from insightad.model_file import load_model
 

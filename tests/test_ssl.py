@@ -86,7 +86,7 @@ def test_ssl_backbone_serves_other_methods(method, ssl_run, arrow_dir, tmp_path)
 
 
 def test_ssl_warns_when_rotation_is_unlearnable(tmp_path):
-    from insightad.methods.ssl import RotationSSL, RotationUnlearnableWarning
+    from insightad.backbones.ssl import RotationSSL, RotationUnlearnableWarning
 
     flat = [np.full((32, 32, 3), 90 + 10 * i, np.uint8) for i in range(8)]  # identical at every rotation
     ssl = RotationSSL(backbone="test_efficientnet", init="random", image_size=32, epochs=1, batch_size=4,
@@ -138,7 +138,7 @@ def test_bad_init_choice_is_refused(arrow_dir, capsys):
 def test_ssl_needs_square_images():
     import torch
 
-    from insightad.methods.ssl import rotate_batch
+    from insightad.backbones.ssl import rotate_batch
 
     with pytest.raises(InsightADError, match="square"):
         rotate_batch(torch.zeros(1, 3, 8, 6, dtype=torch.uint8))

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from insightad.data.synthetic import (DEFECTS, KINDS, OBJECT_KINDS, TOLERANCE, make_image, object_mask,
-                                      write_dataset)
+from insightad.data.synthetic import DEFECTS, KINDS, OBJECT_KINDS, TOLERANCE, make_image, object_mask, write_dataset
 from insightad.errors import InsightADError
 
 

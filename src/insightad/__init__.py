@@ -4,9 +4,8 @@ Data flows ``data`` -> ``backbones`` -> ``methods`` -> ``model_file`` -> ``decid
 -> ``evaluate`` / ``apps`` (predict, sort, serve, export).
 """
 
-__version__ = "0.1.0"
-
 from insightad.errors import InsightADError  # noqa: E402
+from insightad.version import __version__  # noqa: E402
 
 __all__ = ["InsightADError", "__version__", "load_model", "create_detector", "Prediction"]
 

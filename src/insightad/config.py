@@ -1,6 +1,7 @@
-"""Every default in one place: typed dataclasses that the CLI, config files and detectors share.
+"""Typed defaults: the machinery every Params class uses, and the settings several layers share.
 
-A dataclass field becomes a CLI flag (``--name``, plus the aliases in its metadata) and a key of
+Each method's hyper-parameters live beside it (``methods/<name>.py``); a server's in
+``apps/serve/settings.py``. A dataclass field becomes a CLI flag (``--name``, plus the aliases in its metadata) and a key of
 the optional TOML ``--config`` file; flags override the file, the file overrides these defaults.
 """
 
@@ -10,16 +11,32 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, dataclass_transform
 
 from insightad.errors import InsightADError
 
+T = TypeVar("T")
+
+
+@dataclass_transform(field_specifiers=(field,))
+def params(cls: type[T]) -> type[T]:
+    """Make ``cls`` a hyper-parameter dataclass: a real ``__init__`` signature (what scikit-learn's
+    ``clone`` and a reader's IDE see), no generated ``__eq__``/``__repr__`` (a Detector inherits it),
+    and every value checked against its field's metadata when the object is made."""
+    if not hasattr(cls, "__post_init__"):
+        cls.__post_init__ = validate  # type: ignore[attr-defined]
+    return dataclass(eq=False, repr=False)(cls)
+
 
 def param(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-          maximum: float | None = None, aliases: tuple[str, ...] = (), exclusive_min: bool = False) -> Any:
-    """A dataclass field carrying what the CLI and validation need to know about it."""
+          maximum: float | None = None, aliases: tuple[str, ...] = (), exclusive_min: bool = False,
+          value_aliases: dict[str, str] | None = None) -> Any:
+    """A dataclass field carrying what the CLI and validation need to know about it.
+
+    ``aliases``: other flag spellings; ``value_aliases``: old spellings of a choice, accepted and
+    replaced by the current one (hidden from help)."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
-            "aliases": aliases, "exclusive_min": exclusive_min}
+            "aliases": aliases, "exclusive_min": exclusive_min, "value_aliases": value_aliases or {}}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -45,6 +62,9 @@ def validate(obj: Any) -> None:
             setattr(obj, f.name, value)
         if kind is float and isinstance(value, int):
             setattr(obj, f.name, float(value))
+        if isinstance(value, str) and value in meta.get("value_aliases", {}):
+            value = meta["value_aliases"][value]
+            setattr(obj, f.name, value)
         if meta.get("choices") and value not in meta["choices"]:
             raise InsightADError(f"{f.name}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
         lo, hi = meta.get("minimum"), meta.get("maximum")
@@ -68,13 +88,8 @@ def _base_type(hint: Any) -> Any:
 
 def _strip_optional(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1 else hint
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """Field name -> base type (int, float, str, bool, list, tuple)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+    unions = (typing.Union, getattr(__import__("types"), "UnionType", None))
+    return args[0] if typing.get_origin(hint) in unions and len(args) == 1 else hint
 
 
 def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
@@ -89,15 +104,15 @@ def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
 
 
 # --------------------------------------------------------------------------------------- data
-LAYOUTS = ("auto", "mvtec", "folder", "crack", "images")
+LAYOUTS = ("mvtec", "folder", "crack", "images")  # every dataset layout InsightAD reads (data.layouts)
 
 
-@dataclass
+@params
 class DataParams:
     """Where images come from and how normal images are split for training and held out."""
 
     layout: str = param("auto", "dataset layout; auto detects MVTec AD, normal/abnormal folders, "
-                        "crack (Negative/Positive) or a flat folder of normal images", choices=LAYOUTS)
+                        "crack (Negative/Positive) or a flat folder of normal images", choices=("auto", *LAYOUTS))
     normal_dir: str = param("normal", "name of the normal-images folder (folder layout)")
     abnormal_dir: str = param("abnormal", "name of the anomalous-images folder (folder layout)")
     holdout: float = param(0.2, "fraction of normal images held out of training where the layout has "
@@ -109,7 +124,7 @@ class DataParams:
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
-@dataclass
+@params
 class TrainLoopParams:
     """The shared training loop: epochs, batches, optimiser, early stopping, checkpoints, augmentation."""
 
@@ -136,7 +151,7 @@ class TrainLoopParams:
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
-@dataclass
+@params
 class DetectorParams:
     """Hyper-parameters every detector shares: backbone, input size, batching, device."""
 
@@ -153,103 +168,10 @@ class DetectorParams:
     seed: int = param(0, "random seed")
 
 
-# ---------------------------------------------------------------------------- trained methods
-SSL_INITS = ("imagenet", "random")
-
-
-@dataclass
-class SSLParams(TrainLoopParams):
-    """Rotation-prediction pretraining of a backbone on unlabelled images (writes a backbone file)."""
-
-    backbone: str = param(DEFAULT_BACKBONE, "architecture to train (a timm name, or ssl:PATH to continue "
-                          "from an earlier backbone file)")
-    init: str = param("imagenet", "start from the backbone's ImageNet weights or from random weights",
-                      choices=SSL_INITS)
-    weights: str | None = param(None, "with --init imagenet: a .safetensors/.pth file to start from "
-                                "instead of the installed ImageNet weights")
-    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16)
-    workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
-    epochs: int = param(10, "training epochs (each image is seen at 4 rotations per epoch)", minimum=1,
-                        aliases=("--epoch",))
-    min_accuracy: float = param(0.4, "warn when the best rotation accuracy stays below this (chance is 0.25)",
-                                minimum=0.0, maximum=1.0)
-
-
-SVDD_OBJECTIVES = ("one-class", "soft-boundary")
-
-
-@dataclass
-class SVDDParams(TrainLoopParams, DetectorParams):
-    """Deep SVDD: a bias-free projection head on frozen pooled backbone features, pulled towards a centre c."""
-
-    layers: list[int] = param([1, 2, 3], "backbone feature levels to pool (0 = finest)")
-    pooling: str = param("mean_std", "per-channel statistics of each level: mean, or mean and spatial "
-                         "standard deviation (sees thin local defects such as cracks better)",
-                         choices=("mean", "mean_std"))
-    objective: str = param("one-class", "one-class: mean squared distance to c; soft-boundary: radius R "
-                           "plus the distances beyond it, weighted by 1/nu", choices=SVDD_OBJECTIVES)
-    nu: float = param(0.1, "soft-boundary: the fraction of training images allowed outside the sphere",
-                      minimum=0.0, maximum=1.0, exclusive_min=True)
-    rep_dim: int = param(128, "dimension of the embedding space", minimum=1)
-    hidden: list[int] = param([512], "hidden layer widths of the projection head (empty: one linear map)")
-    eps: float = param(0.1, "centre coordinates closer to zero than this are pushed out to +-eps "
-                       "(a centre at 0 is trivially reached by zero weights)", minimum=0.0)
-    warmup_epochs: int = param(2, "soft-boundary: epochs before the radius R is first updated", minimum=0)
-    epochs: int = param(200, "training epochs (the head trains on cached features: seconds, not minutes)",
-                        minimum=1, aliases=("--epoch",))
-    patience: int = param(10, "early stopping: stop after this many epochs without improvement of the "
-                          "validation loss (0: never stop early)", minimum=0)
-    threshold_percentile: float = param(99.0, "default threshold (one-class): this percentile of the "
-                                        "validation (else training) distances", minimum=0.0, maximum=100.0)
-
-
-@dataclass
-class BaselineParams(DetectorParams):
-    """Frozen ImageNet features pooled per image, distance to the normal training set."""
-
-    layers: list[int] = param([2, 3, 4], "backbone feature levels to pool (0 = finest)")
-    scorer: str = param("knn", "knn: mean distance to the k nearest normal images; gaussian: "
-                        "Mahalanobis distance with a shrunk covariance", choices=("knn", "gaussian"))
-    k: int = param(3, "neighbours for the knn scorer", minimum=1)
-    threshold_percentile: float = param(99.0, "default threshold: this percentile of leave-one-out "
-                                        "training scores", minimum=0.0, maximum=100.0)
-
-
-AE_ARCHS = ("bottleneck", "seed")
-
-
-@dataclass
-class AutoencoderParams(TrainLoopParams):
-    """Convolutional autoencoder: (1 - alpha) * MSE + alpha * (1 - SSIM); reconstruction error is the map."""
-
-    arch: str = param("bottleneck", "network: bottleneck (a narrow latent that cannot copy defects) or seed "
-                      "(the second seed's 4-conv encoder, grayscale by default)", choices=AE_ARCHS)
-    channels: int = param(0, "1 (grayscale) or 3 (colour); 0: colour when the images are, grayscale for "
-                          "--arch seed", minimum=0, maximum=3)
-    latent: int = param(32, "bottleneck: channels of the latent at 1/16 of the image side", minimum=1)
-    image_size: int = param(256, "side of the square image the model works at (a multiple of 16)", minimum=32)
-    workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
-    alpha: float = param(0.84, "weight of (1 - SSIM) in the loss", minimum=0.0, maximum=1.0)
-    ssim_window: int = param(11, "SSIM window size (odd)", minimum=3)
-    map: str = param("mse", "anomaly map: per-pixel squared error (mse) or 1 - local SSIM (ssim)",
-                     choices=("mse", "ssim"))
-    score: str = param("max", "image score: the maximum or the mean of the smoothed map", choices=("max", "mean"))
-    smooth_sigma: float = param(4.0, "Gaussian smoothing of the map, in pixels at the model's size (0: none)",
-                                minimum=0.0)
-    epochs: int = param(100, "training epochs", minimum=1, aliases=("--epoch",))
-    lr: float = param(1e-3, "learning rate", minimum=0.0, maximum=10.0, exclusive_min=True,
-                      aliases=("--learning-rate", "--learning_rate"))
-    batch_size: int = param(16, "images per batch", minimum=1, aliases=("--batch_size",))
-    patience: int = param(10, "early stopping: stop after this many epochs without improvement of the "
-                          "validation loss (0: never stop early)", minimum=0)
-    threshold_percentile: float = param(99.0, "default threshold: this percentile of the validation (else "
-                                        "training) scores", minimum=0.0, maximum=100.0)
-
-
 # ------------------------------------------------------------------------------- augmentation
-@dataclass
+@params
 class AugmentParams:
-    """The second seed's augmentation of normal images; each part switchable, ranges settable."""
+    """Augmentation of normal images (rotation, shift, shear, zoom, flips); each part switchable, ranges settable."""
 
     rotation: float = param(40.0, "maximum rotation in degrees (0 switches it off)", minimum=0.0, maximum=180.0)
     shift: float = param(0.2, "maximum shift as a fraction of width/height (0: off)", minimum=0.0, maximum=0.5)
@@ -263,81 +185,3 @@ class AugmentParams:
                       choices=("auto", "reflect", "edge", "constant"))
 
 
-@dataclass
-class PadimParams(DetectorParams):
-    """PaDiM: one Gaussian per patch position on multi-layer features; Mahalanobis distance maps."""
-
-    layers: list[int] = param([1, 2, 3], "backbone feature levels (0 = finest), upsampled to the finest "
-                              "and concatenated")
-    n_features: int = param(120, "feature channels kept after reduction (ignored by reduction=none)", minimum=1)
-    reduction: str = param("random", "channel reduction: random selection (as in the paper), pca, or none",
-                           choices=("random", "pca", "none"))
-    pca_images: int = param(32, "training images whose patches fit the PCA (reduction=pca)", minimum=1)
-    epsilon: float = param(0.01, "diagonal regulariser added to every patch covariance", minimum=0.0,
-                           exclusive_min=True)
-    sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
-    threshold_holdout: float = param(0.1, "fraction of training images (at most 64) scored before they join the "
-                                     "statistics, for the default threshold", minimum=0.0, maximum=0.5)
-    threshold_percentile: float = param(99.0, "default threshold: this percentile of the held-out "
-                                        "training scores", minimum=0.0, maximum=100.0)
-
-
-@dataclass
-class PatchCoreParams(DetectorParams):
-    """PatchCore: a coreset memory bank of locally aware patch features; nearest-neighbour distance maps."""
-
-    layers: list[int] = param([2, 3], "backbone feature levels (0 = finest), upsampled to the finer "
-                              "and concatenated")
-    coreset_ratio: float = param(0.1, "fraction of training patches kept in the memory bank",
-                                 minimum=0.0, maximum=1.0, exclusive_min=True, aliases=("--coreset",))
-    projection_dim: int = param(32, "dimension of the random projection used for coreset selection "
-                                "(0: the full features)", minimum=0)
-    neighbourhood: int = param(3, "side of the neighbourhood averaged into each patch feature (odd)", minimum=1)
-    num_neighbors: int = param(9, "bank neighbours used by the image-score re-weighting", minimum=1)
-    sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
-    feature_cache_mb: int = param(256, "full-size training features kept in memory up to this size; "
-                                  "past it a second pass recomputes only the memory bank's", minimum=0)
-    threshold_images: int = param(16, "training images scored leave-one-image-out for the default "
-                                  "threshold", minimum=1)
-    threshold_percentile: float = param(99.0, "default threshold: this percentile of the leave-one-"
-                                        "image-out training scores", minimum=0.0, maximum=100.0)
-
-
-# ------------------------------------------------------------------------------------- output
-@dataclass
-class RunParams:
-    """Settings of a command run rather than of a model."""
-
-    out: str | None = param(None, "output path (printed at the end)")
-    progress: bool = param(True, "show progress bars")
-
-
-# -------------------------------------------------------------------------------------- serve
-@dataclass
-class ServeParams:
-    """HTTP inference server: where it listens, what it accepts, how it batches and sheds load."""
-
-    host: str = param("127.0.0.1", "address to listen on (0.0.0.0 opens the server to the network)")
-    port: int = param(8080, "TCP port", minimum=0, maximum=65535)
-    max_body_mb: float = param(20.0, "largest request body in MB; bigger requests get 413 before "
-                               "they are read whole", minimum=0.0, exclusive_min=True)
-    max_pixels: int = param(40_000_000, "largest decoded image in pixels (width x height); bigger "
-                            "images (decompression bombs) get 400", minimum=1)
-    max_batch: int = param(8, "most images in one forward pass (micro-batch of concurrent requests)",
-                           minimum=1)
-    batch_wait_ms: float = param(2.0, "how long the inference worker waits for more requests to join "
-                                 "a micro-batch", minimum=0.0, maximum=1000.0)
-    queue_size: int = param(64, "requests admitted and waiting for inference; when full, new requests "
-                            "get 503", minimum=1)
-    max_images: int = param(32, "most images in one POST /infer/batch request", minimum=1)
-    timeout_s: float = param(60.0, "a request waiting longer than this for inference gets 503",
-                             minimum=0.0, exclusive_min=True)
-    api_key: str | None = param(None, "require this key in X-API-Key or 'Authorization: Bearer'; unset: "
-                                "the INSIGHTAD_API_KEY environment variable if set, else no key")
-    engine: str = param("auto", "inference engine (auto: ONNX Runtime on CPU when installed, else PyTorch)",
-                        choices=("auto", "torch", "onnx"))
-    device: str = param("cpu", "cpu, cuda or auto")
-    threads: int = param(0, "PyTorch CPU threads for inference (0: PyTorch's default)", minimum=0)
-    decode_threads: int = param(0, "threads that parse and decode request images (0: one per CPU core, "
-                                "at most 4)", minimum=0)
-    access_log: bool = param(True, "log one line per request")

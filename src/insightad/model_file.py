@@ -10,39 +10,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from insightad import __version__
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
-from insightad.methods import Detector, get_class
-from insightad.methods.base import resolve_device
+from insightad.io import atomic_write
+from insightad.methods import Detector, get_method
+from insightad.runtime import resolve_device
+from insightad.version import __version__
 
 FORMAT = "insightad-model"
 FORMAT_VERSION = 1
 META_KEY = "insightad"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def metadata(det: Detector) -> dict[str, Any]:
@@ -93,7 +73,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt or foreign file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InsightADError(f"{path}: not a valid InsightAD model file (corrupt, truncated or another format: {reason})") from None
+        raise InsightADError(f"{path}: not a valid InsightAD model file (corrupt, truncated or another format: "
+                             f"{reason})") from None
     if raw is None:
         raise InsightADError(f"{path}: a safetensors file but not an InsightAD model (no '{META_KEY}' metadata)")
     try:
@@ -118,8 +99,8 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
         tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: cannot read the model's tensors ({str(e).splitlines()[0]})") from None
-    cls = get_class(meta["method"])
-    det = cls(**{**meta["params"], "device": device})
+    cls = get_method(meta["method"])
+    det = cls.from_params({**meta["params"], "device": device})
     det.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
     det.device_ = resolve_device(device)
     bb = meta.get("backbone") or {}

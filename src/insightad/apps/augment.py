@@ -9,8 +9,9 @@ from tqdm import tqdm
 
 from insightad.config import AugmentParams
 from insightad.data.augment import augment
-from insightad.data.images import is_image_file, load_image
+from insightad.data.images import load_image
 from insightad.errors import InsightADError
+from insightad.io import list_images
 
 SAVE_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -23,7 +24,7 @@ def image_seed(seed: int, rel: str, copy: int) -> int:
 def augment_folder(src: str | Path, out: str | Path, copies: int, params: AugmentParams, seed: int = 0,
                    include_originals: bool = False, progress: bool = False) -> list[Path]:
     """Write ``copies`` augmented versions of every image under ``src`` into ``out`` (same sub-folders)."""
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -32,7 +33,7 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
         raise InsightADError(f"copies: expected a positive number, got {copies}")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise InsightADError(f"{out}: the output folder must not be inside the input folder {src}")
-    images = sorted(p for p in src.rglob("*") if p.is_file() and is_image_file(p))
+    images = list_images(src)
     if not images:
         raise InsightADError(f"{src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
     written: list[Path] = []
@@ -45,6 +46,6 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
             targets.append((out / rel.parent / f"{rel.stem}_aug{k:03d}{path.suffix}",
                             augment(img, params, image_seed(seed, rel.as_posix(), k))))
         for target, im in targets:
-            atomic_write(target, lambda tmp, im=im: im.save(tmp, format=fmt))
+            atomic_write(target, lambda tmp, im=im, fmt=fmt: im.save(tmp, format=fmt))
             written.append(target)
     return written

@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,14 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from insightad.data.images import is_image_file
 from insightad.errors import InsightADError
+from insightad.io import TMP_SUFFIX, durable_copy, fsync_dir, fsync_file, iter_images
 
 JOURNAL = ".insightad-sort.journal"
 CSV_NAME = "results.csv"
 FIELDS = ("path", "score", "score_normalized", "decision", "destination", "error")
 DECISIONS = ("normal", "anomalous")
-PARTIAL = ".partial"
 
 Hook = Callable[[str, str], None]  # (stage, relative path): test hook for simulated crashes
 
@@ -68,24 +66,6 @@ class SortSummary:
 
 
 # ----------------------------------------------------------------------------- file helpers
-def _fsync_file(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _cut_torn_tail(path: Path) -> None:
     """Drop a last line without its newline (a write cut short by a kill)."""
     if not path.exists():
@@ -94,17 +74,7 @@ def _cut_torn_tail(path: Path) -> None:
         data = f.read()
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)
-            _fsync_file(f)
-
-
-def _copy_durable(src: Path, dest: Path) -> None:
-    """Copy to a hidden temporary name beside ``dest``, fsync, rename: ``dest`` is whole or absent."""
-    tmp = dest.parent / f".{dest.name}{PARTIAL}"
-    with open(src, "rb") as fi, open(tmp, "wb") as fo:
-        shutil.copyfileobj(fi, fo, 1 << 20)
-        _fsync_file(fo)
-    shutil.copystat(src, tmp)
-    os.replace(tmp, dest)
+            fsync_file(f)
 
 
 def _transfer(src: Path, dest: Path, move: bool) -> None:
@@ -112,20 +82,9 @@ def _transfer(src: Path, dest: Path, move: bool) -> None:
     if move and os.stat(src).st_dev == os.stat(dest.parent).st_dev:
         os.rename(src, dest)  # atomic: the file is at one of the two names, never both or neither
         return
-    _copy_durable(src, dest)
+    durable_copy(src, dest)
     if move:
         os.unlink(src)
-
-
-def walk_images(root: Path) -> Iterator[Path]:
-    """Image files under ``root`` (relative paths), folder by folder in sorted order, hidden ones skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            p = here / name
-            if is_image_file(p):
-                yield p.relative_to(root)
 
 
 def check_folders(input_dir: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -206,7 +165,7 @@ class FolderSorter:
         """Append and fsync: the line is on disk before the caller moves on."""
         with open(path, "a", encoding="utf-8", newline="") as f:
             f.write(text)
-            _fsync_file(f)
+            fsync_file(f)
 
     @staticmethod
     def _csv_text(rows: list[dict[str, Any]]) -> str:
@@ -233,7 +192,7 @@ class FolderSorter:
     # ------------------------------------------------------------------ recovery
     def _recover(self, intents: list[dict[str, Any]], done: set[str]) -> None:
         """Finish every intent that has no CSV row (a run was interrupted between the two)."""
-        for partial in list(self.out.rglob(f".*{PARTIAL}")):
+        for partial in list(self.out.rglob(f".*{TMP_SUFFIX}")):
             partial.unlink(missing_ok=True)
         rows = []
         seen: set[str] = set()
@@ -264,7 +223,7 @@ class FolderSorter:
 
     def _fsync_dests(self) -> None:
         for d in DECISIONS:
-            _fsync_dir(self.out / d)
+            fsync_dir(self.out / d)
 
     # ------------------------------------------------------------------ main loop
     def _destination(self, decision: str, rel: Path) -> Path:
@@ -300,7 +259,7 @@ class FolderSorter:
         self._fsync_dests()
         if self.move:
             for parent in {p.parent for p in paths}:
-                _fsync_dir(parent)
+                fsync_dir(parent)
         self._append(self.csv_path, self._csv_text(rows))
         for r in rows:
             self._count(r["decision"], r["error"])
@@ -310,6 +269,10 @@ class FolderSorter:
         if self.hook is not None:
             self.hook(stage, what)
 
+    def _walk(self) -> Iterator[Path]:
+        """Image files of the input folder, relative to it, in a stable order."""
+        return (p.relative_to(self.src) for p in iter_images(self.src))
+
     def run(self) -> SortSummary:
         """Sort every image not finished yet; resumable after any interruption."""
         from tqdm import tqdm
@@ -317,14 +280,14 @@ class FolderSorter:
         t0 = time.perf_counter()
         done, intents = self._open()
         self._recover(intents, done)
-        todo = sum(1 for r in walk_images(self.src) if str(self.src / r) not in done)
+        todo = sum(1 for r in self._walk() if str(self.src / r) not in done)
         self.summary.skipped = len(done) - self.summary.recovered
         if todo == 0 and not done:
             raise InsightADError(f"{self.src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
         bar = tqdm(total=todo, desc="sort", unit="img", disable=not self.progress)
         batch: list[Path] = []
         try:
-            for rel in walk_images(self.src):
+            for rel in self._walk():
                 if str(self.src / rel) in done:
                     continue
                 batch.append(rel)
@@ -339,8 +302,3 @@ class FolderSorter:
             bar.close()
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
-
-
-def sort_folder(det, input_dir: str | Path, out_dir: str | Path, **kw: Any) -> SortSummary:
-    """Sort ``input_dir`` into ``out_dir/normal`` and ``out_dir/anomalous`` (see :class:`FolderSorter`)."""
-    return FolderSorter(det, input_dir, out_dir, **kw).run()

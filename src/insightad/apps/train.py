@@ -7,7 +7,7 @@ from typing import Any
 
 from insightad.config import DataParams, TrainLoopParams
 from insightad.data.layouts import Dataset, discover, holdout_split
-from insightad.methods import Detector, create_detector, get_backbone_trainer, params_class
+from insightad.methods import Detector, create_detector, get_method
 from insightad.model_file import save_model
 
 
@@ -18,6 +18,18 @@ def default_model_path(data: Path, method: str) -> Path:
 def training_dir(out: Path) -> Path:
     """Where a trainable method keeps its checkpoint, history and curves: beside the output file."""
     return out.with_suffix(".training")
+
+
+BACKBONE_METHODS = ("ssl",)  # train a backbone file for --backbone ssl:PATH, not a detector
+
+
+def params_class(method: str) -> type:
+    """The hyper-parameter dataclass of a detector method or of the backbone trainer."""
+    if method in BACKBONE_METHODS:
+        from insightad.backbones.ssl import SSLParams
+
+        return SSLParams
+    return get_method(method).Params
 
 
 def with_training_dir(method: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -53,7 +65,9 @@ def train_backbone(data: str | Path, method: str, params: dict[str, Any], dp: Da
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     out = Path(out or default_model_path(ds.root, method))
-    trainer = get_backbone_trainer(method)(**with_training_dir(method, params, out))
+    from insightad.backbones.ssl import RotationSSL
+
+    trainer = RotationSSL(**with_training_dir(method, params, out))
     trainer.fit([s.path for s in train], progress=progress)
     split = split_record(ds, train, held, dp)
     return trainer, trainer.save(out, split), split

@@ -6,8 +6,8 @@ import argparse
 import importlib
 import sys
 
-from insightad import __version__
 from insightad.errors import InsightADError
+from insightad.version import __version__
 
 # sub-command -> module with add_parser(subparsers, argv) and run(args) -> int
 COMMANDS = {

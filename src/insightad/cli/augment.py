@@ -1,4 +1,4 @@
-"""insightad augment: enlarge a small set of normal images with the second seed's transformations."""
+"""insightad augment: enlarge a small set of normal images with random affine transformations."""
 
 from __future__ import annotations
 

@@ -7,8 +7,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from insightad.cli.common import (add_data_flags, add_engine_flags, add_model_flag, add_progress_flag, data_params,
-                                  load_inference_model, new_parser, print_json, with_config)
+from insightad.cli.common import (
+    add_data_flags,
+    add_engine_flags,
+    add_model_flag,
+    add_progress_flag,
+    data_params,
+    load_inference_model,
+    new_parser,
+    print_json,
+    with_config,
+)
 from insightad.decide.thresholds import STRATEGIES
 from insightad.errors import InsightADError
 
@@ -38,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 def write_threshold_json(path: Path, model: str, record: dict) -> None:
     import json
 
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     body = {"threshold": record["value"], "strategy": record["strategy"], "model": str(Path(model).resolve()),
             "details": record["details"]}
@@ -46,7 +55,7 @@ def write_threshold_json(path: Path, model: str, record: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.decide import calibrate as cal_mod
+    from insightad.apps import calibrate as cal_mod
 
     if args.out and Path(args.out).suffix.lower() != ".json":
         raise InsightADError(f"--out: expected a .json file name, got {args.out!r}")

@@ -41,7 +41,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def load_inference_model(args: argparse.Namespace):
-    from insightad.apps.inference import load_for_inference
+    from insightad.inference.load import load_for_inference
 
     if args.threads is not None and args.threads < 1:
         raise InsightADError(f"--threads: expected a positive number, got {args.threads}")

@@ -26,11 +26,11 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 
 def pick_method(requested: str | None) -> str:
-    from insightad.methods import available
+    from insightad.methods import list_methods
 
     if requested:
         return requested
-    return next(m for m in PREFERRED if m in available())
+    return next(m for m in PREFERRED if m in list_methods())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from insightad.cli.evaluate import format_table
     from insightad.config import DataParams
     from insightad.data.synthetic import write_dataset
-    from insightad.evaluate.run import evaluate_model
     from insightad.evaluate.examples import write_examples
+    from insightad.evaluate.run import evaluate_model
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     ev = evaluate_model(det, data, DataParams(), progress=args.progress)
     print("[3/4] evaluated on the test images:")
     print(format_table(ev.metrics))
-    sheet = write_examples(ev, out / "examples")
+    sheet = write_examples(ev, out / "examples", det=det)
     print(f"[4/4] example images written to {sheet}")
     elapsed = time.perf_counter() - t0
     if args.json:

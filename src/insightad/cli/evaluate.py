@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from insightad.cli.common import (add_data_flags, add_engine_flags, load_inference_model, add_model_flag, add_progress_flag, data_params, new_parser,
-                                  parse_threshold, print_json, with_config)
+from insightad.cli.common import (
+    add_data_flags,
+    add_engine_flags,
+    add_model_flag,
+    add_progress_flag,
+    data_params,
+    load_inference_model,
+    new_parser,
+    parse_threshold,
+    print_json,
+    with_config,
+)
 from insightad.errors import InsightADError
 
 

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.engines.onnx_export import export_onnx
+    from insightad.inference.export import export_onnx
     from insightad.model_file import load_model
 
     det = load_model(args.model)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from insightad import config
 from insightad.errors import InsightADError
@@ -54,6 +55,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
             kw["type"] = kind if kind in (int, float) else str
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
+                renames = f.metadata.get("value_aliases") or {}
+                if renames:
+                    kw["type"] = lambda v, r=renames: r.get(v, v)
         group.add_argument(*names, **kw)
 
 

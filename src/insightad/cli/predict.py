@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from insightad.cli.common import (add_engine_flags, add_model_flag, add_progress_flag, load_inference_model,
-                                  new_parser, parse_threshold, print_json, with_config)
-from insightad.data.images import is_image_file
+from insightad.cli.common import (
+    add_engine_flags,
+    add_model_flag,
+    add_progress_flag,
+    load_inference_model,
+    new_parser,
+    parse_threshold,
+    print_json,
+    with_config,
+)
 from insightad.errors import InsightADError
+from insightad.io import list_images
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "predict", "score images (a decision and raw score per image)")
     add_model_flag(p)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images")
-    p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="an image (repeatable; seed alias)")
+    p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="an image (repeatable)")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--overlay", "--output-overlay", "--output_overlay", dest="overlay", metavar="DIR",
@@ -33,7 +41,7 @@ def expand_images(items: list[str]) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(q for q in path.rglob("*") if q.is_file() and is_image_file(q))
+            found = list_images(path)
             if not found:
                 raise InsightADError(f"{path}: no images found in this folder")
             out.extend(found)
@@ -55,21 +63,20 @@ def run(args: argparse.Namespace) -> int:
                              "or autoencoder)")
     overlays: list = [None] * len(paths)
     if args.overlay:
-        from insightad.apps.overlay import predict_with_overlays
+        from insightad.render.overlay import predict_with_overlays
 
         pred, overlays = predict_with_overlays(det, paths, args.overlay, thr, progress=args.progress)
     heatmaps = [None] * len(paths)
     if args.heatmap or not args.overlay:  # overlays hold maps a chunk at a time; heatmaps need them all
         pred = det.predict(paths, maps=bool(args.heatmap), progress=args.progress, threshold=thr)
     if args.heatmap:
-        from insightad.apps.heatmap import write_heatmaps
+        from insightad.render.colormap import MapScale
+        from insightad.render.heatmap import write_heatmaps
 
-        heatmaps = write_heatmaps(paths, pred.maps, pred.threshold, args.heatmap)
+        heatmaps = write_heatmaps(paths, pred.maps, MapScale.for_detector(det, thr), args.heatmap)
     if args.json:
-        for path, s, sn, lab, ov, hm in zip(paths, pred.scores, pred.scores_normalized, pred.labels, overlays,
-                                            heatmaps):
-            row = {"path": str(path), "score": float(s), "score_normalized": float(sn), "threshold": pred.threshold,
-                   "anomalous": bool(lab), "method": det.method}
+        for i, (path, ov, hm) in enumerate(zip(paths, overlays, heatmaps)):
+            row = {"path": str(path), **pred.record(i), "method": det.method}
             if ov is not None:
                 row["overlay"] = str(ov)
             if hm is not None:

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from insightad import config
+from insightad.apps.serve.settings import ServeParams
 from insightad.cli.common import add_model_flag, new_parser, parse_threshold, with_config
 from insightad.cli.options import add_dataclass_args, gather
 from insightad.errors import InsightADError
@@ -20,15 +20,15 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    description="Start the HTTP inference server for a model file. It listens on 127.0.0.1 unless "
                                "--host says otherwise (--host 0.0.0.0 opens it to the network). The API key "
                                "defaults to the INSIGHTAD_API_KEY environment variable, which keeps it out of "
-                               "the process list. The web page for operators is at /, OpenAPI docs at /docs and /redoc "
-                               "(all offline).")
+                               "the process list. The web page for operators is at /, OpenAPI docs at /docs and "
+                               "/redoc (all offline).")
     add_model_flag(p)
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's decision threshold")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level (default: info)")
     p.add_argument("--ssl-certfile", metavar="CERT.pem", help="serve HTTPS with this certificate (browsers allow the "
                    "page's camera tab only on localhost or over HTTPS); needs --ssl-keyfile")
     p.add_argument("--ssl-keyfile", metavar="KEY.pem", help="the certificate's private key (with --ssl-certfile)")
-    add_dataclass_args(p, config.ServeParams, title="server")
+    add_dataclass_args(p, ServeParams, title="server")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "serve"), _argv=argv)
 
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from insightad.apps.serve.memory import pin_mmap_threshold
     from insightad.apps.serve.security import API_KEY_ENV
 
-    settings = gather(args, config.ServeParams)
+    settings = gather(args, ServeParams)
     if settings.api_key is None:
         settings.api_key = os.environ.get(API_KEY_ENV) or None
     elif not settings.api_key:

@@ -6,8 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from insightad.cli.common import (add_engine_flags, add_model_flag, add_progress_flag, load_inference_model, new_parser,
-                                  parse_threshold, print_json, with_config)
+from insightad.cli.common import (
+    add_engine_flags,
+    add_model_flag,
+    add_progress_flag,
+    load_inference_model,
+    new_parser,
+    parse_threshold,
+    print_json,
+    with_config,
+)
 from insightad.errors import InsightADError
 
 
@@ -20,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "finishes what it had begun and skips what is done: no image is lost or duplicated.")
     add_model_flag(p)
     p.add_argument("--input", "--sort-out", "--sort_out", dest="input", required=True, metavar="DIR",
-                   help="folder of images to sort (--sort_out: the first seed's name for it)")
+                   help="folder of images to sort")
     p.add_argument("--out", "--output", dest="out", metavar="DIR",
                    help="output folder, not inside the input folder (default: <input>_sorted beside it)")
     p.add_argument("--move", action="store_true", help="move the images instead of copying them")

@@ -7,7 +7,13 @@ import sys
 
 from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, with_config
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
-from insightad.methods import available, backbone_trainers, get_class, params_class
+
+
+def method_names() -> list[str]:
+    from insightad.apps.train import BACKBONE_METHODS
+    from insightad.methods import list_methods
+
+    return list_methods() + list(BACKBONE_METHODS)
 
 
 def _method_from(argv: list[str]) -> str:
@@ -27,6 +33,8 @@ def _method_from(argv: list[str]) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    from insightad.apps.train import params_class
+
     method = _method_from(argv)
     p = new_parser(sub, "train", "fit a detector on normal images and write its model file",
                    "Fit a detector on the normal training images of --data and write one model file. "
@@ -35,24 +43,23 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "backbone instead and writes a backbone file for '--backbone ssl:PATH'. Method-specific "
                    "flags are listed by 'insightad train --method NAME --help'.")
     p.add_argument("--method", "--mode", dest="method", default="baseline",
-                   choices=available() + backbone_trainers(),
+                   choices=method_names(),
                    help="detection method, or ssl to train a backbone")
     add_data_flags(p)
     p.add_argument("--out", "--output", dest="out", metavar="MODEL",
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
     add_progress_flag(p)
-    if method in available() + backbone_trainers():
+    if method in method_names():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train"), _argv=argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.apps.train import train_model
+    from insightad.apps.train import BACKBONE_METHODS, params_class, train_model
 
-    if args.method in backbone_trainers():
+    if args.method in BACKBONE_METHODS:
         return run_backbone(args)
-    cls = get_class(args.method)
-    params = gather(args, cls.Params)
+    params = gather(args, params_class(args.method))
     det, path, split = train_model(args.data, args.method, vars(params), data_params(args), args.out, args.progress)
     held = f", {len(split['holdout'])} normal images held out" if split["holdout"] else ""
     print(f"trained {args.method} on {len(split['train'])} normal images of {split['root']} "
@@ -79,7 +86,7 @@ def run_backbone(args: argparse.Namespace) -> int:
     """``--method ssl``: train a backbone and write a backbone file (not a detector)."""
     import warnings
 
-    from insightad.apps.train import train_backbone
+    from insightad.apps.train import params_class, train_backbone
 
     params = gather(args, params_class(args.method))
     with warnings.catch_warnings(record=True) as caught:

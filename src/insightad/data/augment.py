@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from insightad.config import AugmentParams
 
+
 @dataclass(frozen=True)
 class AffineDraw:
     """One random draw of the transform's parameters."""
@@ -90,13 +91,3 @@ def augment(img: Image.Image, params: AugmentParams, seed: int) -> Image.Image:
     """One augmented copy of ``img``, the same for the same seed."""
     rng = np.random.default_rng(seed)
     return apply(img, draw(params, img.size, rng), params.fill)
-
-
-class Augmenter:
-    """Training hook: a callable PIL image -> augmented PIL image, reproducible from its seed."""
-
-    def __init__(self, params: AugmentParams | None = None, seed: int = 0) -> None:
-        self.params, self.rng = params or AugmentParams(), np.random.default_rng(seed)
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return apply(img, draw(self.params, img.size, self.rng), self.params.fill)

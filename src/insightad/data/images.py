@@ -10,17 +10,11 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from insightad.errors import InsightADError
+from insightad.io import IMAGE_EXTENSIONS, is_image_file  # noqa: F401 - re-exported
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 200_000_000  # far above real inspection images, below decompression bombs
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
-
-
-def is_image_file(path: Path) -> bool:
-    """An image by extension, not a mask (``*_mask.*``) and not hidden."""
-    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-            and not path.stem.endswith("_mask"))
 
 
 def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:

@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from insightad.data.images import is_image_file
 from insightad.errors import InsightADError
+from insightad.io import is_image_file, is_regular_file, list_images
 
 NORMAL, ANOMALOUS = 0, 1
 MASK_DIRS = ("ground_truth", "masks", "mask")
@@ -50,13 +50,8 @@ class Dataset:
                 "anomalous": sum(s.label == ANOMALOUS for s in self.samples)}
 
 
-def _images_in(folder: Path, recursive: bool = True) -> list[Path]:
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and is_image_file(p) and not _in_mask_dir(p, folder))
-
-
-def _in_mask_dir(path: Path, top: Path) -> bool:
-    return any(part.lower() in MASK_DIRS for part in path.relative_to(top).parts[:-1])
+def _images_in(folder: Path) -> list[Path]:
+    return list_images(folder, skip_dirs=MASK_DIRS)
 
 
 def _require_images(folder: Path, what: str) -> list[Path]:
@@ -142,7 +137,7 @@ def detect_layout(root: Path, normal_dir: str = "normal") -> str:
     if cats:
         raise InsightADError(f"{root}: holds several MVTec AD categories; point at one of them, e.g. {root / cats[0]} "
                              f"(found: {', '.join(cats)})")
-    if any(p.is_file() and is_image_file(p) for p in root.iterdir()):
+    if any(is_image_file(p) and is_regular_file(p) for p in root.iterdir()):
         return "images"
     raise InsightADError(f"{root}: cannot tell the dataset layout: expected train/ and test/ (MVTec AD), "
                          f"{normal_dir}/ [+ abnormal/] (folder), Negative/ and Positive/ (crack) or image files; "

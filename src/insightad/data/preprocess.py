@@ -43,7 +43,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(size=tuple(d["size"]), channels=int(d["channels"]), resize=d["resize"],
                    mean=tuple(d["mean"]), std=tuple(d["std"]))
 

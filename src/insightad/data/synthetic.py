@@ -28,13 +28,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from insightad import config
 from insightad.errors import InsightADError
 
 TEXTURE_KINDS: tuple[str, ...] = ("grid", "stripes", "weave")
 OBJECT_KINDS: tuple[str, ...] = ("disc", "plate", "arrow")
 KINDS: tuple[str, ...] = TEXTURE_KINDS + OBJECT_KINDS
 DEFECTS: tuple[str, ...] = ("scratch", "blob", "crack", "missing")
-LAYOUTS: tuple[str, ...] = ("mvtec", "folder", "crack")
+LAYOUTS: tuple[str, ...] = tuple(name for name in config.LAYOUTS if name != "images")  # those with defects
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg", "bmp", "tiff")
 
 TOLERANCE = 8  # grey levels: a pixel is in the mask when it changed by more than this in any channel

@@ -132,3 +132,36 @@ def choose_threshold(strategy: str, scores: np.ndarray, labels: np.ndarray | Non
     if strategy == "youden":
         return youden_threshold(labels, scores)
     raise InsightADError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+
+
+@dataclass(frozen=True)
+class FitPolicy:
+    """How a method's end-of-fit scores become its default threshold.
+
+    ``source`` names the scores (``train_loo``, ``holdout``, ``val``, ``train``, ...); the threshold is
+    their ``percentile``-th percentile, unless the method's own maths fixes it (``fixed``, e.g. the
+    soft-boundary SVDD radius, named ``fixed_name``).
+    """
+
+    source: str
+    percentile: float = 99.0
+    fixed: float | None = None
+    fixed_name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def threshold_from_fit(decision_scores: np.ndarray, policy: FitPolicy) -> ThresholdChoice:
+    """The single end-of-fit step (PyOD's): scores of normal images -> threshold, strategy name, and the
+    spread that ``score_normalized`` uses."""
+    from insightad.decide.normalize import robust_scale
+
+    s = _finite(decision_scores, "fit")
+    if s.size == 0:
+        raise InsightADError("fit: no scores of normal images to set a threshold from")
+    if policy.fixed is not None:
+        value, strategy = float(policy.fixed), policy.fixed_name
+    else:
+        value = float(np.percentile(s, policy.percentile))
+        strategy = f"{policy.source}_p{policy.percentile:g}"
+    details = {"n": int(s.size), "scale": robust_scale(s, value), **policy.extra}
+    return ThresholdChoice(value, strategy, details)

@@ -9,15 +9,14 @@ checked against PyTorch like any export.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from insightad.engines import resolve_engine
 from insightad.errors import InsightADError
+from insightad.runtime import resolve_engine
 
 FeatureFn = Callable[[torch.Tensor], list[torch.Tensor]]
 
@@ -42,27 +41,10 @@ def _digest(module: _Features, shape: tuple[int, ...]) -> str:
 
 
 def _export(module: _Features, shape: tuple[int, ...]) -> bytes:
-    import io
+    from insightad.engines.export import example_batches, export_verified
 
-    n_out = len(module.extractor.layers)
-    names = [f"f{i}" for i in range(n_out)]
-    dummy = torch.randint(0, 256, (2, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (dummy,), buf, input_names=["images"], output_names=names,
-                          dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}},
-                          opset_version=17, dynamo=False)
-    data = buf.getvalue()
-    from insightad.engines.onnx_runtime import make_session
-
-    got = make_session(data).run(None, {"images": dummy.numpy()})
-    with torch.inference_mode():
-        ref = [t.numpy() for t in module(dummy)]
-    for a, b in zip(ref, got):
-        if float(np.abs(a - b).max()) > 1e-4 * max(float(np.abs(a).max()), 1e-12):
-            raise InsightADError("backbone: the ONNX export of the feature extractor disagrees with PyTorch")
-    return data
+    names = [f"f{i}" for i in range(len(module.extractor.layers))]
+    return export_verified(module, example_batches(shape, (2,)), names, "backbone")
 
 
 def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int, ...], engine: str = "auto",
@@ -73,7 +55,7 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
     chosen = resolve_engine(engine, device.type)
     if chosen == "onnx":
         from insightad.engines.onnx_runtime import cache_dir, make_session
-        from insightad.model_file import atomic_write
+        from insightad.io import atomic_write
 
         target = cache_dir() / f"features-{_digest(module, shape)}.onnx"
         try:

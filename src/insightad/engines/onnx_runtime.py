@@ -13,6 +13,8 @@ import torch
 
 from insightad.errors import InsightADError
 
+META_KEY = "insightad"  # the metadata entry of an InsightAD graph
+ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
 DEFAULT_THREADS = None  # ONNX Runtime's own choice: one per physical core
 
 
@@ -54,7 +56,6 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:120]})") from None
     props = {p.key: p.value for p in proto.metadata_props}
-    from insightad.engines.onnx_export import META_KEY, ONNX_FORMAT
 
     try:
         meta = json.loads(props[META_KEY])
@@ -100,22 +101,3 @@ def file_digest(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:32]
-
-
-def cached_export(det, model_path: str | Path | None) -> bytes:
-    """The model's ONNX graph, exported once per model file and cached (keyed by its content)."""
-    from insightad.engines.onnx_export import export_bytes
-    from insightad.model_file import atomic_write
-
-    if model_path is None:
-        return export_bytes(det)
-    target = cache_dir() / f"{file_digest(model_path)}.onnx"
-    if target.is_file():
-        return target.read_bytes()
-    data = export_bytes(det)
-    try:
-        atomic_write(target, lambda tmp: tmp.write_bytes(data))
-        prune_cache(keep=target)
-    except OSError:
-        pass  # a read-only home is no reason to fail a prediction
-    return data

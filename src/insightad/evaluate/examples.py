@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from insightad.data.images import load_image
+from insightad.render.colormap import MapScale, blend, default_scale
 
 
 def _pick(scores: np.ndarray, labels: np.ndarray, n: int) -> list[int]:
@@ -17,19 +19,21 @@ def _pick(scores: np.ndarray, labels: np.ndarray, n: int) -> list[int]:
     return bad + good
 
 
-def write_examples(ev, out_dir: str | Path, n: int = 8) -> Path:
+def write_examples(ev, out_dir: str | Path, n: int = 8, det=None) -> Path:
     """Write ``examples.png`` (images titled with score and verdict, heatmaps blended where present)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.array([s.label for s in ev.samples], dtype=bool)
     pred = ev.prediction
+    scale = (MapScale.for_detector(det, pred.threshold) if det is not None
+             else MapScale(pred.threshold, default_scale(pred.threshold)))
     idx = _pick(pred.scores, labels, min(n, len(labels)))
     cols = 4
     rows = max(1, (len(idx) + cols - 1) // cols)
@@ -38,11 +42,11 @@ def write_examples(ev, out_dir: str | Path, n: int = 8) -> Path:
         ax.axis("off")
     for ax, i in zip(axes.flat, idx):
         img = np.asarray(load_image(ev.samples[i].path, 3))
+        if pred.maps is not None and pred.maps[i] is not None:  # the one colour convention, map at image size
+            m = np.asarray(Image.fromarray(pred.maps[i].astype(np.float32), mode="F").resize(
+                (img.shape[1], img.shape[0]), Image.Resampling.BILINEAR))
+            img = blend(img, m, scale)
         ax.imshow(img)
-        if pred.maps is not None and pred.maps[i] is not None:  # stretched over the image whatever its size
-            h, w = img.shape[:2]
-            ax.imshow(pred.maps[i], cmap="jet", alpha=0.45, vmin=float(np.min(pred.scores)),
-                      vmax=float(np.max(pred.scores)), extent=(-0.5, w - 0.5, h - 0.5, -0.5))
         verdict = "ANOMALOUS" if pred.labels[i] else "normal"
         truth = ev.samples[i].defect
         color = "tab:green" if bool(pred.labels[i]) == bool(labels[i]) else "tab:red"

@@ -11,8 +11,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
@@ -27,7 +27,7 @@ plt.rcParams.update({"axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsiz
 
 def save(fig: plt.Figure, path: Path) -> Path:
     """Write ``fig`` to ``path`` atomically and close it."""
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     if fig.get_layout_engine() is None:
         fig.tight_layout()

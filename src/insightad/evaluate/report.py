@@ -23,25 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
 
 from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
-from insightad.model_file import atomic_write
+from insightad.evaluate.metrics import image_metrics
+from insightad.io import atomic_write
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
 
 
 # ------------------------------------------------------------------------------------ numbers
-def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """AUC and accuracy/precision/recall/F1 of ``score > threshold`` (labels must hold both classes)."""
-    y = np.asarray(labels, bool)
-    pred = scores > threshold
-    return {"auc": float(skm.roc_auc_score(y, scores)), "accuracy": float(skm.accuracy_score(y, pred)),
-            "precision": float(skm.precision_score(y, pred, zero_division=0)),
-            "recall": float(skm.recall_score(y, pred, zero_division=0)),
-            "f1": float(skm.f1_score(y, pred, zero_division=0))}
+def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The resampled report's figures, taken from the one metrics function (``image_metrics``)."""
+    m = image_metrics(labels, scores, threshold)
+    return {"auc": m["image_auroc"], **{k: m[k] for k in ("accuracy", "precision", "recall", "f1")}}
 
 
 def resampled_report(labels: np.ndarray, scores: np.ndarray, threshold: float, kind: str,
@@ -143,8 +139,9 @@ def calibration_overlap(det, samples) -> int:
 
 def worst_cases(det, ev, out: Path, per_row: int = 4) -> Path:
     """Top row: normal images with the highest scores; bottom row: defective ones with the lowest."""
-    from insightad.apps.overlay import MapDisplay, render_overlay
     from insightad.data.images import load_image
+    from insightad.render.colormap import MapScale
+    from insightad.render.overlay import render_overlay
 
     labels = np.array([s.label for s in ev.samples], bool)
     scores, thr = ev.prediction.scores, ev.prediction.threshold
@@ -152,14 +149,14 @@ def worst_cases(det, ev, out: Path, per_row: int = 4) -> Path:
     defects = [i for i in np.argsort(scores) if labels[i]][:per_row]
     chosen = normals + defects
     pred = det.predict([ev.samples[i].path for i in chosen], maps=det.has_maps, threshold=thr)
-    display = MapDisplay.for_detector(det, thr) if det.has_maps else None
+    scale = MapScale.for_detector(det, thr) if det.has_maps else None
     tiles = []
     for j, i in enumerate(chosen):
         s = ev.samples[i]
         image = load_image(s.path, 3)
         truth = load_mask(s.mask, image.size, s.path) if s.mask is not None else None
         rendered = render_overlay(image, float(pred.scores[j]), thr,
-                                  anomaly_map=pred.maps[j] if pred.maps is not None else None, display=display,
+                                  anomaly_map=pred.maps[j] if pred.maps is not None else None, scale=scale,
                                   score_normalized=float(pred.scores_normalized[j]), truth_mask=truth)
         wrong = bool(scores[i] > thr) != bool(labels[i])
         kind = ("FALSE POSITIVE" if labels[i] == 0 else "FALSE NEGATIVE") if wrong else \

@@ -24,23 +24,15 @@ class Evaluation:
 
 def predict_reduced(det: Detector, paths: list, maps: bool, threshold: float | None, progress: bool,
                     chunk: int = 32) -> tuple[Prediction, list[tuple[int, int]]]:
-    """Predict a chunk at a time, keeping each map only at the pixel metrics' resolution, so memory
-    does not grow with the number and size of test images. Returns the prediction and image sizes."""
-    from tqdm import tqdm
-
-    parts, sizes, reduced = [], [], []
-    for start in tqdm(range(0, len(paths), chunk), desc="evaluate", unit="chunk", disable=not progress, leave=False):
-        p = det.predict(paths[start:start + chunk], maps=maps, threshold=threshold)
-        parts.append(p)
+    """Predict through the one prediction loop, keeping each map only at the pixel metrics' resolution,
+    so memory does not grow with the number and size of test images. Returns the prediction and sizes."""
+    parts, sizes = [], []
+    for p in det.iter_predict(paths, chunk=chunk, maps=maps, threshold=threshold, progress=progress):
         if p.maps is not None:
             sizes.extend(m.shape for m in p.maps)
-            reduced.extend(resize_map(m, RESOLUTION).astype(np.float32) for m in p.maps)
-    scores = np.concatenate([p.scores for p in parts])
-    pred = Prediction(scores, reduced if maps else None, parts[0].threshold,
-                      np.concatenate([p.labels for p in parts]),
-                      np.concatenate([p.scores_normalized for p in parts]) if parts[0].scores_normalized is not None
-                      else None)
-    return pred, sizes
+            p.maps = [resize_map(m, RESOLUTION).astype(np.float32) for m in p.maps]
+        parts.append(p)
+    return Prediction.concat(parts), sizes
 
 
 def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: float | None = None,

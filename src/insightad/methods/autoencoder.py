@@ -12,11 +12,43 @@ import torch
 from torch import nn
 
 from insightad import config
+from insightad.config import TrainLoopParams, param, params
 from insightad.errors import InsightADError
 from insightad.methods.autoencoder_nets import build_net
 from insightad.methods.base import Detector
-from insightad.methods.maps import MapSmoother
+from insightad.methods.components.maps import MapSmoother
+from insightad.methods.registry import register_method
 
+AE_ARCHS = ("bottleneck", "conv4")
+AE_ARCH_ALIASES = {"seed": "conv4"}  # the name the second seed's network had before; hidden alias
+
+@params
+class AutoencoderParams(TrainLoopParams):
+    """Convolutional autoencoder: (1 - alpha) * MSE + alpha * (1 - SSIM); reconstruction error is the map."""
+
+    arch: str = param("bottleneck", "network: bottleneck (a narrow latent that cannot copy defects) or conv4 "
+                      "(a plain autoencoder of four stride-2 convolutions, grayscale by default)",
+                      choices=AE_ARCHS, value_aliases=AE_ARCH_ALIASES)
+    channels: int = param(0, "1 (grayscale) or 3 (colour); 0: colour when the images are, grayscale for "
+                          "--arch conv4", minimum=0, maximum=3)
+    latent: int = param(32, "bottleneck: channels of the latent at 1/16 of the image side", minimum=1)
+    image_size: int = param(256, "side of the square image the model works at (a multiple of 16)", minimum=32)
+    workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
+    alpha: float = param(0.84, "weight of (1 - SSIM) in the loss", minimum=0.0, maximum=1.0)
+    ssim_window: int = param(11, "SSIM window size (odd)", minimum=3)
+    map: str = param("mse", "anomaly map: per-pixel squared error (mse) or 1 - local SSIM (ssim)",
+                     choices=("mse", "ssim"))
+    score: str = param("max", "image score: the maximum or the mean of the smoothed map", choices=("max", "mean"))
+    smooth_sigma: float = param(4.0, "Gaussian smoothing of the map, in pixels at the model's size (0: none)",
+                                minimum=0.0)
+    epochs: int = param(100, "training epochs", minimum=1, aliases=("--epoch",))
+    lr: float = param(1e-3, "learning rate", minimum=0.0, maximum=10.0, exclusive_min=True,
+                      aliases=("--learning-rate", "--learning_rate"))
+    batch_size: int = param(16, "images per batch", minimum=1, aliases=("--batch_size",))
+    patience: int = param(10, "early stopping: stop after this many epochs without improvement of the "
+                          "validation loss (0: never stop early)", minimum=0)
+    threshold_percentile: float = param(99.0, "default threshold: this percentile of the validation (else "
+                                        "training) scores", minimum=0.0, maximum=100.0)
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
     """Local SSIM per pixel and channel (kornia), values in [-1, 1]; images in [0, 1]."""
@@ -28,12 +60,6 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int) -> torch.Tensor:
 def loss_terms(x: torch.Tensor, recon: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(MSE, mean SSIM) of a reconstruction."""
     return torch.mean((recon - x) ** 2), ssim_map(recon, x, window).mean()
-
-
-def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, alpha: float, window: int) -> torch.Tensor:
-    """(1 - alpha) * MSE + alpha * (1 - mean SSIM)."""
-    mse, ssim = loss_terms(x, recon, window)
-    return (1.0 - alpha) * mse + alpha * (1.0 - ssim)
 
 
 class AutoencoderModel(nn.Module):
@@ -97,11 +123,11 @@ def detect_channels(images: Sequence) -> int:
     return 1
 
 
-class AutoencoderDetector(Detector):
+@register_method("autoencoder")
+class AutoencoderDetector(AutoencoderParams, Detector):
     """Pixel-level detector by reconstruction error (higher = more anomalous)."""
 
-    method = "autoencoder"
-    Params = config.AutoencoderParams
+    Params = AutoencoderParams
     has_maps = True
     uses_backbone = False
 
@@ -111,7 +137,7 @@ class AutoencoderDetector(Detector):
     def _channels(self, images: Sequence) -> int:
         if self.channels:
             return self.channels
-        return 1 if self.arch == "seed" else detect_channels(images)
+        return 1 if self.arch == "conv4" else detect_channels(images)
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         from insightad.data.preprocess import Preprocessing
@@ -137,9 +163,8 @@ class AutoencoderDetector(Detector):
         self.model_ = AutoencoderModel(net, self.map, self.score, self.smooth_sigma, self.ssim_window,
                                        self.image_size).to(self.device_).eval()
         held = val is not None
-        scores = self._scores(val if held else train)
-        thr = float(np.percentile(scores, self.threshold_percentile))
-        self.set_threshold(thr, f"{'val' if held else 'train'}_p{self.threshold_percentile:g}", n=int(len(scores)))
+        self.decision_scores_ = self._scores(val if held else train)
+        self.decision_source_ = "val" if held else "train"
 
     @torch.inference_mode()
     def _scores(self, data: torch.Tensor) -> np.ndarray:

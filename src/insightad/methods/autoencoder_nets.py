@@ -3,8 +3,8 @@
 The seed's encoder (four stride-2 convolutions, 32-64-128-256 channels) keeps a 256 x H/16 x W/16
 latent: as many numbers as a grayscale input, so it can learn to copy defects as well as normal
 structure. The default ``bottleneck`` network squeezes the image through a small latent
-(``latent`` channels at 1/16 of the input side, 8x fewer numbers than a colour input), which forces it to reconstruct only what normal
-images share; defects then come back as reconstruction error.
+(``latent`` channels at 1/16 of the input side, 8x fewer numbers than a colour input), which forces
+it to reconstruct only what normal images share; defects then come back as reconstruction error.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def _up(cin: int, cout: int) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class SeedAutoencoder(nn.Module):
-    """The second seed's architecture: 4 stride-2 convs (32, 64, 128, 256) + BN + ReLU, mirrored by
+class Conv4Autoencoder(nn.Module):
+    """A plain autoencoder (the second seed's network): 4 stride-2 convs (32, 64, 128, 256) + BN + ReLU, mirrored by
     4 transposed convs, sigmoid output. Input side must be a multiple of 16."""
 
     stride = 16
@@ -60,10 +60,7 @@ class BottleneckAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-ARCHS = {"seed": SeedAutoencoder, "bottleneck": BottleneckAutoencoder}
-
-
 def build_net(arch: str, channels: int, latent: int) -> nn.Module:
-    if arch == "seed":
-        return SeedAutoencoder(channels)
+    if arch == "conv4":
+        return Conv4Autoencoder(channels)
     return BottleneckAutoencoder(channels, latent)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,7 +26,9 @@ from insightad.backbones.extractor import FeatureExtractor
 from insightad.data.loader import Batch, ImageSource, iter_batches
 from insightad.data.preprocess import Normalize, Preprocessing
 from insightad.decide.normalize import normalize_scores
+from insightad.decide.thresholds import FitPolicy, threshold_from_fit
 from insightad.errors import InsightADError
+from insightad.runtime import resolve_device
 
 
 @dataclass
@@ -39,20 +41,38 @@ class Prediction:
     labels: np.ndarray | None = None  # True = anomalous, once a threshold is known
     scores_normalized: np.ndarray | None = None  # extra field; never replaces ``scores``
     errors: dict[int, str] = field(default_factory=dict)  # index -> message (non-strict runs; score NaN)
+    offset: int = 0  # index of the first image in the whole input (chunks of ``iter_predict``)
 
     def __len__(self) -> int:
         return len(self.scores)
 
+    def record(self, i: int) -> dict[str, Any]:
+        """One image's answer, the same in every machine-readable output (CLI JSON, CSV, HTTP):
+        score, score_normalized, threshold, anomalous, error."""
+        err = self.errors.get(i)
+        score = float(self.scores[i])
+        ok = err is None and np.isfinite(score)
+        norm = float(self.scores_normalized[i]) if ok and self.scores_normalized is not None else None
+        return {"score": score if ok else None, "score_normalized": norm, "threshold": self.threshold,
+                "anomalous": bool(self.labels[i]) if ok and self.labels is not None else None,
+                "error": err}
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InsightADError(f"device: {device!r} asked for but no CUDA GPU is available (use cpu or auto)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise InsightADError(f"device: expected auto, cpu or cuda, got {device!r}") from None
+    @staticmethod
+    def concat(parts: Sequence[Prediction]) -> Prediction:
+        """Chunks (in order) -> one Prediction over all of them."""
+        if not parts:
+            return Prediction(np.empty(0))
+        maps = None if parts[0].maps is None else [m for p in parts for m in (p.maps or [])]
+        cat = (lambda k: None if getattr(parts[0], k) is None else np.concatenate([getattr(p, k) for p in parts]))
+        errors = {p.offset - parts[0].offset + i: e for p in parts for i, e in p.errors.items()}
+        return Prediction(cat("scores"), maps, parts[0].threshold, cat("labels"), cat("scores_normalized"),
+                          errors, parts[0].offset)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def upsample_maps(maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -67,37 +87,86 @@ def upsample_maps(maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[
 
 
 class Detector:
-    """Base class: subclasses set ``method``, ``Params`` and implement ``_fit`` and ``_restore``."""
+    """Base class. A method subclasses its Params dataclass and this class
+    (``class PadimDetector(PadimParams, Detector)``), so its constructor is the Params' explicit
+    signature, registers with ``@register_method``, and implements ``_fit`` (which sets ``model_`` and
+    ``decision_scores_``) and ``_restore``.
+    """
 
     method: ClassVar[str] = ""
     Params: ClassVar[type] = config.DetectorParams
-    has_maps: ClassVar[bool] = False
-    uses_backbone: ClassVar[bool] = True
+    # Capabilities, declared once here and overridden by a method that differs.
+    has_maps: ClassVar[bool] = False  # predict returns per-pixel maps
+    uses_backbone: ClassVar[bool] = True  # the model file records a backbone
+    onnx_auto: ClassVar[bool] = True  # --engine auto may pick ONNX Runtime for it
+    onnx_unsupported: ClassVar[str | None] = None  # why it cannot be exported, if it cannot
 
-    def __init__(self, **params: Any) -> None:
-        p = config.build(self.Params, params, where=self.method or type(self).__name__)
-        for f in dataclasses.fields(p):
-            setattr(self, f.name, getattr(p, f.name))
+    # Hyper-parameters every method has (from config.DetectorParams or TrainLoopParams via its Params).
+    backbone: str
+    weights: str | None
+    image_size: int
+    batch_size: int
+    workers: int
+    device: str
+    fit_engine: str
+    seed: int
+    # Learned state (set by fit or by loading a model file).
+    model_: nn.Module | None
+    engine_: Any
+    engine_name_: str
+    device_: torch.device
+    preprocessing_: Preprocessing
+    decision_scores_: np.ndarray
+    decision_source_: str
+    threshold_: float
+    threshold_strategy_: str
+    threshold_info_: dict[str, Any]
+    split_: dict[str, Any] | None
+    n_train_: int | None
+    fit_seconds_: float
+    fit_engine_: str
+    backbone_arch_: str | None
+    backbone_source_: str | None
+    model_path_: str
+    metadata_: dict[str, Any]
+    training_: Any
 
     # ------------------------------------------------------------------ parameters
-    def get_params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self.Params)}
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.Params)]
 
-    def set_params(self, **params: Any) -> "Detector":
-        merged = {**self.get_params(), **params}
-        p = config.build(self.Params, merged, where=self.method)
-        for f in dataclasses.fields(p):
-            setattr(self, f.name, getattr(p, f.name))
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Detector:
+        """A new detector from a dict (config files, model files): unknown keys are refused by name."""
+        unknown = sorted(set(params) - set(cls.param_names()))
+        if unknown:
+            raise InsightADError(f"{cls.method or cls.__name__}: unknown setting {unknown[0]!r} "
+                                 f"(known: {', '.join(sorted(cls.param_names()))})")
+        return cls(**params)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Hyper-parameters by name (scikit-learn's contract; none of them is an estimator)."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def set_params(self, **params: Any) -> Detector:
+        unknown = sorted(set(params) - set(self.param_names()))
+        if unknown:
+            raise InsightADError(f"{self.method}: unknown setting {unknown[0]!r}")
+        for k, v in params.items():
+            setattr(self, k, v)
+        config.validate(self)
         return self
 
     def __repr__(self) -> str:
-        changed = {k: v for k, v in self.get_params().items()
-                   if v != self.Params.__dataclass_fields__[k].default}
+        fields = dataclasses.fields(self.Params)
+        fields = {f.name: f for f in fields}
+        changed = {k: v for k, v in self.get_params().items() if v != _default_of(fields[k])}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
     @property
     def is_fitted(self) -> bool:
-        return hasattr(self, "model_")
+        return hasattr(self, "model_") or hasattr(self, "engine_")
 
     # ------------------------------------------------------------------ backbone
     def feature_layers(self) -> list[int]:
@@ -131,7 +200,7 @@ class Detector:
         return Normalize(p.mean, p.std, p.channels)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images: Sequence[ImageSource], progress: bool = False) -> "Detector":
+    def fit(self, images: Sequence[ImageSource], progress: bool = False) -> Detector:
         """Learn what normal looks like from ``images`` (paths, PIL images, arrays or Samples)."""
         if len(images) == 0:
             raise InsightADError("fit: no training images given")
@@ -139,11 +208,22 @@ class Detector:
         self.device_ = resolve_device(self.device)
         t0 = time.perf_counter()
         self._fit(images, progress)
+        self._finish_fit()
         self.fit_seconds_ = time.perf_counter() - t0
         self.n_train_ = len(images)
-        if not hasattr(self, "threshold_"):
-            raise InsightADError(f"{self.method}: fit did not set a default threshold")  # a method bug, said plainly
         return self
+
+    def _threshold_policy(self) -> FitPolicy:
+        """Which scores and which percentile make the default threshold (a method may override)."""
+        return FitPolicy(self.decision_source_, float(getattr(self, "threshold_percentile", 99.0)))
+
+    def _finish_fit(self) -> None:
+        """The one end-of-fit step: ``decision_scores_`` (normal images scored by a model that did not
+        fit on them, where the method can) -> threshold, its strategy and the normalisation scale."""
+        if not hasattr(self, "decision_scores_"):  # a method bug, said plainly
+            raise InsightADError(f"{self.method}: fit did not leave decision_scores_ for the threshold")
+        choice = threshold_from_fit(self.decision_scores_, self._threshold_policy())
+        self.set_threshold(choice.value, choice.strategy, **choice.details)
 
     def _fit(self, images: Sequence[ImageSource], progress: bool) -> None:
         raise NotImplementedError
@@ -154,7 +234,7 @@ class Detector:
         n = (len(images) + self.batch_size - 1) // self.batch_size
         return tqdm(batches, total=n, desc=desc, unit="batch", disable=not progress, leave=False)
 
-    def set_threshold(self, value: float, strategy: str, **details: Any) -> "Detector":
+    def set_threshold(self, value: float, strategy: str, **details: Any) -> Detector:
         """Record the decision threshold and how it was chosen (kept in the model file)."""
         if not np.isfinite(value):
             raise InsightADError(f"threshold: expected a finite number, got {value!r}")
@@ -183,30 +263,57 @@ class Detector:
         maps = out[1].float() if len(out) > 1 else None
         return scores, maps
 
-    def predict(self, images: Sequence[ImageSource] | ImageSource, *, maps: bool = True, strict: bool = True,
-                progress: bool = False, threshold: float | None = None) -> Prediction:
-        """Score images; maps come back at each input's own resolution. ``strict=False`` marks
-        unreadable images in ``errors`` (score NaN) instead of raising."""
+    def iter_predict(self, images: Sequence[ImageSource] | ImageSource, *, chunk: int = 64, maps: bool = True,
+                     strict: bool = True, progress: bool = False, threshold: float | None = None
+                     ) -> Iterator[Prediction]:
+        """The one prediction loop: Predictions of consecutive chunks of ``images`` (``offset`` says
+        where each starts), so memory is bounded by the chunk, not the input. Maps come back at each
+        input's own resolution. ``strict=False`` marks unreadable images in ``errors`` (score NaN)."""
         self._check_fitted()
         if not isinstance(images, (list, tuple)):
             images = [images]
-        n = len(images)
-        scores = np.full(n, np.nan, dtype=np.float64)
-        all_maps: list[np.ndarray | None] | None = [None] * n if (maps and self.has_maps) else None
-        errors: dict[int, str] = {}
+        n, chunk = len(images), max(1, int(chunk))
+        thr = self.threshold_ if threshold is None else float(threshold)
+        want_maps = maps and self.has_maps
+        start, scores, got_maps, errors = 0, {}, {}, {}
         for batch in self._batches(images, progress, "predict", strict=strict):
             errors.update(batch.errors)
-            if not batch.indices:
-                continue
-            s, m = self.forward_batch(batch.images)
-            scores[batch.indices] = s.cpu().double().numpy()
-            if all_maps is not None and m is not None:
-                for i, arr in zip(batch.indices, upsample_maps(m, batch.sizes)):
-                    all_maps[i] = arr
+            if batch.indices:
+                s, m = self.forward_batch(batch.images)
+                scores.update(zip(batch.indices, s.cpu().double().numpy().tolist()))
+                if want_maps and m is not None:
+                    got_maps.update(zip(batch.indices, upsample_maps(m, batch.sizes)))
+            seen = max([*batch.indices, *batch.errors], default=start - 1) + 1
+            while start + chunk <= seen:
+                yield self._chunk(start, start + chunk, scores, got_maps, errors, thr, want_maps)
+                start += chunk
+        if start < n:
+            yield self._chunk(start, n, scores, got_maps, errors, thr, want_maps)
+
+    def _chunk(self, lo: int, hi: int, scores: dict[int, float], maps: dict[int, np.ndarray],
+               errors: dict[int, str], thr: float, want_maps: bool) -> Prediction:
+        """Images lo..hi-1 as one Prediction with decisions (popped from the running dicts)."""
+        s = np.array([scores.pop(i, np.nan) for i in range(lo, hi)], dtype=np.float64)
+        m = [maps.pop(i, None) for i in range(lo, hi)] if want_maps else None
+        err = {i - lo: errors.pop(i) for i in range(lo, hi) if i in errors}
+        return self.decide(s, m, thr, err, offset=lo)
+
+    def decide(self, scores: np.ndarray, maps: list[np.ndarray | None] | None = None, threshold: float | None = None,
+               errors: dict[int, str] | None = None, offset: int = 0) -> Prediction:
+        """Raw scores -> a Prediction with decisions and normalised scores: the one place a decision is
+        made, whoever scored the images (the prediction loop, the server's micro-batches)."""
         thr = self.threshold_ if threshold is None else float(threshold)
-        labels = np.where(np.isnan(scores), False, scores > thr)
-        normalized = normalize_scores(scores, thr, getattr(self, "threshold_info_", {}).get("scale"))
-        return Prediction(scores, all_maps, thr, labels, normalized, errors=errors)
+        s = np.asarray(scores, dtype=np.float64)
+        labels = np.where(np.isfinite(s), s > thr, False)
+        normalized = normalize_scores(s, thr, getattr(self, "threshold_info_", {}).get("scale"))
+        return Prediction(s, maps, thr, labels, normalized, errors=dict(errors or {}), offset=offset)
+
+    def predict(self, images: Sequence[ImageSource] | ImageSource, *, maps: bool = True, strict: bool = True,
+                progress: bool = False, threshold: float | None = None) -> Prediction:
+        """Score images (all at once: ``iter_predict`` bounds memory on large inputs)."""
+        n = len(images) if isinstance(images, (list, tuple)) else 1
+        return Prediction.concat(list(self.iter_predict(images, chunk=max(1, n), maps=maps, strict=strict,
+                                                         progress=progress, threshold=threshold)))
 
     def anomaly_score(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Raw scores only (higher = more anomalous)."""

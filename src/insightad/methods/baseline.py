@@ -6,22 +6,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.config import DetectorParams, param, params
 from insightad.data.preprocess import Normalize
 from insightad.methods.base import Detector
-from insightad.methods.knn import squared_distances
+from insightad.methods.components.knn import squared_distances
+from insightad.methods.components.pooling import pooled_features
+from insightad.methods.registry import register_method
 
 
-def pooled_features(feats: list[torch.Tensor]) -> torch.Tensor:
-    """Global average pool of each level, each L2-normalised so every level weighs the same."""
-    pooled = [torch.nn.functional.normalize(f.mean(dim=(2, 3)), dim=1) for f in feats]
-    return torch.cat(pooled, dim=1)
+@params
+class BaselineParams(DetectorParams):
+    """Frozen ImageNet features pooled per image, distance to the normal training set."""
 
+    layers: list[int] = param([2, 3, 4], "backbone feature levels to pool (0 = finest)")
+    scorer: str = param("knn", "knn: mean distance to the k nearest normal images; gaussian: "
+                        "Mahalanobis distance with a shrunk covariance", choices=("knn", "gaussian"))
+    k: int = param(3, "neighbours for the knn scorer", minimum=1)
+    threshold_percentile: float = param(99.0, "default threshold: this percentile of leave-one-out "
+                                        "training scores", minimum=0.0, maximum=100.0)
 
 def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """Mean Euclidean distance of each row of x to its k nearest rows of bank (no Python loop over
@@ -61,11 +67,11 @@ class BaselineModel(nn.Module):
         return (self.score_embeddings(self.embed(x)),)
 
 
-class BaselineDetector(Detector):
+@register_method("baseline")
+class BaselineDetector(BaselineParams, Detector):
     """Image-level detector; default threshold = a high percentile of leave-one-out training scores."""
 
-    method = "baseline"
-    Params = config.BaselineParams
+    Params = BaselineParams
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         extractor = self._make_extractor()
@@ -79,9 +85,7 @@ class BaselineDetector(Detector):
         mean, precision = self._gaussian(emb)
         self.model_ = BaselineModel(norm, extractor, self.scorer, self.k, emb, mean, precision).to(self.device_)
         loo = self._leave_one_out(emb, mean, precision)
-        self.train_scores_ = loo.numpy()
-        thr = float(np.percentile(self.train_scores_, self.threshold_percentile))
-        self.set_threshold(thr, f"train_loo_p{self.threshold_percentile:g}", n=int(len(loo)))
+        self.decision_scores_, self.decision_source_ = loo.numpy(), "train_loo"
 
     def _gaussian(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.scorer != "gaussian":

@@ -16,27 +16,42 @@ import numpy as np
 import torch
 from torch import nn
 
-from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.config import DetectorParams, param, params
 from insightad.data.preprocess import Normalize
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.maps import MapSmoother, concat_levels
-from insightad.methods.patch_gaussian import PatchGaussianAccumulator
+from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
+from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
+from insightad.methods.registry import register_method
 
 MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
 
 
+
+
+
+@params
+class PadimParams(DetectorParams):
+    """PaDiM: one Gaussian per patch position on multi-layer features; Mahalanobis distance maps."""
+
+    layers: list[int] = param([1, 2, 3], "backbone feature levels (0 = finest), upsampled to the finest "
+                              "and concatenated")
+    n_features: int = param(120, "feature channels kept after reduction (ignored by reduction=none)", minimum=1)
+    reduction: str = param("random", "channel reduction: random selection (as in the paper), pca, or none",
+                           choices=("random", "pca", "none"))
+    pca_images: int = param(32, "training images whose patches fit the PCA (reduction=pca)", minimum=1)
+    epsilon: float = param(0.01, "diagonal regulariser added to every patch covariance", minimum=0.0,
+                           exclusive_min=True)
+    sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
+    threshold_holdout: float = param(0.1, "fraction of training images (at most 64) scored before they join the "
+                                     "statistics, for the default threshold", minimum=0.0, maximum=0.5)
+    threshold_percentile: float = param(99.0, "default threshold: this percentile of the held-out "
+                                        "training scores", minimum=0.0, maximum=100.0)
+
 def level_patches(feats: list[torch.Tensor]) -> torch.Tensor:
     """Backbone levels -> concatenated features per patch position (B, P, C)."""
     return concat_levels(feats).flatten(2).transpose(1, 2)
-
-
-def feature_grid(extractor: FeatureExtractor, image_size: int, channels: int = 3) -> tuple[int, int]:
-    """(h, w) of the finest requested level for a square input of ``image_size``."""
-    with torch.inference_mode():
-        out = extractor(torch.zeros(1, channels, image_size, image_size))
-    return tuple(out[0].shape[-2:])
 
 
 def random_projection(channels: int, dim: int, seed: int) -> torch.Tensor:
@@ -101,7 +116,8 @@ class PadimModel(nn.Module):
         return self.score_embeddings(self.reduce(self.raw_features(x)))
 
 
-class PadimDetector(Detector):
+@register_method("padim")
+class PadimDetector(PadimParams, Detector):
     """PaDiM with a streaming fit.
 
     Default threshold: a ``threshold_holdout`` fraction of the training images (at most 64, chosen
@@ -112,8 +128,7 @@ class PadimDetector(Detector):
     of the final statistics would waste training data.
     """
 
-    method = "padim"
-    Params = config.PadimParams
+    Params = PadimParams
     has_maps = True
 
     # ------------------------------------------------------------------ fit
@@ -183,7 +198,8 @@ class PadimDetector(Detector):
                 # Scored by the Gaussians of the other images, then added to the statistics.
                 scores = model.score_distances(acc.distances(z_held, self.epsilon).to(self.device_))[0].cpu().numpy()
                 acc.update(z_held)
-            del z_held, held
+            del z_held
+            held.clear()
             mean, inv = acc.finalize(self.epsilon)
             model.mean.copy_(mean)
             model.inv_chol = inv.to(self.device_)
@@ -191,9 +207,7 @@ class PadimDetector(Detector):
             strategy = "holdout"
             if scores is None:  # one image, or no hold-out asked for: in-sample scores (optimistic)
                 scores, strategy = self.predict(list(images), maps=False).scores, "train"
-        self.train_scores_ = scores
-        thr = float(np.percentile(scores, self.threshold_percentile))
-        self.set_threshold(thr, f"{strategy}_p{self.threshold_percentile:g}", n=int(len(scores)))
+        self.decision_scores_, self.decision_source_ = np.asarray(scores), strategy
 
     # ------------------------------------------------------------------ persistence
     def state_metadata(self) -> dict[str, Any]:

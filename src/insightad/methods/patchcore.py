@@ -10,6 +10,7 @@ re-weighted as in the paper by how isolated that patch's nearest bank neighbour 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,23 +18,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.config import DetectorParams, param, params
 from insightad.data.preprocess import Normalize
+from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.coreset import coreset_size, greedy_coreset, random_projection
-from insightad.methods.knn import nearest, nearest_per_image, squared_distances
-from insightad.methods.maps import MapSmoother, concat_levels
-from insightad.methods.padim import feature_grid
+from insightad.methods.components.coreset import coreset_size, greedy_coreset, random_projection
+from insightad.methods.components.knn import nearest, nearest_per_image, squared_distances
+from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
+from insightad.methods.registry import register_method
 
+
+@params
+class PatchCoreParams(DetectorParams):
+    """PatchCore: a coreset memory bank of locally aware patch features; nearest-neighbour distance maps."""
+
+    layers: list[int] = param([2, 3], "backbone feature levels (0 = finest), upsampled to the finer "
+                              "and concatenated")
+    coreset_ratio: float = param(0.1, "fraction of training patches kept in the memory bank",
+                                 minimum=0.0, maximum=1.0, exclusive_min=True, aliases=("--coreset",))
+    projection_dim: int = param(32, "dimension of the random projection used for coreset selection "
+                                "(0: the full features)", minimum=0)
+    neighbourhood: int = param(3, "side of the neighbourhood averaged into each patch feature (odd)", minimum=1)
+    num_neighbors: int = param(9, "bank neighbours used by the image-score re-weighting", minimum=1)
+    sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
+    feature_cache_mb: int = param(256, "full-size training features kept in memory up to this size; "
+                                  "past it a second pass recomputes only the memory bank's", minimum=0)
+    threshold_images: int = param(16, "training images scored leave-one-image-out for the default "
+                                  "threshold", minimum=1)
+    threshold_percentile: float = param(99.0, "default threshold: this percentile of the leave-one-"
+                                        "image-out training scores", minimum=0.0, maximum=100.0)
 
 class PatchCoreModel(nn.Module):
     """uint8 images -> (image scores, maps at model size) against the memory bank."""
-
-    # ONNX Runtime plans memory for every unrolled nearest-neighbour chunk at once (5 GB at a 10%
-    # coreset on bottle) and runs slower than PyTorch here: --engine auto keeps PyTorch for it.
-    onnx_auto = False
 
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
                  image_size: int, sigma: float, neighbourhood: int, num_neighbors: int, bank: torch.Tensor) -> None:
@@ -87,7 +105,8 @@ class PatchCoreModel(nn.Module):
         return self.score_patches(self.patches(x))
 
 
-class PatchCoreDetector(Detector):
+@register_method("patchcore")
+class PatchCoreDetector(PatchCoreParams, Detector):
     """PatchCore with a two-stage fit: projected features for the coreset, then the bank at full size.
 
     Memory: the coreset needs every training patch, but only as a ``projection_dim`` projection
@@ -101,9 +120,11 @@ class PatchCoreDetector(Detector):
     distance ~0 and give a threshold far too low.
     """
 
-    method = "patchcore"
-    Params = config.PatchCoreParams
+    Params = PatchCoreParams
     has_maps = True
+    # ONNX Runtime plans memory for every unrolled nearest-neighbour chunk at once (5 GB at a 10%
+    # coreset on bottle) and runs slower than PyTorch here: --engine auto keeps PyTorch for it.
+    onnx_auto = False
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         if self.neighbourhood % 2 == 0:
@@ -142,7 +163,7 @@ class PatchCoreDetector(Detector):
             model.bank = bank.to(self.device_)
             self.model_ = model.eval()
             self.bank_size_ = int(k)
-            self._set_default_threshold(model, kept, chosen // per, images)
+            self._score_normals(model, kept, chosen // per, images)
 
     def _patches(self, features, model: PatchCoreModel, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -173,7 +194,7 @@ class PatchCoreDetector(Detector):
             pos += len(p)
         return bank, kept
 
-    def _set_default_threshold(self, model: PatchCoreModel, kept: dict[int, torch.Tensor], source: torch.Tensor,
+    def _score_normals(self, model: PatchCoreModel, kept: dict[int, torch.Tensor], source: torch.Tensor,
                                images: Sequence) -> None:
         scores = []
         for i, p in sorted(kept.items()):
@@ -185,10 +206,10 @@ class PatchCoreDetector(Detector):
             strategy = "leave_one_image_out"
         else:  # a single training image: in-sample scores (optimistic)
             scores, strategy = list(self.predict(list(images), maps=False).scores), "train"
-        self.train_scores_ = np.asarray(scores)
-        thr = float(np.percentile(self.train_scores_, self.threshold_percentile))
-        self.set_threshold(thr, f"{strategy}_p{self.threshold_percentile:g}", n=len(scores),
-                           bank_size=int(model.bank.shape[0]))
+        self.decision_scores_, self.decision_source_ = np.asarray(scores), strategy
+
+    def _threshold_policy(self) -> FitPolicy:
+        return replace(super()._threshold_policy(), extra={"bank_size": int(self.model_.bank.shape[0])})
 
     # ------------------------------------------------------------------ persistence
     def state_metadata(self) -> dict[str, Any]:

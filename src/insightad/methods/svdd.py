@@ -15,20 +15,48 @@ head trains on them, so a hundred epochs cost seconds.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.config import DetectorParams, TrainLoopParams, param, params
 from insightad.data.preprocess import Normalize
+from insightad.decide.thresholds import FitPolicy
 from insightad.methods.base import Detector
-from insightad.methods.baseline import pooled_features
+from insightad.methods.components.pooling import pooled_features, pooled_mean_std
+from insightad.methods.registry import register_method
 from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
 
+SVDD_OBJECTIVES = ("one-class", "soft-boundary")
+
+@params
+class SVDDParams(TrainLoopParams, DetectorParams):
+    """Deep SVDD: a bias-free projection head on frozen pooled backbone features, pulled towards a centre c."""
+
+    layers: list[int] = param([1, 2, 3], "backbone feature levels to pool (0 = finest)")
+    pooling: str = param("mean_std", "per-channel statistics of each level: mean, or mean and spatial "
+                         "standard deviation (sees thin local defects such as cracks better)",
+                         choices=("mean", "mean_std"))
+    objective: str = param("one-class", "one-class: mean squared distance to c; soft-boundary: radius R "
+                           "plus the distances beyond it, weighted by 1/nu", choices=SVDD_OBJECTIVES)
+    nu: float = param(0.1, "soft-boundary: the fraction of training images allowed outside the sphere",
+                      minimum=0.0, maximum=1.0, exclusive_min=True)
+    rep_dim: int = param(128, "dimension of the embedding space", minimum=1)
+    hidden: list[int] = param([512], "hidden layer widths of the projection head (empty: one linear map)")
+    eps: float = param(0.1, "centre coordinates closer to zero than this are pushed out to +-eps "
+                       "(a centre at 0 is trivially reached by zero weights)", minimum=0.0)
+    warmup_epochs: int = param(2, "soft-boundary: epochs before the radius R is first updated", minimum=0)
+    epochs: int = param(200, "training epochs (the head trains on cached features: seconds, not minutes)",
+                        minimum=1, aliases=("--epoch",))
+    patience: int = param(10, "early stopping: stop after this many epochs without improvement of the "
+                          "validation loss (0: never stop early)", minimum=0)
+    threshold_percentile: float = param(99.0, "default threshold (one-class): this percentile of the "
+                                        "validation (else training) distances", minimum=0.0, maximum=100.0)
 
 def projection_head(in_dim: int, hidden: Sequence[int], rep_dim: int) -> nn.Sequential:
     """A bias-free MLP (LeakyReLU between layers): no constant offset to map everything onto c with."""
@@ -57,16 +85,6 @@ class Hypersphere(nn.Module):
         return self.squared_distance(features).clamp_min(0.0).sqrt()
 
 
-def pooled_mean_std(feats: list[torch.Tensor]) -> torch.Tensor:
-    """Per level: the channel means and the channel spatial standard deviations, each L2-normalised."""
-    out = []
-    for f in feats:
-        flat = f.flatten(2).float()
-        out.append(F.normalize(flat.mean(dim=2), dim=1))
-        out.append(F.normalize(flat.std(dim=2, unbiased=False), dim=1))
-    return torch.cat(out, dim=1)
-
-
 class PooledFeatures(nn.Module):
     """uint8 images -> pooled backbone features (frozen; stays in eval mode)."""
 
@@ -78,7 +96,7 @@ class PooledFeatures(nn.Module):
         feats = self.extractor(self.normalize(x))
         return pooled_mean_std(feats) if self.pooling == "mean_std" else pooled_features(feats)
 
-    def train(self, mode: bool = True) -> "PooledFeatures":
+    def train(self, mode: bool = True) -> PooledFeatures:
         return super().train(False)  # frozen: batch-norm statistics never move
 
 
@@ -135,11 +153,11 @@ class SVDDObjective:
             model.radius.copy_(r)
 
 
-class SVDDDetector(Detector):
+@register_method("svdd")
+class SVDDDetector(SVDDParams, Detector):
     """Image-level detector: distance of the embedding to the centre c (higher = more anomalous)."""
 
-    method = "svdd"
-    Params = config.SVDDParams
+    Params = SVDDParams
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         loop = TrainingLoop(config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
@@ -159,7 +177,7 @@ class SVDDDetector(Detector):
         objective = SVDDObjective(self.objective, self.nu, self.warmup_epochs, features if on_images else None)
         self.training_ = loop.run(sphere, objective, train, val)
         self.model_ = SVDDModel(features, sphere).to(self.device_).eval()
-        self._set_default_threshold(sphere, features, train, val, on_images)
+        self._score_normals(sphere, features, train, val, on_images)
 
     def _inputs(self, images: Sequence, features: PooledFeatures, on_images: bool, progress: bool) -> torch.Tensor:
         """The loop's inputs: uint8 images when augmenting, else the frozen pooled features (computed once)."""
@@ -196,21 +214,25 @@ class SVDDDetector(Detector):
         emb = self._distances(sphere, features, train, on_images, embed=True)
         return fixed_center(emb, self.eps).to(self.device_)
 
-    def _set_default_threshold(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
+    def _score_normals(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
                                val: torch.Tensor | None, on_images: bool) -> None:
         """Soft-boundary: the radius R. One-class: a percentile of held-out (else training) distances."""
         self.train_scores_ = self._distances(sphere, features, train, on_images).double().numpy()
         held = val is not None
         scores = self._distances(sphere, features, val, on_images).double().numpy() if held else self.train_scores_
+        self.decision_scores_, self.decision_source_ = scores, ("val" if held else "train")
         if self.objective == "soft-boundary":
             # R during training came from each epoch's batches, before that epoch's updates; for the
             # final weights the optimal R is the (1 - nu) quantile of the final training distances.
-            radius = float(np.quantile(self.train_scores_, 1.0 - self.nu))
-            sphere.radius.fill_(radius)
-            self.set_threshold(radius, "svdd_radius", nu=self.nu)
-            return
-        thr = float(np.percentile(scores, self.threshold_percentile))
-        self.set_threshold(thr, f"{'val' if held else 'train'}_p{self.threshold_percentile:g}", n=int(len(scores)))
+            sphere.radius.fill_(float(np.quantile(self.train_scores_, 1.0 - self.nu)))
+
+    def _threshold_policy(self) -> FitPolicy:
+        """Soft-boundary: the radius R. One-class: a percentile of held-out (else training) distances."""
+        policy = super()._threshold_policy()
+        if self.objective == "soft-boundary":
+            radius = float(self.model_.sphere.radius) if hasattr(self.model_, "sphere") else None
+            return replace(policy, fixed=radius, fixed_name="svdd_radius", extra={"nu": self.nu})
+        return policy
 
     def state_metadata(self) -> dict[str, Any]:
         t = getattr(self, "training_", None)

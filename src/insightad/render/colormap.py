@@ -58,6 +58,16 @@ class MapScale:
         z = np.nan_to_num(np.clip(z, -60.0, 60.0), nan=-60.0)
         return 1.0 / (1.0 + np.exp(-z))
 
+    def png_info(self) -> Any:
+        """PNG text chunks recording this scale (``insightad.map_level``, ``insightad.map_scale``)."""
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("insightad.map_level", repr(self.level))
+        info.add_text("insightad.map_scale", repr(self.scale))
+        info.add_text("insightad.colors", "v = 1/(1+exp(-(map-level)/scale)) through jet; 0.5 = level")
+        return info
+
     def value_at(self, v: float) -> float:
         """The map value drawn with unit value ``v`` (0 < v < 1): the inverse of ``unit``."""
         return float(self.level + self.scale * np.log(v / (1.0 - v)))
@@ -81,7 +91,7 @@ def blend(rgb: np.ndarray, m: np.ndarray, scale: MapScale, max_alpha: float = 0.
 TICKS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType sizes
@@ -97,13 +107,12 @@ def colorbar(scale: MapScale, height: int = 256, width: int = 110) -> Image.Imag
     column = LUT[np.round(np.linspace(1.0, 0.0, inner) * 255).astype(np.uint8)]
     canvas.paste(Image.fromarray(np.repeat(column[:, None, :], bar_w, axis=1)), (4, pad))
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(9, height // 22))
+    fnt = font(max(9, height // 22))
     for v in TICKS:
         y = pad + round((1.0 - v) * (inner - 1))
         label = f"{scale.value_at(v):.3g}" + (" (thr)" if v == 0.5 else "")
         draw.line([(4, y), (4 + bar_w + 3, y)], fill=(0, 0, 0), width=2 if v == 0.5 else 1)
-        draw.text((bar_w + 10, y - font.size // 2 if hasattr(font, "size") else y - 5), label, fill=(0, 0, 0),
-                  font=font)
+        draw.text((bar_w + 10, y - getattr(fnt, "size", 10) // 2), label, fill=(0, 0, 0), font=fnt)
     return canvas
 
 

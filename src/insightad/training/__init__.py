@@ -1,7 +1,12 @@
 """The shared training loop (epochs, optimiser, early stopping, checkpoints, resume, curves)."""
 
-from insightad.training.augment import (Augment, available_augmentations, get_augmentation, per_image,
-                                        register_augmentation)
+from insightad.training.augment import (
+                                        Augment,
+                                        available_augmentations,
+                                        get_augmentation,
+                                        per_image,
+                                        register_augmentation,
+)
 from insightad.training.data import load_images, sources_digest, validation_split
 from insightad.training.loop import Objective, TrainingLoop, TrainResult, fingerprint
 

@@ -51,7 +51,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Write model, optimiser, best weights and ``info`` (JSON) atomically to ``path``."""
     from safetensors.torch import save_file
 
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if best is not None:

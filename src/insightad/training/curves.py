@@ -16,7 +16,7 @@ def plot_curve(history: Sequence[dict[str, Any]], metric: str, path: Path, title
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     series = {f"{split} {metric}": [(h["epoch"], h[f"{split}_{metric}"]) for h in history
                                      if h.get(f"{split}_{metric}") is not None]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from insightad.config import TrainLoopParams
 from insightad.errors import InsightADError
-from insightad.methods.base import resolve_device
+from insightad.runtime import resolve_device
 from insightad.training import checkpoint as ckpt
 from insightad.training.augment import Augment, get_augmentation
 from insightad.training.curves import plot_curve
@@ -184,7 +184,7 @@ class TrainingLoop:
                              resumed_from, time.perf_counter() - t0, self.checkpoint_path)
         result.curves = self._write_curves(state)
         if self.dir is not None:
-            from insightad.model_file import atomic_write
+            from insightad.io import atomic_write
 
             atomic_write(self.dir / "history.json",
                          lambda tmp: tmp.write_text(json.dumps(result.summary() | {"history": result.history},

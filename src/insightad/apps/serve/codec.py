@@ -1,4 +1,4 @@
-"""Request payloads to model-ready tensors, and anomaly maps to PNG: the server's byte-level I/O.
+"""Request payloads to model-ready tensors, and anomaly maps to colour PNGs: the server's byte-level I/O.
 
 Decoding follows the CLI's path exactly (``load_image`` then the model's own ``Preprocessing``), so a
 served score equals ``insightad predict``'s for the same image file. Every failure is an
@@ -89,40 +89,18 @@ def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, field: str =
     return DecodedImage(tensor, size)
 
 
-def heatmap_png(amap: np.ndarray) -> tuple[str, float, float]:
-    """An anomaly map -> (base64 8-bit grayscale PNG scaled from its min to its max, min, max).
+MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side
 
-    The PNG has the input image's size; pixel value v stands for min + v / 255 * (max - min), so the
-    raw map can be recovered to within 1/255 of its range.
-    """
-    amap = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(amap.min()), float(amap.max())
-    scaled = np.zeros(amap.shape, np.uint8) if hi <= lo else \
-        np.clip((amap - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+
+def heatmap_png(amap: np.ndarray, scale: MapScale) -> str:
+    """An anomaly map -> base64 RGB PNG in the one colour convention (``render.colormap``), at the
+    input's size but at most ``MAX_HEATMAP_SIDE`` on its long side (answers stay small)."""
+    amap = np.asarray(amap, dtype=np.float32)
+    h, w = amap.shape
+    f = min(1.0, MAX_HEATMAP_SIDE / max(h, w))
+    img = Image.fromarray(colorize(amap, scale))
+    if f < 1.0:
+        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    Image.fromarray(scaled, mode="L").save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii"), lo, hi
-
-
-COLOR_MAX_SIDE = 1024  # the coloured heatmap is for eyes: bounded, whatever the input's size
-
-
-def bounded_size(size: tuple[int, int], max_side: int = COLOR_MAX_SIDE) -> tuple[int, int]:
-    """(height, width) scaled down (aspect kept) so the longer side is at most ``max_side``."""
-    h, w = size
-    f = min(1.0, max_side / max(h, w))
-    return max(1, round(h * f)), max(1, round(w * f))
-
-
-def heatmap_color_png(amap: np.ndarray, scale: MapScale) -> str:
-    """An anomaly map -> base64 RGBA PNG in the product's one colour convention.
-
-    RGB is ``render.colormap.colorize`` on the model's calibrated scale; alpha is ``unit(m) ** 1.5``
-    (as ``render.colormap.blend`` weights it), so laid over the image with opacity ``a`` it gives
-    exactly ``blend(image, map, scale, max_alpha=a)``: regions well below the level stay clear.
-    """
-    rgb = colorize(amap, scale)
-    alpha = np.round(255.0 * scale.unit(amap) ** 1.5).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA").save(buf, format="PNG", compress_level=1)
+    img.save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode("ascii")

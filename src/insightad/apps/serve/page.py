@@ -49,11 +49,11 @@ def colorbar_png(scale: MapScale, height: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def mount_page(app: FastAPI, det: Any, threshold: float, scale: MapScale, protected: list[Depends]) -> None:
+def mount_page(app: FastAPI, det: Any, scale: MapScale | None, protected: list[Depends]) -> None:
     """Serve the page at ``/`` and its assets; ``protected`` guards what reveals the model (API key)."""
     if not (STATIC / "index.html").is_file():
         raise FileNotFoundError(f"{STATIC / 'index.html'}: the page's files are missing from this install")
-    bar = colorbar_png(scale) if det.has_maps else None
+    bar = colorbar_png(scale) if (det.has_maps and scale is not None) else None
     headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
     @app.get("/", include_in_schema=False)

@@ -322,7 +322,6 @@ async function scoreOne(r) {
     form.append("file", r.file, r.file.name);
     const wantMap = Boolean(state.model && state.model.has_maps);
     form.append("heatmap", wantMap ? "true" : "false");
-    form.append("heatmap_style", "color");
     const resp = await api("infer", { method: "POST", body: form, signal: aborter.signal });
     if (!resp.ok) {
       r.error = `${r.name}: could not be scored (${resp.status}): ${await errorText(resp)}`;
@@ -333,8 +332,8 @@ async function scoreOne(r) {
     Object.assign(r, { score: body.score, threshold: body.threshold, anomalous: body.Anomaly,
       score_normalized: body.score_normalized });
     const displayable = await shown;
-    if (body.heatmap_color) {
-      await loadImage(c.overlay, `data:image/png;base64,${body.heatmap_color}`);
+    if (body.heatmap) {  // RGB PNG in the product's colour convention, rendered by the server
+      await loadImage(c.overlay, `data:image/png;base64,${body.heatmap}`);
       c.overlay.dataset.has = "1";
     } else if (state.model && !state.model.has_maps) {
       r.note = `no heatmap: ${state.model.method} gives an image score only`;
@@ -598,7 +597,6 @@ async function scoreFrame() {
     const form = new FormData();
     form.append("file", blob, "camera.jpg");
     form.append("heatmap", state.model && state.model.has_maps ? "true" : "false");
-    form.append("heatmap_style", "color");
     const resp = await api("infer", { method: "POST", body: form });
     if (!resp.ok) { $("cam-status").textContent = `frame not scored: ${await errorText(resp)}`; return; }
     const body = await resp.json();
@@ -606,8 +604,8 @@ async function scoreFrame() {
     await loadImage($("cam-frame"), URL.createObjectURL(blob));
     if (old.startsWith("blob:")) URL.revokeObjectURL(old);
     const overlay = $("cam-overlay");
-    if (body.heatmap_color) {
-      await loadImage(overlay, `data:image/png;base64,${body.heatmap_color}`);
+    if (body.heatmap) {
+      await loadImage(overlay, `data:image/png;base64,${body.heatmap}`);
       overlay.hidden = !$("overlay-on").checked;
       overlay.style.opacity = $("opacity").value;
     }

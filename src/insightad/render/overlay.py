@@ -1,58 +1,29 @@
 """Overlays: an image with its verdict written above it and, for methods with maps, the heatmap blended
 over it and the defect outlined where the map exceeds the pixel threshold.
 
-Colours: the heatmap runs through the 'jet' colour map over the normalised map value
-``1 / (1 + exp(-(map - pixel_threshold) / pixel_scale))`` (0.5 at the outline level) and is blended
-more strongly where it is higher, so regions well below the threshold stay almost transparent and
-every image is shown on the same scale (never min-max per image, which makes any normal image look
-hot). The predicted defect outline is white; a ground-truth mask, when given, is outlined in magenta.
+Colours: the one convention of ``render.colormap`` (0.5 = the outline level), blended more strongly
+where it is higher. The predicted defect outline is white; a ground-truth mask, when given, is outlined in magenta.
 Images smaller than 320 pixels on their short side are enlarged so the verdict stays readable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from insightad.data.images import load_image
-from insightad.decide.normalize import default_scale, normalize_scores
+from insightad.render.colormap import MapScale, blend, default_scale, font, with_colorbar
 
 MIN_SIDE = 320
 ANOMALOUS_RGB = (220, 40, 40)
 NORMAL_RGB = (40, 170, 70)
 OUTLINE_RGB = (255, 255, 255)
 TRUTH_RGB = (255, 0, 255)
-
-
-@dataclass(frozen=True)
-class MapDisplay:
-    """The level at which a map is outlined and the spread used to colour it."""
-
-    level: float
-    scale: float
-
-    @classmethod
-    def for_detector(cls, det, threshold: float | None = None) -> "MapDisplay":
-        """The model's calibrated pixel level (``threshold.details.pixel_threshold``), else the image
-        threshold in use; scale likewise (``pixel_scale``, else ``scale``, else a quarter of the level)."""
-        info = getattr(det, "threshold_info_", {}) or {}
-        level = info.get("pixel_threshold")
-        if level is None:
-            level = det.threshold_ if threshold is None else float(threshold)
-        scale = info.get("pixel_scale") or info.get("scale") or default_scale(level)
-        return cls(float(level), float(scale))
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType sizes
-        return ImageFont.load_default()
 
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
@@ -70,18 +41,8 @@ def _resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
 
 
-def blend_heatmap(rgb: np.ndarray, anomaly_map: np.ndarray, display: MapDisplay, max_alpha: float = 0.6) -> np.ndarray:
-    """RGB uint8 with the map coloured over it; alpha grows with the normalised map value."""
-    import matplotlib
-
-    v = normalize_scores(anomaly_map, display.level, display.scale).astype(np.float32)
-    heat = matplotlib.colormaps["jet"](v)[..., :3] * 255.0
-    alpha = (max_alpha * np.clip(v, 0, 1) ** 1.5)[..., None]
-    return np.clip(rgb * (1 - alpha) + heat * alpha + 0.5, 0, 255).astype(np.uint8)
-
-
 def render_overlay(image: Image.Image, score: float, threshold: float, *, anomaly_map: np.ndarray | None = None,
-                   display: MapDisplay | None = None, score_normalized: float | None = None,
+                   scale: MapScale | None = None, score_normalized: float | None = None,
                    truth_mask: np.ndarray | None = None, caption: str | None = None) -> Image.Image:
     """The overlay of one image: verdict banner on top; heatmap and outlines when a map is given."""
     img = image.convert("RGB")
@@ -93,17 +54,18 @@ def render_overlay(image: Image.Image, score: float, threshold: float, *, anomal
     rgb = np.asarray(img, dtype=np.float32)
     line = max(1, round(min(w, h) / 160))
     if anomaly_map is not None:
-        display = display or MapDisplay(threshold, default_scale(threshold))
+        scale = scale or MapScale(threshold, default_scale(threshold))
         m = _resize_map(np.asarray(anomaly_map, dtype=np.float32), (w, h))
-        out = blend_heatmap(rgb, m, display)
-        out[_outline(m > display.level, line)] = OUTLINE_RGB
+        out = blend(rgb, m, scale)
+        out[_outline(m > scale.level, line)] = OUTLINE_RGB
     else:
         out = rgb.astype(np.uint8)
     if truth_mask is not None:
         t = np.asarray(Image.fromarray(truth_mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
         out[_outline(t, line)] = TRUTH_RGB
     anomalous = bool(score > threshold) if np.isfinite(score) else False
-    return _with_banner(Image.fromarray(out), score, threshold, anomalous, score_normalized, caption)
+    picture = _with_banner(Image.fromarray(out), score, threshold, anomalous, score_normalized, caption)
+    return with_colorbar(picture, scale) if anomaly_map is not None and scale is not None else picture
 
 
 def _with_banner(img: Image.Image, score: float, threshold: float, anomalous: bool, normalized: float | None,
@@ -118,11 +80,11 @@ def _with_banner(img: Image.Image, score: float, threshold: float, anomalous: bo
     lines = [(verdict, colour), (detail, (235, 235, 235))] + ([(caption, (200, 200, 200))] if caption else [])
     size = 40
     while size > 9:
-        font = _font(size)
-        if max(ImageDraw.Draw(img).textlength(t, font=font) for t, _ in lines) <= 0.94 * w:
+        fnt = font(size)
+        if max(ImageDraw.Draw(img).textlength(t, font=fnt) for t, _ in lines) <= 0.94 * w:
             break
         size -= 1
-    font = _font(size)
+    fnt = font(size)
     pad = max(4, size // 3)
     banner_h = pad * 2 + len(lines) * (size + pad // 2)
     frame = max(2, round(min(w, h) / 100))
@@ -132,7 +94,7 @@ def _with_banner(img: Image.Image, score: float, threshold: float, anomalous: bo
     canvas.paste(img, (frame, banner_h + frame))
     y = pad
     for text, c in lines:
-        draw.text((frame + pad, y), text, fill=c, font=font)
+        draw.text((frame + pad, y), text, fill=c, font=fnt)
         y += size + pad // 2
     return canvas
 
@@ -151,36 +113,29 @@ def overlay_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def predict_with_overlays(det, paths: Sequence[Path], out_dir: str | Path, threshold: float | None = None,
-                          chunk: int = 16, progress: bool = False):
-    """Score ``paths`` a chunk at a time and write ``<stem>_overlay.png`` for each into ``out_dir``.
-
-    Returns (Prediction without maps, list of overlay paths). Maps are held for one chunk only.
-    """
-    from tqdm import tqdm
-
+def predict_with_overlays(det: Any, paths: Sequence[Path], out_dir: str | Path, threshold: float | None = None,
+                          chunk: int = 16, progress: bool = False) -> tuple[Any, list[Path]]:
+    """Score ``paths`` through the one prediction loop and write ``<stem>_overlay.png`` for each into
+    ``out_dir``. Returns (Prediction without maps, list of overlay paths); maps live for one chunk only."""
+    from insightad.io import atomic_write
     from insightad.methods import Prediction
-    from insightad.model_file import atomic_write
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    display = MapDisplay.for_detector(det, threshold) if det.has_maps else None
-    n = len(paths)
-    scores, normalized, labels = np.empty(n), np.empty(n), np.zeros(n, dtype=bool)
+    scale = MapScale.for_detector(det, threshold) if det.has_maps else None
     written: list[Path] = []
     used: set[str] = set()
-    thr = det.threshold_ if threshold is None else float(threshold)
-    for start in tqdm(range(0, n, chunk), desc="overlays", unit="chunk", disable=not progress, leave=False):
-        part = list(paths[start:start + chunk])
-        pred = det.predict(part, maps=det.has_maps, threshold=threshold)
-        for i, path in enumerate(part):
+    parts = []
+    for pred in det.iter_predict(list(paths), chunk=chunk, maps=det.has_maps, threshold=threshold,
+                                 progress=progress):
+        for i in range(len(pred)):
+            path = Path(paths[pred.offset + i])
             m = pred.maps[i] if pred.maps is not None else None
             img = render_overlay(load_image(path, 3), float(pred.scores[i]), pred.threshold, anomaly_map=m,
-                                 display=display, score_normalized=float(pred.scores_normalized[i]))
-            target = out_dir / overlay_name(Path(path), used)
+                                 scale=scale, score_normalized=float(pred.scores_normalized[i]))
+            target = out_dir / overlay_name(path, used)
             atomic_write(target, lambda tmp, im=img: im.save(tmp, format="PNG"))
             written.append(target)
-        scores[start:start + len(part)] = pred.scores
-        normalized[start:start + len(part)] = pred.scores_normalized
-        labels[start:start + len(part)] = pred.labels
-    return Prediction(scores, None, thr, labels, normalized), written
+        pred.maps = None
+        parts.append(pred)
+    return Prediction.concat(parts), written

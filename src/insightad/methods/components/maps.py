@@ -20,6 +20,13 @@ def concat_levels(feats: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def feature_grid(extractor: nn.Module, image_size: int, channels: int = 3) -> tuple[int, int]:
+    """(h, w) of the finest requested level for a square input of ``image_size``."""
+    with torch.inference_mode():
+        out = extractor(torch.zeros(1, channels, image_size, image_size))
+    return tuple(out[0].shape[-2:])
+
+
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     """A normalised 1-D Gaussian kernel reaching 4 sigma each side (empty for sigma <= 0)."""
     if sigma <= 0:

@@ -26,19 +26,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from insightad import __version__, config
+from insightad import config
 from insightad.backbones import build_extractor
 from insightad.backbones.registry import BACKBONE_META_KEY
+from insightad.config import DEFAULT_BACKBONE, TrainLoopParams, param, params
 from insightad.data.loader import ImageSource
 from insightad.data.preprocess import Normalize, Preprocessing
 from insightad.errors import InsightADError
 from insightad.training import TrainingLoop, TrainResult, fingerprint, load_images, sources_digest, validation_split
 from insightad.training.augment import Augment
+from insightad.version import __version__
 
 ROTATIONS = 4
 CHANCE = 1.0 / ROTATIONS
 BACKBONE_FORMAT = "insightad-backbone"
 
+
+
+SSL_INITS = ("imagenet", "random")
+
+@params
+class SSLParams(TrainLoopParams):
+    """Rotation-prediction pretraining of a backbone on unlabelled images (writes a backbone file)."""
+
+    backbone: str = param(DEFAULT_BACKBONE, "architecture to train (a timm name, or ssl:PATH to continue "
+                          "from an earlier backbone file)")
+    init: str = param("imagenet", "start from the backbone's ImageNet weights or from random weights",
+                      choices=SSL_INITS)
+    weights: str | None = param(None, "with --init imagenet: a .safetensors/.pth file to start from "
+                                "instead of the installed ImageNet weights")
+    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16)
+    workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
+    epochs: int = param(10, "training epochs (each image is seen at 4 rotations per epoch)", minimum=1,
+                        aliases=("--epoch",))
+    min_accuracy: float = param(0.4, "warn when the best rotation accuracy stays below this (chance is 0.25)",
+                                minimum=0.0, maximum=1.0)
 
 class RotationUnlearnableWarning(UserWarning):
     """The rotation task stayed near chance: the backbone learned little from these images."""
@@ -92,7 +114,7 @@ class RotationSSL:
     """Trains a backbone on rotation prediction; ``save`` writes the backbone file."""
 
     method = "ssl"
-    Params = config.SSLParams
+    Params = SSLParams
 
     def __init__(self, **params: Any) -> None:
         p = config.build(self.Params, params, where=self.method)
@@ -104,7 +126,7 @@ class RotationSSL:
         return dataclasses.asdict(self.params)
 
     def fit(self, images: Sequence[ImageSource], progress: bool = False, augment: Augment | None = None
-            ) -> "RotationSSL":
+            ) -> RotationSSL:
         """Train on ``images`` (normal or unlabelled); a held-out ``val_fraction`` measures rotation accuracy."""
         p = self.params
         if len(images) == 0:
@@ -175,7 +197,7 @@ class RotationSSL:
         """Write the backbone file atomically (weights in timm names + metadata); returns its path."""
         from safetensors.torch import save_file
 
-        from insightad.model_file import atomic_write
+        from insightad.io import atomic_write
 
         if not hasattr(self, "body_"):
             raise InsightADError("ssl: nothing to save yet (call fit first)")

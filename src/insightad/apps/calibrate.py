@@ -43,20 +43,15 @@ class Calibration:
         return {"value": self.choice.value, "strategy": self.choice.strategy, "details": self.choice.details}
 
 
-def score_in_chunks(det: Detector, paths: list[Path], want_map_max: bool, chunk: int = 32,
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Raw scores (and each map's maximum), a chunk at a time so full-size maps are never all held."""
-    from tqdm import tqdm
-
-    scores = np.empty(len(paths))
-    map_max = np.empty(len(paths)) if want_map_max else None
-    for start in tqdm(range(0, len(paths), chunk), desc="calibrate", unit="chunk", disable=not progress,
-                      leave=False):
-        pred = det.predict(paths[start:start + chunk], maps=want_map_max)
-        scores[start:start + len(pred)] = pred.scores
-        if map_max is not None:
-            map_max[start:start + len(pred)] = [float(np.max(m)) for m in pred.maps]
-    return scores, map_max
+def score_with_map_max(det: Detector, paths: list[Path], want_map_max: bool, progress: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw scores (and each map's maximum) through the one prediction loop, maps held a chunk at a time."""
+    scores, map_max = [], []
+    for pred in det.iter_predict(paths, chunk=32, maps=want_map_max, progress=progress):
+        scores.append(pred.scores)
+        if want_map_max and pred.maps is not None:
+            map_max.append(np.array([float(np.max(m)) for m in pred.maps]))
+    return np.concatenate(scores), (np.concatenate(map_max) if want_map_max else None)
 
 
 def calibration_samples(det: Detector, data: str | Path, dp: DataParams, strategy: str
@@ -88,7 +83,7 @@ def calibrate(det: Detector, data: str | Path, dp: DataParams, strategy: str = "
     """Choose a threshold for ``det`` on images of ``data`` (the detector is not changed)."""
     ds, samples, warnings = calibration_samples(det, data, dp, strategy)
     labels = np.array([s.label == ANOMALOUS for s in samples])
-    scores, map_max = score_in_chunks(det, [s.path for s in samples], det.has_maps, progress=progress)
+    scores, map_max = score_with_map_max(det, [s.path for s in samples], det.has_maps, progress=progress)
     choice = choose_threshold(strategy, scores, labels, percentile)
     details: dict[str, Any] = dict(choice.details)
     details.update({

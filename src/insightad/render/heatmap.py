@@ -1,4 +1,6 @@
-"""Anomaly maps as colour PNG images: one ``<stem>_heatmap.png`` per image, comparable across images."""
+"""Anomaly maps as colour PNG images: one ``<stem>_heatmap.png`` per image, pixel-aligned with it, in the
+one colour convention (``render.colormap``), so colours mean the same in every image. The scale
+(level, spread) is written into each PNG's text chunks for anyone who reads values back."""
 
 from __future__ import annotations
 
@@ -10,22 +12,7 @@ import numpy as np
 from PIL import Image
 
 from insightad.errors import InsightADError
-
-
-def heatmap_rgb(m: np.ndarray, threshold: float | None) -> np.ndarray:
-    """A map -> uint8 RGB (jet colours). With a positive threshold the scale is fixed, 0 -> blue,
-    the threshold -> green/yellow midpoint, twice the threshold and above -> red, so colours mean
-    the same in every image; otherwise the map's own range is used."""
-    from matplotlib import colormaps
-
-    m = np.asarray(m, dtype=np.float32)
-    if threshold is not None and np.isfinite(threshold) and threshold > 0:
-        v = m / (2.0 * threshold)
-    else:
-        lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
-        v = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    rgb = colormaps["jet"](np.clip(np.nan_to_num(v), 0.0, 1.0), bytes=True)[..., :3]
-    return np.ascontiguousarray(rgb)
+from insightad.render.colormap import MapScale, colorize
 
 
 def heatmap_names(paths: Sequence[Path]) -> list[str]:
@@ -43,10 +30,10 @@ def heatmap_names(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], threshold: float | None,
+def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], scale: MapScale,
                    out_dir: str | Path) -> list[Path | None]:
     """Write one PNG per map (atomically) at the image's own resolution; returns the paths written."""
-    from insightad.model_file import atomic_write
+    from insightad.io import atomic_write
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -58,7 +45,7 @@ def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], thr
             written.append(None)
             continue
         target = out_dir / name
-        img = Image.fromarray(heatmap_rgb(m, threshold))
-        atomic_write(target, lambda tmp, img=img: img.save(tmp, format="PNG"))
+        img = Image.fromarray(colorize(m, scale))
+        atomic_write(target, lambda tmp, img=img: img.save(tmp, format="PNG", pnginfo=scale.png_info()))
         written.append(target)
     return written

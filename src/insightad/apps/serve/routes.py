@@ -1,0 +1,114 @@
+"""The HTTP routes: ``POST /infer`` (JSON ``{"image": base64}`` or a multipart ``file``), ``POST /infer/batch``,
+``GET /health``, ``GET /model``, ``GET /metrics``. Each only parses the request and hands it to the
+scoring service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from insightad.apps.serve.schemas import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    Health,
+    InferRequest,
+    InferResponse,
+    ModelInfo,
+)
+from insightad.apps.serve.service import TRUE_WORDS, ScoringService
+from insightad.errors import InsightADError
+
+ERRORS_DOC: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "bad base64, not an image, truncated image, too many pixels"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)"},
+    413: {"model": ErrorResponse, "description": "request body over the size limit"},
+    422: {"model": ErrorResponse, "description": "invalid JSON or a missing field"},
+    503: {"model": ErrorResponse, "description": "inference queue full (retry later) or shutting down"},
+}
+
+
+def _parse_json(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
+
+
+def _json_body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": model.model_json_schema()}}
+    if multipart:
+        content["multipart/form-data"] = {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary", "description": "an image file"},
+                           "heatmap": {"type": "boolean", "default": False}}}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+async def read_upload(request: Request) -> tuple[bytes, bool]:
+    form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+    try:
+        upload = form.get("file")
+        if upload is None:
+            raise RequestValidationError([{"loc": ("body", "file"), "msg": "Field required", "type": "missing"}])
+        if not isinstance(upload, UploadFile):
+            raise RequestValidationError([{"loc": ("body", "file"), "type": "file_expected",
+                                           "msg": "expected a file upload (multipart field 'file' with a filename)"}])
+        data = await upload.read()
+        if not data:
+            raise InsightADError(f"file: the uploaded file {upload.filename!r} is empty")
+        want = str(form.get("heatmap", "false")).strip().lower() in TRUE_WORDS
+        return data, want
+    finally:
+        await form.close()
+
+
+def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> None:
+    """Register every route of the API on ``app``."""
+    @app.post("/infer", response_model=InferResponse, response_model_exclude_none=True, dependencies=protected,
+              responses=ERRORS_DOC, openapi_extra=_json_body_doc(InferRequest, multipart=True),
+              summary="Score one image (JSON with base64, or a multipart upload in field 'file')")
+    async def infer(request: Request) -> Any:
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            data, want = await read_upload(request)
+            return (await service.score([("file", data)], want))[0]
+        req = await service.off_loop(_parse_json, InferRequest, await request.body())
+        return (await service.score([("image", req.image)], req.heatmap))[0]
+
+    @app.post("/infer/batch", response_model=BatchResponse, response_model_exclude_none=True,
+              dependencies=protected, responses=ERRORS_DOC, openapi_extra=_json_body_doc(BatchRequest, multipart=False),
+              summary="Score several images; results in the same order")
+    async def infer_batch(request: Request) -> Any:
+        req = await service.off_loop(_parse_json, BatchRequest, await request.body())
+        if len(req.images) > service.settings.max_images:
+            raise HTTPException(413, f"images: at most {service.settings.max_images} images per request (--max-images), "
+                                     f"got {len(req.images)}")
+        items = [(f"images[{i}]", s) for i, s in enumerate(req.images)]
+        return {"results": await service.score(items, req.heatmap)}
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}},
+             summary="Liveness and readiness: 200 when the model is loaded and the worker runs")
+    async def health() -> Any:
+        worker = service.worker
+        ok = bool(app.state.ready) and worker.alive
+        body = {"status": "ok" if ok else "unavailable", "model_loaded": service.det.is_fitted,
+                "worker_alive": worker.alive, "queue_depth": worker.pending}
+        return body if ok else JSONResponse(body, status_code=503)
+
+    @app.get("/model", response_model=ModelInfo, dependencies=protected,
+             summary="The served model: method, backbone, threshold, preprocessing, versions")
+    async def model_info() -> Any:
+        return service.info
+
+    @app.get("/metrics", dependencies=protected, response_class=Response,
+             summary="Prometheus metrics (text exposition format)")
+    async def prometheus() -> Response:
+        body, ctype = service.metrics.exposition()
+        return Response(body, media_type=ctype)
+

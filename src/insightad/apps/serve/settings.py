@@ -1,0 +1,35 @@
+"""The server's settings (CLI flags of insightad serve, config-file keys)."""
+
+from __future__ import annotations
+
+from insightad.config import param, params
+
+
+@params
+class ServeParams:
+    """HTTP inference server: where it listens, what it accepts, how it batches and sheds load."""
+
+    host: str = param("127.0.0.1", "address to listen on (0.0.0.0 opens the server to the network)")
+    port: int = param(8080, "TCP port", minimum=0, maximum=65535)
+    max_body_mb: float = param(20.0, "largest request body in MB; bigger requests get 413 before "
+                               "they are read whole", minimum=0.0, exclusive_min=True)
+    max_pixels: int = param(40_000_000, "largest decoded image in pixels (width x height); bigger "
+                            "images (decompression bombs) get 400", minimum=1)
+    max_batch: int = param(8, "most images in one forward pass (micro-batch of concurrent requests)",
+                           minimum=1)
+    batch_wait_ms: float = param(2.0, "how long the inference worker waits for more requests to join "
+                                 "a micro-batch", minimum=0.0, maximum=1000.0)
+    queue_size: int = param(64, "requests admitted and waiting for inference; when full, new requests "
+                            "get 503", minimum=1)
+    max_images: int = param(32, "most images in one POST /infer/batch request", minimum=1)
+    timeout_s: float = param(60.0, "a request waiting longer than this for inference gets 503",
+                             minimum=0.0, exclusive_min=True)
+    api_key: str | None = param(None, "require this key in X-API-Key or 'Authorization: Bearer'; unset: "
+                                "the INSIGHTAD_API_KEY environment variable if set, else no key")
+    engine: str = param("auto", "inference engine (auto: ONNX Runtime on CPU when installed, else PyTorch)",
+                        choices=("auto", "torch", "onnx"))
+    device: str = param("cpu", "cpu, cuda or auto")
+    threads: int = param(0, "PyTorch CPU threads for inference (0: PyTorch's default)", minimum=0)
+    decode_threads: int = param(0, "threads that parse and decode request images (0: one per CPU core, "
+                                "at most 4)", minimum=0)
+    access_log: bool = param(True, "log one line per request")

@@ -1,0 +1,159 @@
+"""Files, written so that nothing is ever half-written or lost, and the one folder walker.
+
+- ``atomic_write``: write to a hidden temporary name beside the target, fsync the file, rename, fsync
+  the folder: a reader (or a machine that lost power) sees the old file or the new one, never half.
+  Temporaries of our own naming left by a killed writer are removed on the next write.
+- ``durable_copy``: the same for copying a file.
+- ``iter_images`` / ``list_images``: every image file under a folder, sorted, regular files only
+  (a FIFO named ``x.png`` would block a reader forever), hidden files and folders skipped.
+- ``folder_lock``: an exclusive lock on a folder that two processes could share (sort, batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from insightad.errors import InsightADError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+TMP_SUFFIX = ".insightad-tmp"
+STALE_TMP_SECONDS = 3600.0  # a temporary older than this belongs to no live writer
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by extension, not a mask (``*_mask.*``) and not hidden."""
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+            and not path.stem.endswith("_mask"))
+
+
+def is_regular_file(path: Path) -> bool:
+    """True for a regular file (following links); False for folders, FIFOs, sockets, devices, missing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def iter_images(root: str | Path, skip_dirs: Iterable[str] = ()) -> Iterator[Path]:
+    """Image files under ``root``, folder by folder in sorted order; hidden entries and folders named in
+    ``skip_dirs`` (compared lower-case) are skipped; only regular files are yielded."""
+    skip = {d.lower() for d in skip_dirs}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in skip)
+        for name in sorted(filenames):
+            p = here / name
+            if is_image_file(p) and is_regular_file(p):
+                yield p
+
+
+def list_images(root: str | Path, skip_dirs: Iterable[str] = ()) -> list[Path]:
+    """``iter_images`` as one sorted list (the order dataset splits are drawn in)."""
+    return sorted(iter_images(root, skip_dirs))
+
+
+# ------------------------------------------------------------------------------- durable writes
+def fsync_file(f: IO[Any]) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (best effort where the OS does not allow it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _clean_stale_temporaries(folder: Path, name: str) -> None:
+    """Remove our own temporaries for ``name`` left behind by a writer that was killed."""
+    now = time.time()
+    try:
+        for p in folder.glob(f".{name}.*{TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > STALE_TMP_SECONDS:
+                    p.unlink()
+    except OSError:
+        pass
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp_path)``, fsync it, rename it over ``path`` and fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temporaries(path.parent, path.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def durable_copy(src: str | Path, dest: str | Path) -> None:
+    """Copy ``src`` to ``dest`` through a temporary name: ``dest`` is whole or absent."""
+    dest = Path(dest)
+
+    def write(tmp: Path) -> None:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 20)
+        shutil.copystat(src, tmp)
+
+    atomic_write(dest, write)
+
+
+# --------------------------------------------------------------------------------------- locks
+LOCK_NAME = ".insightad.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (a lock file inside it) for the duration; a second holder
+    is refused at once with one line naming the folder. Released when the process ends, however."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    f = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InsightADError(f"{folder}: another {what} is already writing to this folder; wait for it "
+                                 "to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield lock
+    finally:
+        f.close()

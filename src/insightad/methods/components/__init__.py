@@ -1,0 +1,1 @@
+"""Pieces several methods share: nearest neighbours, coreset selection, maps, patch Gaussians, pooling."""

@@ -1,0 +1,106 @@
+"""The Detector contract, checked for every registered method the moment it registers.
+
+scikit-learn's conventions (fit returns self, learned state ends in ``_``, ``clone`` works,
+``get_params``/``set_params``), higher score = more anomalous on a synthetic defect, a model-file
+round trip that scores identically, and PyTorch vs ONNX Runtime within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from insightad.data.synthetic import make_image
+from insightad.methods import list_methods
+from insightad.methods.registry import get_method
+
+SIZE = 64
+# Settings that keep each built-in method fast on 2 cores; a new method runs with its defaults at SIZE.
+FAST: dict[str, dict] = {
+    "baseline": {},
+    "padim": {"n_features": 16},
+    "patchcore": {"coreset_ratio": 0.2},
+    "svdd": {"epochs": 15, "patience": 0, "val_fraction": 0.0},
+    "autoencoder": {"epochs": 10, "batch_size": 8, "lr": 3e-3, "val_fraction": 0.0, "patience": 0, "latent": 16},
+}
+BUILT_IN = sorted(FAST)
+
+
+def _params(method: str) -> dict:
+    return {"image_size": SIZE, "device": "cpu", "workers": 0, **FAST.get(method, {})}
+
+
+@pytest.fixture(scope="module")
+def images():
+    train = [make_image("plate", size=SIZE, seed=i)[0] for i in range(16)]
+    normal = [make_image("plate", size=SIZE, seed=100 + i)[0] for i in range(4)]
+    defective = [make_image("plate", "blob", size=SIZE, seed=200 + i)[0] for i in range(4)]
+    return train, normal, defective
+
+
+@pytest.fixture(scope="module", params=BUILT_IN + [m for m in list_methods() if m not in FAST])
+def fitted(request, images):
+    method = request.param
+    det = get_method(method)(**_params(method))
+    return method, det, det.fit(images[0])
+
+
+def test_built_in_methods_are_registered():
+    assert set(BUILT_IN) <= set(list_methods())
+
+
+@pytest.mark.parametrize("method", BUILT_IN)
+def test_constructor_is_explicit_and_clone_works(method):
+    cls = get_method(method)
+    sig = inspect.signature(cls)
+    assert not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())  # no **params hiding the signature
+    assert set(sig.parameters) == set(cls.param_names())
+    det = cls(**_params(method))
+    twin = clone(det)
+    assert type(twin) is cls and twin is not det and twin.get_params() == det.get_params()
+    assert det.get_params(deep=True) == det.get_params(deep=False)
+    assert det.set_params(seed=3) is det and det.seed == 3
+
+
+def test_fit_returns_self_and_learned_state_ends_in_underscore(fitted):
+    method, det, returned = fitted
+    assert returned is det
+    learned = {k for k in vars(det) if k not in det.param_names()}
+    assert learned and all(k.endswith("_") for k in learned), sorted(k for k in learned if not k.endswith("_"))
+    assert np.isfinite(det.threshold_) and det.threshold_strategy_
+    assert len(det.decision_scores_) >= 1
+
+
+def test_higher_score_is_more_anomalous(fitted, images):
+    _, det, _ = fitted
+    _, normal, defective = images
+    s_normal, s_defect = det.predict(normal, maps=False).scores, det.predict(defective, maps=False).scores
+    assert s_defect.mean() > s_normal.mean()
+
+
+def test_model_file_round_trip_scores_identically(fitted, images, tmp_path):
+    from insightad.model_file import load_model, save_model
+
+    _, det, _ = fitted
+    path = save_model(det, tmp_path / "m.safetensors")
+    again = load_model(path)
+    test = images[1] + images[2]
+    np.testing.assert_array_equal(det.predict(test, maps=False).scores, again.predict(test, maps=False).scores)
+    assert again.threshold_ == det.threshold_ and again.get_params() == {**det.get_params(), "device": "cpu"}
+
+
+def test_torch_and_onnx_engines_agree(fitted, images, tmp_path):
+    from insightad.inference.load import load_for_inference
+    from insightad.model_file import save_model
+
+    _, det, _ = fitted
+    if det.onnx_unsupported:
+        pytest.skip(f"{det.method} declares it cannot be exported: {det.onnx_unsupported}")
+    path = save_model(det, tmp_path / "m.safetensors")
+    test = images[1] + images[2]
+    ref = load_for_inference(path, engine="torch").predict(test, maps=False).scores
+    got = load_for_inference(path, engine="onnx").predict(test, maps=False).scores
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
