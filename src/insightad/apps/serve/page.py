@@ -62,7 +62,7 @@ def mount_page(app: FastAPI, det: Any, scale: MapScale | None, protected: list[D
 
     @app.get("/colorbar.png", dependencies=protected, response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 404: {"description": "the method gives no maps"}},
-             summary="The colour bar of heatmap_style 'color' heatmaps, labelled with raw map values")
+             summary="The colour bar of /infer's heatmaps, labelled with raw map values")
     async def colorbar_image() -> Response:
         if bar is None:
             return Response('{"detail": "this model gives no anomaly maps, so no colour bar"}', status_code=404,
