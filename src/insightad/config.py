@@ -120,6 +120,22 @@ class DataParams:
     seed: int = param(0, "random seed (hold-out split, sampling, initialisation)")
 
 
+@dataclass
+class DecisionParams:
+    """How the default threshold is chosen right after training (out-of-fold normals, synthetic defects)."""
+
+    threshold_strategy: str = param("fpr", "fpr: lowest threshold with estimated false-alarm rate <= "
+                                    "--max-false-alarms; f1-synthetic: best F1 vs synthetic defects; "
+                                    "percentile: the method's --threshold-percentile of out-of-fold normal scores",
+                                    choices=("fpr", "f1-synthetic", "percentile"))
+    max_false_alarms: float = param(0.02, "false-alarm rate the default threshold allows (strategy fpr)",
+                                    minimum=0.0, maximum=0.5, exclusive_min=True)
+    folds: int = param(5, "folds of the out-of-fold validation over the training normals", minimum=2)
+    candidates: list[str] = param(["baseline", "padim", "patchcore"], "methods --method auto compares")
+    time_budget: float = param(300.0, "seconds --method auto may spend fitting candidates (the one running "
+                               "when it runs out finishes)", minimum=0.0, exclusive_min=True)
+
+
 # ----------------------------------------------------------------------------------- training
 OPTIMIZERS = ("adam", "adamw", "sgd")
 

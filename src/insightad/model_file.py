@@ -40,6 +40,7 @@ def metadata(det: Detector) -> dict[str, Any]:
         "threshold": {"value": det.threshold_, "strategy": det.threshold_strategy_,
                       "details": getattr(det, "threshold_info_", {})},
         "split": getattr(det, "split_", None),
+        "selection": getattr(det, "selection_", None),  # --method auto: the candidates' table
         "training": {"n_images": getattr(det, "n_train_", None), "fit_seconds": getattr(det, "fit_seconds_", None),
                      "fit_engine": getattr(det, "fit_engine_", None)},
         "state": det.state_metadata(),
@@ -117,6 +118,8 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     thr = meta["threshold"]
     det.set_threshold(thr["value"], thr["strategy"], **(thr.get("details") or {}))
     det.split_ = meta.get("split")
+    if meta.get("selection"):
+        det.selection_ = meta["selection"]
     det.n_train_ = (meta.get("training") or {}).get("n_images")
     det.model_path_ = str(path)
     det.metadata_ = meta

@@ -109,3 +109,36 @@ def apply(det: Detector, model_path: str | Path, cal: Calibration) -> None:
 
     update_metadata(model_path, threshold=cal.threshold_record())
     det.set_threshold(cal.choice.value, cal.choice.strategy, **cal.choice.details)
+
+
+def labels_record(det: Detector, lf: Any, scores: np.ndarray, strategy: str, percentile: float = 95.0
+                  ) -> dict[str, Any]:
+    """The model file's ``threshold`` entry from operator labels (``decide.labels.LabelFile``). It
+    replaces the whole entry, so training-time estimates (``details.decision``) are dropped."""
+    from insightad.decide.decisions import wilson_interval
+
+    labels = np.asarray(lf.labels, bool)
+    choice = choose_threshold(strategy, scores, labels, percentile)
+    normal, anomalous = scores[~labels], scores[labels]
+    fa = int((normal > choice.value).sum())
+    details: dict[str, Any] = dict(choice.details)
+    details.update({
+        "labels": str(lf.source), "labels_form": lf.form, "n_normal": int((~labels).sum()),
+        "n_anomalous": int(labels.sum()),
+        "false_alarm_rate": float(fa / normal.size) if normal.size else None,
+        "false_alarm_interval": list(wilson_interval(fa, normal.size)) if normal.size else None,
+        "recall": float((anomalous > choice.value).mean()) if anomalous.size else None,
+        "scale": robust_scale(normal, choice.value) if normal.size else None,
+        "previous": {"value": getattr(det, "threshold_", None), "strategy": getattr(det, "threshold_strategy_", None)},
+        "calibrated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "warnings": list(choice.warnings),
+    })
+    return {"value": choice.value, "strategy": f"labels_{strategy}", "details": details}
+
+
+def apply_record(det: Detector, model_path: str | Path, record: dict[str, Any]) -> None:
+    """Store a ``threshold`` entry in the model file (rewritten atomically) and in ``det``."""
+    from insightad.model_file import update_metadata
+
+    update_metadata(model_path, threshold=record)
+    det.set_threshold(record["value"], record["strategy"], **record["details"])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from insightad.config import DataParams, TrainLoopParams
+from insightad.config import DataParams, DecisionParams, TrainLoopParams
 from insightad.data.layouts import Dataset, discover, holdout_split
 from insightad.methods import Detector, create_detector, get_method
 from insightad.model_file import save_model
@@ -46,13 +47,28 @@ def split_record(ds: Dataset, train: list, held: list, dp: DataParams) -> dict[s
 
 
 def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
-                out: str | Path | None = None, progress: bool = True) -> tuple[Detector, Path, dict]:
-    """Fit ``method`` on the normal training images of ``data``; returns (detector, model path, split)."""
+                out: str | Path | None = None, progress: bool = True, decision: DecisionParams | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[Detector, Path, dict]:
+    """Fit ``method`` (or ``auto``) on the normal training images of ``data``; returns (detector, model
+    path, split). With ``decision``, the threshold is chosen on out-of-fold normals and synthetic defects
+    (``methods.crossfit``); without it, the method's own default stays."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     out = Path(out or default_model_path(ds.root, method))
-    det = create_detector(method, **with_training_dir(method, params, out))
-    det.fit([s.path for s in train], progress=progress)
+    paths = [s.path for s in train]
+    if method == "auto":
+        from insightad.apps.auto import auto_fit
+
+        det, _ = auto_fit(paths, params, decision or DecisionParams(), seed=dp.seed, progress=progress,
+                          log=log)
+    else:
+        det = create_detector(method, **with_training_dir(method, params, out))
+        det.fit(paths, progress=progress)
+        if decision is not None:
+            from insightad.methods.crossfit import validate_and_decide
+
+            validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms,
+                                decision.folds, dp.seed)
     det.split_ = split_record(ds, train, held, dp)
     path = save_model(det, out)
     return det, path, det.split_

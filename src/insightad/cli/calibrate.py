@@ -30,8 +30,13 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "with the best F1 on labelled normal and defective images; youden: the ROC point with the "
                    "largest TPR - FPR. Training images are refused.")
     add_model_flag(p)
-    add_data_flags(p)
-    p.add_argument("--strategy", default="percentile", choices=STRATEGIES, help="how to choose (default: percentile)")
+    add_data_flags(p, data_required=False)
+    p.add_argument("--labels", metavar="FILE.csv",
+                   help="operator labels instead of --data: columns path,label (images re-scored) or "
+                        "name,label,score,model_sha256 (scores taken as given; refused when the hash is not this "
+                        "model file's); label is normal or anomalous")
+    p.add_argument("--strategy", default=None, choices=STRATEGIES,
+                   help="how to choose (default: percentile; f1 with --labels)")
     p.add_argument("--percentile", type=float, default=95.0, metavar="P",
                    help="percentile of normal scores for --strategy percentile (default: 95)")
     p.add_argument("--out", "--output", dest="out", metavar="FILE.json",
@@ -64,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
     if str(args.model).lower().endswith(".onnx"):
         raise InsightADError(f"{args.model}: calibrate needs the model file (.safetensors), not an ONNX export "
                              "(export again after calibrating)")
+    if bool(args.labels) == bool(args.data):
+        raise InsightADError("calibrate: give either --data (images to score) or --labels FILE.csv, not both or neither")
     det = load_inference_model(args)
+    if args.labels:
+        return run_labels(args, det)
+    args.strategy = args.strategy or "percentile"
     cal = cal_mod.calibrate(det, args.data, data_params(args), args.strategy, args.percentile, args.progress)
     for w in cal.choice.warnings:
         print(f"insightad: warning: {w}", file=sys.stderr)
@@ -94,4 +104,44 @@ def run(args: argparse.Namespace) -> int:
         print(f"stored in {args.model}")
     if args.out:
         print(f"threshold written to {args.out}")
+    return 0
+
+
+def run_labels(args: argparse.Namespace, det) -> int:
+    """``--labels``: the threshold from operator-labelled images (re-scored, or scores as given)."""
+    from insightad.apps import calibrate as cal_mod
+    from insightad.decide.labels import check_model_hash, read_labels
+
+    lf = read_labels(args.labels)
+    check_model_hash(lf, args.model)
+    strategy = args.strategy or "f1"
+    if lf.form == "paths":
+        paths = lf.paths()
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise InsightADError(f"{args.labels}: {len(missing)} listed images not found, e.g. {missing[0]}")
+        scores, _ = cal_mod.score_with_map_max(det, paths, False, progress=args.progress)
+    else:
+        scores = lf.scores
+    record = cal_mod.labels_record(det, lf, scores, strategy, args.percentile)
+    for w in record["details"]["warnings"]:
+        print(f"insightad: warning: {w}", file=sys.stderr)
+    old = (det.threshold_, det.threshold_strategy_)
+    if not args.dry_run:
+        cal_mod.apply_record(det, args.model, record)
+    if args.out:
+        write_threshold_json(Path(args.out), args.model, record)
+    if args.json:
+        print_json({**record, "model": args.model, "written": not args.dry_run, "json": args.out})
+        return 0
+    d = record["details"]
+    how = "re-scored" if lf.form == "paths" else "scores as given"
+    print(f"calibrated on {d['n_normal']} normal and {d['n_anomalous']} anomalous labelled images of {args.labels} "
+          f"({how})")
+    print(f"threshold {record['value']:.6g} ({strategy}); on these images: false alarms {d['false_alarm_rate']:.1%}, "
+          f"recall {d['recall']:.1%}" if d.get("recall") is not None else
+          f"threshold {record['value']:.6g} ({strategy})")
+    print(f"previous threshold {old[0]:.6g} ({old[1]}); estimates made at training time no longer apply and "
+          "were removed")
+    print("dry run: the model file was not changed" if args.dry_run else f"stored in {args.model}")
     return 0

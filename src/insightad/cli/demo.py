@@ -8,16 +8,17 @@ from pathlib import Path
 
 from insightad.cli.common import add_progress_flag, new_parser, print_json, with_config
 
-PREFERRED = ("patchcore", "padim", "baseline")  # the best method this installation has
+DEMO_BUDGET_S = 60.0  # --method auto's fitting budget in the demo (the whole demo stays under 2 minutes)
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "demo", "run the whole pipeline on generated images (no data needed)",
                    "Generate a synthetic MVTec-style dataset (objects with scratches, blobs, cracks and "
-                   "missing pieces), train the best available method on its good images, evaluate on "
+                   "missing pieces), train with --method auto on its good images, evaluate on "
                    "its test images, and write example images.")
     p.add_argument("--out", default="insightad-demo", metavar="DIR", help="folder for data, model and examples")
-    p.add_argument("--method", "--mode", dest="method", default=None, help="method (default: best available)")
+    p.add_argument("--method", "--mode", dest="method", default="auto",
+                   help="method (default: auto, the best of baseline, padim and patchcore on synthetic defects)")
     p.add_argument("--kind", default="disc", help="synthetic product: disc, plate, arrow, grid, stripes, weave")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated data")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -25,32 +26,34 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "demo"), _argv=argv)
 
 
-def pick_method(requested: str | None) -> str:
-    from insightad.methods import list_methods
-
-    if requested:
-        return requested
-    return next(m for m in PREFERRED if m in list_methods())
-
-
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.train import train_model
     from insightad.cli.evaluate import format_table
-    from insightad.config import DataParams
+    from insightad.config import DataParams, DecisionParams
     from insightad.data.synthetic import write_dataset
     from insightad.evaluate.examples import write_examples
     from insightad.evaluate.run import evaluate_model
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    method = pick_method(args.method)
+    method = args.method
     data = write_dataset(out / "data", kind=args.kind, layout="mvtec", n_train=60, n_test_good=16,
                          n_per_defect=6, size=128, seed=args.seed)
     print(f"[1/4] generated a synthetic '{args.kind}' dataset in {data}")
     params = {"image_size": 128}
     det, model_path, _ = train_model(data, method, params, DataParams(seed=args.seed), out / f"demo-{method}.safetensors",
-                                     progress=args.progress)
+                                     progress=args.progress, decision=DecisionParams(time_budget=DEMO_BUDGET_S))
+    if getattr(det, "selection_", None):
+        from insightad.apps.auto import format_table as auto_table
+
+        print(auto_table(det.selection_["candidates"], det.selection_["chosen"]))
+    method = det.method
+    rec = det.threshold_info_.get("decision")
     print(f"[2/4] trained {method} on 60 good images in {det.fit_seconds_:.1f} s -> {model_path}")
+    if rec:
+        from insightad.decide.decisions import DecisionRecord
+
+        print(f"      {DecisionRecord.from_dict(rec).summary()}")
     ev = evaluate_model(det, data, DataParams(), progress=args.progress)
     print("[3/4] evaluated on the test images:")
     print(format_table(ev.metrics))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from insightad import config
 from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, with_config
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
 
@@ -33,7 +34,7 @@ def _method_from(argv: list[str]) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
-    from insightad.apps.train import params_class
+    from insightad.apps.train import BACKBONE_METHODS, params_class
 
     method = _method_from(argv)
     p = new_parser(sub, "train", "fit a detector on normal images and write its model file",
@@ -43,14 +44,22 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "backbone instead and writes a backbone file for '--backbone ssl:PATH'. Method-specific "
                    "flags are listed by 'insightad train --method NAME --help'.")
     p.add_argument("--method", "--mode", dest="method", default="baseline",
-                   choices=method_names(),
-                   help="detection method, or ssl to train a backbone")
+                   choices=method_names() + ["auto"],
+                   help="detection method; auto: fit --candidates within --time-budget and keep the best on "
+                        "synthetic defects; ssl: train a backbone")
     add_data_flags(p)
     p.add_argument("--out", "--output", dest="out", metavar="MODEL",
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
+    p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
+                   "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
     add_progress_flag(p)
     if method in method_names():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
+    elif method == "auto":
+        add_dataclass_args(p, config.DetectorParams, title="hyper-parameters shared by the candidates")
+    if method not in BACKBONE_METHODS:
+        skip = () if method == "auto" else ("candidates", "time_budget")
+        add_dataclass_args(p, config.DecisionParams, skip=skip, title="the default threshold")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train"), _argv=argv)
 
 
@@ -59,17 +68,50 @@ def run(args: argparse.Namespace) -> int:
 
     if args.method in BACKBONE_METHODS:
         return run_backbone(args)
-    params = gather(args, params_class(args.method))
-    det, path, split = train_model(args.data, args.method, vars(params), data_params(args), args.out, args.progress)
+    if args.method == "auto":
+        given = {k: v for k, v in vars(gather(args, config.DetectorParams)).items()
+                 if k in vars(args)}  # only what the user typed: each candidate keeps its own defaults
+    else:
+        given = vars(gather(args, params_class(args.method)))
+    decision = gather(args, config.DecisionParams)
+    det, path, split = train_model(args.data, args.method, given, data_params(args), args.out, args.progress,
+                                   decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True))
     held = f", {len(split['holdout'])} normal images held out" if split["holdout"] else ""
-    print(f"trained {args.method} on {len(split['train'])} normal images of {split['root']} "
+    print(f"trained {det.method} on {len(split['train'])} normal images of {split['root']} "
           f"({split['layout']} layout{held}) in {det.fit_seconds_:.1f} s")
+    if getattr(det, "selection_", None):
+        from insightad.apps.auto import format_table
+
+        print(format_table(det.selection_["candidates"], det.selection_["chosen"]))
+        print(f"auto chose {det.selection_['chosen']} (best AUROC on synthetic defects vs out-of-fold normals)")
     if getattr(det, "training_", None) is not None:
         _print_training(det.training_)
     print(f"default threshold {det.threshold_:.6g} ({det.threshold_strategy_})")
+    _print_decision(det)
+    if getattr(args, "report", None):
+        from insightad.apps.train_report import write_train_report
+
+        write_train_report(det, args.report)
+        print(f"train report written to {args.report}/report.md")
     print(f"model written to {path}")
     sys.stdout.flush()
     return 0
+
+
+def _print_decision(det) -> None:
+    """The expected false-alarm rate and synthetic recall at the threshold, and warnings about them."""
+    from insightad.decide.decisions import DecisionRecord
+
+    rec = (getattr(det, "threshold_info_", None) or {}).get("decision")
+    if not rec:
+        return
+    r = DecisionRecord.from_dict(rec)
+    print(f"{r.summary()} (validation: {r.validation}, {r.n_normal} normals, {r.n_synthetic} synthetic defects)")
+    if r.recall_by_kind:
+        print("recall per synthetic defect kind: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r.recall_by_kind.items()))
+    sys.stdout.flush()
+    for w in r.warnings:
+        print(f"insightad: warning: {w}", file=sys.stderr)
 
 
 def _print_training(result) -> None:

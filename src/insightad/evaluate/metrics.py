@@ -23,4 +23,23 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
         "n_normal": int((~labels).sum()),
         "n_anomalous": int(labels.sum()),
     }
+    out.update(decision_gap(labels, scores, threshold))
+    return out
+
+
+def decision_gap(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | list[float] | None]:
+    """The best F1 any threshold reaches here (as anomalib reports it) and where, next to the false-alarm
+    rate of ``threshold`` on these normals with its Wilson 95% interval: how far the default decision
+    is from the best possible one."""
+    from insightad.decide.decisions import wilson_interval
+    from insightad.decide.thresholds import f1_threshold
+
+    normal = scores[~labels]
+    out: dict[str, float | list[float] | None] = {"f1_max": None, "threshold_f1_max": None}
+    if labels.any() and (~labels).any():
+        best = f1_threshold(labels, scores)
+        out["f1_max"], out["threshold_f1_max"] = float(best.details["f1"]), float(best.value)
+    false_alarms = int((normal > threshold).sum())
+    out["false_alarm_rate"] = float(false_alarms / normal.size) if normal.size else None
+    out["false_alarm_interval"] = list(wilson_interval(false_alarms, normal.size)) if normal.size else None
     return out

@@ -252,9 +252,13 @@ def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: flo
         out.append(f"- **note**: the threshold was chosen on {t['calibrated_on_these_images']} of these images, so "
                    "accuracy, precision, recall and F1 are optimistic")
     out += ["", "## Image level", "", "| metric | value |", "| --- | ---: |"]
-    for k in ("image_auroc", "average_precision", "accuracy", "precision", "recall", "f1"):
+    for k in ("image_auroc", "average_precision", "accuracy", "precision", "recall", "f1", "f1_max",
+              "threshold_f1_max", "false_alarm_rate"):
         if m.get(k) is not None:
             out.append(f"| {k} | {m[k]:.4f} |")
+    if m.get("f1_max") is not None and m.get("f1") is not None:
+        out += ["", f"F1 at the model's threshold {m['f1']:.4f} vs. {m['f1_max']:.4f} at the best threshold for "
+                f"these images ({m['threshold_f1_max']:.6g}): the gap is what a better-placed threshold could gain."]
     b, u = report["balanced"], report["unbalanced"]
     if b["available"]:
         out += ["", f"## Balanced and unbalanced (mean ± std over {b['draws']} seeded draws)", "",

@@ -1,0 +1,107 @@
+"""Operator labels for ``calibrate --labels FILE.csv``: read and check the file (numpy / stdlib only).
+
+Two forms, told apart by their header:
+
+- ``path,label``: images to score (a relative path is relative to the CSV's folder);
+- ``name,label,score,model_sha256``: scores taken as given (e.g. exported by the web page), accepted
+  only when ``model_sha256`` is the SHA-256 of the model file being calibrated.
+
+``label`` is ``normal`` or ``anomalous``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from insightad.errors import InsightADError
+
+LABELS = {"normal": False, "anomalous": True}
+PATH_FORM = ("path", "label")
+SCORE_FORM = ("name", "label", "score", "model_sha256")
+
+
+@dataclass
+class LabelFile:
+    """What a labels file says: names (paths or given names), labels (True = anomalous), scores if given."""
+
+    source: Path
+    form: str  # "paths" or "scores"
+    names: list[str]
+    labels: np.ndarray
+    scores: np.ndarray | None = None
+    model_sha256: str | None = None
+
+    def paths(self) -> list[Path]:
+        base = self.source.parent
+        return [Path(n) if Path(n).is_absolute() else base / n for n in self.names]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_labels(path: str | Path) -> LabelFile:
+    """Parse and check a labels CSV; every problem is one line naming the file, row and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InsightADError(f"{path}: labels file not found")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = tuple(h.strip().lower() for h in (reader.fieldnames or ()))
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InsightADError(f"{path}: not a readable CSV file ({e})") from None
+    if set(SCORE_FORM) <= set(header):
+        form = "scores"
+    elif set(PATH_FORM) <= set(header):
+        form = "paths"
+    else:
+        raise InsightADError(f"{path}: expected the columns {','.join(PATH_FORM)} or {','.join(SCORE_FORM)}, "
+                             f"got {','.join(header) or 'none'}")
+    if not rows:
+        raise InsightADError(f"{path}: no labelled rows")
+    names, labels, scores, hashes = [], [], [], set()
+    for i, r in enumerate(rows, start=2):  # row 1 is the header
+        lab = r.get("label", "").lower()
+        if lab not in LABELS:
+            raise InsightADError(f"{path}: row {i}: label expected normal or anomalous, got {r.get('label')!r}")
+        key = "name" if form == "scores" else "path"
+        if not r.get(key):
+            raise InsightADError(f"{path}: row {i}: empty {key}")
+        names.append(r[key])
+        labels.append(LABELS[lab])
+        if form == "scores":
+            try:
+                s = float(r["score"])
+            except ValueError:
+                s = math.nan
+            if not math.isfinite(s):
+                raise InsightADError(f"{path}: row {i}: score expected a finite number, got {r['score']!r}")
+            scores.append(s)
+            hashes.add(r.get("model_sha256", "").lower())
+    if len(hashes) > 1:
+        raise InsightADError(f"{path}: rows name {len(hashes)} different model_sha256 values; scores from one model only")
+    return LabelFile(path, form, names, np.array(labels, bool), np.array(scores) if form == "scores" else None,
+                     hashes.pop() if hashes else None)
+
+
+def check_model_hash(labels: LabelFile, model_path: str | Path) -> None:
+    """Refuse given scores computed by another model (another file, or this one since re-trained)."""
+    if labels.form != "scores":
+        return
+    actual = file_sha256(model_path)
+    if labels.model_sha256 != actual:
+        raise InsightADError(f"{labels.source}: model_sha256 {labels.model_sha256[:12] or '(empty)'}... is not the "
+                             f"SHA-256 of {model_path} ({actual[:12]}...): these scores came from another model; "
+                             "re-score the images (columns path,label) or use the matching model file")

@@ -1,0 +1,286 @@
+"""Out-of-fold validation: every validation normal (and the synthetic defect made on it) is scored
+by a model that never saw that normal.
+
+Schemes, by method:
+
+- ``padim`` (random or no channel reduction): exact k-fold cross-fitting from its additive
+  statistics. The per-position sums of all training images are accumulated once; each fold's
+  model is those sums minus the fold's own, which is exactly the model fitted without the fold.
+  Cost: two extra backbone passes over the training images, no refit.
+- ``baseline``: exact k-fold too: pooled embeddings are computed once; each fold's model is the
+  kNN bank (or the Gaussian) of the other folds' embeddings. Cost: one extra backbone pass.
+- every other method (``patchcore``, and the trained ``svdd`` and ``autoencoder``): one held-out
+  fold (1/k of the images); the method is refitted once on the other folds. Train time grows by
+  under 2x instead of k x, and the validation set is the fold (its size is stated and warned about).
+
+The final model is always fitted on all training normals (by the caller): validation models
+are thrown away.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from insightad.data.defects import DEFECT_KINDS, SyntheticDefect, make_defects
+from insightad.decide.decisions import DEFAULT_MAX_FALSE_ALARMS, DecisionRecord, decide
+from insightad.decide.normalize import robust_scale
+from insightad.errors import InsightADError
+from insightad.methods.base import Detector
+from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
+
+DEFAULT_FOLDS = 5
+REFIT_ALL_FOLDS: tuple[str, ...] = ()  # methods whose k-fold refit is cheap enough to do for every fold
+MIN_VALIDATION_NORMALS = 20
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold scores of validation normals and of one synthetic defect per validation normal."""
+
+    scheme: str
+    normal_index: np.ndarray  # which training images were validation normals
+    normal_scores: np.ndarray
+    defects: list[SyntheticDefect] = field(default_factory=list)
+    defect_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+    defect_maps: list[np.ndarray] | None = None  # at model size; None for image-level methods
+    normal_map_max: np.ndarray | None = None
+    seconds: float = 0.0
+
+    @property
+    def defect_kinds(self) -> list[str]:
+        return [d.kind for d in self.defects]
+
+
+def fold_ids(n: int, k: int, seed: int) -> np.ndarray:
+    """A fold number per image: a seeded permutation cut into ``k`` near-equal folds."""
+    if n < 2:
+        raise InsightADError(f"validation: out-of-fold scores need at least 2 training images, got {n}")
+    k = max(2, min(int(k), n))
+    out = np.empty(n, dtype=np.int64)
+    out[np.random.default_rng([int(seed), 13]).permutation(n)] = np.arange(n) % k
+    return out
+
+
+def clone_unfitted(det: Detector) -> Detector:
+    """A fresh detector with the same hyper-parameters, except that a trained method's validation
+    model neither writes into nor resumes from the final model's checkpoint folder (that checkpoint
+    saw the held-out fold)."""
+    params = det.get_params()
+    for key, off in (("checkpoint_dir", None), ("resume", False)):
+        if key in params:
+            params[key] = off
+    return type(det)(**params)
+
+
+def at_model_size(det: Detector, images: Sequence) -> list[np.ndarray]:
+    """Images decoded and resized exactly as the detector's preprocessing does, as uint8 (H, W[, C])."""
+    out = []
+    for src in images:
+        t, _ = det.preprocessing_.load(getattr(src, "path", src))
+        a = t.numpy().transpose(1, 2, 0)
+        out.append(a[..., 0] if a.shape[2] == 1 else a)
+    return out
+
+
+def scheme_for(det: Detector) -> str:
+    if (det.method == "padim" and getattr(det, "reduction", "random") != "pca") or det.method == "baseline":
+        return "kfold-exact"
+    return "kfold-refit" if det.method in REFIT_ALL_FOLDS else "heldout-fold"
+
+
+def out_of_fold(det: Detector, images: Sequence, k: int = DEFAULT_FOLDS, seed: int = 0, synthetic: bool = True,
+                kinds: Sequence[str] = DEFECT_KINDS, scheme: str | None = None) -> OutOfFold:
+    """Out-of-fold scores for ``images`` (the training normals) with ``det``'s hyper-parameters.
+
+    ``det`` is the final model, already fitted on all ``images`` (kfold-exact reads its projection
+    and backbone); it is not changed.
+    """
+    t0 = time.perf_counter()
+    folds = fold_ids(len(images), k, seed)
+    scheme = scheme or scheme_for(det)
+    if scheme == "kfold-exact" and det.method in ("padim", "baseline"):
+        exact = _padim_exact if det.method == "padim" else _baseline_exact
+        res = exact(det, images, folds, seed, synthetic, kinds)
+    elif scheme in ("kfold-refit", "heldout-fold"):
+        fitted = sorted(set(folds.tolist())) if scheme == "kfold-refit" else [0]
+        res = _refit(det, images, folds, fitted, seed, synthetic, kinds)
+    else:
+        raise InsightADError(f"validation scheme: expected kfold-exact, kfold-refit or heldout-fold, got {scheme!r}")
+    res.scheme = f"{scheme} (k={int(folds.max()) + 1})"
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _defects_for(arrays: list[np.ndarray], index: np.ndarray, seed: int, synthetic: bool,
+                 kinds: Sequence[str]) -> list[SyntheticDefect]:
+    if not synthetic or len(arrays) < 1:
+        return []
+    made = make_defects(arrays, seed=seed, kinds=kinds)
+    return [SyntheticDefect(d.image, d.mask, d.kind, int(index[d.source])) for d in made]
+
+
+def _collect(scheme: str, n_index: list[np.ndarray], n_scores: list[np.ndarray], n_max: list[np.ndarray],
+             defects: list[SyntheticDefect], d_scores: list[np.ndarray], d_maps: list[np.ndarray] | None) -> OutOfFold:
+    idx = np.concatenate(n_index)
+    order = np.argsort(idx, kind="stable")
+    return OutOfFold(scheme, idx[order], np.concatenate(n_scores)[order], defects,
+                     np.concatenate(d_scores) if d_scores else np.empty(0), d_maps,
+                     np.concatenate(n_max)[order] if n_max else None)
+
+
+def _refit(det: Detector, images: Sequence, folds: np.ndarray, fitted: list[int], seed: int, synthetic: bool,
+           kinds: Sequence[str]) -> OutOfFold:
+    n_index, n_scores, n_max, d_scores = [], [], [], []
+    defects: list[SyntheticDefect] = []
+    d_maps: list[np.ndarray] | None = [] if det.has_maps else None
+    for f in fitted:
+        held = np.flatnonzero(folds == f)
+        rest = [images[i] for i in np.flatnonzero(folds != f)]
+        fold_det = clone_unfitted(det).fit(rest)
+        arrays = at_model_size(fold_det, [images[i] for i in held])
+        made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
+        pred = fold_det.predict(arrays + [d.image for d in made], maps=det.has_maps)
+        n_index.append(held)
+        n_scores.append(pred.scores[:len(held)])
+        d_scores.append(pred.scores[len(held):])
+        if pred.maps is not None:
+            n_max.append(np.array([float(np.max(m)) for m in pred.maps[:len(held)]]))
+            if d_maps is not None:
+                d_maps.extend(pred.maps[len(held):])
+        defects.extend(made)
+    return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
+
+
+# ------------------------------------------------------------------------------ baseline, exact
+def _embeddings(det: Detector, sources: Sequence) -> torch.Tensor:
+    dev = getattr(det, "device_", torch.device("cpu"))
+    out = []
+    with torch.inference_mode():
+        for batch in det._batches(list(sources), False, "baseline: validation"):
+            out.append(det.model_.embed(batch.images.to(dev)).float().cpu())
+    return torch.cat(out)
+
+
+def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,
+                    kinds: Sequence[str]) -> OutOfFold:
+    from insightad.methods.baseline import fit_gaussian, knn_distance
+
+    det._check_fitted()
+    n_index, n_scores, d_scores = [], [], []
+    defects: list[SyntheticDefect] = []
+    per_fold = []
+    for f in sorted(set(folds.tolist())):
+        held = np.flatnonzero(folds == f)
+        arrays = at_model_size(det, [images[i] for i in held])
+        made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
+        per_fold.append((held, made, _embeddings(det, arrays + [d.image for d in made])))
+    emb = torch.empty(len(images), per_fold[0][2].shape[1])
+    for held, _made, e in per_fold:
+        emb[torch.as_tensor(held)] = e[:len(held)]
+    for held, made, e in per_fold:
+        rest = emb[torch.as_tensor(np.setdiff1d(np.arange(len(images)), held))]
+        if det.scorer == "knn":
+            s = knn_distance(e, rest, min(det.k, rest.shape[0]))
+        else:
+            mean, prec = fit_gaussian(rest)
+            d = e - mean
+            s = ((d @ prec) * d).sum(1).clamp_min(0.0).sqrt()
+        s = s.double().numpy()
+        n_index.append(held)
+        n_scores.append(s[:len(held)])
+        d_scores.append(s[len(held):])
+        defects.extend(made)
+    return _collect("", n_index, n_scores, [], defects, d_scores, None)
+
+
+# ------------------------------------------------------------------------------ PaDiM, exact
+def _minus(total: PatchGaussianAccumulator, part: PatchGaussianAccumulator) -> PatchGaussianAccumulator:
+    """The statistics of the images in ``total`` but not in ``part`` (both summed around one shift)."""
+    rest = PatchGaussianAccumulator(total.positions, total.dim)
+    rest.n = total.n - part.n
+    rest.shift = total.shift
+    rest.sum = total.sum - part.sum
+    rest.sum_outer = total.sum_outer - part.sum_outer
+    return rest
+
+
+def _padim_features(det: Detector, arrays_or_paths: Sequence) -> torch.Tensor:
+    """Reduced patch features (N, P, d) of images, through the fitted model's own layers."""
+    model = det.model_
+    dev = getattr(det, "device_", torch.device("cpu"))
+    out = []
+    with torch.inference_mode():
+        for batch in det._batches(list(arrays_or_paths), False, "padim: validation"):
+            x = batch.images.to(dev).contiguous(memory_format=torch.channels_last)
+            out.append(model.reduce(model.raw_features(x)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,
+                 kinds: Sequence[str]) -> OutOfFold:
+    det._check_fitted()
+    model = det.model_
+    positions, dim = model.mean.shape
+    total = PatchGaussianAccumulator(positions, dim)
+    fold_list = sorted(set(folds.tolist()))
+    for f in fold_list:  # pass 1: the sums of every training image, one shift for all
+        total.update(_padim_features(det, [images[i] for i in np.flatnonzero(folds == f)]))
+    n_index, n_scores, n_max, d_scores = [], [], [], []
+    defects: list[SyntheticDefect] = []
+    d_maps: list[np.ndarray] = []
+    for f in fold_list:  # pass 2: each fold's model = total minus the fold
+        held = np.flatnonzero(folds == f)
+        arrays = at_model_size(det, [images[i] for i in held])
+        z = _padim_features(det, arrays)
+        part = PatchGaussianAccumulator(positions, dim)
+        part.shift = total.shift
+        part.update(z)
+        rest = _minus(total, part)
+        made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
+        if made:
+            z = torch.cat([z, _padim_features(det, [d.image for d in made])])
+        with torch.inference_mode():
+            s, maps = model.score_distances(rest.distances(z, det.epsilon).to(getattr(det, "device_", "cpu")))
+        s, maps = s.cpu().double().numpy(), maps.float().cpu().numpy()
+        n_index.append(held)
+        n_scores.append(s[:len(held)])
+        n_max.append(maps[:len(held)].reshape(len(held), -1).max(1))
+        d_scores.append(s[len(held):])
+        d_maps.extend(list(maps[len(held):]))
+        defects.extend(made)
+    return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
+
+
+# ------------------------------------------------------------------------------ the decision
+def validate_and_decide(det: Detector, images: Sequence, strategy: str = "fpr",
+                        max_false_alarms: float = DEFAULT_MAX_FALSE_ALARMS, folds: int = DEFAULT_FOLDS,
+                        seed: int = 0) -> tuple[OutOfFold, DecisionRecord]:
+    """Out-of-fold scores of the training normals and synthetic defects -> ``det``'s threshold, with
+    the false-alarm rate and synthetic recall expected at it recorded in ``threshold_info_``.
+
+    The out-of-fold normal scores become ``decision_scores_``; the scale of ``score_normalized`` is
+    their spread. The previous (in-method) threshold is kept under ``method_default``.
+    """
+    oof = out_of_fold(det, images, k=folds, seed=seed)
+    masks = [d.mask for d in oof.defects] if oof.defect_maps is not None else None
+    rec = decide(strategy, oof.normal_scores, oof.defect_scores, oof.defect_kinds,
+                 max_false_alarms=max_false_alarms, percentile=float(getattr(det, "threshold_percentile", 99.0)),
+                 synthetic_maps=oof.defect_maps, synthetic_masks=masks, validation=oof.scheme)
+    n = len(oof.normal_scores)
+    if n < MIN_VALIDATION_NORMALS:
+        rec.warnings.insert(0, f"the validation set is small ({n} normal images scored out of fold): the expected "
+                               "false-alarm rate and recall are rough (train on more normal images)")
+    previous = {"value": getattr(det, "threshold_", None), "strategy": getattr(det, "threshold_strategy_", None)}
+    det.decision_scores_ = oof.normal_scores
+    det.validation_ = oof  # for the train report; not saved in the model file
+    details = {"decision": rec.to_dict(), "scale": robust_scale(oof.normal_scores, rec.threshold),
+               "n": n, "method_default": previous, "validation_seconds": round(oof.seconds, 3)}
+    if rec.pixel_threshold is not None:
+        details["pixel_threshold"] = rec.pixel_threshold
+    det.set_threshold(rec.threshold, f"oof_{strategy}", **details)
+    return oof, rec

@@ -1,0 +1,78 @@
+"""Synthetic defects on the user's own normals (deterministic, exact masks) and out-of-fold scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from insightad.data.defects import DEFECT_KINDS, make_defects
+from insightad.data.synthetic import TOLERANCE, make_image
+from insightad.errors import InsightADError
+from tests.conftest import SIZE
+
+
+def _normals(n=6, size=64, kind="disc"):
+    return [np.asarray(make_image(kind, size=size, seed=i)[0]) for i in range(n)]
+
+
+def test_defects_are_deterministic_and_masks_exact():
+    normals = _normals()
+    a = make_defects(normals, seed=4)
+    b = make_defects(normals, seed=4)
+    c = make_defects(normals, seed=5)
+    assert [d.kind for d in a] == [d.kind for d in b] and sorted({d.kind for d in a}) == sorted(DEFECT_KINDS)
+    assert all(np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask) for x, y in zip(a, b))
+    assert any(not np.array_equal(x.image, y.image) for x, y in zip(a, c))
+    for d in a:
+        diff = np.abs(d.image.astype(int) - normals[d.source].astype(int)).max(-1)
+        assert np.array_equal(d.mask, diff > TOLERANCE), d.kind  # exactly the changed pixels
+        assert d.mask.sum() >= 12, d.kind
+
+
+def test_defects_on_grey_images_and_bad_input():
+    grey = [np.asarray(make_image("weave", size=48, seed=i, grayscale=True)[0]) for i in range(3)]
+    out = make_defects(grey, seed=0, kinds=("crack", "texture"))
+    assert all(d.image.shape == (48, 48) and d.image.dtype == np.uint8 for d in out)
+    with pytest.raises(InsightADError, match="defect kinds"):
+        make_defects(grey, kinds=("dent",))
+    with pytest.raises(InsightADError, match="square uint8"):
+        make_defects([np.zeros((40, 50, 3), np.uint8)] * 2)
+
+
+def test_crossfitted_padim_equals_models_fitted_without_each_fold(mvtec_dir):
+    from insightad.data.layouts import discover
+    from insightad.methods import create_detector
+    from insightad.methods.crossfit import at_model_size, fold_ids, out_of_fold
+
+    paths = [s.path for s in discover(mvtec_dir).train][:12]
+    params = {"image_size": SIZE, "n_features": 24, "fit_engine": "torch"}
+    final = create_detector("padim", **params).fit(paths)
+    oof = out_of_fold(final, paths, k=3, seed=0)
+    assert oof.scheme.startswith("kfold-exact") and len(oof.normal_scores) == 12 and len(oof.defects) == 12
+    folds = fold_ids(12, 3, 0)
+    for f in (2,):
+        held = np.flatnonzero(folds == f)
+        alone = create_detector("padim", **params).fit([p for i, p in enumerate(paths) if folds[i] != f])
+        want = alone.predict(at_model_size(alone, [paths[i] for i in held]), maps=False).scores
+        np.testing.assert_allclose(oof.normal_scores[np.isin(oof.normal_index, held)], want, rtol=2e-3)
+    assert np.median(oof.defect_scores) > np.median(oof.normal_scores)
+
+
+def test_heldout_fold_refit_equals_exact_baseline_folds(mvtec_dir):
+    """Baseline's exact k-fold scores (one embedding pass, bank minus the fold) equal a refit without
+    the fold (the held-out-fold scheme), for the fold's normals and the defects made on them."""
+    from insightad.data.layouts import discover
+    from insightad.methods import create_detector
+    from insightad.methods.crossfit import out_of_fold
+
+    paths = [s.path for s in discover(mvtec_dir).train][:15]
+    final = create_detector("baseline", image_size=SIZE, fit_engine="torch").fit(paths)
+    exact = out_of_fold(final, paths, k=5, seed=0)
+    held = out_of_fold(final, paths, k=5, seed=0, scheme="heldout-fold")
+    assert exact.scheme == "kfold-exact (k=5)" and len(exact.normal_scores) == 15
+    assert held.scheme == "heldout-fold (k=5)" and len(held.normal_scores) == 3 and len(held.defect_scores) == 3
+    same = np.isin(exact.normal_index, held.normal_index)
+    np.testing.assert_allclose(exact.normal_scores[same], held.normal_scores, rtol=1e-4)
+    first = [i for i, d in enumerate(exact.defects) if d.source in set(held.normal_index.tolist())]
+    np.testing.assert_allclose(exact.defect_scores[first], held.defect_scores, rtol=1e-4)
+    assert exact.defect_maps is None
