@@ -152,6 +152,9 @@ def test_install_script_entrypoint_and_healthcheck(tmp_path, baseline_model):
         assert refused.value.code == 401
         with urllib.request.urlopen(urllib.request.Request(url, headers={"X-API-Key": "from-env"}), timeout=10) as r:
             assert json.load(r)["method"] == "baseline"
+        for path in ("/", "/assets/app.js", "/assets/style.css"):  # the web page ships in the installed package
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                assert r.status == 200 and r.read()
     finally:
         server.terminate()
         server.wait(30)

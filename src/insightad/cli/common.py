@@ -68,8 +68,9 @@ def data_params(args: argparse.Namespace) -> config.DataParams:
     return gather(args, config.DataParams)
 
 
-def parse_threshold(value: str | None) -> float | None:
-    """``--threshold`` as a number or a JSON file written by calibrate; pickle files are refused."""
+def parse_threshold(value: str | None, model: str | Path | None = None) -> float | None:
+    """``--threshold`` as a number or a JSON threshold file (from calibrate or the web page's export);
+    a file made for another model than ``model`` is refused, pickle files are refused."""
     if value is None:
         return None
     try:
@@ -82,11 +83,9 @@ def parse_threshold(value: str | None) -> float | None:
                              "pass a number or the JSON file from 'insightad calibrate --out'")
     if not path.is_file():
         raise InsightADError(f"--threshold: expected a number or a JSON file, got {value!r} (no such file)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return float(data["threshold"] if isinstance(data, dict) else data)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
-        raise InsightADError(f"{path}: expected JSON with a numeric 'threshold' field") from None
+    from insightad.apps.threshold_file import read_threshold_file
+
+    return read_threshold_file(path, model)
 
 
 def print_json(obj: Any) -> None:

@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
         raise InsightADError(f"--draws: expected at least 1, got {args.draws}")
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise InsightADError(f"{args.report}: --report expects a folder, and this is a file")
+    thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
     det = load_inference_model(args)
     dp = data_params(args)
-    ev = evaluate_model(det, args.data, dp, parse_threshold(args.threshold), args.progress)
+    ev = evaluate_model(det, args.data, dp, thr, args.progress)
     if args.report:
         from insightad.evaluate.report import write_report
 

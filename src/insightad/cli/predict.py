@@ -56,8 +56,8 @@ def expand_images(items: list[str]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     paths = expand_images(list(args.images) + list(args.image))
+    thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
     det = load_inference_model(args)
-    thr = parse_threshold(args.threshold)
     if args.heatmap and not det.has_maps:
         raise InsightADError(f"--heatmap: {det.method} models give no anomaly maps (train padim, patchcore "
                              "or autoencoder)")

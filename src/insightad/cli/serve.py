@@ -20,10 +20,14 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    description="Start the HTTP inference server for a model file. It listens on 127.0.0.1 unless "
                                "--host says otherwise (--host 0.0.0.0 opens it to the network). The API key "
                                "defaults to the INSIGHTAD_API_KEY environment variable, which keeps it out of "
-                               "the process list. OpenAPI docs are served at /docs.")
+                               "the process list. The web page for operators is at /, OpenAPI docs at /docs and "
+                               "/redoc (all offline).")
     add_model_flag(p)
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's decision threshold")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level (default: info)")
+    p.add_argument("--ssl-certfile", metavar="CERT.pem", help="serve HTTPS with this certificate (browsers allow the "
+                   "page's camera tab only on localhost or over HTTPS); needs --ssl-keyfile")
+    p.add_argument("--ssl-keyfile", metavar="KEY.pem", help="the certificate's private key (with --ssl-certfile)")
     add_dataclass_args(p, ServeParams, title="server")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "serve"), _argv=argv)
 
@@ -47,6 +51,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_tls(certfile: str | None, keyfile: str | None) -> bool:
+    """Whether to serve HTTPS; a lone flag or a missing file is a one-line error before the model loads."""
+    if not certfile and not keyfile:
+        return False
+    if not (certfile and keyfile):
+        raise InsightADError("--ssl-certfile and --ssl-keyfile: give both (the certificate and its private key)")
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not os.path.isfile(path):
+            raise InsightADError(f"{flag}: {path}: no such file")
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -59,16 +75,19 @@ def run(args: argparse.Namespace) -> int:
         settings.api_key = os.environ.get(API_KEY_ENV) or None
     elif not settings.api_key:
         raise InsightADError("--api-key: empty; give a key or leave the flag out")
+    tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
     pin_mmap_threshold()  # a dedicated server process: keep RSS flat under long loads (see memory.py)
-    app = create_app(args.model, settings, threshold=parse_threshold(args.threshold))
+    app = create_app(args.model, settings, threshold=parse_threshold(args.threshold, args.model))
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     det = app.state.detector
     print(f"insightad: serving {args.model} ({det.method}, threshold {app.state.threshold:.6g}) "
-          f"on http://{shown}:{port} (docs: /docs; API key {'required' if settings.api_key else 'off'})",
+          f"on {'https' if tls else 'http'}://{shown}:{port} (page: /, docs: /docs; "
+          f"API key {'required' if settings.api_key else 'off'})",
           file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=settings.access_log,
-                                           server_header=False, timeout_graceful_shutdown=10))
+                                           server_header=False, timeout_graceful_shutdown=10,
+                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile))
     server.run(sockets=[sock])
     return 0

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise InsightADError(f"--batch-size: expected at least 1, got {args.batch_size}")
     out = Path(args.out) if args.out else default_out(args.input)
     check_folders(Path(args.input), out)  # before loading the model: a wrong folder fails fast
-    thr = parse_threshold(args.threshold)
+    thr = parse_threshold(args.threshold, args.model)
     scorer = None
     if args.ray:
         from insightad.apps.batch_ray import import_ray

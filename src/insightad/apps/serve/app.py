@@ -17,11 +17,13 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from insightad.apps.serve.limits import BodySizeLimitMiddleware
 from insightad.apps.serve.metrics import MetricsMiddleware
+from insightad.apps.serve.page import mount_page, served_model_sha256
 from insightad.apps.serve.routes import add_routes
 from insightad.apps.serve.security import api_key_dependency
 from insightad.apps.serve.service import ScoringService
@@ -97,7 +99,8 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
             app.state.ready = False
             await run_in_threadpool(service.close)
 
-    app = FastAPI(title="InsightAD inference server", version=__version__, lifespan=lifespan,
+    # /docs from files a dependency ships (no CDN); page.py serves /redoc under a CSP
+    app = FastAPIOffline(redoc_url=None, title="InsightAD inference server", version=__version__, lifespan=lifespan,
                   description=f"Visual anomaly detection with a `{det.method}` model. Higher score = more "
                               "anomalous; `Anomaly` (= `anomalous`) is `score > threshold`.")
     app.state.service, app.state.worker, app.state.detector = service, service.worker, det
@@ -105,5 +108,8 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(settings.max_body_mb * 1_000_000))
     app.add_middleware(MetricsMiddleware, metrics=service.metrics, known_paths=PATHS)  # outermost: counts 413s
     _add_error_handlers(app)
-    add_routes(app, service, [Depends(api_key_dependency(settings.api_key))])
+    service.info["model_sha256"] = served_model_sha256(det)  # threshold and label files carry it
+    protected = [Depends(api_key_dependency(settings.api_key))]
+    add_routes(app, service, protected)
+    mount_page(app, det, service.scale, protected)  # the operators' page at / (page.py)
     return app

@@ -59,6 +59,8 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, Any]
     version: dict[str, Any] = Field(description="package that serves, package and format that wrote the model")
     params: dict[str, Any]
+    model_sha256: str | None = Field(None, description="SHA-256 of the served model file (threshold and label "
+                                     "files carry it); null when the model was not loaded from a file")
 
 
 class ErrorResponse(BaseModel):
