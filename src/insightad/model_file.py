@@ -53,6 +53,8 @@ def save_model(det: Detector, path: str | Path) -> Path:
 
     path = Path(path)
     meta = metadata(det)
+    if det.model_ is None:
+        raise InsightADError(f"{path}: nothing to save: the detector holds no PyTorch model (fit it first)")
     tensors = {k: v.detach().cpu().contiguous() for k, v in det.model_.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -46,6 +47,6 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
             targets.append((out / rel.parent / f"{rel.stem}_aug{k:03d}{path.suffix}",
                             augment(img, params, image_seed(seed, rel.as_posix(), k))))
         for target, im in targets:
-            atomic_write(target, lambda tmp, im=im, fmt=fmt: im.save(tmp, format=fmt))
+            atomic_write(target, partial(im.save, format=fmt))
             written.append(target)
     return written

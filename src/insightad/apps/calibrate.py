@@ -50,7 +50,7 @@ def score_with_map_max(det: Detector, paths: list[Path], want_map_max: bool, pro
     for pred in det.iter_predict(paths, chunk=32, maps=want_map_max, progress=progress):
         scores.append(pred.scores)
         if want_map_max and pred.maps is not None:
-            map_max.append(np.array([float(np.max(m)) for m in pred.maps]))
+            map_max.append(np.array([float(np.max(m)) if m is not None else float("nan") for m in pred.maps]))
     return np.concatenate(scores), (np.concatenate(map_max) if want_map_max else None)
 
 

@@ -158,7 +158,9 @@ class FolderSorter:
         if header.get("mode") != mode:
             raise InsightADError(f"{where} in {header.get('mode')} mode; run again with"
                                  f"{' --move' if header.get('mode') == 'move' else 'out --move'} or use a new --out")
-        old = float(header.get("threshold"))
+        if header.get("threshold") is None:
+            raise InsightADError(f"{where} whose header has no threshold; use a new --out")
+        old = float(header["threshold"])
         if not np.isclose(old, self.threshold, rtol=1e-9, atol=0.0):
             raise InsightADError(f"{where} made at threshold {old:.9g}, not {self.threshold:.9g}: pass "
                                  f"--threshold {old!r} to finish it with the same decisions, or use a new --out")
@@ -178,7 +180,7 @@ class FolderSorter:
             w.writerow(r)
         return buf.getvalue()
 
-    def _row(self, path: Path, score: float, normalized: float, decision: str, dest: str = "",
+    def _row(self, path: Path, score: float, normalized: float | None, decision: str, dest: str = "",
              error: str = "") -> dict[str, Any]:
         fmt = (lambda v: "" if v is None or not np.isfinite(v) else f"{v:.9g}")
         return {"path": str(path), "score": fmt(score), "score_normalized": fmt(normalized), "decision": decision,
@@ -243,10 +245,11 @@ class FolderSorter:
         paths = [self.src / r for r in rels]
         self._place(rels, self.det.predict(paths, maps=False, strict=False, threshold=self.threshold))
 
-    def _place(self, rels: list[Path], pred) -> None:
+    def _place(self, rels: list[Path], pred: Any) -> None:
         """Journal the decisions of a scored batch, transfer the files, then write their CSV rows."""
         paths = [self.src / r for r in rels]
-        intents, rows = [], []
+        intents: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = []
         for i, (rel, path) in enumerate(zip(rels, paths)):
             if i in pred.errors:
                 rows.append(self._row(path, float("nan"), float("nan"), "error", error=pred.errors[i]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -10,6 +11,9 @@ from torch import nn
 from insightad.backbones.registry import BackboneSpec, get_spec
 from insightad.backbones.weights import resolve_weights
 from insightad.errors import InsightADError
+
+if TYPE_CHECKING:
+    from timm.models import FeatureInfo
 
 
 class FeatureExtractor(nn.Module):
@@ -30,14 +34,15 @@ class FeatureExtractor(nn.Module):
         except (IndexError, AssertionError, ValueError) as e:
             raise InsightADError(f"layers: {list(layers)} not available for {arch} ({e})") from None
         self._truncate()
-        self.channels = list(self.body.feature_info.channels())
-        self.reductions = list(self.body.feature_info.reduction())
+        info = cast("FeatureInfo", self.body.feature_info)
+        self.channels = list(info.channels())
+        self.reductions = list(info.reduction())
 
     def _truncate(self) -> None:
         body = self.body
         stages = getattr(body, "_stage_out_idx", None)
         if stages and hasattr(body, "blocks"):  # timm EfficientNetFeatures: stage s ends at block s-1
-            body.blocks = body.blocks[: max(stages)]
+            body.blocks = cast(nn.Sequential, body.blocks)[: max(stages)]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x))
@@ -67,7 +72,7 @@ def layer_indices(spec: BackboneSpec, layers: Sequence[int | str]) -> list[int]:
             continue
         if names is None:
             probe = timm.create_model(spec.arch, pretrained=False, features_only=True)
-            names = list(probe.feature_info.module_name())
+            names = list(cast("FeatureInfo", probe.feature_info).module_name())
         if layer not in names:
             raise InsightADError(f"layers: {layer!r} is not a feature level of {spec.arch} (levels: {', '.join(names)})")
         out.append(names.index(layer))

@@ -19,8 +19,8 @@ class BackboneSpec:
     name: str
     arch: str
     input_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     # Default feature levels (0 = finest) for local methods (PaDiM, PatchCore).
     local_layers: tuple[int, ...] = (1, 2, 3)
     weight_package: str | None = None  # importable module shipping the ImageNet weights

@@ -20,7 +20,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ from insightad.errors import InsightADError
 from insightad.training import TrainingLoop, TrainResult, fingerprint, load_images, sources_digest, validation_split
 from insightad.training.augment import Augment
 from insightad.version import __version__
+
+if TYPE_CHECKING:
+    from timm.models import FeatureInfo
 
 ROTATIONS = 4
 CHANCE = 1.0 / ROTATIONS
@@ -107,7 +110,7 @@ def level_count(arch: str) -> int:
     """How many feature levels timm's features_only model of ``arch`` has."""
     import timm
 
-    return len(timm.create_model(arch, pretrained=False, features_only=True).feature_info)
+    return len(cast("FeatureInfo", timm.create_model(arch, pretrained=False, features_only=True).feature_info))
 
 
 class RotationSSL:

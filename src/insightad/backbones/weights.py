@@ -11,6 +11,7 @@ import importlib
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            sd = load_file(str(path))
+            sd: Any = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -66,6 +67,8 @@ def _package_file(spec: BackboneSpec) -> Path | None:
         mod = importlib.import_module(spec.weight_package)
     except ImportError:
         return None
+    if mod.__file__ is None:  # a namespace package ships no files
+        return None
     path = Path(mod.__file__).parent / "models" / str(spec.weight_file)
     return path if path.is_file() else None
 
@@ -88,7 +91,7 @@ def _hub_cache_file(arch: str) -> Path | None:
                     return Path(hit)
         except ImportError:
             pass
-    if cfg.url:
+    if isinstance(cfg.url, str) and cfg.url:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
         if cached.is_file():
             return cached

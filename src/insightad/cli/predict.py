@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         from insightad.render.overlay import predict_with_overlays
 
         pred, overlays = predict_with_overlays(det, paths, args.overlay, thr, progress=args.progress)
-    heatmaps = [None] * len(paths)
+    heatmaps: list[Path | None] = [None] * len(paths)
     if args.heatmap or not args.overlay:  # overlays hold maps a chunk at a time; heatmaps need them all
         pred = det.predict(paths, maps=bool(args.heatmap), progress=args.progress, threshold=thr)
     if args.heatmap:

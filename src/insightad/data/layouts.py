@@ -205,7 +205,7 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
         if ds.has_test_split:
             chosen = ds.test
         else:
-            held = {(ds.root / r).resolve() for r in split.get("holdout", [])}
+            held = {(ds.root / r).resolve() for r in (split or {}).get("holdout", [])}
             chosen = [replace(s, split="test") for s in ds.samples
                       if s.label == ANOMALOUS or s.path.resolve() in held]
     else:

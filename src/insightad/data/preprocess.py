@@ -69,6 +69,9 @@ class Preprocessing:
 class Normalize(torch.nn.Module):
     """uint8 (B, C, H, W) -> float normalised with the backbone's mean/std; the first layer of every model."""
 
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels: int = 3) -> None:
         super().__init__()
         mean_t = torch.tensor(mean, dtype=torch.float32)[:channels].view(1, -1, 1, 1) * 255.0

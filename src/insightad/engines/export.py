@@ -31,7 +31,8 @@ def _to_onnx(module: nn.Module, example: torch.Tensor, outputs: Sequence[str]) -
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buf, input_names=["images"], output_names=list(outputs),
+        # torch's annotation omits file-like objects, which the TorchScript exporter (dynamo=False) accepts
+        torch.onnx.export(module, (example,), buf, input_names=["images"], output_names=list(outputs),  # type: ignore[arg-type]
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
     return buf.getvalue()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from torch import nn
 
 from insightad.errors import InsightADError
 from insightad.runtime import resolve_engine
+
+if TYPE_CHECKING:
+    from insightad.backbones.extractor import FeatureExtractor
 
 FeatureFn = Callable[[torch.Tensor], list[torch.Tensor]]
 
@@ -43,7 +47,7 @@ def _digest(module: _Features, shape: tuple[int, ...]) -> str:
 def _export(module: _Features, shape: tuple[int, ...]) -> bytes:
     from insightad.engines.export import example_batches, export_verified
 
-    names = [f"f{i}" for i in range(len(module.extractor.layers))]
+    names = [f"f{i}" for i in range(len(cast("FeatureExtractor", module.extractor).layers))]
     return export_verified(module, example_batches(shape, (2,)), names, "backbone")
 
 

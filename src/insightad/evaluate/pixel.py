@@ -34,7 +34,8 @@ N_BINS = 10_000
 FPR_LIMIT = 0.3
 _SAMPLES_PER_BIN = 20  # pass 1 keeps about this many pixels per bin (a regular grid) to place the edges
 _EIGHT = np.ones((3, 3), dtype=bool)
-_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed it
+# numpy 2 renamed it (numpy 2 stubs lack trapz, which numpy < 2 still needs)
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # type: ignore[attr-defined]
 
 
 def resize_map(m: np.ndarray, resolution: int | None) -> np.ndarray:
@@ -54,7 +55,7 @@ def resize_mask(mask: np.ndarray, resolution: int | None) -> np.ndarray:
     return np.asarray(img.resize((resolution, resolution), Image.Resampling.NEAREST)) > 0
 
 
-def _gt(sample: Sample, shape: tuple[int, int], resolution: int | None) -> np.ndarray | None:
+def _gt(sample: Sample, shape: tuple[int, ...], resolution: int | None) -> np.ndarray | None:
     """The boolean ground truth at the comparison resolution; all False for a normal image without a
     mask; None for an anomalous image without one (it cannot be judged pixel by pixel)."""
     if sample.mask is not None:

@@ -94,7 +94,7 @@ def score_histogram(labels: np.ndarray, scores: np.ndarray, threshold: float, pa
                     threshold_label: str, note: str | None = None) -> Path:
     """Histograms of normal and defective scores on shared bins, with the threshold line."""
     y = np.asarray(labels, bool)
-    bins = _bins(scores, threshold)
+    bins = _bins(scores, threshold).tolist()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     # filled bars for the share, a solid outline on top so neither class hides the other where they overlap
     for mask, colour, name in ((y, DEFECT_COLOUR, "defective"), (~y, NORMAL_COLOUR, "normal")):

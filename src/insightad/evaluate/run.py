@@ -10,6 +10,7 @@ import numpy as np
 
 from insightad.config import DataParams
 from insightad.data.layouts import Sample, discover, evaluation_samples
+from insightad.errors import InsightADError
 from insightad.evaluate.metrics import image_metrics
 from insightad.evaluate.pixel import RESOLUTION, pixel_metrics, resize_map
 from insightad.methods import Detector, Prediction
@@ -26,11 +27,15 @@ def predict_reduced(det: Detector, paths: list, maps: bool, threshold: float | N
                     chunk: int = 32) -> tuple[Prediction, list[tuple[int, int]]]:
     """Predict through the one prediction loop, keeping each map only at the pixel metrics' resolution,
     so memory does not grow with the number and size of test images. Returns the prediction and sizes."""
-    parts, sizes = [], []
+    parts: list[Prediction] = []
+    sizes: list[tuple[int, int]] = []
     for p in det.iter_predict(paths, chunk=chunk, maps=maps, threshold=threshold, progress=progress):
         if p.maps is not None:
-            sizes.extend(m.shape for m in p.maps)
-            p.maps = [resize_map(m, RESOLUTION).astype(np.float32) for m in p.maps]
+            got = [m for m in p.maps if m is not None]
+            if len(got) != len(p.maps):  # strict prediction: every image read has a map
+                raise InsightADError("evaluate: an image came back without an anomaly map")
+            sizes.extend((m.shape[0], m.shape[1]) for m in got)
+            p.maps = [resize_map(m, RESOLUTION).astype(np.float32) for m in got]
         parts.append(p)
     return Prediction.concat(parts), sizes
 
@@ -46,9 +51,11 @@ def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: f
     want_maps = det.has_maps and any(s.mask is not None for s in samples)
     pred, sizes = predict_reduced(det, [s.path for s in samples], want_maps, threshold, progress)
     labels = np.array([s.label for s in samples])
-    m = image_metrics(labels, pred.scores, pred.threshold)
+    if pred.threshold is None:
+        raise InsightADError(f"{det.method}: the detector has no threshold to evaluate against")
+    m: dict[str, Any] = image_metrics(labels, pred.scores, pred.threshold)
     m["method"] = det.method
     m["threshold_strategy"] = det.threshold_strategy_ if threshold is None else "override"
     if want_maps:
-        m.update(pixel_metrics(samples, pred.maps, shapes=sizes))
+        m.update(pixel_metrics(samples, pred.maps or [], shapes=sizes))
     return Evaluation(samples, pred, m)

@@ -47,12 +47,14 @@ class OnnxDetector(OnnxDetectorParams, Detector):
         det.model_path_ = str(path)
         return det
 
-    @property  # type: ignore[override]
-    def method(self) -> str:  # the exported model's method, per file
+    onnx_meta_: dict[str, Any]
+
+    @property
+    def method(self) -> str:  # type: ignore[override]  # the exported model's method, per file
         return str(self.onnx_meta_["method"])
 
-    @property  # type: ignore[override]
-    def has_maps(self) -> bool:
+    @property
+    def has_maps(self) -> bool:  # type: ignore[override]  # per file, not per class
         return bool(self.onnx_meta_["has_maps"])
 
     def _fit(self, images: Any, progress: bool) -> None:

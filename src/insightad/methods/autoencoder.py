@@ -113,7 +113,7 @@ def detect_channels(images: Sequence) -> int:
         src = src.path if isinstance(src, Sample) else src
         img = src if hasattr(src, "mode") else (load_image(src) if not isinstance(src, np.ndarray) else None)
         if img is None:
-            if src.ndim == 3 and src.shape[2] == 3 and not (src[..., 0] == src[..., 1]).all():
+            if isinstance(src, np.ndarray) and src.ndim == 3 and src.shape[2] == 3 and not (src[..., 0] == src[..., 1]).all():
                 return 3
             continue
         if img.mode == "RGB":
@@ -163,7 +163,7 @@ class AutoencoderDetector(AutoencoderParams, Detector):
         self.model_ = AutoencoderModel(net, self.map, self.score, self.smooth_sigma, self.ssim_window,
                                        self.image_size).to(self.device_).eval()
         held = val is not None
-        self.decision_scores_ = self._scores(val if held else train)
+        self.decision_scores_ = self._scores(val if val is not None else train)
         self.decision_source_ = "val" if held else "train"
 
     @torch.inference_mode()

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from insightad.errors import InsightADError
 from insightad.runtime import resolve_device
 
 ShardRunner = Callable[[str, Sequence[Any]], list[Any]]  # (detector method, images) -> one result per shard
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Prediction:
     """Scores (raw, one per image), maps at each input's resolution (or None), and decisions."""
 
     scores: np.ndarray
-    maps: list[np.ndarray] | None = None
+    maps: list[np.ndarray | None] | None = None  # None for an image that could not be read (strict=False)
     threshold: float | None = None
     labels: np.ndarray | None = None  # True = anomalous, once a threshold is known
     scores_normalized: np.ndarray | None = None  # extra field; never replaces ``scores``
@@ -67,8 +68,8 @@ class Prediction:
         maps = None if parts[0].maps is None else [m for p in parts for m in (p.maps or [])]
         cat = (lambda k: None if getattr(parts[0], k) is None else np.concatenate([getattr(p, k) for p in parts]))
         errors = {p.offset - parts[0].offset + i: e for p in parts for i, e in p.errors.items()}
-        return Prediction(cat("scores"), maps, parts[0].threshold, cat("labels"), cat("scores_normalized"),
-                          errors, parts[0].offset)
+        return Prediction(np.concatenate([p.scores for p in parts]), maps, parts[0].threshold, cat("labels"),
+                          cat("scores_normalized"), errors, parts[0].offset)
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -162,8 +163,7 @@ class Detector:
         return self
 
     def __repr__(self) -> str:
-        fields = dataclasses.fields(self.Params)
-        fields = {f.name: f for f in fields}
+        fields = {f.name: f for f in dataclasses.fields(self.Params)}
         changed = {k: v for k, v in self.get_params().items() if v != _default_of(fields[k])}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
@@ -262,6 +262,13 @@ class Detector:
         return self
 
     # ------------------------------------------------------------------ predict
+    def _model_as(self, kind: type[_M]) -> _M:
+        """``model_`` as this method's own module class (absent, None or another class is a bug here)."""
+        model = getattr(self, "model_", None)
+        if not isinstance(model, kind):
+            raise InsightADError(f"{self.method}: no fitted {kind.__name__} in this detector (fit it or load a model file)")
+        return model
+
     def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise InsightADError(f"{self.method}: the detector is not fitted yet (call fit or load a model file)")
@@ -276,7 +283,7 @@ class Detector:
         else:
             dev = getattr(self, "device_", torch.device("cpu"))
             x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            out = self.model_(x)
+            out = self._model_as(nn.Module)(x)
         scores = out[0].float()
         maps = out[1].float() if len(out) > 1 else None
         return scores, maps
@@ -293,7 +300,10 @@ class Detector:
         n, chunk = len(images), max(1, int(chunk))
         thr = self.threshold_ if threshold is None else float(threshold)
         want_maps = maps and self.has_maps
-        start, scores, got_maps, errors = 0, {}, {}, {}
+        start = 0
+        scores: dict[int, float] = {}
+        got_maps: dict[int, np.ndarray] = {}
+        errors: dict[int, str] = {}
         for batch in self._batches(images, progress, "predict", strict=strict):
             errors.update(batch.errors)
             if batch.indices:

@@ -47,6 +47,10 @@ def fit_gaussian(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class BaselineModel(nn.Module):
     """uint8 images -> (image scores,): pooled features, then kNN or Mahalanobis distance."""
 
+    bank: torch.Tensor
+    mean: torch.Tensor
+    precision: torch.Tensor
+
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, scorer: str, k: int,
                  bank: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> None:
         super().__init__()
@@ -132,7 +136,7 @@ class BaselineDetector(BaselineParams, Detector):
         return out
 
     def state_metadata(self) -> dict[str, Any]:
-        return {"embedding_dim": int(self.model_.bank.shape[1])}
+        return {"embedding_dim": int(self._model_as(BaselineModel).bank.shape[1])}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         extractor = self._make_extractor(pretrained=False)

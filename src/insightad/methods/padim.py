@@ -79,6 +79,11 @@ def pca_projection(x: torch.Tensor, dim: int, max_rows: int = 200_000, seed: int
 class PadimModel(nn.Module):
     """uint8 images -> (image scores, maps at model size): pure tensors, no Python state."""
 
+    centre: torch.Tensor
+    projection: torch.Tensor
+    mean: torch.Tensor
+    inv_chol: torch.Tensor
+
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
                  image_size: int, sigma: float, centre: torch.Tensor, projection: torch.Tensor,
                  mean: torch.Tensor, inv_chol: torch.Tensor) -> None:
@@ -258,8 +263,9 @@ class PadimDetector(PadimParams, Detector):
 
     # ------------------------------------------------------------------ persistence
     def state_metadata(self) -> dict[str, Any]:
-        return {"feature_size": list(self.model_.feature_size), "channels": int(self.model_.projection.shape[0]),
-                "n_features": int(self.model_.projection.shape[1])}
+        model = self._model_as(PadimModel)
+        return {"feature_size": list(model.feature_size), "channels": int(model.projection.shape[0]),
+                "n_features": int(model.projection.shape[1])}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)

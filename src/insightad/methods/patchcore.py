@@ -54,6 +54,8 @@ class PatchCoreParams(DetectorParams):
 class PatchCoreModel(nn.Module):
     """uint8 images -> (image scores, maps at model size) against the memory bank."""
 
+    bank: torch.Tensor
+
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
                  image_size: int, sigma: float, neighbourhood: int, num_neighbors: int, bank: torch.Tensor) -> None:
         super().__init__()
@@ -250,11 +252,12 @@ class PatchCoreDetector(PatchCoreParams, Detector):
         self.decision_scores_, self.decision_source_ = np.asarray(scores), strategy
 
     def _threshold_policy(self) -> FitPolicy:
-        return replace(super()._threshold_policy(), extra={"bank_size": int(self.model_.bank.shape[0])})
+        return replace(super()._threshold_policy(), extra={"bank_size": int(self._model_as(PatchCoreModel).bank.shape[0])})
 
     # ------------------------------------------------------------------ persistence
     def state_metadata(self) -> dict[str, Any]:
-        return {"feature_size": list(self.model_.feature_size), "bank_size": int(self.model_.bank.shape[0])}
+        model = self._model_as(PatchCoreModel)
+        return {"feature_size": list(model.feature_size), "bank_size": int(model.bank.shape[0])}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)

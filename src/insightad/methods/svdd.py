@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from insightad.backbones.extractor import FeatureExtractor
 from insightad.config import DetectorParams, TrainLoopParams, param, params
 from insightad.data.preprocess import Normalize
 from insightad.decide.thresholds import FitPolicy
+from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.components.pooling import pooled_features, pooled_mean_std
 from insightad.methods.registry import register_method
@@ -72,6 +73,10 @@ def projection_head(in_dim: int, hidden: Sequence[int], rep_dim: int) -> nn.Sequ
 class Hypersphere(nn.Module):
     """Pooled features -> distance to the centre: the trainable head, the centre c, the radius R."""
 
+    head: nn.Sequential
+    center: torch.Tensor
+    radius: torch.Tensor
+
     def __init__(self, head: nn.Sequential, center: torch.Tensor, radius: float = 0.0) -> None:
         super().__init__()
         self.head = head
@@ -103,6 +108,9 @@ class PooledFeatures(nn.Module):
 class SVDDModel(nn.Module):
     """uint8 images -> (distance to c,)."""
 
+    features: PooledFeatures
+    sphere: Hypersphere
+
     def __init__(self, features: PooledFeatures, sphere: Hypersphere) -> None:
         super().__init__()
         self.features, self.sphere = features, sphere
@@ -120,6 +128,13 @@ def fixed_center(embeddings: torch.Tensor, eps: float) -> torch.Tensor:
     return c
 
 
+def _as_sphere(model: nn.Module) -> Hypersphere:
+    """The loop hands objectives a plain module; this one trains a Hypersphere only."""
+    if not isinstance(model, Hypersphere):
+        raise InsightADError(f"svdd: the objective trains a Hypersphere, not a {type(model).__name__}")
+    return model
+
+
 class SVDDObjective:
     """One-class or soft-boundary loss on a :class:`Hypersphere`; inputs are features or (augmented) images."""
 
@@ -135,7 +150,8 @@ class SVDDObjective:
         with torch.no_grad():
             return self.features(batch)
 
-    def loss(self, model: Hypersphere, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        model = _as_sphere(model)
         d2 = model.squared_distance(self._features(batch))
         if model.training:
             self._epoch_d2.append(d2.detach())
@@ -145,8 +161,9 @@ class SVDDObjective:
             return loss, {"outside": float((d2.detach() > r2).float().mean())}
         return d2.mean(), {}
 
-    def end_epoch(self, model: Hypersphere, epoch: int) -> None:
+    def end_epoch(self, model: nn.Module, epoch: int) -> None:
         """Soft-boundary: after the warm-up, R = the (1 - nu) quantile of this epoch's training distances."""
+        model = _as_sphere(model)
         d2, self._epoch_d2 = torch.cat(self._epoch_d2), []
         if self.objective == "soft-boundary" and epoch + 1 >= self.warmup:
             r = torch.quantile(d2.clamp_min(0.0).sqrt().double(), 1.0 - self.nu).float()
@@ -219,7 +236,7 @@ class SVDDDetector(SVDDParams, Detector):
         """Soft-boundary: the radius R. One-class: a percentile of held-out (else training) distances."""
         self.train_scores_ = self._distances(sphere, features, train, on_images).double().numpy()
         held = val is not None
-        scores = self._distances(sphere, features, val, on_images).double().numpy() if held else self.train_scores_
+        scores = self._distances(sphere, features, val, on_images).double().numpy() if val is not None else self.train_scores_
         self.decision_scores_, self.decision_source_ = scores, ("val" if held else "train")
         if self.objective == "soft-boundary":
             # R during training came from each epoch's batches, before that epoch's updates; for the
@@ -230,14 +247,15 @@ class SVDDDetector(SVDDParams, Detector):
         """Soft-boundary: the radius R. One-class: a percentile of held-out (else training) distances."""
         policy = super()._threshold_policy()
         if self.objective == "soft-boundary":
-            radius = float(self.model_.sphere.radius) if hasattr(self.model_, "sphere") else None
+            radius = float(self.model_.sphere.radius) if isinstance(self.model_, SVDDModel) else None
             return replace(policy, fixed=radius, fixed_name="svdd_radius", extra={"nu": self.nu})
         return policy
 
     def state_metadata(self) -> dict[str, Any]:
         t = getattr(self, "training_", None)
-        return {"in_dim": int(self.model_.sphere.head[0].in_features), "objective": self.objective,
-                "radius": float(self.model_.sphere.radius), "training": t.summary() if t else None}
+        sphere = self._model_as(SVDDModel).sphere
+        return {"in_dim": int(cast(nn.Linear, sphere.head[0]).in_features), "objective": self.objective,
+                "radius": float(sphere.radius), "training": t.summary() if t else None}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         extractor = self._make_extractor(pretrained=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,6 @@ def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], sca
             continue
         target = out_dir / name
         img = Image.fromarray(colorize(m, scale))
-        atomic_write(target, lambda tmp, img=img: img.save(tmp, format="PNG", pnginfo=scale.png_info()))
+        atomic_write(target, partial(img.save, format="PNG", pnginfo=scale.png_info()))
         written.append(target)
     return written

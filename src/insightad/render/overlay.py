@@ -9,6 +9,7 @@ Images smaller than 320 pixels on their short side are enlarged so the verdict s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ def predict_with_overlays(det: Any, paths: Sequence[Path], out_dir: str | Path, 
             img = render_overlay(load_image(path, 3), float(pred.scores[i]), pred.threshold, anomaly_map=m,
                                  scale=scale, score_normalized=float(pred.scores_normalized[i]))
             target = out_dir / overlay_name(path, used)
-            atomic_write(target, lambda tmp, im=img: im.save(tmp, format="PNG"))
+            atomic_write(target, partial(img.save, format="PNG"))
             written.append(target)
         pred.maps = None
         parts.append(pred)

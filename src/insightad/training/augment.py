@@ -9,14 +9,18 @@ shape and dtype. The augmentations themselves are registered by the methods that
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from insightad.errors import InsightADError
 
+if TYPE_CHECKING:
+    import PIL.Image
+
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-PILAugment = Callable[["PIL.Image.Image", np.random.Generator], "PIL.Image.Image"]  # noqa: F821
+PILAugment = Callable[["PIL.Image.Image", np.random.Generator], "PIL.Image.Image"]
 
 
 def no_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -121,13 +121,20 @@ class TrainingLoop:
         self.dir = Path(params.checkpoint_dir).expanduser() if params.checkpoint_dir else None
         if params.resume and self.dir is None:
             raise InsightADError("resume: needs --checkpoint-dir (the folder a previous run wrote its checkpoint to)")
-        if params.resume and not self.checkpoint_path.is_file():  # say so before any slow work
+        if params.resume and not self._checkpoint_file().is_file():  # say so before any slow work
             raise InsightADError(f"{self.checkpoint_path}: no checkpoint to resume from "
                                  "(train once without --resume first)")
 
     @property
     def checkpoint_path(self) -> Path | None:
         return self.dir / ckpt.FILE_NAME if self.dir else None
+
+    def _checkpoint_file(self) -> Path:
+        """The checkpoint path where one must exist (resume, saving): a checkpoint folder is set."""
+        path = self.checkpoint_path
+        if path is None:
+            raise InsightADError(f"{self.name}: no checkpoint folder set (--checkpoint-dir)")
+        return path
 
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, objective: Objective, train: torch.Tensor,
@@ -141,7 +148,7 @@ class TrainingLoop:
         val = val if val is not None and len(val) else None
         model.to(self.device)
         optimizer = make_optimizer(p, [q for q in model.parameters() if q.requires_grad])
-        state = {"epoch": 0, "history": [], "best_loss": None, "best_epoch": None, "bad_epochs": 0,
+        state: dict[str, Any] = {"epoch": 0, "history": [], "best_loss": None, "best_epoch": None, "bad_epochs": 0,
                  "stopped_early": False}
         best: dict[str, torch.Tensor] | None = None
         fp = {"trainer": self.name, **fingerprint(p), **self.fingerprint, "n_train": int(len(train)),
@@ -167,7 +174,7 @@ class TrainingLoop:
                 state["epoch"] = epoch + 1
                 epochs.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")})
                 if self.dir is not None:
-                    ckpt.save_checkpoint(self.checkpoint_path, model, optimizer, best,
+                    ckpt.save_checkpoint(self._checkpoint_file(), model, optimizer, best,
                                          {"fingerprint": fp, **state})
         except KeyboardInterrupt:
             self._write_curves(state)
@@ -241,7 +248,7 @@ class TrainingLoop:
 
     def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, fp: dict[str, Any]
                 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-        path = self.checkpoint_path
+        path = self._checkpoint_file()
         model_sd, optim_sd, best, info = ckpt.load_checkpoint(path)
         old = info.get("fingerprint", {})
         diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]

@@ -102,7 +102,7 @@ def _pruned_steps(pts: np.ndarray, sq: np.ndarray, nearest: np.ndarray, assign: 
             gmax[filled] = np.maximum.reduceat(nearest, starts[filled])
         else:
             own = group_of[j]
-            for g in hit:
+            for g in hit.tolist():
                 a, b = starts[g], ends[g]
                 seg = nearest[a:b]
                 np.minimum(seg, sq[a:b] - 2.0 * (pts[a:b] @ c) + c_sq, out=seg)

@@ -45,6 +45,9 @@ class MapSmoother(nn.Module):
     same map up to interpolation error: a Gaussian of sigma s at size H is one of s*h/H at size h.
     """
 
+    kernel_h: torch.Tensor
+    kernel_v: torch.Tensor
+
     def __init__(self, sigma: float, image_size: int, work_size: int) -> None:
         super().__init__()
         self.image_size = int(image_size)

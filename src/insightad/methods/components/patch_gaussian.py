@@ -109,7 +109,8 @@ class PatchGaussianAccumulator:
         for a in range(0, self.positions, chunk):
             b = min(a + chunk, self.positions)
             self.sum_outer[a:b] = self._inverse_factors(epsilon, a, b)
-        inv, self.sum_outer = self.sum_outer, None
+        inv = self.sum_outer
+        del self.sum_outer  # the factors now live in ``inv``: the accumulator is spent
         return mean, inv
 
     def distances(self, z: torch.Tensor, epsilon: float, chunk: int = 512) -> torch.Tensor:
