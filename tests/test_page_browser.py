@@ -250,7 +250,7 @@ def tiles(page) -> list[tuple[str, float]]:
         ".tile", "ts => ts.map(t => [t.dataset.name, t.dataset.score])")]
 
 
-def test_review_labels_survive_a_reload_and_export_as_csv(page, server, images, tmp_path):
+def test_review_labels_survive_a_reload_and_export_as_csv(page, server, images, tmp_path, map_model, capsys):
     open_page(page, server)
     upload(page, [images["good_1"], images["blob_1"], images["scratch_1"], images["same_name"]])
     page.click(".tab[data-view=review]")
@@ -280,6 +280,8 @@ def test_review_labels_survive_a_reload_and_export_as_csv(page, server, images, 
             for r in csv.DictReader(io.StringIO(path.read_text()))}
     expected = {(*shown[0], "anomalous", sha), (*shown[1], "normal", sha), (*shown[2], "anomalous", sha)}
     assert rows == expected
+    capsys.readouterr()
+    assert cli_main(["calibrate", "--model", str(map_model), "--labels", str(path), "--dry-run"]) == 0  # issue 13 reads it
 
 
 def test_api_key_is_asked_once_and_sent_with_every_request(page, keyed_server, images):

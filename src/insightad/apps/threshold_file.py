@@ -8,24 +8,15 @@ threshold is only meaningful on the score scale of the model it was chosen on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from insightad.decide.labels import file_sha256
 from insightad.errors import InsightADError
 
-CHUNK = 1 << 20
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (a model file can be hundreds of MB)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["file_sha256", "read_threshold_file"]
 
 
 def read_threshold_file(path: str | Path, model: str | Path | None = None) -> float:
