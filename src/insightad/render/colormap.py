@@ -73,10 +73,15 @@ class MapScale:
         return float(self.level + self.scale * np.log(v / (1.0 - v)))
 
 
-def colorize(m: np.ndarray, scale: MapScale) -> np.ndarray:
-    """A map (H, W) -> uint8 RGB (H, W, 3) in the one colour convention."""
-    idx = np.round(scale.unit(m) * 255.0).astype(np.uint8)
-    return LUT[idx]
+def colorize(m: np.ndarray, scale: MapScale, alpha: bool = False) -> np.ndarray:
+    """A map (H, W) -> uint8 RGB (H, W, 3) in the one colour convention; with ``alpha``, RGBA whose
+    opacity grows with the unit value as in ``blend`` (regions well below the level stay clear)."""
+    v = scale.unit(m)
+    rgb = LUT[np.round(v * 255.0).astype(np.uint8)]
+    if not alpha:
+        return rgb
+    a = np.round(255.0 * v ** 1.5).astype(np.uint8)[..., None]
+    return np.concatenate([rgb, a], axis=-1)
 
 
 def blend(rgb: np.ndarray, m: np.ndarray, scale: MapScale, max_alpha: float = 0.6) -> np.ndarray:

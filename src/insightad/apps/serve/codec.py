@@ -93,12 +93,13 @@ MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on
 
 
 def heatmap_png(amap: np.ndarray, scale: MapScale) -> str:
-    """An anomaly map -> base64 RGB PNG in the one colour convention (``render.colormap``), at the
+    """An anomaly map -> base64 RGBA PNG in the one colour convention (alpha grows with the value, so it
+    lays over the image as an overlay) (``render.colormap``), at the
     input's size but at most ``MAX_HEATMAP_SIDE`` on its long side (answers stay small)."""
     amap = np.asarray(amap, dtype=np.float32)
     h, w = amap.shape
     f = min(1.0, MAX_HEATMAP_SIDE / max(h, w))
-    img = Image.fromarray(colorize(amap, scale))
+    img = Image.fromarray(colorize(amap, scale, alpha=True), mode="RGBA")
     if f < 1.0:
         img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
     buf = io.BytesIO()

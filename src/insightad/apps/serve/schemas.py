@@ -32,7 +32,7 @@ class InferResponse(BaseModel):
     score_normalized: float | None = Field(None, description="logistic map of the score: 0.5 at the threshold")
     threshold: float = Field(description="the decision threshold in use")
     method: str = Field(description="detection method of the served model")
-    heatmap: str | None = Field(None, description="base64 RGB PNG of the anomaly map at the input's size (at most "
+    heatmap: str | None = Field(None, description="base64 RGBA PNG of the anomaly map at the input's size (at most "
                                 "1024 px on its long side), in the product's colour convention: the colour of "
                                 "map value m is jet(1 / (1 + exp(-(m - heatmap_level) / heatmap_scale)))")
     heatmap_level: float | None = Field(None, description="map value drawn at the middle of the colour scale "
