@@ -195,8 +195,9 @@ class FolderSorter:
     # ------------------------------------------------------------------ recovery
     def _recover(self, intents: list[dict[str, Any]], done: set[str]) -> None:
         """Finish every intent that has no CSV row (a run was interrupted between the two)."""
-        for partial in list(self.out.rglob(f".*{TMP_SUFFIX}")):
-            partial.unlink(missing_ok=True)
+        for pattern in (f".*{TMP_SUFFIX}", ".*.partial"):  # ours, and those of versions before io.atomic_write
+            for partial in list(self.out.rglob(pattern)):
+                partial.unlink(missing_ok=True)
         rows = []
         seen: set[str] = set()
         for it in intents:
