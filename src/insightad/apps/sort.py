@@ -30,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from insightad.errors import InsightADError
-from insightad.io import TMP_SUFFIX, durable_copy, fsync_dir, fsync_file, iter_images
+from insightad.io import TMP_SUFFIX, durable_copy, folder_lock, fsync_dir, fsync_file, iter_images
 
 JOURNAL = ".insightad-sort.journal"
 CSV_NAME = "results.csv"
 FIELDS = ("path", "score", "score_normalized", "decision", "destination", "error")
 DECISIONS = ("normal", "anomalous")
+# File names are bytes on POSIX: a name that is not valid UTF-8 reaches Python as lone surrogates, and
+# ``surrogateescape`` writes those back as the original bytes, so the CSV and the journal round-trip it.
+ENCODING, NAME_ERRORS = "utf-8", "surrogateescape"
 
 Hook = Callable[[str, str], None]  # (stage, relative path): test hook for simulated crashes
 # paths to score -> (paths of a chunk, its Prediction) as chunks finish, in any order (e.g. apps.batch_ray)
@@ -136,7 +139,7 @@ class FolderSorter:
         _cut_torn_tail(self.csv_path)
         intents: list[dict[str, Any]] = []
         if self.journal_path.exists() and self.journal_path.stat().st_size:
-            lines = self.journal_path.read_text(encoding="utf-8").splitlines()
+            lines = self.journal_path.read_text(encoding=ENCODING, errors=NAME_ERRORS).splitlines()
             header = json.loads(lines[0])
             self._check_same_run(header)
             intents = [json.loads(x) for x in lines[1:] if x.strip()]
@@ -144,7 +147,7 @@ class FolderSorter:
             self._append(self.journal_path, json.dumps(self._header()) + "\n")
         done: set[str] = set()
         if self.csv_path.exists() and self.csv_path.stat().st_size:
-            with open(self.csv_path, newline="", encoding="utf-8") as f:
+            with open(self.csv_path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
                 done = {row["path"] for row in csv.DictReader(f)}
         else:
             self._append(self.csv_path, ",".join(FIELDS) + "\n")
@@ -168,7 +171,7 @@ class FolderSorter:
     @staticmethod
     def _append(path: Path, text: str) -> None:
         """Append and fsync: the line is on disk before the caller moves on."""
-        with open(path, "a", encoding="utf-8", newline="") as f:
+        with open(path, "a", encoding=ENCODING, errors=NAME_ERRORS, newline="") as f:
             f.write(text)
             fsync_file(f)
 
@@ -197,8 +200,9 @@ class FolderSorter:
     # ------------------------------------------------------------------ recovery
     def _recover(self, intents: list[dict[str, Any]], done: set[str]) -> None:
         """Finish every intent that has no CSV row (a run was interrupted between the two)."""
-        for partial in list(self.out.rglob(f".*{TMP_SUFFIX}")):
-            partial.unlink(missing_ok=True)
+        for pattern in (f".*{TMP_SUFFIX}", ".*.partial"):  # ours, and those of versions before io.atomic_write
+            for partial in list(self.out.rglob(pattern)):
+                partial.unlink(missing_ok=True)
         rows = []
         seen: set[str] = set()
         for it in intents:
@@ -231,9 +235,20 @@ class FolderSorter:
             fsync_dir(self.out / d)
 
     # ------------------------------------------------------------------ main loop
+    def _check_inside(self, dest: Path) -> None:
+        """Refuse a destination whose folder resolves outside ``out/<decision>`` (a symlinked
+        ``normal/`` or sub-folder would write the images somewhere else)."""
+        rel = dest.relative_to(self.out)
+        base = self.out / rel.parts[0]
+        real_base, real_parent = base.resolve(), dest.parent.resolve()
+        if real_base != base or (real_parent != real_base and real_base not in real_parent.parents):
+            raise InsightADError(f"{dest.parent}: resolves to {real_parent}, outside the output folder {self.out} "
+                                 "(a symbolic link?); remove the link or choose another --out")
+
     def _destination(self, decision: str, rel: Path) -> Path:
         """``out/<decision>/<relative path>``, numbered when the name is taken (never overwrites)."""
         dest = self.out / decision / rel
+        self._check_inside(dest)
         n = 1
         while dest.exists() or dest in self._claimed:
             dest = dest.with_name(f"{rel.stem}-{n}{rel.suffix}")
@@ -263,7 +278,13 @@ class FolderSorter:
             self._append(self.journal_path, "".join(json.dumps(it) + "\n" for it in intents))
         self._stage("intents", rels[0].as_posix())
         for it in intents:
-            _transfer(Path(it["path"]), self.out / it["dest"], self.move)
+            try:
+                _transfer(Path(it["path"]), self.out / it["dest"], self.move)
+            except FileNotFoundError:  # deleted (or moved away) after it was scored: an error row, not a crash
+                rows.append(self._row(Path(it["path"]), it["score"], it["score_normalized"], "error",
+                                      error=f"{it['path']}: disappeared from the input folder before it was "
+                                      f"{'moved' if self.move else 'copied'}"))
+                continue
             self._stage("transferred", it["path"])
             rows.append(self._row(Path(it["path"]), it["score"], it["score_normalized"], it["decision"], it["dest"]))
         self._fsync_dests()
@@ -285,9 +306,22 @@ class FolderSorter:
 
     def run(self) -> SortSummary:
         """Sort every image not finished yet; resumable after any interruption."""
+        t0 = time.perf_counter()
+        self._check_outputs()
+        with folder_lock(self.out, "insightad sort"):  # two runs on one --out would each copy everything
+            return self._run_locked(t0)
+
+    def _check_outputs(self) -> None:
+        """Refuse before any work when ``out/normal`` or ``out/anomalous`` resolves elsewhere."""
+        for d in DECISIONS:
+            base = self.out / d
+            if base.is_symlink() or (base.exists() and base.resolve() != base):
+                raise InsightADError(f"{base}: resolves to {base.resolve()}, outside the output folder {self.out} "
+                                     "(a symbolic link?); remove the link or choose another --out")
+
+    def _run_locked(self, t0: float) -> SortSummary:
         from tqdm import tqdm
 
-        t0 = time.perf_counter()
         done, intents = self._open()
         self._recover(intents, done)
         todo = sum(1 for r in self._walk() if str(self.src / r) not in done)

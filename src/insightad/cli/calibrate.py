@@ -4,6 +4,7 @@ in the model file (rewritten atomically), with how it was chosen."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,24 @@ def write_threshold_json(path: Path, model: str, record: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8"))
 
 
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output whose folder cannot take a new file (it is written through a
+    temporary name beside it, so that is what is tried)."""
+    import tempfile
+
+    if path.is_dir():
+        raise InsightADError(f"{flag} {path}: is a folder; expected a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InsightADError(f"{flag} {path}: the folder {folder} does not exist")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".insightad-check", dir=folder)
+    except OSError as e:
+        raise InsightADError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def run(args: argparse.Namespace) -> int:
     from insightad.apps import calibrate as cal_mod
 
@@ -71,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
                              "(export again after calibrating)")
     if bool(args.labels) == bool(args.data):
         raise InsightADError("calibrate: give either --data (images to score) or --labels FILE.csv, not both or neither")
+    if args.out:
+        check_writable(Path(args.out), "--out")
+    if not args.dry_run:
+        check_writable(Path(args.model), "--model")
     det = load_inference_model(args)
     if args.labels:
         return run_labels(args, det)
@@ -79,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
     for w in cal.choice.warnings:
         print(f"insightad: warning: {w}", file=sys.stderr)
     old = (det.threshold_, det.threshold_strategy_)
+    record = cal.threshold_record()
+    if args.out:  # the side file first: if it cannot be written, the model is left as it was
+        write_threshold_json(Path(args.out), args.model, record)
     if not args.dry_run:
         cal_mod.apply(det, args.model, cal)
-    record = cal.threshold_record()
-    if args.out:
-        write_threshold_json(Path(args.out), args.model, record)
     if args.json:
         print_json({**record, "model": args.model, "written": not args.dry_run, "json": args.out})
         return 0

@@ -16,7 +16,7 @@ from insightad.cli.common import (
     with_config,
 )
 from insightad.errors import InsightADError
-from insightad.io import list_images
+from insightad.io import is_regular_file, list_images
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -45,6 +45,8 @@ def expand_images(items: list[str]) -> list[Path]:
             if not found:
                 raise InsightADError(f"{path}: no images found in this folder")
             out.extend(found)
+        elif path.exists() and not is_regular_file(path):  # a FIFO would block the reader forever
+            raise InsightADError(f"{path}: not a regular file (a pipe, socket or device); expected an image file")
         elif path.exists():
             out.append(path)
         else:

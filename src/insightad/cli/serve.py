@@ -71,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
     from insightad.apps.serve.security import API_KEY_ENV
 
     settings = gather(args, ServeParams)
-    if settings.api_key is None:
-        settings.api_key = os.environ.get(API_KEY_ENV) or None
-    elif not settings.api_key:
+    if settings.api_key is not None and not settings.api_key.strip():
         raise InsightADError("--api-key: empty; give a key or leave the flag out")
     tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
+    if settings.api_key is None and API_KEY_ENV in os.environ:
+        settings.api_key = os.environ[API_KEY_ENV]
+        if not settings.api_key.strip():  # an empty key must not quietly turn authentication off
+            raise InsightADError(f"{API_KEY_ENV}: set but empty; give a key or unset the variable")
     pin_mmap_threshold()  # a dedicated server process: keep RSS flat under long loads (see memory.py)
     app = create_app(args.model, settings, threshold=parse_threshold(args.threshold, args.model))
     sock = bind(settings.host, settings.port)
@@ -86,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
           f"on {'https' if tls else 'http'}://{shown}:{port} (page: /, docs: /docs; "
           f"API key {'required' if settings.api_key else 'off'})",
           file=sys.stderr, flush=True)
+    # Connections beyond limit_concurrency get 503 from uvicorn itself (no traceback each); idle
+    # keep-alive connections are closed after a few seconds; h11 caps the size of the request head.
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=settings.access_log,
                                            server_header=False, timeout_graceful_shutdown=10,
-                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile))
+                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                                           limit_concurrency=settings.max_connections, timeout_keep_alive=5,
+                                           h11_max_incomplete_event_size=64 * 1024))
     server.run(sockets=[sock])
     return 0

@@ -68,8 +68,23 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train"), _argv=argv)
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a service manager, ``kill``) stops training like Ctrl-C: the training loop then keeps its
+    last complete checkpoint and says how to resume, instead of the process dying mid-write."""
+    import signal
+    import threading
+
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_interrupt)
+
+
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.train import BACKBONE_METHODS, params_class, train_model
+
+    _interrupt_on_sigterm()
 
     if args.method in BACKBONE_METHODS:
         return run_backbone(args)

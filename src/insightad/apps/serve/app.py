@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from insightad.apps.serve.limits import BodySizeLimitMiddleware
 from insightad.apps.serve.metrics import MetricsMiddleware
@@ -33,6 +34,7 @@ from insightad.methods.base import Detector
 from insightad.version import __version__
 
 log = logging.getLogger("insightad.serve")
+CLIENT_CLOSED = 499  # the usual status for "client closed the request" (nginx): a 4xx, never a 500
 PATHS = frozenset({"/infer", "/infer/batch", "/health", "/model", "/metrics"})
 
 
@@ -60,6 +62,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InsightADError)
     async def input_error(request: Request, exc: InsightADError) -> JSONResponse:
         return _error(400, str(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the client left before its request was read: not a server error, no traceback, nobody to answer
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return _error(CLIENT_CLOSED, "client closed the connection")
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -105,7 +113,8 @@ def create_app(model: str | Path | Detector, settings: ServeParams | None = None
                               "anomalous; `Anomaly` (= `anomalous`) is `score > threshold`.")
     app.state.service, app.state.worker, app.state.detector = service, service.worker, det
     app.state.settings, app.state.metrics, app.state.threshold, app.state.ready = settings, service.metrics, thr, False
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(settings.max_body_mb * 1_000_000))
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(settings.max_body_mb * 1_000_000),
+                       timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics, known_paths=PATHS)  # outermost: counts 413s
     _add_error_handlers(app)
     service.info["model_sha256"] = served_model_sha256(det)  # threshold and label files carry it

@@ -69,28 +69,52 @@ async def read_upload(request: Request) -> tuple[bytes, bool]:
         await form.close()
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _require_json(request: Request) -> None:
+    """415 for a body that says it is something other than JSON (text/plain is not parsed as JSON)."""
+    ctype = _content_type(request)
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise HTTPException(415, f"Content-Type {ctype!r}: expected application/json (or multipart/form-data "
+                                 "with a 'file' field on /infer)")
+
+
 def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> None:
     """Register every route of the API on ``app``."""
     @app.post("/infer", response_model=InferResponse, response_model_exclude_none=True, dependencies=protected,
               responses=ERRORS_DOC, openapi_extra=_json_body_doc(InferRequest, multipart=True),
               summary="Score one image (JSON with base64, or a multipart upload in field 'file')")
     async def infer(request: Request) -> Any:
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            data, want = await read_upload(request)
-            return (await service.score([("file", data)], want))[0]
-        req = await service.off_loop(_parse_json, InferRequest, await request.body())
-        return (await service.score([("image", req.image)], req.heatmap))[0]
+        if _content_type(request) == "multipart/form-data":
+            async def read_form() -> tuple[list[tuple[str, str | bytes]], bool]:
+                data, want = await read_upload(request)
+                return [("file", data)], want
+
+            return (await service.score_request(read_form))[0]
+
+        async def read_json() -> tuple[list[tuple[str, str | bytes]], bool]:
+            req = await service.off_loop(_parse_json, InferRequest, await request.body())
+            return [("image", req.image)], req.heatmap
+
+        _require_json(request)
+        return (await service.score_request(read_json))[0]
 
     @app.post("/infer/batch", response_model=BatchResponse, response_model_exclude_none=True,
               dependencies=protected, responses=ERRORS_DOC, openapi_extra=_json_body_doc(BatchRequest, multipart=False),
               summary="Score several images; results in the same order")
     async def infer_batch(request: Request) -> Any:
-        req = await service.off_loop(_parse_json, BatchRequest, await request.body())
-        if len(req.images) > service.settings.max_images:
-            raise HTTPException(413, f"images: at most {service.settings.max_images} images per request (--max-images), "
-                                     f"got {len(req.images)}")
-        items = [(f"images[{i}]", s) for i, s in enumerate(req.images)]
-        return {"results": await service.score(items, req.heatmap)}
+        _require_json(request)
+
+        async def read_json() -> tuple[list[tuple[str, str | bytes]], bool]:
+            req = await service.off_loop(_parse_json, BatchRequest, await request.body())
+            if len(req.images) > service.settings.max_images:
+                raise HTTPException(413, f"images: at most {service.settings.max_images} images per request "
+                                         f"(--max-images), got {len(req.images)}")
+            return [(f"images[{i}]", s) for i, s in enumerate(req.images)], req.heatmap
+
+        return {"results": await service.score_request(read_json)}
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}},
              summary="Liveness and readiness: 200 when the model is loaded and the worker runs")

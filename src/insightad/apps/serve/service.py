@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 from starlette.exceptions import HTTPException
 
-from insightad.apps.serve.codec import DecodedImage, decode_base64, decode_image, heatmap_png
+from insightad.apps.serve.codec import DecodedImage, decode_base64, decode_image, heatmap_png, image_pixels
 from insightad.apps.serve.metrics import ServerMetrics
 from insightad.apps.serve.settings import ServeParams
 from insightad.apps.serve.worker import InferenceWorker, Job, QueueFull, Result, WorkerStopped
@@ -21,6 +22,7 @@ from insightad.methods.base import Detector, upsample_maps
 from insightad.render.colormap import MapScale
 from insightad.version import __version__
 
+Items = list[tuple[str, str | bytes]]  # (field name, base64 text or raw bytes) per image
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
 
@@ -31,12 +33,26 @@ def answer_record(record: dict[str, Any], method: str) -> dict[str, Any]:
             "score_normalized": record["score_normalized"], "threshold": record["threshold"], "method": method}
 
 
+# Keys whose values name server folders or image files (calibration data, its warnings, the split).
+PRIVATE_DETAILS = frozenset({"data", "images", "root", "path", "paths", "split", "files", "model", "warnings"})
+
+
+def _public(value: Any) -> Any:
+    """Threshold details without server paths or image names (lists of names, 'data' folders)."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items() if k not in PRIVATE_DETAILS}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return value
+
+
 def model_info(det: Detector, threshold: float) -> dict[str, Any]:
-    """What ``/model`` shows: method, backbone, threshold and how it was chosen, preprocessing, versions."""
+    """What ``/model`` shows: method, backbone, threshold and how it was chosen, preprocessing, versions;
+    no server paths and no image names (an operator needs neither, a stranger should see neither)."""
     from insightad.model_file import metadata
 
     meta = getattr(det, "metadata_", None) or (metadata(det) if det.model_ is not None else {})
-    thr = dict(meta.get("threshold") or {"value": det.threshold_, "strategy": det.threshold_strategy_})
+    thr = _public(dict(meta.get("threshold") or {"value": det.threshold_, "strategy": det.threshold_strategy_}))
     if threshold != det.threshold_:
         thr = {"value": threshold, "strategy": "override (serve --threshold)", "model_value": det.threshold_}
     path = getattr(det, "model_path_", None)
@@ -46,7 +62,7 @@ def model_info(det: Detector, threshold: float) -> dict[str, Any]:
         "version": {"insightad": __version__, "model_written_by": meta.get("package_version"),
                     "model_format_version": meta.get("format_version"), "model_created": meta.get("created"),
                     "model_file": Path(path).name if path else None},
-        "params": meta.get("params") or det.get_params(),
+        "params": _public(meta.get("params") or det.get_params()),
     }
 
 
@@ -73,11 +89,19 @@ class ScoringService:
         self.worker.stop()
         self.io_pool.shutdown(wait=False, cancel_futures=True)
 
-    def decode_all(self, items: list[tuple[str, str | bytes]]) -> list[DecodedImage]:
-        out = []
+    def decode_all(self, items: Items) -> list[DecodedImage]:
+        """Decode every image; the pixels decoded for one request are bounded by --max-pixels in total
+        (each image is checked against what is left before it is decoded)."""
+        out, left = [], self.settings.max_pixels
         for field, payload in items:
             data = decode_base64(payload, field) if isinstance(payload, str) else payload
-            out.append(decode_image(data, self.det.preprocessing_, self.settings.max_pixels, field))
+            pixels = image_pixels(data) or 0
+            if left < self.settings.max_pixels and pixels > left:  # over what the earlier images left
+                raise HTTPException(413, f"{field}: the images of this request together exceed this server's "
+                                         f"limit of {self.settings.max_pixels} decoded pixels per request "
+                                         "(--max-pixels); send fewer or smaller images")
+            out.append(decode_image(data, self.det.preprocessing_, min(left, self.settings.max_pixels), field))
+            left -= pixels
         return out
 
     def answer(self, results: list[Result], decoded: list[DecodedImage]) -> list[dict[str, Any]]:
@@ -94,8 +118,16 @@ class ScoringService:
             out.append(item)
         return out
 
-    async def score(self, items: list[tuple[str, str | bytes]], want_maps: bool) -> list[dict[str, Any]]:
-        """Admit (or 503), decode, run on the worker within the deadline, answer."""
+    async def score(self, items: Items, want_maps: bool) -> list[dict[str, Any]]:
+        """Score images already read (see ``score_request``)."""
+        async def ready() -> tuple[Items, bool]:
+            return items, want_maps
+
+        return await self.score_request(ready)
+
+    async def score_request(self, read: Callable[[], Awaitable[tuple[Items, bool]]]) -> list[dict[str, Any]]:
+        """Admit (or 503) *before* the body is read, so --queue-size bounds the bodies held in memory;
+        then read, decode, run on the worker and encode the answer, all within --timeout-s."""
         worker, settings = self.worker, self.settings
         try:
             worker.admit()
@@ -104,22 +136,26 @@ class ScoringService:
             raise HTTPException(503, f"server busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         except WorkerStopped as e:
             raise HTTPException(503, str(e)) from None
-        submitted = False
+        state = {"submitted": False}
         try:
-            decoded = await self.off_loop(self.decode_all, items)
-            job = Job([d.tensor for d in decoded], want_maps and self.det.has_maps)
-            submitted = True  # from here the worker owns the slot
-            future = worker.submit(job)
-            try:
-                results = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
-            except asyncio.TimeoutError:
-                raise HTTPException(503, f"inference did not finish within {settings.timeout_s:g} s "
-                                         "(--timeout-s); the server is overloaded") from None
+            return await asyncio.wait_for(self._admitted(read, state), settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"the request did not finish within {settings.timeout_s:g} s (--timeout-s: "
+                                     "decoding, inference and encoding together); the server is overloaded "
+                                     "or the images are too large") from None
         except WorkerStopped as e:
             raise HTTPException(503, str(e)) from None
         finally:
-            if not submitted:
+            if not state["submitted"]:
                 worker.release()
+
+    async def _admitted(self, read: Callable[[], Awaitable[tuple[Items, bool]]],
+                        state: dict[str, bool]) -> list[dict[str, Any]]:
+        items, want_maps = await read()
+        decoded = await self.off_loop(self.decode_all, items)
+        job = Job([d.tensor for d in decoded], want_maps and self.det.has_maps)
+        state["submitted"] = True  # from here the worker owns the slot
+        results = await asyncio.wrap_future(self.worker.submit(job))
         if job.want_maps:
             return await self.off_loop(self.answer, results, decoded)
         return self.answer(results, decoded)

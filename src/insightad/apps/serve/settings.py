@@ -32,4 +32,8 @@ class ServeParams:
     threads: int = param(0, "PyTorch CPU threads for inference (0: PyTorch's default)", minimum=0)
     decode_threads: int = param(0, "threads that parse and decode request images (0: one per CPU core, "
                                 "at most 4)", minimum=0)
+    max_connections: int = param(256, "most open connections and tasks; beyond it new connections get 503",
+                                 minimum=1)
+    body_timeout_s: float = param(30.0, "a request body not received whole within this many seconds "
+                                  "gets 408", minimum=0.0, exclusive_min=True)
     access_log: bool = param(True, "log one line per request")
