@@ -88,6 +88,8 @@ def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
     return obj
 
 
+MAX_IMAGE_SIDE = 4096  # the largest image side a model works at: bigger would exhaust memory before it helps
+
 # --------------------------------------------------------------------------------------- data
 LAYOUTS = ("auto", "mvtec", "folder", "crack", "images")
 
@@ -144,7 +146,8 @@ class DetectorParams:
                           "resnet18, wide_resnet50_2, any timm name) or ssl:PATH")
     weights: str | None = param(None, "backbone weights: a .safetensors/.pth file, 'random', or unset to "
                                 "use the installed weight package / hub cache")
-    image_size: int = param(256, "side of the square image the model works at", minimum=16)
+    image_size: int = param(256, "side of the square image the model works at", minimum=16,
+                            maximum=MAX_IMAGE_SIDE)
     batch_size: int = param(16, "images per batch", minimum=1, aliases=("--batch_size",))
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     device: str = param("auto", "auto, cpu or cuda")
@@ -167,7 +170,8 @@ class SSLParams(TrainLoopParams):
                       choices=SSL_INITS)
     weights: str | None = param(None, "with --init imagenet: a .safetensors/.pth file to start from "
                                 "instead of the installed ImageNet weights")
-    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16)
+    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16,
+                            maximum=MAX_IMAGE_SIDE)
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     epochs: int = param(10, "training epochs (each image is seen at 4 rotations per epoch)", minimum=1,
                         aliases=("--epoch",))
@@ -227,7 +231,8 @@ class AutoencoderParams(TrainLoopParams):
     channels: int = param(0, "1 (grayscale) or 3 (colour); 0: colour when the images are, grayscale for "
                           "--arch seed", minimum=0, maximum=3)
     latent: int = param(32, "bottleneck: channels of the latent at 1/16 of the image side", minimum=1)
-    image_size: int = param(256, "side of the square image the model works at (a multiple of 16)", minimum=32)
+    image_size: int = param(256, "side of the square image the model works at (a multiple of 16)", minimum=32,
+                            maximum=MAX_IMAGE_SIDE)
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     alpha: float = param(0.84, "weight of (1 - SSIM) in the loss", minimum=0.0, maximum=1.0)
     ssim_window: int = param(11, "SSIM window size (odd)", minimum=3)

@@ -19,12 +19,11 @@ import torch
 
 from insightad import __version__
 from insightad.data.preprocess import Preprocessing
-from insightad.errors import InsightADError
+from insightad.errors import InsightADError, cut
 from insightad.methods import Detector, get_class
 from insightad.methods.base import resolve_device
+from insightad.model_schema import FORMAT, FORMAT_VERSION, validate_metadata
 
-FORMAT = "insightad-model"
-FORMAT_VERSION = 1
 META_KEY = "insightad"
 
 
@@ -100,11 +99,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise InsightADError(f"{path}: model metadata is not valid JSON (file damaged?)") from None
-    if meta.get("format") != FORMAT:
-        raise InsightADError(f"{path}: not an InsightAD model file (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise InsightADError(f"{path}: model file format {meta['format_version']} is newer than this InsightAD "
-                             f"({__version__}) reads; upgrade insightad")
+    except RecursionError:
+        raise InsightADError(f"{path}: model metadata is nested too deeply; refusing it") from None
+    return validate_metadata(meta, str(path))
     return meta
 
 
@@ -119,7 +116,10 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: cannot read the model's tensors ({str(e).splitlines()[0]})") from None
     cls = get_class(meta["method"])
-    det = cls(**{**meta["params"], "device": device})
+    try:
+        det = cls(**{**meta["params"], "device": device})
+    except InsightADError as e:
+        raise InsightADError(f"{path}: model metadata field 'params': {cut(str(e), 300)}") from None
     det.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
     det.device_ = resolve_device(device)
     bb = meta.get("backbone") or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from insightad.data.preprocess import Preprocessing
@@ -53,7 +54,9 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
     if str(path).lower().endswith(".onnx"):
         if engine == "torch":
             raise InsightADError(f"{path}: an ONNX file runs on the onnx engine only (drop --engine torch)")
-        return load_onnx_file(path, threads)
+        onnx_det = load_onnx_file(path, threads)
+        warm_up(onnx_det, path)
+        return onnx_det
     det = load_model(path, device=device)
     chosen = resolve_engine(engine, device)
     if engine == "auto" and not getattr(det.model_, "onnx_auto", True):
@@ -65,12 +68,37 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
         try:
             det.engine_ = OnnxEngine(cached_export(det, path), threads)
             det.engine_name_ = "onnx"
-        except InsightADError:
+        except InsightADError as e:
             if engine == "onnx":
-                raise
+                raise InsightADError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a graph that cannot be traced: tensors that do not fit
+            if engine == "onnx":
+                raise InsightADError(f"{path}: cannot export the model to ONNX ({_first_line(e)})") from None
         else:  # the session holds the weights now: a second copy in PyTorch would only cost memory
             det.model_ = None
             import gc
 
             gc.collect()
+    warm_up(det, path)
     return det
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def warm_up(det: Detector, path: str | Path) -> None:
+    """Score one generated image at the model's size: a model whose tensors do not fit its metadata,
+    or that scores NaN or infinity (NaN in its tensors, a zero std), is refused here, at load."""
+    p = det.preprocessing_
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, p.channels, *p.size), dtype=np.uint8))
+    try:
+        scores, maps = det.forward_batch(x)
+    except InsightADError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here is the model file's, said in one line
+        raise InsightADError(f"{path}: the model cannot score an image (its tensors do not fit its "
+                             f"metadata: {_first_line(e)})") from None
+    if not bool(torch.isfinite(scores).all()) or (maps is not None and not bool(torch.isfinite(maps).all())):
+        raise InsightADError(f"{path}: the model scores NaN or infinity on its warm-up image (NaN or inf in "
+                             "its tensors?); refusing it")
