@@ -109,7 +109,7 @@ def test_p13_bank_of_the_wrong_shape(source, mvtec_dir, tmp_path, capsys):
     image = next((mvtec_dir / "test" / "good").iterdir())
     for engine in ("torch", "onnx"):
         code = main(["predict", "--model", str(path), "--engine", engine, str(image)])
-        out, err = capsys.readouterr()
+        err = capsys.readouterr().err
         assert code == 1 and err.count("\n") == 1 and str(path) in err and "Traceback" not in err, err
 
 

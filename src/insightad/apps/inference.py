@@ -58,6 +58,7 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
         warm_up(onnx_det, path)
         return onnx_det
     det = load_model(path, device=device)
+    warm_up(det, path)  # on PyTorch first: a model that cannot score is refused before any export
     chosen = resolve_engine(engine, device)
     if engine == "auto" and not getattr(det.model_, "onnx_auto", True):
         chosen = "torch"  # the method says its PyTorch graph is the better default (see its model)

@@ -49,6 +49,14 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+def check_finite(img: Image.Image, name: str) -> None:
+    """A floating-point image with NaN or infinite pixels is refused: scaling would turn it into a wrong picture."""
+    arr = np.asarray(img)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise InsightADError(f"{name}: {bad} of {arr.size} pixel values are NaN or infinite; expected finite numbers")
+
+
 def to_8bit(img: Image.Image) -> Image.Image:
     """8-bit L or RGB: 16-bit and float images scaled, palettes expanded, alpha dropped."""
     if img.mode in ("L", "RGB"):
@@ -68,7 +76,10 @@ def to_8bit(img: Image.Image) -> Image.Image:
 def load_image(source: str | Path | bytes, channels: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode fully into an 8-bit image; ``channels`` 3 gives RGB, 1 gives grayscale, None keeps it."""
-    img = to_8bit(_open(source, max_pixels))
+    img = _open(source, max_pixels)
+    if img.mode == "F":
+        check_finite(img, "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
+    img = to_8bit(img)
     if channels == 3 and img.mode != "RGB":
         img = img.convert("RGB")
     elif channels == 1 and img.mode != "L":

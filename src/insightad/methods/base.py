@@ -9,6 +9,7 @@ Detector around it handles data, batching, devices, thresholds and persistence o
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,13 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise InsightADError(f"device: expected auto, cpu or cuda, got {device!r}") from None
+
+
+def non_finite_message(source: Any, score: float) -> str:
+    """One line for an image the model scored NaN or infinity (a model fault, not a verdict)."""
+    source = getattr(source, "path", source)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
+    return f"{name}: the model's score is {score} (not a finite number); no verdict for this image"
 
 
 def upsample_maps(maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -203,6 +211,12 @@ class Detector:
             if all_maps is not None and m is not None:
                 for i, arr in zip(batch.indices, upsample_maps(m, batch.sizes)):
                     all_maps[i] = arr
+        for i in np.flatnonzero(~np.isfinite(scores)):
+            if int(i) not in errors:  # scored, but not a number: an error for that image, never "normal"
+                errors[int(i)] = non_finite_message(images[int(i)], scores[i])
+                scores[i] = np.nan
+                if strict:
+                    raise InsightADError(errors[int(i)])
         thr = self.threshold_ if threshold is None else float(threshold)
         labels = np.where(np.isnan(scores), False, scores > thr)
         normalized = normalize_scores(scores, thr, getattr(self, "threshold_info_", {}).get("scale"))
