@@ -64,10 +64,10 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
         chosen = "torch"  # the method says its PyTorch graph is the better default (see its model)
     det.engine_name_ = "torch"
     if chosen == "onnx":
-        from insightad.engines.onnx_runtime import OnnxEngine, cached_export
+        from insightad.engines.onnx_runtime import cached_engine
 
         try:
-            det.engine_ = OnnxEngine(cached_export(det, path), threads)
+            det.engine_ = cached_engine(det, path, threads)
             det.engine_name_ = "onnx"
         except InsightADError as e:
             if engine == "onnx":

@@ -43,8 +43,9 @@ def _export_bytes(model: torch.nn.Module, dummy: torch.Tensor, outputs: list[str
     return buf.getvalue()
 
 
-def export_bytes(det, verify: bool = True) -> bytes:
-    """The ONNX graph of ``det`` as bytes, with metadata; raises if it cannot be exported faithfully."""
+def export_bytes(det, verify: bool = True, stamp: dict[str, str] | None = None) -> bytes:
+    """The ONNX graph of ``det`` as bytes, with metadata (plus ``stamp``'s entries: the cache's key);
+    raises if it cannot be exported faithfully."""
     import onnx
 
     det._check_fitted()
@@ -67,9 +68,10 @@ def export_bytes(det, verify: bool = True) -> bytes:
     meta = onnx_metadata(det)
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
-    for key in ("threshold", "input_height", "input_width", "resize", "method"):
+    for key, value in [*((k, meta[k]) for k in ("threshold", "input_height", "input_width", "resize", "method")),
+                       *(stamp or {}).items()]:
         e = proto.metadata_props.add()
-        e.key, e.value = key, str(meta[key])
+        e.key, e.value = key, str(value)
     data = proto.SerializeToString()
     del proto
     if verify:  # two batch sizes: a graph that baked in the export's batch size fails here, not later

@@ -94,28 +94,63 @@ def prune_cache(keep: Path | None = None, limit: int = CACHE_LIMIT_BYTES) -> Non
         pass
 
 
+CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
+
+
 def file_digest(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex): what a cache entry is keyed and checked by."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
-def cached_export(det, model_path: str | Path | None) -> bytes:
-    """The model's ONNX graph, exported once per model file and cached (keyed by its content)."""
-    from insightad.engines.onnx_export import export_bytes
-    from insightad.model_file import atomic_write
-
-    if model_path is None:
-        return export_bytes(det)
-    target = cache_dir() / f"{file_digest(model_path)}.onnx"
-    if target.is_file():
-        return target.read_bytes()
-    data = export_bytes(det)
+def _verified_entry(target: Path, digest: str, threads: int | None) -> OnnxEngine | None:
+    """The engine of a cache entry whose stamp names this model file's content; None for a missing, damaged
+    (truncated, not ONNX) or foreign entry (another model's graph), which is then deleted, never used."""
     try:
+        data = target.read_bytes()
+    except OSError:
+        return None
+    try:
+        engine = OnnxEngine(data, threads)
+        stamp = engine.session.get_modelmeta().custom_metadata_map.get(CACHE_KEY)
+    except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
+        stamp, engine = None, None
+    if stamp != digest:
+        target.unlink(missing_ok=True)
+        return None
+    return engine
+
+
+def cached_engine(det, model_path: str | Path, threads: int | None = DEFAULT_THREADS) -> OnnxEngine:
+    """An ONNX Runtime engine for the model file at ``model_path``: its graph is exported once and cached,
+    keyed by the sha256 of the model file's content and stamped with it; an entry whose stamp does not match
+    (truncated, swapped, damaged) is rebuilt from the PyTorch model, or refused where there is none."""
+    digest = file_digest(model_path)
+    target = cache_dir() / f"{digest}.onnx"
+    if target.exists():
+        engine = _verified_entry(target, digest, threads)
+        if engine is not None:
+            return engine
+    if getattr(det, "model_", None) is None:
+        raise InsightADError(f"{target}: cached ONNX graph for {model_path} is missing, damaged or made from "
+                             "another model, and PyTorch is not available to rebuild it; install insightad[train] "
+                             "or export the model with 'insightad export' where PyTorch is installed")
+    data = export_graph(det, digest)
+    try:
+        from insightad.model_file import atomic_write
+
         atomic_write(target, lambda tmp: tmp.write_bytes(data))
         prune_cache(keep=target)
     except OSError:
         pass  # a read-only home is no reason to fail a prediction
-    return data
+    return OnnxEngine(data, threads)
+
+
+def export_graph(det, digest: str) -> bytes:
+    """The verified export of ``det``, stamped with the model file's sha256 (for the cache check)."""
+    from insightad.engines.onnx_export import export_bytes
+
+    return export_bytes(det, stamp={CACHE_KEY: digest})
