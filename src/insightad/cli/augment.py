@@ -27,8 +27,10 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.augment import augment_folder
+    from insightad.outputs import check_output_dir
 
     params = gather(args, config.AugmentParams)
+    check_output_dir(args.out, "--out")
     written = augment_folder(args.input, args.out, args.copies, params, args.seed, args.include_originals,
                              args.progress)
     print(f"wrote {len(written)} images to {args.out}")

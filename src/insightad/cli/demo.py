@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from insightad.cli.common import add_progress_flag, new_parser, print_json, with_config
 
@@ -41,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from insightad.evaluate.run import evaluate_model
     from insightad.evaluate.examples import write_examples
 
+    from insightad.outputs import check_output_dir
+
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
     method = pick_method(args.method)
     data = write_dataset(out / "data", kind=args.kind, layout="mvtec", n_train=60, n_test_good=16,
                          n_per_defect=6, size=128, seed=args.seed)

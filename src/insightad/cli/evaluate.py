@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from insightad.cli.common import (add_data_flags, add_engine_flags, load_inference_model, add_model_flag, add_progress_flag, data_params, new_parser,
                                   parse_threshold, print_json, with_config)
@@ -46,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
         raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {args.prevalence:g}")
     if args.report and args.draws < 1:
         raise InsightADError(f"--draws: expected at least 1, got {args.draws}")
-    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
-        raise InsightADError(f"{args.report}: --report expects a folder, and this is a file")
+    if args.report:
+        from insightad.outputs import check_output_dir
+
+        check_output_dir(args.report, "--report")
     det = load_inference_model(args)
     dp = data_params(args)
     ev = evaluate_model(det, args.data, dp, parse_threshold(args.threshold), args.progress)

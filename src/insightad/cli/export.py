@@ -25,8 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from insightad.engines.onnx_export import export_onnx
     from insightad.model_file import load_model
 
+    from insightad.outputs import check_output_file
+
+    out = check_output_file(args.out if args.out else Path(args.model).with_suffix(".onnx"), "--out")
     det = load_model(args.model)
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
     export_onnx(det, out)
     p = det.preprocessing_
     print(f"exported {det.method} to {out} (input uint8 {p.channels}x{p.size[0]}x{p.size[1]}, "

@@ -47,6 +47,11 @@ def expand_images(items: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from insightad.outputs import check_output_dir
+
+    for flag, folder in (("--overlay", args.overlay), ("--heatmap", args.heatmap)):
+        if folder:
+            check_output_dir(folder, flag)
     paths = expand_images(list(args.images) + list(args.image))
     det = load_inference_model(args)
     thr = parse_threshold(args.threshold)

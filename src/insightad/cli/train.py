@@ -46,6 +46,16 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train"), _argv=argv)
 
 
+def check_outputs(args: argparse.Namespace, params) -> None:
+    """--out (or its default) and --checkpoint-dir writable before any training starts."""
+    from insightad.apps.train import default_model_path
+    from insightad.outputs import check_output_dir, check_output_file
+
+    args.out = str(check_output_file(args.out or default_model_path(args.data, args.method), "--out"))
+    if getattr(params, "checkpoint_dir", None):
+        check_output_dir(params.checkpoint_dir, "--checkpoint-dir")
+
+
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.train import train_model
 
@@ -53,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         return run_backbone(args)
     cls = get_class(args.method)
     params = gather(args, cls.Params)
+    check_outputs(args, params)
     det, path, split = train_model(args.data, args.method, vars(params), data_params(args), args.out, args.progress)
     held = f", {len(split['holdout'])} normal images held out" if split["holdout"] else ""
     print(f"trained {args.method} on {len(split['train'])} normal images of {split['root']} "
@@ -82,6 +93,7 @@ def run_backbone(args: argparse.Namespace) -> int:
     from insightad.apps.train import train_backbone
 
     params = gather(args, params_class(args.method))
+    check_outputs(args, params)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, path, split = train_backbone(args.data, args.method, vars(params), data_params(args), args.out,
