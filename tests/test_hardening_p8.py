@@ -24,7 +24,7 @@ def no_work(monkeypatch):
 
 def _refused(capsys, argv, *needles):
     code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     for n in needles:
         assert str(n) in err, err

@@ -152,10 +152,12 @@ def overlay_name(path: Path, used: set[str]) -> str:
 
 
 def predict_with_overlays(det, paths: Sequence[Path], out_dir: str | Path, threshold: float | None = None,
-                          chunk: int = 16, progress: bool = False):
+                          chunk: int = 16, progress: bool = False, strict: bool = True):
     """Score ``paths`` a chunk at a time and write ``<stem>_overlay.png`` for each into ``out_dir``.
 
-    Returns (Prediction without maps, list of overlay paths). Maps are held for one chunk only.
+    Returns (Prediction without maps, list of overlay paths (None for an image in ``errors``: with
+    ``strict=False`` an unreadable image is listed there and the others are still scored)). Maps are
+    held for one chunk only.
     """
     from tqdm import tqdm
 
@@ -167,13 +169,18 @@ def predict_with_overlays(det, paths: Sequence[Path], out_dir: str | Path, thres
     display = MapDisplay.for_detector(det, threshold) if det.has_maps else None
     n = len(paths)
     scores, normalized, labels = np.empty(n), np.empty(n), np.zeros(n, dtype=bool)
-    written: list[Path] = []
+    written: list[Path | None] = []
+    errors: dict[int, str] = {}
     used: set[str] = set()
     thr = det.threshold_ if threshold is None else float(threshold)
     for start in tqdm(range(0, n, chunk), desc="overlays", unit="chunk", disable=not progress, leave=False):
         part = list(paths[start:start + chunk])
-        pred = det.predict(part, maps=det.has_maps, threshold=threshold)
+        pred = det.predict(part, maps=det.has_maps, threshold=threshold, strict=strict)
         for i, path in enumerate(part):
+            if i in pred.errors:
+                errors[start + i] = pred.errors[i]
+                written.append(None)
+                continue
             m = pred.maps[i] if pred.maps is not None else None
             img = render_overlay(load_image(path, 3), float(pred.scores[i]), pred.threshold, anomaly_map=m,
                                  display=display, score_normalized=float(pred.scores_normalized[i]))
@@ -183,4 +190,4 @@ def predict_with_overlays(det, paths: Sequence[Path], out_dir: str | Path, thres
         scores[start:start + len(part)] = pred.scores
         normalized[start:start + len(part)] = pred.scores_normalized
         labels[start:start + len(part)] = pred.labels
-    return Prediction(scores, None, thr, labels, normalized), written
+    return Prediction(scores, None, thr, labels, normalized, errors=errors), written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from insightad.cli.common import (add_engine_flags, add_model_flag, add_progress_flag, load_inference_model,
@@ -62,31 +63,53 @@ def run(args: argparse.Namespace) -> int:
     if args.overlay:
         from insightad.apps.overlay import predict_with_overlays
 
-        pred, overlays = predict_with_overlays(det, paths, args.overlay, thr, progress=args.progress)
+        pred, overlays = predict_with_overlays(det, paths, args.overlay, thr, progress=args.progress, strict=False)
     heatmaps = [None] * len(paths)
     if args.heatmap or not args.overlay:  # overlays hold maps a chunk at a time; heatmaps need them all
-        pred = det.predict(paths, maps=bool(args.heatmap), progress=args.progress, threshold=thr)
+        pred = det.predict(paths, maps=bool(args.heatmap), progress=args.progress, threshold=thr, strict=False)
     if args.heatmap:
         from insightad.apps.heatmap import write_heatmaps
 
         heatmaps = write_heatmaps(paths, pred.maps, pred.threshold, args.heatmap)
     if args.json:
-        for path, s, sn, lab, ov, hm in zip(paths, pred.scores, pred.scores_normalized, pred.labels, overlays,
-                                            heatmaps):
-            row = {"path": str(path), "score": float(s), "score_normalized": float(sn), "threshold": pred.threshold,
-                   "anomalous": bool(lab), "method": det.method}
-            if ov is not None:
-                row["overlay"] = str(ov)
-            if hm is not None:
-                row["heatmap"] = str(hm)
-            print_json(row)
-        return 0
+        print_rows_json(paths, pred, overlays, heatmaps, det.method)
+    else:
+        print_table(paths, pred)
+        if args.overlay:
+            print(f"{sum(o is not None for o in overlays)} overlays written to {args.overlay}")
+        if args.heatmap:
+            print(f"{sum(h is not None for h in heatmaps)} heatmaps written to {args.heatmap}")
+    return report_errors(pred.errors, len(paths))
+
+
+def print_rows_json(paths, pred, overlays, heatmaps, method: str) -> None:
+    """One JSON object per image; an image that could not be scored has ``error`` and null score/decision."""
+    for i, (path, s, sn, lab, ov, hm) in enumerate(zip(paths, pred.scores, pred.scores_normalized, pred.labels,
+                                                        overlays, heatmaps)):
+        row = {"path": str(path), "score": float(s), "score_normalized": float(sn), "threshold": pred.threshold,
+               "anomalous": bool(lab), "method": method}
+        if i in pred.errors:
+            row.update(score=None, score_normalized=None, anomalous=None, error=pred.errors[i])
+        if ov is not None:
+            row["overlay"] = str(ov)
+        if hm is not None:
+            row["heatmap"] = str(hm)
+        print_json(row)
+
+
+def print_table(paths, pred) -> None:
     width = max(len(str(p)) for p in paths)
     print(f"{'image':<{width}}  {'score':>12}  {'normalized':>10}  verdict   (threshold {pred.threshold:.6g})")
-    for path, s, sn, lab in zip(paths, pred.scores, pred.scores_normalized, pred.labels):
-        print(f"{str(path):<{width}}  {s:>12.6g}  {sn:>10.4f}  {'ANOMALOUS' if lab else 'normal'}")
-    if args.overlay:
-        print(f"{len(overlays)} overlays written to {args.overlay}")
-    if args.heatmap:
-        print(f"{sum(h is not None for h in heatmaps)} heatmaps written to {args.heatmap}")
+    for i, (path, s, sn, lab) in enumerate(zip(paths, pred.scores, pred.scores_normalized, pred.labels)):
+        verdict = "ERROR" if i in pred.errors else ("ANOMALOUS" if lab else "normal")
+        print(f"{str(path):<{width}}  {s:>12.6g}  {sn:>10.4f}  {verdict}")
+
+
+def report_errors(errors: dict[int, str], n: int) -> int:
+    """The images that could not be scored, on stderr after the results; non-zero exit when there are any."""
+    for i in sorted(errors):
+        print(f"insightad: error: {errors[i]}", file=sys.stderr)
+    if errors:
+        print(f"insightad: {len(errors)} of {n} images could not be scored (listed above)", file=sys.stderr)
+        return 1
     return 0
