@@ -127,8 +127,8 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     try:
         model = det._restore(tensors, meta.get("state") or {})
         model.load_state_dict(tensors, strict=True)
-    except InsightADError:
-        raise
+    except InsightADError as e:
+        raise InsightADError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: the tensors do not fit a {meta['method']} model "
                              f"({str(e).splitlines()[0][:200]})") from None
