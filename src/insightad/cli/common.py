@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,11 @@ def parse_threshold(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        return _finite_threshold(number, f"--threshold: expected a finite number, got {value!r}")
     path = Path(value)
     if path.suffix.lower() in (".pkl", ".pickle", ".joblib"):
         raise InsightADError(f"{path}: pickle threshold files are refused (loading one can run arbitrary code); "
@@ -84,9 +87,17 @@ def parse_threshold(value: str | None) -> float | None:
         raise InsightADError(f"--threshold: expected a number or a JSON file, got {value!r} (no such file)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return float(data["threshold"] if isinstance(data, dict) else data)
+        number = float(data["threshold"] if isinstance(data, dict) else data)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
         raise InsightADError(f"{path}: expected JSON with a numeric 'threshold' field") from None
+    return _finite_threshold(number, f"{path}: 'threshold' must be a finite number, got {number!r}")
+
+
+def _finite_threshold(number: float, message: str) -> float:
+    """NaN or infinity would make every image normal (or every one anomalous): refused."""
+    if not math.isfinite(number):
+        raise InsightADError(message)
+    return number
 
 
 def print_json(obj: Any) -> None:

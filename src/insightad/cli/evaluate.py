@@ -41,9 +41,9 @@ def format_table(m: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.evaluate.run import evaluate_model
-    if args.report and not 0 < args.prevalence < 1:
+    if not 0 < args.prevalence < 1:  # checked with or without --report: a bad value is a typo either way
         raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {args.prevalence:g}")
-    if args.report and args.draws < 1:
+    if args.draws < 1:
         raise InsightADError(f"--draws: expected at least 1, got {args.draws}")
     if args.report:
         from insightad.outputs import check_output_dir
