@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from insightad.cli.common import add_model_flag, new_parser, print_json
+from insightad.cli.common import add_model_flag, new_parser, print_json, with_config
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "info", "show a model file's metadata (no tensors loaded)")
     add_model_flag(p)
     p.add_argument("--full", action="store_true", help="include the lists of training and held-out files")
-    p.set_defaults(_run=run, _argv=argv)
+    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "info"), _argv=argv)
 
 
 def run(args: argparse.Namespace) -> int:
