@@ -30,7 +30,7 @@ def test_p23_unknown_section_key_names_the_closest(baseline_model, tmp_path, cap
 def test_p23_flat_key_of_another_command_is_fine(baseline_model, tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text("holdout = 0.3\nport = 9000\n")  # train's and serve's keys: shared file, fine for info
-    code, out, err = _run(capsys, "info", "--config", cfg, "--model", baseline_model)
+    code, _, err = _run(capsys, "info", "--config", cfg, "--model", baseline_model)
     assert code == 0, err
 
 
