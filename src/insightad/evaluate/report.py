@@ -258,6 +258,8 @@ def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: flo
     for k in ("image_auroc", "average_precision", "accuracy", "precision", "recall", "f1"):
         if m.get(k) is not None:
             out.append(f"| {k} | {m[k]:.4f} |")
+        elif k == "precision" and k in m:
+            out.append(f"| {k} | n/a (no image called anomalous) |")
     b, u = report["balanced"], report["unbalanced"]
     if b["available"]:
         out += ["", f"## Balanced and unbalanced (mean ± std over {b['draws']} seeded draws)", "",
