@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import warnings
+from collections.abc import Iterator
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,18 @@ def _finite_threshold(number: float, message: str) -> float:
     if not math.isfinite(number):
         raise InsightADError(message)
     return number
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Warnings raised meanwhile (a long CPU run, constant scores) are printed at once as one
+    ``insightad: warning: ...`` line each, not as Python's two-line warning with a source path."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"insightad: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def print_json(obj: Any) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, with_config
+from insightad.cli.common import (add_data_flags, add_progress_flag, data_params, new_parser, warnings_as_lines,
+                                  with_config)
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
 from insightad.methods import available, backbone_trainers, get_class, params_class
 
@@ -64,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     cls = get_class(args.method)
     params = gather(args, cls.Params)
     check_outputs(args, params)
-    det, path, split = train_model(args.data, args.method, vars(params), data_params(args), args.out, args.progress)
+    with warnings_as_lines():
+        det, path, split = train_model(args.data, args.method, vars(params), data_params(args), args.out,
+                                       args.progress)
     held = f", {len(split['holdout'])} normal images held out" if split["holdout"] else ""
     print(f"trained {args.method} on {len(split['train'])} normal images of {split['root']} "
           f"({split['layout']} layout{held}) in {det.fit_seconds_:.1f} s")

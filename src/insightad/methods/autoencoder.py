@@ -138,6 +138,7 @@ class AutoencoderDetector(Detector):
                                        self.image_size).to(self.device_).eval()
         held = val is not None
         scores = self._scores(val if held else train)
+        self.decision_scores_ = np.asarray(scores)
         thr = float(np.percentile(scores, self.threshold_percentile))
         self.set_threshold(thr, f"{'val' if held else 'train'}_p{self.threshold_percentile:g}", n=int(len(scores)))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from insightad.backbones.extractor import FeatureExtractor
 from insightad.data.loader import Batch, ImageSource, iter_batches
 from insightad.data.preprocess import Normalize, Preprocessing
 from insightad.decide.normalize import normalize_scores
+from insightad.decide.spread import ConstantScoresWarning, constant_scores_message
 from insightad.errors import InsightADError
 
 
@@ -151,7 +153,17 @@ class Detector:
         self.n_train_ = len(images)
         if not hasattr(self, "threshold_"):
             raise InsightADError(f"{self.method}: fit did not set a default threshold")  # a method bug, said plainly
+        self._warn_if_constant()
         return self
+
+    def _warn_if_constant(self) -> None:
+        """Warn when the scores the default threshold was chosen on are (nearly) all equal."""
+        scores = getattr(self, "decision_scores_", None)
+        if scores is None:
+            scores = getattr(self, "train_scores_", None)
+        message = None if scores is None else constant_scores_message(scores, self.threshold_)
+        if message:
+            warnings.warn(f"{self.method}: {message}", ConstantScoresWarning, stacklevel=3)
 
     def _fit(self, images: Sequence[ImageSource], progress: bool) -> None:
         raise NotImplementedError

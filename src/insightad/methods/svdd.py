@@ -202,6 +202,7 @@ class SVDDDetector(Detector):
         self.train_scores_ = self._distances(sphere, features, train, on_images).double().numpy()
         held = val is not None
         scores = self._distances(sphere, features, val, on_images).double().numpy() if held else self.train_scores_
+        self.decision_scores_ = scores
         if self.objective == "soft-boundary":
             # R during training came from each epoch's batches, before that epoch's updates; for the
             # final weights the optimal R is the (1 - nu) quantile of the final training distances.
