@@ -44,12 +44,12 @@ def test_p27_no_warning_for_a_normal_fit(mvtec_dir):
 
 
 def test_p27_long_cpu_run_is_announced_with_an_estimate(folder_dir, tmp_path, monkeypatch, capsys):
-    import insightad.training.loop as loop
+    from insightad.training import loop
 
     monkeypatch.setattr(loop, "LONG_RUN_S", 0.0)  # every run counts as long: the message is what is tested
     code = main(["train", "--method", "autoencoder", "--data", str(folder_dir), "--out", str(tmp_path / "ae.st"),
                  "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--no-progress"])
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert code == 0, err
     line = next(x for x in err.splitlines() if "training on the CPU will take about" in x)
     assert line.startswith("insightad: warning: autoencoder") and "2 epochs x" in line and "--epochs" in line
