@@ -27,6 +27,7 @@ ANOMALOUS_RGB = (220, 40, 40)
 NORMAL_RGB = (40, 170, 70)
 OUTLINE_RGB = (255, 255, 255)
 TRUTH_RGB = (255, 0, 255)
+RIGHT_RGB, WRONG_RGB = NORMAL_RGB, ANOMALOUS_RGB  # sheets with known truth: the frame says right or wrong
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,13 @@ def blend_heatmap(rgb: np.ndarray, anomaly_map: np.ndarray, display: MapDisplay,
 
 def render_overlay(image: Image.Image, score: float, threshold: float, *, anomaly_map: np.ndarray | None = None,
                    display: MapDisplay | None = None, score_normalized: float | None = None,
-                   truth_mask: np.ndarray | None = None, caption: str | None = None) -> Image.Image:
-    """The overlay of one image: verdict banner on top; heatmap and outlines when a map is given."""
+                   truth_mask: np.ndarray | None = None, caption: str | None = None,
+                   correct: bool | None = None) -> Image.Image:
+    """The overlay of one image: verdict banner on top; heatmap and outlines when a map is given.
+
+    ``correct`` (when the truth is known, as in report sheets): the frame says right (green) or wrong (red)
+    and the banner's verdict is written in white; unknown: the frame and the verdict share the verdict's colour.
+    """
     img = image.convert("RGB")
     short = min(img.size)
     if short < MIN_SIDE:
@@ -103,19 +109,23 @@ def render_overlay(image: Image.Image, score: float, threshold: float, *, anomal
         t = np.asarray(Image.fromarray(truth_mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
         out[_outline(t, line)] = TRUTH_RGB
     anomalous = bool(score > threshold) if np.isfinite(score) else False
-    return _with_banner(Image.fromarray(out), score, threshold, anomalous, score_normalized, caption)
+    return _with_banner(Image.fromarray(out), score, threshold, anomalous, score_normalized, caption, correct)
 
 
 def _with_banner(img: Image.Image, score: float, threshold: float, anomalous: bool, normalized: float | None,
-                 caption: str | None) -> Image.Image:
-    """A dark strip above the image: verdict in colour, score against threshold, a frame in the verdict colour."""
+                 caption: str | None, correct: bool | None = None) -> Image.Image:
+    """A dark strip above the image: the verdict, score against threshold, and a frame: in the verdict's colour
+    when the truth is unknown, else green for a right verdict and red for a wrong one (verdict then in white)."""
     w, h = img.size
-    colour = ANOMALOUS_RGB if anomalous else NORMAL_RGB
+    if correct is None:
+        colour = verdict_colour = ANOMALOUS_RGB if anomalous else NORMAL_RGB
+    else:
+        colour, verdict_colour = (RIGHT_RGB if correct else WRONG_RGB), (255, 255, 255)
     verdict = "ANOMALOUS" if anomalous else "NORMAL"
     detail = f"score {score:.4g} {'>' if anomalous else '<='} threshold {threshold:.4g}"
     if normalized is not None and np.isfinite(normalized):
         detail += f"  (normalized {normalized:.2f})"
-    lines = [(verdict, colour), (detail, (235, 235, 235))] + ([(caption, (200, 200, 200))] if caption else [])
+    lines = [(verdict, verdict_colour), (detail, (235, 235, 235))] + ([(caption, (200, 200, 200))] if caption else [])
     size = 40
     while size > 9:
         font = _font(size)
