@@ -39,9 +39,11 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """--engine, --threads, --device: how a loaded model runs (same scores within 1e-4 across engines)."""
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
-                   help="inference engine (auto: ONNX Runtime on CPU when installed, else PyTorch)")
+                   help="inference engine (auto: PyTorch on a CUDA GPU when --device gives one, else ONNX Runtime "
+                   "on the CPU when installed, else PyTorch) (default: auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (PyTorch engine)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else the CPU), cpu or cuda; "
+                   "the same default as train and serve (default: auto)")
 
 
 def load_inference_model(args: argparse.Namespace):

@@ -15,11 +15,14 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "Generate a synthetic MVTec-style dataset (objects with scratches, blobs, cracks and "
                    "missing pieces), train the best available method on its good images, evaluate on "
                    "its test images, and write example images.")
-    p.add_argument("--out", default="insightad-demo", metavar="DIR", help="folder for data, model and examples")
-    p.add_argument("--method", "--mode", dest="method", default=None, help="method (default: best available)")
-    p.add_argument("--kind", default="disc", help="synthetic product: disc, plate, arrow, grid, stripes, weave")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the generated data")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--out", default="insightad-demo", metavar="DIR",
+                   help="folder for data, model and examples (default: insightad-demo)")
+    p.add_argument("--method", "--mode", dest="method", default=None,
+                   help=f"method (default: the first installed of {', '.join(PREFERRED)})")
+    p.add_argument("--kind", default="disc",
+                   help="synthetic product: disc, plate, arrow, grid, stripes, weave (default: disc)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generated data (default: 0)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object (default: off)")
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "demo"), _argv=argv)
 

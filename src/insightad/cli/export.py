@@ -16,8 +16,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "filter travel in the ONNX metadata. The export is checked against PyTorch (1e-4 "
                    "relative) before it is written.")
     add_model_flag(p)
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
-    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx", help="default: the model path with .onnx")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx",
+                   help="file to write (default: the model path with .onnx)")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "export"), _argv=argv)
 
 

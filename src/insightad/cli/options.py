@@ -42,7 +42,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
             continue
         kind = config._base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)

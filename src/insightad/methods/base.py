@@ -46,6 +46,11 @@ class Prediction:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @property
+    def anomalous(self) -> np.ndarray | None:
+        """The decisions as booleans (True = anomalous): the name every machine-readable output uses."""
+        return None if self.labels is None else np.asarray(self.labels, dtype=bool)
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
