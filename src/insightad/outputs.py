@@ -45,7 +45,7 @@ def check_output_file(path: str | Path, flag: str, *, suffix: str | None = None)
     """
     path = Path(path).expanduser()
     if suffix and path.suffix.lower() != suffix:
-        raise InsightADError(f"{path}: {flag} expects a {suffix} file name")
+        raise InsightADError(f"{flag}: expected a {suffix} file name, got {str(path)!r}")
     if path.is_dir():
         raise InsightADError(f"{path}: {flag} expects a file name, and this is a folder")
     if path.exists() and not os.access(path, os.W_OK):
