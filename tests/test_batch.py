@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from insightad.apps.batch import BatchJob, ResultsStore, file_sha256, list_source, run_local
-from insightad.apps.inference import load_for_inference
 from insightad.cli import main
+from insightad.inference.load import load_for_inference
 from insightad.io import file_lock
 
 ODD = os.fsencode("odd") + b"_caf\xe9.png"  # not valid UTF-8

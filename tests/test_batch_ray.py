@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 
 from insightad.apps.batch import BatchJob, ResultsStore, list_source, run_local  # noqa: E402
 from insightad.apps.batch_ray import Scorer, run_ray  # noqa: E402
-from insightad.apps.inference import load_for_inference  # noqa: E402
+from insightad.inference.load import load_for_inference  # noqa: E402
 
 ODD = b"caf\xe9.png"
 

@@ -103,6 +103,8 @@ def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
     return obj
 
 
+MAX_IMAGE_SIDE = 4096  # the largest image side a model works at: bigger would exhaust memory before it helps
+
 # --------------------------------------------------------------------------------------- data
 LAYOUTS = ("mvtec", "folder", "crack", "images")  # every dataset layout InsightAD reads (data.layouts)
 
@@ -175,7 +177,8 @@ class DetectorParams:
                           "resnet18, wide_resnet50_2, any timm name) or ssl:PATH")
     weights: str | None = param(None, "backbone weights: a .safetensors/.pth file, 'random', or unset to "
                                 "use the installed weight package / hub cache")
-    image_size: int = param(256, "side of the square image the model works at", minimum=16)
+    image_size: int = param(256, "side of the square image the model works at", minimum=16,
+                            maximum=MAX_IMAGE_SIDE)
     batch_size: int = param(16, "images per batch", minimum=1, aliases=("--batch_size",))
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     device: str = param("auto", "auto, cpu or cuda")

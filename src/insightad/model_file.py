@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from insightad.data.preprocess import Preprocessing
-from insightad.errors import InsightADError
+from insightad.errors import InsightADError, cut
 from insightad.io import atomic_write
 from insightad.methods import Detector, get_method
+from insightad.model_schema import FORMAT, FORMAT_VERSION, validate_metadata
 from insightad.runtime import resolve_device
 from insightad.version import __version__
 
-FORMAT = "insightad-model"
-FORMAT_VERSION = 1
 META_KEY = "insightad"
 
 
@@ -84,11 +83,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise InsightADError(f"{path}: model metadata is not valid JSON (file damaged?)") from None
-    if meta.get("format") != FORMAT:
-        raise InsightADError(f"{path}: not an InsightAD model file (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise InsightADError(f"{path}: model file format {meta['format_version']} is newer than this InsightAD "
-                             f"({__version__}) reads; upgrade insightad")
+    except RecursionError:
+        raise InsightADError(f"{path}: model metadata is nested too deeply; refusing it") from None
+    return validate_metadata(meta, str(path))
     return meta
 
 
@@ -103,7 +100,10 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: cannot read the model's tensors ({str(e).splitlines()[0]})") from None
     cls = get_method(meta["method"])
-    det = cls.from_params({**meta["params"], "device": device})
+    try:
+        det = cls.from_params({**meta["params"], "device": device})
+    except InsightADError as e:
+        raise InsightADError(f"{path}: model metadata field 'params': {cut(str(e), 300)}") from None
     det.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
     det.device_ = resolve_device(device)
     bb = meta.get("backbone") or {}
@@ -111,8 +111,8 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     try:
         model = det._restore(tensors, meta.get("state") or {})
         model.load_state_dict(tensors, strict=True)
-    except InsightADError:
-        raise
+    except InsightADError as e:
+        raise InsightADError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: the tensors do not fit a {meta['method']} model "
                              f"({str(e).splitlines()[0][:200]})") from None

@@ -25,12 +25,23 @@ def onnx_export_available() -> bool:
     return onnx_available() and importlib.util.find_spec("onnx") is not None and torch_available()
 
 
+def _on_gpu(device: str) -> bool:
+    """Whether ``device`` means a CUDA GPU here (``auto`` does when one is present; no PyTorch: never)."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto" or not torch_available():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def resolve_engine(name: str, device: str = "cpu") -> str:
     """``auto``: ONNX Runtime on CPU when installed, else PyTorch (always PyTorch on a GPU)."""
     if name not in ENGINES:
         raise InsightADError(f"engine: expected one of {', '.join(ENGINES)}, got {name!r}")
     if name == "auto":
-        return "onnx" if onnx_export_available() and not device.startswith("cuda") else "torch"
+        return "onnx" if onnx_export_available() and not _on_gpu(device) else "torch"
     if name == "onnx" and not onnx_available():
         raise InsightADError("engine: onnx asked for but onnxruntime is not installed "
                              "(pip install 'insightad[onnx]')")

@@ -161,8 +161,8 @@ def _write_extras(det, opts: ScoreOptions, path: bytes, source: str | bytes, m, 
         atomic_write(target, lambda tmp: _save_npy(tmp, m))
         map_path = os.fsdecode(os.fsencode(target))
     if opts.overlays_dir:
-        from insightad.apps.overlay import MapDisplay, render_overlay
         from insightad.data.images import load_image
+        from insightad.render.overlay import MapDisplay, render_overlay
 
         image = load_image(source if isinstance(source, str) else bytes(source), 3)
         shown = MapDisplay.for_detector(det, opts.threshold) if m is not None else None

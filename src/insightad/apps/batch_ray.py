@@ -73,7 +73,7 @@ class Scorer:
                  threads: int) -> None:
         import ray
 
-        from insightad.apps.inference import load_for_inference
+        from insightad.inference.load import load_for_inference
 
         path = node_model_copy(ray.get(model[0]), opts.model_sha256, suffix)  # in a list: Ray passes the ref
         self.det = load_for_inference(path, engine, threads, device)

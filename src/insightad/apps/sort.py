@@ -34,7 +34,8 @@ from insightad.io import TMP_SUFFIX, durable_copy, folder_lock, fsync_dir, fsync
 
 JOURNAL = ".insightad-sort.journal"
 CSV_NAME = "results.csv"
-FIELDS = ("path", "score", "score_normalized", "decision", "destination", "error")
+# anomalous: true/false (empty for an error), the name every machine-readable output uses; decision: the folder
+FIELDS = ("path", "score", "score_normalized", "anomalous", "decision", "destination", "error")
 DECISIONS = ("normal", "anomalous")
 # File names are bytes on POSIX: a name that is not valid UTF-8 reaches Python as lone surrogates, and
 # ``surrogateescape`` writes those back as the original bytes, so the CSV and the journal round-trip it.
@@ -148,7 +149,9 @@ class FolderSorter:
         done: set[str] = set()
         if self.csv_path.exists() and self.csv_path.stat().st_size:
             with open(self.csv_path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
-                done = {row["path"] for row in csv.DictReader(f)}
+                reader = csv.DictReader(f)
+                done = {row["path"] for row in reader}
+                self.fields = tuple(reader.fieldnames or FIELDS)  # a run begun by an older version keeps its columns
         else:
             self._append(self.csv_path, ",".join(FIELDS) + "\n")
         return done, intents
@@ -175,10 +178,10 @@ class FolderSorter:
             f.write(text)
             fsync_file(f)
 
-    @staticmethod
-    def _csv_text(rows: list[dict[str, Any]]) -> str:
+    def _csv_text(self, rows: list[dict[str, Any]]) -> str:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=getattr(self, "fields", FIELDS), lineterminator="\n",
+                           extrasaction="ignore")
         for r in rows:
             w.writerow(r)
         return buf.getvalue()
@@ -186,8 +189,9 @@ class FolderSorter:
     def _row(self, path: Path, score: float, normalized: float | None, decision: str, dest: str = "",
              error: str = "") -> dict[str, Any]:
         fmt = (lambda v: "" if v is None or not np.isfinite(v) else f"{v:.9g}")
-        return {"path": str(path), "score": fmt(score), "score_normalized": fmt(normalized), "decision": decision,
-                "destination": dest, "error": error}
+        anomalous = {"anomalous": "true", "normal": "false"}.get(decision, "")
+        return {"path": str(path), "score": fmt(score), "score_normalized": fmt(normalized), "anomalous": anomalous,
+                "decision": decision, "destination": dest, "error": error}
 
     def _count(self, decision: str, error: str = "") -> None:
         if decision == "error":

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from insightad.backbones.registry import BackboneSpec, get_spec
+from insightad.backbones.registry import BACKBONES, BackboneSpec, get_spec
 from insightad.backbones.weights import resolve_weights
 from insightad.errors import InsightADError
 
@@ -60,6 +60,26 @@ class FeatureExtractor(nn.Module):
         self.body.load_state_dict({k: full_sd[k] for k in own}, strict=True)
 
 
+MAX_BACKBONE_PARAMS = 200_000_000  # wide_resnet50_2 has 69 M; a giant network would exhaust memory first
+
+
+def check_backbone_size(arch: str, limit: int = MAX_BACKBONE_PARAMS) -> None:
+    """Refuse an architecture with more than ``limit`` parameters before any memory is allocated for it
+    (counted on PyTorch's meta device, which holds shapes only). Registered backbones are known to fit."""
+    import timm
+
+    if arch in {spec.arch for spec in BACKBONES.values()}:
+        return
+    if not timm.is_model(arch):
+        raise InsightADError(f"backbone: unknown architecture {arch[:100]!r} (known: {', '.join(BACKBONES)}, "
+                             "any timm model, or ssl:PATH)")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in timm.create_model(arch, pretrained=False).parameters())
+    if n > limit:
+        raise InsightADError(f"backbone: {arch} has {n / 1e6:.0f} M parameters, more than the {limit / 1e6:.0f} M "
+                             "this tool accepts (the memory it needs would exhaust a normal machine)")
+
+
 def layer_indices(spec: BackboneSpec, layers: Sequence[int | str]) -> list[int]:
     """Levels given by index (0 = finest) or by module name (``layer2``, ``blocks.2``)."""
     import timm
@@ -86,6 +106,7 @@ def build_extractor(backbone: str, layers: Sequence[int | str], weights: str | N
     ``pretrained=False`` builds the architecture only (used when a model file supplies the weights).
     """
     spec = get_spec(backbone)
+    check_backbone_size(spec.arch)
     extractor = FeatureExtractor(spec.arch, layer_indices(spec, layers), in_chans)
     source = "model-file"
     if pretrained:

@@ -29,7 +29,7 @@ from torch import nn
 from insightad import config
 from insightad.backbones import build_extractor
 from insightad.backbones.registry import BACKBONE_META_KEY
-from insightad.config import DEFAULT_BACKBONE, TrainLoopParams, param, params
+from insightad.config import DEFAULT_BACKBONE, MAX_IMAGE_SIDE, TrainLoopParams, param, params
 from insightad.data.loader import ImageSource
 from insightad.data.preprocess import Normalize, Preprocessing
 from insightad.errors import InsightADError
@@ -58,7 +58,8 @@ class SSLParams(TrainLoopParams):
                       choices=SSL_INITS)
     weights: str | None = param(None, "with --init imagenet: a .safetensors/.pth file to start from "
                                 "instead of the installed ImageNet weights")
-    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16)
+    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16,
+                            maximum=MAX_IMAGE_SIDE)
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     epochs: int = param(10, "training epochs (each image is seen at 4 rotations per epoch)", minimum=1,
                         aliases=("--epoch",))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from insightad.errors import InsightADError
+from insightad.errors import InsightADError, cut
 from insightad.version import __version__
 
 # sub-command -> module with add_parser(subparsers, argv) and run(args) -> int
@@ -52,11 +53,23 @@ def main(argv: list[str] | None = None) -> int:
             args = prepare(args)
         return int(args._run(args) or 0)
     except InsightADError as e:
-        print(f"insightad: error: {e}", file=sys.stderr)
+        print(f"insightad: error: {cut(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("insightad: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `insightad predict --json ... | head`: the reader has what it wanted
+        _silence_stdout()
+        return 141  # what a shell reports for a process ended by SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # not a real file (tests, embedded use)
+        pass
 
 
 if __name__ == "__main__":

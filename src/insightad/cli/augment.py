@@ -15,8 +15,10 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "sub-folders, <stem>_augNNN names): random rotation, shift, shear, zoom and flips, each "
                    "switchable (0 or --no-hflip turns one off), deterministic by --seed, with a reflected "
                    "border instead of black corners.")
-    p.add_argument("--input", "--input-dir", "--input_dir", dest="input", required=True, metavar="DIR")
-    p.add_argument("--out", "--output", dest="out", required=True, metavar="DIR")
+    p.add_argument("--input", "--input-dir", "--input_dir", dest="input", required=True, metavar="DIR",
+                   help="folder of normal images to augment (sub-folders included; required)")
+    p.add_argument("--out", "--output", dest="out", required=True, metavar="DIR",
+                   help="folder to write the augmented images into, created if missing (required)")
     p.add_argument("--copies", type=int, default=5, help="augmented copies per image (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--include-originals", action="store_true", help="also copy the original images")
@@ -27,8 +29,10 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.augment import augment_folder
+    from insightad.outputs import check_output_dir
 
     params = gather(args, config.AugmentParams)
+    check_output_dir(args.out, "--out")
     written = augment_folder(args.input, args.out, args.copies, params, args.seed, args.include_originals,
                              args.progress)
     print(f"wrote {len(written)} images to {args.out}")

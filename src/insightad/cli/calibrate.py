@@ -81,8 +81,10 @@ def check_writable(path: Path, flag: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from insightad.apps import calibrate as cal_mod
 
-    if args.out and Path(args.out).suffix.lower() != ".json":
-        raise InsightADError(f"--out: expected a .json file name, got {args.out!r}")
+    if args.out:
+        from insightad.outputs import check_output_file
+
+        check_output_file(args.out, "--out", suffix=".json")
     if not 0 <= args.percentile <= 100:
         raise InsightADError(f"--percentile: expected a value between 0 and 100, got {args.percentile:g}")
     if str(args.model).lower().endswith(".onnx"):

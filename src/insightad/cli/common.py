@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +39,11 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """--engine, --threads, --device: how a loaded model runs (same scores within 1e-4 across engines)."""
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
-                   help="inference engine (auto: ONNX Runtime on CPU when installed, else PyTorch)")
+                   help="inference engine (auto: PyTorch on a CUDA GPU when --device gives one, else ONNX Runtime "
+                   "on the CPU when installed, else PyTorch) (default: auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (PyTorch engine)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else the CPU), cpu or cuda; "
+                   "the same default as train and serve (default: auto)")
 
 
 def load_inference_model(args: argparse.Namespace):
@@ -74,9 +80,11 @@ def parse_threshold(value: str | None, model: str | Path | None = None) -> float
     if value is None:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        return _finite_threshold(number, f"--threshold: expected a finite number, got {value!r}")
     path = Path(value)
     if path.suffix.lower() in (".pkl", ".pickle", ".joblib"):
         raise InsightADError(f"{path}: pickle threshold files are refused (loading one can run arbitrary code); "
@@ -86,6 +94,25 @@ def parse_threshold(value: str | None, model: str | Path | None = None) -> float
     from insightad.apps.threshold_file import read_threshold_file
 
     return read_threshold_file(path, model)
+
+
+def _finite_threshold(number: float, message: str) -> float:
+    """NaN or infinity would make every image normal (or every one anomalous): refused."""
+    if not math.isfinite(number):
+        raise InsightADError(message)
+    return number
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Warnings raised meanwhile (a long CPU run, constant scores) are printed at once as one
+    ``insightad: warning: ...`` line each, not as Python's two-line warning with a source path."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"insightad: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def print_json(obj: Any) -> None:

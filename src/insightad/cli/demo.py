@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from insightad.cli.common import add_progress_flag, new_parser, print_json, with_config
 
@@ -16,12 +15,14 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "Generate a synthetic MVTec-style dataset (objects with scratches, blobs, cracks and "
                    "missing pieces), train with --method auto on its good images, evaluate on "
                    "its test images, and write example images.")
-    p.add_argument("--out", default="insightad-demo", metavar="DIR", help="folder for data, model and examples")
+    p.add_argument("--out", default="insightad-demo", metavar="DIR",
+                   help="folder for data, model and examples (default: insightad-demo)")
     p.add_argument("--method", "--mode", dest="method", default="auto",
                    help="method (default: auto, the best of baseline, padim and patchcore on synthetic defects)")
-    p.add_argument("--kind", default="disc", help="synthetic product: disc, plate, arrow, grid, stripes, weave")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the generated data")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--kind", default="disc",
+                   help="synthetic product: disc, plate, arrow, grid, stripes, weave (default: disc)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generated data (default: 0)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object (default: off)")
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "demo"), _argv=argv)
 
@@ -33,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from insightad.data.synthetic import write_dataset
     from insightad.evaluate.examples import write_examples
     from insightad.evaluate.run import evaluate_model
+    from insightad.outputs import check_output_dir
 
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
     method = args.method
     data = write_dataset(out / "data", kind=args.kind, layout="mvtec", n_train=60, n_test_good=16,
                          n_per_defect=6, size=128, seed=args.seed)

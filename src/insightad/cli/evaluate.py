@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from insightad.cli.common import (
     add_data_flags,
@@ -40,24 +39,29 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "evaluate"), _argv=argv)
 
 
+UNDEFINED = {"precision": "n/a (no image was called anomalous)", None: "n/a (needs normal and anomalous images)"}
+
+
 def format_table(m: dict) -> str:
     rows = [("images", f"{m['n_normal']} normal, {m['n_anomalous']} anomalous")]
     for key in ("image_auroc", "average_precision", "pixel_auroc", "aupro", "accuracy", "precision",
                 "recall", "f1", "threshold"):
         if key in m:
             v = m[key]
-            rows.append((key, "n/a (needs normal and anomalous images)" if v is None else f"{v:.4f}"))
+            rows.append((key, f"{v:.4f}" if v is not None else UNDEFINED.get(key, UNDEFINED[None])))
     return "\n".join(f"{k:<18} {v}" for k, v in rows)
 
 
 def run(args: argparse.Namespace) -> int:
     from insightad.evaluate.run import evaluate_model
-    if args.report and not 0 < args.prevalence < 1:
+    if not 0 < args.prevalence < 1:  # checked with or without --report: a bad value is a typo either way
         raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {args.prevalence:g}")
-    if args.report and args.draws < 1:
+    if args.draws < 1:
         raise InsightADError(f"--draws: expected at least 1, got {args.draws}")
-    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
-        raise InsightADError(f"{args.report}: --report expects a folder, and this is a file")
+    if args.report:
+        from insightad.outputs import check_output_dir
+
+        check_output_dir(args.report, "--report")
     thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
     det = load_inference_model(args)
     dp = data_params(args)

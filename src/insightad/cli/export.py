@@ -16,17 +16,19 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "filter travel in the ONNX metadata. The export is checked against PyTorch (1e-4 "
                    "relative) before it is written.")
     add_model_flag(p)
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
-    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx", help="default: the model path with .onnx")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx",
+                   help="file to write (default: the model path with .onnx)")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "export"), _argv=argv)
 
 
 def run(args: argparse.Namespace) -> int:
     from insightad.inference.export import export_onnx
     from insightad.model_file import load_model
+    from insightad.outputs import check_output_file
 
+    out = check_output_file(args.out if args.out else Path(args.model).with_suffix(".onnx"), "--out")
     det = load_model(args.model)
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
     export_onnx(det, out)
     p = det.preprocessing_
     print(f"exported {det.method} to {out} (input uint8 {p.channels}x{p.size[0]}x{p.size[1]}, "

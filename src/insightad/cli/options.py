@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         kind = config._base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
@@ -84,14 +86,57 @@ def load_config_file(path: str | Path, command: str) -> dict[str, Any]:
     return {"__flat__": flat, "__section__": section}
 
 
+_NOT_KEYS = {"help", "config", "command", "version"}
+
+
+def option_keys(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Config key -> parser dest: every flag's dest and its spellings (``image-size`` and ``--mode`` as keys)."""
+    keys: dict[str, str] = {}
+    for a in parser._actions:
+        if a.dest in _NOT_KEYS or a.dest.startswith("_") or a.dest == argparse.SUPPRESS:
+            continue
+        keys.setdefault(a.dest, a.dest)
+        for s in a.option_strings:
+            keys.setdefault(s.lstrip("-").replace("-", "_"), a.dest)
+    return keys
+
+
+def all_config_keys() -> set[str]:
+    """Every key some command takes: flat keys are shared, so a key is unknown only if no command has it."""
+    from insightad.cli import COMMANDS, build_parser
+    from insightad.methods import available, backbone_trainers, params_class
+
+    keys: set[str] = set()
+    for name in COMMANDS:
+        top = build_parser([name])
+        sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+        keys |= set(option_keys(sub.choices[name]))
+    for method in available() + backbone_trainers():
+        keys |= {f.name for f in dataclasses.fields(params_class(method))}
+    return keys
+
+
+def _unknown_key(path: str, where: str, key: str, valid: set[str]) -> InsightADError:
+    """One line naming the key and the closest valid one (difflib), if any is close."""
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return InsightADError(f"{path}: unknown key {key!r}{where}{hint}")
+
+
 def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str, command: str) -> None:
-    """Config values become parser defaults, so flags still win."""
-    dests = {a.dest for a in parser._actions}
+    """Config values become parser defaults, so flags still win. A key no option takes is an error."""
+    keys = option_keys(parser)
     for key in cfg["__section__"]:
-        if key not in dests:
-            raise InsightADError(f"{path}: [{command}] has unknown key {key!r} (not an option of 'insightad {command}')")
-    values = {k: v for k, v in cfg["__flat__"].items() if k in dests}
-    values.update(cfg["__section__"])
+        if key not in keys:
+            raise _unknown_key(path, f" in [{command}] (not an option of 'insightad {command}')", key, set(keys))
+    flat_unknown = [k for k in cfg["__flat__"] if k not in keys]
+    if flat_unknown:
+        everywhere = all_config_keys()
+        for key in flat_unknown:
+            if key not in everywhere:
+                raise _unknown_key(path, " (no command has this option)", key, everywhere)
+    values = {keys[k]: v for k, v in cfg["__flat__"].items() if k in keys}
+    values.update({keys[k]: v for k, v in cfg["__section__"].items()})
     parser.set_defaults(**values)
 
 

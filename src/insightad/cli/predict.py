@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from insightad.cli.common import (
@@ -57,6 +58,11 @@ def expand_images(items: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from insightad.outputs import check_output_dir
+
+    for flag, folder in (("--overlay", args.overlay), ("--heatmap", args.heatmap)):
+        if folder:
+            check_output_dir(folder, flag)
     paths = expand_images(list(args.images) + list(args.image))
     thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
     det = load_inference_model(args)
@@ -67,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
     if args.overlay:
         from insightad.render.overlay import predict_with_overlays
 
-        pred, overlays = predict_with_overlays(det, paths, args.overlay, thr, progress=args.progress)
+        pred, overlays = predict_with_overlays(det, paths, args.overlay, thr, progress=args.progress, strict=False)
     heatmaps: list[Path | None] = [None] * len(paths)
     if args.heatmap or not args.overlay:  # overlays hold maps a chunk at a time; heatmaps need them all
-        pred = det.predict(paths, maps=bool(args.heatmap), progress=args.progress, threshold=thr)
+        pred = det.predict(paths, maps=bool(args.heatmap), progress=args.progress, threshold=thr, strict=False)
     if args.heatmap:
         from insightad.render.colormap import MapScale
         from insightad.render.heatmap import write_heatmaps
@@ -84,13 +90,28 @@ def run(args: argparse.Namespace) -> int:
             if hm is not None:
                 row["heatmap"] = str(hm)
             print_json(row)
-        return 0
+    else:
+        print_table(paths, pred)
+        if args.overlay:
+            print(f"{sum(o is not None for o in overlays)} overlays written to {args.overlay}")
+        if args.heatmap:
+            print(f"{sum(h is not None for h in heatmaps)} heatmaps written to {args.heatmap}")
+    return report_errors(pred.errors, len(paths))
+
+
+def print_table(paths, pred) -> None:
     width = max(len(str(p)) for p in paths)
     print(f"{'image':<{width}}  {'score':>12}  {'normalized':>10}  verdict   (threshold {pred.threshold:.6g})")
-    for path, s, sn, lab in zip(paths, pred.scores, pred.scores_normalized, pred.labels):
-        print(f"{str(path):<{width}}  {s:>12.6g}  {sn:>10.4f}  {'ANOMALOUS' if lab else 'normal'}")
-    if args.overlay:
-        print(f"{len(overlays)} overlays written to {args.overlay}")
-    if args.heatmap:
-        print(f"{sum(h is not None for h in heatmaps)} heatmaps written to {args.heatmap}")
+    for i, (path, s, sn, lab) in enumerate(zip(paths, pred.scores, pred.scores_normalized, pred.labels)):
+        verdict = "ERROR" if i in pred.errors else ("ANOMALOUS" if lab else "normal")
+        print(f"{str(path):<{width}}  {s:>12.6g}  {sn:>10.4f}  {verdict}")
+
+
+def report_errors(errors: dict[int, str], n: int) -> int:
+    """The images that could not be scored, on stderr after the results; non-zero exit when there are any."""
+    for i in sorted(errors):
+        print(f"insightad: error: {errors[i]}", file=sys.stderr)
+    if errors:
+        print(f"insightad: {len(errors)} of {n} images could not be scored (listed above)", file=sys.stderr)
+        return 1
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from insightad import config
-from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, with_config
+from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, warnings_as_lines, with_config
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
 from insightad.errors import InsightADError
 
@@ -68,6 +68,16 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train"), _argv=argv)
 
 
+def check_outputs(args: argparse.Namespace, params) -> None:
+    """--out (or its default) and --checkpoint-dir writable before any training starts."""
+    from insightad.apps.train import default_model_path
+    from insightad.outputs import check_output_dir, check_output_file
+
+    args.out = str(check_output_file(args.out or default_model_path(args.data, args.method), "--out"))
+    if getattr(params, "checkpoint_dir", None):
+        check_output_dir(params.checkpoint_dir, "--checkpoint-dir")
+
+
 def _interrupt_on_sigterm() -> None:
     """SIGTERM (a service manager, ``kill``) stops training like Ctrl-C: the training loop then keeps its
     last complete checkpoint and says how to resume, instead of the process dying mid-write."""
@@ -91,8 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "auto":
         given = {k: v for k, v in vars(gather(args, config.DetectorParams)).items()
                  if k in vars(args)}  # only what the user typed: each candidate keeps its own defaults
+        check_outputs(args, None)
     else:
-        given = vars(gather(args, params_class(args.method)))
+        params = gather(args, params_class(args.method))
+        check_outputs(args, params)
+        given = vars(params)
     decision = gather(args, config.DecisionParams)
     shards = None
     if args.ray:
@@ -103,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
             raise InsightADError(f"--ray: {args.method}'s fit cannot be distributed (baseline, padim and patchcore "
                                  "can); train it without --ray")
         shards = ray_shards(args.method, given, args.workers, args.ray)
-    det, path, split = train_model(args.data, args.method, given, data_params(args), args.out, args.progress,
-                                   decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True),
-                                   shards=shards)
+    with warnings_as_lines():
+        det, path, split = train_model(args.data, args.method, given, data_params(args), args.out, args.progress,
+                                       decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                       shards=shards)
     held = f", {len(split['holdout'])} normal images held out" if split["holdout"] else ""
     print(f"trained {det.method} on {len(split['train'])} normal images of {split['root']} "
           f"({split['layout']} layout{held}) in {det.fit_seconds_:.1f} s")
@@ -161,6 +175,7 @@ def run_backbone(args: argparse.Namespace) -> int:
     from insightad.apps.train import params_class, train_backbone
 
     params = gather(args, params_class(args.method))
+    check_outputs(args, params)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, path, split = train_backbone(args.data, args.method, vars(params), data_params(args), args.out,

@@ -12,6 +12,10 @@ from PIL import Image, ImageFile
 from insightad.errors import InsightADError
 from insightad.io import IMAGE_EXTENSIONS, is_image_file  # noqa: F401 - re-exported
 
+# What the files hold, as Pillow names it (MPO: the multi-picture JPEG many cameras write). Anything else
+# (GIF, WebP, PPM, ICO, ...) is refused, whatever its extension: the README lists these four formats.
+ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TIFF": "TIFF"}
+ACCEPTED_TEXT = "PNG, JPEG, BMP or TIFF"
 DEFAULT_MAX_PIXELS = 200_000_000  # far above real inspection images, below decompression bombs
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
@@ -26,21 +30,34 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
         try:
             fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
             img = Image.open(fp)
+            if img.format not in ACCEPTED_FORMATS:
+                img.close()
+                raise InsightADError(f"{name}: {img.format or 'unknown'} images are not accepted (expected "
+                                     f"{ACCEPTED_TEXT})")
             img.load()
         except FileNotFoundError:
             raise InsightADError(f"{name}: file not found") from None
         except IsADirectoryError:
             raise InsightADError(f"{name}: is a folder, expected an image file") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InsightADError(f"{name}: image too large ({e}); limit is {max_pixels} pixels") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise InsightADError(f"{name}: image too large: more than the limit of {max_pixels} pixels "
+                                 "(width x height)") from None
         except Image.UnidentifiedImageError:
-            raise InsightADError(f"{name}: not a readable image (expected PNG, JPEG, BMP or TIFF)") from None
+            raise InsightADError(f"{name}: not a readable image (expected {ACCEPTED_TEXT})") from None
         except (OSError, SyntaxError, ValueError) as e:
             reason = str(e).split("\n")[0] or type(e).__name__
             raise InsightADError(f"{name}: unreadable or truncated image ({reason})") from None
         finally:
             Image.MAX_IMAGE_PIXELS = old
     return img
+
+
+def check_finite(img: Image.Image, name: str) -> None:
+    """A floating-point image with NaN or infinite pixels is refused: scaling would turn it into a wrong picture."""
+    arr = np.asarray(img)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise InsightADError(f"{name}: {bad} of {arr.size} pixel values are NaN or infinite; expected finite numbers")
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
@@ -62,12 +79,33 @@ def to_8bit(img: Image.Image) -> Image.Image:
 def load_image(source: str | Path | bytes, channels: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode fully into an 8-bit image; ``channels`` 3 gives RGB, 1 gives grayscale, None keeps it."""
-    img = to_8bit(_open(source, max_pixels))
+    img = _open(source, max_pixels)
+    if img.mode == "F":
+        check_finite(img, "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
+    img = to_8bit(img)
     if channels == 3 and img.mode != "RGB":
         img = img.convert("RGB")
     elif channels == 1 and img.mode != "L":
         img = img.convert("L")
     return img
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) read from the file's header, without decoding its pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = str(e).split("\n")[0] or type(e).__name__
+        raise InsightADError(f"{path}: unreadable image ({reason})") from None
+
+
+def check_mask_size(mask: str | Path, image: str | Path) -> None:
+    """A mask must have its image's size: one line naming both files otherwise."""
+    (mw, mh), (iw, ih) = image_size(mask), image_size(image)
+    if (mw, mh) != (iw, ih):
+        raise InsightADError(f"{mask}: mask is {mw}x{mh} but the image of {image} is {iw}x{ih}; "
+                             "a mask must match its image's size")
 
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None, image_path: str | Path | None = None) -> np.ndarray:

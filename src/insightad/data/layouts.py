@@ -129,9 +129,9 @@ def detect_layout(root: Path, normal_dir: str = "normal") -> str:
     """Which layout a folder holds, or a clear error listing what was looked for."""
     if (root / "train").is_dir() and (root / "test").is_dir():
         return "mvtec"
-    if _find_dir(root, "Negative") and _find_dir(root, "Positive"):
+    if _find_dir(root, "Negative"):  # Positive/ is optional: a crack-style set with no defects yet
         return "crack"
-    if (root / normal_dir).is_dir():
+    if _find_dir(root, normal_dir):  # abnormal/ is optional: training needs good images only
         return "folder"
     cats = [p.name for p in sorted(root.iterdir()) if (p / "train" / "good").is_dir()]
     if cats:
@@ -140,7 +140,7 @@ def detect_layout(root: Path, normal_dir: str = "normal") -> str:
     if any(is_image_file(p) and is_regular_file(p) for p in root.iterdir()):
         return "images"
     raise InsightADError(f"{root}: cannot tell the dataset layout: expected train/ and test/ (MVTec AD), "
-                         f"{normal_dir}/ [+ abnormal/] (folder), Negative/ and Positive/ (crack) or image files; "
+                         f"{normal_dir}/ [+ abnormal/] (folder), Negative/ [+ Positive/] (crack) or image files; "
                          "set --layout")
 
 
@@ -163,11 +163,10 @@ def discover(path: str | Path, layout: str = "auto", normal_dir: str = "normal",
             raise InsightADError(f"{root}: crack layout needs a Negative/ folder of normal images")
         return _labelled(root, neg, pos, "crack")
     if layout == "folder":
-        normal = root / normal_dir
-        if not normal.is_dir():
-            raise InsightADError(f"{root}: folder layout needs {normal} (set --normal-dir)")
-        abnormal = root / abnormal_dir
-        return _labelled(root, normal, abnormal if abnormal.is_dir() else None, "folder")
+        normal = _find_dir(root, normal_dir)
+        if normal is None:
+            raise InsightADError(f"{root}: folder layout needs {root / normal_dir} (set --normal-dir)")
+        return _labelled(root, normal, _find_dir(root, abnormal_dir), "folder")
     if layout == "images":
         return _images_only(root)
     raise InsightADError(f"layout: expected auto, mvtec, folder, crack or images, got {layout!r}")

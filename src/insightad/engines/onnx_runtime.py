@@ -95,9 +95,31 @@ def prune_cache(keep: Path | None = None, limit: int = CACHE_LIMIT_BYTES) -> Non
         pass
 
 
+CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
+
+
 def file_digest(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex): what a cache entry is keyed and checked by."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:32]
+    return h.hexdigest()
+
+
+def verified_entry(target: Path, digest: str, threads: int | None) -> OnnxEngine | None:
+    """The engine of a cache entry whose stamp names this model file's content; None for a missing, damaged
+    (truncated, not ONNX) or foreign entry (another model's graph), which is then deleted, never used."""
+    try:
+        data = target.read_bytes()
+    except OSError:
+        return None
+    try:
+        engine: OnnxEngine | None = OnnxEngine(data, threads)
+        stamp = engine.session.get_modelmeta().custom_metadata_map.get(CACHE_KEY) if engine else None
+    except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
+        stamp, engine = None, None
+    if stamp != digest:
+        target.unlink(missing_ok=True)
+        return None
+    return engine

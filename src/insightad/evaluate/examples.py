@@ -10,6 +10,8 @@ from PIL import Image
 from insightad.data.images import load_image
 from insightad.render.colormap import MapScale, blend, default_scale
 
+RIGHT, WRONG = "#28aa46", "#dc2828"  # the same green and red as the report's worst-cases sheet
+
 
 def _pick(scores: np.ndarray, labels: np.ndarray, n: int) -> list[int]:
     """The most anomalous defective images and the most normal good ones, interleaved."""
@@ -41,6 +43,9 @@ def write_examples(ev, out_dir: str | Path, n: int = 8, det=None) -> Path:
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, idx):
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
         img = np.asarray(load_image(ev.samples[i].path, 3))
         if pred.maps is not None and pred.maps[i] is not None:  # the one colour convention, map at image size
             m = np.asarray(Image.fromarray(pred.maps[i].astype(np.float32), mode="F").resize(
@@ -49,11 +54,14 @@ def write_examples(ev, out_dir: str | Path, n: int = 8, det=None) -> Path:
         ax.imshow(img)
         verdict = "ANOMALOUS" if pred.labels[i] else "normal"
         truth = ev.samples[i].defect
-        color = "tab:green" if bool(pred.labels[i]) == bool(labels[i]) else "tab:red"
+        frame = RIGHT if bool(pred.labels[i]) == bool(labels[i]) else WRONG
+        for spine in ax.spines.values():  # the frame says right or wrong; the label says the verdict
+            spine.set_edgecolor(frame)
+            spine.set_linewidth(4)
         ax.set_title(f"{truth}: {verdict}\nscore {pred.scores[i]:.3g} (thr {pred.threshold:.3g})", fontsize=9,
-                     color=color)
-    fig.suptitle(f"{ev.metrics['method']}: most anomalous defects and most normal good images "
-                 "(green = correct, red = wrong)", fontsize=10)
+                     color="#333333")
+    fig.suptitle(f"{ev.metrics['method']}: most anomalous defects and most normal good images\n"
+                 "frame: green = right, red = wrong; the label says the verdict", fontsize=10)
     fig.tight_layout()
     path = out_dir / "examples.png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))

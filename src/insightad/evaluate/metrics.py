@@ -16,7 +16,8 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
         "image_auroc": float(skm.roc_auc_score(labels, scores)) if both else None,
         "average_precision": float(skm.average_precision_score(labels, scores)) if labels.any() else None,
         "accuracy": float(skm.accuracy_score(labels, pred)),
-        "precision": float(skm.precision_score(labels, pred, zero_division=0)),
+        # undefined (None, printed n/a) when no image is called anomalous: 0/0, not a precision of 0
+        "precision": float(skm.precision_score(labels, pred, zero_division=0)) if pred.any() else None,
         "recall": float(skm.recall_score(labels, pred, zero_division=0)) if labels.any() else None,
         "f1": float(skm.f1_score(labels, pred, zero_division=0)) if labels.any() else None,
         "threshold": float(threshold),

@@ -137,6 +137,9 @@ def calibration_overlap(det, samples) -> int:
     return sum(Path(s.path).resolve() in used for s in samples)
 
 
+SHEET_CONVENTION = "frame: green = right, red = wrong; the label says the verdict"
+
+
 def worst_cases(det, ev, out: Path, per_row: int = 4) -> Path:
     """Top row: normal images with the highest scores; bottom row: defective ones with the lowest."""
     from insightad.data.images import load_image
@@ -151,21 +154,26 @@ def worst_cases(det, ev, out: Path, per_row: int = 4) -> Path:
     pred = det.predict([ev.samples[i].path for i in chosen], maps=det.has_maps, threshold=thr)
     scale = MapScale.for_detector(det, thr) if det.has_maps else None
     tiles = []
+    drawn_masks = False
     for j, i in enumerate(chosen):
         s = ev.samples[i]
         image = load_image(s.path, 3)
         truth = load_mask(s.mask, image.size, s.path) if s.mask is not None else None
         rendered = render_overlay(image, float(pred.scores[j]), thr,
                                   anomaly_map=pred.maps[j] if pred.maps is not None else None, scale=scale,
-                                  score_normalized=float(pred.scores_normalized[j]), truth_mask=truth)
+                                  score_normalized=float(pred.scores_normalized[j]), truth_mask=truth,
+                                  correct=bool(pred.scores[j] > thr) == bool(labels[i]))
+        drawn_masks = drawn_masks or truth is not None
         wrong = bool(scores[i] > thr) != bool(labels[i])
         kind = ("FALSE POSITIVE" if labels[i] == 0 else "FALSE NEGATIVE") if wrong else \
             ("closest normal (correct)" if labels[i] == 0 else "closest defect (correct)")
-        tiles.append((np.asarray(rendered), f"{kind}\n{_short(s.path)}", "#c0392b" if wrong else "#555555"))
+        tiles.append((np.asarray(rendered), f"{kind}\n{_short(s.path)}", "#333333"))
     n_fp = int(((scores > thr) & ~labels).sum())
     n_fn = int(((scores <= thr) & labels).sum())
-    legend = ("white outline: predicted defect (map above the pixel threshold); magenta: ground-truth mask"
-              if det.has_maps else "image-level method: score and verdict only; magenta: ground-truth mask")
+    legend = SHEET_CONVENTION + ("; white outline: predicted defect (map above the pixel threshold)"
+                                 if det.has_maps else "; image-level method: score and verdict only")
+    if drawn_masks:  # only mention what is drawn
+        legend += "; magenta outline: ground-truth mask"
     title = (f"{det.method}: highest-scoring normal images (top) and lowest-scoring defective images (bottom)\n"
              f"{_count(n_fp, 'false positive')} and {_count(n_fn, 'false negative')} in all at threshold {thr:.4g}")
     return plots.image_sheet(tiles, out / "worst_cases.png", title, cols=max(len(normals), len(defects), 1),
@@ -256,6 +264,8 @@ def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: flo
               "threshold_f1_max", "false_alarm_rate"):
         if m.get(k) is not None:
             out.append(f"| {k} | {m[k]:.4f} |")
+        elif k == "precision" and k in m:
+            out.append(f"| {k} | n/a (no image called anomalous) |")
     if m.get("f1_max") is not None and m.get("f1") is not None:
         out += ["", f"F1 at the model's threshold {m['f1']:.4f} vs. {m['f1_max']:.4f} at the best threshold for "
                 f"these images ({m['threshold_f1_max']:.6g}): the gap is what a better-placed threshold could gain."]

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from insightad.config import DataParams
+from insightad.data.images import check_mask_size
 from insightad.data.layouts import Sample, discover, evaluation_samples
 from insightad.errors import InsightADError
 from insightad.evaluate.metrics import image_metrics
@@ -48,6 +49,9 @@ def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: f
     """
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     samples = evaluation_samples(ds, getattr(det, "split_", None))
+    for s in samples:  # before scoring, for every method: a wrong mask is a wrong dataset
+        if s.mask is not None:
+            check_mask_size(s.mask, s.path)
     want_maps = det.has_maps and any(s.mask is not None for s in samples)
     pred, sizes = predict_reduced(det, [s.path for s in samples], want_maps, threshold, progress)
     labels = np.array([s.label for s in samples])

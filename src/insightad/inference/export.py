@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from insightad.engines.export import ONNX_FORMAT, example_batches, export_verified
-from insightad.engines.onnx_runtime import cache_dir, file_digest, prune_cache
+from insightad.engines.onnx_runtime import CACHE_KEY, OnnxEngine, cache_dir, file_digest, prune_cache, verified_entry
 from insightad.errors import InsightADError
 from insightad.io import atomic_write_bytes
 from insightad.methods.base import Detector
@@ -31,8 +31,9 @@ def onnx_metadata(det: Detector) -> dict[str, Any]:
             "outputs": ["scores"] + (["maps"] if det.has_maps else []), "backbone": getattr(det, "backbone", None)}
 
 
-def export_bytes(det: Detector, verify: bool = True) -> bytes:
-    """The ONNX graph of ``det`` as bytes, with metadata; raises if it cannot be exported faithfully."""
+def export_bytes(det: Detector, verify: bool = True, stamp: dict[str, str] | None = None) -> bytes:
+    """The ONNX graph of ``det`` as bytes, with metadata (plus ``stamp``'s entries: the cache's key);
+    raises if it cannot be exported faithfully."""
     det._check_fitted()
     if det.onnx_unsupported:
         raise InsightADError(f"{det.method}: cannot export to ONNX: {det.onnx_unsupported}")
@@ -40,8 +41,9 @@ def export_bytes(det: Detector, verify: bool = True) -> bytes:
         raise InsightADError(f"{det.method}: this detector runs from an ONNX graph already; nothing to export")
     p = det.preprocessing_
     outputs = ["scores"] + (["maps"] if det.has_maps else [])
+    meta = {**onnx_metadata(det), **(stamp or {})}
     return export_verified(det.model_, example_batches((p.channels, *p.size)), outputs, det.method,
-                           metadata=onnx_metadata(det), flat_keys=FLAT_KEYS, check=verify)
+                           metadata=meta, flat_keys=(*FLAT_KEYS, *(stamp or {})), check=verify)
 
 
 def export_onnx(det: Detector, out: str | Path) -> Path:
@@ -52,17 +54,24 @@ def export_onnx(det: Detector, out: str | Path) -> Path:
     return out
 
 
-def cached_export(det: Detector, model_path: str | Path | None) -> bytes:
-    """The model's ONNX graph, exported once per model file and cached (keyed by its content)."""
-    if model_path is None:
-        return export_bytes(det)
-    target = cache_dir() / f"{file_digest(model_path)}.onnx"
-    if target.is_file():
-        return target.read_bytes()
-    data = export_bytes(det)
+def cached_engine(det: Detector, model_path: str | Path, threads: int | None = None) -> OnnxEngine:
+    """An ONNX Runtime engine for the model file at ``model_path``: its graph is exported once and cached,
+    keyed by the sha256 of the model file's content and stamped with it; an entry whose stamp does not match
+    (truncated, swapped, damaged) is rebuilt from the PyTorch model, or refused where there is none."""
+    digest = file_digest(model_path)
+    target = cache_dir() / f"{digest}.onnx"
+    if target.exists():
+        engine = verified_entry(target, digest, threads)
+        if engine is not None:
+            return engine
+    if getattr(det, "model_", None) is None:
+        raise InsightADError(f"{target}: cached ONNX graph for {model_path} is missing, damaged or made from "
+                             "another model, and PyTorch is not available to rebuild it; install insightad[train] "
+                             "or export the model with 'insightad export' where PyTorch is installed")
+    data = export_bytes(det, stamp={CACHE_KEY: digest})
     try:
         atomic_write_bytes(target, data)
         prune_cache(keep=target)
     except OSError:
         pass  # a read-only home is no reason to fail a prediction
-    return data
+    return OnnxEngine(data, threads)

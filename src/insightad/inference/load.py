@@ -28,23 +28,53 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
             raise InsightADError(f"{path}: an ONNX file runs on the onnx engine only (drop --engine torch)")
         from insightad.inference.onnx_detector import OnnxDetector
 
-        return OnnxDetector.from_file(path, threads)
+        onnx_det = OnnxDetector.from_file(path, threads)
+        warm_up(onnx_det, path)
+        return onnx_det
     det = load_model(path, device=device)
+    warm_up(det, path)  # on PyTorch first: a model that cannot score is refused before any export
     chosen = resolve_engine(engine, device)
     if engine == "auto" and not det.onnx_auto:
         chosen = "torch"
     det.engine_name_ = "torch"
     if chosen == "onnx":
-        from insightad.engines.onnx_runtime import OnnxEngine
-        from insightad.inference.export import cached_export
+        from insightad.inference.export import cached_engine
 
         try:
-            det.engine_ = OnnxEngine(cached_export(det, path), threads)
+            det.engine_ = cached_engine(det, path, threads)
             det.engine_name_ = "onnx"
-        except InsightADError:
+        except InsightADError as e:
             if engine == "onnx":
-                raise
+                raise InsightADError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a graph that cannot be traced: tensors that do not fit
+            if engine == "onnx":
+                raise InsightADError(f"{path}: cannot export the model to ONNX ({_first_line(e)})") from None
         else:  # the session holds the weights now: a second copy in PyTorch would only cost memory
             det.model_ = None
             gc.collect()
+    warm_up(det, path)
     return det
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def warm_up(det: Detector, path: str | Path) -> None:
+    """Score one generated image at the model's size: a model whose tensors do not fit its metadata,
+    or that scores NaN or infinity (NaN in its tensors, a zero std), is refused here, at load."""
+    import numpy as np
+    import torch
+
+    p = det.preprocessing_
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, p.channels, *p.size), dtype=np.uint8))
+    try:
+        scores, maps = det.forward_batch(x)
+    except InsightADError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here is the model file's, said in one line
+        raise InsightADError(f"{path}: the model cannot score an image (its tensors do not fit its "
+                             f"metadata: {_first_line(e)})") from None
+    if not bool(torch.isfinite(scores).all()) or (maps is not None and not bool(torch.isfinite(maps).all())):
+        raise InsightADError(f"{path}: the model scores NaN or infinity on its warm-up image (NaN or inf in "
+                             "its tensors?); refusing it")

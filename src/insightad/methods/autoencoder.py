@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from insightad import config
-from insightad.config import TrainLoopParams, param, params
+from insightad.config import MAX_IMAGE_SIDE, TrainLoopParams, param, params
 from insightad.errors import InsightADError
 from insightad.methods.autoencoder_nets import build_net
 from insightad.methods.base import Detector
@@ -32,7 +32,8 @@ class AutoencoderParams(TrainLoopParams):
     channels: int = param(0, "1 (grayscale) or 3 (colour); 0: colour when the images are, grayscale for "
                           "--arch conv4", minimum=0, maximum=3)
     latent: int = param(32, "bottleneck: channels of the latent at 1/16 of the image side", minimum=1)
-    image_size: int = param(256, "side of the square image the model works at (a multiple of 16)", minimum=32)
+    image_size: int = param(256, "side of the square image the model works at (a multiple of 16)", minimum=32,
+                            maximum=MAX_IMAGE_SIDE)
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     alpha: float = param(0.84, "weight of (1 - SSIM) in the loss", minimum=0.0, maximum=1.0)
     ssim_window: int = param(11, "SSIM window size (odd)", minimum=3)

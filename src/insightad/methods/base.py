@@ -9,7 +9,9 @@ Detector around it handles data, batching, devices, thresholds and persistence o
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -26,6 +28,7 @@ from insightad.backbones.extractor import FeatureExtractor
 from insightad.data.loader import Batch, ImageSource, iter_batches
 from insightad.data.preprocess import Normalize, Preprocessing
 from insightad.decide.normalize import normalize_scores
+from insightad.decide.spread import ConstantScoresWarning, constant_scores_message
 from insightad.decide.thresholds import FitPolicy, threshold_from_fit
 from insightad.errors import InsightADError
 from insightad.runtime import resolve_device
@@ -60,6 +63,11 @@ class Prediction:
                 "anomalous": bool(self.labels[i]) if ok and self.labels is not None else None,
                 "error": err}
 
+    @property
+    def anomalous(self) -> np.ndarray | None:
+        """The decisions as booleans (True = anomalous): the name every machine-readable output uses."""
+        return None if self.labels is None else np.asarray(self.labels, dtype=bool)
+
     @staticmethod
     def concat(parts: Sequence[Prediction]) -> Prediction:
         """Chunks (in order) -> one Prediction over all of them."""
@@ -76,6 +84,13 @@ def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def non_finite_message(source: Any, score: float) -> str:
+    """One line for an image the model scored NaN or infinity (a model fault, not a verdict)."""
+    source = getattr(source, "path", source)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
+    return f"{name}: the model's score is {score} (not a finite number); no verdict for this image"
 
 
 def upsample_maps(maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -226,7 +241,15 @@ class Detector:
         self._finish_fit()
         self.fit_seconds_ = time.perf_counter() - t0
         self.n_train_ = len(images)
+        self._warn_if_constant()
         return self
+
+    def _warn_if_constant(self) -> None:
+        """Warn when the scores the default threshold was chosen on are (nearly) all equal."""
+        scores = getattr(self, "decision_scores_", None)
+        message = None if scores is None else constant_scores_message(scores, self.threshold_)
+        if message:
+            warnings.warn(f"{self.method}: {message}", ConstantScoresWarning, stacklevel=3)
 
     def _threshold_policy(self) -> FitPolicy:
         """Which scores and which percentile make the default threshold (a method may override)."""
@@ -311,6 +334,12 @@ class Detector:
                 scores.update(zip(batch.indices, s.cpu().double().numpy().tolist()))
                 if want_maps and m is not None:
                     got_maps.update(zip(batch.indices, upsample_maps(m, batch.sizes)))
+                for i, v in zip(batch.indices, s.cpu().double().numpy().tolist()):
+                    if not np.isfinite(v):  # scored, but not a number: an error for that image, never "normal"
+                        errors[i] = non_finite_message(images[i], v)
+                        scores[i] = float("nan")
+                        if strict:
+                            raise InsightADError(errors[i])
             seen = max([*batch.indices, *batch.errors], default=start - 1) + 1
             while start + chunk <= seen:
                 yield self._chunk(start, start + chunk, scores, got_maps, errors, thr, want_maps)

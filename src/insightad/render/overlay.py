@@ -25,6 +25,7 @@ ANOMALOUS_RGB = (220, 40, 40)
 NORMAL_RGB = (40, 170, 70)
 OUTLINE_RGB = (255, 255, 255)
 TRUTH_RGB = (255, 0, 255)
+RIGHT_RGB, WRONG_RGB = NORMAL_RGB, ANOMALOUS_RGB  # sheets with known truth: the frame says right or wrong
 
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
@@ -44,8 +45,13 @@ def _resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def render_overlay(image: Image.Image, score: float, threshold: float, *, anomaly_map: np.ndarray | None = None,
                    scale: MapScale | None = None, score_normalized: float | None = None,
-                   truth_mask: np.ndarray | None = None, caption: str | None = None) -> Image.Image:
-    """The overlay of one image: verdict banner on top; heatmap and outlines when a map is given."""
+                   truth_mask: np.ndarray | None = None, caption: str | None = None,
+                   correct: bool | None = None) -> Image.Image:
+    """The overlay of one image: verdict banner on top; heatmap and outlines when a map is given.
+
+    ``correct`` (when the truth is known, as in report sheets): the frame says right (green) or wrong (red)
+    and the banner's verdict is written in white; unknown: the frame and the verdict share the verdict's colour.
+    """
     img = image.convert("RGB")
     short = min(img.size)
     if short < MIN_SIDE:
@@ -65,20 +71,24 @@ def render_overlay(image: Image.Image, score: float, threshold: float, *, anomal
         t = np.asarray(Image.fromarray(truth_mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
         out[_outline(t, line)] = TRUTH_RGB
     anomalous = bool(score > threshold) if np.isfinite(score) else False
-    picture = _with_banner(Image.fromarray(out), score, threshold, anomalous, score_normalized, caption)
+    picture = _with_banner(Image.fromarray(out), score, threshold, anomalous, score_normalized, caption, correct)
     return with_colorbar(picture, scale) if anomaly_map is not None and scale is not None else picture
 
 
 def _with_banner(img: Image.Image, score: float, threshold: float, anomalous: bool, normalized: float | None,
-                 caption: str | None) -> Image.Image:
-    """A dark strip above the image: verdict in colour, score against threshold, a frame in the verdict colour."""
+                 caption: str | None, correct: bool | None = None) -> Image.Image:
+    """A dark strip above the image: the verdict, score against threshold, and a frame: in the verdict's colour
+    when the truth is unknown, else green for a right verdict and red for a wrong one (verdict then in white)."""
     w, h = img.size
-    colour = ANOMALOUS_RGB if anomalous else NORMAL_RGB
+    if correct is None:
+        colour = verdict_colour = ANOMALOUS_RGB if anomalous else NORMAL_RGB
+    else:
+        colour, verdict_colour = (RIGHT_RGB if correct else WRONG_RGB), (255, 255, 255)
     verdict = "ANOMALOUS" if anomalous else "NORMAL"
     detail = f"score {score:.4g} {'>' if anomalous else '<='} threshold {threshold:.4g}"
     if normalized is not None and np.isfinite(normalized):
         detail += f"  (normalized {normalized:.2f})"
-    lines = [(verdict, colour), (detail, (235, 235, 235))] + ([(caption, (200, 200, 200))] if caption else [])
+    lines = [(verdict, verdict_colour), (detail, (235, 235, 235))] + ([(caption, (200, 200, 200))] if caption else [])
     size = 40
     while size > 9:
         fnt = font(size)
@@ -115,21 +125,26 @@ def overlay_name(path: Path, used: set[str]) -> str:
 
 
 def predict_with_overlays(det: Any, paths: Sequence[Path], out_dir: str | Path, threshold: float | None = None,
-                          chunk: int = 16, progress: bool = False) -> tuple[Any, list[Path]]:
+                          chunk: int = 16, progress: bool = False, strict: bool = True) -> tuple[Any, list[Path | None]]:
     """Score ``paths`` through the one prediction loop and write ``<stem>_overlay.png`` for each into
-    ``out_dir``. Returns (Prediction without maps, list of overlay paths); maps live for one chunk only."""
+    ``out_dir``. Returns (Prediction without maps, overlay paths: None for an image in ``errors``; with
+    ``strict=False`` an unreadable image is listed there and the others are still scored). Maps live for
+    one chunk only."""
     from insightad.io import atomic_write
     from insightad.methods import Prediction
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scale = MapScale.for_detector(det, threshold) if det.has_maps else None
-    written: list[Path] = []
+    written: list[Path | None] = []
     used: set[str] = set()
     parts = []
     for pred in det.iter_predict(list(paths), chunk=chunk, maps=det.has_maps, threshold=threshold,
-                                 progress=progress):
+                                 progress=progress, strict=strict):
         for i in range(len(pred)):
+            if i in pred.errors:
+                written.append(None)
+                continue
             path = Path(paths[pred.offset + i])
             m = pred.maps[i] if pred.maps is not None else None
             img = render_overlay(load_image(path, 3), float(pred.scores[i]), pred.threshold, anomaly_map=m,

@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,17 @@ from insightad.training.curves import plot_curve
 # Settings that may change between a run and its resumption; every other one must match.
 RESUMABLE = ("epochs", "resume", "checkpoint_dir", "device", "workers", "patience")
 MIN_IMPROVEMENT = 1e-4  # relative decrease of the validation loss that counts as progress
+LONG_RUN_S = 600.0  # a CPU run estimated to take longer than this is announced, with the estimate
+
+
+class LongTrainingWarning(UserWarning):
+    """The training run about to happen on the CPU is estimated to take long (minutes to hours)."""
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 class Objective(Protocol):
@@ -118,6 +130,7 @@ class TrainingLoop:
         self.fingerprint = fingerprint if fingerprint is not None else {}
         self.curve_metrics = curve_metrics or {}  # extra metric -> chance level line (or None)
         self.device = resolve_device(params.device)
+        self._estimated = False
         self.dir = Path(params.checkpoint_dir).expanduser() if params.checkpoint_dir else None
         if params.resume and self.dir is None:
             raise InsightADError("resume: needs --checkpoint-dir (the folder a previous run wrote its checkpoint to)")
@@ -209,6 +222,7 @@ class TrainingLoop:
         g = epoch_generator(self.p.seed, epoch)
         sums: dict[str, float] = {}
         batches = self._batches(len(train), g)
+        t_start = time.perf_counter()
         for idx in tqdm(batches, desc=f"{self.name}: epoch {epoch + 1}", unit="batch", leave=False,
                         disable=not self.progress):
             x = train[idx]
@@ -222,8 +236,22 @@ class TrainingLoop:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if not self._estimated:  # one batch timed: say how long the whole run will be
+                self._announce_duration(time.perf_counter() - t_start, len(batches), epoch)
             _accumulate(sums, {"loss": float(loss.detach()), **metrics}, len(idx))
         return {f"train_{k}": v / len(train) for k, v in sums.items()}
+
+    def _announce_duration(self, batch_seconds: float, n_batches: int, epoch: int) -> None:
+        """Before a long CPU run gets far: warn with the estimated time (one batch x batches x epochs left)."""
+        self._estimated = True
+        if self.device.type != "cpu":
+            return
+        left = self.p.epochs - epoch
+        total = batch_seconds * n_batches * left
+        if total > LONG_RUN_S:
+            warnings.warn(f"{self.name}: training on the CPU will take about {format_duration(total)} ({left} epochs "
+                          f"x {n_batches} batches at {batch_seconds:.2f} s each; early stopping may end it sooner); "
+                          "lower --epochs or --image-size, or train on a GPU", LongTrainingWarning, stacklevel=4)
 
     @torch.no_grad()
     def _evaluate(self, model: nn.Module, objective: Objective, data: torch.Tensor) -> dict[str, float]:

@@ -26,9 +26,10 @@ class ServeParams:
                              minimum=0.0, exclusive_min=True)
     api_key: str | None = param(None, "require this key in X-API-Key or 'Authorization: Bearer'; unset: "
                                 "the INSIGHTAD_API_KEY environment variable if set, else no key")
-    engine: str = param("auto", "inference engine (auto: ONNX Runtime on CPU when installed, else PyTorch)",
-                        choices=("auto", "torch", "onnx"))
-    device: str = param("cpu", "cpu, cuda or auto")
+    engine: str = param("auto", "inference engine (auto: PyTorch on a CUDA GPU when --device gives one, else "
+                        "ONNX Runtime on the CPU when installed, else PyTorch)", choices=("auto", "torch", "onnx"))
+    device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda; the same default as "
+                        "train and predict")
     threads: int = param(0, "PyTorch CPU threads for inference (0: PyTorch's default)", minimum=0)
     decode_threads: int = param(0, "threads that parse and decode request images (0: one per CPU core, "
                                 "at most 4)", minimum=0)

@@ -1,0 +1,160 @@
+"""The one schema a model file's JSON metadata must follow, checked before anything is built from it.
+
+A model file may come from anywhere: every field is checked here (types, ranges, sizes) so that a
+hostile or damaged file gets one line naming the file and the field, never a traceback, and never
+an allocation sized by the file (a 60000x60000 input, a giant backbone) before it is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from insightad.config import MAX_IMAGE_SIDE
+from insightad.errors import InsightADError, cut
+
+FORMAT = "insightad-model"
+FORMAT_VERSION = 1
+MAX_DEPTH = 32  # JSON nesting deeper than this is refused before validation
+MAX_SHOWN = 80  # characters of a bad value quoted in a message
+
+RESIZE_FILTERS = ("bilinear", "bicubic", "nearest", "area")
+
+
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("expected a finite number")
+    return v
+
+
+Finite = Annotated[StrictFloat, AfterValidator(_finite)]
+Side = Annotated[StrictInt, Field(ge=1, le=MAX_IMAGE_SIDE)]
+Name = Annotated[StrictStr, Field(max_length=1000)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class PreprocessingMeta(_Strict):
+    size: tuple[Side, Side]
+    channels: Literal[1, 3]
+    resize: Literal["bilinear", "bicubic", "nearest", "area"]
+    mean: Annotated[list[Finite], Field(min_length=1, max_length=3)]
+    std: Annotated[list[Annotated[Finite, Field(gt=0)]], Field(min_length=1, max_length=3)]
+
+
+class BackboneMeta(_Strict):
+    name: Name
+    arch: Name | None = None
+    weights_source: Annotated[StrictStr, Field(max_length=10_000)] | None = None
+    layers: Annotated[list[Annotated[StrictInt, Field(ge=0, le=16)]], Field(max_length=16)] = []
+
+
+class ThresholdDetails(_Strict):
+    scale: Annotated[Finite, Field(ge=0)] | None = None
+
+
+class ThresholdMeta(_Strict):
+    value: Finite
+    strategy: Name
+    details: ThresholdDetails = ThresholdDetails()
+
+
+class SplitMeta(_Strict):
+    root: StrictStr
+    layout: Name
+    holdout_fraction: Finite = 0.0
+    seed: StrictInt = 0
+    train: list[StrictStr] = []
+    holdout: list[StrictStr] = []
+
+
+class TrainingMeta(_Strict):
+    n_images: Annotated[StrictInt, Field(ge=0)] | None = None
+    fit_seconds: Finite | None = None
+    fit_engine: Name | None = None
+
+
+class ModelMeta(_Strict):
+    """Every field the loader reads; unknown extra fields are kept (a newer minor writer's notes)."""
+
+    format: Literal["insightad-model"]
+    format_version: Annotated[StrictInt, Field(ge=1)]
+    package_version: Name | None = None
+    created: Name | None = None
+    method: Name
+    params: dict[str, Any]
+    preprocessing: PreprocessingMeta
+    backbone: BackboneMeta | None = None
+    threshold: ThresholdMeta
+    split: SplitMeta | None = None
+    training: TrainingMeta | None = None
+    state: dict[str, Any] = {}
+
+
+def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a 20 MB field never lands on a terminal."""
+    text = repr(value) if not isinstance(value, str) or len(value) <= limit else repr(value[:limit])
+    if len(text) > limit + 2:
+        text = text[:limit] + "..."
+    elif isinstance(value, str) and len(value) > limit:
+        text = text[:-1] + f"...' ({len(value)} characters)"
+    return text
+
+
+def nesting_depth(obj: Any, limit: int = MAX_DEPTH) -> int:
+    """The nesting depth of a JSON value, walked without recursion; stops counting past ``limit``."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
+def _field_name(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "metadata"
+
+
+def validate_metadata(meta: Any, where: str) -> dict[str, Any]:
+    """``meta`` checked against :class:`ModelMeta`; the first problem as one line naming ``where`` and the field."""
+    if not isinstance(meta, dict):
+        raise InsightADError(f"{where}: model metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise InsightADError(f"{where}: not an InsightAD model file (format {shorten(meta.get('format'))})")
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise InsightADError(f"{where}: model file format {version} is newer than this InsightAD reads "
+                             f"({FORMAT_VERSION}); upgrade insightad")
+    if nesting_depth(meta) > MAX_DEPTH:
+        raise InsightADError(f"{where}: model metadata is nested deeper than {MAX_DEPTH} levels; refusing it")
+    try:
+        ModelMeta.model_validate(meta)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = _field_name(err.get("loc", ()))
+        got = err.get("input", None) if err.get("type") != "missing" else None
+        what = "missing" if err.get("type") == "missing" else f"{err.get('msg', 'invalid')}, got {shorten(got)}"
+        raise InsightADError(f"{where}: model metadata field '{field}': {what}") from None
+    from insightad.methods import get_method, list_methods
+
+    if meta["method"] not in list_methods():
+        raise InsightADError(f"{where}: model metadata field 'method': unknown method {shorten(meta['method'])} "
+                             f"(known: {', '.join(list_methods())})")
+    from insightad import config
+
+    try:
+        config.build(get_method(meta["method"]).Params, meta["params"], where="params")
+    except InsightADError as e:
+        raise InsightADError(f"{where}: model metadata field 'params': {cut(str(e), 300)}") from None
+    except TypeError as e:  # a value of a type the dataclass cannot take at all
+        raise InsightADError(f"{where}: model metadata field 'params': {cut(str(e), 300)}") from None
+    return meta
