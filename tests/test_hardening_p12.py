@@ -31,7 +31,7 @@ def test_p12_train_image_size_too_large(folder_dir, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["autoencoder", "ssl", "padim"])
 def test_p12_image_size_bounded_for_every_method(method):
     from insightad import config
-    from insightad.methods import params_class
+    from insightad.apps.train import params_class
 
     with pytest.raises(InsightADError, match="image_size"):
         config.build(params_class(method), {"image_size": 60000})

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from insightad.engines import onnx_runtime
+from insightad.inference.export import cached_engine
 from insightad.errors import InsightADError
 from insightad.inference.load import load_for_inference
 from insightad.model_file import META_KEY
@@ -67,7 +68,7 @@ def test_p5_bad_entry_refused_without_pytorch_model(baseline_model, mvtec_dir, c
     entry.write_bytes(b"not an onnx graph")
     det.model_ = None  # what a runtime without PyTorch has: nothing to rebuild the graph from
     with pytest.raises(InsightADError, match="PyTorch is not available") as e:
-        onnx_runtime.cached_engine(det, baseline_model)
+        cached_engine(det, baseline_model)
     assert str(baseline_model) in str(e.value) and not entry.exists()  # never used, not kept
 
 

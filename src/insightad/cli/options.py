@@ -103,15 +103,16 @@ def option_keys(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 def all_config_keys() -> set[str]:
     """Every key some command takes: flat keys are shared, so a key is unknown only if no command has it."""
+    from insightad.apps.train import BACKBONE_METHODS, params_class
     from insightad.cli import COMMANDS, build_parser
-    from insightad.methods import available, backbone_trainers, params_class
+    from insightad.methods import list_methods
 
     keys: set[str] = set()
     for name in COMMANDS:
         top = build_parser([name])
         sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
         keys |= set(option_keys(sub.choices[name]))
-    for method in available() + backbone_trainers():
+    for method in list_methods() + list(BACKBONE_METHODS):
         keys |= {f.name for f in dataclasses.fields(params_class(method))}
     return keys
 
