@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from insightad.config import DecisionParams
 from insightad.errors import InsightADError
 from insightad.methods import Detector, create_detector, get_method, list_methods
@@ -33,7 +35,7 @@ def _params_for(method: str, common: dict[str, Any]) -> dict[str, Any]:
 
 
 def _size_mb(det: Detector) -> float:
-    return sum(t.numel() * t.element_size() for t in det.model_.state_dict().values()) / 2**20
+    return sum(t.numel() * t.element_size() for t in det._model_as(nn.Module).state_dict().values()) / 2**20
 
 
 def _predict_ms(det: Detector, images: Sequence, n: int = 8) -> float:

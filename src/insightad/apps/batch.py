@@ -237,7 +237,7 @@ class BatchJob:
             raise InsightADError(f"--chunk: expected at least 1, got {self.chunk}")
         self.model_sha256 = self.model_sha256 or file_sha256(self.model)
 
-    def options(self, threshold: float) -> ScoreOptions:
+    def options(self, threshold: float | None) -> ScoreOptions:
         return ScoreOptions(self.model_sha256, threshold, self.maps_dir, self.overlays_dir, self.source.root)
 
     def todo(self, threshold: float) -> tuple[list[bytes], int]:

@@ -147,6 +147,7 @@ def run_labels(args: argparse.Namespace, det) -> int:
             raise InsightADError(f"{args.labels}: {len(missing)} listed images not found, e.g. {missing[0]}")
         scores, _ = cal_mod.score_with_map_max(det, paths, False, progress=args.progress)
     else:
+        assert lf.scores is not None  # form "scores": read_labels always fills them
         scores = lf.scores
     record = cal_mod.labels_record(det, lf, scores, strategy, args.percentile)
     for w in record["details"]["warnings"]:

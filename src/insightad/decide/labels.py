@@ -102,6 +102,6 @@ def check_model_hash(labels: LabelFile, model_path: str | Path) -> None:
         return
     actual = file_sha256(model_path)
     if labels.model_sha256 != actual:
-        raise InsightADError(f"{labels.source}: model_sha256 {labels.model_sha256[:12] or '(empty)'}... is not the "
+        raise InsightADError(f"{labels.source}: model_sha256 {(labels.model_sha256 or '')[:12] or '(empty)'}... is not the "
                              f"SHA-256 of {model_path} ({actual[:12]}...): these scores came from another model; "
                              "re-score the images (columns path,label) or use the matching model file")

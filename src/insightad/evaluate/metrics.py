@@ -6,13 +6,13 @@ import numpy as np
 from sklearn import metrics as skm
 
 
-def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | int | None]:
+def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | int | list[float] | None]:
     """AUROC, average precision, and accuracy/precision/recall/F1 of ``score > threshold``."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     both = labels.any() and (~labels).any()
     pred = scores > threshold
-    out: dict[str, float | int | None] = {
+    out: dict[str, float | int | list[float] | None] = {
         "image_auroc": float(skm.roc_auc_score(labels, scores)) if both else None,
         "average_precision": float(skm.average_precision_score(labels, scores)) if labels.any() else None,
         "accuracy": float(skm.accuracy_score(labels, pred)),

@@ -149,6 +149,8 @@ class Detector:
     model_path_: str
     metadata_: dict[str, Any]
     training_: Any
+    selection_: dict[str, Any]  # --method auto: the candidates' table and the choice
+    validation_: Any  # crossfit.OutOfFold of the last decision (train report only; methods.base cannot import crossfit)
 
     # ------------------------------------------------------------------ parameters
     @classmethod

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ from insightad.decide.decisions import DEFAULT_MAX_FALSE_ALARMS, DecisionRecord,
 from insightad.decide.normalize import robust_scale
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
+from insightad.methods.baseline import BaselineDetector, BaselineModel, fit_gaussian, knn_distance
 from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
+from insightad.methods.padim import PadimDetector, PadimModel
 
 DEFAULT_FOLDS = 5
 REFIT_ALL_FOLDS: tuple[str, ...] = ()  # methods whose k-fold refit is cheap enough to do for every fold
@@ -140,18 +143,19 @@ def _refit(det: Detector, images: Sequence, folds: np.ndarray, fitted: list[int]
     d_maps: list[np.ndarray] | None = [] if det.has_maps else None
     for f in fitted:
         held = np.flatnonzero(folds == f)
-        rest = [images[i] for i in np.flatnonzero(folds != f)]
+        rest = [images[int(i)] for i in np.flatnonzero(folds != f)]
         fold_det = clone_unfitted(det).fit(rest)
-        arrays = at_model_size(fold_det, [images[i] for i in held])
+        arrays = at_model_size(fold_det, [images[int(i)] for i in held])
         made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
         pred = fold_det.predict(arrays + [d.image for d in made], maps=det.has_maps)
         n_index.append(held)
         n_scores.append(pred.scores[:len(held)])
         d_scores.append(pred.scores[len(held):])
         if pred.maps is not None:
-            n_max.append(np.array([float(np.max(m)) for m in pred.maps[:len(held)]]))
+            maps = cast("list[np.ndarray]", pred.maps)  # strict predict: every image was read, so every map is there
+            n_max.append(np.array([float(np.max(m)) for m in maps[:len(held)]]))
             if d_maps is not None:
-                d_maps.extend(pred.maps[len(held):])
+                d_maps.extend(maps[len(held):])
         defects.extend(made)
     return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
 
@@ -162,21 +166,21 @@ def _embeddings(det: Detector, sources: Sequence) -> torch.Tensor:
     out = []
     with torch.inference_mode():
         for batch in det._batches(list(sources), False, "baseline: validation"):
-            out.append(det.model_.embed(batch.images.to(dev)).float().cpu())
+            out.append(det._model_as(BaselineModel).embed(batch.images.to(dev)).float().cpu())
     return torch.cat(out)
 
 
 def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,
                     kinds: Sequence[str]) -> OutOfFold:
-    from insightad.methods.baseline import fit_gaussian, knn_distance
-
     det._check_fitted()
+    if not isinstance(det, BaselineDetector):
+        raise InsightADError(f"validation: kfold-exact for baseline needs a BaselineDetector, got {type(det).__name__}")
     n_index, n_scores, d_scores = [], [], []
     defects: list[SyntheticDefect] = []
     per_fold = []
     for f in sorted(set(folds.tolist())):
         held = np.flatnonzero(folds == f)
-        arrays = at_model_size(det, [images[i] for i in held])
+        arrays = at_model_size(det, [images[int(i)] for i in held])
         made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
         per_fold.append((held, made, _embeddings(det, arrays + [d.image for d in made])))
     emb = torch.empty(len(images), per_fold[0][2].shape[1])
@@ -190,10 +194,10 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
             mean, prec = fit_gaussian(rest)
             d = e - mean
             s = ((d @ prec) * d).sum(1).clamp_min(0.0).sqrt()
-        s = s.double().numpy()
+        s_np = s.double().numpy()
         n_index.append(held)
-        n_scores.append(s[:len(held)])
-        d_scores.append(s[len(held):])
+        n_scores.append(s_np[:len(held)])
+        d_scores.append(s_np[len(held):])
         defects.extend(made)
     return _collect("", n_index, n_scores, [], defects, d_scores, None)
 
@@ -211,7 +215,7 @@ def _minus(total: PatchGaussianAccumulator, part: PatchGaussianAccumulator) -> P
 
 def _padim_features(det: Detector, arrays_or_paths: Sequence) -> torch.Tensor:
     """Reduced patch features (N, P, d) of images, through the fitted model's own layers."""
-    model = det.model_
+    model = det._model_as(PadimModel)
     dev = getattr(det, "device_", torch.device("cpu"))
     out = []
     with torch.inference_mode():
@@ -224,18 +228,20 @@ def _padim_features(det: Detector, arrays_or_paths: Sequence) -> torch.Tensor:
 def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,
                  kinds: Sequence[str]) -> OutOfFold:
     det._check_fitted()
-    model = det.model_
+    if not isinstance(det, PadimDetector):
+        raise InsightADError(f"validation: kfold-exact for padim needs a PadimDetector, got {type(det).__name__}")
+    model = det._model_as(PadimModel)
     positions, dim = model.mean.shape
     total = PatchGaussianAccumulator(positions, dim)
     fold_list = sorted(set(folds.tolist()))
     for f in fold_list:  # pass 1: the sums of every training image, one shift for all
-        total.update(_padim_features(det, [images[i] for i in np.flatnonzero(folds == f)]))
+        total.update(_padim_features(det, [images[int(i)] for i in np.flatnonzero(folds == f)]))
     n_index, n_scores, n_max, d_scores = [], [], [], []
     defects: list[SyntheticDefect] = []
     d_maps: list[np.ndarray] = []
     for f in fold_list:  # pass 2: each fold's model = total minus the fold
         held = np.flatnonzero(folds == f)
-        arrays = at_model_size(det, [images[i] for i in held])
+        arrays = at_model_size(det, [images[int(i)] for i in held])
         z = _padim_features(det, arrays)
         part = PatchGaussianAccumulator(positions, dim)
         part.shift = total.shift
@@ -245,8 +251,8 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
         if made:
             z = torch.cat([z, _padim_features(det, [d.image for d in made])])
         with torch.inference_mode():
-            s, maps = model.score_distances(rest.distances(z, det.epsilon).to(getattr(det, "device_", "cpu")))
-        s, maps = s.cpu().double().numpy(), maps.float().cpu().numpy()
+            s_t, maps_t = model.score_distances(rest.distances(z, det.epsilon).to(getattr(det, "device_", "cpu")))
+        s, maps = s_t.cpu().double().numpy(), maps_t.float().cpu().numpy()
         n_index.append(held)
         n_scores.append(s[:len(held)])
         n_max.append(maps[:len(held)].reshape(len(held), -1).max(1))

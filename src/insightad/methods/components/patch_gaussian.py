@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from insightad.errors import InsightADError
+
 
 def lower_triangular_inverse(chol: torch.Tensor, leaf: int = 1) -> torch.Tensor:
     """Inverse of a batch of lower-triangular matrices (..., n, n) by recursive 2x2 blocks:
@@ -61,10 +63,15 @@ class PatchGaussianAccumulator:
     def merge(self, other: dict[str, torch.Tensor | int | None]) -> None:
         """Add another accumulator's :meth:`state`, re-centred on this one's shift: with d = s' - s,
         sum(z - s) = S1' + n' d and sum((z - s)(z - s)^T) = S2' + S1' d^T + d S1'^T + n' d d^T."""
-        n = int(other["n"])
+        count = other["n"]
+        if count is None:
+            raise InsightADError("patch statistics: the state to merge has no image count 'n'")
+        n = int(count)
         if n == 0:
             return
         s1, s2, shift = other["sum"], other["sum_outer"], other["shift"]
+        if not (isinstance(s1, torch.Tensor) and isinstance(s2, torch.Tensor) and isinstance(shift, torch.Tensor)):
+            raise InsightADError("patch statistics: the state to merge lacks its sums or shift (tensors expected)")
         if self.shift is None:
             self.shift = shift.float().clone()
             self.sum += s1.double()
