@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from insightad.engines import onnx_runtime
-from insightad.inference.export import cached_engine
 from insightad.errors import InsightADError
+from insightad.inference.export import cached_engine
 from insightad.inference.load import load_for_inference
 from insightad.model_file import META_KEY
 

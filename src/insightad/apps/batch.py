@@ -162,11 +162,12 @@ def _write_extras(det, opts: ScoreOptions, path: bytes, source: str | bytes, m, 
         map_path = os.fsdecode(os.fsencode(target))
     if opts.overlays_dir:
         from insightad.data.images import load_image
-        from insightad.render.overlay import MapDisplay, render_overlay
+        from insightad.render.colormap import MapScale
+        from insightad.render.overlay import render_overlay
 
         image = load_image(source if isinstance(source, str) else bytes(source), 3)
-        shown = MapDisplay.for_detector(det, opts.threshold) if m is not None else None
-        img = render_overlay(image, float(pred.scores[j]), pred.threshold, anomaly_map=m, display=shown,
+        shown = MapScale.for_detector(det, opts.threshold) if m is not None else None
+        img = render_overlay(image, float(pred.scores[j]), pred.threshold, anomaly_map=m, scale=shown,
                              score_normalized=float(pred.scores_normalized[j]))
         target = _mirror(opts.overlays_dir, opts, path, ".overlay.png")
         atomic_write(target, lambda tmp: img.save(tmp, format="PNG"))
