@@ -104,21 +104,45 @@ class Recorder:
         with self.lock:
             self.errors[kind] = self.errors.get(kind, 0) + 1
 
+    def refused(self, status: int) -> None:
+        """A bad request answered with the right 4xx JSON error (counted apart, not an error)."""
+        with self.lock:
+            key = f"refused_{status}"
+            self.errors.setdefault("_refused", {})  # type: ignore[arg-type]
+            self.errors["_refused"][key] = self.errors["_refused"].get(key, 0) + 1  # type: ignore[index]
+
+
+# Bad requests mixed into the load (--bad-fraction): each must get a 4xx JSON answer, never a 5xx or a reset.
+BAD_BODIES = [
+    b'{"image": "@@@ not base64 @@@"}',                                   # bad base64
+    b'{"image": "' + base64.b64encode(b"this is not an image") + b'"}',   # not an image
+    b'{"picture": "abc"}',                                              # missing field
+]
+
 
 def client_loop(url: str, payloads: list[bytes], offset: int, t_measure: float, t_end: float, rec: Recorder,
-                timeout: float) -> None:
-    """Send requests back to back until ``t_end`` (a bounded loop); record those started after ``t_measure``."""
+                timeout: float, bad_fraction: float = 0.0, oversized: bytes = b"") -> None:
+    """Send requests back to back until ``t_end`` (a bounded loop); record those started after ``t_measure``.
+    A ``bad_fraction`` of them are bad (bad base64, not an image, missing field, oversized body)."""
     headers = {"Content-Type": "application/json"}
+    bad = BAD_BODIES + ([oversized] if oversized else [])
+    rng = np.random.default_rng(offset)
     i = offset
     with httpx.Client(timeout=timeout) as http:
         while time.monotonic() < t_end:
-            body = payloads[i % len(payloads)]
+            is_bad = rng.random() < bad_fraction
+            body = bad[i % len(bad)] if is_bad else payloads[i % len(payloads)]
             i += 1
             t0 = time.monotonic()
             counted = t0 >= t_measure
             try:
                 r = http.post(f"{url}/infer", content=body, headers=headers)
                 dt = time.monotonic() - t0
+                if is_bad:
+                    if counted:
+                        ok = 400 <= r.status_code < 500 and "detail" in r.json()
+                        rec.refused(r.status_code) if ok else rec.error(f"bad_request_got_{r.status_code}")
+                    continue
                 if r.status_code == 200 and "score" in r.json():
                     if counted:
                         rec.ok(dt)
@@ -157,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (default 5)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
     ap.add_argument("--out", type=Path, help="also write the JSON result here")
+    ap.add_argument("--bad-fraction", type=float, default=0.0,
+                    help="fraction of requests that are bad (bad base64, not an image, missing field, oversized)")
     ap.add_argument("--server-log", type=Path, default=Path("/tmp/insightad-load-test-server.log"))
     args = ap.parse_args(argv)
 
@@ -170,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         t_start = time.monotonic()
         t_measure = t_start + args.warmup
         t_end = t_measure + args.duration
+        oversized = b'{"image": "' + b"A" * int(25e6) + b'"}' if args.bad_fraction else b""  # over --max-body-mb 20
         threads = [threading.Thread(target=client_loop, args=(url, payloads, k * 7, t_measure, t_end, rec,
-                                                              args.timeout), daemon=True)
+                                                              args.timeout, args.bad_fraction, oversized), daemon=True)
                    for k in range(args.clients)]
         for t in threads:
             t.start()
@@ -193,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_server(proc)
 
     lat = np.array(rec.latencies) * 1000.0
+    refused = rec.errors.pop("_refused", {})
     n_err = sum(rec.errors.values())
     mb = 1 / (1024 * 1024)
     result = {
@@ -206,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         (("p50", 50), ("p95", 95), ("p99", 99))} | {"mean": round(float(lat.mean()), 1),
                                                                      "max": round(float(lat.max()), 1)})
         if lat.size else None,
-        "errors": n_err, "errors_by_kind": rec.errors,
+        "errors": n_err, "errors_by_kind": rec.errors, "bad_requests_refused_4xx": refused,
         "rss_mb": {k: round(v * mb, 1) for k, v in rss.items()},
         "rss_mb_max": round(max(v for _, v in samples) * mb, 1) if samples else None,
         "rss_mb_each_minute": [round(min(samples, key=lambda s: abs(s[0] - m))[1] * mb, 1)

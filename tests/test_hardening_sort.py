@@ -125,7 +125,8 @@ def test_p02_calibrate_unwritable_out_leaves_model_unchanged(baseline_model, mvt
     model = tmp_path / "m.safetensors"
     shutil.copy(baseline_model, model)
     before = model.read_bytes()
-    for bad in ("/proc/x.json", str(tmp_path / "nofolder" / "x.json")):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    for bad in ("/proc/x.json", str(tmp_path / "afile" / "x.json")):
         rc = main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--out", bad])
         assert rc != 0
         err = capsys.readouterr().err

@@ -135,7 +135,7 @@ LOCK_NAME = ".insightad.lock"
 
 
 @contextlib.contextmanager
-def file_lock(lock_path: str | Path, what: str) -> Iterator[Path]:
+def file_lock(lock_path: str | Path, what: str, busy: str | None = None) -> Iterator[Path]:
     """Hold an exclusive ``fcntl`` lock on ``lock_path`` for the duration; a second holder is refused at
     once with one line naming ``what`` and the holder's pid. Released when the process ends, however."""
     import fcntl
@@ -148,8 +148,8 @@ def file_lock(lock_path: str | Path, what: str) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
-            raise InsightADError(f"{what}: another run is writing it (lock {lock_path} held by pid {holder}); wait "
-                                 "for it to finish or choose another --out") from None
+            raise InsightADError(f"{what}: {busy or 'another run is writing it'} (lock {lock_path} held by pid "
+                                 f"{holder}); wait for it to finish or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
@@ -159,4 +159,4 @@ def file_lock(lock_path: str | Path, what: str) -> Iterator[Path]:
 
 def folder_lock(folder: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:
     """``file_lock`` on a lock file inside ``folder`` (sort's output folder)."""
-    return file_lock(Path(folder) / LOCK_NAME, f"{folder} ({what})")
+    return file_lock(Path(folder) / LOCK_NAME, str(folder), f"another {what} is already writing to this folder")

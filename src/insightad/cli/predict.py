@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,15 +61,18 @@ def expand_images(items: list[str]) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from insightad.outputs import check_output_dir
 
-    for flag, folder in (("--overlay", args.overlay), ("--heatmap", args.heatmap)):
-        if folder:
-            check_output_dir(folder, flag)
+    if args.overlay:
+        check_output_dir(args.overlay, "--overlay")
+    if args.heatmap and os.path.lexists(args.heatmap):  # an existing non-folder is refused before any work
+        check_output_dir(args.heatmap, "--heatmap")
     paths = expand_images(list(args.images) + list(args.image))
     thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
     det = load_inference_model(args)
     if args.heatmap and not det.has_maps:
         raise InsightADError(f"--heatmap: {det.method} models give no anomaly maps (train padim, patchcore "
                              "or autoencoder)")
+    if args.heatmap:  # after the refusal above, so that a refused run leaves no empty folder behind
+        check_output_dir(args.heatmap, "--heatmap")
     overlays: list = [None] * len(paths)
     if args.overlay:
         from insightad.render.overlay import predict_with_overlays
