@@ -55,6 +55,17 @@ def iter_images(root: str | Path, skip_dirs: Iterable[str] = ()) -> Iterator[Pat
                 yield p
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex): how model files are named in caches, results and threshold files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def list_images(root: str | Path, skip_dirs: Iterable[str] = ()) -> list[Path]:
     """``iter_images`` as one sorted list (the order dataset splits are drawn in)."""
     return sorted(iter_images(root, skip_dirs))

@@ -15,7 +15,6 @@ name that is not valid UTF-8 round-trips.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import stat
 import sys
@@ -31,7 +30,11 @@ import pyarrow as pa
 from insightad.apps.batch_sources import Source, is_url, list_source
 from insightad.apps.batch_store import SCHEMA, ResultsStore
 from insightad.errors import InsightADError
-from insightad.io import atomic_write, file_lock
+from insightad.io import (
+    atomic_write,
+    file_lock,
+    file_sha256,  # noqa: F401 - re-exported (results name the model by it)
+)
 
 __all__ = ["SCHEMA", "BatchJob", "BatchSummary", "ResultsStore", "ScoreOptions", "Source", "file_sha256",
            "list_source", "run_local", "score_chunk"]
@@ -48,12 +51,6 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 # ----------------------------------------------------------------------------- scoring one chunk
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ Two forms, told apart by their header:
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from insightad.errors import InsightADError
+from insightad.io import file_sha256  # noqa: F401 - re-exported for the page and calibrate
 
 LABELS = {"normal": False, "anomalous": True}
 PATH_FORM = ("path", "label")
@@ -40,14 +40,6 @@ class LabelFile:
     def paths(self) -> list[Path]:
         base = self.source.parent
         return [Path(n) if Path(n).is_absolute() else base / n for n in self.names]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_labels(path: str | Path) -> LabelFile:

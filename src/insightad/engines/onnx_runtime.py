@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from insightad.errors import InsightADError
+from insightad.io import file_sha256 as file_digest  # noqa: F401 - the cache key
 
 META_KEY = "insightad"  # the metadata entry of an InsightAD graph
 ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
@@ -96,15 +96,6 @@ def prune_cache(keep: Path | None = None, limit: int = CACHE_LIMIT_BYTES) -> Non
 
 
 CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
-
-
-def file_digest(path: str | Path) -> str:
-    """The sha256 of a file's bytes (hex): what a cache entry is keyed and checked by."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verified_entry(target: Path, digest: str, threads: int | None) -> OnnxEngine | None:
