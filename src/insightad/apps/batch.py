@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,16 +279,21 @@ def run_local(job: BatchJob, det) -> BatchSummary:
     with file_lock(job.store.lock_path, str(job.store.out)):
         todo, summary.skipped = job.todo(thr)
         opts = job.options(job.threshold)
-        bar = Progress(len(todo), job.progress)
-        t0 = time.perf_counter()
-        try:
-            for part in job.chunks(todo):
-                table = score_chunk(det, part, opts)
-                job.store.commit(table)
-                summary.scored += table.num_rows
-                bar.update(table)
-        finally:
-            bar.close()
-            summary.seconds = time.perf_counter() - t0
+        commit_tables(job, (score_chunk(det, part, opts) for part in job.chunks(todo)), summary, len(todo))
         job.finish(summary)
     return summary
+
+
+def commit_tables(job: BatchJob, tables: Iterable[Any], summary: BatchSummary, total: int) -> None:
+    """Commit each scored chunk as it arrives (the resumable store), with progress; wall time into ``summary``.
+    Shared by the local runner and the Ray runner."""
+    bar = Progress(total, job.progress)
+    t0 = time.perf_counter()
+    try:
+        for table in tables:
+            job.store.commit(table)
+            summary.scored += table.num_rows
+            bar.update(table)
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - t0

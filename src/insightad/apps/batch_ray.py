@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from insightad.apps.batch import BatchJob, BatchSummary, Progress, ScoreOptions, score_chunk
+from insightad.apps.batch import BatchJob, BatchSummary, ScoreOptions, commit_tables, score_chunk
 from insightad.errors import InsightADError
 from insightad.io import atomic_write, file_lock
 
@@ -96,16 +96,7 @@ def run_ray(job: BatchJob, threshold: float, address: str = "local", workers: in
         todo, summary.skipped = job.todo(threshold)
         if todo:
             summary.startup_seconds = connect(address, num_cpus)
-            bar = Progress(len(todo), job.progress)
-            t0 = time.perf_counter()
-            try:
-                for table in _scored(ray, job, todo, workers, gpus_per_worker, engine, scorer):
-                    job.store.commit(table)
-                    summary.scored += table.num_rows
-                    bar.update(table)
-            finally:
-                bar.close()
-                summary.seconds = time.perf_counter() - t0
+            commit_tables(job, _scored(ray, job, todo, workers, gpus_per_worker, engine, scorer), summary, len(todo))
         job.finish(summary)
     return summary
 

@@ -52,7 +52,7 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
         else:  # the session holds the weights now: a second copy in PyTorch would only cost memory
             det.model_ = None
             gc.collect()
-    warm_up(det, path)
+            warm_up(det, path)  # the graph now answers: check it too (PyTorch was checked above)
     return det
 
 

@@ -333,10 +333,11 @@ class Detector:
             errors.update(batch.errors)
             if batch.indices:
                 s, m = self.forward_batch(batch.images)
-                scores.update(zip(batch.indices, s.cpu().double().numpy().tolist()))
+                values = s.cpu().double().numpy().tolist()
+                scores.update(zip(batch.indices, values))
                 if want_maps and m is not None:
                     got_maps.update(zip(batch.indices, upsample_maps(m, batch.sizes)))
-                for i, v in zip(batch.indices, s.cpu().double().numpy().tolist()):
+                for i, v in zip(batch.indices, values):
                     if not np.isfinite(v):  # scored, but not a number: an error for that image, never "normal"
                         errors[i] = non_finite_message(images[i], v)
                         scores[i] = float("nan")
