@@ -1,4 +1,4 @@
-"""Batches of model-ready uint8 images, decoded in worker processes; unreadable files are reported, not fatal."""
+"""Batches of model-ready images (float32 0..255 at model size), decoded in worker processes; bad files are reported."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ ImageSource = Any  # str | Path | bytes | PIL.Image | np.ndarray | Sample
 
 @dataclass
 class Batch:
-    """uint8 images at model size, their original (h, w), their index in the source list, errors."""
+    """float32 images (0..255) at model size, their original (h, w), their index in the source list, errors."""
 
     images: torch.Tensor
     sizes: list[tuple[int, int]]
@@ -64,7 +64,7 @@ class _ImageList(torch.utils.data.Dataset):
 def _collate(items) -> Batch:
     ok = [it for it in items if it[3] is None]
     errors = {it[2]: it[3] for it in items if it[3] is not None}
-    images = torch.stack([it[0] for it in ok]) if ok else torch.empty(0, dtype=torch.uint8)
+    images = torch.from_numpy(np.stack([it[0] for it in ok])) if ok else torch.empty(0, dtype=torch.float32)
     return Batch(images, [it[1] for it in ok], [it[2] for it in ok], errors)
 
 

@@ -33,14 +33,14 @@ def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
 
 
 class OnnxEngine:
-    """Callable like a model: uint8 (B, C, H, W) tensor -> (scores, maps) tensors."""
+    """Callable like a model: pixels (B, C, H, W) at model size, 0..255 -> (scores, maps) tensors."""
 
     def __init__(self, model: bytes | str, threads: int | None = DEFAULT_THREADS) -> None:
         self.session = make_session(model, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        arr = np.ascontiguousarray(x.cpu().numpy())
+        arr = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
         return tuple(torch.from_numpy(o) for o in self.session.run(None, {"images": arr}))
 
 
@@ -96,6 +96,8 @@ def prune_cache(keep: Path | None = None, limit: int = CACHE_LIMIT_BYTES) -> Non
 
 
 CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
+LAYOUT_KEY = "insightad_graph_layout"  # metadata: what the graph takes; a graph of another layout is rebuilt
+GRAPH_LAYOUT = "float32-model-size"
 
 
 def verified_entry(target: Path, digest: str, threads: int | None) -> OnnxEngine | None:
@@ -107,10 +109,11 @@ def verified_entry(target: Path, digest: str, threads: int | None) -> OnnxEngine
         return None
     try:
         engine: OnnxEngine | None = OnnxEngine(data, threads)
-        stamp = engine.session.get_modelmeta().custom_metadata_map.get(CACHE_KEY) if engine else None
+        props = engine.session.get_modelmeta().custom_metadata_map if engine else {}
+        stamp, layout = props.get(CACHE_KEY), props.get(LAYOUT_KEY)
     except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
-        stamp, engine = None, None
-    if stamp != digest:
+        stamp, layout, engine = None, None, None
+    if stamp != digest or layout != GRAPH_LAYOUT:
         target.unlink(missing_ok=True)
         return None
     return engine

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from insightad import config
 from insightad.backbones import build_extractor
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.backbones.normalize import Normalize
 from insightad.data.loader import Batch, ImageSource, iter_batches
-from insightad.data.preprocess import Normalize, Preprocessing
+from insightad.data.preprocess import Preprocessing
 from insightad.decide.normalize import normalize_scores
 from insightad.decide.spread import ConstantScoresWarning, constant_scores_message
 from insightad.decide.thresholds import FitPolicy, threshold_from_fit

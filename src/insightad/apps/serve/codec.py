@@ -85,8 +85,8 @@ def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, field: str =
         img = load_image(data, prep.channels, max_pixels=max_pixels)
     except InsightADError as e:
         raise InsightADError(f"{field}: {str(e).removeprefix('<bytes>: ')}") from None
-    tensor, size = prep.load(img)
-    return DecodedImage(tensor, size)
+    arr, size = prep.load(img)
+    return DecodedImage(torch.from_numpy(arr), size)
 
 
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side
