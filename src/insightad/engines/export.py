@@ -38,11 +38,14 @@ Batch = torch.Tensor | np.ndarray
 
 
 def _to_onnx(module: nn.Module, example: torch.Tensor, outputs: Sequence[str], path: Path, input_name: str) -> None:
+    """The traced graph without its weights: parameters and buffers stay graph inputs named as in the
+    module (``_finish`` streams them in from the module's own memory), so the exporter never copies them."""
     dynamic = {input_name: {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=list(outputs),
-                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, export_params=False,
+                          do_constant_folding=False, keep_initializers_as_inputs=True)
 
 
 def _resize_front(graph: Any, channels: int, size: tuple[int, int]) -> None:
@@ -70,32 +73,59 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _write_streamed(proto: Any, path: Path) -> None:
-    """Write ``proto`` to ``path``, its initializers one at a time (each as its own ``graph`` entry, which
-    protobuf merges on reading): the tensors leave the message as they are written, so at most one
-    tensor exists twice at any moment."""
+def _write_streamed(proto: Any, path: Path, weights: dict[str, np.ndarray]) -> None:
+    """Write ``proto`` to ``path``, then each initializer as its own ``graph`` entry (protobuf merges repeated
+    entries on reading): the proto's own initializers leave it one at a time, and ``weights`` (name -> array)
+    are written straight from the arrays' memory, so no second copy of a large constant is ever made."""
+    from onnx import TensorProto, helper
+
     inits = proto.graph.initializer
     order = [inits.pop() for _ in range(len(inits))]
+
+    def entry(f: Any, parts: list[Any]) -> None:
+        body_len = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+        graph_entry = b"\x2a" + _varint(body_len)  # GraphProto.initializer: field 5, length-delimited
+        f.write(b"\x3a" + _varint(len(graph_entry) + body_len))  # ModelProto.graph: field 7
+        f.write(graph_entry)
+        for part in parts:
+            f.write(part)
+
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
         while order:
             tensor = order.pop()
-            body = tensor.SerializeToString()
+            entry(f, [tensor.SerializeToString()])
             del tensor
-            graph_entry = b"\x2a" + _varint(len(body))  # GraphProto.initializer: field 5, length-delimited
-            f.write(b"\x3a" + _varint(len(graph_entry) + len(body)))  # ModelProto.graph: field 7
-            f.write(graph_entry)
-            f.write(body)
-            del body
+        for name, arr in weights.items():
+            head = TensorProto(name=name, dims=list(arr.shape),
+                               data_type=helper.np_dtype_to_tensor_dtype(arr.dtype)).SerializeToString()
+            flat = memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")  # type: ignore[arg-type]
+            entry(f, [head, b"\x4a" + _varint(flat.nbytes), flat])  # TensorProto.raw_data: field 9
 
 
-def _finish(path: Path, metadata: dict[str, Any] | None, flat_keys: Sequence[str],
+def _module_weights(module: nn.Module, graph: Any, keep: str) -> dict[str, np.ndarray]:
+    """The graph inputs that are the module's parameters and buffers (all but ``keep``), as arrays sharing the
+    module's memory; they leave the input list (they become initializers)."""
+    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    weights = {}
+    for inp in list(graph.input):
+        if inp.name == keep:
+            continue
+        if inp.name not in named:
+            raise InsightADError(f"graph input {inp.name!r} is neither the image input nor a tensor of the module")
+        weights[inp.name] = named[inp.name].detach().cpu().contiguous().numpy()
+        graph.input.remove(inp)
+    return weights
+
+
+def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat_keys: Sequence[str],
             resize_to: tuple[int, int] | None, channels: int) -> None:
-    """The exported file rewritten with the resize front (whole models) and our metadata: one JSON entry plus
-    a few plain keys other tools can show."""
+    """The exported file rewritten with the module's tensors as initializers, the resize front (whole models)
+    and our metadata: one JSON entry plus a few plain keys other tools can show."""
     import onnx
 
     proto = onnx.load(str(path))
+    weights = _module_weights(module, proto.graph, "images" if resize_to is None else MODULE_INPUT)
     if resize_to is not None:
         _resize_front(proto.graph, channels, resize_to)
     del proto.metadata_props[:]
@@ -105,7 +135,7 @@ def _finish(path: Path, metadata: dict[str, Any] | None, flat_keys: Sequence[str
         for key in flat_keys:
             e = proto.metadata_props.add()
             e.key, e.value = key, str(metadata[key])
-    _write_streamed(proto, path)
+    _write_streamed(proto, path, weights)
 
 
 def _reference_input(images: Batch, resize_to: tuple[int, int] | None) -> torch.Tensor:
@@ -157,7 +187,7 @@ def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequen
     def write(tmp: Path) -> None:
         try:
             _to_onnx(module, example, outputs, tmp, "images" if resize_to is None else MODULE_INPUT)
-            _finish(tmp, metadata, flat_keys, resize_to, int(first.shape[1]))
+            _finish(tmp, module, metadata, flat_keys, resize_to, int(first.shape[1]))
         except Exception as e:  # noqa: BLE001 - report which part failed, never write a broken file
             raise InsightADError(f"{what}: the graph could not be exported to ONNX "
                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
