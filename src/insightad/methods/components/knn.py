@@ -1,8 +1,14 @@
-"""Exact nearest-neighbour search in chunks (pure torch): memory bounded by the chunk, not the query count."""
+"""Nearest-neighbour search: exact in chunks (pure torch, memory bounded by the chunk, not the query
+count; what an exported graph does), or approximate through a faiss HNSW graph (the fast extra)."""
 
 from __future__ import annotations
 
+import importlib.util
+
+import numpy as np
 import torch
+
+from insightad.errors import InsightADError
 
 CHUNK_ELEMENTS = 1 << 22  # query rows x bank rows per distance block (16 MiB of float32)
 
@@ -50,3 +56,51 @@ def nearest_per_image(p: torch.Tensor, bank: torch.Tensor, banned: torch.Tensor 
         dist.append(v.sqrt())
         idx.append(i)
     return torch.cat(dist, 1), torch.cat(idx, 1)
+
+
+# ------------------------------------------------------------------------------ approximate (faiss)
+SEARCHES = ("auto", "hnsw", "exact")
+HNSW_M = 32  # graph degree: recall and memory grow with it
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 64  # candidates kept per query: recall@1 >= 0.99 on bottle's patches (benchmarks/patchcore_search.py)
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def resolve_search(search: str) -> str:
+    """auto -> hnsw when faiss is installed, else exact; hnsw without faiss is refused by name."""
+    if search == "auto":
+        return "hnsw" if faiss_available() else "exact"
+    if search == "hnsw" and not faiss_available():
+        raise InsightADError("search: hnsw needs faiss-cpu, which is not installed "
+                             "(pip install 'insightad[fast]', or use --search exact)")
+    if search not in SEARCHES:
+        raise InsightADError(f"search: expected one of {', '.join(SEARCHES)}, got {search!r}")
+    return search
+
+
+class HnswIndex:
+    """An HNSW graph over the bank rows (built once; searching costs ~log K per query, not K)."""
+
+    def __init__(self, bank: torch.Tensor, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+                 ef_search: int = HNSW_EF_SEARCH) -> None:
+        import faiss
+
+        data = np.ascontiguousarray(bank.detach().cpu().float().numpy())
+        self.index = faiss.IndexHNSWFlat(data.shape[1], m)
+        self.index.hnsw.efConstruction = ef_construction
+        self.index.hnsw.efSearch = ef_search
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # a parallel build links nodes in a racy order: one graph per bank
+        try:
+            self.index.add(data)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def search(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, D) queries -> (distance (M,), index (M,)) of each one's (approximately) nearest bank row."""
+        d2, idx = self.index.search(np.ascontiguousarray(q.detach().cpu().float().numpy()), 1)
+        dist = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0))).to(q.device)
+        return dist, torch.from_numpy(idx[:, 0]).to(q.device)
