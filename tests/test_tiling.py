@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from insightad.config import DataParams
 from insightad.errors import InsightADError
 from insightad.methods import create_detector
 from insightad.methods.tiling import TiledModel, blend_window, cut, stitch, tile_starts, tile_stride, working_size
-from tests.conftest import SIZE
 
 
 def test_grid_covers_the_image():
@@ -62,28 +62,34 @@ def test_tiled_model_batches_tiles_and_keeps_image_scores():
     assert torch.allclose(maps, x[:, 0].float(), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["padim", "baseline"])
-def test_tiled_detector_fits_saves_loads_and_exports(mvtec_dir, tmp_path, method):
+def test_tiled_padim_fits_saves_loads_and_exports(mvtec_dir, tmp_path):
     from insightad.apps.train import train_model
     from insightad.data.layouts import discover
     from insightad.inference.export import export_bytes
     from insightad.model_file import load_model
 
-    small = {"padim": {"n_features": 24}, "baseline": {}}[method]
-    det, path, _ = train_model(mvtec_dir, method, {"image_size": 32, "tile": 2, "overlap": 0.25, **small},
+    det, path, _ = train_model(mvtec_dir, "padim", {"image_size": 32, "tile": 2, "overlap": 0.25, "n_features": 24},
                                DataParams(), tmp_path / "m.safetensors", progress=False)
     assert isinstance(det.model_, TiledModel) and det.preprocessing_.size == (56, 56)
     test = [s.path for s in discover(mvtec_dir).test][:4]
     pred = det.predict(test)
     back = load_model(path)
-    assert np.allclose(back.predict(test).scores, pred.scores, rtol=1e-5)
-    if method == "padim":
-        assert pred.maps[0].shape == np.asarray(__import__("PIL.Image").Image.open(test[0])).shape[:2]
+    np.testing.assert_allclose(back.predict(test).scores, pred.scores, rtol=1e-5)
+    assert pred.maps[0].shape == Image.open(test[0]).size[::-1]
     assert len(export_bytes(back)) > 0  # verified against PyTorch inside
 
 
-def test_methods_that_cannot_tile_say_so(mvtec_dir):
-    det = create_detector("svdd", image_size=SIZE) if False else None  # svdd has no tile setting at all
-    assert det is None
+def test_cli_predict_retiles_a_model_and_refuses_what_cannot(mvtec_dir, tmp_path, capsys):
+    from insightad.cli import main
+
+    model = tmp_path / "b.safetensors"
+    assert main(["train", "--data", str(mvtec_dir), "--method", "baseline", "--image-size", "32",
+                 "--out", str(model)]) == 0
+    image = str(next(iter(sorted((mvtec_dir / "test").rglob("*.png")))))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), image, "--json", "--tile", "2", "--engine", "torch"]) == 0
+    assert '"score"' in capsys.readouterr().out
+    assert main(["predict", "--model", str(model), image, "--search", "hnsw"]) != 0
+    assert "--search: only patchcore" in capsys.readouterr().err
     with pytest.raises(InsightADError, match="tile"):
         create_detector("padim", tile=0)

@@ -151,3 +151,15 @@ def unwrap(model: Any) -> Any:
 def inner_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A tiled model file's tensors named as the method's own model names them (``inner.`` dropped)."""
     return {k.removeprefix("inner."): v for k, v in tensors.items()}
+
+
+def retile(det: Any, tile: int | None, overlap: float | None) -> None:
+    """Work a loaded model on another grid (its method model unchanged): ``tile`` tiles per side (1: none)."""
+    from insightad import config
+
+    det.set_params(**{k: v for k, v in (("tile", tile), ("overlap", overlap)) if v is not None})
+    config.validate(det)
+    check_tileable(det)
+    inner = unwrap(det.model_)
+    det.preprocessing_ = replace(det.preprocessing_, size=(det.image_size, det.image_size))
+    det.model_ = wrap(det, inner)
