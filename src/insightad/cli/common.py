@@ -72,12 +72,12 @@ def load_inference_model(args: argparse.Namespace):
     if search is not None:
         from insightad.methods.components.knn import resolve_search
 
-        inner = getattr(det.model_, "inner", det.model_)
+        inner: Any = getattr(det.model_, "inner", det.model_)
         if not hasattr(inner, "search"):
             raise InsightADError(f"--search: only patchcore models search a memory bank ({args.model} is "
                                  f"{det.method})")
         det.set_params(search=search)
-        setattr(inner, "search", resolve_search(search))
+        inner.search = resolve_search(search)
     if tile is not None or overlap is not None:
         from insightad.methods import tiling
 
