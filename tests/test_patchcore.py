@@ -78,7 +78,7 @@ def test_nearest_neighbours_are_exact_and_respect_banned_rows():
 
 
 def test_hnsw_search_finds_the_nearest_and_is_deterministic():
-    from insightad.methods.components.knn import HnswIndex, resolve_search
+    from insightad.methods.components.knn import HnswIndex, exact_maxima, resolve_search
 
     g = torch.Generator().manual_seed(2)
     bank = torch.randn(3000, 24, generator=g)
@@ -88,6 +88,12 @@ def test_hnsw_search_finds_the_nearest_and_is_deterministic():
     assert ((ih == i) | (dh <= d + 1e-5)).float().mean() >= 0.99
     torch.testing.assert_close(dh[ih == i], d[ih == i], rtol=1e-4, atol=1e-4)
     assert torch.equal(HnswIndex(bank).search(q)[1], ih)  # the same bank gives the same graph
+    # A rare miss lands far away; the image's largest distance is made exact whatever the misses.
+    missed = torch.zeros_like(dh).view(5, 100)
+    missed[:, 7] = 50.0
+    dr, ir = exact_maxima(q.view(5, 100, -1), dh.view(5, 100) + missed, ih.view(5, 100), bank)
+    torch.testing.assert_close(dr.max(1).values, d.view(5, 100).max(1).values)
+    assert torch.equal(ir.gather(1, dr.argmax(1, keepdim=True)), i.view(5, 100).gather(1, d.view(5, 100).argmax(1, keepdim=True)))
     assert resolve_search("auto") in ("hnsw", "exact") and resolve_search("exact") == "exact"
 
 

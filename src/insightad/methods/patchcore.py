@@ -29,6 +29,7 @@ from insightad.methods.components.coreset import coreset_size, greedy_coreset, r
 from insightad.methods.components.knn import (
     SEARCHES,
     HnswIndex,
+    exact_maxima,
     nearest,
     nearest_per_image,
     resolve_search,
@@ -98,7 +99,7 @@ class PatchCoreModel(nn.Module):
             dist, idx = nearest_per_image(p, self.bank, banned)
         elif banned is None and self.search == "hnsw" and self.bank.device.type == "cpu":
             dist, idx = self.hnsw().search(p.reshape(b * n, -1))
-            dist, idx = dist.view(b, n), idx.view(b, n)
+            dist, idx = exact_maxima(p, dist.view(b, n), idx.view(b, n), self.bank)  # the image score is exact
         else:  # flat chunks: faster and leaner in PyTorch
             dist, idx = nearest(p.reshape(b * n, -1), self.bank, banned)
             dist, idx = dist.view(b, n), idx.view(b, n)

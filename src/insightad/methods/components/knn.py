@@ -104,3 +104,31 @@ class HnswIndex:
         d2, idx = self.index.search(np.ascontiguousarray(q.detach().cpu().float().numpy()), 1)
         dist = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0))).to(q.device)
         return dist, torch.from_numpy(idx[:, 0]).to(q.device)
+
+
+def exact_maxima(p: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, bank: torch.Tensor, step: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate nearest distances (B, P) of patches ``p`` (B, P, D) -> the same with each image's largest
+    distance (and every one checked on the way) made exact.
+
+    An approximate search returns a real bank row, so its distance is an upper bound of the true one, and
+    a rare miss can land far away: the image score (the largest patch distance) would be that miss. So
+    the patches are checked exactly in decreasing order of their approximate distance, ``step`` at a time,
+    until the largest exact distance found is at least the next unchecked upper bound: then no unchecked
+    patch can exceed it, and the maximum (and its nearest bank row) is the exact search's."""
+    approx = dist
+    dist, idx = dist.clone(), idx.clone()
+    order = approx.argsort(dim=1, descending=True)
+    bank_sq = bank_norms(bank)
+    n = p.shape[1]
+    for r in range(p.shape[0]):
+        done, best = 0, -1.0
+        while done < n:
+            take = order[r, done:done + step]
+            v, i = squared_distances(p[r, take], bank, bank_sq).min(1)
+            dist[r, take], idx[r, take] = v.sqrt(), i
+            best = max(best, float(dist[r, take].max()))
+            done += len(take)
+            if done < n and best >= float(approx[r, order[r, done]]):
+                break
+    return dist, idx
