@@ -99,7 +99,10 @@ def export_onnx(det: Detector, out: str | Path, model_sha256: str | None = None,
     if model_sha256:
         meta[CACHE_KEY] = model_sha256
         keys = (*keys, CACHE_KEY)
-    return export_verified(model, image_examples(p.channels, p.size), outputs, det.method, out,
+    # A model whose PyTorch path approximates (PatchCore's HNSW search) exports its exact twin.
+    exported = getattr(model, "exported", None)
+    module = exported() if callable(exported) else model
+    return export_verified(module, image_examples(p.channels, p.size), outputs, det.method, out,
                            metadata=meta, flat_keys=keys, check=verify, resize_to=p.size)
 
 

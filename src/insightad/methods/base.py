@@ -32,6 +32,7 @@ from insightad.decide.normalize import normalize_scores
 from insightad.decide.spread import ConstantScoresWarning, constant_scores_message
 from insightad.decide.thresholds import FitPolicy, threshold_from_fit
 from insightad.errors import InsightADError
+from insightad.methods import tiling
 from insightad.runtime import resolve_device
 
 ShardRunner = Callable[[str, Sequence[Any]], list[Any]]  # (detector method, images) -> one result per shard
@@ -119,6 +120,7 @@ class Detector:
     uses_backbone: ClassVar[bool] = True  # the model file records a backbone
     onnx_auto: ClassVar[bool] = True  # --engine auto may pick ONNX Runtime for it
     onnx_unsupported: ClassVar[str | None] = None  # why it cannot be exported, if it cannot
+    tileable: ClassVar[bool] = False  # can fit and predict on tiles (see methods.tiling)
     sharded_fit: ClassVar[bool] = False  # True: _fit_sharded can spread the per-image work (fit(shards=...))
 
     # Hyper-parameters every method has (from config.DetectorParams or TrainLoopParams via its Params).
@@ -234,6 +236,13 @@ class Detector:
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(self.device)
         t0 = time.perf_counter()
+        tiled = tiling.is_tiled(self)
+        if tiled:  # the method fits on the tiles of the normal images (see methods.tiling)
+            tiling.check_tileable(self)
+            if shards is not None:
+                raise InsightADError(f"{self.method}: a tiled fit runs in one process; train it without --ray")
+            self.__dict__.pop("preprocessing_", None)
+            images = tiling.training_tiles(self, images)
         if shards is None:
             self._fit(images, progress)
         elif not self.sharded_fit:
@@ -241,6 +250,8 @@ class Detector:
                                  "train it without --ray")
         else:
             self._fit_sharded(images, progress, shards)
+        if tiled:
+            self.model_ = tiling.wrap(self, self._model_as(nn.Module))
         self._finish_fit()
         self.fit_seconds_ = time.perf_counter() - t0
         self.n_train_ = len(images)
@@ -293,6 +304,8 @@ class Detector:
     def _model_as(self, kind: type[_M]) -> _M:
         """``model_`` as this method's own module class (absent, None or another class is a bug here)."""
         model = getattr(self, "model_", None)
+        if not isinstance(model, kind):
+            model = tiling.unwrap(model)  # a tiled model's own method model inside
         if not isinstance(model, kind):
             raise InsightADError(f"{self.method}: no fitted {kind.__name__} in this detector (fit it or load a model file)")
         return model
