@@ -162,6 +162,8 @@ def _print_training(result) -> None:
     """Epochs run, best epoch, where the checkpoint and curves are (shared training loop)."""
     best = f", best epoch {result.best_epoch}" if result.best_epoch else ""
     early = ", stopped early" if result.stopped_early else ""
+    if getattr(result, "stop_reason", "") == "time_budget":
+        early = f", stopped at the time budget ({result.time_budget:g} s)"
     resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
     print(f"training: {result.epochs_run} epochs{best}{early}{resumed}")
     if result.checkpoint:
