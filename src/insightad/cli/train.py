@@ -187,7 +187,8 @@ def run_backbone(args: argparse.Namespace) -> int:
           f"normal images of {split['root']} ({split['layout']} layout) in {r.seconds:.1f} s")
     _print_training(r)
     where = f"{trainer.n_val_} held-out images" if trainer.heldout_ else "the training images (no held-out split)"
-    print(f"rotation accuracy {trainer.accuracy_:.3f} on {where} (chance 0.25)")
+    chance = trainer.metadata()["pretext_accuracy"]["chance"]
+    print(f"{params.pretext} accuracy {trainer.accuracy_:.3f} on {where} (chance {chance:.2f})")
     print(f"backbone written to {path}; use it with --backbone ssl:{path}")
     sys.stdout.flush()
     for w in caught:
