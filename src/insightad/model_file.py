@@ -16,7 +16,7 @@ from typing import Any
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError, cut
 from insightad.io import atomic_write
-from insightad.methods import Detector, get_method
+from insightad.methods import Detector, get_method, tiling
 from insightad.model_schema import FORMAT, FORMAT_VERSION, validate_metadata
 from insightad.runtime import resolve_device
 from insightad.version import __version__
@@ -85,7 +85,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise InsightADError(f"{path}: model metadata is not valid JSON (file damaged?)") from None
     except RecursionError:
         raise InsightADError(f"{path}: model metadata is nested too deeply; refusing it") from None
-    return validate_metadata(meta, str(path))
+    return with_legacy_params(validate_metadata(meta, str(path)))
+
+
+def with_legacy_params(meta: dict[str, Any]) -> dict[str, Any]:
+    """A file written before a setting existed was fitted with that setting's old behaviour: fill the
+    method's ``legacy_params`` in where the file has no value, so it scores as it did (a new default
+    never changes an old model)."""
+    legacy = getattr(get_method(meta["method"]), "legacy_params", {})
+    if legacy:
+        meta = {**meta, "params": {**legacy, **meta["params"]}}
     return meta
 
 
@@ -104,12 +113,15 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
         det = cls.from_params({**meta["params"], "device": device})
     except InsightADError as e:
         raise InsightADError(f"{path}: model metadata field 'params': {cut(str(e), 300)}") from None
-    det.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
+    try:
+        det.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
+    except InsightADError as e:
+        raise InsightADError(f"{path}: model metadata field 'preprocessing': {e}") from None
     det.device_ = resolve_device(device)
     bb = meta.get("backbone") or {}
     det.backbone_arch_, det.backbone_source_ = bb.get("arch"), bb.get("weights_source")
     try:
-        model = det._restore(tensors, meta.get("state") or {})
+        model = tiling.wrap(det, det._restore(tiling.inner_tensors(tensors), meta.get("state") or {}))
         model.load_state_dict(tensors, strict=True)
     except InsightADError as e:
         raise InsightADError(str(e) if str(path) in str(e) else f"{path}: {e}") from None

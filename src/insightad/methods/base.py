@@ -25,12 +25,14 @@ from tqdm import tqdm
 from insightad import config
 from insightad.backbones import build_extractor
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.backbones.normalize import Normalize
 from insightad.data.loader import Batch, ImageSource, iter_batches
-from insightad.data.preprocess import Normalize, Preprocessing
+from insightad.data.preprocess import Preprocessing
 from insightad.decide.normalize import normalize_scores
 from insightad.decide.spread import ConstantScoresWarning, constant_scores_message
 from insightad.decide.thresholds import FitPolicy, threshold_from_fit
 from insightad.errors import InsightADError
+from insightad.methods import tiling
 from insightad.runtime import resolve_device
 
 ShardRunner = Callable[[str, Sequence[Any]], list[Any]]  # (detector method, images) -> one result per shard
@@ -118,6 +120,7 @@ class Detector:
     uses_backbone: ClassVar[bool] = True  # the model file records a backbone
     onnx_auto: ClassVar[bool] = True  # --engine auto may pick ONNX Runtime for it
     onnx_unsupported: ClassVar[str | None] = None  # why it cannot be exported, if it cannot
+    tileable: ClassVar[bool] = False  # can fit and predict on tiles (see methods.tiling)
     sharded_fit: ClassVar[bool] = False  # True: _fit_sharded can spread the per-image work (fit(shards=...))
 
     # Hyper-parameters every method has (from config.DetectorParams or TrainLoopParams via its Params).
@@ -233,6 +236,13 @@ class Detector:
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(self.device)
         t0 = time.perf_counter()
+        tiled = tiling.is_tiled(self)
+        if tiled:  # the method fits on the tiles of the normal images (see methods.tiling)
+            tiling.check_tileable(self)
+            if shards is not None:
+                raise InsightADError(f"{self.method}: a tiled fit runs in one process; train it without --ray")
+            self.__dict__.pop("preprocessing_", None)
+            images = tiling.training_tiles(self, images)
         if shards is None:
             self._fit(images, progress)
         elif not self.sharded_fit:
@@ -240,6 +250,8 @@ class Detector:
                                  "train it without --ray")
         else:
             self._fit_sharded(images, progress, shards)
+        if tiled:
+            self.model_ = tiling.wrap(self, self._model_as(nn.Module))
         self._finish_fit()
         self.fit_seconds_ = time.perf_counter() - t0
         self.n_train_ = len(images)
@@ -273,7 +285,9 @@ class Detector:
 
     def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True
                  ) -> Iterable[Batch]:
-        batches = iter_batches(images, self.preprocessing_, self.batch_size, self.workers, strict=strict)
+        original = bool(getattr(getattr(self, "engine_", None), "takes_original", False))
+        batches = iter_batches(images, self.preprocessing_, self.batch_size, self.workers, strict=strict,
+                               original=original)
         n = (len(images) + self.batch_size - 1) // self.batch_size
         return tqdm(batches, total=n, desc=desc, unit="batch", disable=not progress, leave=False)
 
@@ -291,6 +305,8 @@ class Detector:
         """``model_`` as this method's own module class (absent, None or another class is a bug here)."""
         model = getattr(self, "model_", None)
         if not isinstance(model, kind):
+            model = tiling.unwrap(model)  # a tiled model's own method model inside
+        if not isinstance(model, kind):
             raise InsightADError(f"{self.method}: no fitted {kind.__name__} in this detector (fit it or load a model file)")
         return model
 
@@ -299,13 +315,18 @@ class Detector:
             raise InsightADError(f"{self.method}: the detector is not fitted yet (call fit or load a model file)")
 
     @torch.inference_mode()
-    def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 (B, C, H, W) at model size -> (scores (B,), maps (B, H, W) at model size or None)."""
+    def forward_batch(self, x: torch.Tensor | list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixels (B, C, H, W) at model size, or a list of decoded uint8 (C, H, W) images at their own sizes
+        -> (scores (B,), maps (B, H, W) at model size or None)."""
         self._check_fitted()
         engine = getattr(self, "engine_", None)
-        if engine is not None:  # e.g. ONNX Runtime: same inputs, same outputs
+        if isinstance(x, (list, tuple)) and not getattr(engine, "takes_original", False):
+            p = self.preprocessing_
+            x = torch.from_numpy(np.stack([p.resize_array(np.asarray(a)) for a in x]))
+        if engine is not None:  # e.g. ONNX Runtime: the same images in, the same outputs
             out = engine(x)
         else:
+            assert isinstance(x, torch.Tensor)
             dev = getattr(self, "device_", torch.device("cpu"))
             x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
             out = self._model_as(nn.Module)(x)
@@ -332,7 +353,7 @@ class Detector:
         for batch in self._batches(images, progress, "predict", strict=strict):
             errors.update(batch.errors)
             if batch.indices:
-                s, m = self.forward_batch(batch.images)
+                s, m = self.forward_batch(batch.images if batch.decoded is None else batch.decoded)
                 values = s.cpu().double().numpy().tolist()
                 scores.update(zip(batch.indices, values))
                 if want_maps and m is not None:
