@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from insightad.backbones.extractor import FeatureExtractor
-from insightad.data.preprocess import Normalize
+from insightad.backbones.normalize import Normalize
 
 
 def align_levels(feats: Sequence[torch.Tensor], grid: int, reductions: Sequence[int]) -> torch.Tensor:
