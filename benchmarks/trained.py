@@ -60,19 +60,6 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"trained: --set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = value
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path)
@@ -87,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(run_one(json.loads(args.worker))), flush=True)
         return 0
+    from bench import parse_set  # the same KEY=VALUE parsing as bench.py (this folder is on sys.path)
+
     if args.data is None or not args.data.is_dir():
         p.error("--data: a dataset folder is required")
     rows = []
