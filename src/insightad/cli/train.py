@@ -170,6 +170,8 @@ def _print_training(result) -> None:
     """Epochs run, best epoch, where the checkpoint and curves are (shared training loop)."""
     best = f", best epoch {result.best_epoch}" if result.best_epoch else ""
     early = ", stopped early" if result.stopped_early else ""
+    if getattr(result, "stop_reason", "") == "time_budget":
+        early = f", stopped at the time budget ({result.time_budget:g} s)"
     resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
     print(f"training: {result.epochs_run} epochs{best}{early}{resumed}")
     if result.checkpoint:
@@ -193,7 +195,8 @@ def run_backbone(args: argparse.Namespace) -> int:
           f"normal images of {split['root']} ({split['layout']} layout) in {r.seconds:.1f} s")
     _print_training(r)
     where = f"{trainer.n_val_} held-out images" if trainer.heldout_ else "the training images (no held-out split)"
-    print(f"rotation accuracy {trainer.accuracy_:.3f} on {where} (chance 0.25)")
+    chance = trainer.metadata()["pretext_accuracy"]["chance"]
+    print(f"{params.pretext} accuracy {trainer.accuracy_:.3f} on {where} (chance {chance:.2f})")
     print(f"backbone written to {path}; use it with --backbone ssl:{path}")
     sys.stdout.flush()
     for w in caught:
