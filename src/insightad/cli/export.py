@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.out if args.out else Path(args.model).with_suffix(".onnx"), "--out")
     det = load_model(args.model)
-    export_onnx(det, out)
+    export_onnx(det, out, model_path=args.model)
     p = det.preprocessing_
     print(f"exported {det.method} to {out} (input uint8 {p.channels}x{p.size[0]}x{p.size[1]}, "
           f"resize {p.resize}, threshold {det.threshold_:.6g}; verified against PyTorch)")
