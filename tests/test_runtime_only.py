@@ -40,14 +40,37 @@ run("beside", ["predict", "--model", cfg["model_beside"], "--json", cfg["images"
 run("no_graph", ["predict", "--model", cfg["model_alone"], "--json", cfg["images"][0]])
 run("torch_engine", ["predict", "--model", cfg["model_beside"], "--engine", "torch", cfg["images"][0]])
 run("train", ["train", "--data", data])
+if cfg.get("batch"):
+    run("batch", ["batch", "--model", onnx, "--input", cfg["sort_in"], "--out", cfg["batch"], "--json"])
 
-from fastapi.testclient import TestClient
-from insightad.apps.serve import create_app
+import socket, subprocess, time, urllib.request
 
-with TestClient(create_app(onnx)) as client:
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+server = subprocess.Popen([sys.executable, "-m", "insightad", "serve", "--model", onnx, "--host", "127.0.0.1",
+                           "--port", str(port), "--no-access-log"], stderr=subprocess.PIPE, text=True)
+try:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("server did not start: " + server.stderr.read()[-2000:])
+            time.sleep(0.2)
     image = base64.b64encode(open(cfg["images"][1], "rb").read()).decode()
-    r = client.post("/infer", json={"image": image, "heatmap": True})
-    out["serve"] = {"status": r.status_code, "body": r.json()}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/infer", json.dumps({"image": image, "heatmap": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        out["serve"] = {"status": r.status, "body": json.load(r)}
+finally:
+    server.terminate()
+    server.wait(30)
+from insightad.runtime import torch_available
+
+out["torch_installed"] = torch_available()
 out["blocked_modules_loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm"))
 print(json.dumps(out))
 """
@@ -70,11 +93,8 @@ def padim_export(mvtec_dir, tmp_path_factory):
     return path, path.with_suffix(".onnx"), alone
 
 
-def test_scoring_path_runs_without_torch_and_matches_the_full_path(padim_export, mvtec_dir, tmp_path):
-    from insightad.config import DataParams
-    from insightad.evaluate.run import evaluate_model
-    from insightad.inference.load import load_for_inference
-
+def run_scoring(python: str, env: dict[str, str], padim_export, mvtec_dir, tmp_path, batch: bool) -> tuple[dict, list]:
+    """The scoring commands in a subprocess of ``python``; (their results, the images scored)."""
     model, onnx, alone = padim_export
     images = sorted(str(p) for p in (mvtec_dir / "test").rglob("*.png"))[:6]
     sort_in = tmp_path / "incoming"
@@ -82,16 +102,23 @@ def test_scoring_path_runs_without_torch_and_matches_the_full_path(padim_export,
     for p in images[:4]:
         shutil.copy(p, sort_in / f"{Path(p).parent.name}-{Path(p).name}")
     cfg = {"onnx": str(onnx), "data": str(mvtec_dir), "images": images, "sort_in": str(sort_in),
-           "sort_out": str(tmp_path / "sorted"), "model_beside": str(model), "model_alone": str(alone)}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOOK), str(Path(__file__).parents[1] / "src")]),
-           "INSIGHTAD_CACHE": str(tmp_path / "empty-cache")}  # no cached graph: only the one beside the model
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg)], env=env, capture_output=True, text=True,
+           "sort_out": str(tmp_path / "sorted"), "model_beside": str(model), "model_alone": str(alone),
+           "batch": str(tmp_path / "results.parquet") if batch else None}
+    env = {**env, "INSIGHTAD_CACHE": str(tmp_path / "empty-cache")}  # no cached graph: only the one beside the model
+    proc = subprocess.run([python, "-c", SCRIPT, json.dumps(cfg)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["blocked_modules_loaded"] == []
+    return json.loads(proc.stdout.strip().splitlines()[-1]), images
 
-    # the full path (PyTorch) on the same images: same scores within 1e-4 relative, same decisions
+
+def check_scoring(got: dict, images: list, padim_export, mvtec_dir, tmp_path) -> None:
+    """The subprocess's answers equal the full path's (PyTorch) within 1e-4; PyTorch needs say what to install."""
+    from insightad.config import DataParams
+    from insightad.evaluate.run import evaluate_model
+    from insightad.inference.load import load_for_inference
+
+    model, _, _ = padim_export
+    assert got["blocked_modules_loaded"] == []
     full = load_for_inference(model, engine="torch")
     ref = full.predict(images, maps=True)
     assert got["predict"]["rc"] == 0, got["predict"]["err"]
@@ -109,9 +136,12 @@ def test_scoring_path_runs_without_torch_and_matches_the_full_path(padim_export,
         assert metrics[key] == pytest.approx(ev[key], abs=2e-3), key
 
     assert got["sort"]["rc"] == 0, got["sort"]["err"]
-    assert len([p for p in (tmp_path / "sorted").rglob("*.png")]) == 4
+    assert len(list((tmp_path / "sorted").rglob("*.png"))) == 4
     info = json.loads(got["info"]["out"])
     assert info["file"] == "onnx-export" and info["method"] == "padim"
+    if "batch" in got:
+        assert got["batch"]["rc"] == 0, got["batch"]["err"]
+        assert json.loads(got["batch"]["out"])["inputs"] == 4
 
     serve = got["serve"]
     assert serve["status"] == 200, serve
@@ -122,6 +152,23 @@ def test_scoring_path_runs_without_torch_and_matches_the_full_path(padim_export,
     assert "insightad[train]" in got["no_graph"]["err"] and len(got["no_graph"]["err"].strip().splitlines()) == 1
     assert got["torch_engine"]["rc"] == 1 and "pip install 'insightad[train]'" in got["torch_engine"]["err"]
     assert got["train"]["rc"] == 1 and "pip install 'insightad[train]'" in got["train"]["err"]
+
+
+def test_scoring_path_runs_without_torch_and_matches_the_full_path(padim_export, mvtec_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOOK), str(Path(__file__).parents[1] / "src")])}
+    got, images = run_scoring(sys.executable, env, padim_export, mvtec_dir, tmp_path, batch=True)
+    check_scoring(got, images, padim_export, mvtec_dir, tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("INSIGHTAD_RUNTIME_PYTHON"), reason="make wheel-test sets "
+                    "INSIGHTAD_RUNTIME_PYTHON to a fresh venv with the wheel installed without extras")
+def test_runtime_only_install(padim_export, mvtec_dir, tmp_path):
+    """The real runtime-only install (``make wheel-test``): the wheel without extras in a fresh venv."""
+    python = os.environ["INSIGHTAD_RUNTIME_PYTHON"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    got, images = run_scoring(python, env, padim_export, mvtec_dir, tmp_path, batch=False)
+    assert got["torch_installed"] is False
+    check_scoring(got, images, padim_export, mvtec_dir, tmp_path)
 
 
 def test_stale_graph_beside_a_model_file_is_not_used(padim_export, tmp_path):

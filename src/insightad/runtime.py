@@ -67,7 +67,7 @@ def resolve_engine(name: str, device: str = "cpu") -> str:
         return "onnx" if onnx_export_available() and not on_gpu(device) else "torch"
     if name == "onnx" and not onnx_available():
         raise InsightADError("engine: onnx asked for but onnxruntime is not installed "
-                             "(pip install 'insightad[onnx]')")
+                             "(onnxruntime is part of the base install: pip install insightad)")
     return name
 
 
