@@ -28,10 +28,11 @@ from torch import nn
 
 from insightad import config
 from insightad.backbones import build_extractor
+from insightad.backbones.normalize import Normalize
 from insightad.backbones.registry import BACKBONE_META_KEY
 from insightad.config import DEFAULT_BACKBONE, MAX_IMAGE_SIDE, TrainLoopParams, param, params
 from insightad.data.loader import ImageSource
-from insightad.data.preprocess import Normalize, Preprocessing
+from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
 from insightad.training import TrainingLoop, TrainResult, fingerprint, load_images, sources_digest, validation_split
 from insightad.training.augment import Augment

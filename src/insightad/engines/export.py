@@ -94,6 +94,6 @@ def export_verified(module: nn.Module, batches: Sequence[torch.Tensor], outputs:
 
 
 def example_batches(shape: Sequence[int], sizes: Sequence[int] = (2, 3), seed: int = 0) -> list[torch.Tensor]:
-    """Deterministic random uint8 image batches of (C, H, W) ``shape``, one per batch size."""
+    """Deterministic random float32 pixel batches (0..255) of (C, H, W) ``shape``, one per batch size."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen) for n in sizes]
+    return [torch.rand((n, *shape), generator=gen) * 255.0 for n in sizes]

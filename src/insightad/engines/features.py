@@ -1,4 +1,4 @@
-"""The frozen backbone on the fast engine, for fitting: uint8 images -> feature maps.
+"""The frozen backbone on the fast engine, for fitting: float pixels (0..255) at model size -> feature maps.
 
 Methods whose fit runs a frozen backbone over every training image (baseline, PaDiM, PatchCore)
 get their features through ``feature_runner``; on CPU with ONNX Runtime installed that is an
@@ -37,7 +37,7 @@ class _Features(nn.Module):
 def _digest(module: _Features, shape: tuple[int, ...]) -> str:
     """Identifies the graph: weights, requested levels (same weights can serve other levels) and input shape."""
     ext = module.extractor
-    h = hashlib.sha256(repr((shape, getattr(ext, "arch", None), getattr(ext, "layers", None))).encode())
+    h = hashlib.sha256(repr((shape, "float32", getattr(ext, "arch", None), getattr(ext, "layers", None))).encode())
     for k, v in module.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -53,7 +53,7 @@ def _export(module: _Features, shape: tuple[int, ...]) -> bytes:
 
 def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int, ...], engine: str = "auto",
                    device: torch.device | None = None, threads: int | None = None) -> tuple[FeatureFn, str]:
-    """(uint8 batch -> list of float feature maps on ``device``, the engine used)."""
+    """(float pixel batch -> list of float feature maps on ``device``, the engine used)."""
     device = device or torch.device("cpu")
     module = _Features(normalize, extractor).eval()
     chosen = resolve_engine(engine, device.type)
@@ -74,7 +74,7 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
             sess = make_session(data, threads)
 
             def run_onnx(x: torch.Tensor) -> list[torch.Tensor]:
-                outs = sess.run(None, {"images": np.ascontiguousarray(x.cpu().numpy())})
+                outs = sess.run(None, {"images": np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)})
                 return [torch.from_numpy(o) for o in outs]
 
             return run_onnx, "onnx"

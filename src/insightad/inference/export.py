@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from insightad.engines.export import ONNX_FORMAT, example_batches, export_verified
-from insightad.engines.onnx_runtime import CACHE_KEY, OnnxEngine, cache_dir, file_digest, prune_cache, verified_entry
+from insightad.engines.onnx_runtime import (
+    CACHE_KEY,
+    GRAPH_LAYOUT,
+    LAYOUT_KEY,
+    OnnxEngine,
+    cache_dir,
+    file_digest,
+    prune_cache,
+    verified_entry,
+)
 from insightad.errors import InsightADError
 from insightad.io import atomic_write_bytes
 from insightad.methods.base import Detector
@@ -41,14 +50,15 @@ def export_bytes(det: Detector, verify: bool = True, stamp: dict[str, str] | Non
         raise InsightADError(f"{det.method}: this detector runs from an ONNX graph already; nothing to export")
     p = det.preprocessing_
     outputs = ["scores"] + (["maps"] if det.has_maps else [])
-    meta = {**onnx_metadata(det), **(stamp or {})}
+    meta = {**onnx_metadata(det), LAYOUT_KEY: GRAPH_LAYOUT, **(stamp or {})}
     return export_verified(det.model_, example_batches((p.channels, *p.size)), outputs, det.method,
-                           metadata=meta, flat_keys=(*FLAT_KEYS, *(stamp or {})), check=verify)
+                           metadata=meta, flat_keys=(*FLAT_KEYS, LAYOUT_KEY, *(stamp or {})), check=verify)
 
 
-def export_onnx(det: Detector, out: str | Path) -> Path:
-    """Write the verified ONNX file atomically."""
-    data = export_bytes(det)
+def export_onnx(det: Detector, out: str | Path, model_path: str | Path | None = None) -> Path:
+    """Write the verified ONNX file atomically; stamped with the sha256 of ``model_path`` (the model file it
+    is made from) when given, so that scoring that model file finds and uses it without PyTorch."""
+    data = export_bytes(det, stamp={CACHE_KEY: file_digest(model_path)} if model_path is not None else None)
     out = Path(out)
     atomic_write_bytes(out, data)
     return out

@@ -24,8 +24,8 @@ from torch import nn
 
 from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TrainLoopParams, param, params
-from insightad.data.preprocess import Normalize
 from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
