@@ -37,6 +37,13 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads): the start-up cost whatever the load."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,12 +77,14 @@ def one_run(python: str, model: str, body: bytes, settle: int, extra: list[str])
         first = time.monotonic() - t0
         if answer is None:
             sys.exit("serve_start: no answer within 180 s")
+        cpu_first = cpu_seconds(proc.pid)
         rss_first = rss_mb(proc.pid)
         for _ in range(settle):
             post(url, body, 60)
         torch_loaded = subprocess.run(["grep", "-c", "libtorch", f"/proc/{proc.pid}/maps"], capture_output=True,
                                       text=True).stdout.strip()
-        return {"first_answer_s": round(first, 3), "rss_mb_at_first_answer": round(rss_first, 1),
+        return {"first_answer_s": round(first, 3), "server_cpu_s_at_first_answer": round(cpu_first, 2),
+                "rss_mb_at_first_answer": round(rss_first, 1),
                 "rss_mb_after_settle": round(rss_mb(proc.pid), 1), "score": answer["score"],
                 "libtorch_mapped": torch_loaded not in ("", "0")}
     finally:
@@ -108,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               "model_mb": round(Path(args.model).stat().st_size / 2**20, 1), "python": args.python,
               "image": args.image.name, "runs": runs,
               "median_first_answer_s": float(np.median([r["first_answer_s"] for r in runs])),
+              "median_server_cpu_s_at_first_answer": float(np.median([r["server_cpu_s_at_first_answer"] for r in runs])),
               "median_rss_mb_after_settle": float(np.median([r["rss_mb_after_settle"] for r in runs])),
               "load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "server_flags": extra}
     text = json.dumps(result)

@@ -156,3 +156,4 @@ def warm_up(det: Scorer, path: str | Path) -> None:
     if not bool(np.isfinite(scores).all()) or (maps is not None and not bool(np.isfinite(maps).all())):
         raise InsightADError(f"{path}: the model scores NaN or infinity on its warm-up image (NaN or inf in "
                              "its tensors?); refusing it")
+    det.warmed_up_ = True  # the engine has run once: a server need not warm it up again

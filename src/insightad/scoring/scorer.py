@@ -59,6 +59,7 @@ class Scorer:
     engine_: Any
     engine_name_: str
     model_path_: str
+    warmed_up_: bool  # the engine has scored once (inference.load.warm_up)
 
     @property
     def is_fitted(self) -> bool:

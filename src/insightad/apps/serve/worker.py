@@ -109,7 +109,10 @@ class InferenceWorker:
                 self._thread.start()
 
     def warm_up(self) -> None:
-        """One forward pass on a blank image so the first request does not pay for lazy initialisation."""
+        """One forward pass on a blank image so the first request does not pay for lazy initialisation
+        (done already when the model was loaded for inference: ``inference.load.warm_up``)."""
+        if getattr(self.detector, "warmed_up_", False):
+            return
         p = self.detector.preprocessing_
         self.detector.forward_batch(np.zeros((1, p.channels, *p.size), np.uint8 if self.detector.decoded_input
                                              else np.float32))
