@@ -60,7 +60,16 @@ model="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
 picture="$2"
 echo "build-runtime: [4/4] serve $model inside the image and answer one /infer on 127.0.0.1:$port"
 ctr=$(buildah $storage from "$image")
-trap 'kill "$server" 2>/dev/null || true; buildah $storage rm "$ctr" >/dev/null 2>&1 || true' EXIT
+descendants() {  # the processes started under PID $1 (buildah run -> chroot helper -> the server)
+    for child in $(ps -o pid= --ppid "$1"); do descendants "$child"; echo "$child"; done
+}
+stop_server() {  # SIGTERM to the server alone (the deepest process: a clean uvicorn shutdown); buildah run then returns
+    pid=$(descendants "$server" | head -n 1)
+    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    buildah $storage rm "$ctr" >/dev/null 2>&1 || true
+}
+trap stop_server EXIT
 buildah $storage run --isolation chroot -v "$model:/models/model.onnx:ro" \
     --env INSIGHTAD_HOST=127.0.0.1 --env INSIGHTAD_PORT="$port" "$ctr" -- \
     sh /opt/insightad/docker/entrypoint.sh --no-access-log &
