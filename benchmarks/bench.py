@@ -20,6 +20,16 @@ backbone_ips, peak_rss_mb`` and a few more keys:
 - ``pixel_auroc``/``aupro``: compared at 256 px (``insightad.evaluate.pixel``).
 
 JSON lines go to stdout (or ``--out``); the table goes to stderr.
+
+``--suite`` runs every method (or ``--methods``) on every dataset found under ``--root`` (default
+../shared/data: MVTec categories and crack-style sets) with each method's defaults, over ``--seeds``,
+and prints one table: image AUROC mean and spread (sample standard deviation) over seeds, pixel
+AUROC, AUPRO, f1_max, fit seconds, predict images/s, model file size, peak RSS. Its JSON lines go to
+benchmarks/results/suite.jsonl (``--out``); ``--markdown`` writes the table to docs/benchmarks.md.
+``--from FILE`` builds the table from JSON lines already measured (e.g. the trained methods' runs
+made elsewhere, appended to the same file) without running anything.
+
+    nice -n 10 python benchmarks/bench.py --suite --methods baseline padim patchcore --seeds 0 1 2 --markdown
 """
 
 from __future__ import annotations
@@ -54,9 +64,12 @@ def run_one(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     method = spec["method"]
-    params = {"backbone": spec["backbone"], "image_size": spec["image_size"], "batch_size": spec["batch_size"],
-              "seed": spec["seed"], "device": "cpu"}
-    if method == "patchcore":
+    if spec.get("defaults"):  # --suite: the method's own defaults, only the seed and the device set
+        params = {"seed": spec["seed"], "device": "cpu"}
+    else:
+        params = {"backbone": spec["backbone"], "image_size": spec["image_size"], "batch_size": spec["batch_size"],
+                  "seed": spec["seed"], "device": "cpu"}
+    if method == "patchcore" and spec["coreset"] is not None:
         params["coreset_ratio"] = spec["coreset"]
     fields = set(get_method(method).Params.__dataclass_fields__)
     if "fit_engine" in fields:  # the frozen backbone of fit runs on the engine under test too
@@ -69,6 +82,8 @@ def run_one(spec: dict) -> dict:
     from insightad.inference.load import load_for_inference
 
     fit_seconds = det.fit_seconds_
+    model_mb = os.path.getsize(spec["model_path"]) / 2**20
+    defaults = det.get_params()
     det = load_for_inference(spec["model_path"], spec["engine"], spec["threads"] or None)
     det.predict(paths_warm(spec["data"]), maps=True)  # warm: the engine's first call (and any export) is not timed
     t = time.perf_counter()
@@ -85,9 +100,12 @@ def run_one(spec: dict) -> dict:
     predict_maps_ips = len(paths) / (time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the backbone-alone timing
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    backbone_ips = time_backbone(det, spec["batch_size"], spec["image_size"], spec["engine"])
-    out = {"method": method, "backbone": spec["backbone"], "engine": spec["engine"],
-           "image_size": spec["image_size"], "coreset": spec["coreset"] if method == "patchcore" else None,
+    backbone_ips = time_backbone(det, defaults.get("batch_size", spec["batch_size"]),
+                                 defaults.get("image_size", spec["image_size"]), spec["engine"])
+    out = {"method": method, "backbone": defaults.get("backbone", spec["backbone"]), "engine": spec["engine"],
+           "image_size": defaults.get("image_size", spec["image_size"]),
+           "coreset": defaults.get("coreset_ratio") if method == "patchcore" else None,
+           "f1_max": m.get("f1_max"), "model_mb": round(model_mb, 1), "dataset": Path(spec["data"]).name,
            "image_auroc": m.get("image_auroc"), "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"),
            "f1": m.get("f1"), "fit_s": round(fit_seconds, 2), "predict_ips": round(predict_ips, 2),
            "predict_maps_ips": round(predict_maps_ips, 2),
@@ -97,8 +115,8 @@ def run_one(spec: dict) -> dict:
            "pixel_ap": m.get("pixel_ap"), "pixel_resolution": m.get("pixel_resolution"),
            "threshold": det.threshold_, "threshold_strategy": det.threshold_strategy_,
            "import_s": round(import_s, 2), "train_total_s": round(train_total, 2), "eval_s": round(eval_s, 2),
-           "peak_rss_workers_mb": round(rss_children, 1), "params": {k: v for k, v in det.get_params().items()
-                                                                      if k in spec["set"]}}
+           "peak_rss_workers_mb": round(rss_children, 1), "params": {k: v for k, v in defaults.items()
+                                                                      if k in spec["set"] or spec.get("defaults")}}
     if method == "patchcore":
         out["bank_size"] = int(det.metadata_["state"]["bank_size"])
     return out
@@ -118,6 +136,7 @@ def time_backbone(det, batch_size: int, image_size: int, engine: str, min_second
     from insightad.model_file import load_model
 
     model = det.model_ if det.model_ is not None else load_model(det.model_path_).model_
+    model = getattr(model, "inner", model)  # a tiled model's own
     if not hasattr(model, "extractor"):
         return None
 
@@ -142,6 +161,77 @@ def runs(args: argparse.Namespace) -> list[dict]:
                             "backbone": args.backbone, "engine": args.engine, "image_size": args.image_size,
                             "batch_size": args.batch_size, "threads": args.threads, "set": args.set})
     return out
+
+
+def find_datasets(root: Path) -> list[Path]:
+    """Every dataset folder under ``root`` (two levels deep): MVTec categories (train/ and test/) and
+    crack-style sets (Negative/ and Positive/), in name order."""
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (d / "train").is_dir() and (d / "test").is_dir() or (d / "Negative").is_dir():
+            found.append(d)
+        else:
+            found.extend(c for c in sorted(d.iterdir()) if c.is_dir() and (
+                (c / "train").is_dir() and (c / "test").is_dir() or (c / "Negative").is_dir()))
+    return found
+
+
+def suite_runs(args: argparse.Namespace) -> list[dict]:
+    from insightad.methods import list_methods
+
+    methods = args.methods or list_methods()
+    return [{"method": m, "coreset": None, "seed": seed, "data": str(d), "backbone": args.backbone,
+             "engine": args.engine, "image_size": args.image_size, "batch_size": args.batch_size,
+             "threads": args.threads, "set": {}, "defaults": True}
+            for d in find_datasets(args.root) for m in methods for seed in args.seeds]
+
+
+SUITE_COLS = (("image_auroc", "image AUROC", 3), ("pixel_auroc", "pixel AUROC", 3), ("aupro", "AUPRO", 3),
+              ("f1_max", "f1_max", 3), ("fit_s", "fit s", 1), ("predict_ips", "predict img/s", 1),
+              ("model_mb", "model MB", 1), ("peak_rss_mb", "peak RSS MB", 0))
+
+
+def suite_table(rows: list[dict], markdown: bool = False) -> str:
+    """One line per (dataset, method): means over seeds; image AUROC with its spread (sample std)."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("dataset") or Path(r["data"]).name, r["method"]), []).append(r)
+    head = ["dataset", "method", "seeds", *(label for _, label, _ in SUITE_COLS)]
+    body = []
+    for (data, method), rs in sorted(groups.items()):
+        cells = [data, method, str(len(rs))]
+        for key, _, digits in SUITE_COLS:
+            vals = [float(r[key]) for r in rs if r.get(key) is not None]
+            if not vals:
+                cells.append("-")
+                continue
+            cell = f"{statistics.fmean(vals):.{digits}f}"
+            if key == "image_auroc" and len(vals) > 1:
+                cell += f" ± {statistics.stdev(vals):.{digits}f}"
+            cells.append(cell)
+        body.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
+    widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), "-" * (sum(widths) + 2 * len(widths)), *map(fmt, body)])
+
+
+def write_markdown(rows: list[dict], path: Path, machine: str) -> None:
+    text = ("# Benchmarks\n\nEvery method with its defaults on every dataset under `../shared/data`, written by "
+            "`python benchmarks/bench.py --suite --markdown` (JSON lines in `benchmarks/results/suite.jsonl`).\n"
+            "Image AUROC: mean ± sample standard deviation over the seeds (the seed picks the crack hold-out "
+            "split and the methods' own randomness; MVTec categories have a fixed split). Crack protocol: "
+            "train on 80% of `Negative/`, evaluate on the held-out 20% and all of `Positive/`. Pixel metrics "
+            "where the dataset has masks and the method has maps. Fit s, predict images/s (scores and "
+            "decisions, decoding included, warm) and peak RSS are the PyTorch engine's on " + machine + ".\n\n"
+            + suite_table(rows, markdown=True) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def parse_set(items: list[str]) -> dict:
@@ -181,7 +271,16 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="dataset folder (an MVTec AD category)")
-    p.add_argument("--methods", nargs="+", default=["padim", "patchcore"], help="methods to compare")
+    p.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: padim patchcore; "
+                   "with --suite: every method)")
+    p.add_argument("--suite", action="store_true", help="every method on every dataset under --root, defaults")
+    p.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
+                   help="where --suite looks for datasets")
+    p.add_argument("--markdown", type=Path, nargs="?", const=Path(__file__).resolve().parents[1] / "docs" /
+                   "benchmarks.md", help="--suite: also write the table as Markdown (default docs/benchmarks.md)")
+    p.add_argument("--from", dest="from_file", type=Path, help="--suite: table from these JSON lines, run nothing")
+    p.add_argument("--machine", default="a shared 2-core CPU machine (loaded: speeds are lower bounds)",
+                   help="how docs/benchmarks.md describes the machine")
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--engine", default="torch", help=f"inference engine ({', '.join(ENGINES)})")
@@ -197,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(run_one(json.loads(args.worker))), flush=True)
         return 0
+    if args.suite:
+        return run_suite(args)
+    if args.methods is None:
+        args.methods = ["padim", "patchcore"]
     if args.data is None:
         p.error("--data is required")
     if args.engine not in ENGINES:
@@ -204,24 +307,52 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_dir():
         p.error(f"--data: {args.data} is not a folder")
     args.set = parse_set(args.set)
+    rows = run_all(runs(args), args.out)
+    if rows is None:
+        return 1
+    print(table(rows), file=sys.stderr)
+    return 0
+
+
+def run_all(specs: list[dict], out: Path | None, keep_going: bool = False) -> list[dict] | None:
+    """Each spec in a fresh worker process; its JSON line printed (and appended to ``out``). A failed run
+    stops everything (None), or with ``keep_going`` is reported and skipped."""
     rows = []
     with tempfile_dir() as tmp:
-        for i, spec in enumerate(runs(args)):
+        for i, spec in enumerate(specs):
             spec["model_path"] = str(Path(tmp) / f"run{i}.safetensors")
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                                   capture_output=True, text=True)
             if proc.returncode != 0:
-                print(f"bench: run {spec['method']} seed {spec['seed']} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                return 1
+                print(f"bench: run {spec['method']} on {Path(spec['data']).name} seed {spec['seed']} failed:\n"
+                      f"{proc.stderr[-3000:]}", file=sys.stderr)
+                if keep_going:
+                    continue
+                return None
             line = proc.stdout.strip().splitlines()[-1]
             rows.append(json.loads(line))
             print(line, flush=True)
-            if args.out:
-                with args.out.open("a", encoding="utf-8") as f:
+            if out:
+                with out.open("a", encoding="utf-8") as f:
                     f.write(line + "\n")
-    print(table(rows), file=sys.stderr)
+            Path(spec["model_path"]).unlink(missing_ok=True)
+    return rows
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    if args.from_file:
+        rows = [json.loads(line) for line in args.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        if not args.root.is_dir():
+            print(f"bench: --root: {args.root} is not a folder", file=sys.stderr)
+            return 2
+        out = args.out or Path(__file__).resolve().parent / "results" / "suite.jsonl"
+        rows = run_all(suite_runs(args), out, keep_going=True) or []
+    print(suite_table(rows), file=sys.stderr)
+    if args.markdown:
+        write_markdown(rows, args.markdown, args.machine)
     return 0
 
 

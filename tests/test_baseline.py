@@ -81,3 +81,24 @@ def test_fit_is_deterministic(data):
     a = create_detector("baseline", image_size=SIZE).fit(train[:12]).predict(test[:4]).scores
     b = create_detector("baseline", image_size=SIZE).fit(train[:12]).predict(test[:4]).scores
     np.testing.assert_array_equal(a, b)
+
+
+def test_model_files_from_before_pooling_score_as_they_did(data, tmp_path):
+    """A file written with the old defaults (levels 2-4, kNN, mean pooling, no 'pooling' key) still
+    loads with mean pooling and gives the same scores."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from insightad.model_file import META_KEY, load_model, read_metadata, save_model
+
+    train, test, _ = data
+    det = create_detector("baseline", image_size=SIZE, layers=[2, 3, 4], scorer="knn", pooling="mean").fit(train)
+    path = save_model(det, tmp_path / "new.safetensors")
+    meta = read_metadata(path)
+    del meta["params"]["pooling"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={META_KEY: json.dumps(meta)})
+    back = load_model(old)
+    assert back.pooling == "mean"
+    np.testing.assert_allclose(back.predict(test[:4]).scores, det.predict(test[:4]).scores, rtol=1e-6)

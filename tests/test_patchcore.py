@@ -77,6 +77,41 @@ def test_nearest_neighbours_are_exact_and_respect_banned_rows():
             assert not mask[i].any()
 
 
+def test_hnsw_search_finds_the_nearest_and_is_deterministic():
+    from insightad.methods.components.knn import HnswIndex, exact_maxima, resolve_search
+
+    g = torch.Generator().manual_seed(2)
+    bank = torch.randn(3000, 24, generator=g)
+    q = bank[:500] + 0.3 * torch.randn(500, 24, generator=g)
+    d, i = nearest(q, bank)
+    dh, ih = HnswIndex(bank).search(q)
+    assert ((ih == i) | (dh <= d + 1e-5)).float().mean() >= 0.99
+    torch.testing.assert_close(dh[ih == i], d[ih == i], rtol=1e-4, atol=1e-4)
+    assert torch.equal(HnswIndex(bank).search(q)[1], ih)  # the same bank gives the same graph
+    # A rare miss lands far away; the image's largest distance is made exact whatever the misses.
+    missed = torch.zeros_like(dh).view(5, 100)
+    missed[:, 7] = 50.0
+    dr, ir = exact_maxima(q.view(5, 100, -1), dh.view(5, 100) + missed, ih.view(5, 100), bank)
+    torch.testing.assert_close(dr.max(1).values, d.view(5, 100).max(1).values)
+    assert torch.equal(ir.gather(1, dr.argmax(1, keepdim=True)), i.view(5, 100).gather(1, d.view(5, 100).argmax(1, keepdim=True)))
+    assert resolve_search("auto") in ("hnsw", "exact") and resolve_search("exact") == "exact"
+
+
+def test_model_files_from_before_search_keep_exact_search(patchcore):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from insightad.model_file import META_KEY, load_model, read_metadata
+
+    det, path = patchcore
+    meta = read_metadata(path)
+    del meta["params"]["search"]  # as written before the setting existed
+    old = path.parent / "patchcore-old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={META_KEY: json.dumps(meta)})
+    assert load_model(old).model_.search == "exact"
+
+
 def test_second_pass_builds_the_same_bank(mvtec_dir):
     """Features cached in memory, or recomputed in a second pass (a large training set): same model."""
     train = [s.path for s in discover(mvtec_dir).train][:10]

@@ -187,6 +187,17 @@ class DetectorParams:
     seed: int = param(0, "random seed")
 
 
+@params
+class TileParams:
+    """Tiled work for small defects in large images (methods that can: baseline, padim, patchcore)."""
+
+    tile: int = param(1, "tiles per side: the image is worked at the size that N x N tiles of --image-size px "
+                      "overlapping by --overlap cover, each tile scored by the model, the maps stitched "
+                      "(1: the whole image at --image-size)", minimum=1, maximum=16)
+    overlap: float = param(0.25, "fraction of a tile shared with its neighbour (tile > 1)", minimum=0.0,
+                           maximum=0.75)
+
+
 # ------------------------------------------------------------------------------- augmentation
 @params
 class AugmentParams:

@@ -92,17 +92,30 @@ def read_metadata(path: str | Path, check_params: bool | None = None) -> dict[st
         from insightad.runtime import torch_available
 
         check_params = torch_available()
-    return validate_metadata(meta, str(path), check_params)
+    meta = validate_metadata(meta, str(path), check_params)
+    return with_legacy_params(meta) if check_params else meta
+
+
+def with_legacy_params(meta: dict[str, Any]) -> dict[str, Any]:
+    """A file written before a setting existed was fitted with that setting's old behaviour: fill the
+    method's ``legacy_params`` in where the file has no value, so it scores as it did (a new default
+    never changes an old model). Needs the methods (PyTorch): a graph made from the file needs none."""
+    from insightad.methods import get_method
+
+    legacy = getattr(get_method(meta["method"]), "legacy_params", {})
+    if legacy:
+        meta = {**meta, "params": {**legacy, **meta["params"]}}
+    return meta
 
 
 def load_model(path: str | Path, device: str = "cpu") -> Detector:
     """A fitted detector from a model file: no pickle, no network."""
     from safetensors.torch import load_file
 
-    from insightad.methods import get_method
+    from insightad.methods import get_method, tiling
 
     path = Path(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path, check_params=True)
     try:
         tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001
@@ -120,7 +133,7 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     bb = meta.get("backbone") or {}
     det.backbone_arch_, det.backbone_source_ = bb.get("arch"), bb.get("weights_source")
     try:
-        model = det._restore(tensors, meta.get("state") or {})
+        model = tiling.wrap(det, det._restore(tiling.inner_tensors(tensors), meta.get("state") or {}))
         model.load_state_dict(tensors, strict=True)
     except InsightADError as e:
         raise InsightADError(str(e) if str(path) in str(e) else f"{path}: {e}") from None

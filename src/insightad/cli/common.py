@@ -46,12 +46,46 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    "the same default as train and serve (default: auto)")
 
 
+def add_work_flags(p: argparse.ArgumentParser) -> None:
+    """--tile, --overlap, --search: how a loaded model works, when it should differ from how it was trained."""
+    p.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="tiles per side for tiled work (small defects in large images; 1: none); default: as trained. "
+                   "Runs on PyTorch; the threshold stays the one chosen at training")
+    p.add_argument("--overlap", type=float, default=None, metavar="F", help="fraction of a tile shared with its "
+                   "neighbour (with --tile); default: as trained")
+    p.add_argument("--search", default=None, choices=["auto", "hnsw", "exact"],
+                   help="PatchCore's nearest-neighbour search (hnsw: approximate, faiss; exact); default: as trained")
+
+
 def load_inference_model(args: argparse.Namespace):
     from insightad.inference.load import load_for_inference
 
     if args.threads is not None and args.threads < 1:
         raise InsightADError(f"--threads: expected a positive number, got {args.threads}")
-    return load_for_inference(args.model, args.engine, args.threads, args.device)
+    tile, overlap, search = (getattr(args, k, None) for k in ("tile", "overlap", "search"))
+    if tile is None and overlap is None and search is None:
+        return load_for_inference(args.model, args.engine, args.threads, args.device)
+    if args.engine == "onnx":
+        raise InsightADError("--tile/--overlap/--search change the model's graph: they run on --engine torch "
+                             "(export a model trained with them for ONNX Runtime)")
+    from insightad.methods.base import Detector
+
+    det = load_for_inference(args.model, "torch", args.threads, args.device)
+    assert isinstance(det, Detector)  # the torch engine gives the PyTorch detector
+    if search is not None:
+        from insightad.methods.components.knn import resolve_search
+
+        inner: Any = getattr(det.model_, "inner", det.model_)
+        if not hasattr(inner, "search"):
+            raise InsightADError(f"--search: only patchcore models search a memory bank ({args.model} is "
+                                 f"{det.method})")
+        det.set_params(search=search)
+        inner.search = resolve_search(search)
+    if tile is not None or overlap is not None:
+        from insightad.methods import tiling
+
+        tiling.retile(det, tile, overlap)
+    return det
 
 
 def add_progress_flag(p: argparse.ArgumentParser) -> None:

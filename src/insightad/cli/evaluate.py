@@ -9,6 +9,7 @@ from insightad.cli.common import (
     add_engine_flags,
     add_model_flag,
     add_progress_flag,
+    add_work_flags,
     data_params,
     load_inference_model,
     new_parser,
@@ -35,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--draws", type=int, default=10, metavar="N",
                    help="seeded draws averaged in the balanced/unbalanced reports (default: 10)")
     add_engine_flags(p)
+    add_work_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "evaluate"), _argv=argv)
 

@@ -11,6 +11,7 @@ from insightad.cli.common import (
     add_engine_flags,
     add_model_flag,
     add_progress_flag,
+    add_work_flags,
     load_inference_model,
     new_parser,
     parse_threshold,
@@ -33,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "with maps, score and verdict for all")
     p.add_argument("--heatmap", metavar="DIR", help="write <stem>_heatmap.png per image into DIR (map methods)")
     add_engine_flags(p)
+    add_work_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "predict"), _argv=argv)
 

@@ -51,7 +51,10 @@ def export_bytes(det: Detector, verify: bool = True, stamp: dict[str, str] | Non
     p = det.preprocessing_
     outputs = ["scores"] + (["maps"] if det.has_maps else [])
     meta = {**onnx_metadata(det), LAYOUT_KEY: GRAPH_LAYOUT, **(stamp or {})}
-    return export_verified(det.model_, example_batches((p.channels, *p.size)), outputs, det.method,
+    # A model whose PyTorch path approximates (PatchCore's HNSW search) exports its exact twin.
+    exported = getattr(det.model_, "exported", None)
+    module = exported() if callable(exported) else det.model_
+    return export_verified(module, example_batches((p.channels, *p.size)), outputs, det.method,
                            metadata=meta, flat_keys=(*FLAT_KEYS, LAYOUT_KEY, *(stamp or {})), check=verify)
 
 

@@ -29,6 +29,7 @@ from insightad.data.preprocess import Preprocessing
 from insightad.decide.spread import ConstantScoresWarning, constant_scores_message
 from insightad.decide.thresholds import FitPolicy, threshold_from_fit
 from insightad.errors import InsightADError
+from insightad.methods import tiling
 from insightad.runtime import resolve_device
 from insightad.scoring import Prediction, Scorer  # noqa: F401 - Prediction re-exported (methods' public API)
 from insightad.scoring.scorer import upsample_maps  # noqa: F401 - re-exported
@@ -67,6 +68,7 @@ class Detector(Scorer):
     uses_backbone: ClassVar[bool] = True  # the model file records a backbone
     onnx_auto: ClassVar[bool] = True  # --engine auto may pick ONNX Runtime for it
     onnx_unsupported: ClassVar[str | None] = None  # why it cannot be exported, if it cannot
+    tileable: ClassVar[bool] = False  # can fit and predict on tiles (see methods.tiling)
     sharded_fit: ClassVar[bool] = False  # True: _fit_sharded can spread the per-image work (fit(shards=...))
 
     # Hyper-parameters every method has (from config.DetectorParams or TrainLoopParams via its Params).
@@ -182,6 +184,13 @@ class Detector(Scorer):
         torch.manual_seed(self.seed)
         self.device_ = resolve_device(self.device)
         t0 = time.perf_counter()
+        tiled = tiling.is_tiled(self)
+        if tiled:  # the method fits on the tiles of the normal images (see methods.tiling)
+            tiling.check_tileable(self)
+            if shards is not None:
+                raise InsightADError(f"{self.method}: a tiled fit runs in one process; train it without --ray")
+            self.__dict__.pop("preprocessing_", None)
+            images = tiling.training_tiles(self, images)
         if shards is None:
             self._fit(images, progress)
         elif not self.sharded_fit:
@@ -189,6 +198,8 @@ class Detector(Scorer):
                                  "train it without --ray")
         else:
             self._fit_sharded(images, progress, shards)
+        if tiled:
+            self.model_ = tiling.wrap(self, self._model_as(nn.Module))
         self._finish_fit()
         self.fit_seconds_ = time.perf_counter() - t0
         self.n_train_ = len(images)
@@ -231,6 +242,8 @@ class Detector(Scorer):
     def _model_as(self, kind: type[_M]) -> _M:
         """``model_`` as this method's own module class (absent, None or another class is a bug here)."""
         model = getattr(self, "model_", None)
+        if not isinstance(model, kind):
+            model = tiling.unwrap(model)  # a tiled model's own method model inside
         if not isinstance(model, kind):
             raise InsightADError(f"{self.method}: no fitted {kind.__name__} in this detector (fit it or load a model file)")
         return model

@@ -4,28 +4,32 @@ distance to the normal training set (k nearest neighbours, or a shrunk-covarianc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.backbones.normalize import Normalize
-from insightad.config import DetectorParams, param, params
+from insightad.config import DetectorParams, TileParams, param, params
 from insightad.methods.base import Detector
 from insightad.methods.components.knn import squared_distances
-from insightad.methods.components.pooling import pooled_features
+from insightad.methods.components.pooling import POOLINGS, pool
 from insightad.methods.registry import register_method
 from insightad.runtime import resolve_device
 
 
 @params
-class BaselineParams(DetectorParams):
+class BaselineParams(TileParams, DetectorParams):
     """Frozen ImageNet features pooled per image, distance to the normal training set."""
 
-    layers: list[int] = param([2, 3, 4], "backbone feature levels to pool (0 = finest)")
-    scorer: str = param("knn", "knn: mean distance to the k nearest normal images; gaussian: "
-                        "Mahalanobis distance with a shrunk covariance", choices=("knn", "gaussian"))
+    layers: list[int] = param([1, 2, 3], "backbone feature levels to pool (0 = finest); finer levels see "
+                              "thin, local defects")
+    pooling: str = param("mean_std_max", "per-channel statistics of each level: mean, mean_std, or "
+                         "mean_std_max (the spread and maximum keep a small defect visible)",
+                         choices=tuple(POOLINGS))
+    scorer: str = param("gaussian", "gaussian: Mahalanobis distance with a shrunk covariance; knn: mean "
+                        "distance to the k nearest normal images", choices=("knn", "gaussian"))
     k: int = param(3, "neighbours for the knn scorer", minimum=1)
     threshold_percentile: float = param(99.0, "default threshold: this percentile of leave-one-out "
                                         "training scores", minimum=0.0, maximum=100.0)
@@ -52,15 +56,16 @@ class BaselineModel(nn.Module):
     precision: torch.Tensor
 
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, scorer: str, k: int,
-                 bank: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> None:
+                 bank: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, pooling: str = "mean") -> None:
         super().__init__()
         self.normalize, self.extractor, self.scorer, self.k = normalize, extractor, scorer, k
+        self.pooling = pooling
         self.register_buffer("bank", bank)
         self.register_buffer("mean", mean)
         self.register_buffer("precision", precision)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return pooled_features(self.extractor(self.normalize(x)))
+        return pool(self.extractor(self.normalize(x)), self.pooling)
 
     def score_embeddings(self, e: torch.Tensor) -> torch.Tensor:
         if self.scorer == "knn":
@@ -77,6 +82,9 @@ class BaselineDetector(BaselineParams, Detector):
     """Image-level detector; default threshold = a high percentile of leave-one-out training scores."""
 
     Params = BaselineParams
+    tileable = True
+    # Settings a model file written before they existed was fitted with (model_file fills them in).
+    legacy_params: ClassVar[dict[str, Any]] = {"pooling": "mean"}
 
     sharded_fit = True
 
@@ -85,7 +93,7 @@ class BaselineDetector(BaselineParams, Detector):
         chunks = []
         with torch.inference_mode():
             for batch in self._batches(images, progress, "baseline: features"):
-                chunks.append(pooled_features(features(batch.images)).cpu())
+                chunks.append(pool(features(batch.images), self.pooling).cpu())
         return torch.cat(chunks).float()
 
     def shard_embeddings(self, images: Sequence, progress: bool = False) -> torch.Tensor:
@@ -105,7 +113,8 @@ class BaselineDetector(BaselineParams, Detector):
     def _finish(self, extractor: FeatureExtractor, emb: torch.Tensor) -> None:
         mean, precision = self._gaussian(emb)
         norm = self._normalize()
-        self.model_ = BaselineModel(norm, extractor, self.scorer, self.k, emb, mean, precision).to(self.device_)
+        self.model_ = BaselineModel(norm, extractor, self.scorer, self.k, emb, mean, precision,
+                                    self.pooling).to(self.device_)
         loo = self._leave_one_out(emb, mean, precision)
         self.decision_scores_, self.decision_source_ = loo.numpy(), "train_loo"
 
@@ -142,4 +151,4 @@ class BaselineDetector(BaselineParams, Detector):
         extractor = self._make_extractor(pretrained=False)
         return BaselineModel(self._normalize(), extractor, self.scorer, self.k,
                              torch.empty_like(tensors["bank"]), torch.empty_like(tensors["mean"]),
-                             torch.empty_like(tensors["precision"]))
+                             torch.empty_like(tensors["precision"]), self.pooling)

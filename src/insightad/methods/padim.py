@@ -18,7 +18,7 @@ from torch import nn
 
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.backbones.normalize import Normalize
-from insightad.config import DetectorParams, param, params
+from insightad.config import DetectorParams, TileParams, param, params
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
@@ -33,7 +33,7 @@ MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statisti
 
 
 @params
-class PadimParams(DetectorParams):
+class PadimParams(TileParams, DetectorParams):
     """PaDiM: one Gaussian per patch position on multi-layer features; Mahalanobis distance maps."""
 
     layers: list[int] = param([1, 2, 3], "backbone feature levels (0 = finest), upsampled to the finest "
@@ -135,6 +135,7 @@ class PadimDetector(PadimParams, Detector):
     """
 
     Params = PadimParams
+    tileable = True
     has_maps = True
     sharded_fit = True
 

@@ -9,9 +9,10 @@ re-weighted as in the paper by how isolated that patch's nearest bank neighbour 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,19 +21,27 @@ from torch import nn
 
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.backbones.normalize import Normalize
-from insightad.config import DetectorParams, param, params
+from insightad.config import DetectorParams, TileParams, param, params
 from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.components.coreset import coreset_size, greedy_coreset, random_projection
-from insightad.methods.components.knn import nearest, nearest_per_image, squared_distances
+from insightad.methods.components.knn import (
+    SEARCHES,
+    HnswIndex,
+    exact_maxima,
+    nearest,
+    nearest_per_image,
+    resolve_search,
+    squared_distances,
+)
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
 from insightad.methods.registry import register_method
 from insightad.runtime import resolve_device
 
 
 @params
-class PatchCoreParams(DetectorParams):
+class PatchCoreParams(TileParams, DetectorParams):
     """PatchCore: a coreset memory bank of locally aware patch features; nearest-neighbour distance maps."""
 
     layers: list[int] = param([2, 3], "backbone feature levels (0 = finest), upsampled to the finer "
@@ -44,6 +53,9 @@ class PatchCoreParams(DetectorParams):
     neighbourhood: int = param(3, "side of the neighbourhood averaged into each patch feature (odd)", minimum=1)
     num_neighbors: int = param(9, "bank neighbours used by the image-score re-weighting", minimum=1)
     sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
+    search: str = param("auto", "nearest-neighbour search at predict time: hnsw (approximate faiss graph, "
+                        "recall@1 >= 0.99, several times faster), exact, or auto (hnsw when faiss-cpu is "
+                        "installed, else exact); an exported graph always searches exactly", choices=SEARCHES)
     feature_cache_mb: int = param(256, "full-size training features kept in memory up to this size; "
                                   "past it a second pass recomputes only the memory bank's", minimum=0)
     threshold_images: int = param(16, "training images scored leave-one-image-out for the default "
@@ -57,8 +69,11 @@ class PatchCoreModel(nn.Module):
     bank: torch.Tensor
 
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
-                 image_size: int, sigma: float, neighbourhood: int, num_neighbors: int, bank: torch.Tensor) -> None:
+                 image_size: int, sigma: float, neighbourhood: int, num_neighbors: int, bank: torch.Tensor,
+                 search: str = "exact") -> None:
         super().__init__()
+        self.search = resolve_search(search)
+        self._index: tuple[tuple, HnswIndex] | None = None  # built on first use, for the bank as it is then
         self.normalize, self.extractor = normalize, extractor
         self.feature_size = tuple(int(v) for v in feature_size)
         self.neighbourhood, self.num_neighbors = int(neighbourhood), int(num_neighbors)
@@ -82,6 +97,9 @@ class PatchCoreModel(nn.Module):
         b, n, _ = p.shape
         if torch.onnx.is_in_onnx_export():  # chunks per image: the graph keeps a dynamic batch
             dist, idx = nearest_per_image(p, self.bank, banned)
+        elif banned is None and self.search == "hnsw" and self.bank.device.type == "cpu":
+            dist, idx = self.hnsw().search(p.reshape(b * n, -1))
+            dist, idx = exact_maxima(p, dist.view(b, n), idx.view(b, n), self.bank)  # the image score is exact
         else:  # flat chunks: faster and leaner in PyTorch
             dist, idx = nearest(p.reshape(b * n, -1), self.bank, banned)
             dist, idx = dist.view(b, n), idx.view(b, n)
@@ -104,6 +122,20 @@ class PatchCoreModel(nn.Module):
         maps = self.smoother(dist.view(b, *self.feature_size))
         return scores, maps
 
+    def exported(self) -> PatchCoreModel:
+        """This model with exact search (same tensors): what the ONNX graph computes, so what its export
+        is checked against."""
+        twin = copy.copy(self)
+        twin.search, twin._index = "exact", None
+        return twin
+
+    def hnsw(self) -> HnswIndex:
+        """The approximate index of the current bank (rebuilt when the bank is replaced)."""
+        key = (self.bank.data_ptr(), tuple(self.bank.shape))
+        if self._index is None or self._index[0] != key:
+            self._index = (key, HnswIndex(self.bank))
+        return self._index[1]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score_patches(self.patches(x))
 
@@ -124,6 +156,9 @@ class PatchCoreDetector(PatchCoreParams, Detector):
     """
 
     Params = PatchCoreParams
+    tileable = True
+    # A model file from before --search existed scored with exact search: it still does.
+    legacy_params: ClassVar[dict[str, Any]] = {"search": "exact"}
     has_maps = True
     # ONNX Runtime plans memory for every unrolled nearest-neighbour chunk at once (5 GB at a 10%
     # coreset on bottle) and runs slower than PyTorch here: --engine auto keeps PyTorch for it.
@@ -139,7 +174,7 @@ class PatchCoreDetector(PatchCoreParams, Detector):
         size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
         n, per = len(images), size[0] * size[1]
         model = PatchCoreModel(self._normalize(), extractor, size, self.image_size, self.sigma, self.neighbourhood,
-                               self.num_neighbors, torch.zeros(1, dim)).to(self.device_)
+                               self.num_neighbors, torch.zeros(1, dim), self.search).to(self.device_)
         proj = random_projection(dim, self.projection_dim, self.seed) if 0 < self.projection_dim < dim else None
         keep = n * per * dim * 4 <= self.feature_cache_mb * 2**20
         projected = torch.empty(n * per, proj.shape[1] if proj is not None else dim)
@@ -183,7 +218,7 @@ class PatchCoreDetector(PatchCoreParams, Detector):
         dim = sum(extractor.channels)
         size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
         model = PatchCoreModel(self._normalize(), extractor, size, self.image_size, self.sigma, self.neighbourhood,
-                               self.num_neighbors, torch.zeros(1, dim)).to(self.device_)
+                               self.num_neighbors, torch.zeros(1, dim), self.search).to(self.device_)
         return model, dim
 
     def shard_patches(self, images: Sequence, progress: bool = False) -> torch.Tensor:
@@ -262,4 +297,4 @@ class PatchCoreDetector(PatchCoreParams, Detector):
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)
         return PatchCoreModel(self._normalize(), extractor, tuple(state["feature_size"]), self.image_size, self.sigma,
-                              self.neighbourhood, self.num_neighbors, torch.empty_like(tensors["bank"]))
+                              self.neighbourhood, self.num_neighbors, torch.empty_like(tensors["bank"]), self.search)

@@ -1,8 +1,14 @@
-"""Exact nearest-neighbour search in chunks (pure torch): memory bounded by the chunk, not the query count."""
+"""Nearest-neighbour search: exact in chunks (pure torch, memory bounded by the chunk, not the query
+count; what an exported graph does), or approximate through a faiss HNSW graph (the fast extra)."""
 
 from __future__ import annotations
 
+import importlib.util
+
+import numpy as np
 import torch
+
+from insightad.errors import InsightADError
 
 CHUNK_ELEMENTS = 1 << 22  # query rows x bank rows per distance block (16 MiB of float32)
 
@@ -50,3 +56,79 @@ def nearest_per_image(p: torch.Tensor, bank: torch.Tensor, banned: torch.Tensor 
         dist.append(v.sqrt())
         idx.append(i)
     return torch.cat(dist, 1), torch.cat(idx, 1)
+
+
+# ------------------------------------------------------------------------------ approximate (faiss)
+SEARCHES = ("auto", "hnsw", "exact")
+HNSW_M = 32  # graph degree: recall and memory grow with it
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 64  # candidates kept per query: recall@1 >= 0.99 on bottle's patches (benchmarks/patchcore_search.py)
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def resolve_search(search: str) -> str:
+    """auto -> hnsw when faiss is installed, else exact; hnsw without faiss is refused by name."""
+    if search == "auto":
+        return "hnsw" if faiss_available() else "exact"
+    if search == "hnsw" and not faiss_available():
+        raise InsightADError("search: hnsw needs faiss-cpu, which is not installed "
+                             "(pip install 'insightad[fast]', or use --search exact)")
+    if search not in SEARCHES:
+        raise InsightADError(f"search: expected one of {', '.join(SEARCHES)}, got {search!r}")
+    return search
+
+
+class HnswIndex:
+    """An HNSW graph over the bank rows (built once; searching costs ~log K per query, not K)."""
+
+    def __init__(self, bank: torch.Tensor, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+                 ef_search: int = HNSW_EF_SEARCH) -> None:
+        import faiss
+
+        data = np.ascontiguousarray(bank.detach().cpu().float().numpy())
+        self.index = faiss.IndexHNSWFlat(data.shape[1], m)
+        self.index.hnsw.efConstruction = ef_construction
+        self.index.hnsw.efSearch = ef_search
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # a parallel build links nodes in a racy order: one graph per bank
+        try:
+            self.index.add(data)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def search(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, D) queries -> (distance (M,), index (M,)) of each one's (approximately) nearest bank row."""
+        d2, idx = self.index.search(np.ascontiguousarray(q.detach().cpu().float().numpy()), 1)
+        dist = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0))).to(q.device)
+        return dist, torch.from_numpy(idx[:, 0]).to(q.device)
+
+
+def exact_maxima(p: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, bank: torch.Tensor, step: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate nearest distances (B, P) of patches ``p`` (B, P, D) -> the same with each image's largest
+    distance (and every one checked on the way) made exact.
+
+    An approximate search returns a real bank row, so its distance is an upper bound of the true one, and
+    a rare miss can land far away: the image score (the largest patch distance) would be that miss. So
+    the patches are checked exactly in decreasing order of their approximate distance, ``step`` at a time,
+    until the largest exact distance found is at least the next unchecked upper bound: then no unchecked
+    patch can exceed it, and the maximum (and its nearest bank row) is the exact search's."""
+    approx = dist
+    dist, idx = dist.clone(), idx.clone()
+    order = approx.argsort(dim=1, descending=True)
+    bank_sq = bank_norms(bank)
+    n = p.shape[1]
+    for r in range(p.shape[0]):
+        done, best = 0, -1.0
+        while done < n:
+            take = order[r, done:done + step]
+            v, i = squared_distances(p[r, take], bank, bank_sq).min(1)
+            dist[r, take], idx[r, take] = v.sqrt(), i
+            best = max(best, float(dist[r, take].max()))
+            done += len(take)
+            if done < n and best >= float(approx[r, order[r, done]]):
+                break
+    return dist, idx
