@@ -46,35 +46,17 @@ ENTRYPOINT ["sh", "/opt/insightad/docker/entrypoint.sh"]
 CMD []
 
 # ---------------------------------------------------------------- full (default): the runtime plus PyTorch
-FROM python:${PYTHON_VERSION}-slim AS full
+FROM runtime AS full
 
 # default: PyTorch as pip resolves it; cpu: CPU-only wheels from TORCH_INDEX_URL (when reachable)
 ARG TORCH_VARIANT=default
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-WORKDIR /opt/insightad
-COPY pyproject.toml constraints.txt README.md ./
-COPY src ./src
-COPY docker/install.sh docker/entrypoint.sh docker/healthcheck.py ./docker/
+USER root
 RUN TORCH_VARIANT="$TORCH_VARIANT" TORCH_INDEX_URL="$TORCH_INDEX_URL" INSIGHTAD_EXTRAS=train \
     sh docker/install.sh /opt/insightad && rm -rf build src/*.egg-info
 
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin insightad
-COPY docker/models/ /models/
-
-ENV INSIGHTAD_MODEL=/models/model.safetensors \
-    INSIGHTAD_HOST=0.0.0.0 \
-    INSIGHTAD_PORT=8080 \
-    INSIGHTAD_OFFLINE=1
-
+ENV INSIGHTAD_MODEL=/models/model.safetensors
 USER insightad
-EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/opt/insightad/docker/healthcheck.py"]
-ENTRYPOINT ["sh", "/opt/insightad/docker/entrypoint.sh"]
-CMD []

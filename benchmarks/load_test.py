@@ -169,12 +169,16 @@ def server_metrics(url: str) -> dict:
             "rejected_503": value("insightad_rejected_total")}
 
 
+def split_server_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the `insightad serve` flags after ``--``)."""
+    if "--" not in argv:
+        return argv, []
+    k = argv.index("--")
+    return argv[:k], argv[k + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        k = argv.index("--")
-        argv, extra = argv[:k], argv[k + 1:]
+    argv, extra = split_server_flags(list(sys.argv[1:] if argv is None else argv))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model file to serve")
     ap.add_argument("--images", required=True, type=Path, help="folder of images to send (recursive)")

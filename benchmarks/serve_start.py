@@ -17,7 +17,6 @@ import argparse
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,13 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from load_test import rss_bytes, split_server_flags, stop_server  # this folder: run as `python benchmarks/serve_start.py`
+
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return rss_bytes(pid) / 2**20
 
 
 def cpu_seconds(pid: int) -> float:
@@ -88,21 +85,11 @@ def one_run(python: str, model: str, body: bytes, settle: int, extra: list[str])
                 "rss_mb_after_settle": round(rss_mb(proc.pid), 1), "score": answer["score"],
                 "libtorch_mapped": torch_loaded not in ("", "0")}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_server(proc)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        k = argv.index("--")
-        argv, extra = argv[:k], argv[k + 1:]
+    argv, extra = split_server_flags(list(sys.argv[1:] if argv is None else argv))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--image", required=True, type=Path)
