@@ -61,3 +61,37 @@ def test_float_arrays_keep_their_values():
     got, size = Preprocessing(size=(16, 16)).load(x)
     np.testing.assert_array_equal(got, x.transpose(2, 0, 1))
     assert Preprocessing(size=(8, 8)).decode(x).dtype == np.uint8
+
+
+class _Pixels:
+    """A module whose map output is the pixels it gets (channel 0): the graph's resize made visible."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        class M(torch.nn.Module):
+            def forward(self, x):
+                return x.mean((1, 2, 3)), x[:, 0]
+
+        return M()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_in_graph_resize_matches_the_python_path(tmp_path, channels):
+    """The exported graph takes uint8 at any size and resizes inside: odd sizes and aspect ratios, both ways."""
+    import onnxruntime as ort
+
+    from insightad.engines.export import export_verified, image_examples
+
+    size = (24, 40)
+    out = export_verified(_Pixels.make(), image_examples(channels, size), ["scores", "maps"], "pixels",
+                          tmp_path / "p.onnx", resize_to=size)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    prep = Preprocessing(size=size, channels=channels)
+    for src, _ in CASES + [((24, 40), None), ((401, 97), None)]:
+        x = np.random.default_rng(src[0]).integers(0, 256, (2, channels, *src)).astype(np.uint8)
+        got = sess.run(None, {"images": x})[1]
+        want = np.stack([prep.resize_array(a)[0] for a in x])
+        assert got.shape == (2, *size)
+        assert float(np.abs(got - want).max()) < 1e-4 * 255, src

@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     add_data_flags(p)
     p.add_argument("--out", "--output", dest="out", metavar="MODEL",
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write the model's ONNX graph beside it (MODEL with .onnx), checked against PyTorch, so "
+                        "the onnx engine and a runtime-only install start from it (default: on; --no-onnx skips it)")
     p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
                    "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
@@ -138,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
         write_train_report(det, args.report)
         print(f"train report written to {args.report}/report.md")
     print(f"model written to {path}")
+    if args.onnx:
+        from insightad.apps.train import write_graph_beside
+
+        graph, line = write_graph_beside(det, path)
+        print(line, file=sys.stdout if graph is not None or "warning" not in line else sys.stderr)
     sys.stdout.flush()
     return 0
 

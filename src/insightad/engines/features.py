@@ -9,7 +9,9 @@ checked against PyTorch like any export.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -44,11 +46,11 @@ def _digest(module: _Features, shape: tuple[int, ...]) -> str:
     return h.hexdigest()[:32]
 
 
-def _export(module: _Features, shape: tuple[int, ...]) -> bytes:
+def _export(module: _Features, shape: tuple[int, ...], target: Path) -> Path:
     from insightad.engines.export import example_batches, export_verified
 
     names = [f"f{i}" for i in range(len(cast("FeatureExtractor", module.extractor).layers))]
-    return export_verified(module, example_batches(shape, (2,)), names, "backbone")
+    return export_verified(module, example_batches(shape, (2,)), names, "backbone", target)
 
 
 def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int, ...], engine: str = "auto",
@@ -59,19 +61,17 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
     chosen = resolve_engine(engine, device.type)
     if chosen == "onnx":
         from insightad.engines.onnx_runtime import cache_dir, make_session
-        from insightad.io import atomic_write
 
         target = cache_dir() / f"features-{_digest(module, shape)}.onnx"
         try:
-            if target.is_file():
-                data = target.read_bytes()
-            else:
-                data = _export(module, shape)
+            if not target.is_file():
                 try:
-                    atomic_write(target, lambda tmp: tmp.write_bytes(data))
-                except OSError:
-                    pass
-            sess = make_session(data, threads)
+                    _export(module, shape, target)
+                except OSError:  # a read-only cache: export into a temporary folder, read it once
+                    with tempfile.TemporaryDirectory() as tmp:
+                        sess = make_session(str(_export(module, shape, Path(tmp) / "features.onnx")), threads)
+            if target.is_file():
+                sess = make_session(str(target), threads)
 
             def run_onnx(x: torch.Tensor) -> list[torch.Tensor]:
                 outs = sess.run(None, {"images": np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)})

@@ -1,6 +1,4 @@
-"""The ONNX Runtime engine: runs an exported graph on uint8 batches; refuses foreign ONNX files.
-
-numpy in, numpy out, and onnxruntime alone: the runtime install (no PyTorch, no onnx package) uses it."""
+"""The ONNX Runtime engine: runs an exported graph on decoded uint8 images; refuses foreign ONNX files."""
 
 from __future__ import annotations
 
@@ -17,6 +15,9 @@ from insightad.io import file_sha256 as file_digest  # noqa: F401 - the cache ke
 META_KEY = "insightad"  # the metadata entry of an InsightAD graph
 ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
 DEFAULT_THREADS = None  # ONNX Runtime's own choice: one per physical core
+CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
+LAYOUT_KEY = "insightad_graph_layout"  # metadata: what the graph takes; a graph of another layout is rebuilt
+GRAPH_LAYOUT = "uint8-any-size-resize-inside"
 
 
 def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
@@ -34,24 +35,39 @@ def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
 
 
 class OnnxEngine:
-    """Callable like a model: uint8 (B, C, H, W) array -> (scores, maps) numpy arrays."""
+    """An exported whole-model graph on ONNX Runtime: decoded uint8 images (N, C, H, W) at their own size in
+    (the graph resizes them itself), (scores, maps at model size) out. numpy in, numpy out: the runtime
+    install (no PyTorch, no onnx package) uses it."""
+
+    takes_original = True  # feed decoded images at their own size, not images resized in Python
 
     def __init__(self, model: bytes | str, threads: int | None = DEFAULT_THREADS) -> None:
         self.session = make_session(model, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        images = next((i for i in self.session.get_inputs() if i.name == "images"), None)
-        # uint8 input: decoded images at their own size (the graph resizes); float: pixels already at model size
-        self.decoded_input = images is not None and images.type == "tensor(uint8)"
-        self.dtype = np.uint8 if self.decoded_input else np.float32
+        self.input_name = self.session.get_inputs()[0].name
 
-    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(self.session.run(None, {"images": np.ascontiguousarray(x, dtype=self.dtype)}))
+    def _run_stack(self, x: np.ndarray) -> list[np.ndarray]:
+        if x.dtype != np.uint8:  # float pixels (already at model size): the graph takes levels 0..255
+            x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
 
-    def made_from(self, digest: str) -> bool:
-        """Whether this graph is stamped as made from the model file whose sha256 is ``digest``, in the layout
-        this version makes (a graph of another layout is stale)."""
-        props = self.session.get_modelmeta().custom_metadata_map
-        return props.get(CACHE_KEY) == digest and props.get(LAYOUT_KEY) == GRAPH_LAYOUT
+    def run(self, images: Any) -> list[np.ndarray]:
+        """A batch (N, C, H, W) or a list of (C, H, W) images of any sizes (runs of same-size images are
+        stacked) -> the graph's outputs for all of them, in order."""
+        if not isinstance(images, (list, tuple)):
+            return self._run_stack(np.asarray(images))
+        parts: list[list[np.ndarray]] = []
+        i = 0
+        while i < len(images):
+            j = i + 1
+            while j < len(images) and images[j].shape == images[i].shape:
+                j += 1
+            parts.append(self._run_stack(np.stack([np.asarray(a) for a in images[i:j]])))
+            i = j
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))] if parts else []
+
+    def __call__(self, x: Any) -> tuple[np.ndarray, ...]:
+        return tuple(self.run(x))
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
@@ -80,14 +96,17 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
     except (KeyError, ValueError, AssertionError):
         raise InsightADError(f"{path}: not an InsightAD ONNX export (no '{META_KEY}' metadata); "
                              "export one with 'insightad export'") from None
+    if props.get(LAYOUT_KEY) != GRAPH_LAYOUT:
+        raise InsightADError(f"{path}: an InsightAD ONNX export of an older layout (it takes images already "
+                             "resized); export the model again with 'insightad export'")
     inputs = {i.name: i for i in session.get_inputs()}
     if "images" not in inputs:
         raise InsightADError(f"{path}: ONNX graph has no 'images' input; its metadata does not match the graph")
     dims = list(inputs["images"].shape)
-    expected = [meta["channels"], meta["input_height"], meta["input_width"]]
-    if dims[1:] != expected:
-        raise InsightADError(f"{path}: graph input is {dims[1:]} but the metadata says {expected}; refusing "
-                             "a file whose metadata does not match its graph")
+    any_size = len(dims) == 4 and not any(isinstance(d, int) for d in dims[2:])  # must take any H, W
+    if inputs["images"].type != "tensor(uint8)" or not any_size or dims[1] != meta["channels"]:
+        raise InsightADError(f"{path}: graph input is not uint8 N x {meta['channels']} x H x W (any H, W) as its "
+                             "metadata says; refusing a file whose metadata does not match its graph")
     return meta
 
 
@@ -112,24 +131,25 @@ def prune_cache(keep: Path | None = None, limit: int = CACHE_LIMIT_BYTES) -> Non
         pass
 
 
-CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
-LAYOUT_KEY = "insightad_graph_layout"  # metadata: what the graph takes; a graph of another layout is rebuilt
-GRAPH_LAYOUT = "float32-model-size"
+def graph_stamp(engine: OnnxEngine) -> tuple[str | None, str | None]:
+    """(model sha256, graph layout) stamped in a graph's metadata."""
+    props = engine.session.get_modelmeta().custom_metadata_map
+    return props.get(CACHE_KEY), props.get(LAYOUT_KEY)
 
 
-def verified_entry(target: Path, digest: str, threads: int | None) -> OnnxEngine | None:
-    """The engine of a cache entry whose stamp names this model file's content; None for a missing, damaged
-    (truncated, not ONNX) or foreign entry (another model's graph), which is then deleted, never used."""
-    try:
-        data = target.read_bytes()
-    except OSError:
+def verified_entry(target: Path, digest: str, threads: int | None, delete: bool = True) -> OnnxEngine | None:
+    """The engine of a graph file whose stamp names this model file's content and today's layout; None for a
+    missing, damaged (truncated, not ONNX), stale or foreign file (another model's graph), which is never
+    used (and deleted when ``delete``: cache entries)."""
+    if not target.is_file():
         return None
     try:
-        engine: OnnxEngine | None = OnnxEngine(data, threads)
-        ok = engine is not None and engine.made_from(digest)
+        engine: OnnxEngine | None = OnnxEngine(str(target), threads)
+        stamp, layout = graph_stamp(engine) if engine else (None, None)
     except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
-        ok, engine = False, None
-    if not ok:
-        target.unlink(missing_ok=True)
+        stamp, layout, engine = None, None, None
+    if stamp != digest or layout != GRAPH_LAYOUT:
+        if delete:
+            target.unlink(missing_ok=True)
         return None
     return engine

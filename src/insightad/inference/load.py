@@ -52,7 +52,9 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
     if not torch_available():
         if engine == "torch":
             raise InsightADError(f"{path}: --engine torch needs PyTorch, which this install does not have: {TRAIN_EXTRA}")
-        raise InsightADError(f"{path}: no ONNX graph of this model file (looked for {sibling_graph(path)} and the "
+        from insightad.inference.export import beside
+
+        raise InsightADError(f"{path}: no ONNX graph of this model file (looked for {beside(path)} and the "
                              f"cache), and PyTorch is not installed to make one: run 'insightad export --model "
                              f"{path}' where PyTorch is installed ({TRAIN_EXTRA}) and put the .onnx beside the "
                              "model file (or score with the .onnx itself)")
@@ -70,34 +72,16 @@ def _graph_first(engine: str, device: str, method: str) -> bool:
     return method not in TORCH_FIRST and not on_gpu(device)
 
 
-def sibling_graph(path: str | Path) -> Path:
-    """Where a model file's exported graph lives beside it (what ``train`` and ``export`` write)."""
-    return Path(path).with_suffix(".onnx")
-
-
 def stored_graph(path: str | Path, meta: dict[str, Any], threads: int | None = None) -> OnnxDetector | None:
-    """The graph made from exactly this model file (stamped with its sha256): beside it, else in the cache;
-    None when there is none. A graph stamped for other content (stale, swapped) is never used."""
-    from insightad.engines.onnx_runtime import OnnxEngine, cache_dir, file_digest, verified_entry
+    """The graph made from exactly this model file (stamped with its sha256), beside it or in the cache, as a
+    scorer that needs no PyTorch; None when there is none. A stale or swapped graph is never used."""
+    from insightad.inference.export import stored_engine
     from insightad.inference.onnx_detector import OnnxDetector
 
-    digest = file_digest(path)
-    found: OnnxEngine | None = None
-    sibling = sibling_graph(path)
-    if sibling.is_file():
-        try:
-            engine = OnnxEngine(str(sibling), threads)
-            if engine.made_from(digest):
-                found, where = engine, sibling
-        except Exception:  # noqa: BLE001 - a damaged file beside the model is not the model's graph
-            found = None
-    if found is None:
-        cached = cache_dir() / f"{digest}.onnx"
-        if cached.is_file():
-            found, where = verified_entry(cached, digest, threads), cached
-    if found is None:
+    engine = stored_engine(path, threads)
+    if engine is None:
         return None
-    det = OnnxDetector.from_file(where, threads, engine=found)
+    det = OnnxDetector.from_file(path, threads, engine=engine)
     det.model_path_ = str(path)
     det.metadata_ = meta
     det.split_ = meta.get("split")

@@ -82,7 +82,7 @@ class Scorer:
     @property
     def decoded_input(self) -> bool:
         """True when the engine takes decoded uint8 images at their own size (an exported graph)."""
-        return bool(getattr(getattr(self, "engine_", None), "decoded_input", False))
+        return bool(getattr(getattr(self, "engine_", None), "takes_original", False))
 
     def load_input(self, source: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
         """One image as this scorer's engine takes it (C, H, W), and its original (height, width)."""
