@@ -79,14 +79,14 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def padim_export(mvtec_dir, tmp_path_factory):
     """A PaDiM model file, its export stamped beside it, and the same model file alone in another folder."""
-    from insightad.apps.train import train_model
+    from insightad.apps.train import train_model, write_graph_beside
     from insightad.config import DataParams
-    from insightad.inference.export import export_onnx
 
     root = tmp_path_factory.mktemp("runtime-only")
     det, path, _ = train_model(mvtec_dir, "padim", {"image_size": SIZE, "n_features": 48}, DataParams(),
                                root / "padim.safetensors", progress=False)
-    export_onnx(det, path.with_suffix(".onnx"), model_path=path)
+    graph, _ = write_graph_beside(det, path)  # what `insightad train` writes: the stamped graph beside
+    assert graph == path.with_suffix(".onnx")
     alone = root / "alone" / "padim.safetensors"
     alone.parent.mkdir()
     shutil.copy(path, alone)
