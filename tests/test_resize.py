@@ -95,3 +95,20 @@ def test_in_graph_resize_matches_the_python_path(tmp_path, channels):
         want = np.stack([prep.resize_array(a)[0] for a in x])
         assert got.shape == (2, *size)
         assert float(np.abs(got - want).max()) < 1e-4 * 255, src
+
+
+def test_old_model_file_with_a_retired_filter_gets_one_line(baseline_model, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from insightad.model_file import META_KEY, load_model
+
+    with safe_open(str(baseline_model), framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    meta["preprocessing"]["resize"] = "bicubic"
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(baseline_model)), str(old), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(InsightADError, match=r"old.safetensors: .*'bicubic' filter is no longer supported.*retrain"):
+        load_model(old)
