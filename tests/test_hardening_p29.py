@@ -57,7 +57,7 @@ def test_p29_augment_input_out_have_help(capsys):
 
 def test_p29_layers_default_written_as_typed(capsys):
     text = _help(capsys, "train", "--method", "baseline")
-    assert "(default: 2,3,4)" in text and "[2, 3, 4]" not in text
+    assert "(default: 1,2,3)" in text and "[1, 2, 3]" not in text
 
 
 def test_p29_device_default_is_the_same_everywhere():

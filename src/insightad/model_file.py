@@ -120,6 +120,7 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
         tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: cannot read the model's tensors ({str(e).splitlines()[0]})") from None
+    _check_finite(path, tensors)
     cls = get_method(meta["method"])
     try:
         det = cls.from_params({**meta["params"], "device": device})
@@ -150,6 +151,15 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     det.model_path_ = str(path)
     det.metadata_ = meta
     return det
+
+
+def _check_finite(path: Path, tensors: dict) -> None:
+    """NaN or infinity in any stored tensor means a damaged file, even in a tensor this scorer does not read."""
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InsightADError(f"{path}: tensor {name!r} holds NaN or infinity; the model file is damaged (train it again)")
 
 
 def update_metadata(path: str | Path, **changes: Any) -> None:

@@ -58,6 +58,10 @@ class BaselineModel(nn.Module):
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, scorer: str, k: int,
                  bank: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, pooling: str = "mean") -> None:
         super().__init__()
+        if bank.dim() != 2 or mean.shape != (bank.shape[1],) or (scorer == "gaussian" and precision.shape != (
+                bank.shape[1], bank.shape[1])):
+            raise InsightADError(f"tensors of mismatched shapes: bank {tuple(bank.shape)}, mean {tuple(mean.shape)}, "
+                                 f"precision {tuple(precision.shape)}")
         self.normalize, self.extractor, self.scorer, self.k = normalize, extractor, scorer, k
         self.pooling = pooling
         self.register_buffer("bank", bank)
