@@ -56,11 +56,14 @@ def load_payloads(folder: Path, limit: int) -> tuple[list[bytes], list[tuple[int
     return [json.dumps({"image": base64.b64encode(p.read_bytes()).decode("ascii")}).encode() for p in files], sizes
 
 
-def start_server(model: str, extra: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "insightad", "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
+def start_server(model: str, extra: list[str], log_path: Path, python: str = sys.executable
+                 ) -> tuple[subprocess.Popen, str]:
+    cmd = [python, "-m", "insightad", "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
            "--no-access-log", "--log-level", "warning", *extra]
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} if python != sys.executable \
+        else None  # another interpreter (a runtime-only venv) runs its own installed copy
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -166,12 +169,16 @@ def server_metrics(url: str) -> dict:
             "rejected_503": value("insightad_rejected_total")}
 
 
+def split_server_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the `insightad serve` flags after ``--``)."""
+    if "--" not in argv:
+        return argv, []
+    k = argv.index("--")
+    return argv[:k], argv[k + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        k = argv.index("--")
-        argv, extra = argv[:k], argv[k + 1:]
+    argv, extra = split_server_flags(list(sys.argv[1:] if argv is None else argv))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model file to serve")
     ap.add_argument("--images", required=True, type=Path, help="folder of images to send (recursive)")
@@ -184,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bad-fraction", type=float, default=0.0,
                     help="fraction of requests that are bad (bad base64, not an image, missing field, oversized)")
     ap.add_argument("--server-log", type=Path, default=Path("/tmp/insightad-load-test-server.log"))
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter that runs the server, e.g. a runtime-only venv (default: this one)")
     args = ap.parse_args(argv)
 
     payloads, sizes = load_payloads(args.images, args.max_images)
-    proc, url = start_server(args.model, extra, args.server_log)
+    proc, url = start_server(args.model, extra, args.server_log, args.python)
     rss: dict[str, int] = {}
     samples: list[tuple[float, int]] = []
     try:
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_sizes": sorted({f"{w}x{h}" for w, h in sizes}),
         "mean_request_bytes": int(np.mean([len(p) for p in payloads])),
         "clients": args.clients, "duration_s": round(measured, 1), "warmup_s": args.warmup,
-        "server_flags": extra,
+        "server_flags": extra, "server_python": args.python,
         "requests_ok": int(lat.size), "requests_per_s": round(lat.size / measured, 2),
         "latency_ms": ({k: round(float(np.percentile(lat, q)), 1) for k, q in
                         (("p50", 50), ("p95", 95), ("p99", 99))} | {"mean": round(float(lat.mean()), 1),

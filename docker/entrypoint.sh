@@ -6,8 +6,8 @@ set -eu
 
 model="${INSIGHTAD_MODEL:-/models/model.safetensors}"
 if [ ! -f "$model" ]; then
-    echo "insightad: error: no model file at $model; mount one (docker run -v \$PWD/model.safetensors:$model:ro ...)," \
-         "copy one in at build time (docker/models/model.safetensors), or set INSIGHTAD_MODEL" >&2
+    echo "insightad: error: no model file at $model; mount one (docker run -v \$PWD/model.onnx:$model:ro ...)," \
+         "copy one in at build time (docker/models/), or set INSIGHTAD_MODEL" >&2
     exit 1
 fi
 exec insightad serve --model "$model" --host "${INSIGHTAD_HOST:-0.0.0.0}" --port "${INSIGHTAD_PORT:-8080}" "$@"

@@ -19,7 +19,7 @@ def _nan_for_second(det):
 
     def patched(x):
         s, m = forward(x)
-        s = s.clone()
+        s = s.copy()  # numpy (the scoring loop runs on numpy arrays)
         if len(s) > 1:
             s[1] = float("nan")
         return s, m

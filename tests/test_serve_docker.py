@@ -28,12 +28,13 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 
 def dockerfile_copies() -> list[tuple[list[str], str]]:
-    """(sources, destination) of each COPY instruction."""
-    out = []
+    """(sources, destination) of each COPY instruction (once: the runtime and full stages copy the same files)."""
+    out: list[tuple[list[str], str]] = []
     for line in DOCKERFILE.read_text().splitlines():
         if line.startswith("COPY "):
             parts = [p for p in line.split()[1:] if not p.startswith("--")]
-            out.append((parts[:-1], parts[-1]))
+            if (parts[:-1], parts[-1]) not in out:
+                out.append((parts[:-1], parts[-1]))
     return out
 
 
@@ -89,14 +90,15 @@ def test_install_script_pip_commands(tmp_path):
     stub.chmod(0o755)
     script = str(app / "docker/install.sh")
     cons = f"{app}/constraints.txt"
-    for variant, expected in [
-        ("default", [f"-m pip install -c {cons} --quiet {app}[serve]"]),
-        ("cpu", [f"-m pip install -c {cons} --index-url https://download.pytorch.org/whl/cpu --quiet torch torchvision",
-                 f"-m pip install -c {cons} --quiet {app}[serve]"]),
+    for variant, extras, expected in [
+        ("default", None, [f"-m pip install -c {cons} --quiet {app}[train]"]),
+        ("cpu", None, [f"-m pip install -c {cons} --index-url https://download.pytorch.org/whl/cpu --quiet torch "
+                       "torchvision", f"-m pip install -c {cons} --quiet {app}[train]"]),
+        ("default", "", [f"-m pip install -c {cons} --quiet {app}"]),  # the runtime image: no PyTorch
     ]:
         log.unlink(missing_ok=True)
-        done = subprocess.run(["sh", script, str(app), "--quiet"], env=_env(tmp_path, PYTHON=str(stub),
-                              TORCH_VARIANT=variant), capture_output=True, text=True, timeout=60)
+        env = _env(tmp_path, PYTHON=str(stub), TORCH_VARIANT=variant, **({} if extras is None else {"INSIGHTAD_EXTRAS": extras}))
+        done = subprocess.run(["sh", script, str(app), "--quiet"], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert log.read_text().splitlines()[:-1] == expected
     bad = subprocess.run(["sh", script, str(app)], env=_env(tmp_path, PYTHON=str(stub), TORCH_VARIANT="gpu"),

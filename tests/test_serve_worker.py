@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
-import torch
 
 from insightad.apps.serve.worker import InferenceWorker, Job, QueueFull, WorkerStopped
+from insightad.scoring import Scorer
 
 
-class FakeDetector:
+class FakeDetector(Scorer):
     """forward_batch returns each image's mean as its score; the first call blocks until released."""
 
     has_maps = True
@@ -20,15 +21,15 @@ class FakeDetector:
         self.gate = threading.Event()
         self.calls: list[int] = []
 
-    def forward_batch(self, x: torch.Tensor):
+    def forward_batch(self, x: np.ndarray):
         self.calls.append(len(x))
         self.gate.wait(10)
-        scores = x.float().mean(dim=(1, 2, 3))
-        return scores, x.float().mean(1)
+        scores = x.astype(np.float32).mean(axis=(1, 2, 3))
+        return scores, x.astype(np.float32).mean(1)
 
 
-def image(value: int) -> torch.Tensor:
-    return torch.full((3, 4, 4), value, dtype=torch.uint8)
+def image(value: int) -> np.ndarray:
+    return np.full((3, 4, 4), value, dtype=np.uint8)
 
 
 def wait_for(cond, timeout: float = 5.0) -> None:

@@ -20,7 +20,7 @@ def __getattr__(name: str):  # lazy: keep `import insightad` light (no torch imp
 
         return create_detector
     if name == "Prediction":
-        from insightad.methods.base import Prediction
+        from insightad.scoring import Prediction
 
         return Prediction
     raise AttributeError(name)

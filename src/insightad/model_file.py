@@ -11,15 +11,17 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError, cut
 from insightad.io import atomic_write
-from insightad.methods import Detector, get_method, tiling
 from insightad.model_schema import FORMAT, FORMAT_VERSION, validate_metadata
 from insightad.runtime import resolve_device
 from insightad.version import __version__
+
+if TYPE_CHECKING:
+    from insightad.methods import Detector
 
 META_KEY = "insightad"
 
@@ -59,8 +61,9 @@ def save_model(det: Detector, path: str | Path) -> Path:
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a model file, checked, without loading tensors."""
+def read_metadata(path: str | Path, check_params: bool | None = None) -> dict[str, Any]:
+    """The JSON metadata of a model file, checked, without loading tensors. ``check_params`` (default: where
+    PyTorch is installed) also checks the method's hyper-parameters, which imports the methods."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -71,7 +74,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise InsightADError(f"{path}: model file is empty")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # metadata only: no PyTorch needed
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt or foreign file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -85,13 +88,20 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise InsightADError(f"{path}: model metadata is not valid JSON (file damaged?)") from None
     except RecursionError:
         raise InsightADError(f"{path}: model metadata is nested too deeply; refusing it") from None
-    return with_legacy_params(validate_metadata(meta, str(path)))
+    if check_params is None:
+        from insightad.runtime import torch_available
+
+        check_params = torch_available()
+    meta = validate_metadata(meta, str(path), check_params)
+    return with_legacy_params(meta) if check_params else meta
 
 
 def with_legacy_params(meta: dict[str, Any]) -> dict[str, Any]:
     """A file written before a setting existed was fitted with that setting's old behaviour: fill the
     method's ``legacy_params`` in where the file has no value, so it scores as it did (a new default
-    never changes an old model)."""
+    never changes an old model). Needs the methods (PyTorch): a graph made from the file needs none."""
+    from insightad.methods import get_method
+
     legacy = getattr(get_method(meta["method"]), "legacy_params", {})
     if legacy:
         meta = {**meta, "params": {**legacy, **meta["params"]}}
@@ -102,8 +112,10 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     """A fitted detector from a model file: no pickle, no network."""
     from safetensors.torch import load_file
 
+    from insightad.methods import get_method, tiling
+
     path = Path(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path, check_params=True)
     try:
         tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001

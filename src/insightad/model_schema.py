@@ -124,8 +124,10 @@ def _field_name(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "metadata"
 
 
-def validate_metadata(meta: Any, where: str) -> dict[str, Any]:
-    """``meta`` checked against :class:`ModelMeta`; the first problem as one line naming ``where`` and the field."""
+def validate_metadata(meta: Any, where: str, check_params: bool = True) -> dict[str, Any]:
+    """``meta`` checked against :class:`ModelMeta`; the first problem as one line naming ``where`` and the field.
+    ``check_params``: also check the method and its hyper-parameters against the registered methods (this
+    imports them, PyTorch included; scoring through a stored graph does not need them)."""
     if not isinstance(meta, dict):
         raise InsightADError(f"{where}: model metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
@@ -144,6 +146,8 @@ def validate_metadata(meta: Any, where: str) -> dict[str, Any]:
         got = err.get("input", None) if err.get("type") != "missing" else None
         what = "missing" if err.get("type") == "missing" else f"{err.get('msg', 'invalid')}, got {shorten(got)}"
         raise InsightADError(f"{where}: model metadata field '{field}': {what}") from None
+    if not check_params:
+        return meta
     from insightad.methods import get_method, list_methods
 
     if meta["method"] not in list_methods():

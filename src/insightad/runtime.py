@@ -6,30 +6,53 @@ Nothing here imports torch at module level: the scoring path of an exported mode
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from typing import Any
 
 from insightad.errors import InsightADError
 
 ENGINES = ("auto", "torch", "onnx")
+TRAIN_EXTRA = "pip install 'insightad[train]'"  # what a runtime-only install lacks for training, export, PyTorch
+
+
+def _installed(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it (a finder that refuses it counts as absent)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
+    return _installed("torch")
 
 
 def onnx_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    return _installed("onnxruntime")
 
 
 def onnx_export_available() -> bool:
-    return onnx_available() and importlib.util.find_spec("onnx") is not None and torch_available()
+    return onnx_available() and _installed("onnx") and torch_available()
 
 
-def _on_gpu(device: str) -> bool:
-    """Whether ``device`` means a CUDA GPU here (``auto`` does when one is present; no PyTorch: never)."""
+def require_torch(what: str) -> None:
+    """Refuse, in one line naming the extra to install, ``what`` needs PyTorch and it is not installed."""
+    if not torch_available():
+        raise InsightADError(f"{what} needs PyTorch, which this install does not have: {TRAIN_EXTRA}")
+
+
+def nvidia_driver_present() -> bool:
+    """Whether an NVIDIA driver is visible, without importing PyTorch (a machine without one needs no check)."""
+    return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl") or bool(shutil.which("nvidia-smi"))
+
+
+def on_gpu(device: str) -> bool:
+    """Whether ``device`` means a CUDA GPU here (``auto`` does when one is present; no PyTorch: never).
+    PyTorch is imported only where an NVIDIA driver is present (then it will run the model anyway)."""
     if device.startswith("cuda"):
         return True
-    if device != "auto" or not torch_available():
+    if device != "auto" or not torch_available() or not nvidia_driver_present():
         return False
     import torch
 
@@ -41,10 +64,10 @@ def resolve_engine(name: str, device: str = "cpu") -> str:
     if name not in ENGINES:
         raise InsightADError(f"engine: expected one of {', '.join(ENGINES)}, got {name!r}")
     if name == "auto":
-        return "onnx" if onnx_export_available() and not _on_gpu(device) else "torch"
+        return "onnx" if onnx_export_available() and not on_gpu(device) else "torch"
     if name == "onnx" and not onnx_available():
         raise InsightADError("engine: onnx asked for but onnxruntime is not installed "
-                             "(pip install 'insightad[onnx]')")
+                             "(onnxruntime is part of the base install: pip install insightad)")
     return name
 
 

@@ -128,7 +128,7 @@ def table_prediction(table: pa.Table, threshold: float) -> tuple[list[bytes], An
     """A chunk's rows as (path bytes, Prediction): NaN score and an ``errors`` entry for error rows."""
     import numpy as np
 
-    from insightad.methods.base import Prediction
+    from insightad.scoring import Prediction
 
     nan = float("nan")
     scores = np.array([nan if v is None else v for v in table.column("score").to_pylist()], dtype=np.float64)

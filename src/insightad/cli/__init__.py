@@ -8,6 +8,7 @@ import os
 import sys
 
 from insightad.errors import InsightADError, cut
+from insightad.runtime import TRAIN_EXTRA, torch_available
 from insightad.version import __version__
 
 # sub-command -> module with add_parser(subparsers, argv) and run(args) -> int
@@ -25,6 +26,16 @@ COMMANDS = {
     "augment": "insightad.cli.augment",
 }
 
+# Sub-commands that need PyTorch (training, export, calibrating a model file): a runtime-only install
+# (no PyTorch) lists them and answers each with one line naming the extra to install.
+NEEDS_TORCH = frozenset({"train", "calibrate", "demo", "export", "augment"})
+
+
+def check_command_available(argv: list[str]) -> None:
+    """Refuse, in one line naming the extra, a sub-command that needs PyTorch where it is not installed."""
+    if argv and argv[0] in NEEDS_TORCH and not torch_available():
+        raise InsightADError(f"insightad {argv[0]} needs PyTorch, which this install does not have: {TRAIN_EXTRA}")
+
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insightad", description="Visual anomaly detection: learn normal from "
@@ -32,9 +43,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"insightad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    has_torch = torch_available()
     for name, module in COMMANDS.items():
         if wanted and name != wanted:  # build only the parser in use: method flags depend on argv
             sub.add_parser(name, add_help=False)
+            continue
+        if name in NEEDS_TORCH and not has_torch:
+            sub.add_parser(name, add_help=False, help=f"(needs PyTorch: {TRAIN_EXTRA})")  # main() answers it
             continue
         importlib.import_module(module).add_parser(sub, argv[1:] if wanted else [])
     return parser
@@ -43,6 +58,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        check_command_available(argv)
         parser = build_parser(argv)
         args = parser.parse_args(argv)
         if not args.command:

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import pyarrow  # noqa: F401 - the results are Parquet
     except ImportError:
-        raise InsightADError("batch writes Parquet and needs pyarrow: pip install 'insightad[ray]'") from None
+        raise InsightADError("batch writes Parquet and needs pyarrow: pip install 'insightad[batch]'") from None
     from insightad.apps.batch import BatchJob, ResultsStore, list_source, run_local
 
     if args.gpus_per_worker < 0:

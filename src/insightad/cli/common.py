@@ -68,7 +68,10 @@ def load_inference_model(args: argparse.Namespace):
     if args.engine == "onnx":
         raise InsightADError("--tile/--overlap/--search change the model's graph: they run on --engine torch "
                              "(export a model trained with them for ONNX Runtime)")
+    from insightad.methods.base import Detector
+
     det = load_for_inference(args.model, "torch", args.threads, args.device)
+    assert isinstance(det, Detector)  # the torch engine gives the PyTorch detector
     if search is not None:
         from insightad.methods.components.knn import resolve_search
 

@@ -17,7 +17,6 @@ alongside: the normalised one is an extra field, never a replacement.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit
 
 IQR_TO_SIGMA = 1.349  # interquartile range of a standard normal distribution
 
@@ -44,4 +43,4 @@ def normalize_scores(scores: np.ndarray, threshold: float, scale: float | None =
     """Logistic map of raw scores centred on ``threshold`` (NaN stays NaN)."""
     scale = float(scale) if scale and np.isfinite(scale) and scale > 0 else default_scale(threshold)
     z = (np.asarray(scores, dtype=np.float64) - float(threshold)) / scale
-    return expit(z)
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without overflow for large |z|

@@ -36,8 +36,8 @@ def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
 
 class OnnxEngine:
     """An exported whole-model graph on ONNX Runtime: decoded uint8 images (N, C, H, W) at their own size in
-    (the graph resizes them itself), (scores, maps at model size) out. Numpy only (``run``); ``__call__``
-    gives PyTorch tensors to the PyTorch-side callers."""
+    (the graph resizes them itself), (scores, maps at model size) out. numpy in, numpy out: the runtime
+    install (no PyTorch, no onnx package) uses it."""
 
     takes_original = True  # feed decoded images at their own size, not images resized in Python
 
@@ -66,45 +66,45 @@ class OnnxEngine:
             i = j
         return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))] if parts else []
 
-    def __call__(self, x: Any) -> tuple[Any, ...]:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.cpu().numpy()
-        elif isinstance(x, (list, tuple)):
-            x = [a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in x]
-        return tuple(torch.from_numpy(o) for o in self.run(x))
+    def __call__(self, x: Any) -> tuple[np.ndarray, ...]:
+        return tuple(self.run(x))
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The InsightAD metadata of an ONNX file, or a clear refusal."""
-    import onnx
+    """The InsightAD metadata of an ONNX file, or a clear refusal (read by ONNX Runtime, graph not optimised)."""
+    import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise InsightADError(f"{path}: ONNX file not found")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001
-        raise InsightADError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:120]})") from None
-    props = {p.key: p.value for p in proto.metadata_props}
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
+        raise InsightADError(f"{path}: not a readable ONNX file ({(str(e).splitlines() or [''])[0][:120]})") from None
+    return check_metadata(session, path)
 
+
+def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
+    """The InsightAD metadata of a loaded session, checked against its graph's input, or a clear refusal."""
+    props = session.get_modelmeta().custom_metadata_map
     try:
         meta = json.loads(props[META_KEY])
-        assert meta.get("format") == ONNX_FORMAT
+        assert isinstance(meta, dict) and meta.get("format") == ONNX_FORMAT
     except (KeyError, ValueError, AssertionError):
         raise InsightADError(f"{path}: not an InsightAD ONNX export (no '{META_KEY}' metadata); "
                              "export one with 'insightad export'") from None
     if props.get(LAYOUT_KEY) != GRAPH_LAYOUT:
         raise InsightADError(f"{path}: an InsightAD ONNX export of an older layout (it takes images already "
                              "resized); export the model again with 'insightad export'")
-    inputs = {i.name: i for i in proto.graph.input}
+    inputs = {i.name: i for i in session.get_inputs()}
     if "images" not in inputs:
         raise InsightADError(f"{path}: ONNX graph has no 'images' input; its metadata does not match the graph")
-    tensor_type = inputs["images"].type.tensor_type
-    dims = list(tensor_type.shape.dim)
-    fixed_size = len(dims) == 4 and any(d.HasField("dim_value") for d in dims[2:])  # must take any H, W
-    if len(dims) != 4 or dims[1].dim_value != meta["channels"] or tensor_type.elem_type != 2 or fixed_size:  # 2: uint8
+    dims = list(inputs["images"].shape)
+    any_size = len(dims) == 4 and not any(isinstance(d, int) for d in dims[2:])  # must take any H, W
+    if inputs["images"].type != "tensor(uint8)" or not any_size or dims[1] != meta["channels"]:
         raise InsightADError(f"{path}: graph input is not uint8 N x {meta['channels']} x H x W (any H, W) as its "
                              "metadata says; refusing a file whose metadata does not match its graph")
     return meta

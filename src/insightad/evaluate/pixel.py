@@ -20,13 +20,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
 from insightad.data.images import load_mask
 from insightad.data.layouts import Sample
+from insightad.data.resize import resize_array
 from insightad.errors import InsightADError
 
 RESOLUTION = 256
@@ -39,13 +38,11 @@ _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # type: ignore[attr-def
 
 
 def resize_map(m: np.ndarray, resolution: int | None) -> np.ndarray:
-    """A float map at the comparison resolution (bilinear, antialiased when shrinking)."""
+    """A float map at the comparison resolution (bilinear, antialiased when shrinking: the one resize)."""
     m = np.asarray(m, dtype=np.float32)
     if resolution is None or m.shape == (resolution, resolution):
         return m
-    t = torch.from_numpy(np.ascontiguousarray(m))[None, None]
-    return F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                         antialias=True)[0, 0].numpy()
+    return resize_array(m[None], (resolution, resolution))[0]
 
 
 def resize_mask(mask: np.ndarray, resolution: int | None) -> np.ndarray:

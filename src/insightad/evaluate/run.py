@@ -14,7 +14,8 @@ from insightad.data.layouts import Sample, discover, evaluation_samples
 from insightad.errors import InsightADError
 from insightad.evaluate.metrics import image_metrics
 from insightad.evaluate.pixel import RESOLUTION, pixel_metrics, resize_map
-from insightad.methods import Detector, Prediction
+from insightad.scoring import Prediction
+from insightad.scoring import Scorer as Detector  # whatever scores: a PyTorch Detector or an ONNX export
 
 
 @dataclass

@@ -111,12 +111,10 @@ def beside(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".onnx")
 
 
-def cached_engine(det: Detector, model_path: str | Path, threads: int | None = None) -> OnnxEngine:
-    """An ONNX Runtime engine for the model file at ``model_path``: the graph beside it when stamped with the
-    sha256 of the model file's content, else the cache entry so stamped, else a fresh export into the cache.
-    A graph whose stamp does not match (stale, truncated, swapped, damaged) is never used: a cache entry is
-    rebuilt from the PyTorch model, or refused where there is none."""
-    digest = file_digest(model_path)
+def stored_engine(model_path: str | Path, threads: int | None = None, digest: str | None = None) -> OnnxEngine | None:
+    """The graph of the model file at ``model_path`` already on disk (no PyTorch needed): the one beside it
+    when stamped with the file's sha256, else the cache entry so stamped; None when there is none."""
+    digest = digest or file_digest(model_path)
     side = beside(model_path)
     if side.exists() and side != Path(model_path):
         engine = verified_entry(side, digest, threads, delete=False)
@@ -124,10 +122,19 @@ def cached_engine(det: Detector, model_path: str | Path, threads: int | None = N
             return engine
         warnings.warn(f"{side}: not the graph of {model_path} (stale, damaged or of an older layout); not used. "
                       f"Refresh it with 'insightad export --model {model_path}'", stacklevel=2)
-    target = cache_dir() / f"{digest}.onnx"
-    engine = verified_entry(target, digest, threads)
+    return verified_entry(cache_dir() / f"{digest}.onnx", digest, threads)
+
+
+def cached_engine(det: Detector, model_path: str | Path, threads: int | None = None) -> OnnxEngine:
+    """An ONNX Runtime engine for the model file at ``model_path``: the graph beside it when stamped with the
+    sha256 of the model file's content, else the cache entry so stamped, else a fresh export into the cache.
+    A graph whose stamp does not match (stale, truncated, swapped, damaged) is never used: a cache entry is
+    rebuilt from the PyTorch model, or refused where there is none."""
+    digest = file_digest(model_path)
+    engine = stored_engine(model_path, threads, digest)
     if engine is not None:
         return engine
+    target = cache_dir() / f"{digest}.onnx"
     if getattr(det, "model_", None) is None:
         raise InsightADError(f"{target}: cached ONNX graph for {model_path} is missing, damaged or made from "
                              "another model, and PyTorch is not available to rebuild it; install insightad[train] "

@@ -1,7 +1,7 @@
-"""A detector backed only by an InsightAD ONNX export: scores like any Detector, no PyTorch weights.
+"""A scorer backed only by an InsightAD ONNX export: scores like any Detector, no PyTorch anywhere.
 
-Its method name, maps capability and preprocessing come from the graph's metadata, so it answers
-``method``/``has_maps`` per file instead of patching class attributes.
+Its method name, maps capability, preprocessing and threshold come from the graph's metadata, so it
+answers ``method``/``has_maps`` per file instead of patching class attributes.
 """
 
 from __future__ import annotations
@@ -9,13 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from insightad.config import DetectorParams, params
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
-from insightad.methods.base import Detector
+from insightad.scoring import Scorer
 
 
 @params
@@ -23,16 +20,29 @@ class OnnxDetectorParams(DetectorParams):
     """An exported graph needs only the batching settings of a detector."""
 
 
-class OnnxDetector(OnnxDetectorParams, Detector):
+class OnnxDetector(OnnxDetectorParams, Scorer):
     """Runs an exported graph on ONNX Runtime (CPU)."""
 
     Params = OnnxDetectorParams
+    onnx_meta_: dict[str, Any]
+    model_: None = None  # no PyTorch model: what a Detector would hold here
+    split_: dict[str, Any] | None = None
+    metadata_: dict[str, Any]  # the model file's, when the graph was found for one (``inference.load``)
 
     @classmethod
-    def from_file(cls, path: str | Path, threads: int | None = None) -> OnnxDetector:
-        from insightad.engines.onnx_runtime import OnnxEngine, read_onnx_metadata
+    def from_file(cls, path: str | Path, threads: int | None = None, engine: Any = None) -> OnnxDetector:
+        """The graph at ``path`` (or ``engine``, a session already made from it) ready to score."""
+        from insightad.engines.onnx_runtime import OnnxEngine, check_metadata
 
-        meta = read_onnx_metadata(path)
+        if engine is None:
+            if not Path(path).is_file():
+                raise InsightADError(f"{path}: ONNX file not found")
+            try:
+                engine = OnnxEngine(str(path), threads)
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
+                raise InsightADError(f"{path}: not a readable ONNX file "
+                                     f"({(str(e).splitlines() or [''])[0][:120]})") from None
+        meta = check_metadata(engine.session, path)
         det = cls(image_size=int(meta["input_height"]), device="cpu")
         det.onnx_meta_ = meta
         det.preprocessing_ = Preprocessing(size=(meta["input_height"], meta["input_width"]),
@@ -40,14 +50,10 @@ class OnnxDetector(OnnxDetectorParams, Detector):
                                            mean=tuple(meta["mean"]), std=tuple(meta["std"]))
         details = meta.get("threshold_details") or {}
         det.set_threshold(meta["threshold"], meta.get("threshold_strategy", "onnx-metadata"), **details)
-        det.engine_ = OnnxEngine(str(path), threads)
+        det.engine_ = engine
         det.engine_name_ = "onnx"
-        det.model_ = None
-        det.split_ = None
         det.model_path_ = str(path)
         return det
-
-    onnx_meta_: dict[str, Any]
 
     @property
     def method(self) -> str:  # type: ignore[override]  # the exported model's method, per file
@@ -57,8 +63,11 @@ class OnnxDetector(OnnxDetectorParams, Detector):
     def has_maps(self) -> bool:  # type: ignore[override]  # per file, not per class
         return bool(self.onnx_meta_["has_maps"])
 
-    def _fit(self, images: Any, progress: bool) -> None:
-        raise InsightADError("an ONNX export cannot be fitted again; train a model and export it")
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Hyper-parameters by name (the batching settings; the method's own are in the graph's metadata)."""
+        import dataclasses
 
-    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
-        raise InsightADError("an ONNX export is not a model file")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self.Params)}
+
+    def fit(self, *args: Any, **kwargs: Any) -> OnnxDetector:
+        raise InsightADError("an ONNX export cannot be fitted again; train a model and export it")

@@ -272,7 +272,7 @@ class AutoencoderDetector(AutoencoderParams, Detector):
 
     @torch.inference_mode()
     def _scores(self, data: torch.Tensor) -> np.ndarray:
-        return torch.cat([self.forward_batch(chunk)[0].cpu() for chunk in data.split(self.batch_size)]).double().numpy()
+        return torch.cat([self.forward_tensor(chunk)[0].float().cpu() for chunk in data.split(self.batch_size)]).double().numpy()
 
     def state_metadata(self) -> dict[str, Any]:
         t = getattr(self, "training_", None)

@@ -1,85 +1,41 @@
-"""The Detector contract every method follows, and the Prediction every method returns.
+"""The Detector contract every method follows (the Prediction it returns is ``scoring.Prediction``).
 
 scikit-learn conventions: the constructor stores hyper-parameters only, ``fit`` returns self,
 learned state ends in ``_``. Higher score = more anomalous, everywhere. Each method's maths lives
-in a pure-tensor ``nn.Module`` (``model_``: uint8 images -> scores [, maps at model size]); the
-Detector around it handles data, batching, devices, thresholds and persistence once for all.
+in a pure-tensor ``nn.Module`` (``model_``: images at model size -> scores [, maps at model size]); the
+Detector around it handles data, batching, devices and persistence once for all, and scores through
+the one prediction loop of ``scoring.Scorer`` (numpy in, numpy out; PyTorch runs only in ``_run``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from insightad import config
 from insightad.backbones import build_extractor
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.backbones.normalize import Normalize
-from insightad.data.loader import Batch, ImageSource, iter_batches
+from insightad.data.loader import ImageSource
 from insightad.data.preprocess import Preprocessing
-from insightad.decide.normalize import normalize_scores
 from insightad.decide.spread import ConstantScoresWarning, constant_scores_message
 from insightad.decide.thresholds import FitPolicy, threshold_from_fit
 from insightad.errors import InsightADError
 from insightad.methods import tiling
 from insightad.runtime import resolve_device
+from insightad.scoring import Prediction, Scorer  # noqa: F401 - Prediction re-exported (methods' public API)
+from insightad.scoring.scorer import upsample_maps  # noqa: F401 - re-exported
 
 ShardRunner = Callable[[str, Sequence[Any]], list[Any]]  # (detector method, images) -> one result per shard
 _M = TypeVar("_M", bound=nn.Module)
-
-
-@dataclass
-class Prediction:
-    """Scores (raw, one per image), maps at each input's resolution (or None), and decisions."""
-
-    scores: np.ndarray
-    maps: list[np.ndarray | None] | None = None  # None for an image that could not be read (strict=False)
-    threshold: float | None = None
-    labels: np.ndarray | None = None  # True = anomalous, once a threshold is known
-    scores_normalized: np.ndarray | None = None  # extra field; never replaces ``scores``
-    errors: dict[int, str] = field(default_factory=dict)  # index -> message (non-strict runs; score NaN)
-    offset: int = 0  # index of the first image in the whole input (chunks of ``iter_predict``)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def record(self, i: int) -> dict[str, Any]:
-        """One image's answer, the same in every machine-readable output (CLI JSON, CSV, HTTP):
-        score, score_normalized, threshold, anomalous, error."""
-        err = self.errors.get(i)
-        score = float(self.scores[i])
-        ok = err is None and np.isfinite(score)
-        norm = float(self.scores_normalized[i]) if ok and self.scores_normalized is not None else None
-        return {"score": score if ok else None, "score_normalized": norm, "threshold": self.threshold,
-                "anomalous": bool(self.labels[i]) if ok and self.labels is not None else None,
-                "error": err}
-
-    @property
-    def anomalous(self) -> np.ndarray | None:
-        """The decisions as booleans (True = anomalous): the name every machine-readable output uses."""
-        return None if self.labels is None else np.asarray(self.labels, dtype=bool)
-
-    @staticmethod
-    def concat(parts: Sequence[Prediction]) -> Prediction:
-        """Chunks (in order) -> one Prediction over all of them."""
-        if not parts:
-            return Prediction(np.empty(0))
-        maps = None if parts[0].maps is None else [m for p in parts for m in (p.maps or [])]
-        cat = (lambda k: None if getattr(parts[0], k) is None else np.concatenate([getattr(p, k) for p in parts]))
-        errors = {p.offset - parts[0].offset + i: e for p in parts for i, e in p.errors.items()}
-        return Prediction(np.concatenate([p.scores for p in parts]), maps, parts[0].threshold, cat("labels"),
-                          cat("scores_normalized"), errors, parts[0].offset)
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -88,25 +44,17 @@ def _default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
-def non_finite_message(source: Any, score: float) -> str:
-    """One line for an image the model scored NaN or infinity (a model fault, not a verdict)."""
-    source = getattr(source, "path", source)
-    name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
-    return f"{name}: the model's score is {score} (not a finite number); no verdict for this image"
+@dataclass
+class TensorBatch:
+    """A batch for fitting: images (B, C, H, W) at model size as one tensor, their sizes, indices, errors."""
+
+    images: torch.Tensor
+    sizes: list[tuple[int, int]]
+    indices: list[int]
+    errors: dict[int, str]
 
 
-def upsample_maps(maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Maps at model size (B, h, w) -> one float32 array per image at its own (H, W)."""
-    out = []
-    for m, (h, w) in zip(maps, sizes):
-        m = m[None, None].float()
-        if m.shape[-2:] != (h, w):
-            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-        out.append(m[0, 0].cpu().numpy())
-    return out
-
-
-class Detector:
+class Detector(Scorer):
     """Base class. A method subclasses its Params dataclass and this class
     (``class PadimDetector(PadimParams, Detector)``), so its constructor is the Params' explicit
     signature, registers with ``@register_method``, and implements ``_fit`` (which sets ``model_`` and
@@ -284,21 +232,11 @@ class Detector:
         raise NotImplementedError
 
     def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True
-                 ) -> Iterable[Batch]:
-        original = bool(getattr(getattr(self, "engine_", None), "takes_original", False))
-        batches = iter_batches(images, self.preprocessing_, self.batch_size, self.workers, strict=strict,
-                               original=original)
-        n = (len(images) + self.batch_size - 1) // self.batch_size
-        return tqdm(batches, total=n, desc=desc, unit="batch", disable=not progress, leave=False)
-
-    def set_threshold(self, value: float, strategy: str, **details: Any) -> Detector:
-        """Record the decision threshold and how it was chosen (kept in the model file)."""
-        if not np.isfinite(value):
-            raise InsightADError(f"threshold: expected a finite number, got {value!r}")
-        self.threshold_ = float(value)
-        self.threshold_strategy_ = strategy
-        self.threshold_info_ = {k: v for k, v in details.items()}
-        return self
+                 ) -> Iterator[TensorBatch]:
+        """Images at model size as tensors, for fitting (the prediction loop reads ``_input_batches``)."""
+        for b in self._input_batches(images, progress, desc, strict):
+            x = torch.from_numpy(b.stacked()) if b.images else torch.empty(0, dtype=torch.float32)
+            yield TensorBatch(x, b.sizes, b.indices, b.errors)
 
     # ------------------------------------------------------------------ predict
     def _model_as(self, kind: type[_M]) -> _M:
@@ -310,95 +248,18 @@ class Detector:
             raise InsightADError(f"{self.method}: no fitted {kind.__name__} in this detector (fit it or load a model file)")
         return model
 
-    def _check_fitted(self) -> None:
-        if not self.is_fitted:
-            raise InsightADError(f"{self.method}: the detector is not fitted yet (call fit or load a model file)")
+    def _run(self, x: np.ndarray) -> Sequence[Any]:
+        """The PyTorch model on a numpy batch (or the engine that replaced it: ONNX Runtime)."""
+        if getattr(self, "engine_", None) is not None:
+            return super()._run(x)
+        return tuple(o.float().cpu().numpy() for o in self.forward_tensor(torch.from_numpy(np.ascontiguousarray(x))))
 
     @torch.inference_mode()
-    def forward_batch(self, x: torch.Tensor | list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pixels (B, C, H, W) at model size, or a list of decoded uint8 (C, H, W) images at their own sizes
-        -> (scores (B,), maps (B, H, W) at model size or None)."""
-        self._check_fitted()
-        engine = getattr(self, "engine_", None)
-        if isinstance(x, (list, tuple)) and not getattr(engine, "takes_original", False):
-            p = self.preprocessing_
-            x = torch.from_numpy(np.stack([p.resize_array(np.asarray(a)) for a in x]))
-        if engine is not None:  # e.g. ONNX Runtime: the same images in, the same outputs
-            out = engine(x)
-        else:
-            assert isinstance(x, torch.Tensor)
-            dev = getattr(self, "device_", torch.device("cpu"))
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            out = self._model_as(nn.Module)(x)
-        scores = out[0].float()
-        maps = out[1].float() if len(out) > 1 else None
-        return scores, maps
-
-    def iter_predict(self, images: Sequence[ImageSource] | ImageSource, *, chunk: int = 64, maps: bool = True,
-                     strict: bool = True, progress: bool = False, threshold: float | None = None
-                     ) -> Iterator[Prediction]:
-        """The one prediction loop: Predictions of consecutive chunks of ``images`` (``offset`` says
-        where each starts), so memory is bounded by the chunk, not the input. Maps come back at each
-        input's own resolution. ``strict=False`` marks unreadable images in ``errors`` (score NaN)."""
-        self._check_fitted()
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        n, chunk = len(images), max(1, int(chunk))
-        thr = self.threshold_ if threshold is None else float(threshold)
-        want_maps = maps and self.has_maps
-        start = 0
-        scores: dict[int, float] = {}
-        got_maps: dict[int, np.ndarray] = {}
-        errors: dict[int, str] = {}
-        for batch in self._batches(images, progress, "predict", strict=strict):
-            errors.update(batch.errors)
-            if batch.indices:
-                s, m = self.forward_batch(batch.images if batch.decoded is None else batch.decoded)
-                values = s.cpu().double().numpy().tolist()
-                scores.update(zip(batch.indices, values))
-                if want_maps and m is not None:
-                    got_maps.update(zip(batch.indices, upsample_maps(m, batch.sizes)))
-                for i, v in zip(batch.indices, values):
-                    if not np.isfinite(v):  # scored, but not a number: an error for that image, never "normal"
-                        errors[i] = non_finite_message(images[i], v)
-                        scores[i] = float("nan")
-                        if strict:
-                            raise InsightADError(errors[i])
-            seen = max([*batch.indices, *batch.errors], default=start - 1) + 1
-            while start + chunk <= seen:
-                yield self._chunk(start, start + chunk, scores, got_maps, errors, thr, want_maps)
-                start += chunk
-        if start < n:
-            yield self._chunk(start, n, scores, got_maps, errors, thr, want_maps)
-
-    def _chunk(self, lo: int, hi: int, scores: dict[int, float], maps: dict[int, np.ndarray],
-               errors: dict[int, str], thr: float, want_maps: bool) -> Prediction:
-        """Images lo..hi-1 as one Prediction with decisions (popped from the running dicts)."""
-        s = np.array([scores.pop(i, np.nan) for i in range(lo, hi)], dtype=np.float64)
-        m = [maps.pop(i, None) for i in range(lo, hi)] if want_maps else None
-        err = {i - lo: errors.pop(i) for i in range(lo, hi) if i in errors}
-        return self.decide(s, m, thr, err, offset=lo)
-
-    def decide(self, scores: np.ndarray, maps: list[np.ndarray | None] | None = None, threshold: float | None = None,
-               errors: dict[int, str] | None = None, offset: int = 0) -> Prediction:
-        """Raw scores -> a Prediction with decisions and normalised scores: the one place a decision is
-        made, whoever scored the images (the prediction loop, the server's micro-batches)."""
-        thr = self.threshold_ if threshold is None else float(threshold)
-        s = np.asarray(scores, dtype=np.float64)
-        labels = np.where(np.isfinite(s), s > thr, False)
-        normalized = normalize_scores(s, thr, getattr(self, "threshold_info_", {}).get("scale"))
-        return Prediction(s, maps, thr, labels, normalized, errors=dict(errors or {}), offset=offset)
-
-    def predict(self, images: Sequence[ImageSource] | ImageSource, *, maps: bool = True, strict: bool = True,
-                progress: bool = False, threshold: float | None = None) -> Prediction:
-        """Score images (all at once: ``iter_predict`` bounds memory on large inputs)."""
-        n = len(images) if isinstance(images, (list, tuple)) else 1
-        return Prediction.concat(list(self.iter_predict(images, chunk=max(1, n), maps=maps, strict=strict,
-                                                         progress=progress, threshold=threshold)))
-
-    def anomaly_score(self, images: Sequence[ImageSource]) -> np.ndarray:
-        """Raw scores only (higher = more anomalous)."""
-        return self.predict(images, maps=False).scores
+    def forward_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The PyTorch model on a batch at model size (on its device): (scores (B,), maps (B, h, w)...)."""
+        dev = getattr(self, "device_", torch.device("cpu"))
+        x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return tuple(self._model_as(nn.Module)(x))
 
     # ------------------------------------------------------------------ persistence hooks
     def state_metadata(self) -> dict[str, Any]:

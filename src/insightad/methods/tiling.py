@@ -129,7 +129,8 @@ def training_tiles(det: Any, images: Sequence) -> list[np.ndarray]:
     prep = Preprocessing(size=(size, size))  # decoding and resizing only: normalisation is the model's
     out: list[np.ndarray] = []
     for batch in iter_batches(list(images), prep, det.batch_size, det.workers):
-        tiles = cut(batch.images, det.image_size, tile_stride(det.image_size, det.overlap))
+        tiles = cut(torch.from_numpy(batch.stacked()).round().clamp_(0, 255).to(torch.uint8), det.image_size,
+                    tile_stride(det.image_size, det.overlap))
         out.extend(t.permute(1, 2, 0).numpy().copy() for t in tiles)
     return out
 

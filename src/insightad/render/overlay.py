@@ -131,7 +131,7 @@ def predict_with_overlays(det: Any, paths: Sequence[Path], out_dir: str | Path, 
     ``strict=False`` an unreadable image is listed there and the others are still scored). Maps live for
     one chunk only."""
     from insightad.io import atomic_write
-    from insightad.methods import Prediction
+    from insightad.scoring import Prediction
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

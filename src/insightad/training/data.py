@@ -22,7 +22,7 @@ def load_images(sources: Sequence[ImageSource], prep: Preprocessing, batch_size:
     batches = iter_batches(sources, prep, batch_size, workers, strict=True)
     for batch in tqdm(batches, total=(n + batch_size - 1) // batch_size, desc=desc, unit="batch",
                       disable=not progress, leave=False):
-        out[batch.indices] = batch.images.round().clamp_(0, 255).to(torch.uint8)
+        out[batch.indices] = torch.from_numpy(batch.stacked()).round().clamp_(0, 255).to(torch.uint8)
     return out
 
 

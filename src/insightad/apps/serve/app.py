@@ -30,7 +30,7 @@ from insightad.apps.serve.security import api_key_dependency
 from insightad.apps.serve.service import ScoringService
 from insightad.apps.serve.settings import ServeParams
 from insightad.errors import InsightADError
-from insightad.methods.base import Detector
+from insightad.scoring import Scorer
 from insightad.version import __version__
 
 log = logging.getLogger("insightad.serve")
@@ -76,9 +76,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 
-def load_detector(model: str | Path | Detector, settings: ServeParams) -> Detector:
-    """A fitted Detector as given, or a model file loaded on the settings' engine."""
-    if isinstance(model, Detector):
+def load_detector(model: str | Path | Scorer, settings: ServeParams) -> Scorer:
+    """A fitted detector (any Scorer) as given, or a model file loaded on the settings' engine."""
+    if isinstance(model, Scorer):
         model._check_fitted()
         return model
     from insightad.inference.load import load_for_inference
@@ -86,7 +86,7 @@ def load_detector(model: str | Path | Detector, settings: ServeParams) -> Detect
     return load_for_inference(model, settings.engine, settings.threads or None, settings.device)
 
 
-def create_app(model: str | Path | Detector, settings: ServeParams | None = None,
+def create_app(model: str | Path | Scorer, settings: ServeParams | None = None,
                threshold: float | None = None) -> FastAPI:
     """An ASGI app serving ``model`` (a model file path or a fitted Detector) with ``settings``."""
     settings = settings or ServeParams()

@@ -1,6 +1,6 @@
 """Request payloads to model-ready tensors, and anomaly maps to colour PNGs: the server's byte-level I/O.
 
-Decoding follows the CLI's path exactly (``load_image`` then the model's own ``Preprocessing``), so a
+Decoding follows the CLI's path exactly (``load_image`` then the scorer's own ``load_input``), so a
 served score equals ``insightad predict``'s for the same image file. Every failure is an
 ``InsightADError`` with a one-line message naming the field, which the app answers with 400.
 """
@@ -15,13 +15,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from insightad.data.images import load_image
-from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
 from insightad.render.colormap import MapScale, colorize
+from insightad.scoring import Scorer
 
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]*)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -29,10 +28,9 @@ _WHITESPACE = re.compile(r"\s+")
 
 @dataclass
 class DecodedImage:
-    """A request image, float pixels at model size (or decoded uint8 at its own size, for a graph that
-    resizes itself), (C, H, W), and its original (height, width)."""
+    """A request image as the scorer's engine takes it (C, H, W) and its original (height, width)."""
 
-    tensor: torch.Tensor
+    pixels: np.ndarray
     size: tuple[int, int]
 
 
@@ -76,21 +74,17 @@ def image_pixels(data: bytes) -> int | None:
     return w * h
 
 
-def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, field: str = "image",
-                 original: bool = False) -> DecodedImage:
+def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image") -> DecodedImage:
     """Encoded image bytes -> the model's input, refusing images over ``max_pixels`` before decoding them."""
     pixels = image_pixels(data)
     if pixels is not None and pixels > max_pixels:
         raise InsightADError(f"{field}: image has {pixels} pixels, over this server's limit of {max_pixels} "
                              "(--max-pixels); send a smaller image")
     try:
-        img = load_image(data, prep.channels, max_pixels=max_pixels)
+        img = load_image(data, det.preprocessing_.channels, max_pixels=max_pixels)
     except InsightADError as e:
         raise InsightADError(f"{field}: {str(e).removeprefix('<bytes>: ')}") from None
-    if original:
-        return DecodedImage(torch.from_numpy(prep.decode(img)), (img.size[1], img.size[0]))
-    arr, size = prep.load(img)
-    return DecodedImage(torch.from_numpy(arr), size)
+    return DecodedImage(*det.load_input(img))
 
 
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side

@@ -18,8 +18,9 @@ from insightad.apps.serve.codec import DecodedImage, decode_base64, decode_image
 from insightad.apps.serve.metrics import ServerMetrics
 from insightad.apps.serve.settings import ServeParams
 from insightad.apps.serve.worker import InferenceWorker, Job, QueueFull, Result, WorkerStopped
-from insightad.methods.base import Detector, upsample_maps
 from insightad.render.colormap import MapScale
+from insightad.scoring import Scorer
+from insightad.scoring.scorer import upsample_maps
 from insightad.version import __version__
 
 Items = list[tuple[str, str | bytes]]  # (field name, base64 text or raw bytes) per image
@@ -46,12 +47,15 @@ def _public(value: Any) -> Any:
     return value
 
 
-def model_info(det: Detector, threshold: float) -> dict[str, Any]:
+def model_info(det: Scorer, threshold: float) -> dict[str, Any]:
     """What ``/model`` shows: method, backbone, threshold and how it was chosen, preprocessing, versions;
     no server paths and no image names (an operator needs neither, a stranger should see neither)."""
-    from insightad.model_file import metadata
+    meta = getattr(det, "metadata_", None)
+    if not meta and getattr(det, "model_", None) is not None:  # a model fitted in this process (tests, demo)
+        from insightad.model_file import metadata
 
-    meta = getattr(det, "metadata_", None) or (metadata(det) if det.model_ is not None else {})
+        meta = metadata(det)  # type: ignore[arg-type]  # a Detector: it holds a PyTorch model
+    meta = meta or {}
     thr = _public(dict(meta.get("threshold") or {"value": det.threshold_, "strategy": det.threshold_strategy_}))
     if threshold != det.threshold_:
         thr = {"value": threshold, "strategy": "override (serve --threshold)", "model_value": det.threshold_}
@@ -62,14 +66,14 @@ def model_info(det: Detector, threshold: float) -> dict[str, Any]:
         "version": {"insightad": __version__, "model_written_by": meta.get("package_version"),
                     "model_format_version": meta.get("format_version"), "model_created": meta.get("created"),
                     "model_file": Path(path).name if path else None},
-        "params": _public(meta.get("params") or det.get_params()),
+        "params": _public(meta.get("params") or getattr(det, "get_params", dict)()),
     }
 
 
 class ScoringService:
     """One served detector: decode requests in a few threads, score them on the worker, answer."""
 
-    def __init__(self, det: Detector, threshold: float, settings: ServeParams) -> None:
+    def __init__(self, det: Scorer, threshold: float, settings: ServeParams) -> None:
         self.det, self.threshold, self.settings = det, threshold, settings
         self.metrics = ServerMetrics()
         self.worker = InferenceWorker(det, settings.max_batch, settings.batch_wait_ms, settings.queue_size,
@@ -93,7 +97,6 @@ class ScoringService:
         """Decode every image; the pixels decoded for one request are bounded by --max-pixels in total
         (each image is checked against what is left before it is decoded)."""
         out, left = [], self.settings.max_pixels
-        original = bool(getattr(getattr(self.det, "engine_", None), "takes_original", False))  # graph resizes
         for field, payload in items:
             data = decode_base64(payload, field) if isinstance(payload, str) else payload
             pixels = image_pixels(data) or 0
@@ -101,8 +104,7 @@ class ScoringService:
                 raise HTTPException(413, f"{field}: the images of this request together exceed this server's "
                                          f"limit of {self.settings.max_pixels} decoded pixels per request "
                                          "(--max-pixels); send fewer or smaller images")
-            out.append(decode_image(data, self.det.preprocessing_, min(left, self.settings.max_pixels), field,
-                                    original))
+            out.append(decode_image(data, self.det, min(left, self.settings.max_pixels), field))
             left -= pixels
         return out
 
@@ -114,7 +116,7 @@ class ScoringService:
                 raise RuntimeError(f"the model produced a non-finite score ({res.score})")
             item = answer_record(pred.record(i), self.det.method)
             if res.map is not None and self.scale is not None:
-                amap = upsample_maps(res.map[None], [img.size])[0]
+                amap = upsample_maps([res.map], [img.size])[0]
                 item["heatmap"] = heatmap_png(amap, self.scale)
                 item["heatmap_level"], item["heatmap_scale"] = self.scale.level, self.scale.scale
             out.append(item)
@@ -155,7 +157,7 @@ class ScoringService:
                         state: dict[str, bool]) -> list[dict[str, Any]]:
         items, want_maps = await read()
         decoded = await self.off_loop(self.decode_all, items)
-        job = Job([d.tensor for d in decoded], want_maps and self.det.has_maps)
+        job = Job([d.pixels for d in decoded], want_maps and self.det.has_maps)
         state["submitted"] = True  # from here the worker owns the slot
         results = await asyncio.wrap_future(self.worker.submit(job))
         if job.want_maps:

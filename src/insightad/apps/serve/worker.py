@@ -18,9 +18,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
-from insightad.methods.base import Detector
+from insightad.scoring import Scorer
 
 log = logging.getLogger("insightad.serve")
 
@@ -35,25 +35,26 @@ class WorkerStopped(Exception):
 
 @dataclass
 class Result:
-    """One image's raw score and, when asked, its map at model size (CPU tensor)."""
+    """One image's raw score and, when asked, its map at model size."""
 
     score: float
-    map: torch.Tensor | None = None
+    map: np.ndarray | None = None
 
 
 @dataclass
 class Job:
-    """One request's images (uint8 C, H, W at model size); its future gets one Result per image."""
+    """One request's images (C, H, W, as the scorer's ``load_input`` makes them); its future gets one Result
+    per image."""
 
-    images: list[torch.Tensor]
+    images: list[np.ndarray]
     want_maps: bool = False
     future: Future = field(default_factory=Future)
 
 
 class InferenceWorker:
-    """Runs ``detector.forward_batch`` on micro-batches in a background thread."""
+    """Runs ``detector.forward_images`` on micro-batches in a background thread."""
 
-    def __init__(self, detector: Detector, max_batch: int = 8, batch_wait_ms: float = 2.0, queue_size: int = 64,
+    def __init__(self, detector: Scorer, max_batch: int = 8, batch_wait_ms: float = 2.0, queue_size: int = 64,
                  threads: int = 0, on_batch: Callable[[int, float], None] | None = None) -> None:
         self.detector = detector
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
@@ -108,9 +109,13 @@ class InferenceWorker:
                 self._thread.start()
 
     def warm_up(self) -> None:
-        """One forward pass on a blank image so the first request does not pay for lazy initialisation."""
+        """One forward pass on a blank image so the first request does not pay for lazy initialisation
+        (done already when the model was loaded for inference: ``inference.load.warm_up``)."""
+        if getattr(self.detector, "warmed_up_", False):
+            return
         p = self.detector.preprocessing_
-        self.detector.forward_batch(torch.zeros((1, p.channels, *p.size), dtype=torch.uint8))
+        self.detector.forward_batch(np.zeros((1, p.channels, *p.size), np.uint8 if self.detector.decoded_input
+                                             else np.float32))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in progress, fail what is still queued, and end the thread."""
@@ -157,7 +162,9 @@ class InferenceWorker:
         return jobs
 
     def _run(self) -> None:
-        if self.threads:
+        if self.threads and getattr(self.detector, "engine_", None) is None:  # the PyTorch model's own threads
+            import torch
+
             torch.set_num_threads(self.threads)
         while True:
             first = self._queue.get()
@@ -199,9 +206,9 @@ class InferenceWorker:
         flat: list[Result] = []
         for i in range(0, len(images), self.max_batch):
             t0 = time.perf_counter()
-            scores, maps = self.detector.forward_batch(list(images[i:i + self.max_batch]))
-            for j, s in enumerate(scores.cpu().double().tolist()):
-                m = maps[j].cpu().clone() if (maps is not None and want[i + j]) else None
+            scores, maps = self.detector.forward_images(images[i:i + self.max_batch])
+            for j, s in enumerate(scores.astype(np.float64).tolist()):
+                m = maps[j] if (maps is not None and want[i + j]) else None
                 flat.append(Result(float(s), m))
             if self.on_batch:
                 self.on_batch(len(scores), time.perf_counter() - t0)

@@ -120,15 +120,18 @@ def exact_maxima(p: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, bank: t
     dist, idx = dist.clone(), idx.clone()
     order = approx.argsort(dim=1, descending=True)
     bank_sq = bank_norms(bank)
-    n = p.shape[1]
-    for r in range(p.shape[0]):
-        done, best = 0, -1.0
-        while done < n:
+    b, n = approx.shape
+    # First round for every image in one product: usually enough (the misses are rare).
+    first = order[:, :step]
+    rows = torch.arange(b, device=p.device).unsqueeze(1).expand_as(first)
+    v, i = squared_distances(p[rows, first].flatten(0, 1), bank, bank_sq).min(1)
+    dist[rows, first], idx[rows, first] = v.sqrt().view_as(first), i.view_as(first)
+    for r in range(b):
+        done, best = first.shape[1], float(dist[r, first[r]].max())
+        while done < n and best < float(approx[r, order[r, done]]):
             take = order[r, done:done + step]
             v, i = squared_distances(p[r, take], bank, bank_sq).min(1)
             dist[r, take], idx[r, take] = v.sqrt(), i
             best = max(best, float(dist[r, take].max()))
             done += len(take)
-            if done < n and best >= float(approx[r, order[r, done]]):
-                break
     return dist, idx
