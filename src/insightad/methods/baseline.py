@@ -12,6 +12,7 @@ from torch import nn
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TileParams, param, params
+from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.components.knn import squared_distances
 from insightad.methods.components.pooling import POOLINGS, pool
