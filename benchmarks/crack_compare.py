@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ssl-epochs", type=int, default=3)
     p.add_argument("--ssl-lr", type=float, default=1e-4)
     p.add_argument("--ssl-init", default="imagenet", choices=("imagenet", "random"))
+    p.add_argument("--ssl-pretext", default="rotation", choices=("rotation", "cutpaste"))
+    p.add_argument("--ssl-time-budget", type=float, default=600.0, help="seconds of SSL training at most")
     p.add_argument("--weights", help="weights of the 'imagenet' backbone (a file, or random for a smoke test)")
     p.add_argument("--ssl-batch-size", type=int, default=16)
     p.add_argument("--svdd", default="{}", help="JSON of extra SVDD hyper-parameters")
@@ -69,10 +71,12 @@ def train_ssl(args, dp, out: Path) -> tuple[str, dict]:
 
     t0 = time.perf_counter()
     params = {"backbone": args.backbone, "init": args.ssl_init, "image_size": args.ssl_image_size,
-              "epochs": args.ssl_epochs, "lr": args.ssl_lr, "batch_size": args.ssl_batch_size, "seed": args.seed}
+              "epochs": args.ssl_epochs, "lr": args.ssl_lr, "batch_size": args.ssl_batch_size, "seed": args.seed,
+              "pretext": args.ssl_pretext, "time_budget": args.ssl_time_budget}
     trainer, path, _ = train_backbone(args.data, "ssl", params, dp, out / "ssl-backbone.safetensors", progress=False)
     return str(path), {"method": "ssl", "backbone": args.backbone, "params": params,
-                       "rotation_accuracy": trainer.accuracy_, "heldout": trainer.heldout_,
+                       "pretext": args.ssl_pretext, "pretext_accuracy": trainer.accuracy_, "heldout": trainer.heldout_,
+                       "stop_reason": trainer.result_.stop_reason,
                        "warning": trainer.warning_, "train_seconds": round(time.perf_counter() - t0, 1)}
 
 

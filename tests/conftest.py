@@ -52,3 +52,18 @@ def baseline_model(mvtec_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "baseline.safetensors"
     train_model(mvtec_dir, "baseline", {"image_size": SIZE}, DataParams(), out, progress=False)
     return out
+
+
+GRAPH_BESIDE_TESTS = ("test_graph_beside",)  # the modules that check train's ONNX graph beside the model file
+
+
+@pytest.fixture(autouse=True)
+def _no_graph_beside(request, monkeypatch):
+    """``train`` writes a verified ONNX graph beside every model (seconds per export); the ~50 other CLI trainings
+    of the suite skip it to keep the suite fast, as with --no-onnx. test_graph_beside checks the real thing."""
+    if request.module.__name__.rsplit(".", 1)[-1] in GRAPH_BESIDE_TESTS:
+        return
+    import insightad.apps.train as train_app
+
+    monkeypatch.setattr(train_app, "write_graph_beside",
+                        lambda det, path: (None, "no ONNX graph written (test suite: see tests/conftest.py)"))

@@ -1,5 +1,6 @@
 """Autoencoder: the loss falls, defects reconstruct worse than normal regions, grayscale and colour,
-the seed's architecture, large inputs, ONNX parity and a model-file round trip."""
+the seed's architecture, large inputs, ONNX parity and a model-file round trip; the default
+feature-reconstruction network the same way."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from insightad.methods import create_detector
 from insightad.methods.autoencoder import ReconstructionObjective
 
 FAST = dict(image_size=64, epochs=12, batch_size=8, lr=3e-3, val_fraction=0.0, patience=0, device="cpu",
-            latent=16)
+            latent=16, arch="bottleneck")  # the pixel network; FEATURES below is the default one
+FEATURES = dict(image_size=64, epochs=15, batch_size=8, lr=3e-3, val_fraction=0.0, patience=0, device="cpu",
+                workers=0)
 
 
 def _images(kind: str, n: int, seed: int, gray: bool = False):
@@ -94,3 +97,37 @@ def test_bad_settings(bad, msg):
 def test_augmented_training_runs(tmp_path):
     det = create_detector("autoencoder", **{**FAST, "epochs": 1, "augment": "affine"}).fit(_images("disc", 8, 0))
     assert np.isfinite(det.threshold_)
+
+
+@pytest.fixture(scope="module")
+def feature_ae():
+    return create_detector("autoencoder", **FEATURES).fit(_images("plate", 24, 0))
+
+
+def test_default_is_feature_reconstruction_and_finds_defects(feature_ae):
+    assert create_detector("autoencoder").arch == "features" and feature_ae.uses_backbone
+    hist = feature_ae.training_.history
+    assert hist[-1]["train_loss"] < 0.7 * hist[0]["train_loss"]
+    normal = [make_image("plate", size=64, seed=300 + i)[0] for i in range(6)]
+    bad = [make_image("plate", "missing", size=64, seed=600 + i)[0] for i in range(6)]
+    scores = feature_ae.predict(normal + bad).scores
+    assert roc_auc_score([0] * 6 + [1] * 6, scores) > 0.8
+    assert feature_ae.predict([bad[0]]).maps[0].shape == (64, 64)
+
+
+def test_feature_autoencoder_round_trip_and_onnx_parity(feature_ae, tmp_path):
+    from insightad.inference.load import load_for_inference
+    from insightad.model_file import read_metadata, save_model
+
+    path = save_model(feature_ae, tmp_path / "fae.safetensors")
+    assert read_metadata(path)["backbone"]["layers"] == [1, 2, 3]
+    imgs = [make_image("plate", "blob", size=80, seed=s)[0] for s in range(3)]
+    ref = feature_ae.predict(imgs)
+    np.testing.assert_array_equal(load_for_inference(path, "torch").predict(imgs).scores, ref.scores)
+    got = load_for_inference(path, "onnx").predict(imgs)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-4)
+
+
+def test_time_budget_is_the_autoencoders_default_bound():
+    det = create_detector("autoencoder")
+    assert det.time_budget == 600.0 and det.epochs >= 100

@@ -93,6 +93,14 @@ def test_model_file_round_trip_scores_identically(fitted, images, tmp_path):
 
 
 def test_torch_and_onnx_engines_agree(fitted, images, tmp_path):
+    """Scores within 1e-4 relative and score_normalized within 1e-4 absolute, on images at other sizes and
+    aspect ratios and in gray too (the graph resizes them itself), and the same from the bare graph called the
+    way another language would (decoded uint8 in, threshold and scale read from its metadata)."""
+    import onnxruntime as ort
+
+    from insightad.data.preprocess import Preprocessing
+    from insightad.engines.onnx_runtime import read_onnx_metadata
+    from insightad.inference.export import export_onnx
     from insightad.inference.load import load_for_inference
     from insightad.model_file import save_model
 
@@ -100,7 +108,19 @@ def test_torch_and_onnx_engines_agree(fitted, images, tmp_path):
     if det.onnx_unsupported:
         pytest.skip(f"{det.method} declares it cannot be exported: {det.onnx_unsupported}")
     path = save_model(det, tmp_path / "m.safetensors")
-    test = images[1] + images[2]
-    ref = load_for_inference(path, engine="torch").predict(test, maps=False).scores
-    got = load_for_inference(path, engine="onnx").predict(test, maps=False).scores
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+    test = (images[1] + images[2] + [im.resize((77, 51)) for im in images[2][:2]]
+            + [images[1][0].resize((130, 97)).convert("L")])
+    ref = load_for_inference(path, engine="torch").predict(test)
+    got = load_for_inference(path, engine="onnx").predict(test)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-4, atol=1e-6 * np.abs(ref.scores).max())
+    np.testing.assert_allclose(got.scores_normalized, ref.scores_normalized, rtol=0, atol=1e-4)
+    for a, b in zip(got.maps or [], ref.maps or []):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+    graph = export_onnx(det, tmp_path / "m.onnx")
+    meta = read_onnx_metadata(graph)
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    prep = Preprocessing(channels=meta["channels"])
+    scores = np.array([sess.run(None, {"images": prep.decode(im)[None]})[0][0] for im in test], dtype=np.float64)
+    normalized = 1 / (1 + np.exp(-(scores - meta["threshold"]) / meta["score_scale"]))
+    np.testing.assert_allclose(scores, ref.scores, rtol=1e-4, atol=1e-6 * np.abs(ref.scores).max())
+    np.testing.assert_allclose(normalized, ref.scores_normalized, rtol=0, atol=1e-4)

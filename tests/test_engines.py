@@ -107,7 +107,7 @@ def test_feature_runner_cache_tells_levels_apart():
     import torch
 
     from insightad.backbones import build_extractor
-    from insightad.data.preprocess import Normalize
+    from insightad.backbones.normalize import Normalize
     from insightad.engines.features import feature_runner
 
     norm = Normalize((0.5,) * 3, (0.5,) * 3)

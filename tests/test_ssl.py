@@ -145,3 +145,33 @@ def test_ssl_needs_square_images():
     x, y = rotate_batch(torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4))
     assert x.shape == (8, 3, 4, 4) and y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert torch.equal(torch.rot90(x[2:4], 2, (2, 3)), x[6:8])  # 90 twice = 270 once more... both from the same images
+
+
+def test_cutpaste_generator_is_deterministic_and_changes_a_region():
+    import torch
+
+    from insightad.backbones.ssl_cutpaste import cutpaste_batch
+
+    x = torch.randint(0, 256, (3, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    a, la = cutpaste_batch(x, torch.Generator().manual_seed(7))
+    b, lb = cutpaste_batch(x, torch.Generator().manual_seed(7))
+    c, _ = cutpaste_batch(x, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, c)
+    assert la.tolist() == [0] * 3 + [1] * 3 + [2] * 3 and a.dtype == torch.uint8
+    assert torch.equal(a[:3], x)  # class 0: the images as they are
+    for k in (1, 2):  # cutpaste and scar: each image changed, in part only
+        changed = (a[3 * k:3 * k + 3] != x).any(dim=1).float().mean(dim=(1, 2))
+        assert ((changed > 0) & (changed < 0.5)).all(), changed
+
+
+def test_cutpaste_pretext_trains_and_records_its_accuracy(arrow_dir, tmp_path, capsys):
+    from insightad.backbones.registry import read_backbone_file_meta
+
+    out = tmp_path / "cp.safetensors"
+    flags = [f if f != "3" else "2" for f in SSL_FLAGS]
+    assert main(["train", "--method", "ssl", "--pretext", "cutpaste", "--data", str(arrow_dir), "--out", str(out),
+                 *flags]) == 0
+    meta = read_backbone_file_meta(out)
+    acc = meta["pretext_accuracy"]
+    assert meta["pretext"] == "cutpaste" and acc["chance"] == pytest.approx(1 / 3) and 0.0 <= acc["value"] <= 1.0
+    assert "rotation_accuracy" not in meta and "cutpaste accuracy" in capsys.readouterr().out

@@ -196,3 +196,43 @@ def test_per_image_pil_transforms_are_reproducible_batch_hooks():
     assert any(mirrored) and not all(mirrored)
     with pytest.raises(InsightADError, match="changed the image shape"):
         per_image(lambda img, rng: img.resize((4, 4)))(x, epoch_generator(0, 0))
+
+
+class FakeClock:
+    """A clock that advances ``step`` seconds each time it is read: the budget is tested without waiting."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_time_budget_stops_after_the_step_that_reaches_it():
+    # 18 training images in batches of 5: 4 steps per epoch. The clock is read once at the start and once
+    # after every step, 1 s each: a 6 s budget ends the run after the 6th step (2nd step of epoch 2).
+    objective = Classify()
+    torch.manual_seed(0)
+    data = _images()
+    loop = TrainingLoop(_params(epochs=50, time_budget=6.0), name="tiny", clock=FakeClock(1.0))
+    result = loop.run(TinyNet(), objective, data[:18], data[18:])
+    assert result.stop_reason == "time_budget" and result.epochs_run == 2 and not result.stopped_early
+    assert result.history[-1]["train_fraction"] == pytest.approx(10 / 18)  # the partial epoch says so
+    assert "val_loss" in result.history[-1]  # and is still validated (early stopping keeps the best weights)
+    assert result.summary()["stop_reason"] == "time_budget"
+
+
+def test_no_budget_runs_every_epoch_and_early_stopping_still_applies_under_a_budget():
+    _, result = _train(_params(epochs=3))
+    assert result.stop_reason == "epochs" and result.epochs_run == 3
+
+    class Worse(Classify):  # validation loss rises every epoch: early stopping ends it before the budget
+        def loss(self, model, batch):
+            loss, m = super().loss(model, batch)
+            return (loss if model.training else loss * 0 + self.calls), m
+
+    data = _images()
+    loop = TrainingLoop(_params(epochs=10, patience=2, time_budget=1000.0), name="tiny", clock=FakeClock(1.0))
+    result = loop.run(TinyNet(), Worse(), data[:18], data[18:])
+    assert result.stop_reason == "early_stopping" and result.epochs_run == 3 and result.best_epoch == 1

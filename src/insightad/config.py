@@ -159,6 +159,9 @@ class TrainLoopParams:
     resume: bool = param(False, "continue from the last complete checkpoint in --checkpoint-dir")
     checkpoint_dir: str | None = param(None, "folder for the per-epoch checkpoint, history and curves; "
                                        "unset: beside --out, named <out>.training")
+    time_budget: float = param(0.0, "seconds of training after which the loop stops (after the current step; "
+                               "the best weights so far are kept, early stopping still applies; 0: no budget)",
+                               minimum=0.0)
     augment: str = param("none", "augmentation applied to training images: none, affine (the rotation/shift/"
                          "shear/zoom/flip of 'insightad augment'; without rotation for ssl) or affine-norotate")
     device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda")

@@ -113,7 +113,10 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
         det = cls.from_params({**meta["params"], "device": device})
     except InsightADError as e:
         raise InsightADError(f"{path}: model metadata field 'params': {cut(str(e), 300)}") from None
-    det.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
+    try:
+        det.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
+    except InsightADError as e:
+        raise InsightADError(f"{path}: model metadata field 'preprocessing': {e}") from None
     det.device_ = resolve_device(device)
     bb = meta.get("backbone") or {}
     det.backbone_arch_, det.backbone_source_ = bb.get("arch"), bb.get("weights_source")

@@ -77,6 +77,26 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
     return det, path, det.split_
 
 
+def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | None, str]:
+    """The verified ONNX graph next to the model file (``model.safetensors`` -> ``model.onnx``), written
+    atomically and stamped with the model file's sha256, so predict/serve on the onnx engine start from it
+    (and a runtime-only install can score with it alone). (path, a line to print); path None when skipped."""
+    from insightad.errors import InsightADError
+    from insightad.inference.export import beside, export_onnx
+    from insightad.io import file_sha256
+
+    out = beside(model_path)
+    if out == Path(model_path):
+        return None, f"no ONNX graph written: the model file {model_path} already ends in .onnx"
+    if det.onnx_unsupported:
+        return None, f"no ONNX graph written: {det.method} cannot be exported ({det.onnx_unsupported})"
+    try:
+        export_onnx(det, out, file_sha256(model_path))
+    except InsightADError as e:
+        return None, f"warning: no ONNX graph written ({e}); the onnx engine will export it on first use"
+    return out, f"ONNX graph written to {out} (verified against PyTorch)"
+
+
 def train_backbone(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
                    out: str | Path | None = None, progress: bool = True) -> tuple[Any, Path, dict]:
     """Train a backbone (``ssl``) on the same normal training images a detector would use, so

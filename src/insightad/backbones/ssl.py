@@ -1,4 +1,8 @@
-"""Self-supervised backbone (the first seed's SSL step): rotation prediction on unlabelled images.
+"""Self-supervised backbone: rotation prediction (the first seed's SSL step) or CutPaste on unlabelled images.
+
+``--pretext cutpaste`` (see :mod:`insightad.backbones.ssl_cutpaste`) classifies normal vs. a patch
+pasted elsewhere vs. a scar instead: it stays learnable on textures and near-symmetric images, where
+rotation cannot be seen. The rest of this page describes rotation; both write the same backbone file.
 
 Every training image is shown at 0, 90, 180 and 270 degrees; a 4-way linear head on the pooled
 deepest feature map learns which rotation it sees (cross-entropy). Predicting the rotation
@@ -28,10 +32,12 @@ from torch import nn
 
 from insightad import config
 from insightad.backbones import build_extractor
+from insightad.backbones.normalize import Normalize
 from insightad.backbones.registry import BACKBONE_META_KEY
+from insightad.backbones.ssl_cutpaste import CUTPASTE_CHANCE, CUTPASTE_CLASSES, CutPasteObjective, cutpaste_batch
 from insightad.config import DEFAULT_BACKBONE, MAX_IMAGE_SIDE, TrainLoopParams, param, params
 from insightad.data.loader import ImageSource
-from insightad.data.preprocess import Normalize, Preprocessing
+from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
 from insightad.training import TrainingLoop, TrainResult, fingerprint, load_images, sources_digest, validation_split
 from insightad.training.augment import Augment
@@ -47,6 +53,7 @@ BACKBONE_FORMAT = "insightad-backbone"
 
 
 SSL_INITS = ("imagenet", "random")
+PRETEXTS = ("rotation", "cutpaste")
 
 @params
 class SSLParams(TrainLoopParams):
@@ -54,6 +61,9 @@ class SSLParams(TrainLoopParams):
 
     backbone: str = param(DEFAULT_BACKBONE, "architecture to train (a timm name, or ssl:PATH to continue "
                           "from an earlier backbone file)")
+    pretext: str = param("rotation", "rotation: predict 0/90/180/270 degrees (the first seed's task; needs "
+                         "oriented images); cutpaste: normal vs. patch pasted elsewhere vs. scar (textures, "
+                         "near-symmetric images)", choices=PRETEXTS)
     init: str = param("imagenet", "start from the backbone's ImageNet weights or from random weights",
                       choices=SSL_INITS)
     weights: str | None = param(None, "with --init imagenet: a .safetensors/.pth file to start from "
@@ -63,8 +73,10 @@ class SSLParams(TrainLoopParams):
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
     epochs: int = param(10, "training epochs (each image is seen at 4 rotations per epoch)", minimum=1,
                         aliases=("--epoch",))
-    min_accuracy: float = param(0.4, "warn when the best rotation accuracy stays below this (chance is 0.25)",
-                                minimum=0.0, maximum=1.0)
+    min_accuracy: float = param(0.4, "rotation: warn when the best rotation accuracy stays below this (chance "
+                                "is 0.25)", minimum=0.0, maximum=1.0)
+    time_budget: float = param(600.0, "seconds of training after which it stops (after the current step; the "
+                               "best weights so far are kept; 0: no budget)", minimum=0.0)
 
 class RotationUnlearnableWarning(UserWarning):
     """The rotation task stayed near chance: the backbone learned little from these images."""
@@ -80,12 +92,13 @@ def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RotationNet(nn.Module):
-    """uint8 images -> rotation logits (B, 4): normalisation, the backbone body, pooled deepest level, linear head."""
+    """uint8 images -> pretext logits (B, classes): normalisation, the backbone body, pooled deepest level,
+    linear head (4 rotations, or the 3 CutPaste classes)."""
 
-    def __init__(self, normalize: Normalize, body: nn.Module, channels: int) -> None:
+    def __init__(self, normalize: Normalize, body: nn.Module, channels: int, classes: int = ROTATIONS) -> None:
         super().__init__()
         self.normalize, self.body = normalize, body
-        self.head = nn.Linear(channels, ROTATIONS)
+        self.head = nn.Linear(channels, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         deepest = self.body(self.normalize(x))[-1]
@@ -139,9 +152,10 @@ class RotationSSL:
             from insightad.training.augment import get_augmentation
 
             augment = get_augmentation("affine-norotate")
+        chance = CHANCE if p.pretext == "rotation" else CUTPASTE_CHANCE
         loop = TrainingLoop(p, name="ssl", progress=progress, augment=augment,
                             fingerprint=fingerprint(p, data=sources_digest(images)),
-                            curve_metrics={"accuracy": CHANCE})
+                            curve_metrics={"accuracy": chance})
         torch.manual_seed(p.seed)
         pretrained = p.init == "imagenet"
         probe_spec_arch = _arch_of(p.backbone)
@@ -152,17 +166,19 @@ class RotationSSL:
                                             mean=tuple(spec.mean), std=tuple(spec.std))
         extractor.requires_grad_(True)
         norm = Normalize(spec.mean, spec.std, 3)
-        net = RotationNet(norm, extractor.body, extractor.channels[-1])
+        classes = ROTATIONS if p.pretext == "rotation" else CUTPASTE_CLASSES
+        net = RotationNet(norm, extractor.body, extractor.channels[-1], classes)
         data = load_images(images, self.preprocessing_, p.batch_size, p.workers, progress, "ssl: load images")
         tr, va = validation_split(len(images), p.val_fraction, p.seed)
-        self.result_: TrainResult = loop.run(net, RotationObjective(), data[tr], data[va] if len(va) else None)
+        objective = RotationObjective() if p.pretext == "rotation" else CutPasteObjective(p.seed)
+        self.result_: TrainResult = loop.run(net, objective, data[tr], data[va] if len(va) else None)
         self.body_ = net.body.cpu().eval()
         self.n_train_, self.n_val_ = int(len(tr)), int(len(va))
         best = self.result_.best()
         self.heldout_ = self.n_val_ > 0
         self.accuracy_ = float(best["val_accuracy"] if self.heldout_ else self._accuracy(net.cpu(), data[tr]))
         self.warning_ = None
-        if self.accuracy_ < p.min_accuracy:
+        if p.pretext == "rotation" and self.accuracy_ < p.min_accuracy:
             self.warning_ = (f"ssl: rotation accuracy stayed near chance ({self.accuracy_:.2f}, chance {CHANCE:.2f}, "
                              f"warning below {p.min_accuracy:g}): these images look alike at every rotation "
                              "(e.g. rotation-symmetric textures), so the backbone learned little from them; "
@@ -174,11 +190,17 @@ class RotationSSL:
     @torch.no_grad()
     def _accuracy(self, net: RotationNet, data: torch.Tensor) -> float:
         net.eval()
-        correct = 0
+        correct, total = 0, 0
         for chunk in data.split(self.params.batch_size):
-            x, y = rotate_batch(chunk)
+            if self.params.pretext == "rotation":
+                x, y = rotate_batch(chunk)
+            else:
+                from insightad.backbones.ssl_cutpaste import batch_generator
+
+                x, y = cutpaste_batch(chunk, batch_generator(self.params.seed, chunk))
             correct += int((net(x).argmax(1) == y).sum())
-        return correct / (ROTATIONS * len(data))
+            total += len(y)
+        return correct / max(1, total)
 
     def metadata(self, split: dict[str, Any] | None = None) -> dict[str, Any]:
         """The backbone file's ``insightad_backbone`` JSON."""
@@ -188,10 +210,14 @@ class RotationSSL:
             "format": BACKBONE_FORMAT, "format_version": 1, "package_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "arch": spec.arch, "input_size": p.image_size, "mean": list(spec.mean), "std": list(spec.std),
-            "method": "ssl", "pretext": "rotation", "init": p.init, "init_weights": self.weights_source_,
+            "method": "ssl", "pretext": p.pretext, "init": p.init, "init_weights": self.weights_source_,
             "params": self.get_params(),
-            "rotation_accuracy": {"value": self.accuracy_, "heldout": self.heldout_, "chance": CHANCE,
-                                  "n_images": self.n_val_ if self.heldout_ else self.n_train_},
+            "pretext_accuracy": {"value": self.accuracy_, "heldout": self.heldout_,
+                                 "chance": CHANCE if p.pretext == "rotation" else CUTPASTE_CHANCE,
+                                 "n_images": self.n_val_ if self.heldout_ else self.n_train_},
+            **({"rotation_accuracy": {"value": self.accuracy_, "heldout": self.heldout_, "chance": CHANCE,
+                                      "n_images": self.n_val_ if self.heldout_ else self.n_train_}}
+               if p.pretext == "rotation" else {}),
             "warning": self.warning_,
             "training": {**r.summary(), "n_train": self.n_train_, "n_val": self.n_val_},
             "split": split,

@@ -1,4 +1,4 @@
-"""insightad export: one ONNX graph (uint8 images in, scores and maps out) verified against PyTorch."""
+"""insightad export: one ONNX graph (decoded uint8 images in, scores and maps out) verified against PyTorch."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from insightad.cli.common import add_model_flag, new_parser, with_config
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "export", "export a model file to ONNX (for ONNX Runtime, any language)",
-                   "Write one ONNX graph that takes uint8 images already resized to the model's input "
-                   "size (N x C x H x W, any batch size) and returns image scores and, for methods with "
-                   "maps, anomaly maps; normalisation is inside. The threshold, input size and resize "
-                   "filter travel in the ONNX metadata. The export is checked against PyTorch (1e-4 "
-                   "relative) before it is written.")
+                   "Write one ONNX graph that takes decoded uint8 images at their own size (N x C x H x W, "
+                   "any batch size, any H and W) and returns image scores and, for methods with maps, "
+                   "anomaly maps at the model's size; resize and normalisation are inside. The threshold, "
+                   "score scale, input size and decode contract travel in the ONNX metadata (docs/onnx.md). "
+                   "The export is checked against PyTorch (1e-4 relative) before it is written.")
     add_model_flag(p)
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx",
@@ -28,9 +28,11 @@ def run(args: argparse.Namespace) -> int:
     from insightad.outputs import check_output_file
 
     out = check_output_file(args.out if args.out else Path(args.model).with_suffix(".onnx"), "--out")
+    from insightad.io import file_sha256
+
     det = load_model(args.model)
-    export_onnx(det, out)
+    export_onnx(det, out, file_sha256(args.model))  # stamped: beside its model file, predict uses it
     p = det.preprocessing_
-    print(f"exported {det.method} to {out} (input uint8 {p.channels}x{p.size[0]}x{p.size[1]}, "
-          f"resize {p.resize}, threshold {det.threshold_:.6g}; verified against PyTorch)")
+    print(f"exported {det.method} to {out} (input uint8 N x {p.channels} x H x W at the image's own size, resized "
+          f"inside to {p.size[0]}x{p.size[1]}; threshold {det.threshold_:.6g}; verified against PyTorch)")
     return 0

@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     add_data_flags(p)
     p.add_argument("--out", "--output", dest="out", metavar="MODEL",
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write the model's ONNX graph beside it (MODEL with .onnx), checked against PyTorch, so "
+                        "the onnx engine and a runtime-only install start from it (default: on; --no-onnx skips it)")
     p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
                    "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
@@ -138,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
         write_train_report(det, args.report)
         print(f"train report written to {args.report}/report.md")
     print(f"model written to {path}")
+    if args.onnx:
+        from insightad.apps.train import write_graph_beside
+
+        graph, line = write_graph_beside(det, path)
+        print(line, file=sys.stdout if graph is not None or "warning" not in line else sys.stderr)
     sys.stdout.flush()
     return 0
 
@@ -162,6 +170,8 @@ def _print_training(result) -> None:
     """Epochs run, best epoch, where the checkpoint and curves are (shared training loop)."""
     best = f", best epoch {result.best_epoch}" if result.best_epoch else ""
     early = ", stopped early" if result.stopped_early else ""
+    if getattr(result, "stop_reason", "") == "time_budget":
+        early = f", stopped at the time budget ({result.time_budget:g} s)"
     resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
     print(f"training: {result.epochs_run} epochs{best}{early}{resumed}")
     if result.checkpoint:
@@ -185,7 +195,8 @@ def run_backbone(args: argparse.Namespace) -> int:
           f"normal images of {split['root']} ({split['layout']} layout) in {r.seconds:.1f} s")
     _print_training(r)
     where = f"{trainer.n_val_} held-out images" if trainer.heldout_ else "the training images (no held-out split)"
-    print(f"rotation accuracy {trainer.accuracy_:.3f} on {where} (chance 0.25)")
+    chance = trainer.metadata()["pretext_accuracy"]["chance"]
+    print(f"{params.pretext} accuracy {trainer.accuracy_:.3f} on {where} (chance {chance:.2f})")
     print(f"backbone written to {path}; use it with --backbone ssl:{path}")
     sys.stdout.flush()
     for w in caught:

@@ -1,4 +1,4 @@
-"""Batches of model-ready uint8 images, decoded in worker processes; unreadable files are reported, not fatal."""
+"""Batches of model-ready images (float32 0..255 at model size), decoded in worker processes; bad files are reported."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ ImageSource = Any  # str | Path | bytes | PIL.Image | np.ndarray | Sample
 
 @dataclass
 class Batch:
-    """uint8 images at model size, their original (h, w), their index in the source list, errors."""
+    """float32 images (0..255) at model size, their original (h, w), their index in the source list, errors."""
 
-    images: torch.Tensor
+    images: torch.Tensor  # float32 (B, C, h, w) at model size (empty when ``decoded`` is given)
     sizes: list[tuple[int, int]]
     indices: list[int]
     errors: dict[int, str]  # index -> one-line message, for sources that could not be read
+    decoded: list[np.ndarray] | None = None  # iter_batches(original=True): uint8 (C, H, W) at each image's own size
 
 
 def source_path(src: ImageSource) -> Path | None:
@@ -43,8 +44,8 @@ def source_name(src: ImageSource, index: int) -> str:
 
 
 class _ImageList(torch.utils.data.Dataset):
-    def __init__(self, sources: Sequence[ImageSource], prep: Preprocessing) -> None:
-        self.sources, self.prep = sources, prep
+    def __init__(self, sources: Sequence[ImageSource], prep: Preprocessing, original: bool = False) -> None:
+        self.sources, self.prep, self.original = sources, prep, original
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -53,6 +54,9 @@ class _ImageList(torch.utils.data.Dataset):
         src = self.sources[i]
         src = src.path if isinstance(src, Sample) else src
         try:
+            if self.original:
+                x = self.prep.decode(src)
+                return x, (int(x.shape[1]), int(x.shape[2])), i, None
             x, size = self.prep.load(src)
             return x, size, i, None
         except InsightADError as e:
@@ -64,7 +68,10 @@ class _ImageList(torch.utils.data.Dataset):
 def _collate(items) -> Batch:
     ok = [it for it in items if it[3] is None]
     errors = {it[2]: it[3] for it in items if it[3] is not None}
-    images = torch.stack([it[0] for it in ok]) if ok else torch.empty(0, dtype=torch.uint8)
+    if ok and ok[0][0].dtype == np.uint8:  # decoded at their own sizes: the engine resizes (and stacks)
+        return Batch(torch.empty(0, dtype=torch.float32), [it[1] for it in ok], [it[2] for it in ok], errors,
+                     decoded=[it[0] for it in ok])
+    images = torch.from_numpy(np.stack([it[0] for it in ok])) if ok else torch.empty(0, dtype=torch.float32)
     return Batch(images, [it[1] for it in ok], [it[2] for it in ok], errors)
 
 
@@ -77,12 +84,13 @@ def auto_workers(n_items: int, requested: int = -1) -> int:
 
 
 def iter_batches(sources: Sequence[ImageSource], prep: Preprocessing, batch_size: int = 16,
-                 workers: int = -1, strict: bool = True) -> Iterator[Batch]:
-    """Yield batches in order. ``strict``: the first unreadable source raises its one-line error."""
+                 workers: int = -1, strict: bool = True, original: bool = False) -> Iterator[Batch]:
+    """Yield batches in order. ``strict``: the first unreadable source raises its one-line error.
+    ``original``: decoded uint8 images at their own size (for a graph that resizes them itself)."""
     if isinstance(sources, (str, Path, bytes, Image.Image, np.ndarray)):
         sources = [sources]
     n_workers = auto_workers(len(sources), workers)
-    loader = torch.utils.data.DataLoader(_ImageList(list(sources), prep), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_ImageList(list(sources), prep, original), batch_size=batch_size,
                                          num_workers=n_workers, collate_fn=_collate,
                                          persistent_workers=False,
                                          prefetch_factor=2 if n_workers else None)

@@ -1,8 +1,9 @@
 """The preprocessing a model carries: the same function at fit, evaluate, predict, serve and export.
 
-Two halves: ``to_uint8`` (decode, channel conversion, resize: done on the CPU, in data-loader
-workers) and ``normalize`` (uint8 -> float, mean/std: part of the model graph, so an exported
-model takes the resized uint8 image and nothing can drift between engines).
+Two halves: ``decode`` + ``resize`` (here, numpy and Pillow only: decode, channel conversion, the
+float antialiased bilinear resize of ``data.resize``), and the mean/std normalisation (the first layer
+of every model graph, ``backbones.normalize``). The exported graph takes the decoded uint8 image at
+its own size and does the same resize itself, so nothing can drift between engines or languages.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from insightad.data.images import load_image
+from insightad.data.resize import resize_array, resize_image
 from insightad.errors import InsightADError
 
-RESIZE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-          "nearest": Image.Resampling.NEAREST, "area": Image.Resampling.BOX}
+RESIZE_FILTERS = ("bilinear",)  # float, antialiased (data.resize): the one filter ONNX Resize reproduces
+RETIRED_FILTERS = ("bicubic", "nearest", "area")  # Pillow filters of older model files, no longer computed
+
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Input size (height, width), channels, resize filter (Pillow), and the backbone's mean/std."""
+    """Input size (height, width), channels, resize filter, and the backbone's mean/std."""
 
     size: tuple[int, int] = (256, 256)
     channels: int = 3
@@ -32,8 +35,11 @@ class Preprocessing:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        if self.resize not in RESIZE:
-            raise InsightADError(f"resize: expected one of {', '.join(RESIZE)}, got {self.resize!r}")
+        if self.resize in RETIRED_FILTERS:
+            raise InsightADError(f"resize: the {self.resize!r} filter is no longer supported (the exported graph "
+                                 "could not reproduce it); retrain the model (resize 'bilinear')")
+        if self.resize not in RESIZE_FILTERS:
+            raise InsightADError(f"resize: expected one of {', '.join(RESIZE_FILTERS)}, got {self.resize!r}")
         if self.channels not in (1, 3):
             raise InsightADError(f"channels: expected 1 or 3, got {self.channels}")
 
@@ -47,37 +53,47 @@ class Preprocessing:
         return cls(size=tuple(d["size"]), channels=int(d["channels"]), resize=d["resize"],
                    mean=tuple(d["mean"]), std=tuple(d["std"]))
 
-    def pil_to_uint8(self, img: Image.Image) -> torch.Tensor:
-        """A decoded image -> uint8 tensor (C, H, W) at the model's size."""
-        img = img.convert("RGB" if self.channels == 3 else "L") if img.mode != ("RGB" if self.channels == 3 else "L") else img
-        h, w = self.size
-        if img.size != (w, h):
-            img = img.resize((w, h), RESIZE[self.resize])
-        arr = np.asarray(img, dtype=np.uint8)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    @property
+    def mode(self) -> str:
+        return "RGB" if self.channels == 3 else "L"
 
-    def load(self, source: str | Path | bytes | Image.Image | np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Any image source -> (uint8 tensor at model size, original (height, width))."""
+    def image(self, source: ImageInput) -> Image.Image:
+        """Any image source -> a decoded 8-bit image with the model's channels (RGB or L), at its own size.
+        An array is (H, W) or (H, W, C) uint8, as Pillow's ``fromarray`` reads it."""
         if isinstance(source, np.ndarray):
             source = Image.fromarray(source)
-        img = source if isinstance(source, Image.Image) else load_image(source, self.channels)
-        return self.pil_to_uint8(img), (img.size[1], img.size[0])
+        if not isinstance(source, Image.Image):
+            return load_image(source, self.channels)
+        return source if source.mode == self.mode else source.convert(self.mode)
 
+    def decode(self, source: ImageInput) -> np.ndarray:
+        """Any image source -> uint8 (C, H, W) at its own size: what the exported graph takes (a float array
+        is rounded to the nearest level)."""
+        if isinstance(source, np.ndarray) and source.dtype.kind == "f":
+            return np.clip(np.rint(self.float_pixels(source)), 0, 255).astype(np.uint8)
+        arr = np.asarray(self.image(source), dtype=np.uint8)
+        return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
-class Normalize(torch.nn.Module):
-    """uint8 (B, C, H, W) -> float normalised with the backbone's mean/std; the first layer of every model."""
+    def resize_array(self, x: np.ndarray) -> np.ndarray:
+        """uint8 or float (C, H, W) at any size -> float32 (C, h, w), 0..255, at the model's size."""
+        return resize_array(x, self.size)
 
-    mean: torch.Tensor
-    inv_std: torch.Tensor
+    def float_pixels(self, arr: np.ndarray) -> np.ndarray:
+        """A float array (H, W) or (H, W, C), values 0..255 (e.g. images already at model size) -> float32
+        (C, H, W) with the model's channels (RGB -> L with Pillow's ITU-R 601 weights)."""
+        a = np.asarray(arr, dtype=np.float32)
+        a = a[..., None] if a.ndim == 2 else a
+        if a.ndim != 3 or a.shape[2] not in (1, 3):
+            raise InsightADError(f"image array: expected (H, W) or (H, W, 1 or 3), got shape {tuple(arr.shape)}")
+        if a.shape[2] != self.channels:
+            luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            a = np.repeat(a, 3, axis=2) if self.channels == 3 else (a @ luma)[..., None]
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels: int = 3) -> None:
-        super().__init__()
-        mean_t = torch.tensor(mean, dtype=torch.float32)[:channels].view(1, -1, 1, 1) * 255.0
-        std_t = torch.tensor(std, dtype=torch.float32)[:channels].view(1, -1, 1, 1) * 255.0
-        self.register_buffer("mean", mean_t, persistent=False)
-        self.register_buffer("inv_std", 1.0 / std_t, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) * self.inv_std
+    def load(self, source: ImageInput) -> tuple[np.ndarray, tuple[int, int]]:
+        """Any image source -> (float32 (C, h, w), values 0..255, at the model's size; original (height, width))."""
+        if isinstance(source, np.ndarray) and source.dtype.kind == "f":
+            x = self.float_pixels(source)
+            return resize_array(x, self.size), (x.shape[1], x.shape[2])
+        img = self.image(source)
+        return resize_image(img, self.size), (img.size[1], img.size[0])

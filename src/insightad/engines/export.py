@@ -1,71 +1,169 @@
-"""The one export-and-verify routine: a PyTorch module -> ONNX bytes that ONNX Runtime has been seen
-to reproduce (within ``rtol`` relative, at every batch given) before anyone uses them.
+"""The one export-and-verify routine: a PyTorch module -> an ONNX file that ONNX Runtime has been seen
+to reproduce (within ``rtol`` relative, at every batch given) before anyone uses it.
 
-Used for whole models (``insightad export``, the inference cache) and for the fit-time backbone
-graphs alike. It knows modules and tensors, not Detectors.
+Used for whole models (``insightad export``, ``train``'s graph beside the model file, the inference
+cache) and for the fit-time backbone graphs alike. It knows modules and tensors, not Detectors.
+
+A whole model's graph takes the decoded image as it is: uint8 (N, C, H, W) at its own size (any H, W);
+``Cast`` and ``Resize`` (``data.resize``'s definition, opset 18) in front of the module bring it to the
+module's input, float pixels 0..255 at the model's size. A backbone graph takes those float pixels.
+
+Memory: the graph is written to a file, never held as bytes; its constants are streamed out one tensor
+at a time and ONNX Runtime reads the file, so the export holds no second copy of a model's tensors.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from insightad.data.resize import RESIZE_ONNX_ATTRIBUTES, resize_array
 from insightad.engines.onnx_runtime import META_KEY, ONNX_FORMAT, make_session
 from insightad.errors import InsightADError
+from insightad.io import atomic_write
 
-__all__ = ["META_KEY", "ONNX_FORMAT", "example_batches", "export_verified", "verify"]
+__all__ = ["META_KEY", "ONNX_FORMAT", "example_batches", "export_verified", "image_examples", "verify"]
 
-OPSET = 17
+OPSET = 18  # Resize with antialias and axes
 PARITY_RTOL = 1e-4
+MODULE_INPUT = "pixels"  # the module's own input inside a whole-model graph (after Cast and Resize)
+Batch = torch.Tensor | np.ndarray
 
 
-def _to_onnx(module: nn.Module, example: torch.Tensor, outputs: Sequence[str]) -> bytes:
-    dynamic = {"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
-    buf = io.BytesIO()
+def _to_onnx(module: nn.Module, example: torch.Tensor, outputs: Sequence[str], path: Path, input_name: str) -> None:
+    """The traced graph without its weights: parameters and buffers stay graph inputs named as in the
+    module (``_finish`` streams them in from the module's own memory), so the exporter never copies them."""
+    dynamic = {input_name: {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # torch's annotation omits file-like objects, which the TorchScript exporter (dynamo=False) accepts
-        torch.onnx.export(module, (example,), buf, input_names=["images"], output_names=list(outputs),  # type: ignore[arg-type]
-                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
-    return buf.getvalue()
+        torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=list(outputs),
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, export_params=False,
+                          do_constant_folding=False, keep_initializers_as_inputs=True)
 
 
-def _with_metadata(raw: bytes, metadata: dict[str, Any], flat_keys: Sequence[str]) -> bytes:
-    """The graph with our metadata: one JSON entry plus a few plain keys other tools can show."""
+def _resize_front(graph: Any, channels: int, size: tuple[int, int]) -> None:
+    """Input ``images`` uint8 (N, C, H, W), any H and W -> Cast -> Resize to ``size`` -> the module's input."""
+    from onnx import TensorProto, helper
+
+    old = next(i for i in graph.input if i.name == MODULE_INPUT)
+    graph.input.remove(old)
+    graph.input.insert(0, helper.make_tensor_value_info("images", TensorProto.UINT8,
+                                                        ["batch", channels, "height", "width"]))
+    graph.initializer.append(helper.make_tensor("resize_size", TensorProto.INT64, [2], list(size)))
+    front = [helper.make_node("Cast", ["images"], ["images_float"], to=TensorProto.FLOAT, name="to_float"),
+             helper.make_node("Resize", ["images_float", "", "", "resize_size"], [MODULE_INPUT], name="resize",
+                              axes=[2, 3], **RESIZE_ONNX_ATTRIBUTES)]  # type: ignore[arg-type]
+    for i, node in enumerate(front):
+        graph.node.insert(i, node)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _write_streamed(proto: Any, path: Path, weights: dict[str, np.ndarray]) -> None:
+    """Write ``proto`` to ``path``, then each initializer as its own ``graph`` entry (protobuf merges repeated
+    entries on reading): the proto's own initializers leave it one at a time, and ``weights`` (name -> array)
+    are written straight from the arrays' memory, so no second copy of a large constant is ever made."""
+    from onnx import TensorProto, helper
+
+    inits = proto.graph.initializer
+    order = [inits.pop() for _ in range(len(inits))]
+
+    def entry(f: Any, parts: list[Any]) -> None:
+        body_len = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+        graph_entry = b"\x2a" + _varint(body_len)  # GraphProto.initializer: field 5, length-delimited
+        f.write(b"\x3a" + _varint(len(graph_entry) + body_len))  # ModelProto.graph: field 7
+        f.write(graph_entry)
+        for part in parts:
+            f.write(part)
+
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        while order:
+            tensor = order.pop()
+            entry(f, [tensor.SerializeToString()])
+            del tensor
+        for name, arr in weights.items():
+            head = TensorProto(name=name, dims=list(arr.shape),
+                               data_type=helper.np_dtype_to_tensor_dtype(arr.dtype)).SerializeToString()
+            flat = memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")  # type: ignore[arg-type]
+            entry(f, [head, b"\x4a" + _varint(flat.nbytes), flat])  # TensorProto.raw_data: field 9
+
+
+def _module_weights(module: nn.Module, graph: Any, keep: str) -> dict[str, np.ndarray]:
+    """The graph inputs that are the module's parameters and buffers (all but ``keep``), as arrays sharing the
+    module's memory; they leave the input list (they become initializers)."""
+    named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    weights = {}
+    for inp in list(graph.input):
+        if inp.name == keep:
+            continue
+        if inp.name not in named:
+            raise InsightADError(f"graph input {inp.name!r} is neither the image input nor a tensor of the module")
+        weights[inp.name] = named[inp.name].detach().cpu().contiguous().numpy()
+        graph.input.remove(inp)
+    return weights
+
+
+def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat_keys: Sequence[str],
+            resize_to: tuple[int, int] | None, channels: int) -> None:
+    """The exported file rewritten with the module's tensors as initializers, the resize front (whole models)
+    and our metadata: one JSON entry plus a few plain keys other tools can show."""
     import onnx
 
-    proto = onnx.load_from_string(raw)
-    del raw  # large models (PaDiM's per-patch factors): keep one copy of the weights at a time
+    proto = onnx.load(str(path))
+    weights = _module_weights(module, proto.graph, "images" if resize_to is None else MODULE_INPUT)
+    if resize_to is not None:
+        _resize_front(proto.graph, channels, resize_to)
     del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(metadata)
-    for key in flat_keys:
-        e = proto.metadata_props.add()
-        e.key, e.value = key, str(metadata[key])
-    return proto.SerializeToString()
+    if metadata is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(metadata)
+        for key in flat_keys:
+            e = proto.metadata_props.add()
+            e.key, e.value = key, str(metadata[key])
+    _write_streamed(proto, path, weights)
 
 
-def verify(module: nn.Module, data: bytes, batches: Sequence[torch.Tensor], what: str,
-           rtol: float = PARITY_RTOL) -> None:
+def _reference_input(images: Batch, resize_to: tuple[int, int] | None) -> torch.Tensor:
+    """What the module itself takes for a batch the graph takes: float pixels at the model's size."""
+    arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if resize_to is not None:
+        arr = np.stack([resize_array(x, resize_to) for x in arr])
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def verify(module: nn.Module, model: str | bytes, batches: Sequence[Batch], what: str, rtol: float = PARITY_RTOL,
+           resize_to: tuple[int, int] | None = None) -> None:
     """ONNX Runtime must reproduce every output of ``module`` within ``rtol`` (relative to the output's
-    largest magnitude) on every batch; otherwise one line saying which output and by how much."""
-    sess = make_session(data, threads=None)
+    largest magnitude) on every batch; otherwise one line saying which output and by how much. With
+    ``resize_to`` the graph gets each batch as it is (uint8, its own size) and the module the batch
+    resized by ``data.resize``: the check covers the in-graph resize too."""
+    sess = make_session(model, threads=None)
     names = [o.name for o in sess.get_outputs()]
+    feed_name = sess.get_inputs()[0].name
     for images in batches:
+        arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         try:
-            got = sess.run(None, {"images": images.numpy()})
+            got = sess.run(None, {feed_name: np.ascontiguousarray(arr)})
         except Exception as e:  # noqa: BLE001 - e.g. a shape baked in at export
-            raise InsightADError(f"{what}: the exported ONNX graph fails on a batch of {len(images)} "
-                                 f"({str(e).splitlines()[0][:160]}); not used") from None
+            raise InsightADError(f"{what}: the exported ONNX graph fails on a batch of {len(arr)} images of "
+                                 f"{arr.shape[2]}x{arr.shape[3]} ({str(e).splitlines()[0][:160]}); not used") from None
         with torch.inference_mode():
-            ref = [t.float().numpy() for t in module(images)]
+            ref = [t.float().numpy() for t in module(_reference_input(arr, resize_to))]
         for name, a, b in zip(names, ref, got):
             scale = max(float(np.abs(a).max()), 1e-12)
             err = float(np.abs(a - b).max()) / scale
@@ -74,26 +172,43 @@ def verify(module: nn.Module, data: bytes, batches: Sequence[torch.Tensor], what
                                      f"(relative error {err:.2e} > {rtol:g}); not used")
 
 
-def export_verified(module: nn.Module, batches: Sequence[torch.Tensor], outputs: Sequence[str], what: str,
-                    metadata: dict[str, Any] | None = None, flat_keys: Sequence[str] = (),
-                    check: bool = True) -> bytes:
-    """ONNX bytes of ``module`` (input ``images``, a dynamic batch, ``outputs`` named), metadata attached,
-    verified on every batch in ``batches`` (the first is the export's example). Two batch sizes catch a
-    graph that baked in the example's batch size."""
+def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequence[str], what: str, out: str | Path,
+                    metadata: dict[str, Any] | None = None, flat_keys: Sequence[str] = (), check: bool = True,
+                    resize_to: tuple[int, int] | None = None) -> Path:
+    """Write the ONNX graph of ``module`` to ``out`` atomically (input ``images``, a dynamic batch, ``outputs``
+    named), metadata attached, verified on every batch in ``batches``. Without ``resize_to`` the graph's
+    input is the module's (float pixels, the first batch's shape); with it, uint8 images of any size resized
+    in the graph to ``resize_to`` (batches: uint8 at several sizes). Two batch sizes catch a graph that
+    baked in the example's batch size; several image sizes, one that baked in the example's size."""
     module = module.to("cpu").eval()
-    try:
-        data = _to_onnx(module, batches[0], outputs)
-    except Exception as e:  # noqa: BLE001 - report which part failed, never write a broken file
-        raise InsightADError(f"{what}: the graph could not be exported to ONNX "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if metadata is not None:
-        data = _with_metadata(data, metadata, flat_keys)
-    if check:
-        verify(module, data, batches, what)
-    return data
+    first = np.asarray(batches[0].numpy() if isinstance(batches[0], torch.Tensor) else batches[0])
+    example = _reference_input(first, resize_to)
+
+    def write(tmp: Path) -> None:
+        try:
+            _to_onnx(module, example, outputs, tmp, "images" if resize_to is None else MODULE_INPUT)
+            _finish(tmp, module, metadata, flat_keys, resize_to, int(first.shape[1]))
+        except Exception as e:  # noqa: BLE001 - report which part failed, never write a broken file
+            raise InsightADError(f"{what}: the graph could not be exported to ONNX "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if check:
+            verify(module, str(tmp), batches, what, resize_to=resize_to)
+
+    out = Path(out)
+    atomic_write(out, write)
+    return out
 
 
 def example_batches(shape: Sequence[int], sizes: Sequence[int] = (2, 3), seed: int = 0) -> list[torch.Tensor]:
-    """Deterministic random uint8 image batches of (C, H, W) ``shape``, one per batch size."""
+    """Deterministic random float32 pixel batches (0..255) of (C, H, W) ``shape``, one per batch size."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen) for n in sizes]
+    return [torch.rand((n, *shape), generator=gen) * 255.0 for n in sizes]
+
+
+def image_examples(channels: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+    """Deterministic uint8 image batches for a whole-model graph: two batch sizes, and sizes other than the
+    model's (odd, another aspect ratio, larger and smaller), so the in-graph resize is checked both ways."""
+    h, w = size
+    rng = np.random.default_rng(seed)
+    shapes = [(2, h, w), (3, 2 * h + 3, w + w // 2 + 1), (1, max(h // 2 + 1, 2), max(w - 3, 2))]
+    return [rng.integers(0, 256, (n, channels, hh, ww), dtype=np.uint8) for n, hh, ww in shapes]

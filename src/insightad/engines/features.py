@@ -1,4 +1,4 @@
-"""The frozen backbone on the fast engine, for fitting: uint8 images -> feature maps.
+"""The frozen backbone on the fast engine, for fitting: float pixels (0..255) at model size -> feature maps.
 
 Methods whose fit runs a frozen backbone over every training image (baseline, PaDiM, PatchCore)
 get their features through ``feature_runner``; on CPU with ONNX Runtime installed that is an
@@ -9,7 +9,9 @@ checked against PyTorch like any export.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -37,44 +39,42 @@ class _Features(nn.Module):
 def _digest(module: _Features, shape: tuple[int, ...]) -> str:
     """Identifies the graph: weights, requested levels (same weights can serve other levels) and input shape."""
     ext = module.extractor
-    h = hashlib.sha256(repr((shape, getattr(ext, "arch", None), getattr(ext, "layers", None))).encode())
+    h = hashlib.sha256(repr((shape, "float32", getattr(ext, "arch", None), getattr(ext, "layers", None))).encode())
     for k, v in module.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
-def _export(module: _Features, shape: tuple[int, ...]) -> bytes:
+def _export(module: _Features, shape: tuple[int, ...], target: Path) -> Path:
     from insightad.engines.export import example_batches, export_verified
 
     names = [f"f{i}" for i in range(len(cast("FeatureExtractor", module.extractor).layers))]
-    return export_verified(module, example_batches(shape, (2,)), names, "backbone")
+    return export_verified(module, example_batches(shape, (2,)), names, "backbone", target)
 
 
 def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int, ...], engine: str = "auto",
                    device: torch.device | None = None, threads: int | None = None) -> tuple[FeatureFn, str]:
-    """(uint8 batch -> list of float feature maps on ``device``, the engine used)."""
+    """(float pixel batch -> list of float feature maps on ``device``, the engine used)."""
     device = device or torch.device("cpu")
     module = _Features(normalize, extractor).eval()
     chosen = resolve_engine(engine, device.type)
     if chosen == "onnx":
         from insightad.engines.onnx_runtime import cache_dir, make_session
-        from insightad.io import atomic_write
 
         target = cache_dir() / f"features-{_digest(module, shape)}.onnx"
         try:
-            if target.is_file():
-                data = target.read_bytes()
-            else:
-                data = _export(module, shape)
+            if not target.is_file():
                 try:
-                    atomic_write(target, lambda tmp: tmp.write_bytes(data))
-                except OSError:
-                    pass
-            sess = make_session(data, threads)
+                    _export(module, shape, target)
+                except OSError:  # a read-only cache: export into a temporary folder, read it once
+                    with tempfile.TemporaryDirectory() as tmp:
+                        sess = make_session(str(_export(module, shape, Path(tmp) / "features.onnx")), threads)
+            if target.is_file():
+                sess = make_session(str(target), threads)
 
             def run_onnx(x: torch.Tensor) -> list[torch.Tensor]:
-                outs = sess.run(None, {"images": np.ascontiguousarray(x.cpu().numpy())})
+                outs = sess.run(None, {"images": np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)})
                 return [torch.from_numpy(o) for o in outs]
 
             return run_onnx, "onnx"

@@ -1,4 +1,4 @@
-"""The ONNX Runtime engine: runs an exported graph on uint8 batches; refuses foreign ONNX files."""
+"""The ONNX Runtime engine: runs an exported graph on decoded uint8 images; refuses foreign ONNX files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from insightad.errors import InsightADError
 from insightad.io import file_sha256 as file_digest  # noqa: F401 - the cache key
@@ -16,6 +15,9 @@ from insightad.io import file_sha256 as file_digest  # noqa: F401 - the cache ke
 META_KEY = "insightad"  # the metadata entry of an InsightAD graph
 ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
 DEFAULT_THREADS = None  # ONNX Runtime's own choice: one per physical core
+CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
+LAYOUT_KEY = "insightad_graph_layout"  # metadata: what the graph takes; a graph of another layout is rebuilt
+GRAPH_LAYOUT = "uint8-any-size-resize-inside"
 
 
 def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
@@ -33,15 +35,45 @@ def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
 
 
 class OnnxEngine:
-    """Callable like a model: uint8 (B, C, H, W) tensor -> (scores, maps) tensors."""
+    """An exported whole-model graph on ONNX Runtime: decoded uint8 images (N, C, H, W) at their own size in
+    (the graph resizes them itself), (scores, maps at model size) out. Numpy only (``run``); ``__call__``
+    gives PyTorch tensors to the PyTorch-side callers."""
+
+    takes_original = True  # feed decoded images at their own size, not images resized in Python
 
     def __init__(self, model: bytes | str, threads: int | None = DEFAULT_THREADS) -> None:
         self.session = make_session(model, threads)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.input_name = self.session.get_inputs()[0].name
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        arr = np.ascontiguousarray(x.cpu().numpy())
-        return tuple(torch.from_numpy(o) for o in self.session.run(None, {"images": arr}))
+    def _run_stack(self, x: np.ndarray) -> list[np.ndarray]:
+        if x.dtype != np.uint8:  # float pixels (already at model size): the graph takes levels 0..255
+            x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
+
+    def run(self, images: Any) -> list[np.ndarray]:
+        """A batch (N, C, H, W) or a list of (C, H, W) images of any sizes (runs of same-size images are
+        stacked) -> the graph's outputs for all of them, in order."""
+        if not isinstance(images, (list, tuple)):
+            return self._run_stack(np.asarray(images))
+        parts: list[list[np.ndarray]] = []
+        i = 0
+        while i < len(images):
+            j = i + 1
+            while j < len(images) and images[j].shape == images[i].shape:
+                j += 1
+            parts.append(self._run_stack(np.stack([np.asarray(a) for a in images[i:j]])))
+            i = j
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))] if parts else []
+
+    def __call__(self, x: Any) -> tuple[Any, ...]:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.cpu().numpy()
+        elif isinstance(x, (list, tuple)):
+            x = [a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in x]
+        return tuple(torch.from_numpy(o) for o in self.run(x))
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
@@ -63,14 +95,18 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     except (KeyError, ValueError, AssertionError):
         raise InsightADError(f"{path}: not an InsightAD ONNX export (no '{META_KEY}' metadata); "
                              "export one with 'insightad export'") from None
+    if props.get(LAYOUT_KEY) != GRAPH_LAYOUT:
+        raise InsightADError(f"{path}: an InsightAD ONNX export of an older layout (it takes images already "
+                             "resized); export the model again with 'insightad export'")
     inputs = {i.name: i for i in proto.graph.input}
     if "images" not in inputs:
         raise InsightADError(f"{path}: ONNX graph has no 'images' input; its metadata does not match the graph")
-    dims = [d.dim_value for d in inputs["images"].type.tensor_type.shape.dim]
-    expected = [meta["channels"], meta["input_height"], meta["input_width"]]
-    if dims[1:] != expected:
-        raise InsightADError(f"{path}: graph input is {dims[1:]} but the metadata says {expected}; refusing "
-                             "a file whose metadata does not match its graph")
+    tensor_type = inputs["images"].type.tensor_type
+    dims = list(tensor_type.shape.dim)
+    fixed_size = len(dims) == 4 and any(d.HasField("dim_value") for d in dims[2:])  # must take any H, W
+    if len(dims) != 4 or dims[1].dim_value != meta["channels"] or tensor_type.elem_type != 2 or fixed_size:  # 2: uint8
+        raise InsightADError(f"{path}: graph input is not uint8 N x {meta['channels']} x H x W (any H, W) as its "
+                             "metadata says; refusing a file whose metadata does not match its graph")
     return meta
 
 
@@ -95,22 +131,25 @@ def prune_cache(keep: Path | None = None, limit: int = CACHE_LIMIT_BYTES) -> Non
         pass
 
 
-CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
+def graph_stamp(engine: OnnxEngine) -> tuple[str | None, str | None]:
+    """(model sha256, graph layout) stamped in a graph's metadata."""
+    props = engine.session.get_modelmeta().custom_metadata_map
+    return props.get(CACHE_KEY), props.get(LAYOUT_KEY)
 
 
-def verified_entry(target: Path, digest: str, threads: int | None) -> OnnxEngine | None:
-    """The engine of a cache entry whose stamp names this model file's content; None for a missing, damaged
-    (truncated, not ONNX) or foreign entry (another model's graph), which is then deleted, never used."""
-    try:
-        data = target.read_bytes()
-    except OSError:
+def verified_entry(target: Path, digest: str, threads: int | None, delete: bool = True) -> OnnxEngine | None:
+    """The engine of a graph file whose stamp names this model file's content and today's layout; None for a
+    missing, damaged (truncated, not ONNX), stale or foreign file (another model's graph), which is never
+    used (and deleted when ``delete``: cache entries)."""
+    if not target.is_file():
         return None
     try:
-        engine: OnnxEngine | None = OnnxEngine(data, threads)
-        stamp = engine.session.get_modelmeta().custom_metadata_map.get(CACHE_KEY) if engine else None
+        engine: OnnxEngine | None = OnnxEngine(str(target), threads)
+        stamp, layout = graph_stamp(engine) if engine else (None, None)
     except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
-        stamp, engine = None, None
-    if stamp != digest:
-        target.unlink(missing_ok=True)
+        stamp, layout, engine = None, None, None
+    if stamp != digest or layout != GRAPH_LAYOUT:
+        if delete:
+            target.unlink(missing_ok=True)
         return None
     return engine

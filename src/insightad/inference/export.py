@@ -1,80 +1,143 @@
-"""A fitted detector -> one ONNX graph: uint8 images at the model's input size in, scores (and maps)
-out, normalisation inside; threshold, its scale and the preprocessing ride along as metadata. The
-graph is verified against PyTorch (``engines.export``) before anything is written or cached."""
+"""A fitted detector -> one self-contained ONNX graph: the decoded uint8 image at its own size in, the
+resize and normalisation inside, scores (and maps at model size) out; everything a decision needs rides
+along as metadata (docs/onnx.md). The graph is verified against PyTorch (``engines.export``) before
+anything is written.
+
+Where a graph comes from at inference (``cached_engine``): the file beside the model
+(``model.safetensors`` -> ``model.onnx``, written by ``train``) when it is stamped with this model file's
+sha256, else the hash-keyed cache, else a fresh export into the cache.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from insightad.engines.export import ONNX_FORMAT, example_batches, export_verified
-from insightad.engines.onnx_runtime import CACHE_KEY, OnnxEngine, cache_dir, file_digest, prune_cache, verified_entry
+from insightad.decide.normalize import default_scale
+from insightad.engines.onnx_runtime import (
+    CACHE_KEY,
+    GRAPH_LAYOUT,
+    LAYOUT_KEY,
+    ONNX_FORMAT,
+    OnnxEngine,
+    cache_dir,
+    file_digest,
+    prune_cache,
+    verified_entry,
+)
 from insightad.errors import InsightADError
-from insightad.io import atomic_write_bytes
-from insightad.methods.base import Detector
 from insightad.version import __version__
 
-FLAT_KEYS = ("threshold", "input_height", "input_width", "resize", "method")
+if TYPE_CHECKING:
+    from insightad.methods.base import Detector
+
+FLAT_KEYS = ("threshold", "score_scale", "input_height", "input_width", "channels", "resize", "method",
+             LAYOUT_KEY)
+
+# How InsightAD turns a file into the graph's input (data.images.load_image, data.preprocess): what
+# another language must do to score the same pixels.
+DECODE_CONTRACT = {
+    "formats": "PNG, JPEG (first frame of a multi-picture JPEG), BMP, TIFF (first frame); others are refused",
+    "exif_orientation": "not applied: pixels in the order the file stores them",
+    "icc_profile": "ignored: no colour management",
+    "gray_16bit": "I;16 images (16-bit PNG/TIFF gray): level = floor(v * 255 / 65535 + 0.5)",
+    "int32_float": "32-bit integer or float gray images: stretched over the image's own range, "
+                   "level = floor((v - min) / (max - min) * 255 + 0.5) (all 0 for a constant image); "
+                   "NaN or infinity is refused",
+    "color_16bit": "16-bit colour PNG: Pillow keeps the high byte of each sample",
+    "alpha": "dropped, never composited (RGBA -> RGB, LA -> L, palette transparency ignored)",
+    "palette_cmyk_other": "converted to RGB by Pillow (palette expanded; CMYK without a profile)",
+    "to_3_channels": "gray (1-bit, L) replicated into R = G = B",
+    "to_1_channel": "RGB to gray with L = (R*19595 + G*38470 + B*7471 + 32768) >> 16 (ITU-R 601-2 luma)",
+    "layout": "uint8 N x C x H x W, channels R, G, B (or L), each image at its own size; images of one "
+              "call share one size",
+    "resize": "inside the graph: float antialiased bilinear (ONNX Resize linear, antialias=1, half_pixel, "
+              "exclude_outside=1) to input_height x input_width; callers do not resize",
+}
 
 
 def onnx_metadata(det: Detector) -> dict[str, Any]:
-    """What a user of the graph in another language needs: input size, resize filter, threshold and
-    the scale that turns a score into ``score_normalized``."""
+    """Everything a user of the graph in another language needs to decide like the model does."""
     p = det.preprocessing_
-    info = getattr(det, "threshold_info_", {}) or {}
+    info = dict(getattr(det, "threshold_info_", {}) or {})
+    scale = info.get("scale")
+    scale = float(scale) if scale and float(scale) > 0 else default_scale(det.threshold_)
     return {"format": ONNX_FORMAT, "package_version": __version__, "method": det.method,
             "has_maps": bool(det.has_maps), "threshold": det.threshold_,
             "threshold_strategy": det.threshold_strategy_, "threshold_details": info,
+            "score_scale": scale,
+            "score_normalized": "1 / (1 + exp(-(score - threshold) / score_scale)); anomalous when score > "
+                                "threshold (score_normalized > 0.5)",
+            "pixel_threshold": info.get("pixel_threshold"),
             "input_height": p.size[0], "input_width": p.size[1],
             "channels": p.channels, "resize": p.resize, "mean": list(p.mean), "std": list(p.std),
-            "input": "uint8 NCHW (channels RGB or L), already resized to input_height x input_width",
-            "outputs": ["scores"] + (["maps"] if det.has_maps else []), "backbone": getattr(det, "backbone", None)}
+            "input": "images: uint8 N x C x H x W at the image's own size (H, W any); resize and "
+                     "normalisation are inside the graph",
+            "outputs": ["scores"] + (["maps"] if det.has_maps else []),
+            "maps": "N x input_height x input_width anomaly maps at model size; upsample them (bilinear) to "
+                    "the image's size" if det.has_maps else None,
+            "decode": DECODE_CONTRACT, "backbone": getattr(det, "backbone", None),
+            LAYOUT_KEY: GRAPH_LAYOUT}
 
 
-def export_bytes(det: Detector, verify: bool = True, stamp: dict[str, str] | None = None) -> bytes:
-    """The ONNX graph of ``det`` as bytes, with metadata (plus ``stamp``'s entries: the cache's key);
-    raises if it cannot be exported faithfully."""
+def export_onnx(det: Detector, out: str | Path, model_sha256: str | None = None, verify: bool = True) -> Path:
+    """Write ``det``'s verified graph to ``out`` atomically, stamped with ``model_sha256`` (the model file it
+    was made from) when given; raises if it cannot be exported faithfully."""
+    from insightad.engines.export import export_verified, image_examples  # PyTorch: exporting needs it
+
     det._check_fitted()
     if det.onnx_unsupported:
         raise InsightADError(f"{det.method}: cannot export to ONNX: {det.onnx_unsupported}")
-    if det.model_ is None:
+    model = getattr(det, "model_", None)
+    if model is None:
         raise InsightADError(f"{det.method}: this detector runs from an ONNX graph already; nothing to export")
     p = det.preprocessing_
     outputs = ["scores"] + (["maps"] if det.has_maps else [])
-    meta = {**onnx_metadata(det), **(stamp or {})}
+    meta = onnx_metadata(det)
+    keys: tuple[str, ...] = FLAT_KEYS
+    if model_sha256:
+        meta[CACHE_KEY] = model_sha256
+        keys = (*keys, CACHE_KEY)
     # A model whose PyTorch path approximates (PatchCore's HNSW search) exports its exact twin.
-    exported = getattr(det.model_, "exported", None)
-    module = exported() if callable(exported) else det.model_
-    return export_verified(module, example_batches((p.channels, *p.size)), outputs, det.method,
-                           metadata=meta, flat_keys=(*FLAT_KEYS, *(stamp or {})), check=verify)
+    exported = getattr(model, "exported", None)
+    module = exported() if callable(exported) else model
+    return export_verified(module, image_examples(p.channels, p.size), outputs, det.method, out,
+                           metadata=meta, flat_keys=keys, check=verify, resize_to=p.size)
 
 
-def export_onnx(det: Detector, out: str | Path) -> Path:
-    """Write the verified ONNX file atomically."""
-    data = export_bytes(det)
-    out = Path(out)
-    atomic_write_bytes(out, data)
-    return out
+def beside(model_path: str | Path) -> Path:
+    """The graph written next to a model file: ``model.safetensors`` -> ``model.onnx``."""
+    return Path(model_path).with_suffix(".onnx")
 
 
 def cached_engine(det: Detector, model_path: str | Path, threads: int | None = None) -> OnnxEngine:
-    """An ONNX Runtime engine for the model file at ``model_path``: its graph is exported once and cached,
-    keyed by the sha256 of the model file's content and stamped with it; an entry whose stamp does not match
-    (truncated, swapped, damaged) is rebuilt from the PyTorch model, or refused where there is none."""
+    """An ONNX Runtime engine for the model file at ``model_path``: the graph beside it when stamped with the
+    sha256 of the model file's content, else the cache entry so stamped, else a fresh export into the cache.
+    A graph whose stamp does not match (stale, truncated, swapped, damaged) is never used: a cache entry is
+    rebuilt from the PyTorch model, or refused where there is none."""
     digest = file_digest(model_path)
-    target = cache_dir() / f"{digest}.onnx"
-    if target.exists():
-        engine = verified_entry(target, digest, threads)
+    side = beside(model_path)
+    if side.exists() and side != Path(model_path):
+        engine = verified_entry(side, digest, threads, delete=False)
         if engine is not None:
             return engine
+        warnings.warn(f"{side}: not the graph of {model_path} (stale, damaged or of an older layout); not used. "
+                      f"Refresh it with 'insightad export --model {model_path}'", stacklevel=2)
+    target = cache_dir() / f"{digest}.onnx"
+    engine = verified_entry(target, digest, threads)
+    if engine is not None:
+        return engine
     if getattr(det, "model_", None) is None:
         raise InsightADError(f"{target}: cached ONNX graph for {model_path} is missing, damaged or made from "
                              "another model, and PyTorch is not available to rebuild it; install insightad[train] "
                              "or export the model with 'insightad export' where PyTorch is installed")
-    data = export_bytes(det, stamp={CACHE_KEY: digest})
     try:
-        atomic_write_bytes(target, data)
+        export_onnx(det, target, digest)
         prune_cache(keep=target)
-    except OSError:
-        pass  # a read-only home is no reason to fail a prediction
-    return OnnxEngine(data, threads)
+    except OSError:  # a read-only home is no reason to fail a prediction: export beside nothing, in a temp folder
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return OnnxEngine(str(export_onnx(det, Path(tmp) / "model.onnx", digest)), threads)
+    return OnnxEngine(str(target), threads)

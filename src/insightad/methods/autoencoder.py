@@ -1,6 +1,15 @@
-"""Convolutional autoencoder (the second seed): learn to reconstruct normal images; reconstruction
-error is the anomaly map. Loss = (1 - alpha) * MSE + alpha * (1 - SSIM), alpha = 0.84, with
-kornia's SSIM; trained by the shared training loop (checkpoints, resume, early stopping, augment)."""
+"""Autoencoders: learn to reconstruct normal data; reconstruction error is the anomaly map.
+
+Two kinds, one detector, trained by the shared training loop (checkpoints, resume, early stopping,
+time budget, augment):
+
+- ``--arch features`` (default): a 1x1-convolution autoencoder rebuilds the frozen backbone's
+  multi-level patch features (see :mod:`insightad.methods.autoencoder_features`); the map is the
+  per-patch feature reconstruction error.
+- ``--arch conv4`` (the second seed's network, alias ``seed``) and ``--arch bottleneck``: pixel
+  autoencoders with the seed's loss, (1 - alpha) * MSE + alpha * (1 - SSIM), alpha = 0.84, with
+  kornia's SSIM; the map is the per-pixel error.
+"""
 
 from __future__ import annotations
 
@@ -12,37 +21,59 @@ import torch
 from torch import nn
 
 from insightad import config
+from insightad.backbones.extractor import FeatureExtractor
 from insightad.config import MAX_IMAGE_SIDE, TrainLoopParams, param, params
 from insightad.errors import InsightADError
+from insightad.methods.autoencoder_features import (
+    FeatureAutoencoderModel,
+    FeatureReconstructionObjective,
+    FeatureReconstructor,
+    reconstruction_error,
+)
 from insightad.methods.autoencoder_nets import build_net
 from insightad.methods.base import Detector
 from insightad.methods.components.maps import MapSmoother
+from insightad.methods.components.patch_features import PatchFeatures
 from insightad.methods.registry import register_method
+from insightad.training import TrainingLoop
 
-AE_ARCHS = ("bottleneck", "conv4")
+AE_ARCHS = ("features", "bottleneck", "conv4")
+PIXEL_ARCHS = ("bottleneck", "conv4")
 AE_ARCH_ALIASES = {"seed": "conv4"}  # the name the second seed's network had before; hidden alias
 
 @params
 class AutoencoderParams(TrainLoopParams):
     """Convolutional autoencoder: (1 - alpha) * MSE + alpha * (1 - SSIM); reconstruction error is the map."""
 
-    arch: str = param("bottleneck", "network: bottleneck (a narrow latent that cannot copy defects) or conv4 "
-                      "(a plain autoencoder of four stride-2 convolutions, grayscale by default)",
+    arch: str = param("features", "network: features (rebuild the frozen backbone's patch features; error per "
+                      "patch), bottleneck (pixels through a narrow latent that cannot copy defects) or conv4 "
+                      "(the second seed's pixel autoencoder of four stride-2 convolutions, grayscale by default)",
                       choices=AE_ARCHS, value_aliases=AE_ARCH_ALIASES)
-    channels: int = param(0, "1 (grayscale) or 3 (colour); 0: colour when the images are, grayscale for "
-                          "--arch conv4", minimum=0, maximum=3)
-    latent: int = param(32, "bottleneck: channels of the latent at 1/16 of the image side", minimum=1)
-    image_size: int = param(256, "side of the square image the model works at (a multiple of 16)", minimum=32,
-                            maximum=MAX_IMAGE_SIDE)
+    backbone: str = param(config.DEFAULT_BACKBONE, "--arch features: the frozen backbone (a name or ssl:PATH)")
+    weights: str | None = param(None, "--arch features: backbone weights file (unset: the installed ones)")
+    layers: list[int] = param([1, 2, 3], "--arch features: backbone levels to reconstruct (0 = finest); they are "
+                              "brought to the grid of the middle one")
+    fit_engine: str = param("auto", "--arch features: engine for the frozen backbone during fit",
+                            choices=("auto", "torch", "onnx"))
+    channels: int = param(0, "pixel networks: 1 (grayscale) or 3 (colour); 0: colour when the images are, "
+                          "grayscale for --arch conv4", minimum=0, maximum=3)
+    latent: int = param(0, "channels of the latent (features: per patch; bottleneck: at 1/16 of the image side); "
+                        "0: 64 for features, 32 for bottleneck", minimum=0)
+    image_size: int = param(256, "side of the square image the model works at (pixel networks: a multiple of 16)",
+                            minimum=32, maximum=MAX_IMAGE_SIDE)
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
-    alpha: float = param(0.84, "weight of (1 - SSIM) in the loss", minimum=0.0, maximum=1.0)
-    ssim_window: int = param(11, "SSIM window size (odd)", minimum=3)
-    map: str = param("mse", "anomaly map: per-pixel squared error (mse) or 1 - local SSIM (ssim)",
+    alpha: float = param(0.84, "pixel networks: weight of (1 - SSIM) in the loss", minimum=0.0, maximum=1.0)
+    ssim_window: int = param(11, "pixel networks: SSIM window size (odd)", minimum=3)
+    map: str = param("mse", "pixel networks: anomaly map: per-pixel squared error (mse) or 1 - local SSIM (ssim)",
                      choices=("mse", "ssim"))
     score: str = param("max", "image score: the maximum or the mean of the smoothed map", choices=("max", "mean"))
     smooth_sigma: float = param(4.0, "Gaussian smoothing of the map, in pixels at the model's size (0: none)",
                                 minimum=0.0)
-    epochs: int = param(100, "training epochs", minimum=1, aliases=("--epoch",))
+    epochs: int = param(100, "training epochs at most (--time-budget usually ends training first on a CPU)",
+                        minimum=1, aliases=("--epoch",))
+    time_budget: float = param(600.0, "seconds of training after which it stops (after the current step; the "
+                               "best weights so far are kept, early stopping still applies; 0: no budget)",
+                               minimum=0.0)
     lr: float = param(1e-3, "learning rate", minimum=0.0, maximum=10.0, exclusive_min=True,
                       aliases=("--learning-rate", "--learning_rate"))
     batch_size: int = param(16, "images per batch", minimum=1, aliases=("--batch_size",))
@@ -130,7 +161,16 @@ class AutoencoderDetector(AutoencoderParams, Detector):
 
     Params = AutoencoderParams
     has_maps = True
-    uses_backbone = False
+
+    @property
+    def uses_backbone(self) -> bool:  # type: ignore[override]  # per --arch, not per class
+        return self.arch == "features"
+
+    def feature_layers(self) -> list[int]:
+        return list(self.layers)
+
+    def _latent(self) -> int:
+        return self.latent or (64 if self.arch == "features" else 32)
 
     def _stride(self) -> int:
         return 16
@@ -140,9 +180,21 @@ class AutoencoderDetector(AutoencoderParams, Detector):
             return self.channels
         return 1 if self.arch == "conv4" else detect_channels(images)
 
+    def _loop(self, images: Sequence, progress: bool, **extra: Any) -> TrainingLoop:
+        from insightad.training import TrainingLoop, fingerprint, sources_digest
+
+        loop_params = config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
+                                                           config.TrainLoopParams.__dataclass_fields__})
+        return TrainingLoop(loop_params, name="autoencoder", progress=progress,
+                            fingerprint=fingerprint(self.Params(**self.get_params()), data=sources_digest(images),
+                                                    **extra))
+
     def _fit(self, images: Sequence, progress: bool) -> None:
+        if self.arch == "features":
+            self._fit_features(images, progress)
+            return
         from insightad.data.preprocess import Preprocessing
-        from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
+        from insightad.training import load_images, validation_split
 
         if self.image_size % self._stride():
             raise InsightADError(f"image_size: the {self.arch} autoencoder needs a multiple of {self._stride()}, "
@@ -150,22 +202,73 @@ class AutoencoderDetector(AutoencoderParams, Detector):
         channels = self._channels(images)
         self.preprocessing_ = Preprocessing(size=(self.image_size, self.image_size), channels=channels,
                                             mean=(0.0,) * channels, std=(1.0,) * channels)
-        loop_params = config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
-                                                           config.TrainLoopParams.__dataclass_fields__})
-        loop = TrainingLoop(loop_params, name="autoencoder", progress=progress,
-                            fingerprint=fingerprint(self.Params(**self.get_params()), data=sources_digest(images),
-                                                    channels=channels))
+        loop = self._loop(images, progress, channels=channels)
         data = load_images(images, self.preprocessing_, self.batch_size, self.workers, progress,
                            "autoencoder: load images")
         tr, va = validation_split(len(data), self.val_fraction, self.seed)
         train, val = data[tr], (data[va] if len(va) else None)
-        net = build_net(self.arch, channels, self.latent)
+        net = build_net(self.arch, channels, self._latent())
         self.training_ = loop.run(net, ReconstructionObjective(self.alpha, self.ssim_window), train, val)
         self.model_ = AutoencoderModel(net, self.map, self.score, self.smooth_sigma, self.ssim_window,
                                        self.image_size).to(self.device_).eval()
         held = val is not None
         self.decision_scores_ = self._scores(val if val is not None else train)
         self.decision_source_ = "val" if held else "train"
+
+    # ------------------------------------------------------------------ feature reconstruction
+    def _patch_features(self, extractor: FeatureExtractor) -> PatchFeatures:
+        grid = len(self.layers) // 2  # the middle level's grid: finer ones pooled, coarser ones upsampled
+        return PatchFeatures(self._normalize(), extractor, grid, sum(extractor.channels))
+
+    def _fit_features(self, images: Sequence, progress: bool) -> None:
+        from insightad.training import load_images, validation_split
+
+        loop = self._loop(images, progress)
+        extractor = self._make_extractor()
+        features = self._patch_features(extractor).to(self.device_)
+        tr, va = validation_split(len(images), self.val_fraction, self.seed)
+        run = self._feature_runner(extractor)
+        raw = []
+        with torch.inference_mode():
+            for batch in self._batches(images, progress, "autoencoder: features"):
+                raw.append(features.raw(run(batch.images)).float().cpu())
+        cached = torch.cat(raw)
+        features.fit_statistics(cached[tr])
+        on_images = self.augment != "none"
+        if on_images:  # augmented images change every epoch: their features are computed on the fly
+            data = load_images(images, self.preprocessing_, self.batch_size, self.workers, progress,
+                               "autoencoder: load images")
+        else:
+            data = features.standardize(cached.to(self.device_)).cpu()
+        del cached, raw
+        train, val = data[tr], (data[va] if len(va) else None)
+        net = FeatureReconstructor(sum(extractor.channels), self._latent())
+        objective = FeatureReconstructionObjective(features if on_images else None)
+        self.training_ = loop.run(net, objective, train, val)
+        self.model_ = self._feature_model(features, net).to(self.device_).eval()
+        held = val is not None
+        self.decision_scores_ = self._feature_scores(val if val is not None else train, on_images)
+        self.decision_source_ = "val" if held else "train"
+
+    def _feature_model(self, features: PatchFeatures, net: FeatureReconstructor) -> FeatureAutoencoderModel:
+        with torch.inference_mode():  # the side of the patch grid at this image size
+            probe = torch.zeros(1, 3, self.image_size, self.image_size, device=features.mean.device)
+            side = int(features.raw(features.extractor(probe)).shape[-1])
+        return FeatureAutoencoderModel(features, net, self.score, self.smooth_sigma, self.image_size, side)
+
+    @torch.inference_mode()
+    def _feature_scores(self, data: torch.Tensor, on_images: bool) -> np.ndarray:
+        model = self._model_as(FeatureAutoencoderModel)
+        out = []
+        for chunk in data.split(self.batch_size):
+            chunk = chunk.to(self.device_)
+            if on_images:
+                out.append(model(chunk)[0].cpu())
+                continue
+            maps = model.smoother(reconstruction_error(model.net, chunk))
+            flat = maps.flatten(1)
+            out.append((flat.amax(dim=1) if model.score == "max" else flat.mean(dim=1)).cpu())
+        return torch.cat(out).double().numpy()
 
     @torch.inference_mode()
     def _scores(self, data: torch.Tensor) -> np.ndarray:
@@ -176,8 +279,14 @@ class AutoencoderDetector(AutoencoderParams, Detector):
         return {"channels": self.preprocessing_.channels, "training": t.summary() if t else None}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
+        if self.arch == "features":
+            extractor = self._make_extractor(pretrained=False)
+            features = self._patch_features(extractor)
+            latent = int(tensors["net.encoder.1.0.weight"].shape[0]) if "net.encoder.1.0.weight" in tensors \
+                else self._latent()
+            return self._feature_model(features, FeatureReconstructor(sum(extractor.channels), latent))
         channels = self.preprocessing_.channels
-        latent = self.latent
+        latent = self._latent()
         for k, v in tensors.items():  # the latent width is read off the tensors
             if self.arch == "bottleneck" and k == "net.encoder.4.weight":
                 latent = v.shape[0]

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from insightad import config
 from insightad.backbones import build_extractor
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.backbones.normalize import Normalize
 from insightad.data.loader import Batch, ImageSource, iter_batches
-from insightad.data.preprocess import Normalize, Preprocessing
+from insightad.data.preprocess import Preprocessing
 from insightad.decide.normalize import normalize_scores
 from insightad.decide.spread import ConstantScoresWarning, constant_scores_message
 from insightad.decide.thresholds import FitPolicy, threshold_from_fit
@@ -284,7 +285,9 @@ class Detector:
 
     def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True
                  ) -> Iterable[Batch]:
-        batches = iter_batches(images, self.preprocessing_, self.batch_size, self.workers, strict=strict)
+        original = bool(getattr(getattr(self, "engine_", None), "takes_original", False))
+        batches = iter_batches(images, self.preprocessing_, self.batch_size, self.workers, strict=strict,
+                               original=original)
         n = (len(images) + self.batch_size - 1) // self.batch_size
         return tqdm(batches, total=n, desc=desc, unit="batch", disable=not progress, leave=False)
 
@@ -312,13 +315,18 @@ class Detector:
             raise InsightADError(f"{self.method}: the detector is not fitted yet (call fit or load a model file)")
 
     @torch.inference_mode()
-    def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 (B, C, H, W) at model size -> (scores (B,), maps (B, H, W) at model size or None)."""
+    def forward_batch(self, x: torch.Tensor | list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixels (B, C, H, W) at model size, or a list of decoded uint8 (C, H, W) images at their own sizes
+        -> (scores (B,), maps (B, H, W) at model size or None)."""
         self._check_fitted()
         engine = getattr(self, "engine_", None)
-        if engine is not None:  # e.g. ONNX Runtime: same inputs, same outputs
+        if isinstance(x, (list, tuple)) and not getattr(engine, "takes_original", False):
+            p = self.preprocessing_
+            x = torch.from_numpy(np.stack([p.resize_array(np.asarray(a)) for a in x]))
+        if engine is not None:  # e.g. ONNX Runtime: the same images in, the same outputs
             out = engine(x)
         else:
+            assert isinstance(x, torch.Tensor)
             dev = getattr(self, "device_", torch.device("cpu"))
             x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
             out = self._model_as(nn.Module)(x)
@@ -345,7 +353,7 @@ class Detector:
         for batch in self._batches(images, progress, "predict", strict=strict):
             errors.update(batch.errors)
             if batch.indices:
-                s, m = self.forward_batch(batch.images)
+                s, m = self.forward_batch(batch.images if batch.decoded is None else batch.decoded)
                 values = s.cpu().double().numpy().tolist()
                 scores.update(zip(batch.indices, values))
                 if want_maps and m is not None:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TileParams, param, params
-from insightad.data.preprocess import Normalize
 from insightad.methods.base import Detector
 from insightad.methods.components.knn import squared_distances
 from insightad.methods.components.pooling import POOLINGS, pool

@@ -81,11 +81,12 @@ def clone_unfitted(det: Detector) -> Detector:
 
 
 def at_model_size(det: Detector, images: Sequence) -> list[np.ndarray]:
-    """Images decoded and resized exactly as the detector's preprocessing does, as uint8 (H, W[, C])."""
+    """Images decoded and resized exactly as the detector's preprocessing does, as float32 (H, W[, C]) 0..255
+    (scoring them again gives the scores of the files themselves)."""
     out = []
     for src in images:
         t, _ = det.preprocessing_.load(getattr(src, "path", src))
-        a = t.numpy().transpose(1, 2, 0)
+        a = t.transpose(1, 2, 0)
         out.append(a[..., 0] if a.shape[2] == 1 else a)
     return out
 
@@ -123,7 +124,7 @@ def _defects_for(arrays: list[np.ndarray], index: np.ndarray, seed: int, synthet
                  kinds: Sequence[str]) -> list[SyntheticDefect]:
     if not synthetic or len(arrays) < 1:
         return []
-    made = make_defects(arrays, seed=seed, kinds=kinds)
+    made = make_defects([np.clip(np.rint(a), 0, 255).astype(np.uint8) for a in arrays], seed=seed, kinds=kinds)
     return [SyntheticDefect(d.image, d.mask, d.kind, int(index[d.source])) for d in made]
 
 

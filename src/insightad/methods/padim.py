@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TileParams, param, params
-from insightad.data.preprocess import Normalize
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid

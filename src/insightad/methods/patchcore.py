@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TileParams, param, params
-from insightad.data.preprocess import Normalize
 from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector

@@ -24,8 +24,8 @@ from torch import nn
 
 from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
+from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TrainLoopParams, param, params
-from insightad.data.preprocess import Normalize
 from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
@@ -56,6 +56,9 @@ class SVDDParams(TrainLoopParams, DetectorParams):
                         minimum=1, aliases=("--epoch",))
     patience: int = param(10, "early stopping: stop after this many epochs without improvement of the "
                           "validation loss (0: never stop early)", minimum=0)
+    time_budget: float = param(600.0, "seconds of training after which it stops (after the current step; the "
+                               "best weights so far are kept, early stopping still applies; 0: no budget)",
+                               minimum=0.0)
     threshold_percentile: float = param(99.0, "default threshold (one-class): this percentile of the "
                                         "validation (else training) distances", minimum=0.0, maximum=100.0)
 

@@ -4,7 +4,9 @@ A method supplies a module with the trainable parameters, an :class:`Objective` 
 and metrics) and its training/validation inputs as tensors; the loop does the rest: seeded
 shuffling, the optimiser, the augmentation hook, validation and early stopping, a checkpoint
 after every epoch (atomic safetensors, so Ctrl-C leaves the last complete epoch usable),
-``resume``, progress bars and the loss curve.
+``resume``, progress bars and the loss curve, and a time budget (``time_budget`` seconds: the loop
+stops after the step that reaches it, validates that last, possibly partial, epoch and keeps the best
+weights; the clock is injectable so the budget is tested without waiting).
 
 Resuming gives the same result as an uninterrupted run: shuffling and augmentation draw from a
 generator seeded by (seed, epoch), and the checkpoint holds the model, the optimiser state, the
@@ -18,6 +20,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +38,8 @@ from insightad.training.augment import Augment, get_augmentation
 from insightad.training.curves import plot_curve
 
 # Settings that may change between a run and its resumption; every other one must match.
-RESUMABLE = ("epochs", "resume", "checkpoint_dir", "device", "workers", "patience")
+RESUMABLE = ("epochs", "resume", "checkpoint_dir", "device", "workers", "patience", "time_budget")
+STOP_REASONS = ("epochs", "early_stopping", "time_budget")  # why a run ended (TrainResult.stop_reason)
 MIN_IMPROVEMENT = 1e-4  # relative decrease of the validation loss that counts as progress
 LONG_RUN_S = 600.0  # a CPU run estimated to take longer than this is announced, with the estimate
 
@@ -76,6 +80,8 @@ class TrainResult:
     seconds: float
     checkpoint: Path | None = None
     curves: list[Path] = field(default_factory=list)
+    stop_reason: str = "epochs"  # one of STOP_REASONS
+    time_budget: float = 0.0  # the budget the run had, in seconds (0: none)
 
     def best(self) -> dict[str, Any]:
         """The history entry whose weights the model ended with."""
@@ -87,6 +93,7 @@ class TrainResult:
 
     def summary(self) -> dict[str, Any]:
         return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "stop_reason": self.stop_reason, "time_budget_s": self.time_budget,
                 "resumed_from_epoch": self.resumed_from, "seconds": round(self.seconds, 3),
                 "final": {k: v for k, v in self.best().items() if k != "seconds"},
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None}
@@ -124,8 +131,12 @@ class TrainingLoop:
 
     def __init__(self, params: TrainLoopParams, *, name: str, progress: bool = False,
                  augment: Augment | None = None, fingerprint: dict[str, Any] | None = None,
-                 curve_metrics: dict[str, float | None] | None = None) -> None:
+                 curve_metrics: dict[str, float | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.p, self.name, self.progress = params, name, progress
+        self.clock = clock  # seconds; the time budget reads it after every step (a test passes a fake one)
+        self._deadline: float | None = None
+        self._out_of_time = False
         self.augment = augment or get_augmentation(params.augment)
         self.fingerprint = fingerprint if fingerprint is not None else {}
         self.curve_metrics = curve_metrics or {}  # extra metric -> chance level line (or None)
@@ -156,6 +167,8 @@ class TrainingLoop:
         when there is a validation set, else the last ones."""
         p = self.p
         t0 = time.perf_counter()
+        self._deadline = self.clock() + p.time_budget if p.time_budget > 0 else None
+        self._out_of_time = False
         if len(train) == 0:
             raise InsightADError(f"{self.name}: no training images")
         val = val if val is not None and len(val) else None
@@ -189,6 +202,8 @@ class TrainingLoop:
                 if self.dir is not None:
                     ckpt.save_checkpoint(self._checkpoint_file(), model, optimizer, best,
                                          {"fingerprint": fp, **state})
+                if self._out_of_time:
+                    break
         except KeyboardInterrupt:
             self._write_curves(state)
             where = (f"the last complete checkpoint (epoch {state['epoch']}) is {self.checkpoint_path}; "
@@ -200,8 +215,10 @@ class TrainingLoop:
         if best is not None:
             model.load_state_dict(best)
         model.eval()
+        reason = ("time_budget" if self._out_of_time else "early_stopping" if state["stopped_early"] else "epochs")
         result = TrainResult(state["history"], state["epoch"], state["best_epoch"], state["stopped_early"],
-                             resumed_from, time.perf_counter() - t0, self.checkpoint_path)
+                             resumed_from, time.perf_counter() - t0, self.checkpoint_path, stop_reason=reason,
+                             time_budget=float(p.time_budget))
         result.curves = self._write_curves(state)
         if self.dir is not None:
             from insightad.io import atomic_write
@@ -223,6 +240,7 @@ class TrainingLoop:
         sums: dict[str, float] = {}
         batches = self._batches(len(train), g)
         t_start = time.perf_counter()
+        seen = 0
         for idx in tqdm(batches, desc=f"{self.name}: epoch {epoch + 1}", unit="batch", leave=False,
                         disable=not self.progress):
             x = train[idx]
@@ -239,7 +257,14 @@ class TrainingLoop:
             if not self._estimated:  # one batch timed: say how long the whole run will be
                 self._announce_duration(time.perf_counter() - t_start, len(batches), epoch)
             _accumulate(sums, {"loss": float(loss.detach()), **metrics}, len(idx))
-        return {f"train_{k}": v / len(train) for k, v in sums.items()}
+            seen += len(idx)
+            if self._deadline is not None and self.clock() >= self._deadline:
+                self._out_of_time = True  # this epoch ends here; it is still validated and checkpointed
+                break
+        out = {f"train_{k}": v / seen for k, v in sums.items()}
+        if seen < len(train):
+            out["train_fraction"] = seen / len(train)
+        return out
 
     def _announce_duration(self, batch_seconds: float, n_batches: int, epoch: int) -> None:
         """Before a long CPU run gets far: warn with the estimated time (one batch x batches x epochs left)."""
@@ -248,10 +273,13 @@ class TrainingLoop:
             return
         left = self.p.epochs - epoch
         total = batch_seconds * n_batches * left
-        if total > LONG_RUN_S:
-            warnings.warn(f"{self.name}: training on the CPU will take about {format_duration(total)} ({left} epochs "
-                          f"x {n_batches} batches at {batch_seconds:.2f} s each; early stopping may end it sooner); "
-                          "lower --epochs or --image-size, or train on a GPU", LongTrainingWarning, stacklevel=4)
+        budget = self.p.time_budget
+        if total > LONG_RUN_S and (not budget or budget > LONG_RUN_S):
+            capped = f"; the time budget stops it after {format_duration(budget)}" if budget and budget < total else ""
+            warnings.warn(f"{self.name}: training on the CPU will take about {format_duration(min(total, budget or total))} "
+                          f"({left} epochs x {n_batches} batches at {batch_seconds:.2f} s each{capped}; early stopping "
+                          "may end it sooner); lower --epochs, --time-budget or --image-size, or train on a GPU",
+                          LongTrainingWarning, stacklevel=4)
 
     @torch.no_grad()
     def _evaluate(self, model: nn.Module, objective: Objective, data: torch.Tensor) -> dict[str, float]:

@@ -29,7 +29,8 @@ _WHITESPACE = re.compile(r"\s+")
 
 @dataclass
 class DecodedImage:
-    """A request image at model size (uint8 C, H, W) and its original (height, width)."""
+    """A request image, float pixels at model size (or decoded uint8 at its own size, for a graph that
+    resizes itself), (C, H, W), and its original (height, width)."""
 
     tensor: torch.Tensor
     size: tuple[int, int]
@@ -75,7 +76,8 @@ def image_pixels(data: bytes) -> int | None:
     return w * h
 
 
-def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, field: str = "image") -> DecodedImage:
+def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, field: str = "image",
+                 original: bool = False) -> DecodedImage:
     """Encoded image bytes -> the model's input, refusing images over ``max_pixels`` before decoding them."""
     pixels = image_pixels(data)
     if pixels is not None and pixels > max_pixels:
@@ -85,8 +87,10 @@ def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, field: str =
         img = load_image(data, prep.channels, max_pixels=max_pixels)
     except InsightADError as e:
         raise InsightADError(f"{field}: {str(e).removeprefix('<bytes>: ')}") from None
-    tensor, size = prep.load(img)
-    return DecodedImage(tensor, size)
+    if original:
+        return DecodedImage(torch.from_numpy(prep.decode(img)), (img.size[1], img.size[0]))
+    arr, size = prep.load(img)
+    return DecodedImage(torch.from_numpy(arr), size)
 
 
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side

@@ -93,6 +93,7 @@ class ScoringService:
         """Decode every image; the pixels decoded for one request are bounded by --max-pixels in total
         (each image is checked against what is left before it is decoded)."""
         out, left = [], self.settings.max_pixels
+        original = bool(getattr(getattr(self.det, "engine_", None), "takes_original", False))  # graph resizes
         for field, payload in items:
             data = decode_base64(payload, field) if isinstance(payload, str) else payload
             pixels = image_pixels(data) or 0
@@ -100,7 +101,8 @@ class ScoringService:
                 raise HTTPException(413, f"{field}: the images of this request together exceed this server's "
                                          f"limit of {self.settings.max_pixels} decoded pixels per request "
                                          "(--max-pixels); send fewer or smaller images")
-            out.append(decode_image(data, self.det.preprocessing_, min(left, self.settings.max_pixels), field))
+            out.append(decode_image(data, self.det.preprocessing_, min(left, self.settings.max_pixels), field,
+                                    original))
             left -= pixels
         return out
 

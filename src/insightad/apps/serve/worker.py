@@ -199,7 +199,7 @@ class InferenceWorker:
         flat: list[Result] = []
         for i in range(0, len(images), self.max_batch):
             t0 = time.perf_counter()
-            scores, maps = self.detector.forward_batch(torch.stack(images[i:i + self.max_batch]))
+            scores, maps = self.detector.forward_batch(list(images[i:i + self.max_batch]))
             for j, s in enumerate(scores.cpu().double().tolist()):
                 m = maps[j].cpu().clone() if (maps is not None and want[i + j]) else None
                 flat.append(Result(float(s), m))

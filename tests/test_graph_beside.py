@@ -1,0 +1,85 @@
+"""Issue 14: train writes the verified ONNX graph beside the model file; the onnx engine uses it only when
+it is stamped with the model file's sha256 (a stale, swapped or truncated graph is never used)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from insightad.cli import main
+from insightad.engines.onnx_runtime import CACHE_KEY, read_onnx_metadata
+from insightad.io import file_sha256
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSIGHTAD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "onnx"
+
+
+@pytest.fixture(scope="module")
+def trained(mvtec_dir, tmp_path_factory):
+    """A model trained by the CLI (which writes model.onnx beside model.safetensors)."""
+    out = tmp_path_factory.mktemp("beside") / "model.safetensors"
+    assert main(["train", "--data", str(mvtec_dir), "--method", "baseline", "--image-size", "64",
+                 "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _images(mvtec_dir):
+    return sorted((mvtec_dir / "test").rglob("*.png"))[:4]
+
+
+def test_train_writes_a_stamped_graph_that_predict_uses(trained, mvtec_dir, cache):
+    from insightad.inference.load import load_for_inference
+
+    graph = trained.with_suffix(".onnx")
+    meta = read_onnx_metadata(graph)
+    assert meta[CACHE_KEY] == file_sha256(trained) and meta["method"] == "baseline"
+    assert meta["decode"]["exif_orientation"].startswith("not applied") and meta["score_scale"] > 0
+    det = load_for_inference(trained, "onnx")
+    assert det.engine_name_ == "onnx" and not cache.exists()  # the graph beside was used: nothing exported
+    ref = load_for_inference(trained, "torch").predict(_images(mvtec_dir))
+    got = det.predict(_images(mvtec_dir))
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-4)
+    np.testing.assert_allclose(got.scores_normalized, ref.scores_normalized, atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other model", "stale"])
+def test_a_bad_graph_beside_is_never_used(trained, mvtec_dir, cache, tmp_path, damage):
+    from insightad.inference.load import load_for_inference
+
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(trained, model)
+    graph = model.with_suffix(".onnx")
+    data = trained.with_suffix(".onnx").read_bytes()
+    if damage == "truncated":
+        graph.write_bytes(data[: len(data) // 2])
+    elif damage == "other model":  # a graph stamped for another model file
+        from insightad.inference.export import export_onnx
+        from insightad.model_file import load_model
+
+        export_onnx(load_model(trained), graph, "0" * 64)
+    else:  # the model file changed after the graph was written (here: its threshold moved)
+        from insightad.model_file import load_model, save_model
+
+        graph.write_bytes(data)
+        det = load_model(model)
+        save_model(det.set_threshold(det.threshold_ * 1.5, "manual"), model)
+    with pytest.warns(UserWarning, match="not the graph of"):
+        det = load_for_inference(model, "onnx")
+    assert det.engine_name_ == "onnx" and len(list(cache.glob("*.onnx"))) == 1  # rebuilt into the cache
+    ref = load_for_inference(model, "torch").predict(_images(mvtec_dir)).scores
+    np.testing.assert_allclose(det.predict(_images(mvtec_dir)).scores, ref, rtol=1e-4)
+
+
+def test_no_onnx_skips_the_graph(mvtec_dir, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--data", str(mvtec_dir), "--method", "baseline", "--image-size", "32",
+                 "--out", str(out), "--no-progress", "--no-onnx"]) == 0
+    assert out.exists() and not out.with_suffix(".onnx").exists()
+    assert "ONNX graph written" not in capsys.readouterr().out
