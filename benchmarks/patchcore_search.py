@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -60,9 +61,9 @@ def main() -> int:
         det = load_model(Path(tmp) / "m.safetensors")
     model = det.model_
     test = [s.path for s in discover(args.data).test]
-    batches = [b.images for b in iter_batches(test, det.preprocessing_, 16, 0)]
+    batches = [np.stack(b.images) for b in iter_batches(test, det.preprocessing_, 16, 0)]  # as forward_batch takes them
     with torch.inference_mode():
-        patches = torch.cat([model.patches(x) for x in batches])  # (N, P, D)
+        patches = torch.cat([model.patches(torch.from_numpy(x)) for x in batches])  # (N, P, D)
     q = patches.flatten(0, 1)
     n_img = patches.shape[0]
     t = time.perf_counter()
