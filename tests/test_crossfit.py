@@ -76,3 +76,26 @@ def test_heldout_fold_refit_equals_exact_baseline_folds(mvtec_dir):
     first = [i for i, d in enumerate(exact.defects) if d.source in set(held.normal_index.tolist())]
     np.testing.assert_allclose(exact.defect_scores[first], held.defect_scores, rtol=1e-4)
     assert exact.defect_maps is None
+
+
+def test_sample_size_factor_puts_fold_distances_on_the_final_models_scale():
+    """Gaussian data: new points' squared Mahalanobis distances under a covariance from fewer images,
+    times the factor squared, match those under the covariance from more images (within 5%)."""
+    from insightad.methods.components.patch_gaussian import sample_size_factor
+
+    rng = np.random.default_rng(0)
+    d, n_full, n_fold = 12, 60, 45
+
+    def mean_sq(m: int) -> float:
+        out = []
+        for _ in range(200):
+            x = rng.standard_normal((m, d))
+            inv = np.linalg.inv(np.cov(x, rowvar=False))
+            y = rng.standard_normal((50, d)) - x.mean(0)
+            out.append(np.einsum("ij,jk,ik->i", y, inv, y).mean())
+        return float(np.mean(out))
+
+    f = sample_size_factor(n_full, n_fold, d)
+    assert 0.7 < f < 1.0
+    assert abs(mean_sq(n_fold) * f**2 / mean_sq(n_full) - 1) < 0.05
+    assert sample_size_factor(100, 10, 12) == 1.0  # the formula needs more images than dimensions + 2

@@ -7,6 +7,8 @@ position) so that float32 accumulation does not lose the covariance to cancellat
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from insightad.errors import InsightADError
@@ -30,6 +32,22 @@ def lower_triangular_inverse(chol: torch.Tensor, leaf: int = 1) -> torch.Tensor:
     out[..., h:, h:] = d_inv
     out[..., h:, :h] = -(d_inv @ chol[..., h:, :h] @ a_inv)
     return out
+
+
+def sample_size_factor(n_target: int, n_fitted: int, dim: int) -> float:
+    """How much smaller a new image's Mahalanobis distance is, on average, under a covariance estimated
+    from ``n_target`` images than under one from ``n_fitted`` (Hotelling's T^2: a new point's expected
+    squared distance under the sample covariance of m points in d dimensions is proportional to
+    (m-1)(m+1) / (m(m-d-2))). Out-of-fold models see fewer images than the final model, so their
+    distances run larger (about 1.28x for 160 vs 200 images at d=120, as measured on concrete); the
+    factor puts them on the final model's scale. 1.0 where the formula does not apply (m <= d+2)."""
+    if min(n_target, n_fitted) <= dim + 2:
+        return 1.0
+
+    def spread(m: int) -> float:
+        return (m - 1) * (m + 1) / (m * (m - dim - 2))
+
+    return math.sqrt(spread(n_target) / spread(n_fitted))
 
 
 class PatchGaussianAccumulator:
