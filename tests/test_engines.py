@@ -134,3 +134,21 @@ def test_every_exportable_method_agrees_across_engines(method, params, mvtec_dir
     if ref.maps is not None:
         for a, b in zip(got.maps, ref.maps):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+def test_session_memory_arena_is_a_choice(tmp_path):
+    """The server turns ONNX Runtime's memory arena off (serve --memory-arena turns it back on)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from insightad.apps.serve.settings import ServeParams
+    from insightad.engines.onnx_runtime import make_session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "id.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    assert make_session(str(path)).get_session_options().enable_cpu_mem_arena
+    assert not make_session(str(path), arena=False).get_session_options().enable_cpu_mem_arena
+    assert ServeParams().memory_arena is False

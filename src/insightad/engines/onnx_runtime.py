@@ -20,13 +20,16 @@ LAYOUT_KEY = "insightad_graph_layout"  # metadata: what the graph takes; a graph
 GRAPH_LAYOUT = "uint8-any-size-resize-inside"
 
 
-def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS):
+def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS, arena: bool = True):
+    """A CPU session; ``arena=False`` turns off ONNX Runtime's memory arena (less resident memory, a
+    little slower: what a long-running server wants)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
+    so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     # No busy-waiting between calls: the cores are shared with the image-decoding workers.
@@ -41,8 +44,8 @@ class OnnxEngine:
 
     takes_original = True  # feed decoded images at their own size, not images resized in Python
 
-    def __init__(self, model: bytes | str, threads: int | None = DEFAULT_THREADS) -> None:
-        self.session = make_session(model, threads)
+    def __init__(self, model: bytes | str, threads: int | None = DEFAULT_THREADS, arena: bool = True) -> None:
+        self.session = make_session(model, threads, arena)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.input_name = self.session.get_inputs()[0].name
 
@@ -137,14 +140,15 @@ def graph_stamp(engine: OnnxEngine) -> tuple[str | None, str | None]:
     return props.get(CACHE_KEY), props.get(LAYOUT_KEY)
 
 
-def verified_entry(target: Path, digest: str, threads: int | None, delete: bool = True) -> OnnxEngine | None:
+def verified_entry(target: Path, digest: str, threads: int | None, delete: bool = True, arena: bool = True
+                   ) -> OnnxEngine | None:
     """The engine of a graph file whose stamp names this model file's content and today's layout; None for a
     missing, damaged (truncated, not ONNX), stale or foreign file (another model's graph), which is never
     used (and deleted when ``delete``: cache entries)."""
     if not target.is_file():
         return None
     try:
-        engine: OnnxEngine | None = OnnxEngine(str(target), threads)
+        engine: OnnxEngine | None = OnnxEngine(str(target), threads, arena)
         stamp, layout = graph_stamp(engine) if engine else (None, None)
     except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
         stamp, layout, engine = None, None, None

@@ -111,27 +111,29 @@ def beside(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".onnx")
 
 
-def stored_engine(model_path: str | Path, threads: int | None = None, digest: str | None = None) -> OnnxEngine | None:
+def stored_engine(model_path: str | Path, threads: int | None = None, digest: str | None = None, arena: bool = True
+                  ) -> OnnxEngine | None:
     """The graph of the model file at ``model_path`` already on disk (no PyTorch needed): the one beside it
     when stamped with the file's sha256, else the cache entry so stamped; None when there is none."""
     digest = digest or file_digest(model_path)
     side = beside(model_path)
     if side.exists() and side != Path(model_path):
-        engine = verified_entry(side, digest, threads, delete=False)
+        engine = verified_entry(side, digest, threads, delete=False, arena=arena)
         if engine is not None:
             return engine
         warnings.warn(f"{side}: not the graph of {model_path} (stale, damaged or of an older layout); not used. "
                       f"Refresh it with 'insightad export --model {model_path}'", stacklevel=2)
-    return verified_entry(cache_dir() / f"{digest}.onnx", digest, threads)
+    return verified_entry(cache_dir() / f"{digest}.onnx", digest, threads, arena=arena)
 
 
-def cached_engine(det: Detector, model_path: str | Path, threads: int | None = None) -> OnnxEngine:
+def cached_engine(det: Detector, model_path: str | Path, threads: int | None = None, arena: bool = True
+                  ) -> OnnxEngine:
     """An ONNX Runtime engine for the model file at ``model_path``: the graph beside it when stamped with the
     sha256 of the model file's content, else the cache entry so stamped, else a fresh export into the cache.
     A graph whose stamp does not match (stale, truncated, swapped, damaged) is never used: a cache entry is
     rebuilt from the PyTorch model, or refused where there is none."""
     digest = file_digest(model_path)
-    engine = stored_engine(model_path, threads, digest)
+    engine = stored_engine(model_path, threads, digest, arena)
     if engine is not None:
         return engine
     target = cache_dir() / f"{digest}.onnx"
@@ -146,5 +148,5 @@ def cached_engine(det: Detector, model_path: str | Path, threads: int | None = N
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            return OnnxEngine(str(export_onnx(det, Path(tmp) / "model.onnx", digest)), threads)
-    return OnnxEngine(str(target), threads)
+            return OnnxEngine(str(export_onnx(det, Path(tmp) / "model.onnx", digest)), threads, arena)
+    return OnnxEngine(str(target), threads, arena)

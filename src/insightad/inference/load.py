@@ -24,12 +24,13 @@ TORCH_FIRST = frozenset({"patchcore"})  # methods whose Detector says onnx_auto 
 
 
 def load_for_inference(path: str | Path, engine: str = "auto", threads: int | None = None,
-                       device: str = "cpu") -> Scorer:
+                       device: str = "cpu", arena: bool = True) -> Scorer:
     """A model file (or an InsightAD ONNX export) ready to predict on ``engine``.
 
     ``auto`` picks ONNX Runtime on CPU when installed: the graph stored for the model file when there is
     one (no PyTorch), else exported once per model file and cached; PyTorch on a GPU, and for a method that
     declares its PyTorch graph the better default (``onnx_auto = False``) when PyTorch is installed.
+    ``arena``: ONNX Runtime's memory arena (off in the server: less resident memory).
     """
     if engine not in ENGINES:
         raise InsightADError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
@@ -38,14 +39,14 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
             raise InsightADError(f"{path}: an ONNX file runs on the onnx engine only (drop --engine torch)")
         from insightad.inference.onnx_detector import OnnxDetector
 
-        onnx_det = OnnxDetector.from_file(path, threads)
+        onnx_det = OnnxDetector.from_file(path, threads, arena=arena)
         warm_up(onnx_det, path)
         return onnx_det
     from insightad.model_file import read_metadata
 
     meta = read_metadata(path, check_params=False)  # load_model checks them where PyTorch scores
     if _graph_first(engine, device, meta["method"]):
-        graph = stored_graph(path, meta, threads)
+        graph = stored_graph(path, meta, threads, arena)
         if graph is not None:
             warm_up(graph, path)
             return graph
@@ -58,7 +59,7 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
                              f"cache), and PyTorch is not installed to make one: run 'insightad export --model "
                              f"{path}' where PyTorch is installed ({TRAIN_EXTRA}) and put the .onnx beside the "
                              "model file (or score with the .onnx itself)")
-    return _load_torch(path, engine, threads, device)
+    return _load_torch(path, engine, threads, device, arena)
 
 
 def _graph_first(engine: str, device: str, method: str) -> bool:
@@ -72,13 +73,14 @@ def _graph_first(engine: str, device: str, method: str) -> bool:
     return method not in TORCH_FIRST and not on_gpu(device)
 
 
-def stored_graph(path: str | Path, meta: dict[str, Any], threads: int | None = None) -> OnnxDetector | None:
+def stored_graph(path: str | Path, meta: dict[str, Any], threads: int | None = None, arena: bool = True
+                 ) -> OnnxDetector | None:
     """The graph made from exactly this model file (stamped with its sha256), beside it or in the cache, as a
     scorer that needs no PyTorch; None when there is none. A stale or swapped graph is never used."""
     from insightad.inference.export import stored_engine
     from insightad.inference.onnx_detector import OnnxDetector
 
-    engine = stored_engine(path, threads)
+    engine = stored_engine(path, threads, arena=arena)
     if engine is None:
         return None
     det = OnnxDetector.from_file(path, threads, engine=engine)
@@ -88,7 +90,7 @@ def stored_graph(path: str | Path, meta: dict[str, Any], threads: int | None = N
     return det
 
 
-def _load_torch(path: str | Path, engine: str, threads: int | None, device: str) -> Scorer:
+def _load_torch(path: str | Path, engine: str, threads: int | None, device: str, arena: bool = True) -> Scorer:
     """The PyTorch model of a model file, on ONNX Runtime through an exported (cached) graph when chosen."""
     import torch
 
@@ -106,7 +108,7 @@ def _load_torch(path: str | Path, engine: str, threads: int | None, device: str)
         from insightad.inference.export import cached_engine
 
         try:
-            det.engine_ = cached_engine(det, path, threads)
+            det.engine_ = cached_engine(det, path, threads, arena)
             det.engine_name_ = "onnx"
         except InsightADError as e:
             if engine == "onnx":

@@ -30,7 +30,8 @@ class OnnxDetector(OnnxDetectorParams, Scorer):
     metadata_: dict[str, Any]  # the model file's, when the graph was found for one (``inference.load``)
 
     @classmethod
-    def from_file(cls, path: str | Path, threads: int | None = None, engine: Any = None) -> OnnxDetector:
+    def from_file(cls, path: str | Path, threads: int | None = None, engine: Any = None, arena: bool = True
+                  ) -> OnnxDetector:
         """The graph at ``path`` (or ``engine``, a session already made from it) ready to score."""
         from insightad.engines.onnx_runtime import OnnxEngine, check_metadata
 
@@ -38,7 +39,7 @@ class OnnxDetector(OnnxDetectorParams, Scorer):
             if not Path(path).is_file():
                 raise InsightADError(f"{path}: ONNX file not found")
             try:
-                engine = OnnxEngine(str(path), threads)
+                engine = OnnxEngine(str(path), threads, arena)
             except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
                 raise InsightADError(f"{path}: not a readable ONNX file "
                                      f"({(str(e).splitlines() or [''])[0][:120]})") from None

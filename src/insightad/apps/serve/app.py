@@ -83,7 +83,8 @@ def load_detector(model: str | Path | Scorer, settings: ServeParams) -> Scorer:
         return model
     from insightad.inference.load import load_for_inference
 
-    return load_for_inference(model, settings.engine, settings.threads or None, settings.device)
+    return load_for_inference(model, settings.engine, settings.threads or None, settings.device,
+                              arena=settings.memory_arena)
 
 
 def create_app(model: str | Path | Scorer, settings: ServeParams | None = None,
