@@ -34,12 +34,14 @@ INSIGHTAD = [sys.executable, "-m", "insightad"]
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd`` to completion: wall seconds from start to exit, peak RSS (MB) of that process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out = proc.stdout.read() if proc.stdout else b""
-    err = proc.stderr.read() if proc.stderr else b""
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:  # files, not pipes: a full
+        t0 = time.perf_counter()                                                # pipe would stall the child
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
     return {"wall_s": round(wall, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": out.decode()}
