@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from insightad.decide.normalize import default_scale
+from insightad.engines.cache import cache_dir, prune_cache
 from insightad.engines.onnx_runtime import (
     CACHE_KEY,
     GRAPH_LAYOUT,
     LAYOUT_KEY,
     ONNX_FORMAT,
     OnnxEngine,
-    cache_dir,
     file_digest,
-    prune_cache,
     verified_entry,
 )
 from insightad.errors import InsightADError
@@ -148,5 +147,5 @@ def cached_engine(det: Detector, model_path: str | Path, threads: int | None = N
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            return OnnxEngine(str(export_onnx(det, Path(tmp) / "model.onnx", digest)), threads, arena)
+            return OnnxEngine(str(export_onnx(det, Path(tmp) / "model.onnx", digest)), threads, arena, ready=False)
     return OnnxEngine(str(target), threads, arena)
