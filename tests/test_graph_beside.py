@@ -138,3 +138,22 @@ def test_prune_counts_ready_copies(trained, cache, tmp_path):
     assert ready_copy(graph) is not None
     prune_cache(limit=0)
     assert not list((cache / READY).iterdir())
+
+
+def test_model_digest_is_remembered_per_file_version(trained, cache, tmp_path):
+    """A model file is hashed once per version; a rewritten file (new bytes, new timestamp) is hashed again."""
+    import os
+
+    from insightad.engines.cache import DIGESTS, model_digest
+    from insightad.io import file_sha256
+
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(trained, model)
+    old = os.stat(model).st_mtime - 60
+    os.utime(model, (old, old))  # not racy: old enough to trust its timestamp
+    assert model_digest(model) == file_sha256(model) and len(list((cache / DIGESTS).iterdir())) == 1
+    assert model_digest(model) == file_sha256(model)
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1
+    model.write_bytes(bytes(data))  # same size, in place: only the timestamp tells
+    assert model_digest(model) == file_sha256(model)  # just written: racy, hashed again

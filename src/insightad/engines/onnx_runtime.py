@@ -10,7 +10,6 @@ import numpy as np
 
 from insightad.engines.cache import ready_copy
 from insightad.errors import InsightADError
-from insightad.io import file_sha256 as file_digest  # noqa: F401 - the cache key
 
 META_KEY = "insightad"  # the metadata entry of an InsightAD graph
 ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
