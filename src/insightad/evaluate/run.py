@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from insightad.config import DataParams
-from insightad.data.images import check_mask_size
+from insightad.data.images import check_mask_size, image_size
 from insightad.data.layouts import Sample, discover, evaluation_samples
 from insightad.errors import InsightADError
 from insightad.evaluate.pixel import RESOLUTION, resize_map
@@ -43,18 +43,19 @@ class Evaluation:
 
 def predict_reduced(det: Detector, paths: list, maps: bool, threshold: float | None, progress: bool,
                     chunk: int = 32) -> tuple[Prediction, list[tuple[int, int]]]:
-    """Predict through the one prediction loop, keeping each map only at the pixel metrics' resolution,
-    so memory does not grow with the number and size of test images. Returns the prediction and sizes."""
+    """Predict through the one prediction loop, each map brought from the model's size straight to the pixel
+    metrics' resolution (never through the image's own size), so memory does not grow with the number
+    and size of test images. Returns the prediction and each image's own (height, width)."""
     parts: list[Prediction] = []
-    sizes: list[tuple[int, int]] = []
-    for p in det.iter_predict(paths, chunk=chunk, maps=maps, threshold=threshold, progress=progress):
+    for p in det.iter_predict(paths, chunk=chunk, maps=maps, threshold=threshold, progress=progress,
+                              map_size="model"):
         if p.maps is not None:
             got = [m for m in p.maps if m is not None]
             if len(got) != len(p.maps):  # strict prediction: every image read has a map
                 raise InsightADError("evaluate: an image came back without an anomaly map")
-            sizes.extend((m.shape[0], m.shape[1]) for m in got)
             p.maps = [resize_map(m, RESOLUTION).astype(np.float32) for m in got]
         parts.append(p)
+    sizes = [image_size(path)[::-1] for path in paths] if maps else []
     return Prediction.concat(parts), sizes
 
 
