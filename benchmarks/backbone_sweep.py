@@ -33,6 +33,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from insightad.data.layouts import discover, evaluation_samples, holdout_split
+from insightad.evaluate.pixel import RESOLUTION, resize_map
 from insightad.methods import create_detector
 from insightad.methods.components.pooling import pool
 from insightad.methods.padim import level_patches
@@ -140,9 +141,13 @@ def main() -> int:
                                "image_auroc": round(float(roc_auc_score(labels, scores)), 5),
                                "pixel_auroc": None, "fit_s_cached": round(fit_s, 1), "backbone_ips": round(ips, 2)}
                         if maps is not None and any(s.mask is not None for s in test):
+                            from insightad.data.images import image_size
                             from insightad.evaluate.pixel import pixel_metrics
 
-                            pm = pixel_metrics(test, maps)
+                            # maps are at model size: compared at 256 px (resized there if the size differs)
+                            maps = [resize_map(m, RESOLUTION) for m in maps]
+                            shapes = [image_size(s.path)[::-1] for s in test]
+                            pm = pixel_metrics(test, maps, shapes=shapes)
                             row["pixel_auroc"] = round(pm["pixel_auroc"], 5)
                         rows.append(row)
                         print(json.dumps(row), flush=True)

@@ -25,7 +25,8 @@ JSON lines go to stdout (or ``--out``); the table goes to stderr.
 ../shared/data: MVTec categories and crack-style sets) with each method's defaults, over ``--seeds``,
 and prints one table: image AUROC mean and spread (sample standard deviation) over seeds, pixel
 AUROC, AUPRO, f1_max, fit seconds, predict images/s, model file size, peak RSS. Its JSON lines go to
-benchmarks/results/suite.jsonl (``--out``); ``--markdown`` writes the table to docs/benchmarks.md (its hand-written ``## `` sections after the table are kept).
+benchmarks/results/suite.jsonl (``--out``); ``--markdown`` writes the table to docs/benchmarks.md
+(its hand-written ``## `` sections after the table are kept).
 ``--from FILE`` builds the table from JSON lines already measured (e.g. the trained methods' runs
 made elsewhere, appended to the same file) without running anything.
 
