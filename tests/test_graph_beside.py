@@ -42,7 +42,7 @@ def test_train_writes_a_stamped_graph_that_predict_uses(trained, mvtec_dir, cach
     assert meta[CACHE_KEY] == file_sha256(trained) and meta["method"] == "baseline"
     assert meta["decode"]["exif_orientation"].startswith("not applied") and meta["score_scale"] > 0
     det = load_for_inference(trained, "onnx")
-    assert det.engine_name_ == "onnx" and not cache.exists()  # the graph beside was used: nothing exported
+    assert det.engine_name_ == "onnx" and not list(cache.glob("*.onnx"))  # the graph beside was used: nothing exported
     ref = load_for_inference(trained, "torch").predict(_images(mvtec_dir))
     got = det.predict(_images(mvtec_dir))
     np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-4)
@@ -83,3 +83,77 @@ def test_no_onnx_skips_the_graph(mvtec_dir, tmp_path, capsys):
                  "--out", str(out), "--no-progress", "--no-onnx"]) == 0
     assert out.exists() and not out.with_suffix(".onnx").exists()
     assert "ONNX graph written" not in capsys.readouterr().out
+
+
+def test_ready_copy_is_made_once_reused_and_scores_the_same(trained, mvtec_dir, cache, tmp_path):
+    """A graph opens through its session-ready copy (optimised, constants in a mapped file), made once."""
+    from insightad.engines.cache import READY, READY_DATA, ready_copy
+    from insightad.engines.onnx_runtime import OnnxEngine
+
+    graph = tmp_path / "model.onnx"
+    shutil.copyfile(trained.with_suffix(".onnx"), graph)
+    first = ready_copy(graph)
+    assert first is not None and first.is_file() and (first.parent / READY_DATA).stat().st_size > 0
+    assert ready_copy(graph) == first and len(list((cache / READY).iterdir())) == 1
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 70, 90), dtype=np.uint8)
+    got = OnnxEngine(str(graph))(x)
+    ref = OnnxEngine(str(graph), ready=False)(x)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_rewritten_graph_gets_a_new_ready_copy(trained, cache, tmp_path):
+    """The ready copy is keyed by the file's identity: a graph replaced by another never opens the old copy."""
+    from insightad.engines.cache import ready_copy
+
+    graph = tmp_path / "model.onnx"
+    shutil.copyfile(trained.with_suffix(".onnx"), graph)
+    first = ready_copy(graph)
+    replacement = tmp_path / "new.onnx"
+    shutil.copyfile(trained.with_suffix(".onnx"), replacement)
+    replacement.replace(graph)  # same bytes, another file (how atomic writers replace a graph)
+    second = ready_copy(graph)
+    assert second is not None and second != first
+
+
+def test_no_ready_copy_where_the_cache_cannot_be_written(trained, tmp_path, monkeypatch):
+    """An unwritable cache is no reason to fail: the graph opens the slow way."""
+    from insightad.engines.cache import ready_copy
+    from insightad.engines.onnx_runtime import OnnxEngine
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("INSIGHTAD_CACHE", str(blocker))
+    graph = trained.with_suffix(".onnx")
+    assert ready_copy(graph) is None
+    x = np.zeros((1, 3, 64, 64), dtype=np.uint8)
+    assert np.isfinite(OnnxEngine(str(graph))(x)[0]).all()
+
+
+def test_prune_counts_ready_copies(trained, cache, tmp_path):
+    from insightad.engines.cache import READY, prune_cache, ready_copy
+
+    graph = tmp_path / "model.onnx"
+    shutil.copyfile(trained.with_suffix(".onnx"), graph)
+    assert ready_copy(graph) is not None
+    prune_cache(limit=0)
+    assert not list((cache / READY).iterdir())
+
+
+def test_model_digest_is_remembered_per_file_version(trained, cache, tmp_path):
+    """A model file is hashed once per version; a rewritten file (new bytes, new timestamp) is hashed again."""
+    import os
+
+    from insightad.engines.cache import DIGESTS, model_digest
+    from insightad.io import file_sha256
+
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(trained, model)
+    old = os.stat(model).st_mtime - 60
+    os.utime(model, (old, old))  # not racy: old enough to trust its timestamp
+    assert model_digest(model) == file_sha256(model) and len(list((cache / DIGESTS).iterdir())) == 1
+    assert model_digest(model) == file_sha256(model)
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1
+    model.write_bytes(bytes(data))  # same size, in place: only the timestamp tells
+    assert model_digest(model) == file_sha256(model)  # just written: racy, hashed again

@@ -11,6 +11,7 @@ from insightad.engines import onnx_runtime
 from insightad.errors import InsightADError
 from insightad.inference.export import cached_engine
 from insightad.inference.load import load_for_inference
+from insightad.io import file_sha256
 from insightad.model_file import META_KEY
 
 
@@ -31,7 +32,7 @@ def _score(model, image):
 
 
 def _entry(cache, model):
-    return cache / f"{onnx_runtime.file_digest(model)}.onnx"
+    return cache / f"{file_sha256(model)}.onnx"
 
 
 def test_p5_truncated_entry_is_rebuilt(baseline_model, mvtec_dir, cache):
@@ -79,4 +80,4 @@ def test_p5_entry_carries_the_model_hash(baseline_model, cache):
 
     proto = onnx.load(str(_entry(cache, baseline_model)))
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props[onnx_runtime.CACHE_KEY] == onnx_runtime.file_digest(baseline_model)
+    assert props[onnx_runtime.CACHE_KEY] == file_sha256(baseline_model)

@@ -58,6 +58,21 @@ def test_streaming_sums_equal_one_shot_statistics():
         PatchGaussianAccumulator(6, 5).update(torch.zeros(2, 6, 4))
 
 
+def test_distances_without_some_images_equal_a_model_fitted_without_them():
+    """Cross-fitting: the sums of all images minus a fold's give the fold-free model, chunk by chunk."""
+    g = torch.Generator().manual_seed(1)
+    x = 20.0 + torch.randn(30, 7, 4, generator=g)
+    acc = PatchGaussianAccumulator(7, 4)
+    acc.update(x)
+    rest = PatchGaussianAccumulator(7, 4)
+    rest.update(x[6:])
+    q = torch.randn(5, 7, 4, generator=g) + 20.0
+    got = acc.distances_without(x[:6], q, 0.01, chunk=3)
+    torch.testing.assert_close(got, rest.distances(q, 0.01), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(acc.distances_without(x[:0], q, 0.01), acc.distances(q, 0.01))
+    assert acc.n == 30  # unchanged
+
+
 def test_block_triangular_inverse():
     a = torch.randn(3, 37, 37, dtype=torch.float64)
     low = torch.linalg.cholesky(a @ a.mT + 37 * torch.eye(37, dtype=torch.float64))

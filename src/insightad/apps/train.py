@@ -81,9 +81,9 @@ def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | No
     """The verified ONNX graph next to the model file (``model.safetensors`` -> ``model.onnx``), written
     atomically and stamped with the model file's sha256, so predict/serve on the onnx engine start from it
     (and a runtime-only install can score with it alone). (path, a line to print); path None when skipped."""
+    from insightad.engines.cache import model_digest
     from insightad.errors import InsightADError
     from insightad.inference.export import beside, export_onnx
-    from insightad.io import file_sha256
 
     out = beside(model_path)
     if out == Path(model_path):
@@ -91,9 +91,10 @@ def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | No
     if det.onnx_unsupported:
         return None, f"no ONNX graph written: {det.method} cannot be exported ({det.onnx_unsupported})"
     try:
-        export_onnx(det, out, file_sha256(model_path))
+        export_onnx(det, out, model_digest(model_path))
     except InsightADError as e:
         return None, f"warning: no ONNX graph written ({e}); the onnx engine will export it on first use"
+    model_digest(model_path)  # remembered now, if the file was too fresh to trust its timestamp before
     return out, f"ONNX graph written to {out} (verified against PyTorch)"
 
 

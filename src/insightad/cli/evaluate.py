@@ -55,7 +55,9 @@ def format_table(m: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.evaluate.run import evaluate_model
+    from insightad.evaluate.run import evaluate_model, prefetch_metrics
+
+    prefetch_metrics()  # scikit-learn's import overlaps the model's load and the scoring
     if not 0 < args.prevalence < 1:  # checked with or without --report: a bad value is a typo either way
         raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {args.prevalence:g}")
     if args.draws < 1:

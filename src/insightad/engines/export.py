@@ -14,14 +14,18 @@ at a time and ONNX Runtime reads the file, so the export holds no second copy of
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from insightad.data.resize import RESIZE_ONNX_ATTRIBUTES, resize_array
@@ -37,11 +41,59 @@ MODULE_INPUT = "pixels"  # the module's own input inside a whole-model graph (af
 Batch = torch.Tensor | np.ndarray
 
 
+def _same_pads(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+               dilation: Sequence[int]) -> list[int]:
+    """TensorFlow's 'SAME' padding for an input of ``size`` (h, w), as ``F.pad`` takes it (left, right, top,
+    bottom): the extra pixel of an odd total goes after, as TensorFlow puts it."""
+    total = [max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+             for i, k, s, d in zip(size, kernel, stride, dilation)]
+    (ph, pw) = total
+    return [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]
+
+
+def _padded_conv(conv: nn.Conv2d, pads: list[int], x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(F.pad(x, pads), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+@contextmanager
+def _static_same_padding(module: nn.Module, example: torch.Tensor) -> Iterator[None]:
+    """Trace timm's TF-'SAME' convolutions with constant padding. They compute their padding from the
+    input's shape at run time, which the tracer records as Shape/Ceil/Pad nodes that ONNX Runtime cannot
+    fold: the Pad between convolutions (and the layout reorders around it) cost about a third of the
+    backbone's time. Inside a graph the module's input always has the model's size, so each padding is
+    fixed; traced as a constant, ONNX Runtime fuses it into the Conv. The module is unchanged afterwards."""
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+    except ImportError:  # no timm: nothing of its kind to trace
+        yield
+        return
+    convs = [m for m in module.modules() if isinstance(m, Conv2dSame)]
+    sizes: dict[nn.Module, tuple[int, ...]] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: sizes.__setitem__(m, tuple(args[0].shape[-2:])))
+             for m in convs]
+    try:
+        with torch.inference_mode():
+            module(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    patched = [m for m in convs if m in sizes]
+    for m in patched:
+        m.forward = functools.partial(_padded_conv, m,  # type: ignore[method-assign]
+                                      _same_pads(sizes[m], m.weight.shape[-2:], m.stride, m.dilation))
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 def _to_onnx(module: nn.Module, example: torch.Tensor, outputs: Sequence[str], path: Path, input_name: str) -> None:
     """The traced graph without its weights: parameters and buffers stay graph inputs named as in the
-    module (``_finish`` streams them in from the module's own memory), so the exporter never copies them."""
+    module (``_finish`` streams them in from the module's own memory), so the exporter never copies them.
+    The module's input has a fixed size (only the batch varies), so TF-'SAME' paddings are traced as constants."""
     dynamic = {input_name: {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _static_same_padding(module, example):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=list(outputs),
                           dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, export_params=False,
@@ -118,6 +170,14 @@ def _module_weights(module: nn.Module, graph: Any, keep: str) -> dict[str, np.nd
     return weights
 
 
+def _drop_empty_pad_values(graph: Any) -> None:
+    """PyTorch writes Pad with an empty third input (no constant value: zeros); ONNX Runtime fuses a zero Pad
+    into the Conv after it only when that input is absent, so it goes (same meaning, ONNX's default)."""
+    for node in graph.node:
+        if node.op_type == "Pad" and len(node.input) == 3 and node.input[2] == "":
+            del node.input[2]
+
+
 def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat_keys: Sequence[str],
             resize_to: tuple[int, int] | None, channels: int) -> None:
     """The exported file rewritten with the module's tensors as initializers, the resize front (whole models)
@@ -125,6 +185,7 @@ def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat
     import onnx
 
     proto = onnx.load(str(path))
+    _drop_empty_pad_values(proto.graph)
     weights = _module_weights(module, proto.graph, "images" if resize_to is None else MODULE_INPUT)
     if resize_to is not None:
         _resize_front(proto.graph, channels, resize_to)
@@ -151,8 +212,10 @@ def verify(module: nn.Module, model: str | bytes, batches: Sequence[Batch], what
     """ONNX Runtime must reproduce every output of ``module`` within ``rtol`` (relative to the output's
     largest magnitude) on every batch; otherwise one line saying which output and by how much. With
     ``resize_to`` the graph gets each batch as it is (uint8, its own size) and the module the batch
-    resized by ``data.resize``: the check covers the in-graph resize too."""
-    sess = make_session(model, threads=None)
+    resized by ``data.resize``: the check covers the in-graph resize too. A graph file is checked through its
+    ready copy (``engines.cache``), the form every later run opens: what is verified is what runs, and
+    the first predict after an export opens at once."""
+    sess = make_session(model, threads=None, ready=True)
     names = [o.name for o in sess.get_outputs()]
     feed_name = sess.get_inputs()[0].name
     for images in batches:

@@ -60,7 +60,8 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
     module = _Features(normalize, extractor).eval()
     chosen = resolve_engine(engine, device.type)
     if chosen == "onnx":
-        from insightad.engines.onnx_runtime import cache_dir, make_session
+        from insightad.engines.cache import cache_dir
+        from insightad.engines.onnx_runtime import make_session
 
         target = cache_dir() / f"features-{_digest(module, shape)}.onnx"
         try:

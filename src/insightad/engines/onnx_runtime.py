@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from insightad.engines.cache import ready_copy
 from insightad.errors import InsightADError
-from insightad.io import file_sha256 as file_digest  # noqa: F401 - the cache key
 
 META_KEY = "insightad"  # the metadata entry of an InsightAD graph
 ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
@@ -18,12 +17,17 @@ DEFAULT_THREADS = None  # ONNX Runtime's own choice: one per physical core
 CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
 LAYOUT_KEY = "insightad_graph_layout"  # metadata: what the graph takes; a graph of another layout is rebuilt
 GRAPH_LAYOUT = "uint8-any-size-resize-inside"
+RUN_VALUES = 8_000_000  # input values per session run (three 900 x 900 RGB photos; forty 256 px images)
 
 
-def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS, arena: bool = True):
+def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS, arena: bool = True, ready: bool = False):
     """A CPU session; ``arena=False`` turns off ONNX Runtime's memory arena (less resident memory, a
-    little slower: what a long-running server wants)."""
+    little slower: what a long-running server wants). ``ready``: open the graph file through its
+    session-ready copy (``engines.cache``: optimised, constants mapped; made on first use)."""
     import onnxruntime as ort
+
+    if ready and isinstance(model, str):
+        model = str(ready_copy(model) or model)
 
     so = ort.SessionOptions()
     if threads:
@@ -44,15 +48,24 @@ class OnnxEngine:
 
     takes_original = True  # feed decoded images at their own size, not images resized in Python
 
-    def __init__(self, model: bytes | str, threads: int | None = DEFAULT_THREADS, arena: bool = True) -> None:
-        self.session = make_session(model, threads, arena)
+    def __init__(self, model: bytes | str, threads: int | None = DEFAULT_THREADS, arena: bool = True,
+                 ready: bool = True) -> None:
+        self.session = make_session(model, threads, arena, ready)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.input_name = self.session.get_inputs()[0].name
 
     def _run_stack(self, x: np.ndarray) -> list[np.ndarray]:
+        """One stack of same-size images, run in slices of at most ``RUN_VALUES`` input values: the graph's
+        float copy of a large original (before its resize) is 4 bytes a value, and ONNX Runtime keeps its
+        largest buffers for the next call, so a batch of sixteen 900 px photos would hold 300 MB for good."""
         if x.dtype != np.uint8:  # float pixels (already at model size): the graph takes levels 0..255
             x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
+        step = max(1, RUN_VALUES // max(1, int(np.prod(x.shape[1:]))))
+        if len(x) <= step:
+            return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
+        parts = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[i:i + step])})
+                 for i in range(0, len(x), step)]
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
     def run(self, images: Any) -> list[np.ndarray]:
         """A batch (N, C, H, W) or a list of (C, H, W) images of any sizes (runs of same-size images are
@@ -111,27 +124,6 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
         raise InsightADError(f"{path}: graph input is not uint8 N x {meta['channels']} x H x W (any H, W) as its "
                              "metadata says; refusing a file whose metadata does not match its graph")
     return meta
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("INSIGHTAD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "insightad")
-    return Path(base) / "onnx"
-
-
-CACHE_LIMIT_BYTES = 2 * 1024**3
-
-
-def prune_cache(keep: Path | None = None, limit: int = CACHE_LIMIT_BYTES) -> None:
-    """Delete the least recently used exports beyond ``limit`` bytes (never ``keep``)."""
-    try:
-        files = sorted(cache_dir().glob("*.onnx"), key=lambda f: f.stat().st_atime, reverse=True)
-        total = 0
-        for f in files:
-            total += f.stat().st_size
-            if total > limit and f != keep:
-                f.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def graph_stamp(engine: OnnxEngine) -> tuple[str | None, str | None]:

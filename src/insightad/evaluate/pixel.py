@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from insightad.data.images import load_mask
 from insightad.data.layouts import Sample
@@ -97,6 +96,8 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
     """
     if len(samples) != len(maps):
         raise InsightADError(f"pixel metrics: {len(samples)} samples but {len(maps)} maps")
+    from scipy import ndimage  # here, not at import: resize_map runs while scoring, before SciPy is needed
+
     edges = _edges(samples, maps, resolution, n_bins)
     nb = len(edges)
     neg = np.zeros(nb, dtype=np.int64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,28 @@ from typing import Any
 import numpy as np
 
 from insightad.config import DataParams
-from insightad.data.images import check_mask_size
+from insightad.data.images import check_mask_size, image_size
 from insightad.data.layouts import Sample, discover, evaluation_samples
 from insightad.errors import InsightADError
-from insightad.evaluate.metrics import image_metrics
-from insightad.evaluate.pixel import RESOLUTION, pixel_metrics, resize_map
+from insightad.evaluate.pixel import RESOLUTION, resize_map
 from insightad.scoring import Prediction
 from insightad.scoring import Scorer as Detector  # whatever scores: a PyTorch Detector or an ONNX export
+
+
+def prefetch_metrics() -> None:
+    """Import the metrics' libraries (scikit-learn and SciPy: 1-2 s of pure-Python import, more than the
+    scoring of a small test set) on a background thread while the model loads and the images are
+    scored; ONNX Runtime and the image decoders release the GIL, so the two overlap. The metrics'
+    own import later waits for this one to finish and reports any failure itself."""
+    threading.Thread(target=_import_metrics, name="insightad-import-metrics", daemon=True).start()
+
+
+def _import_metrics() -> None:
+    try:
+        import scipy.ndimage  # noqa: F401
+        import sklearn.metrics  # noqa: F401
+    except Exception:  # noqa: BLE001, S110 - the main thread's import says what is wrong
+        pass
 
 
 @dataclass
@@ -27,18 +43,19 @@ class Evaluation:
 
 def predict_reduced(det: Detector, paths: list, maps: bool, threshold: float | None, progress: bool,
                     chunk: int = 32) -> tuple[Prediction, list[tuple[int, int]]]:
-    """Predict through the one prediction loop, keeping each map only at the pixel metrics' resolution,
-    so memory does not grow with the number and size of test images. Returns the prediction and sizes."""
+    """Predict through the one prediction loop, each map brought from the model's size straight to the pixel
+    metrics' resolution (never through the image's own size), so memory does not grow with the number
+    and size of test images. Returns the prediction and each image's own (height, width)."""
     parts: list[Prediction] = []
-    sizes: list[tuple[int, int]] = []
-    for p in det.iter_predict(paths, chunk=chunk, maps=maps, threshold=threshold, progress=progress):
+    for p in det.iter_predict(paths, chunk=chunk, maps=maps, threshold=threshold, progress=progress,
+                              map_size="model"):
         if p.maps is not None:
             got = [m for m in p.maps if m is not None]
             if len(got) != len(p.maps):  # strict prediction: every image read has a map
                 raise InsightADError("evaluate: an image came back without an anomaly map")
-            sizes.extend((m.shape[0], m.shape[1]) for m in got)
             p.maps = [resize_map(m, RESOLUTION).astype(np.float32) for m in got]
         parts.append(p)
+    sizes = [image_size(path)[::-1] for path in paths] if maps else []
     return Prediction.concat(parts), sizes
 
 
@@ -55,6 +72,9 @@ def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: f
             check_mask_size(s.mask, s.path)
     want_maps = det.has_maps and any(s.mask is not None for s in samples)
     pred, sizes = predict_reduced(det, [s.path for s in samples], want_maps, threshold, progress)
+    from insightad.evaluate.metrics import image_metrics
+    from insightad.evaluate.pixel import pixel_metrics
+
     labels = np.array([s.label for s in samples])
     if pred.threshold is None:
         raise InsightADError(f"{det.method}: the detector has no threshold to evaluate against")

@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from insightad.decide.normalize import default_scale
+from insightad.engines.cache import cache_dir, model_digest, prune_cache
 from insightad.engines.onnx_runtime import (
     CACHE_KEY,
     GRAPH_LAYOUT,
     LAYOUT_KEY,
     ONNX_FORMAT,
     OnnxEngine,
-    cache_dir,
-    file_digest,
-    prune_cache,
     verified_entry,
 )
 from insightad.errors import InsightADError
@@ -115,7 +113,7 @@ def stored_engine(model_path: str | Path, threads: int | None = None, digest: st
                   ) -> OnnxEngine | None:
     """The graph of the model file at ``model_path`` already on disk (no PyTorch needed): the one beside it
     when stamped with the file's sha256, else the cache entry so stamped; None when there is none."""
-    digest = digest or file_digest(model_path)
+    digest = digest or model_digest(model_path)
     side = beside(model_path)
     if side.exists() and side != Path(model_path):
         engine = verified_entry(side, digest, threads, delete=False, arena=arena)
@@ -132,7 +130,7 @@ def cached_engine(det: Detector, model_path: str | Path, threads: int | None = N
     sha256 of the model file's content, else the cache entry so stamped, else a fresh export into the cache.
     A graph whose stamp does not match (stale, truncated, swapped, damaged) is never used: a cache entry is
     rebuilt from the PyTorch model, or refused where there is none."""
-    digest = file_digest(model_path)
+    digest = model_digest(model_path)
     engine = stored_engine(model_path, threads, digest, arena)
     if engine is not None:
         return engine
@@ -148,5 +146,5 @@ def cached_engine(det: Detector, model_path: str | Path, threads: int | None = N
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            return OnnxEngine(str(export_onnx(det, Path(tmp) / "model.onnx", digest)), threads, arena)
+            return OnnxEngine(str(export_onnx(det, Path(tmp) / "model.onnx", digest)), threads, arena, ready=False)
     return OnnxEngine(str(target), threads, arena)

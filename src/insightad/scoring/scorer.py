@@ -131,11 +131,15 @@ class Scorer:
         return tqdm(batches, total=n, desc=desc, unit="batch", disable=not progress, leave=False)
 
     def iter_predict(self, images: Sequence[ImageSource] | ImageSource, *, chunk: int = 64, maps: bool = True,
-                     strict: bool = True, progress: bool = False, threshold: float | None = None
-                     ) -> Iterator[Prediction]:
+                     strict: bool = True, progress: bool = False, threshold: float | None = None,
+                     map_size: str = "image") -> Iterator[Prediction]:
         """The one prediction loop: Predictions of consecutive chunks of ``images`` (``offset`` says
         where each starts), so memory is bounded by the chunk, not the input. Maps come back at each
-        input's own resolution. ``strict=False`` marks unreadable images in ``errors`` (score NaN)."""
+        input's own resolution (``map_size="model"``: as the model makes them, for a caller that brings
+        them to a resolution of its own, e.g. evaluate's 256 px). ``strict=False`` marks unreadable
+        images in ``errors`` (score NaN)."""
+        if map_size not in ("image", "model"):
+            raise InsightADError(f"map_size: expected 'image' or 'model', got {map_size!r}")
         self._check_fitted()
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -153,7 +157,8 @@ class Scorer:
                 values = s.astype(np.float64).tolist()
                 scores.update(zip(batch.indices, values))
                 if want_maps and m is not None:
-                    got_maps.update(zip(batch.indices, upsample_maps(m, batch.sizes)))
+                    got_maps.update(zip(batch.indices, upsample_maps(m, batch.sizes) if map_size == "image"
+                                        else list(m)))
                 for i, v in zip(batch.indices, values):
                     if not np.isfinite(v):  # scored, but not a number: an error for that image, never "normal"
                         errors[i] = non_finite_message(images[i], v)

@@ -111,17 +111,10 @@ class PatchGaussianAccumulator:
     def covariance(self, epsilon: float, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Unbiased covariance (+ epsilon I) of positions [start, stop), float32 (P', d, d)."""
         stop = self.positions if stop is None else stop
-        m = (self.sum[start:stop] / self.n).float()  # mean of the shifted features
-        cov = self.sum_outer[start:stop] - self.n * m.unsqueeze(2) * m.unsqueeze(1)
-        cov /= max(self.n - 1, 1)
-        cov.diagonal(dim1=1, dim2=2).add_(epsilon)
-        return cov
+        return _covariance(self.sum[start:stop], self.sum_outer[start:stop], self.n, epsilon)
 
     def _inverse_factors(self, epsilon: float, start: int, stop: int) -> torch.Tensor:
-        chol, info = torch.linalg.cholesky_ex(self.covariance(epsilon, start, stop))
-        if int(info.max()) > 0:  # numerically indefinite in float32: redo this chunk in float64
-            chol = torch.linalg.cholesky(self.covariance(epsilon, start, stop).double()).float()
-        return lower_triangular_inverse(chol)
+        return _inverse_factors(self.sum[start:stop], self.sum_outer[start:stop], self.n, epsilon)
 
     def finalize(self, epsilon: float, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (P, d), inverse Cholesky factors L^-1 (P, d, d)) with cov + eps I = L L^T, so that
@@ -141,11 +134,44 @@ class PatchGaussianAccumulator:
     def distances(self, z: torch.Tensor, epsilon: float, chunk: int = 512) -> torch.Tensor:
         """Mahalanobis distances (B, P) of features (B, P, d) under the current statistics, computed
         chunk by chunk over positions: no P x d x d inverse is kept, and accumulation can go on."""
-        mean = self.mean()
+        return self.distances_without(z[:0], z, epsilon, chunk)
+
+    def distances_without(self, left_out: torch.Tensor, z: torch.Tensor, epsilon: float, chunk: int = 512
+                          ) -> torch.Tensor:
+        """Mahalanobis distances (B, P) of features ``z`` under the statistics of every image added so far
+        except ``left_out`` (features (N', P, d) of images that were added): exactly the model fitted
+        without them (cross-fitting), chunk by chunk over positions, so no second P x d x d buffer is
+        ever made and this accumulator is not changed."""
+        if self.shift is None:
+            raise ValueError("no samples accumulated")
+        n = self.n - left_out.shape[0]
         out = torch.empty(z.shape[0], self.positions)
         for a in range(0, self.positions, chunk):
             b = min(a + chunk, self.positions)
-            y = (z[:, a:b].float() - mean[a:b]).transpose(0, 1)
-            w = torch.bmm(y, self._inverse_factors(epsilon, a, b).transpose(1, 2))
+            s1, s2 = self.sum[a:b], self.sum_outer[a:b]
+            if left_out.shape[0]:
+                y = (left_out[:, a:b].float() - self.shift[a:b]).transpose(0, 1)  # (P', N', d)
+                s1 = s1 - y.sum(1, dtype=torch.float64)
+                s2 = torch.baddbmm(s2, y.transpose(1, 2), y, alpha=-1.0)
+            mean = (self.shift[a:b].double() + s1 / n).float()
+            y = (z[:, a:b].float() - mean).transpose(0, 1)
+            w = torch.bmm(y, _inverse_factors(s1, s2, n, epsilon).transpose(1, 2))
             out[:, a:b] = w.square().sum(-1).sqrt().transpose(0, 1)
         return out
+
+
+def _covariance(s1: torch.Tensor, s2: torch.Tensor, n: int, epsilon: float) -> torch.Tensor:
+    """Unbiased covariance (+ epsilon I), float32 (P', d, d), from shifted sums over ``n`` images."""
+    m = (s1 / n).float()  # mean of the shifted features
+    cov = s2 - n * m.unsqueeze(2) * m.unsqueeze(1)
+    cov /= max(n - 1, 1)
+    cov.diagonal(dim1=1, dim2=2).add_(epsilon)
+    return cov
+
+
+def _inverse_factors(s1: torch.Tensor, s2: torch.Tensor, n: int, epsilon: float) -> torch.Tensor:
+    """L^-1 with L L^T = the covariance of the sums (float64 where float32 is numerically indefinite)."""
+    chol, info = torch.linalg.cholesky_ex(_covariance(s1, s2, n, epsilon))
+    if int(info.max()) > 0:
+        chol = torch.linalg.cholesky(_covariance(s1, s2, n, epsilon).double()).float()
+    return lower_triangular_inverse(chol)
