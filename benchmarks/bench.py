@@ -25,7 +25,8 @@ JSON lines go to stdout (or ``--out``); the table goes to stderr.
 ../shared/data: MVTec categories and crack-style sets) with each method's defaults, over ``--seeds``,
 and prints one table: image AUROC mean and spread (sample standard deviation) over seeds, pixel
 AUROC, AUPRO, f1_max, fit seconds, predict images/s, model file size, peak RSS. Its JSON lines go to
-benchmarks/results/suite.jsonl (``--out``); ``--markdown`` writes the table to docs/benchmarks.md.
+benchmarks/results/suite.jsonl (``--out``); ``--markdown`` writes the table to docs/benchmarks.md
+(its hand-written ``## `` sections after the table are kept).
 ``--from FILE`` builds the table from JSON lines already measured (e.g. the trained methods' runs
 made elsewhere, appended to the same file) without running anything.
 
@@ -230,6 +231,11 @@ def write_markdown(rows: list[dict], path: Path, machine: str) -> None:
             "where the dataset has masks and the method has maps. Fit s, predict images/s (scores and "
             "decisions, decoding included, warm) and peak RSS are the PyTorch engine's on " + machine + ".\n\n"
             + suite_table(rows, markdown=True) + "\n")
+    if path.is_file():  # sections written by hand after the table ("## ..." headings) are kept
+        old = path.read_text(encoding="utf-8")
+        at = old.find("\n## ")
+        if at >= 0:
+            text += old[at:]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
 
