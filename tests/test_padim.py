@@ -67,9 +67,10 @@ def test_distances_without_some_images_equal_a_model_fitted_without_them():
     rest = PatchGaussianAccumulator(7, 4)
     rest.update(x[6:])
     q = torch.randn(5, 7, 4, generator=g) + 20.0
-    got = acc.distances_without(x[:6], q, 0.01, chunk=3)
+    got, also = acc.distances_without(x[:6], 0.01, q, q[:2], chunk=3)
     torch.testing.assert_close(got, rest.distances(q, 0.01), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(acc.distances_without(x[:0], q, 0.01), acc.distances(q, 0.01))
+    torch.testing.assert_close(also, got[:2])
+    torch.testing.assert_close(acc.distances_without(x[:0], 0.01, q)[0], acc.distances(q, 0.01))
     assert acc.n == 30  # unchanged
 
 

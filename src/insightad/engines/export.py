@@ -101,7 +101,10 @@ def _to_onnx(module: nn.Module, example: torch.Tensor, outputs: Sequence[str], p
 
 
 def _resize_front(graph: Any, channels: int, size: tuple[int, int]) -> None:
-    """Input ``images`` uint8 (N, C, H, W), any H and W -> Cast -> Resize to ``size`` -> the module's input."""
+    """Input ``images`` uint8 (N, C, H, W), any H and W -> float -> Resize to ``size`` -> the module's input.
+    uint8 -> float is a DequantizeLinear with scale 1 and zero point 0: exactly a Cast (every level is an
+    exact float), but ONNX Runtime's kernel for it is vectorised and threaded, and on a 900 px photo the
+    conversion is a quarter of the graph's time as a Cast."""
     from onnx import TensorProto, helper
 
     old = next(i for i in graph.input if i.name == MODULE_INPUT)
@@ -109,7 +112,10 @@ def _resize_front(graph: Any, channels: int, size: tuple[int, int]) -> None:
     graph.input.insert(0, helper.make_tensor_value_info("images", TensorProto.UINT8,
                                                         ["batch", channels, "height", "width"]))
     graph.initializer.append(helper.make_tensor("resize_size", TensorProto.INT64, [2], list(size)))
-    front = [helper.make_node("Cast", ["images"], ["images_float"], to=TensorProto.FLOAT, name="to_float"),
+    graph.initializer.append(helper.make_tensor("level_scale", TensorProto.FLOAT, [], [1.0]))
+    graph.initializer.append(helper.make_tensor("level_zero", TensorProto.UINT8, [], [0]))
+    front = [helper.make_node("DequantizeLinear", ["images", "level_scale", "level_zero"], ["images_float"],
+                              name="to_float"),
              helper.make_node("Resize", ["images_float", "", "", "resize_size"], [MODULE_INPUT], name="resize",
                               axes=[2, 3], **RESIZE_ONNX_ATTRIBUTES)]  # type: ignore[arg-type]
     for i, node in enumerate(front):

@@ -239,11 +239,11 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
         arrays = at_model_size(det, [images[int(i)] for i in held])
         z = _padim_features(det, arrays)
         made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
-        if made:
-            z = torch.cat([z, _padim_features(det, [d.image for d in made])])
+        z_made = _padim_features(det, [d.image for d in made]) if made else z[:0]
         factor = sample_size_factor(total.n, total.n - len(held), dim)  # fold models see fewer images
         with torch.inference_mode():  # the fold's model: every image's sums minus the fold's own
-            distances = total.distances_without(z[:len(held)], z, det.epsilon) * factor
+            distances = torch.cat(total.distances_without(z, det.epsilon, z, z_made)) * factor
+            del z, z_made
             s_t, maps_t = model.score_distances(distances.to(getattr(det, "device_", "cpu")))
         s, maps = s_t.cpu().double().numpy(), maps_t.float().cpu().numpy()
         n_index.append(held)

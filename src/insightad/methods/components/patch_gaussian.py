@@ -134,18 +134,18 @@ class PatchGaussianAccumulator:
     def distances(self, z: torch.Tensor, epsilon: float, chunk: int = 512) -> torch.Tensor:
         """Mahalanobis distances (B, P) of features (B, P, d) under the current statistics, computed
         chunk by chunk over positions: no P x d x d inverse is kept, and accumulation can go on."""
-        return self.distances_without(z[:0], z, epsilon, chunk)
+        return self.distances_without(z[:0], epsilon, z, chunk=chunk)[0]
 
-    def distances_without(self, left_out: torch.Tensor, z: torch.Tensor, epsilon: float, chunk: int = 512
-                          ) -> torch.Tensor:
-        """Mahalanobis distances (B, P) of features ``z`` under the statistics of every image added so far
-        except ``left_out`` (features (N', P, d) of images that were added): exactly the model fitted
-        without them (cross-fitting), chunk by chunk over positions, so no second P x d x d buffer is
-        ever made and this accumulator is not changed."""
+    def distances_without(self, left_out: torch.Tensor, epsilon: float, *queries: torch.Tensor, chunk: int = 512
+                          ) -> list[torch.Tensor]:
+        """Mahalanobis distances (B, P) of each batch of features in ``queries`` under the statistics of every
+        image added so far except ``left_out`` (features (N', P, d) of images that were added): exactly the
+        model fitted without them (cross-fitting), chunk by chunk over positions, so no second P x d x d
+        buffer is made, the queries are never concatenated, and this accumulator is not changed."""
         if self.shift is None:
             raise ValueError("no samples accumulated")
         n = self.n - left_out.shape[0]
-        out = torch.empty(z.shape[0], self.positions)
+        out = [torch.empty(q.shape[0], self.positions) for q in queries]
         for a in range(0, self.positions, chunk):
             b = min(a + chunk, self.positions)
             s1, s2 = self.sum[a:b], self.sum_outer[a:b]
@@ -154,9 +154,11 @@ class PatchGaussianAccumulator:
                 s1 = s1 - y.sum(1, dtype=torch.float64)
                 s2 = torch.baddbmm(s2, y.transpose(1, 2), y, alpha=-1.0)
             mean = (self.shift[a:b].double() + s1 / n).float()
-            y = (z[:, a:b].float() - mean).transpose(0, 1)
-            w = torch.bmm(y, _inverse_factors(s1, s2, n, epsilon).transpose(1, 2))
-            out[:, a:b] = w.square().sum(-1).sqrt().transpose(0, 1)
+            factors = _inverse_factors(s1, s2, n, epsilon).transpose(1, 2)
+            for q, o in zip(queries, out):
+                if q.shape[0]:
+                    w = torch.bmm((q[:, a:b].float() - mean).transpose(0, 1), factors)
+                    o[:, a:b] = w.square().sum(-1).sqrt().transpose(0, 1)
         return out
 
 
