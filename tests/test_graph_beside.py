@@ -157,3 +157,21 @@ def test_model_digest_is_remembered_per_file_version(trained, cache, tmp_path):
     data[-1] ^= 1
     model.write_bytes(bytes(data))  # same size, in place: only the timestamp tells
     assert model_digest(model) == file_sha256(model)  # just written: racy, hashed again
+
+
+def test_large_stacks_run_in_equal_slices_with_the_same_results(trained, monkeypatch):
+    """Runs are sliced to bound ONNX Runtime's buffers; the answers do not depend on the slicing."""
+    from insightad.engines import onnx_runtime
+    from insightad.engines.onnx_runtime import OnnxEngine
+
+    engine = OnnxEngine(str(trained.with_suffix(".onnx")))
+    x = np.random.default_rng(1).integers(0, 256, (5, 3, 80, 70), dtype=np.uint8)
+    whole = engine(x)
+    calls = []
+    run = engine.session.run
+    monkeypatch.setattr(engine.session, "run", lambda out, feed: calls.append(len(feed["images"])) or run(out, feed))
+    monkeypatch.setattr(onnx_runtime, "RUN_VALUES", 2 * 3 * 80 * 70)
+    sliced = engine(x)
+    assert calls == [2, 2, 1]
+    for a, b in zip(whole, sliced):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

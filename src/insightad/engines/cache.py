@@ -103,7 +103,7 @@ def ready_copy(graph: str | Path) -> Path | None:
     try:
         folder = cache_dir() / READY / _ready_key(graph)
         target = folder / READY_GRAPH
-        if target.is_file() and (folder / READY_DATA).is_file():
+        if target.is_file():  # folders appear whole (renamed into place); a small graph has no data file
             os.utime(target)  # last use, for pruning
             return target
         return _build_ready(graph, folder)
