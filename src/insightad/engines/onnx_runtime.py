@@ -70,7 +70,7 @@ class OnnxEngine:
             return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
         parts = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[i:i + step])})
                  for i in range(0, len(x), step)]
-        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+        return self._joined(parts)
 
     def run(self, images: Any) -> list[np.ndarray]:
         """A batch (N, C, H, W) or a list of (C, H, W) images of any sizes (runs of same-size images are
@@ -85,7 +85,11 @@ class OnnxEngine:
                 j += 1
             parts.append(self._run_stack(np.stack([np.asarray(a) for a in images[i:j]])))
             i = j
-        return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))] if parts else []
+        return self._joined(parts) if parts else []
+
+    def _joined(self, parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Each output of consecutive runs, joined along the batch."""
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))]
 
     def __call__(self, x: Any) -> tuple[np.ndarray, ...]:
         return tuple(self.run(x))
