@@ -221,7 +221,7 @@ def verify(module: nn.Module, model: str | bytes, batches: Sequence[Batch], what
     resized by ``data.resize``: the check covers the in-graph resize too. A graph file is checked through its
     ready copy (``engines.cache``), the form every later run opens: what is verified is what runs, and
     the first predict after an export opens at once."""
-    sess = make_session(model, threads=None, ready=True)
+    sess = make_session(model, threads=None, arena=False, ready=True)  # run once: no arena kept
     names = [o.name for o in sess.get_outputs()]
     feed_name = sess.get_inputs()[0].name
     for images in batches:

@@ -70,9 +70,10 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
                     _export(module, shape, target)
                 except OSError:  # a read-only cache: export into a temporary folder, read it once
                     with tempfile.TemporaryDirectory() as tmp:
-                        sess = make_session(str(_export(module, shape, Path(tmp) / "features.onnx")), threads)
+                        graph = _export(module, shape, Path(tmp) / "features.onnx")
+                        sess = make_session(str(graph), threads, arena=False)
             if target.is_file():
-                sess = make_session(str(target), threads)
+                sess = make_session(str(target), threads, arena=False)
 
             def run_onnx(x: torch.Tensor) -> list[torch.Tensor]:
                 outs = sess.run(None, {"images": np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)})

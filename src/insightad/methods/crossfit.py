@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from insightad.methods.base import Detector
 from insightad.methods.baseline import BaselineDetector, BaselineModel, fit_gaussian, knn_distance
 from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator, sample_size_factor
 from insightad.methods.padim import PadimDetector, PadimModel
+
+if TYPE_CHECKING:
+    from insightad.engines.features import FeatureFn
 
 DEFAULT_FOLDS = 5
 REFIT_ALL_FOLDS: tuple[str, ...] = ()  # methods whose k-fold refit is cheap enough to do for every fold
@@ -166,13 +169,9 @@ def _refit(det: Detector, images: Sequence, folds: np.ndarray, fitted: list[int]
 
 
 # ------------------------------------------------------------------------------ baseline, exact
-def _embeddings(det: Detector, sources: Sequence) -> torch.Tensor:
-    dev = getattr(det, "device_", torch.device("cpu"))
-    out = []
-    with torch.inference_mode():
-        for batch in det._batches(list(sources), False, "baseline: validation"):
-            out.append(det._model_as(BaselineModel).embed(batch.images.to(dev)).float().cpu())
-    return torch.cat(out)
+def _embeddings(det: BaselineDetector, sources: Sequence) -> torch.Tensor:
+    """Pooled embeddings of images through the fitted model's backbone on its fit's engine."""
+    return det._embeddings(det._model_as(BaselineModel).extractor, list(sources), False)
 
 
 def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,
@@ -208,15 +207,9 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
 
 
 # ------------------------------------------------------------------------------ PaDiM, exact
-def _padim_features(det: Detector, arrays_or_paths: Sequence) -> torch.Tensor:
-    """Reduced patch features (N, P, d) of images, through the fitted model's own layers."""
-    model = det._model_as(PadimModel)
-    dev = getattr(det, "device_", torch.device("cpu"))
-    out = []
-    with torch.inference_mode():
-        for batch in det._batches(list(arrays_or_paths), False, "padim: validation"):
-            x = batch.images.to(dev).contiguous(memory_format=torch.channels_last)
-            out.append(model.reduce(model.raw_features(x)).float().cpu())
+def _padim_features(det: PadimDetector, arrays_or_paths: Sequence, features: FeatureFn) -> torch.Tensor:
+    """Reduced patch features (N, P, d) of images, through the fitted model's own layers and its fit's engine."""
+    out = list(det.embeddings(arrays_or_paths, what="padim: validation", features=features))
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -228,18 +221,19 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
     model = det._model_as(PadimModel)
     positions, dim = model.mean.shape
     total = PatchGaussianAccumulator(positions, dim)
+    features = det._feature_runner(model.extractor)  # one engine session for every pass below
     fold_list = sorted(set(folds.tolist()))
     for f in fold_list:  # pass 1: the sums of every training image, one shift for all
-        total.update(_padim_features(det, [images[int(i)] for i in np.flatnonzero(folds == f)]))
+        total.update(_padim_features(det, [images[int(i)] for i in np.flatnonzero(folds == f)], features))
     n_index, n_scores, n_max, d_scores = [], [], [], []
     defects: list[SyntheticDefect] = []
     d_maps: list[np.ndarray] = []
     for f in fold_list:  # pass 2: each fold's model = total minus the fold
         held = np.flatnonzero(folds == f)
         arrays = at_model_size(det, [images[int(i)] for i in held])
-        z = _padim_features(det, arrays)
+        z = _padim_features(det, arrays, features)
         made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
-        z_made = _padim_features(det, [d.image for d in made]) if made else z[:0]
+        z_made = _padim_features(det, [d.image for d in made], features) if made else z[:0]
         factor = sample_size_factor(total.n, total.n - len(held), dim)  # fold models see fewer images
         with torch.inference_mode():  # the fold's model: every image's sums minus the fold's own
             distances = torch.cat(total.distances_without(z, det.epsilon, z, z_made)) * factor

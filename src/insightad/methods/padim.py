@@ -9,8 +9,8 @@ upsampled; the image score is the map's maximum.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,10 +26,10 @@ from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
 from insightad.methods.registry import register_method
 from insightad.runtime import resolve_device
 
+if TYPE_CHECKING:
+    from insightad.engines.features import FeatureFn
+
 MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
-
-
-
 
 
 @params
@@ -226,6 +226,17 @@ class PadimDetector(PadimParams, Detector):
                 scores, strategy = self.predict(list(images), maps=False).scores, "train"
         self.decision_scores_, self.decision_source_ = np.asarray(scores), strategy
 
+    def embeddings(self, images: Sequence, progress: bool = False, what: str = "padim: features",
+                   model: PadimModel | None = None, features: FeatureFn | None = None) -> Iterator[torch.Tensor]:
+        """Reduced patch features (B, P, d) on the CPU, batch by batch, of image files or arrays at model size,
+        through ``model`` (default: the fitted one) with its backbone on the fast engine (``features``: a
+        runner already made, e.g. by a caller that embeds many small sets)."""
+        model = model or self._model_as(PadimModel)
+        features = features or self._feature_runner(model.extractor)
+        with torch.inference_mode():
+            for batch in self._batches(list(images), progress, what):
+                yield model.reduce(level_patches(features(batch.images)).to(self.device_)).float().cpu()
+
     # ------------------------------------------------------------------ distributed fit (a reduction)
     def _check_shardable(self) -> None:
         if self.reduction == "pca":
@@ -238,10 +249,8 @@ class PadimDetector(PadimParams, Detector):
         self.device_ = resolve_device(self.device)
         model = self._build_model()
         acc = PatchGaussianAccumulator(*model.mean.shape)
-        features = self._feature_runner(model.extractor)
-        with torch.inference_mode():
-            for batch in self._batches(list(images), progress, "padim: shard statistics"):
-                acc.update(model.reduce(level_patches(features(batch.images)).to(self.device_)).cpu())
+        for z in self.embeddings(images, progress, "padim: shard statistics", model):
+            acc.update(z)
         return acc.state()
 
     def _fit_sharded(self, images: Sequence, progress: bool, shards) -> None:
@@ -254,12 +263,7 @@ class PadimDetector(PadimParams, Detector):
         for part in shards("shard_sums", [images[i] for i in order[:n_fit]]):
             acc.merge(part)
         held = [images[i] for i in order[n_fit:]]
-        z = []
-        if held:
-            features = self._feature_runner(model.extractor)
-            with torch.inference_mode():
-                for batch in self._batches(held, progress, "padim: held-out"):
-                    z.append(model.reduce(level_patches(features(batch.images)).to(self.device_)).cpu())
+        z = list(self.embeddings(held, progress, "padim: held-out", model)) if held else []
         self._finish(model, acc, torch.cat(z) if z else torch.empty(0), images)
 
     # ------------------------------------------------------------------ persistence
