@@ -119,7 +119,8 @@ def test_feature_runner_cache_tells_levels_apart():
 
 
 @pytest.mark.parametrize("method,params", [
-    ("padim", {}), ("patchcore", {"coreset_ratio": 0.2}), ("svdd", {"epochs": 3, "device": "cpu"}),
+    ("padim", {}), ("padim", {"score_top": 0.0, "shrinkage": 0.0}), ("padim", {"score_top": 0.07}),
+    ("patchcore", {"coreset_ratio": 0.2}), ("svdd", {"epochs": 3, "device": "cpu"}),
 ])
 def test_every_exportable_method_agrees_across_engines(method, params, mvtec_dir, tmp_path):
     from insightad.apps.train import train_model

@@ -74,6 +74,46 @@ def test_distances_without_some_images_equal_a_model_fitted_without_them():
     assert acc.n == 30  # unchanged
 
 
+def test_shrinkage_towards_the_mean_covariance_matches_the_textbook_estimate():
+    """(1 - a) cov_p + a mean_p(cov_p) + eps I per position: in finalize, in streamed distances, and in the
+    fold-free model of cross-fitting (whose mean covariance is over the remaining images only)."""
+    g = torch.Generator().manual_seed(2)
+    x = 10.0 + torch.randn(25, 6, 4, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3.0, 6,
+                                                                                       dtype=torch.float64)[:, None]
+    a, eps = 0.3, 0.01
+
+    def reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cov = torch.stack([torch.cov(rows[:, p].T) for p in range(rows.shape[1])])
+        shrunk = (1 - a) * cov + a * cov.mean(0) + eps * torch.eye(4, dtype=torch.float64)
+        return rows.mean(0), torch.linalg.inv(torch.linalg.cholesky(shrunk))
+
+    def dist(mean: torch.Tensor, inv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("pij,bpj->bpi", inv, q.double() - mean).norm(dim=2)
+
+    acc = PatchGaussianAccumulator(6, 4)
+    acc.update(x.float())
+    q = x[:3].float() + torch.randn(3, 6, 4, generator=g)
+    mean, inv = reference(x)
+    torch.testing.assert_close(acc.distances(q, eps, chunk=4, shrinkage=a).double(), dist(mean, inv, q),
+                               rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(acc.distances(q, eps), acc.distances(q, eps, shrinkage=a))  # it does something
+    rest_mean, rest_inv = reference(x[5:])
+    got = acc.distances_without(x[:5].float(), eps, q, chunk=4, shrinkage=a)[0]
+    torch.testing.assert_close(got.double(), dist(rest_mean, rest_inv, q), rtol=1e-3, atol=1e-3)
+    m, factors = acc.finalize(eps, chunk=4, shrinkage=a)
+    torch.testing.assert_close(factors.double(), inv, rtol=2e-3, atol=2e-3)
+
+
+def test_top_mean_image_score():
+    from insightad.methods.components.maps import top_mean
+
+    maps = torch.tensor([[[1.0, 5.0], [3.0, 2.0]], [[0.0, 0.0], [0.0, 4.0]]])
+    torch.testing.assert_close(top_mean(maps, 0.0), torch.tensor([5.0, 4.0]))
+    torch.testing.assert_close(top_mean(maps, 0.5), torch.tensor([4.0, 2.0]))  # the top 2 of 4 pixels
+    torch.testing.assert_close(top_mean(maps, 1.0), maps.flatten(1).mean(1))
+    torch.testing.assert_close(top_mean(maps, 0.1), torch.tensor([5.0, 4.0]))  # at least one pixel
+
+
 def test_block_triangular_inverse():
     a = torch.randn(3, 37, 37, dtype=torch.float64)
     low = torch.linalg.cholesky(a @ a.mT + 37 * torch.eye(37, dtype=torch.float64))
@@ -83,7 +123,7 @@ def test_block_triangular_inverse():
 def test_streamed_fit_equals_one_shot_fit(mvtec_dir):
     """Batches of 4 and one batch of all images give the same model."""
     train = [s.path for s in discover(mvtec_dir).train][:12]
-    kw = {"image_size": SIZE, "n_features": 32, "threshold_holdout": 0.25, "workers": 0}
+    kw = {"image_size": SIZE, "n_features": 32, "threshold_holdout": 0.25, "workers": 0, "shrinkage": 0.0}
     small = create_detector("padim", batch_size=4, **kw).fit(train)
     whole = create_detector("padim", batch_size=64, **kw).fit(train)
     torch.testing.assert_close(small.model_.mean, whole.model_.mean, rtol=1e-4, atol=1e-4)

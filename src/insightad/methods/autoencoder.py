@@ -32,7 +32,7 @@ from insightad.methods.autoencoder_features import (
 )
 from insightad.methods.autoencoder_nets import build_net
 from insightad.methods.base import Detector
-from insightad.methods.components.maps import MapSmoother
+from insightad.methods.components.maps import MapSmoother, top_mean
 from insightad.methods.components.patch_features import PatchFeatures
 from insightad.methods.registry import register_method
 from insightad.training import TrainingLoop
@@ -113,8 +113,7 @@ class AutoencoderModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.float() / 255.0
         maps = self.smoother(self.error_map(x)[:, 0])
-        flat = maps.flatten(1)
-        scores = flat.amax(dim=1) if self.score == "max" else flat.mean(dim=1)
+        scores = top_mean(maps, 0.0 if self.score == "max" else 1.0)
         return scores, maps
 
 
@@ -266,8 +265,7 @@ class AutoencoderDetector(AutoencoderParams, Detector):
                 out.append(model(chunk)[0].cpu())
                 continue
             maps = model.smoother(reconstruction_error(model.net, chunk))
-            flat = maps.flatten(1)
-            out.append((flat.amax(dim=1) if model.score == "max" else flat.mean(dim=1)).cpu())
+            out.append(top_mean(maps, 0.0 if model.score == "max" else 1.0).cpu())
         return torch.cat(out).double().numpy()
 
     @torch.inference_mode()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from insightad.methods.components.maps import MapSmoother
+from insightad.methods.components.maps import MapSmoother, top_mean
 from insightad.methods.components.patch_features import PatchFeatures
 
 
@@ -51,8 +51,7 @@ class FeatureAutoencoderModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.smoother(reconstruction_error(self.net, self.features(images)))
-        flat = maps.flatten(1)
-        scores = flat.amax(dim=1) if self.score == "max" else flat.mean(dim=1)
+        scores = top_mean(maps, 0.0 if self.score == "max" else 1.0)
         return scores, maps
 
 

@@ -236,7 +236,7 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
         z_made = _padim_features(det, [d.image for d in made], features) if made else z[:0]
         factor = sample_size_factor(total.n, total.n - len(held), dim)  # fold models see fewer images
         with torch.inference_mode():  # the fold's model: every image's sums minus the fold's own
-            distances = torch.cat(total.distances_without(z, det.epsilon, z, z_made)) * factor
+            distances = torch.cat(total.distances_without(z, det.epsilon, z, z_made, shrinkage=det.shrinkage)) * factor
             del z, z_made
             s_t, maps_t = model.score_distances(distances.to(getattr(det, "device_", "cpu")))
         s, maps = s_t.cpu().double().numpy(), maps_t.float().cpu().numpy()

@@ -10,7 +10,7 @@ upsampled; the image score is the map's maximum.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TileParams, param, params
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
+from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid, top_mean
 from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
 from insightad.methods.registry import register_method
 from insightad.runtime import resolve_device
@@ -44,6 +44,11 @@ class PadimParams(TileParams, DetectorParams):
     pca_images: int = param(32, "training images whose patches fit the PCA (reduction=pca)", minimum=1)
     epsilon: float = param(0.01, "diagonal regulariser added to every patch covariance", minimum=0.0,
                            exclusive_min=True)
+    shrinkage: float = param(0.1, "each position's covariance is pulled this far towards the mean covariance "
+                             "over positions (a steadier estimate when the images are few for the "
+                             "features: 200 images for 120 features); 0: the paper's", minimum=0.0, maximum=1.0)
+    score_top: float = param(0.01, "image score: the mean of this fraction of the map's highest pixels (0: the "
+                             "maximum, as in the paper)", minimum=0.0, maximum=1.0)
     sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
     threshold_holdout: float = param(0.1, "fraction of training images (at most 64) scored before they join the "
                                      "statistics, for the default threshold", minimum=0.0, maximum=0.5)
@@ -86,8 +91,9 @@ class PadimModel(nn.Module):
 
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
                  image_size: int, sigma: float, centre: torch.Tensor, projection: torch.Tensor,
-                 mean: torch.Tensor, inv_chol: torch.Tensor) -> None:
+                 mean: torch.Tensor, inv_chol: torch.Tensor, score_top: float = 0.0) -> None:
         super().__init__()
+        self.score_top = float(score_top)
         self.normalize, self.extractor = normalize, extractor
         self.feature_size = tuple(int(v) for v in feature_size)
         self.smoother = MapSmoother(sigma, image_size, self.feature_size[0])
@@ -111,9 +117,10 @@ class PadimModel(nn.Module):
         return w.square().sum(-1).sqrt().transpose(0, 1)
 
     def score_distances(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch distances (B, P) -> (image scores = map maxima, maps smoothed at model size)."""
+        """Patch distances (B, P) -> (image scores = the mean of each map's top ``score_top`` (the maximum
+        by default), maps smoothed at model size)."""
         maps = self.smoother(d.reshape(d.shape[0], *self.feature_size))
-        return maps.amax(dim=(1, 2)), maps
+        return top_mean(maps, self.score_top), maps
 
     def score_embeddings(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score_distances(self.distances(z))
@@ -136,6 +143,8 @@ class PadimDetector(PadimParams, Detector):
 
     Params = PadimParams
     tileable = True
+    # Settings a model file written before they existed was fitted with (model_file fills them in).
+    legacy_params: ClassVar[dict[str, Any]] = {"shrinkage": 0.0, "score_top": 0.0}
     has_maps = True
     sharded_fit = True
 
@@ -169,7 +178,7 @@ class PadimDetector(PadimParams, Detector):
             centre, proj = torch.zeros(channels), torch.eye(channels)[:, :dim].contiguous()
         # The P x d x d factors are only allocated at the end, in the accumulator's own buffer.
         return PadimModel(self._normalize(), extractor, size, self.image_size, self.sigma, centre, proj,
-                          torch.zeros(positions, dim), torch.zeros(0, dim, dim)).to(self.device_)
+                          torch.zeros(positions, dim), torch.zeros(0, dim, dim), self.score_top).to(self.device_)
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         model = self._build_model()
@@ -214,10 +223,11 @@ class PadimDetector(PadimParams, Detector):
         with torch.inference_mode():
             if len(z_held):
                 # Scored by the Gaussians of the other images, then added to the statistics.
-                scores = model.score_distances(acc.distances(z_held, self.epsilon).to(self.device_))[0].cpu().numpy()
+                d = acc.distances(z_held, self.epsilon, shrinkage=self.shrinkage)
+                scores = model.score_distances(d.to(self.device_))[0].cpu().numpy()
                 acc.update(z_held)
             del z_held
-            mean, inv = acc.finalize(self.epsilon)
+            mean, inv = acc.finalize(self.epsilon, shrinkage=self.shrinkage)
             model.mean.copy_(mean)
             model.inv_chol = inv.to(self.device_)
             self.model_ = model.eval()
@@ -276,4 +286,4 @@ class PadimDetector(PadimParams, Detector):
         extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)
         return PadimModel(self._normalize(), extractor, tuple(state["feature_size"]), self.image_size, self.sigma,
                           torch.empty_like(tensors["centre"]), torch.empty_like(tensors["projection"]),
-                          torch.empty_like(tensors["mean"]), torch.empty_like(tensors["inv_chol"]))
+                          torch.empty_like(tensors["mean"]), torch.empty_like(tensors["inv_chol"]), self.score_top)

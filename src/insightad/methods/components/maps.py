@@ -20,6 +20,21 @@ def concat_levels(feats: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def top_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Image scores (B,) from maps (B, ...): the mean of each map's ``fraction`` highest values (at least one);
+    0 gives the maximum, 1 the mean. A thin defect that runs across the image (a crack) raises many pixels a
+    little, a normal pore few pixels a lot: averaging the top of the map tells them apart where the maximum
+    cannot."""
+    flat = maps.flatten(1)
+    size = math.prod(int(v) for v in maps.shape[1:])  # plain ints: a fixed k in an exported graph
+    k = max(1, int(round(float(fraction) * size)))
+    if k == 1:
+        return flat.amax(dim=1)
+    if k >= size:
+        return flat.mean(dim=1)
+    return flat.topk(k, dim=1, sorted=False).values.mean(dim=1)
+
+
 def feature_grid(extractor: nn.Module, image_size: int, channels: int = 3) -> tuple[int, int]:
     """(h, w) of the finest requested level for a square input of ``image_size``."""
     with torch.inference_mode():

@@ -113,48 +113,65 @@ class PatchGaussianAccumulator:
         stop = self.positions if stop is None else stop
         return _covariance(self.sum[start:stop], self.sum_outer[start:stop], self.n, epsilon)
 
-    def _inverse_factors(self, epsilon: float, start: int, stop: int) -> torch.Tensor:
-        return _inverse_factors(self.sum[start:stop], self.sum_outer[start:stop], self.n, epsilon)
+    def pooled_covariance(self, left_out: torch.Tensor | None = None, chunk: int = 512) -> torch.Tensor:
+        """The mean over positions of the unbiased covariances (d, d), float64, of the statistics without
+        ``left_out`` (features of images that were added): the image-wide covariance shrinkage pulls to."""
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for a in range(0, self.positions, chunk):
+            s1, s2, n = self._sums_without(left_out, a, min(a + chunk, self.positions))
+            total += _covariance(s1, s2, n, 0.0).double().sum(0)
+        return total / self.positions
 
-    def finalize(self, epsilon: float, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sums_without(self, left_out: torch.Tensor | None, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(sum, sum of outer products, count) of positions [a, b) without the ``left_out`` features."""
+        if self.shift is None:
+            raise ValueError("no samples accumulated")
+        s1, s2 = self.sum[a:b], self.sum_outer[a:b]
+        if left_out is None or not left_out.shape[0]:
+            return s1, s2, self.n
+        y = (left_out[:, a:b].float() - self.shift[a:b]).transpose(0, 1)  # (P', N', d)
+        return (s1 - y.sum(1, dtype=torch.float64), torch.baddbmm(s2, y.transpose(1, 2), y, alpha=-1.0),
+                self.n - left_out.shape[0])
+
+    def finalize(self, epsilon: float, chunk: int = 512, shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (P, d), inverse Cholesky factors L^-1 (P, d, d)) with cov + eps I = L L^T, so that
-        the squared Mahalanobis distance is ||L^-1 (x - mean)||^2.
+        the squared Mahalanobis distance is ||L^-1 (x - mean)||^2. With ``shrinkage`` a, each position's
+        covariance is (1 - a) cov + a (the mean covariance over positions) before eps I is added.
 
         The factors overwrite the outer-product sums chunk by chunk (no second P x d x d buffer),
         so the accumulator cannot be updated afterwards.
         """
         mean = self.mean()
+        pooled = self.pooled_covariance(chunk=chunk) if shrinkage else None
         for a in range(0, self.positions, chunk):
             b = min(a + chunk, self.positions)
-            self.sum_outer[a:b] = self._inverse_factors(epsilon, a, b)
+            self.sum_outer[a:b] = _inverse_factors(self.sum[a:b], self.sum_outer[a:b], self.n, epsilon, pooled,
+                                                   shrinkage)
         inv = self.sum_outer
         del self.sum_outer  # the factors now live in ``inv``: the accumulator is spent
         return mean, inv
 
-    def distances(self, z: torch.Tensor, epsilon: float, chunk: int = 512) -> torch.Tensor:
+    def distances(self, z: torch.Tensor, epsilon: float, chunk: int = 512, shrinkage: float = 0.0) -> torch.Tensor:
         """Mahalanobis distances (B, P) of features (B, P, d) under the current statistics, computed
         chunk by chunk over positions: no P x d x d inverse is kept, and accumulation can go on."""
-        return self.distances_without(z[:0], epsilon, z, chunk=chunk)[0]
+        return self.distances_without(z[:0], epsilon, z, chunk=chunk, shrinkage=shrinkage)[0]
 
-    def distances_without(self, left_out: torch.Tensor, epsilon: float, *queries: torch.Tensor, chunk: int = 512
-                          ) -> list[torch.Tensor]:
+    def distances_without(self, left_out: torch.Tensor, epsilon: float, *queries: torch.Tensor, chunk: int = 512,
+                          shrinkage: float = 0.0) -> list[torch.Tensor]:
         """Mahalanobis distances (B, P) of each batch of features in ``queries`` under the statistics of every
         image added so far except ``left_out`` (features (N', P, d) of images that were added): exactly the
-        model fitted without them (cross-fitting), chunk by chunk over positions, so no second P x d x d
-        buffer is made, the queries are never concatenated, and this accumulator is not changed."""
+        model fitted without them (cross-fitting, shrinkage included), chunk by chunk over positions, so no
+        second P x d x d buffer is made, the queries are never concatenated, and this accumulator is not
+        changed."""
         if self.shift is None:
             raise ValueError("no samples accumulated")
-        n = self.n - left_out.shape[0]
+        pooled = self.pooled_covariance(left_out, chunk) if shrinkage else None
         out = [torch.empty(q.shape[0], self.positions) for q in queries]
         for a in range(0, self.positions, chunk):
             b = min(a + chunk, self.positions)
-            s1, s2 = self.sum[a:b], self.sum_outer[a:b]
-            if left_out.shape[0]:
-                y = (left_out[:, a:b].float() - self.shift[a:b]).transpose(0, 1)  # (P', N', d)
-                s1 = s1 - y.sum(1, dtype=torch.float64)
-                s2 = torch.baddbmm(s2, y.transpose(1, 2), y, alpha=-1.0)
+            s1, s2, n = self._sums_without(left_out, a, b)
             mean = (self.shift[a:b].double() + s1 / n).float()
-            factors = _inverse_factors(s1, s2, n, epsilon).transpose(1, 2)
+            factors = _inverse_factors(s1, s2, n, epsilon, pooled, shrinkage).transpose(1, 2)
             for q, o in zip(queries, out):
                 if q.shape[0]:
                     w = torch.bmm((q[:, a:b].float() - mean).transpose(0, 1), factors)
@@ -162,18 +179,23 @@ class PatchGaussianAccumulator:
         return out
 
 
-def _covariance(s1: torch.Tensor, s2: torch.Tensor, n: int, epsilon: float) -> torch.Tensor:
-    """Unbiased covariance (+ epsilon I), float32 (P', d, d), from shifted sums over ``n`` images."""
+def _covariance(s1: torch.Tensor, s2: torch.Tensor, n: int, epsilon: float, pooled: torch.Tensor | None = None,
+                shrinkage: float = 0.0) -> torch.Tensor:
+    """Unbiased covariance, float32 (P', d, d), from shifted sums over ``n`` images; shrunk towards ``pooled``
+    by ``shrinkage`` (a: (1 - a) cov + a pooled), then epsilon I added."""
     m = (s1 / n).float()  # mean of the shifted features
     cov = s2 - n * m.unsqueeze(2) * m.unsqueeze(1)
     cov /= max(n - 1, 1)
+    if shrinkage and pooled is not None:
+        cov.mul_(1.0 - shrinkage).add_(shrinkage * pooled.float())
     cov.diagonal(dim1=1, dim2=2).add_(epsilon)
     return cov
 
 
-def _inverse_factors(s1: torch.Tensor, s2: torch.Tensor, n: int, epsilon: float) -> torch.Tensor:
+def _inverse_factors(s1: torch.Tensor, s2: torch.Tensor, n: int, epsilon: float, pooled: torch.Tensor | None = None,
+                     shrinkage: float = 0.0) -> torch.Tensor:
     """L^-1 with L L^T = the covariance of the sums (float64 where float32 is numerically indefinite)."""
-    chol, info = torch.linalg.cholesky_ex(_covariance(s1, s2, n, epsilon))
+    chol, info = torch.linalg.cholesky_ex(_covariance(s1, s2, n, epsilon, pooled, shrinkage))
     if int(info.max()) > 0:
-        chol = torch.linalg.cholesky(_covariance(s1, s2, n, epsilon).double()).float()
+        chol = torch.linalg.cholesky(_covariance(s1, s2, n, epsilon, pooled, shrinkage).double()).float()
     return lower_triangular_inverse(chol)
