@@ -41,6 +41,8 @@ from insightad.methods.registry import register_method
 from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
 
 SVDD_OBJECTIVES = ("one-class", "soft-boundary", "sad")
+SAD_KINDS = ("crack", "scratch", "blob", "missing")  # shapes drawn on the surface; cut-paste and texture
+# take their content from other normals of the set, and on textures (concrete) that looks normal
 SAD_EPS = 1e-6  # Deep SAD's guard in eta / (d^2 + eps): a labelled anomaly at c costs 1e6 * eta, not infinity
 
 @params
@@ -51,7 +53,7 @@ class SVDDParams(TrainLoopParams, DetectorParams):
     pooling: str = param("mean_std", "per-channel statistics of each level: mean, or mean and spatial "
                          "standard deviation (sees thin local defects such as cracks better)",
                          choices=("mean", "mean_std"))
-    objective: str = param("one-class", "one-class: mean squared distance to c; soft-boundary: radius R "
+    objective: str = param("sad", "one-class: mean squared distance to c; soft-boundary: radius R "
                            "plus the distances beyond it, weighted by 1/nu; sad: Deep SAD, one-class on the "
                            "normals plus eta / distance^2 on synthetic defects made on the training normals "
                            "(pushed away from c)", choices=SVDD_OBJECTIVES)
@@ -59,7 +61,7 @@ class SVDDParams(TrainLoopParams, DetectorParams):
                        exclusive_min=True)
     synthetic_anomalies: int = param(1, "sad: synthetic defects made on each training normal (the labelled "
                                      "anomalies; each costs one more backbone pass)", minimum=1)
-    synthetic_kinds: list[str] = param(list(DEFECT_KINDS), "sad: kinds of synthetic defect, in equal shares "
+    synthetic_kinds: list[str] = param(list(SAD_KINDS), "sad: kinds of synthetic defect, in equal shares "
                                        f"(some of {', '.join(DEFECT_KINDS)})")
     nu: float = param(0.1, "soft-boundary: the fraction of training images allowed outside the sphere",
                       minimum=0.0, maximum=1.0, exclusive_min=True)
@@ -237,7 +239,10 @@ class SVDDDetector(SVDDParams, Detector):
         sad = self.objective == "sad"
         if sad and on_images:
             raise InsightADError("svdd: objective sad trains on cached features with labels; it cannot "
-                                 "augment images (use --augment none)")
+                                 "augment images (use --augment none, or --objective one-class to augment)")
+        if sad and (not self.synthetic_kinds or any(k not in DEFECT_KINDS for k in self.synthetic_kinds)):
+            raise InsightADError(f"synthetic_kinds: expected some of {', '.join(DEFECT_KINDS)}, "
+                                 f"got {list(self.synthetic_kinds)!r}")
         arrays: list[np.ndarray] | None = [] if sad else None
         data = self._inputs(images, features, on_images, progress, arrays)
         tr, va = validation_split(len(images), self.val_fraction, self.seed)
