@@ -109,3 +109,22 @@ def test_svdd_sad_refuses_augmentation_and_bad_kinds(sad_images):
         create_detector("svdd", objective="sad", augment="affine", **TINY).fit(sad_images)
     with pytest.raises(InsightADError, match="synthetic_kinds: expected some of cutpaste"):
         create_detector("svdd", objective="sad", synthetic_kinds=["rust"], **{**TINY, "epochs": 1}).fit(sad_images)
+
+
+def test_svdd_standardize_stores_the_normals_statistics_and_round_trips(sad_images, tmp_path):
+    from insightad.methods import create_detector
+    from insightad.model_file import load_model, save_model
+
+    det = create_detector("svdd", standardize=True, **{**TINY, "epochs": 3}).fit(sad_images)
+    sphere = det.model_.sphere
+    assert sphere.standardized and float(sphere.scale.min()) > 0
+    feats = det.model_.features(torch.from_numpy(np.stack(
+        [det.preprocessing_.load(p)[0] for p in sad_images])).float())
+    z = (feats - sphere.shift) / sphere.scale  # the training split's normals: about zero mean, unit spread
+    assert float(z.mean(dim=0).abs().max()) < 1.0 and 0.5 < float(z.std(dim=0).median()) < 1.5
+    again = load_model(save_model(det, tmp_path / "std.safetensors"))
+    assert again.model_.sphere.standardized
+    np.testing.assert_allclose(again.predict(sad_images[:4]).scores, det.predict(sad_images[:4]).scores,
+                               rtol=1e-5, atol=1e-6)
+    plain = create_detector("svdd", **{**TINY, "epochs": 1}).fit(sad_images)  # a file without the buffers loads
+    assert not load_model(save_model(plain, tmp_path / "plain.safetensors")).model_.sphere.standardized

@@ -67,6 +67,8 @@ class SVDDParams(TrainLoopParams, DetectorParams):
                       minimum=0.0, maximum=1.0, exclusive_min=True)
     rep_dim: int = param(128, "dimension of the embedding space", minimum=1)
     hidden: list[int] = param([512], "hidden layer widths of the projection head (empty: one linear map)")
+    standardize: bool = param(False, "scale each pooled feature to zero mean and unit variance over the training "
+                              "normals before the head (the shift and scale are stored in the model)")
     eps: float = param(0.1, "centre coordinates closer to zero than this are pushed out to +-eps "
                        "(a centre at 0 is trivially reached by zero weights)", minimum=0.0)
     warmup_epochs: int = param(2, "soft-boundary: epochs before the radius R is first updated", minimum=0)
@@ -92,20 +94,33 @@ def projection_head(in_dim: int, hidden: Sequence[int], rep_dim: int) -> nn.Sequ
 
 
 class Hypersphere(nn.Module):
-    """Pooled features -> distance to the centre: the trainable head, the centre c, the radius R."""
+    """Pooled features -> distance to the centre: the trainable head, the centre c, the radius R; with
+    ``in_dim`` also a fixed per-feature shift and scale applied before the head (``standardize``)."""
 
     head: nn.Sequential
     center: torch.Tensor
     radius: torch.Tensor
+    shift: torch.Tensor  # standardized only
+    scale: torch.Tensor
 
-    def __init__(self, head: nn.Sequential, center: torch.Tensor, radius: float = 0.0) -> None:
+    def __init__(self, head: nn.Sequential, center: torch.Tensor, radius: float = 0.0,
+                 in_dim: int | None = None) -> None:
         super().__init__()
         self.head = head
         self.register_buffer("center", center.float().clone())
         self.register_buffer("radius", torch.tensor(float(radius)))
+        self.standardized = in_dim is not None
+        if in_dim is not None:
+            self.register_buffer("shift", torch.zeros(in_dim))
+            self.register_buffer("scale", torch.ones(in_dim))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        if self.standardized:
+            features = (features - self.shift) / self.scale
+        return self.head(features)
 
     def squared_distance(self, features: torch.Tensor) -> torch.Tensor:
-        return ((self.head(features) - self.center) ** 2).sum(dim=1)
+        return ((self.embed(features) - self.center) ** 2).sum(dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.squared_distance(features).clamp_min(0.0).sqrt()
@@ -248,8 +263,13 @@ class SVDDDetector(SVDDParams, Detector):
         tr, va = validation_split(len(images), self.val_fraction, self.seed)
         train, val = data[tr], (data[va] if len(va) else None)
         in_dim = int(self._probe_dim(features, data[:1], on_images))
-        sphere = Hypersphere(projection_head(in_dim, self.hidden, self.rep_dim), torch.zeros(self.rep_dim))
+        sphere = Hypersphere(projection_head(in_dim, self.hidden, self.rep_dim), torch.zeros(self.rep_dim),
+                             in_dim=in_dim if self.standardize else None)
         sphere.to(self.device_)
+        if self.standardize:
+            normal = self._distances(sphere, features, train, on_images, pooled=True)
+            sphere.shift.copy_(normal.mean(dim=0))
+            sphere.scale.copy_(normal.std(dim=0).clamp_min(1e-6) if len(normal) > 1 else torch.ones(in_dim))
         sphere.center.copy_(self._initial_center(sphere, features, train, on_images))
         objective = SVDDObjective(self.objective, self.nu, self.warmup_epochs, features if on_images else None,
                                   eta=self.eta)
@@ -303,14 +323,15 @@ class SVDDDetector(SVDDParams, Detector):
 
     @torch.no_grad()
     def _distances(self, sphere: Hypersphere, features: PooledFeatures, data: torch.Tensor, on_images: bool,
-                   embed: bool = False) -> torch.Tensor:
+                   embed: bool = False, pooled: bool = False) -> torch.Tensor:
+        """Distances to c of ``data`` (features or images); ``embed``: the embeddings; ``pooled``: the features."""
         out = []
         sphere.eval()
         for chunk in data.split(self.batch_size):
             f = chunk.to(self.device_)
             if on_images:
                 f = features(f)
-            out.append((sphere.head(f) if embed else sphere(f)).cpu())
+            out.append((f if pooled else sphere.embed(f) if embed else sphere(f)).cpu())
         return torch.cat(out)
 
     def _initial_center(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
@@ -352,5 +373,6 @@ class SVDDDetector(SVDDParams, Detector):
         in_dim = shapes[0][1] if shapes else int(state.get("in_dim", 1))
         hidden = [s[0] for s in shapes[:-1]]
         rep_dim = shapes[-1][0] if shapes else self.rep_dim
-        sphere = Hypersphere(projection_head(in_dim, hidden, rep_dim), torch.empty(rep_dim))
+        sphere = Hypersphere(projection_head(in_dim, hidden, rep_dim), torch.empty(rep_dim),
+                             in_dim=in_dim if "sphere.shift" in tensors else None)
         return SVDDModel(PooledFeatures(self._normalize(), extractor, self.pooling), sphere)
