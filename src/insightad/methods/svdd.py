@@ -1,7 +1,9 @@
 """Deep SVDD (Ruff et al., ICML 2018): normal images mapped close to a centre c; score = distance to c.
 
 The network is a frozen backbone (per level, the channel means and spatial standard deviations,
-each L2-normalised) followed by a trainable projection head. The paper's guards against the trivial solution (every
+each L2-normalised), by default standardised per feature with the training normals' mean and
+standard deviation (fixed buffers), followed by a trainable projection head. The paper's guards
+against the trivial solution (every
 image mapped onto c) are kept: the head has no bias terms, c is fixed from the mean embedding of
 the untrained network with coordinates too close to zero pushed out to +-eps, and the weights are
 decayed. Objectives: ``one-class`` (mean squared distance to c), ``soft-boundary`` (radius R
@@ -67,7 +69,7 @@ class SVDDParams(TrainLoopParams, DetectorParams):
                       minimum=0.0, maximum=1.0, exclusive_min=True)
     rep_dim: int = param(128, "dimension of the embedding space", minimum=1)
     hidden: list[int] = param([512], "hidden layer widths of the projection head (empty: one linear map)")
-    standardize: bool = param(False, "scale each pooled feature to zero mean and unit variance over the training "
+    standardize: bool = param(True, "scale each pooled feature to zero mean and unit variance over the training "
                               "normals before the head (the shift and scale are stored in the model)")
     eps: float = param(0.1, "centre coordinates closer to zero than this are pushed out to +-eps "
                        "(a centre at 0 is trivially reached by zero weights)", minimum=0.0)
