@@ -3,14 +3,14 @@
 The network is a frozen backbone (per level, the channel means and spatial standard deviations,
 each L2-normalised), by default standardised per feature with the training normals' mean and
 standard deviation (fixed buffers), followed by a trainable projection head. The paper's guards
-against the trivial solution (every
-image mapped onto c) are kept: the head has no bias terms, c is fixed from the mean embedding of
-the untrained network with coordinates too close to zero pushed out to +-eps, and the weights are
-decayed. Objectives: ``one-class`` (mean squared distance to c), ``soft-boundary`` (radius R
-plus 1/nu times the mean excess of the squared distances over R^2, with R re-fitted each epoch
-as the (1 - nu) quantile of the training distances) and ``sad`` (Deep SAD, Ruff et al., ICLR 2020:
-the one-class term on the normals plus eta / (||phi(x) - c||^2 + 1e-6) on labelled anomalies,
-which pushes them away from c; the labelled anomalies are the package's synthetic defects
+against the trivial solution (every image mapped onto c) are kept: the head has no bias terms, c
+is fixed from the mean embedding of the untrained network with coordinates too close to zero
+pushed out to +-eps, and the weights are decayed. Objectives: ``one-class`` (mean squared distance
+to c), ``soft-boundary`` (radius R plus 1/nu times the mean excess of the squared distances over
+R^2, with R re-fitted each epoch as the (1 - nu) quantile of the training distances) and ``sad``
+(the default; Deep SAD, Ruff et al., ICLR 2020: the one-class term on the normals plus
+eta / (||phi(x) - c||^2 + 1e-6) on labelled anomalies, which pushes them away from c; the labelled
+anomalies are the package's synthetic defects
 (:mod:`insightad.data.defects`) painted on the training normals, never on test images).
 
 With the backbone frozen and no augmentation, the pooled features are computed once and the
