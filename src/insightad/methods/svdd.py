@@ -1,22 +1,30 @@
 """Deep SVDD (Ruff et al., ICML 2018): normal images mapped close to a centre c; score = distance to c.
 
 The network is a frozen backbone (per level, the channel means and spatial standard deviations,
-each L2-normalised) followed by a trainable projection head. The paper's guards against the trivial solution (every
-image mapped onto c) are kept: the head has no bias terms, c is fixed from the mean embedding of
-the untrained network with coordinates too close to zero pushed out to +-eps, and the weights are
-decayed. Objectives: ``one-class`` (mean squared distance to c) and ``soft-boundary`` (radius R
-plus 1/nu times the mean excess of the squared distances over R^2, with R re-fitted each epoch
-as the (1 - nu) quantile of the training distances).
+each L2-normalised), by default standardised per feature with the training normals' mean and
+standard deviation (fixed buffers), followed by a trainable projection head. The paper's guards
+against the trivial solution (every image mapped onto c) are kept: the head has no bias terms, c
+is fixed from the mean embedding of the untrained network with coordinates too close to zero
+pushed out to +-eps, and the weights are decayed. Objectives: ``one-class`` (mean squared distance
+to c), ``soft-boundary`` (radius R plus 1/nu times the mean excess of the squared distances over
+R^2, with R re-fitted each epoch as the (1 - nu) quantile of the training distances) and ``sad``
+(the default; Deep SAD, Ruff et al., ICLR 2020: the one-class term on the normals plus
+eta / (||phi(x) - c||^2 + 1e-6) on labelled anomalies, which pushes them away from c; the labelled
+anomalies are the package's synthetic defects
+(:mod:`insightad.data.defects`) painted on the training normals, never on test images).
 
 With the backbone frozen and no augmentation, the pooled features are computed once and the
-head trains on them, so a hundred epochs cost seconds.
+head trains on them, so a hundred epochs cost seconds. ``sad`` computes the pooled features of its
+synthetic anomalies once too (one more backbone pass per synthetic defect per normal); it needs
+the cached features (no ``--augment``). A defect is made on a normal of the same split (training
+or validation) with a donor of that split, so the validation loss sees no training image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -26,6 +34,7 @@ from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TrainLoopParams, param, params
+from insightad.data.defects import DEFECT_KINDS, make_defects
 from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
@@ -33,7 +42,10 @@ from insightad.methods.components.pooling import pooled_features, pooled_mean_st
 from insightad.methods.registry import register_method
 from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
 
-SVDD_OBJECTIVES = ("one-class", "soft-boundary")
+SVDD_OBJECTIVES = ("one-class", "soft-boundary", "sad")
+SAD_KINDS = ("crack", "scratch", "blob", "missing")  # shapes drawn on the surface; cut-paste and texture
+# take their content from other normals of the set, and on textures (concrete) that looks normal
+SAD_EPS = 1e-6  # Deep SAD's guard in eta / (d^2 + eps): a labelled anomaly at c costs 1e6 * eta, not infinity
 
 @params
 class SVDDParams(TrainLoopParams, DetectorParams):
@@ -43,12 +55,22 @@ class SVDDParams(TrainLoopParams, DetectorParams):
     pooling: str = param("mean_std", "per-channel statistics of each level: mean, or mean and spatial "
                          "standard deviation (sees thin local defects such as cracks better)",
                          choices=("mean", "mean_std"))
-    objective: str = param("one-class", "one-class: mean squared distance to c; soft-boundary: radius R "
-                           "plus the distances beyond it, weighted by 1/nu", choices=SVDD_OBJECTIVES)
+    objective: str = param("sad", "one-class: mean squared distance to c; soft-boundary: radius R "
+                           "plus the distances beyond it, weighted by 1/nu; sad: Deep SAD, one-class on the "
+                           "normals plus eta / distance^2 on synthetic defects made on the training normals "
+                           "(pushed away from c)", choices=SVDD_OBJECTIVES)
+    eta: float = param(1.0, "sad: weight of the labelled-anomaly term eta / (distance^2 + 1e-6)", minimum=0.0,
+                       exclusive_min=True)
+    synthetic_anomalies: int = param(1, "sad: synthetic defects made on each training normal (the labelled "
+                                     "anomalies; each costs one more backbone pass)", minimum=1)
+    synthetic_kinds: list[str] = param(list(SAD_KINDS), "sad: kinds of synthetic defect, in equal shares "
+                                       f"(some of {', '.join(DEFECT_KINDS)})")
     nu: float = param(0.1, "soft-boundary: the fraction of training images allowed outside the sphere",
                       minimum=0.0, maximum=1.0, exclusive_min=True)
     rep_dim: int = param(128, "dimension of the embedding space", minimum=1)
     hidden: list[int] = param([512], "hidden layer widths of the projection head (empty: one linear map)")
+    standardize: bool = param(True, "scale each pooled feature to zero mean and unit variance over the training "
+                              "normals before the head (the shift and scale are stored in the model)")
     eps: float = param(0.1, "centre coordinates closer to zero than this are pushed out to +-eps "
                        "(a centre at 0 is trivially reached by zero weights)", minimum=0.0)
     warmup_epochs: int = param(2, "soft-boundary: epochs before the radius R is first updated", minimum=0)
@@ -74,20 +96,33 @@ def projection_head(in_dim: int, hidden: Sequence[int], rep_dim: int) -> nn.Sequ
 
 
 class Hypersphere(nn.Module):
-    """Pooled features -> distance to the centre: the trainable head, the centre c, the radius R."""
+    """Pooled features -> distance to the centre: the trainable head, the centre c, the radius R; with
+    ``in_dim`` also a fixed per-feature shift and scale applied before the head (``standardize``)."""
 
     head: nn.Sequential
     center: torch.Tensor
     radius: torch.Tensor
+    shift: torch.Tensor  # standardized only
+    scale: torch.Tensor
 
-    def __init__(self, head: nn.Sequential, center: torch.Tensor, radius: float = 0.0) -> None:
+    def __init__(self, head: nn.Sequential, center: torch.Tensor, radius: float = 0.0,
+                 in_dim: int | None = None) -> None:
         super().__init__()
         self.head = head
         self.register_buffer("center", center.float().clone())
         self.register_buffer("radius", torch.tensor(float(radius)))
+        self.standardized = in_dim is not None
+        if in_dim is not None:
+            self.register_buffer("shift", torch.zeros(in_dim))
+            self.register_buffer("scale", torch.ones(in_dim))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        if self.standardized:
+            features = (features - self.shift) / self.scale
+        return self.head(features)
 
     def squared_distance(self, features: torch.Tensor) -> torch.Tensor:
-        return ((self.head(features) - self.center) ** 2).sum(dim=1)
+        return ((self.embed(features) - self.center) ** 2).sum(dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.squared_distance(features).clamp_min(0.0).sqrt()
@@ -138,11 +173,27 @@ def _as_sphere(model: nn.Module) -> Hypersphere:
     return model
 
 
-class SVDDObjective:
-    """One-class or soft-boundary loss on a :class:`Hypersphere`; inputs are features or (augmented) images."""
+def with_labels(features: torch.Tensor, label: float) -> torch.Tensor:
+    """Features with a last column holding the label (0: normal, 1: labelled anomaly), as ``sad`` trains on."""
+    return torch.cat([features, torch.full((len(features), 1), float(label), dtype=features.dtype)], dim=1)
 
-    def __init__(self, objective: str, nu: float, warmup_epochs: int, features: PooledFeatures | None) -> None:
-        self.objective, self.nu, self.warmup = objective, nu, warmup_epochs
+
+def synthetic_anomalies(normals: Sequence[np.ndarray], per_image: int, kinds: Sequence[str], seed: int
+                        ) -> list[np.ndarray]:
+    """``per_image`` synthetic defects (uint8 (H, W, C)) on each of ``normals`` (uint8 at model size), kinds in
+    equal shares, donors from the same set; the same for the same seed."""
+    if not len(normals):
+        return []
+    return [d.image for d in make_defects(list(normals), seed=seed, kinds=kinds, per_image=per_image)]
+
+
+class SVDDObjective:
+    """One-class, soft-boundary or Deep SAD loss on a :class:`Hypersphere`; inputs are features or
+    (augmented) images; for ``sad`` features with a last label column (:func:`with_labels`)."""
+
+    def __init__(self, objective: str, nu: float, warmup_epochs: int, features: PooledFeatures | None,
+                 eta: float = 1.0) -> None:
+        self.objective, self.nu, self.warmup, self.eta = objective, nu, warmup_epochs, eta
         self.features = features  # set when the loop feeds images (augmentation): features on the fly
         self.inputs_are_images = features is not None
         self._epoch_d2: list[torch.Tensor] = []
@@ -155,6 +206,8 @@ class SVDDObjective:
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         model = _as_sphere(model)
+        if self.objective == "sad":
+            return self._sad_loss(model, batch)
         d2 = model.squared_distance(self._features(batch))
         if model.training:
             self._epoch_d2.append(d2.detach())
@@ -164,9 +217,22 @@ class SVDDObjective:
             return loss, {"outside": float((d2.detach() > r2).float().mean())}
         return d2.mean(), {}
 
+    def _sad_loss(self, model: Hypersphere, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Deep SAD: the mean over the batch of d^2 (normals) and eta / (d^2 + eps) (labelled anomalies)."""
+        features, anomalous = batch[:, :-1], batch[:, -1] > 0.5
+        d2 = model.squared_distance(features)
+        loss = torch.where(anomalous, self.eta / (d2 + SAD_EPS), d2).mean()
+        metrics = {}
+        if bool(anomalous.any()) and bool((~anomalous).any()):  # how often a labelled anomaly lies inside
+            inside = d2.detach()[anomalous] < d2.detach()[~anomalous].max()  # the farthest normal of the batch
+            metrics["anomalies_inside"] = float(inside.float().mean())
+        return loss, metrics
+
     def end_epoch(self, model: nn.Module, epoch: int) -> None:
         """Soft-boundary: after the warm-up, R = the (1 - nu) quantile of this epoch's training distances."""
         model = _as_sphere(model)
+        if not self._epoch_d2:
+            return
         d2, self._epoch_d2 = torch.cat(self._epoch_d2), []
         if self.objective == "soft-boundary" and epoch + 1 >= self.warmup:
             r = torch.quantile(d2.clamp_min(0.0).sqrt().double(), 1.0 - self.nu).float()
@@ -178,6 +244,7 @@ class SVDDDetector(SVDDParams, Detector):
     """Image-level detector: distance of the embedding to the centre c (higher = more anomalous)."""
 
     Params = SVDDParams
+    legacy_params: ClassVar[dict[str, Any]] = {"standardize": False}  # files before it had no shift and scale
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         loop = TrainingLoop(config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
@@ -187,29 +254,69 @@ class SVDDDetector(SVDDParams, Detector):
         extractor = self._make_extractor()
         features = PooledFeatures(self._normalize(), extractor, self.pooling).to(self.device_).eval()
         on_images = self.augment != "none"
-        data = self._inputs(images, features, on_images, progress)
+        sad = self.objective == "sad"
+        if sad and on_images:
+            raise InsightADError("svdd: objective sad trains on cached features with labels; it cannot "
+                                 "augment images (use --augment none, or --objective one-class to augment)")
+        if sad and (not self.synthetic_kinds or any(k not in DEFECT_KINDS for k in self.synthetic_kinds)):
+            raise InsightADError(f"synthetic_kinds: expected some of {', '.join(DEFECT_KINDS)}, "
+                                 f"got {list(self.synthetic_kinds)!r}")
+        arrays: list[np.ndarray] | None = [] if sad else None
+        data = self._inputs(images, features, on_images, progress, arrays)
         tr, va = validation_split(len(images), self.val_fraction, self.seed)
         train, val = data[tr], (data[va] if len(va) else None)
         in_dim = int(self._probe_dim(features, data[:1], on_images))
-        sphere = Hypersphere(projection_head(in_dim, self.hidden, self.rep_dim), torch.zeros(self.rep_dim))
+        sphere = Hypersphere(projection_head(in_dim, self.hidden, self.rep_dim), torch.zeros(self.rep_dim),
+                             in_dim=in_dim if self.standardize else None)
         sphere.to(self.device_)
+        if self.standardize:
+            normal = self._distances(sphere, features, train, on_images, pooled=True)
+            sphere.shift.copy_(normal.mean(dim=0))
+            sphere.scale.copy_(normal.std(dim=0).clamp_min(1e-6) if len(normal) > 1 else torch.ones(in_dim))
         sphere.center.copy_(self._initial_center(sphere, features, train, on_images))
-        objective = SVDDObjective(self.objective, self.nu, self.warmup_epochs, features if on_images else None)
-        self.training_ = loop.run(sphere, objective, train, val)
+        objective = SVDDObjective(self.objective, self.nu, self.warmup_epochs, features if on_images else None,
+                                  eta=self.eta)
+        if arrays is not None:  # sad: normals (label 0) and synthetic anomalies of the same split (label 1)
+            self.n_anomalies_ = 0
+            loop_train = self._labelled(train, [arrays[i] for i in tr], self.seed, progress)
+            loop_val = self._labelled(val, [arrays[i] for i in va], self.seed + 1, progress) if val is not None else None
+            self.training_ = loop.run(sphere, objective, loop_train, loop_val)
+        else:
+            self.training_ = loop.run(sphere, objective, train, val)
+        self.__dict__.pop("_run_features", None)  # the fit's backbone runner is not part of the model
         self.model_ = SVDDModel(features, sphere).to(self.device_).eval()
         self._score_normals(sphere, features, train, val, on_images)
 
-    def _inputs(self, images: Sequence, features: PooledFeatures, on_images: bool, progress: bool) -> torch.Tensor:
-        """The loop's inputs: uint8 images when augmenting, else the frozen pooled features (computed once)."""
+    def _inputs(self, images: Sequence, features: PooledFeatures, on_images: bool, progress: bool,
+                arrays: list[np.ndarray] | None = None) -> torch.Tensor:
+        """The loop's inputs: uint8 images when augmenting, else the frozen pooled features (computed once).
+        ``arrays``: a list to collect the images at model size in (uint8 (H, W, C); sad makes its defects on them)."""
         if on_images:
             return load_images(images, self.preprocessing_, self.batch_size, self.workers, progress, "svdd: load images")
-        run = self._feature_runner(features.extractor)  # the frozen backbone on the fast engine
-        pool = pooled_mean_std if features.pooling == "mean_std" else pooled_features
+        self._run_features = self._feature_runner(features.extractor)  # the frozen backbone on the fast engine
+        return self._pooled(images, features.pooling, progress, "svdd: features", arrays)
+
+    def _pooled(self, images: Sequence, pooling: str, progress: bool, desc: str,
+                arrays: list[np.ndarray] | None = None) -> torch.Tensor:
+        """Pooled features of ``images`` through the fit's backbone runner (see :meth:`_inputs`)."""
+        pool = pooled_mean_std if pooling == "mean_std" else pooled_features
         chunks = []
         with torch.inference_mode():
-            for batch in self._batches(images, progress, "svdd: features"):
-                chunks.append(pool(run(batch.images)).float().cpu())
+            for batch in self._batches(images, progress, desc):
+                if arrays is not None:
+                    pixels = batch.images.permute(0, 2, 3, 1).numpy()
+                    arrays.extend(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+                chunks.append(pool(self._run_features(batch.images)).float().cpu())
         return torch.cat(chunks)
+
+    def _labelled(self, normals: torch.Tensor, arrays: list[np.ndarray], seed: int, progress: bool) -> torch.Tensor:
+        """sad: the normals' features (label 0) and those of synthetic defects made on them (label 1)."""
+        made = synthetic_anomalies(arrays, self.synthetic_anomalies, self.synthetic_kinds, seed)
+        parts = [with_labels(normals, 0.0)]
+        if made:
+            parts.append(with_labels(self._pooled(made, self.pooling, progress, "svdd: synthetic anomalies"), 1.0))
+            self.n_anomalies_ += len(made)
+        return torch.cat(parts)
 
     def _probe_dim(self, features: PooledFeatures, first: torch.Tensor, on_images: bool) -> int:
         if not on_images:
@@ -219,14 +326,15 @@ class SVDDDetector(SVDDParams, Detector):
 
     @torch.no_grad()
     def _distances(self, sphere: Hypersphere, features: PooledFeatures, data: torch.Tensor, on_images: bool,
-                   embed: bool = False) -> torch.Tensor:
+                   embed: bool = False, pooled: bool = False) -> torch.Tensor:
+        """Distances to c of ``data`` (features or images); ``embed``: the embeddings; ``pooled``: the features."""
         out = []
         sphere.eval()
         for chunk in data.split(self.batch_size):
             f = chunk.to(self.device_)
             if on_images:
                 f = features(f)
-            out.append((sphere.head(f) if embed else sphere(f)).cpu())
+            out.append((f if pooled else sphere.embed(f) if embed else sphere(f)).cpu())
         return torch.cat(out)
 
     def _initial_center(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
@@ -258,7 +366,8 @@ class SVDDDetector(SVDDParams, Detector):
         t = getattr(self, "training_", None)
         sphere = self._model_as(SVDDModel).sphere
         return {"in_dim": int(cast(nn.Linear, sphere.head[0]).in_features), "objective": self.objective,
-                "radius": float(sphere.radius), "training": t.summary() if t else None}
+                "radius": float(sphere.radius), "training": t.summary() if t else None,
+                "synthetic_anomalies": getattr(self, "n_anomalies_", None)}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         extractor = self._make_extractor(pretrained=False)
@@ -267,5 +376,6 @@ class SVDDDetector(SVDDParams, Detector):
         in_dim = shapes[0][1] if shapes else int(state.get("in_dim", 1))
         hidden = [s[0] for s in shapes[:-1]]
         rep_dim = shapes[-1][0] if shapes else self.rep_dim
-        sphere = Hypersphere(projection_head(in_dim, hidden, rep_dim), torch.empty(rep_dim))
+        sphere = Hypersphere(projection_head(in_dim, hidden, rep_dim), torch.empty(rep_dim),
+                             in_dim=in_dim if "sphere.shift" in tensors else None)
         return SVDDModel(PooledFeatures(self._normalize(), extractor, self.pooling), sphere)

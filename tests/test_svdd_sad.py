@@ -1,0 +1,130 @@
+"""Deep SAD (svdd --objective sad): its labelled anomalies are synthetic defects made deterministically on
+the training normals, its loss pushes them away from c, and the detector trains on cached features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from insightad.errors import InsightADError
+
+SIZE = 64
+TINY = {"image_size": SIZE, "backbone": "test_efficientnet", "weights": "random", "layers": [2, 3, 4],
+        "patience": 0}
+
+
+def _normals(n: int = 6, size: int = 48) -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    base = rng.integers(90, 160, (size, size, 3)).astype(np.int16)
+    return [np.clip(base + rng.integers(-8, 9, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+def test_synthetic_anomalies_are_deterministic_with_the_seed():
+    from insightad.methods.svdd import synthetic_anomalies
+
+    normals = _normals()
+    a = synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=3)
+    b = synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=3)
+    c = synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=4)
+    assert len(a) == 2 * len(normals) and all(x.shape == normals[0].shape and x.dtype == np.uint8 for x in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    sources = [normals[i % len(normals)] for i in range(len(a))]
+    assert all(not np.array_equal(x, s) for x, s in zip(a, sources))  # every one is a defect on its normal
+    assert synthetic_anomalies([], 1, ("crack",), seed=0) == []
+
+
+def test_sad_loss_is_one_class_on_normals_and_inverse_distance_on_anomalies():
+    from insightad.methods.svdd import SAD_EPS, Hypersphere, SVDDObjective, with_labels
+
+    head = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        head[0].weight.copy_(torch.eye(2))
+    sphere = Hypersphere(head, torch.zeros(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    batch = torch.cat([with_labels(x[:1], 0.0), with_labels(x[1:], 1.0)])
+    loss, metrics = SVDDObjective("sad", 0.1, 0, None, eta=3.0).loss(sphere, batch)
+    assert float(loss.detach()) == pytest.approx((1.0 + 3.0 / (4.0 + SAD_EPS)) / 2)
+    assert metrics["anomalies_inside"] == 0.0  # the anomaly (d^2 4) lies beyond the farthest normal (d^2 1)
+
+
+def _train_toy(objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normals and (shifted) anomalies in 16 dimensions; median distances to c after training a head."""
+    from insightad.config import TrainLoopParams
+    from insightad.methods.svdd import Hypersphere, SVDDObjective, fixed_center, projection_head, with_labels
+    from insightad.training import TrainingLoop
+
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randn(128, 16, generator=g)
+    anomalies = torch.randn(128, 16, generator=g)
+    anomalies[:, 0] += 1.5  # a modest shift along one direction the one-class loss has no reason to keep
+    torch.manual_seed(0)
+    sphere = Hypersphere(projection_head(16, [32], 8), torch.zeros(8))
+    with torch.no_grad():
+        sphere.center.copy_(fixed_center(sphere.head(normals), 0.1))
+    labelled = torch.cat([with_labels(normals, 0.0), with_labels(anomalies, 1.0)])
+    data = labelled if objective == "sad" else normals
+    loop = TrainingLoop(TrainLoopParams(epochs=60, batch_size=32, lr=1e-3, patience=0, val_fraction=0.0,
+                                        device="cpu", seed=0), name="toy")
+    loop.run(sphere, SVDDObjective(objective, 0.1, 0, None, eta=1.0), data)
+    with torch.no_grad():
+        return sphere(normals), sphere(anomalies)
+
+
+def test_sad_pushes_labelled_anomalies_farther_than_normals_on_a_toy_set():
+    n_sad, a_sad = _train_toy("sad")
+    n_one, a_one = _train_toy("one-class")
+    sad_ratio = float(a_sad.median() / n_sad.median())
+    one_ratio = float(a_one.median() / n_one.median())
+    assert sad_ratio > 2.0 and sad_ratio > 1.5 * one_ratio, (sad_ratio, one_ratio)
+    # separable by distance: most anomalies beyond the 90th percentile of the normals
+    assert float((a_sad > torch.quantile(n_sad, 0.9)).float().mean()) > 0.8
+
+
+@pytest.fixture(scope="module")
+def sad_images(mvtec_dir):
+    return sorted((mvtec_dir / "train" / "good").glob("*.png"))[:16]
+
+
+def test_svdd_sad_fits_on_cached_features_and_is_deterministic(sad_images):
+    from insightad.methods import create_detector
+
+    params = {**TINY, "objective": "sad", "epochs": 4, "synthetic_anomalies": 2, "synthetic_kinds": ["crack", "blob"]}
+    a = create_detector("svdd", **params).fit(sad_images)
+    b = create_detector("svdd", **params).fit(sad_images)
+    assert a.n_anomalies_ == 2 * len(sad_images)  # two per normal, training and validation splits together
+    sa, sb = a.model_.sphere.state_dict(), b.model_.sphere.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert 0.0 <= a.training_.history[-1]["train_anomalies_inside"] <= 1.0  # the loop saw labelled anomalies
+    assert len(a.decision_scores_) == len(sad_images) - len(a.train_scores_)  # validation normals only
+    assert a.state_metadata()["synthetic_anomalies"] == 2 * len(sad_images)
+    assert not hasattr(a, "_run_features")  # the fit's backbone runner is not kept
+
+
+def test_svdd_sad_refuses_augmentation_and_bad_kinds(sad_images):
+    from insightad.methods import create_detector
+
+    with pytest.raises(InsightADError, match="objective sad trains on cached features"):
+        create_detector("svdd", objective="sad", augment="affine", **TINY).fit(sad_images)
+    with pytest.raises(InsightADError, match="synthetic_kinds: expected some of cutpaste"):
+        create_detector("svdd", objective="sad", synthetic_kinds=["rust"], **{**TINY, "epochs": 1}).fit(sad_images)
+
+
+def test_svdd_standardize_stores_the_normals_statistics_and_round_trips(sad_images, tmp_path):
+    from insightad.methods import create_detector
+    from insightad.model_file import load_model, save_model
+
+    det = create_detector("svdd", standardize=True, **{**TINY, "epochs": 3}).fit(sad_images)
+    sphere = det.model_.sphere
+    assert sphere.standardized and float(sphere.scale.min()) > 0
+    feats = det.model_.features(torch.from_numpy(np.stack(
+        [det.preprocessing_.load(p)[0] for p in sad_images])).float())
+    z = (feats - sphere.shift) / sphere.scale  # the training split's normals: about zero mean, unit spread
+    assert float(z.mean(dim=0).abs().max()) < 1.0 and 0.5 < float(z.std(dim=0).median()) < 1.5
+    again = load_model(save_model(det, tmp_path / "std.safetensors"))
+    assert again.model_.sphere.standardized
+    np.testing.assert_allclose(again.predict(sad_images[:4]).scores, det.predict(sad_images[:4]).scores,
+                               rtol=1e-5, atol=1e-6)
+    plain = create_detector("svdd", standardize=False, **{**TINY, "epochs": 1}).fit(sad_images)  # no buffers: loads
+    assert not load_model(save_model(plain, tmp_path / "plain.safetensors")).model_.sphere.standardized
