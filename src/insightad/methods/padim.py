@@ -2,9 +2,10 @@
 
 Features of several backbone levels are brought to the finest level's grid and concatenated,
 reduced to ``n_features`` channels (random selection as in the paper, or PCA), and at every patch
-position the mean and covariance of the normal images are estimated in a streaming way. The
-anomaly map is the Mahalanobis distance of each patch to its position's Gaussian, smoothed and
-upsampled; the image score is the map's maximum.
+position the mean and covariance of the normal images are estimated in a streaming way (each
+covariance shrunk by ``shrinkage`` towards their mean over positions). The anomaly map is the
+Mahalanobis distance of each patch to its position's Gaussian, smoothed and upsampled; the image
+score is the mean of the map's top ``score_top`` fraction (0: the paper's maximum).
 """
 
 from __future__ import annotations
