@@ -133,6 +133,25 @@ def test_model_file_round_trips_to_identical_scores(patchcore, mvtec_dir):
     np.testing.assert_array_equal(before.maps[3], after.maps[3])
 
 
+def test_predict_runs_the_backbone_on_the_fit_engine_with_the_same_scores(patchcore, mvtec_dir):
+    """On the CPU, predict runs the frozen backbone through the fit's engine (ONNX Runtime here): the same
+    scores and maps as the PyTorch backbone, and an export (verify included) still traces PyTorch."""
+    from insightad.model_file import load_model
+
+    _, path = patchcore
+    det = load_model(path)
+    test = [s.path for s in discover(mvtec_dir).test][:6]
+    fast = det.predict(test)
+    model = det.model_
+    assert model.features is not None and model.features_size == (3, SIZE, SIZE)
+    assert model.exported().features is None
+    plain = load_model(path)
+    plain._fast_backbone = lambda: None  # the PyTorch backbone throughout
+    ref = plain.predict(test)
+    np.testing.assert_allclose(fast.scores, ref.scores, rtol=1e-4)
+    np.testing.assert_allclose(fast.maps[2], ref.maps[2], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("params, message", [
     ({"coreset_ratio": 0.0}, "coreset_ratio: expected a value > 0.0"),
     ({"coreset_ratio": 1.5}, "coreset_ratio: expected a value <= 1.0"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from insightad.methods.components.knn import (
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
 from insightad.methods.registry import register_method
 from insightad.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from insightad.engines.features import FeatureFn
 
 
 @params
@@ -74,6 +77,9 @@ class PatchCoreModel(nn.Module):
         super().__init__()
         self.search = resolve_search(search)
         self._index: tuple[tuple, HnswIndex] | None = None  # built on first use, for the bank as it is then
+        # The frozen backbone on a faster engine (set by the detector for predict; not part of the model's state).
+        self.features: FeatureFn | None = None
+        self.features_size: tuple[int, ...] = ()
         self.normalize, self.extractor = normalize, extractor
         self.feature_size = tuple(int(v) for v in feature_size)
         self.neighbourhood, self.num_neighbors = int(neighbourhood), int(num_neighbors)
@@ -82,6 +88,9 @@ class PatchCoreModel(nn.Module):
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> locally aware patch features (B, P, D)."""
+        if self.features is not None and tuple(x.shape[1:]) == self.features_size \
+                and not torch.onnx.is_in_onnx_export():
+            return self.patches_from_levels([f.to(x.device) for f in self.features(x)])
         return self.patches_from_levels(self.extractor(self.normalize(x)))
 
     def patches_from_levels(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -126,7 +135,7 @@ class PatchCoreModel(nn.Module):
         """This model with exact search (same tensors): what the ONNX graph computes, so what its export
         is checked against."""
         twin = copy.copy(self)
-        twin.search, twin._index = "exact", None
+        twin.search, twin._index, twin.features = "exact", None, None
         return twin
 
     def hnsw(self) -> HnswIndex:
@@ -247,6 +256,25 @@ class PatchCoreDetector(PatchCoreParams, Detector):
         with torch.inference_mode():
             feats = [f.to(self.device_) for f in features(x)]
             return model.patches_from_levels(feats).float().cpu()
+
+    @torch.inference_mode()
+    def forward_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._fast_backbone()
+        return super().forward_tensor(x)
+
+    def _fast_backbone(self) -> None:
+        """Predict on the CPU runs the frozen backbone on the fit's engine (ONNX Runtime: BatchNorm folded into
+        the convolutions, about 2.4x PyTorch's speed on lite0); the search stays in PyTorch or faiss, since
+        the whole-model graph is not used for PatchCore (see ``onnx_auto``). Same features within 1e-6."""
+        model = self._model_as(PatchCoreModel)
+        if model.features is not None or getattr(self, "device_", torch.device("cpu")).type != "cpu":
+            return
+        from insightad.engines.features import feature_runner
+
+        p = self.preprocessing_
+        model.features, _ = feature_runner(self._normalize(), model.extractor, (p.channels, *p.size),
+                                           self.fit_engine, self.device_)
+        model.features_size = (p.channels, *p.size)
 
     def _threshold_images(self, n: int) -> list[int]:
         if n < 2:
