@@ -209,8 +209,12 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
 # ------------------------------------------------------------------------------ PaDiM, exact
 def _padim_features(det: PadimDetector, arrays_or_paths: Sequence, features: FeatureFn) -> torch.Tensor:
     """Reduced patch features (N, P, d) of images, through the fitted model's own layers and its fit's engine."""
-    out = list(det.embeddings(arrays_or_paths, what="padim: validation", features=features))
-    return torch.cat(out) if out else torch.empty(0)
+    out = torch.empty(len(arrays_or_paths), *det._model_as(PadimModel).mean.shape)  # filled in place: no cat copy
+    at = 0
+    for z in det.embeddings(arrays_or_paths, what="padim: validation", features=features):
+        out[at:at + len(z)] = z
+        at += len(z)
+    return out[:at]
 
 
 def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from insightad.engines.features import FeatureFn
 
 MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
+REDUCE_CHUNK = 8  # images whose full-width patch features (176 channels at 64x64 on lite0: 2.9 MB each) exist at once
 
 
 @params
@@ -113,9 +114,11 @@ class PadimModel(nn.Module):
 
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each patch to its position's Gaussian: (B, P, d) -> (B, P)."""
-        y = (z - self.mean).transpose(0, 1)  # (P, B, d)
-        w = torch.bmm(y, self.inv_chol.transpose(1, 2))  # L^-1 y for every patch
-        return w.square().sum(-1).sqrt().transpose(0, 1)
+        y = (z - self.mean).permute(1, 2, 0)  # (P, d, B)
+        # L^-1 y for every patch, with the factors as they are: a transposed constant would be folded into a
+        # second copy of the largest tensor when ONNX Runtime loads the graph.
+        w = torch.bmm(self.inv_chol, y)
+        return w.square().sum(1).sqrt().transpose(0, 1)
 
     def score_distances(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch distances (B, P) -> (image scores = the mean of each map's top ``score_top`` (the maximum
@@ -188,8 +191,7 @@ class PadimDetector(PadimParams, Detector):
         acc = PatchGaussianAccumulator(positions, dim)
         held: list[torch.Tensor] = []
 
-        def consume(raw: torch.Tensor, pos: int) -> None:
-            z = model.reduce(raw).cpu()
+        def consume(z: torch.Tensor, pos: int) -> None:
             k = max(0, min(len(z), n_fit - pos))
             acc.update(z[:k])
             if k < len(z):  # held-out images: scored once every fitting image is in
@@ -201,20 +203,20 @@ class PadimDetector(PadimParams, Detector):
         features = self._feature_runner(model.extractor)  # the frozen backbone on the fast engine
         with torch.inference_mode():
             for batch in self._batches([images[i] for i in order], progress, "padim: statistics"):
-                raw = level_patches(features(batch.images)).to(self.device_)
-                if not pca_ready:
-                    pending.append((raw.cpu(), pos))
-                    if pos + len(raw) >= min(self.pca_images, len(images)):
+                feats = features(batch.images)
+                if not pca_ready:  # the projection is fitted on the first images' full-width features
+                    pending.append((level_patches(feats).cpu(), pos))
+                    if pos + len(batch.images) >= min(self.pca_images, len(images)):
                         c, p = pca_projection(torch.cat([r for r, _ in pending]).flatten(0, 1), dim, seed=self.seed)
                         model.centre.copy_(c)
                         model.projection.copy_(p)
                         pca_ready = True
                         for r, at in pending:
-                            consume(r.to(self.device_), at)
+                            consume(model.reduce(r.to(self.device_)).float().cpu(), at)
                         pending.clear()
                 else:
-                    consume(raw, pos)
-                pos += len(raw)
+                    consume(self._reduced(model, feats), pos)
+                pos += len(batch.images)
             self._finish(model, acc, torch.cat(held) if held else torch.empty(0), images)
 
     def _finish(self, model: PadimModel, acc: PatchGaussianAccumulator, z_held: torch.Tensor,
@@ -246,7 +248,18 @@ class PadimDetector(PadimParams, Detector):
         features = features or self._feature_runner(model.extractor)
         with torch.inference_mode():
             for batch in self._batches(list(images), progress, what):
-                yield model.reduce(level_patches(features(batch.images)).to(self.device_)).float().cpu()
+                yield self._reduced(model, features(batch.images))
+
+    def _reduced(self, model: PadimModel, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone levels of a batch -> reduced patch features (B, P, d) on the CPU, ``REDUCE_CHUNK`` images at a
+        time: a whole batch's concatenated full-width features (and the copies reducing them makes) were the
+        largest transient of the fit and of cross-fitting."""
+        n = int(feats[0].shape[0])
+        out = torch.empty(n, *model.mean.shape)
+        for a in range(0, n, REDUCE_CHUNK):
+            part = level_patches([f[a:a + REDUCE_CHUNK].to(self.device_) for f in feats])
+            out[a:a + REDUCE_CHUNK] = model.reduce(part).float().cpu()
+        return out
 
     # ------------------------------------------------------------------ distributed fit (a reduction)
     def _check_shardable(self) -> None:
