@@ -227,8 +227,8 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
     total = PatchGaussianAccumulator(positions, dim)
     features = det._feature_runner(model.extractor)  # one engine session for every pass below
     fold_list = sorted(set(folds.tolist()))
-    for f in fold_list:  # pass 1: the sums of every training image, one shift for all
-        total.update(_padim_features(det, [images[int(i)] for i in np.flatnonzero(folds == f)], features))
+    for z in det.embeddings(images, what="padim: validation", features=features):  # pass 1: every image's sums
+        total.update(z)
     n_index, n_scores, n_max, d_scores = [], [], [], []
     defects: list[SyntheticDefect] = []
     d_maps: list[np.ndarray] = []
