@@ -194,3 +194,26 @@ def test_cli_heatmap_refused_for_image_level_models(baseline_model, mvtec_dir, t
     assert main(["predict", "--model", str(baseline_model), str(image), "--heatmap", str(tmp_path / "h")]) == 1
     assert "--heatmap: baseline models give no anomaly maps" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
+
+
+def test_top_fraction_image_score_is_the_mean_of_the_maps_top_and_exports(mvtec_dir, tmp_path):
+    """score_top q: the image score is the mean of the map's q highest pixels (0: the paper's re-weighted
+    maximum, which model files from before the setting keep), in PyTorch and in the exported graph."""
+    from insightad.inference.export import export_onnx
+    from insightad.methods.components.maps import top_mean
+    from insightad.methods.patchcore import PatchCoreDetector
+
+    assert PatchCoreDetector.legacy_params["score_top"] == 0.0
+    train = [s.path for s in discover(mvtec_dir).train][:8]
+    test = [s.path for s in discover(mvtec_dir).test][:4]
+    det = create_detector("patchcore", image_size=SIZE, coreset_ratio=0.25, threshold_images=4, score_top=0.05,
+                          search="exact", workers=0).fit(train)
+    x = np.stack([det.preprocessing_.load(p)[0] for p in test])
+    scores, maps = det.forward_tensor(torch.from_numpy(x))
+    torch.testing.assert_close(scores, top_mean(maps, 0.05))
+    own = create_detector("patchcore", image_size=SIZE, coreset_ratio=0.25, threshold_images=4, search="exact",
+                          workers=0).fit(train)
+    own_scores, own_maps = own.forward_tensor(torch.from_numpy(x))
+    torch.testing.assert_close(own_maps, maps)  # the same maps: only the image score differs
+    assert not torch.allclose(own_scores, scores)
+    export_onnx(det, tmp_path / "pc.onnx", "0" * 64)  # verified against PyTorch within 1e-4 or raises

@@ -35,7 +35,7 @@ from insightad.methods.components.knn import (
     resolve_search,
     squared_distances,
 )
-from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid
+from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid, top_mean
 from insightad.methods.registry import register_method
 from insightad.runtime import resolve_device
 
@@ -56,6 +56,8 @@ class PatchCoreParams(TileParams, DetectorParams):
     neighbourhood: int = param(3, "side of the neighbourhood averaged into each patch feature (odd)", minimum=1)
     num_neighbors: int = param(9, "bank neighbours used by the image-score re-weighting", minimum=1)
     sigma: float = param(4.0, "Gaussian smoothing of the map, in input pixels (0: none)", minimum=0.0)
+    score_top: float = param(0.0, "image score: the mean of this fraction of the map's highest pixels (0: the "
+                             "paper's re-weighted maximum)", minimum=0.0, maximum=1.0)
     search: str = param("auto", "nearest-neighbour search at predict time: hnsw (approximate faiss graph, "
                         "recall@1 >= 0.99, several times faster), exact, or auto (hnsw when faiss-cpu is "
                         "installed, else exact); an exported graph always searches exactly", choices=SEARCHES)
@@ -73,9 +75,10 @@ class PatchCoreModel(nn.Module):
 
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, feature_size: tuple[int, int],
                  image_size: int, sigma: float, neighbourhood: int, num_neighbors: int, bank: torch.Tensor,
-                 search: str = "exact") -> None:
+                 search: str = "exact", score_top: float = 0.0) -> None:
         super().__init__()
         self.search = resolve_search(search)
+        self.score_top = float(score_top)
         self._index: tuple[tuple, HnswIndex] | None = None  # built on first use, for the bank as it is then
         # The frozen backbone on a faster engine (set by the detector for predict; not part of the model's state).
         self.features: FeatureFn | None = None
@@ -127,9 +130,8 @@ class PatchCoreModel(nn.Module):
         # Paper: s = (1 - exp|m_test - m*| / sum_{m in N_b(m*)} exp|m_test - m|) * s*: a patch whose
         # nearest bank patch is itself far from other bank patches (rare in normal data) counts more.
         weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
-        scores = weight * worst
         maps = self.smoother(dist.view(b, *self.feature_size))
-        return scores, maps
+        return (weight * worst if self.score_top == 0 else top_mean(maps, self.score_top)), maps
 
     def exported(self) -> PatchCoreModel:
         """This model with exact search (same tensors): what the ONNX graph computes, so what its export
@@ -167,7 +169,7 @@ class PatchCoreDetector(PatchCoreParams, Detector):
     Params = PatchCoreParams
     tileable = True
     # A model file from before --search existed scored with exact search: it still does.
-    legacy_params: ClassVar[dict[str, Any]] = {"search": "exact"}
+    legacy_params: ClassVar[dict[str, Any]] = {"search": "exact", "score_top": 0.0}
     has_maps = True
     # ONNX Runtime plans memory for every unrolled nearest-neighbour chunk at once (5 GB at a 10%
     # coreset on bottle) and runs slower than PyTorch here: --engine auto keeps PyTorch for it.
@@ -183,7 +185,8 @@ class PatchCoreDetector(PatchCoreParams, Detector):
         size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
         n, per = len(images), size[0] * size[1]
         model = PatchCoreModel(self._normalize(), extractor, size, self.image_size, self.sigma, self.neighbourhood,
-                               self.num_neighbors, torch.zeros(1, dim), self.search).to(self.device_)
+                               self.num_neighbors, torch.zeros(1, dim), self.search,
+                               self.score_top).to(self.device_)
         proj = random_projection(dim, self.projection_dim, self.seed) if 0 < self.projection_dim < dim else None
         keep = n * per * dim * 4 <= self.feature_cache_mb * 2**20
         projected = torch.empty(n * per, proj.shape[1] if proj is not None else dim)
@@ -227,7 +230,8 @@ class PatchCoreDetector(PatchCoreParams, Detector):
         dim = sum(extractor.channels)
         size = feature_grid(extractor, self.image_size, self.preprocessing_.channels)
         model = PatchCoreModel(self._normalize(), extractor, size, self.image_size, self.sigma, self.neighbourhood,
-                               self.num_neighbors, torch.zeros(1, dim), self.search).to(self.device_)
+                               self.num_neighbors, torch.zeros(1, dim), self.search,
+                               self.score_top).to(self.device_)
         return model, dim
 
     def shard_patches(self, images: Sequence, progress: bool = False) -> torch.Tensor:
@@ -325,4 +329,5 @@ class PatchCoreDetector(PatchCoreParams, Detector):
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         extractor = self._make_extractor(pretrained=False).to(memory_format=torch.channels_last)
         return PatchCoreModel(self._normalize(), extractor, tuple(state["feature_size"]), self.image_size, self.sigma,
-                              self.neighbourhood, self.num_neighbors, torch.empty_like(tensors["bank"]), self.search)
+                              self.neighbourhood, self.num_neighbors, torch.empty_like(tensors["bank"]), self.search,
+                              self.score_top)
