@@ -97,7 +97,7 @@ def test_hnsw_search_finds_the_nearest_and_is_deterministic():
     assert resolve_search("auto") in ("hnsw", "exact") and resolve_search("exact") == "exact"
 
 
-def test_model_files_from_before_search_keep_exact_search(patchcore):
+def test_model_files_from_before_search_and_score_top_keep_exact_search_and_maximum(patchcore):
     import json
 
     from safetensors.torch import load_file, save_file
@@ -106,10 +106,11 @@ def test_model_files_from_before_search_keep_exact_search(patchcore):
 
     det, path = patchcore
     meta = read_metadata(path)
-    del meta["params"]["search"]  # as written before the setting existed
+    del meta["params"]["search"], meta["params"]["score_top"]  # as written before the settings existed
     old = path.parent / "patchcore-old.safetensors"
     save_file(load_file(str(path)), str(old), metadata={META_KEY: json.dumps(meta)})
     assert load_model(old).model_.search == "exact"
+    assert load_model(old).model_.score_top == 0.0  # the paper's re-weighted maximum, as it was fitted
 
 
 def test_second_pass_builds_the_same_bank(mvtec_dir):
@@ -199,6 +200,7 @@ def test_cli_heatmap_refused_for_image_level_models(baseline_model, mvtec_dir, t
 def test_top_fraction_image_score_is_the_mean_of_the_maps_top_and_exports(mvtec_dir, tmp_path):
     """score_top q: the image score is the mean of the map's q highest pixels (0: the paper's re-weighted
     maximum, which model files from before the setting keep), in PyTorch and in the exported graph."""
+    assert create_detector("patchcore").score_top == 0.05
     from insightad.inference.export import export_onnx
     from insightad.methods.components.maps import top_mean
     from insightad.methods.patchcore import PatchCoreDetector
@@ -211,8 +213,8 @@ def test_top_fraction_image_score_is_the_mean_of_the_maps_top_and_exports(mvtec_
     x = np.stack([det.preprocessing_.load(p)[0] for p in test])
     scores, maps = det.forward_tensor(torch.from_numpy(x))
     torch.testing.assert_close(scores, top_mean(maps, 0.05))
-    own = create_detector("patchcore", image_size=SIZE, coreset_ratio=0.25, threshold_images=4, search="exact",
-                          workers=0).fit(train)
+    own = create_detector("patchcore", image_size=SIZE, coreset_ratio=0.25, threshold_images=4, score_top=0.0,
+                          search="exact", workers=0).fit(train)
     own_scores, own_maps = own.forward_tensor(torch.from_numpy(x))
     torch.testing.assert_close(own_maps, maps)  # the same maps: only the image score differs
     assert not torch.allclose(own_scores, scores)
