@@ -115,7 +115,7 @@ def test_svdd_standardize_stores_the_normals_statistics_and_round_trips(sad_imag
     from insightad.methods import create_detector
     from insightad.model_file import load_model, save_model
 
-    det = create_detector("svdd", standardize=True, **{**TINY, "epochs": 3}).fit(sad_images)
+    det = create_detector("svdd", standardize=True, heads=1, **{**TINY, "epochs": 3}).fit(sad_images)
     sphere = det.model_.sphere
     assert sphere.standardized and float(sphere.scale.min()) > 0
     feats = det.model_.features(torch.from_numpy(np.stack(
@@ -126,5 +126,43 @@ def test_svdd_standardize_stores_the_normals_statistics_and_round_trips(sad_imag
     assert again.model_.sphere.standardized
     np.testing.assert_allclose(again.predict(sad_images[:4]).scores, det.predict(sad_images[:4]).scores,
                                rtol=1e-5, atol=1e-6)
-    plain = create_detector("svdd", standardize=False, **{**TINY, "epochs": 1}).fit(sad_images)  # no buffers: loads
+    plain = create_detector("svdd", standardize=False, heads=1, **{**TINY, "epochs": 1}).fit(sad_images)  # no buffers
     assert not load_model(save_model(plain, tmp_path / "plain.safetensors")).model_.sphere.standardized
+
+
+def test_svdd_heads_are_an_ensemble_of_spheres_on_a_median_scale_and_round_trip(sad_images, tmp_path):
+    """heads=0 (default) trains three heads from their own initialisations; each member's distances are divided
+    by its median over the validation normals and averaged; the ensemble saves, loads and exports as it scores.
+    A file from before the setting is one head (legacy); soft-boundary keeps one head, and more is refused."""
+    from insightad.inference.export import export_onnx
+    from insightad.methods import create_detector
+    from insightad.methods.svdd import SphereEnsemble, SVDDDetector, members
+    from insightad.model_file import load_model, save_model
+
+    assert SVDDDetector.legacy_params["heads"] == 1
+    det = create_detector("svdd", **{**TINY, "epochs": 3}).fit(sad_images)
+    sphere = det.model_.sphere
+    assert isinstance(sphere, SphereEnsemble) and len(members(sphere)) == 3
+    heads = [m.head[0].weight for m in members(sphere)]
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])  # own initialisations
+    val = [p for i, p in enumerate(sad_images) if i not in set(_train_index(det, len(sad_images)))]
+    feats = det.model_.features(torch.from_numpy(np.stack([det.preprocessing_.load(p)[0] for p in val])).float())
+    with torch.no_grad():
+        d = sphere.squared_distances(feats).sqrt()
+        torch.testing.assert_close(sphere.scales, d.median(dim=0).values)  # each member's median is 1
+        torch.testing.assert_close(sphere(feats), (d / sphere.scales).mean(dim=1))
+    again = load_model(save_model(det, tmp_path / "heads.safetensors"))
+    assert isinstance(again.model_.sphere, SphereEnsemble)
+    np.testing.assert_allclose(again.predict(sad_images[:4]).scores, det.predict(sad_images[:4]).scores,
+                               rtol=1e-5, atol=1e-6)
+    export_onnx(det, tmp_path / "heads.onnx", "0" * 64)  # verified against PyTorch or raises
+    one = create_detector("svdd", objective="soft-boundary", **{**TINY, "epochs": 1}).fit(sad_images)
+    assert not isinstance(one.model_.sphere, SphereEnsemble)
+    with pytest.raises(InsightADError, match="heads: objective soft-boundary trains one head"):
+        create_detector("svdd", objective="soft-boundary", heads=2, **{**TINY, "epochs": 1}).fit(sad_images)
+
+
+def _train_index(det, n: int) -> list[int]:
+    from insightad.training import validation_split
+
+    return validation_split(n, det.val_fraction, det.seed)[0].tolist()
