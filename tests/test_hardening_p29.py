@@ -98,3 +98,12 @@ def test_p29_prediction_has_anomalous(baseline_model, mvtec_dir):
 
     pred = load_model(baseline_model).predict(sorted((mvtec_dir / "test" / "good").iterdir())[:2], maps=False)
     assert pred.anomalous.dtype == bool and list(pred.anomalous) == list(pred.labels)
+
+
+@pytest.mark.parametrize("method", ["baseline", "padim", "patchcore", "svdd", "autoencoder", "ssl", "auto"])
+def test_p29_train_help_renders_for_every_method(capsys, method):
+    """A setting's help text with a percent sign (PatchCore's score_top: '5%') once crashed argparse's help."""
+    text = _help(capsys, "train", "--method", method)
+    assert "(default:" in text
+    if method == "patchcore":
+        assert "5% chosen" in text

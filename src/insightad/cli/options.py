@@ -45,7 +45,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")  # argparse formats help
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
