@@ -48,7 +48,8 @@ from insightad.training import TrainingLoop, fingerprint, load_images, sources_d
 SVDD_OBJECTIVES = ("one-class", "soft-boundary", "sad")
 SAD_KINDS = ("crack", "scratch", "blob", "missing")  # shapes drawn on the surface; cut-paste and texture
 # take their content from other normals of the set, and on textures (concrete) that looks normal
-DEFAULT_HEADS = 3  # heads=0: crack seeds 0-2, one head 0.938-0.995 by initialisation, three 0.973-0.993
+DEFAULT_HEADS = 3  # heads=0. Crack seeds 0-2: one head 0.938-0.995 by its initialisation; three trained
+# together 0.953-0.989 (docs/svdd.md)
 SAD_EPS = 1e-6  # Deep SAD's guard in eta / (d^2 + eps): a labelled anomaly at c costs 1e6 * eta, not infinity
 
 @params
