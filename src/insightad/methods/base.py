@@ -158,13 +158,17 @@ class Detector(Scorer):
         return extractor
 
     def _feature_runner(self, extractor: FeatureExtractor):
-        """uint8 batch -> backbone features on the fast engine (see engines.features)."""
+        """uint8 batch -> backbone features on the fast engine (see engines.features); the engine is recorded
+        as the fit's."""
+        fn, self.fit_engine_ = self._backbone_runner(extractor)
+        return fn
+
+    def _backbone_runner(self, extractor: FeatureExtractor):
+        """(uint8 batch at model size -> backbone features on ``fit_engine``, the engine used)."""
         from insightad.engines.features import feature_runner
 
         p = self.preprocessing_
-        fn, self.fit_engine_ = feature_runner(self._normalize(), extractor, (p.channels, *p.size),
-                                              self.fit_engine, self.device_)
-        return fn
+        return feature_runner(self._normalize(), extractor, (p.channels, *p.size), self.fit_engine, self.device_)
 
     def _normalize(self) -> Normalize:
         p = self.preprocessing_

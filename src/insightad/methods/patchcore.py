@@ -276,11 +276,8 @@ class PatchCoreDetector(PatchCoreParams, Detector):
         model = self._model_as(PatchCoreModel)
         if model.features is not None or getattr(self, "device_", torch.device("cpu")).type != "cpu":
             return
-        from insightad.engines.features import feature_runner
-
+        model.features, _ = self._backbone_runner(model.extractor)
         p = self.preprocessing_
-        model.features, _ = feature_runner(self._normalize(), model.extractor, (p.channels, *p.size),
-                                           self.fit_engine, self.device_)
         model.features_size = (p.channels, *p.size)
 
     def _threshold_images(self, n: int) -> list[int]:

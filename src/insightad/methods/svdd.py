@@ -357,12 +357,9 @@ class SVDDDetector(SVDDParams, Detector):
                        on_images: bool) -> None:
         """Each member's median distance over ``normals`` (the validation split): members trained from other
         initialisations land at other scales, and the mean of raw distances would follow the largest."""
-        sphere.eval()
-        d2 = []
-        for chunk in normals.split(self.batch_size):
-            f = chunk.to(self.device_)
-            d2.append(sphere.squared_distances(features(f) if on_images else f).cpu())
-        sphere.scales.copy_(torch.cat(d2).clamp_min(0.0).sqrt().median(dim=0).values.clamp_min(1e-12))
+        pooled = self._distances(sphere, features, normals, on_images, pooled=True).to(self.device_)
+        d = sphere.squared_distances(pooled).clamp_min(0.0).sqrt()
+        sphere.scales.copy_(d.median(dim=0).values.clamp_min(1e-12))
 
     def _inputs(self, images: Sequence, features: PooledFeatures, on_images: bool, progress: bool,
                 arrays: list[np.ndarray] | None = None) -> torch.Tensor:
