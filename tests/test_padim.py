@@ -10,7 +10,11 @@ from insightad.config import DataParams
 from insightad.data.layouts import discover
 from insightad.errors import InsightADError
 from insightad.methods import create_detector
-from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator, lower_triangular_inverse
+from insightad.methods.components.patch_gaussian import (
+    FactorStatistics,
+    PatchGaussianAccumulator,
+    lower_triangular_inverse,
+)
 from tests.conftest import SIZE
 
 
@@ -102,6 +106,31 @@ def test_shrinkage_towards_the_mean_covariance_matches_the_textbook_estimate():
     torch.testing.assert_close(got.double(), dist(rest_mean, rest_inv, q), rtol=1e-3, atol=1e-3)
     m, factors = acc.finalize(eps, chunk=4, shrinkage=a)
     torch.testing.assert_close(factors.double(), inv, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3])
+def test_statistics_read_back_from_the_factors_give_the_same_fold_free_models(a):
+    """Cross-fitting from a final model's factors (no second buffer, no second backbone pass) gives the
+    distances of the models fitted without each fold, as the sums themselves do."""
+    g = torch.Generator().manual_seed(3)
+    x = 10.0 + torch.randn(40, 6, 4, generator=g) * torch.linspace(0.5, 3.0, 6)[:, None]
+    eps = 0.01
+    acc = PatchGaussianAccumulator(6, 4)
+    acc.update(x)
+    q = x[:3] + torch.randn(3, 6, 4, generator=g)
+    want = acc.distances_without(x[:8], eps, q, chunk=4, shrinkage=a)[0]
+    want_pooled = acc.pooled_covariance(x[:8])
+    mean, factors = acc.finalize(eps, chunk=4, shrinkage=a)
+    back = FactorStatistics(mean, factors, 40, eps, shrinkage=a, chunk=4)
+    torch.testing.assert_close(back.pooled_covariance(x[:8]), want_pooled, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(back.distances_without(x[:8], eps, q, chunk=4, shrinkage=a)[0], want,
+                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(back.distances(q, eps, shrinkage=a),
+                               torch.einsum("pij,bpj->bpi", factors, q - mean).norm(dim=2), rtol=1e-3, atol=1e-3)
+    with pytest.raises(InsightADError, match="cannot take more images"):
+        back.update(x[:1])
+    with pytest.raises(InsightADError, match="shrinkage"):
+        FactorStatistics(mean, factors, 40, eps, shrinkage=1.0)
 
 
 def test_top_mean_image_score():

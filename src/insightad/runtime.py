@@ -5,6 +5,7 @@ Nothing here imports torch at module level: the scoring path of an exported mode
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -40,6 +41,17 @@ def require_torch(what: str) -> None:
     """Refuse, in one line naming the extra to install, ``what`` needs PyTorch and it is not installed."""
     if not torch_available():
         raise InsightADError(f"{what} needs PyTorch, which this install does not have: {TRAIN_EXTRA}")
+
+
+def release_free_memory() -> None:
+    """Hand the pages the C heap holds free back to the system (glibc's ``malloc_trim``) before a large
+    allocation: after a fit the heap keeps hundreds of MB of freed temporaries, which would otherwise sit
+    under the next phase's peak. Not done per temporary (fresh pages each time cost 45% of a fit's speed);
+    nothing where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def nvidia_driver_present() -> bool:

@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+from insightad.runtime import release_free_memory
+
 CACHE_LIMIT_BYTES = 2 * 1024**3
 READY = "ready"  # cache_dir() / READY / <key> / {graph.onnx, graph.data}
 READY_GRAPH, READY_DATA = "graph.onnx", "graph.data"
@@ -127,6 +129,7 @@ def _build_ready(graph: Path, folder: Path) -> Path | None:
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                     str(READY_MIN_BYTES))
         so.log_severity_level = 4
+        release_free_memory()  # ONNX Runtime is about to hold the graph's constants twice
         ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
         if not (tmp / READY_GRAPH).is_file():
             return None

@@ -4,10 +4,11 @@ by a model that never saw that normal.
 Schemes, by method:
 
 - ``padim`` (random or no channel reduction): exact k-fold cross-fitting from its additive
-  statistics. The per-position sums of all training images are accumulated once; each fold's
-  model is those sums minus the fold's own, which is exactly the model fitted without the fold,
-  formed chunk by chunk of positions (no second P x d x d buffer). Cost: two extra backbone passes
-  over the training images, no refit. A fold model has seen fewer
+  statistics. The per-position sums of all training images are read back from the final model's
+  factors (``FactorStatistics``; summed again over a backbone pass only where they cannot be); each
+  fold's model is those sums minus the fold's own, which is exactly the model fitted without the fold
+  (up to the float32 rounding of the factors), formed chunk by chunk of positions (no second P x d x d
+  buffer). Cost: one extra backbone pass over the training images, no refit. A fold model has seen fewer
   images than the final one, so its Mahalanobis distances run larger (Hotelling's T^2); they are
   scaled to the final model's sample size (``sample_size_factor``), or the threshold lands far above
   new normals (concrete: 1.2% recall at the default threshold before, with 200 images and d=120).
@@ -37,7 +38,11 @@ from insightad.decide.normalize import robust_scale
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.baseline import BaselineDetector, BaselineModel, fit_gaussian, knn_distance
-from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator, sample_size_factor
+from insightad.methods.components.patch_gaussian import (
+    FactorStatistics,
+    PatchGaussianAccumulator,
+    sample_size_factor,
+)
 from insightad.methods.padim import PadimDetector, PadimModel
 
 if TYPE_CHECKING:
@@ -217,6 +222,19 @@ def _padim_features(det: PadimDetector, arrays_or_paths: Sequence, features: Fea
     return out[:at]
 
 
+def _all_images_statistics(det: PadimDetector, model: PadimModel, images: Sequence,
+                           features: FeatureFn) -> PatchGaussianAccumulator:
+    """The statistics of every training image: read back from the final model's factors where they can be
+    (the model was fitted on exactly these images, and shrinkage < 1 keeps each position's own covariance
+    recoverable), else summed again over a backbone pass."""
+    if det.n_train_ == len(images) and det.shrinkage < 1.0 and det.n_train_ >= 2:
+        return FactorStatistics(model.mean, model.inv_chol, len(images), det.epsilon, det.shrinkage)
+    total = PatchGaussianAccumulator(*model.mean.shape)
+    for z in det.embeddings(images, what="padim: validation", features=features):
+        total.update(z)
+    return total
+
+
 def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,
                  kinds: Sequence[str]) -> OutOfFold:
     det._check_fitted()
@@ -224,11 +242,9 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
         raise InsightADError(f"validation: kfold-exact for padim needs a PadimDetector, got {type(det).__name__}")
     model = det._model_as(PadimModel)
     positions, dim = model.mean.shape
-    total = PatchGaussianAccumulator(positions, dim)
     features = det._feature_runner(model.extractor)  # one engine session for every pass below
     fold_list = sorted(set(folds.tolist()))
-    for z in det.embeddings(images, what="padim: validation", features=features):  # pass 1: every image's sums
-        total.update(z)
+    total = _all_images_statistics(det, model, images, features)
     n_index, n_scores, n_max, d_scores = [], [], [], []
     defects: list[SyntheticDefect] = []
     d_maps: list[np.ndarray] = []
