@@ -25,6 +25,7 @@ FAST: dict[str, dict] = {
     "patchcore": {"coreset_ratio": 0.2},
     "svdd": {"epochs": 15, "patience": 0, "val_fraction": 0.0},
     "autoencoder": {"epochs": 10, "batch_size": 8, "lr": 3e-3, "val_fraction": 0.0, "patience": 0, "latent": 16},
+    "ensemble": {"members": ["baseline", "padim"]},  # members with their defaults: the fast ones
 }
 BUILT_IN = sorted(FAST)
 

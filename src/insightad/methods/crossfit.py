@@ -118,6 +118,13 @@ def out_of_fold(det: Detector, images: Sequence, k: int = DEFAULT_FOLDS, seed: i
     """
     t0 = time.perf_counter()
     folds = fold_ids(len(images), k, seed)
+    combined = getattr(det, "members_out_of_fold", None)  # an ensemble: its members' validations, combined
+    if scheme is None and combined is not None:
+        res = combined(k, seed)
+        if res is not None:
+            res.seconds = time.perf_counter() - t0
+            res.scheme = f"members (k={int(folds.max()) + 1}, the normals and defects every member scored)"
+            return res
     scheme = scheme or scheme_for(det)
     if scheme == "kfold-exact" and det.method in ("padim", "baseline"):
         exact = _padim_exact if det.method == "padim" else _baseline_exact

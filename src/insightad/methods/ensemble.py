@@ -1,0 +1,209 @@
+"""Ensemble: several methods fitted on the same normal images, each score put on its own normal spread,
+the results averaged.
+
+Each member is fitted with its defaults (and the shared backbone, size and seed), then validated out of
+fold exactly as ``train`` validates a single method (``methods.crossfit``): its threshold t and the spread
+s of its out-of-fold normal scores (``score_normalized``'s scale) are what a score of that member means.
+The ensemble scores z = mean over members of (score - t) / s, and its maps the same mean over the members
+that have maps (model size). Methods that fail differently (PaDiM's per-position Gaussians on the
+patches, SVDD's head trained on the pooled image) disagree on different normal images, so their mean
+ranks better than either alone; the cost is the sum of the members' (fit, predict, model size).
+
+The ensemble's own validation reuses the members': the same folds and seed give every member the same
+validation normals and the same synthetic defects, so their out-of-fold scores combine image by image
+(``crossfit`` scheme ``members``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from insightad.config import DetectorParams, param, params
+from insightad.errors import InsightADError
+from insightad.methods.base import Detector
+from insightad.methods.crossfit import DEFAULT_FOLDS, OutOfFold, validate_and_decide
+from insightad.methods.registry import get_method, list_methods, register_method
+from insightad.methods.tiling import is_tiled
+
+SHARED = tuple(DetectorParams.__dataclass_fields__)  # what every member takes from the ensemble
+
+
+@params
+class EnsembleParams(DetectorParams):
+    """Several methods side by side: each score on its own normal spread, averaged."""
+
+    members: list[str] = param(["padim", "svdd"], "methods fitted side by side (each with its defaults and "
+                               "this backbone, size and seed); their standardised scores are averaged")
+    threshold_percentile: float = param(99.0, "default threshold before validation: this percentile of the "
+                                        "combined out-of-fold normal scores", minimum=0.0, maximum=100.0)
+
+
+class EnsembleModel(nn.Module):
+    """uint8 images -> (mean standardised score, mean standardised map of the members with maps)."""
+
+    centre: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, members: Sequence[nn.Module], centre: torch.Tensor, scale: torch.Tensor,
+                 with_maps: Sequence[bool]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.with_maps = [bool(m) for m in with_maps]
+        self.register_buffer("centre", centre)
+        self.register_buffer("scale", scale)
+
+    def combine(self, outputs: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """Each member's (scores, [maps]) -> the ensemble's: (scores - t) / s, averaged over members."""
+        scores = torch.stack([(o[0].float() - self.centre[i]) / self.scale[i] for i, o in enumerate(outputs)])
+        maps = [(o[1].float() - self.centre[i]) / self.scale[i] for i, o in enumerate(outputs) if self.with_maps[i]]
+        if not maps:
+            return (scores.mean(0),)
+        return scores.mean(0), torch.stack(maps).mean(0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.combine([m(x) for m in self.members])
+
+
+@register_method("ensemble")
+class EnsembleDetector(EnsembleParams, Detector):
+    """Members fitted and validated one by one; the model averages their standardised scores."""
+
+    Params = EnsembleParams
+    members_: list[Detector]
+
+    @property
+    def has_maps(self) -> bool:  # type: ignore[override]  # per instance: maps where any member has them
+        return any(get_method(name).has_maps for name in self.members)
+
+    @property
+    def onnx_unsupported(self) -> str | None:  # type: ignore[override]
+        reasons = [f"{name}: {get_method(name).onnx_unsupported}" for name in self.members
+                   if get_method(name).onnx_unsupported]
+        return "; ".join(reasons) or None
+
+    def feature_layers(self) -> list[int]:
+        return sorted({level for m in self._member_detectors() for level in m.feature_layers()})
+
+    # ------------------------------------------------------------------ members
+    def _check_members(self) -> None:
+        known = [m for m in list_methods() if m != "ensemble"]
+        bad = [m for m in self.members if m not in known]
+        if bad or len(self.members) < 2 or len(set(self.members)) != len(self.members):
+            raise InsightADError(f"members: expected at least two different methods of {', '.join(known)}, "
+                                 f"got {list(self.members)!r}")
+
+    def _member_detectors(self) -> list[Detector]:
+        """Unfitted members: each method's defaults with the ensemble's backbone, size, device and seed."""
+        self._check_members()
+        out = []
+        for name in self.members:
+            cls = get_method(name)
+            out.append(cls(**{k: getattr(self, k) for k in SHARED if k in cls.param_names()}))
+        return out
+
+    # ------------------------------------------------------------------ fit
+    def _fit(self, images: Sequence, progress: bool) -> None:
+        if is_tiled(self):
+            raise InsightADError("ensemble: members are fitted whole; tiling is not supported")
+        members = self._member_detectors()
+        for m in members:
+            m.fit(images, progress=progress)
+            validate_and_decide(m, images, folds=DEFAULT_FOLDS, seed=self.seed)
+        first = members[0].preprocessing_
+        for m in members[1:]:
+            if m.preprocessing_ != first:
+                raise InsightADError(f"ensemble: {m.method} reads images differently from {members[0].method} "
+                                     "(another backbone normalisation or size); members must share their input")
+        self.members_ = members
+        self.preprocessing_ = first
+        self.backbone_arch_ = members[0].backbone_arch_
+        self.backbone_source_ = getattr(members[0], "backbone_source_", None)
+        self.fit_engine_ = getattr(members[0], "fit_engine_", self.fit_engine)
+        centre = torch.tensor([m.threshold_ for m in members], dtype=torch.float32)
+        scale = torch.tensor([float(m.threshold_info_["scale"]) for m in members], dtype=torch.float32)
+        self.model_ = EnsembleModel([m._model_as(nn.Module) for m in members], centre, scale,
+                                    [m.has_maps for m in members]).to(self.device_).eval()
+        oof = self.members_out_of_fold(DEFAULT_FOLDS, self.seed)
+        if oof is None:  # unreachable: the members were validated with these folds just now
+            raise InsightADError("ensemble: the members' validations do not line up")
+        self.decision_scores_, self.decision_source_ = oof.normal_scores, "holdout"
+
+    def members_out_of_fold(self, folds: int, seed: int) -> OutOfFold | None:
+        """The ensemble's out-of-fold scores from its members' own validations (the normals and synthetic
+        defects every member scored), or None where they were validated with other folds or seed."""
+        members = getattr(self, "members_", None)
+        if not members or (folds, seed) != (DEFAULT_FOLDS, self.seed):
+            return None
+        valid = [v for v in (getattr(m, "validation_", None) for m in members) if isinstance(v, OutOfFold)]
+        if len(valid) != len(members):  # a loaded model: its members' validations were not saved
+            return None
+        model = self._model_as(EnsembleModel)
+        centre, scale = model.centre.double().numpy(), model.scale.double().numpy()
+        common = set.intersection(*(set(v.normal_index.tolist()) for v in valid))
+        normals = np.array(sorted(common), dtype=np.int64)
+        normal_z = [(_by_index(v.normal_index, v.normal_scores, normals) - centre[i]) / scale[i]
+                    for i, v in enumerate(valid)]
+        first = valid[0]
+        keep = [j for j, d in enumerate(first.defects) if d.source in common]
+        defect_z, maps, map_max = [], [], []
+        for i, v in enumerate(valid):
+            at = {(d.source, d.kind): j for j, d in enumerate(v.defects)}
+            try:
+                rows = [at[(first.defects[j].source, first.defects[j].kind)] for j in keep]
+            except KeyError:  # another synthetic defect for the same normal: they cannot combine
+                return None
+            defect_z.append((v.defect_scores[rows] - centre[i]) / scale[i])
+            if model.with_maps[i] and v.defect_maps is not None and v.normal_map_max is not None:
+                maps.append([(v.defect_maps[r] - centre[i]) / scale[i] for r in rows])
+                map_max.append((_by_index(v.normal_index, v.normal_map_max, normals) - centre[i]) / scale[i])
+        defect_maps = [np.mean([m[j] for m in maps], axis=0).astype(np.float32) for j in range(len(keep))] \
+            if maps else None
+        return OutOfFold("members", normals, np.mean(normal_z, axis=0), [first.defects[j] for j in keep],
+                         np.mean(defect_z, axis=0), defect_maps,
+                         np.mean(map_max, axis=0) if map_max else None)  # map maxima: the mean of the members'
+
+    # ------------------------------------------------------------------ predict
+    @torch.inference_mode()
+    def forward_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each member on its own fast path (PatchCore's index, the cached backbone graphs), then combined."""
+        model = self._model_as(EnsembleModel)
+        return model.combine([m.forward_tensor(x) for m in self.members_])
+
+    # ------------------------------------------------------------------ persistence
+    def state_metadata(self) -> dict[str, Any]:
+        return {"members": [{"method": m.method, "params": m.get_params(), "state": m.state_metadata(),
+                             "threshold": {"value": m.threshold_, "strategy": m.threshold_strategy_,
+                                           "details": m.threshold_info_}} for m in self.members_]}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
+        entries = state.get("members")
+        if not isinstance(entries, list) or [e.get("method") for e in entries] != list(self.members):
+            raise InsightADError(f"model metadata field 'state.members': expected one entry per member "
+                                 f"{list(self.members)!r}")
+        members, modules = [], []
+        for i, entry in enumerate(entries):
+            m = get_method(entry["method"]).from_params({**entry["params"], "device": self.device})
+            m.preprocessing_, m.device_ = self.preprocessing_, self.device_
+            m.backbone_arch_ = getattr(self, "backbone_arch_", None)
+            prefix = f"members.{i}."
+            module = m._restore({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                entry.get("state") or {})
+            m.model_ = module  # the same module object the ensemble's state dict fills
+            thr = entry.get("threshold") or {}
+            m.set_threshold(thr["value"], thr["strategy"], **(thr.get("details") or {}))
+            members.append(m)
+            modules.append(module)
+        self.members_ = members
+        n = len(members)
+        return EnsembleModel(modules, torch.empty(n), torch.empty(n), [m.has_maps for m in members])
+
+
+def _by_index(index: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """``values`` (aligned with ``index``) at the image indices ``wanted``."""
+    pos = {int(i): j for j, i in enumerate(index.tolist())}
+    return np.asarray(values, dtype=np.float64)[[pos[int(i)] for i in wanted]]

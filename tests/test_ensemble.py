@@ -1,0 +1,95 @@
+"""Ensemble: members fitted and validated, scores on each member's normal spread averaged, validation
+reused image by image, a model file that restores every member."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from insightad.cli import main
+from insightad.config import DataParams, DecisionParams
+from insightad.errors import InsightADError
+from insightad.methods import create_detector
+from tests.conftest import SIZE
+
+FAST = {"image_size": SIZE, "members": ["baseline", "padim"]}  # members with their defaults: the fast ones
+
+
+@pytest.fixture(scope="module")
+def ensemble(mvtec_dir, tmp_path_factory):
+    from insightad.apps.train import train_model
+
+    out = tmp_path_factory.mktemp("ensemble") / "disc-ensemble.safetensors"
+    det, path, _ = train_model(mvtec_dir, "ensemble", dict(FAST), DataParams(), out, progress=False,
+                               decision=DecisionParams())
+    return det, path
+
+
+def _test_images(mvtec_dir):
+    return sorted(str(p) for p in (mvtec_dir / "test").rglob("*.png"))
+
+
+def test_score_is_the_mean_of_the_members_standardised_scores(ensemble, mvtec_dir):
+    det, _ = ensemble
+    images = _test_images(mvtec_dir)
+    got = det.predict(images, maps=False).scores
+    z = [(m.predict(images, maps=False).scores - m.threshold_) / m.threshold_info_["scale"] for m in det.members_]
+    np.testing.assert_allclose(got, np.mean(z, axis=0), rtol=1e-4, atol=1e-5)
+    pred = det.predict(images[:2], maps=True)
+    padim = det.members_[1]
+    want = (padim.predict(images[:2], maps=True).maps[0] - padim.threshold_) / padim.threshold_info_["scale"]
+    np.testing.assert_allclose(pred.maps[0], want, rtol=1e-4, atol=1e-4)  # only PaDiM has maps here
+
+
+def test_validation_reuses_the_members_own(ensemble):
+    det, _ = ensemble
+    oof = det.validation_
+    assert oof.scheme.startswith("members")
+    assert det.threshold_strategy_ == "oof_fpr"
+    members = [m.validation_ for m in det.members_]
+    common = set.intersection(*(set(v.normal_index.tolist()) for v in members))
+    assert set(oof.normal_index.tolist()) == common and len(oof.defects) == len(common)
+    assert oof.defect_maps is not None and oof.defect_maps[0].shape == (SIZE, SIZE)
+    assert np.mean(oof.defect_scores) > np.mean(oof.normal_scores)
+
+
+def test_other_folds_refit_the_whole_ensemble(ensemble, mvtec_dir):
+    from insightad.data.layouts import discover, holdout_split
+    from insightad.methods.crossfit import out_of_fold
+
+    det, _ = ensemble
+    train, _ = holdout_split(discover(mvtec_dir), 0.2, 0)
+    oof = out_of_fold(det, [s.path for s in train], k=3, seed=0, synthetic=False)
+    assert oof.scheme.startswith("heldout-fold (k=3)") and len(oof.normal_scores) == 10
+
+
+def test_model_file_restores_every_member(ensemble, mvtec_dir):
+    from insightad.model_file import load_model, read_metadata
+
+    det, path = ensemble
+    loaded = load_model(path)
+    images = _test_images(mvtec_dir)
+    np.testing.assert_allclose(loaded.predict(images, maps=False).scores, det.predict(images, maps=False).scores,
+                               rtol=1e-5, atol=1e-6)
+    assert [m.method for m in loaded.members_] == ["baseline", "padim"]
+    assert [m.threshold_ for m in loaded.members_] == [m.threshold_ for m in det.members_]
+    meta = read_metadata(path)
+    assert meta["params"]["members"] == ["baseline", "padim"] and len(meta["state"]["members"]) == 2
+
+
+@pytest.mark.parametrize("members, word", [(["padim"], "at least two"), (["padim", "padim"], "different"),
+                                           (["padim", "nope"], "nope"), (["padim", "ensemble"], "ensemble")])
+def test_bad_members_are_refused_by_name(members, word):
+    with pytest.raises(InsightADError, match="members") as e:
+        create_detector("ensemble", image_size=SIZE, members=members).fit([np.zeros((SIZE, SIZE, 3), np.uint8)] * 4)
+    assert word in str(e.value)
+
+
+def test_cli_trains_an_ensemble_of_two_map_methods(mvtec_dir, tmp_path, capsys):
+    out = tmp_path / "e.safetensors"
+    assert main(["train", "--data", str(mvtec_dir), "--method", "ensemble", "--members", "padim,patchcore",
+                 "--image-size", str(SIZE), "--out", str(out), "--no-progress"]) == 0
+    assert "members" in capsys.readouterr().out
+    assert main(["predict", "--model", str(out), "--json", _test_images(mvtec_dir)[0]]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '"score"' in line
