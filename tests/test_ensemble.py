@@ -93,3 +93,28 @@ def test_cli_trains_an_ensemble_of_two_map_methods(mvtec_dir, tmp_path, capsys):
     assert main(["predict", "--model", str(out), "--json", _test_images(mvtec_dir)[0]]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"score"' in line
+
+
+def test_members_on_the_same_backbone_share_one_pass(mvtec_dir):
+    """PaDiM and SVDD read the same levels of the same backbone: the ensemble runs it once, with the same
+    result as running each member whole; a member whose backbone differs is run on its own."""
+    import torch
+
+    from insightad.methods.ensemble import EnsembleModel
+
+    train = sorted(str(p) for p in (mvtec_dir / "train" / "good").glob("*.png"))[:16]
+    padim = create_detector("padim", image_size=SIZE, n_features=16).fit(train)
+    svdd = create_detector("svdd", image_size=SIZE, epochs=5, patience=0, val_fraction=0.0).fit(train)
+    model = EnsembleModel([padim.model_, svdd.model_], torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25]),
+                          [True, False]).eval()
+    assert model.share_backbone()
+    x = torch.from_numpy(np.stack([padim.load_input(p)[0] for p in _test_images(mvtec_dir)[:3]]))
+    with torch.inference_mode():
+        shared = model(x)
+        model.shared = False
+        whole = model(x)
+    for a, b in zip(shared, whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        next(svdd.model_.features.extractor.parameters()).add_(1.0)
+    assert not model.share_backbone()

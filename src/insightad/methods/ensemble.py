@@ -17,7 +17,7 @@ validation normals and the same synthetic defects, so their out-of-fold scores c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -56,6 +56,17 @@ class EnsembleModel(nn.Module):
         self.with_maps = [bool(m) for m in with_maps]
         self.register_buffer("centre", centre)
         self.register_buffer("scale", scale)
+        self.shared = False  # set by share_backbone once the tensors are in place
+        self.register_load_state_dict_post_hook(_share_after_load)
+
+    def share_backbone(self) -> bool:
+        """Run the backbone once for every member where each member can take computed levels and all
+        members hold the same backbone (normalisation and extractor: architecture, levels and weights equal).
+        Call after the members' tensors are final (fit, or load_state_dict)."""
+        parts = [_backbone_of(m) for m in self.members]
+        first = parts[0]
+        self.shared = first is not None and all(p is not None and _same(first, p) for p in parts[1:])
+        return self.shared
 
     def combine(self, outputs: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
         """Each member's (scores, [maps]) -> the ensemble's: (scores - t) / s, averaged over members."""
@@ -66,6 +77,10 @@ class EnsembleModel(nn.Module):
         return scores.mean(0), torch.stack(maps).mean(0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.shared:
+            normalize, extractor = cast(Any, self.members[0]).backbone()
+            levels = extractor(normalize(x))
+            return self.combine([cast(Any, m).from_levels(levels) for m in self.members])
         return self.combine([m(x) for m in self.members])
 
 
@@ -128,6 +143,7 @@ class EnsembleDetector(EnsembleParams, Detector):
         scale = torch.tensor([float(m.threshold_info_["scale"]) for m in members], dtype=torch.float32)
         self.model_ = EnsembleModel([m._model_as(nn.Module) for m in members], centre, scale,
                                     [m.has_maps for m in members]).to(self.device_).eval()
+        self.model_.share_backbone()
         oof = self.members_out_of_fold(DEFAULT_FOLDS, self.seed)
         if oof is None:  # unreachable: the members were validated with these folds just now
             raise InsightADError("ensemble: the members' validations do not line up")
@@ -172,6 +188,8 @@ class EnsembleDetector(EnsembleParams, Detector):
     def forward_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each member on its own fast path (PatchCore's index, the cached backbone graphs), then combined."""
         model = self._model_as(EnsembleModel)
+        if model.shared:  # one backbone pass for every member
+            return super().forward_tensor(x)
         return model.combine([m.forward_tensor(x) for m in self.members_])
 
     # ------------------------------------------------------------------ persistence
@@ -201,6 +219,31 @@ class EnsembleDetector(EnsembleParams, Detector):
         self.members_ = members
         n = len(members)
         return EnsembleModel(modules, torch.empty(n), torch.empty(n), [m.has_maps for m in members])
+
+
+def _share_after_load(module: nn.Module, _keys: Any) -> None:
+    """A loaded file's members hold their final tensors only now: look again for a shared backbone."""
+    cast(EnsembleModel, module).share_backbone()
+
+
+def _backbone_of(member: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(normalize, extractor) of a member model that can score computed levels (``from_levels``), else None."""
+    if not callable(getattr(member, "from_levels", None)) or not callable(getattr(member, "backbone", None)):
+        return None
+    return cast(Any, member).backbone()
+
+
+def _same(a: tuple[nn.Module, nn.Module], b: tuple[nn.Module, nn.Module]) -> bool:
+    """Whether two (normalize, extractor) pairs compute the same thing: same extractor architecture and levels,
+    equal tensors."""
+    if (getattr(a[1], "arch", None), getattr(a[1], "layers", None)) != (getattr(b[1], "arch", None),
+                                                                         getattr(b[1], "layers", None)):
+        return False
+    for x, y in zip(a, b):
+        sx, sy = x.state_dict(), y.state_dict()
+        if sx.keys() != sy.keys() or any(not torch.equal(sx[k], sy[k]) for k in sx):
+            return False
+    return True
 
 
 def _by_index(index: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -132,6 +132,14 @@ class PadimModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score_embeddings(self.reduce(self.raw_features(x)))
 
+    def backbone(self) -> tuple[nn.Module, nn.Module]:
+        """(normalize, extractor): what ``from_levels`` expects to have run."""
+        return self.normalize, self.extractor
+
+    def from_levels(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model on backbone levels already computed (an ensemble runs a shared backbone once)."""
+        return self.score_embeddings(self.reduce(level_patches(feats)))
+
 
 @register_method("padim")
 class PadimDetector(PadimParams, Detector):

@@ -178,7 +178,10 @@ class PooledFeatures(nn.Module):
         self.normalize, self.extractor, self.pooling = normalize, extractor, pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.extractor(self.normalize(x))
+        return self.pool(self.extractor(self.normalize(x)))
+
+    def pool(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone levels -> the pooled vector per image."""
         return pooled_mean_std(feats) if self.pooling == "mean_std" else pooled_features(feats)
 
     def train(self, mode: bool = True) -> PooledFeatures:
@@ -197,6 +200,14 @@ class SVDDModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.sphere(self.features(x)),)
+
+    def backbone(self) -> tuple[nn.Module, nn.Module]:
+        """(normalize, extractor): what ``from_levels`` expects to have run."""
+        return self.features.normalize, self.features.extractor
+
+    def from_levels(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor]:
+        """The model on backbone levels already computed (an ensemble runs a shared backbone once)."""
+        return (self.sphere(self.features.pool(feats)),)
 
 
 def fixed_center(embeddings: torch.Tensor, eps: float) -> torch.Tensor:
