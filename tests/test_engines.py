@@ -153,3 +153,37 @@ def test_session_memory_arena_is_a_choice(tmp_path):
     assert make_session(str(path)).get_session_options().enable_cpu_mem_arena
     assert not make_session(str(path), arena=False).get_session_options().enable_cpu_mem_arena
     assert ServeParams().memory_arena is False
+
+
+def test_export_builds_the_ready_copy_from_an_external_data_twin_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The verified export's ready copy comes from a twin with the constants outside the protobuf (ONNX Runtime
+    then holds each once); the twin is gone afterwards, and the file itself still opens on its own."""
+    import torch
+
+    from insightad.engines import cache
+    from insightad.engines.cache import ready_copy
+    from insightad.engines.export import example_batches, export_verified
+    from insightad.engines.onnx_runtime import make_session
+
+    built_from = []
+    build = cache._build_ready
+    monkeypatch.setattr(cache, "_build_ready", lambda graph, folder: built_from.append(graph) or build(graph, folder))
+
+    class Tiny(torch.nn.Module):  # the exporter's modules return a tuple of outputs
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (torch.relu(self.conv(x)),)
+
+    module = Tiny().eval()
+    out = export_verified(module, example_batches((3, 8, 8)), ["y"], "tiny", tmp_path / "tiny.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+    assert len(built_from) == 1 and built_from[0].parent.name.endswith(".twin")  # the twin, once
+    ready = ready_copy(out)
+    assert ready is not None and ready.is_file()
+    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32) * 255
+    want = module(torch.from_numpy(x))[0].detach().numpy()
+    for sess in (make_session(str(out)), make_session(str(ready))):
+        np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], want, rtol=1e-4, atol=1e-3)

@@ -97,10 +97,11 @@ def model_digest(path: str | Path) -> str:
     return digest
 
 
-def ready_copy(graph: str | Path) -> Path | None:
+def ready_copy(graph: str | Path, source: str | Path | None = None) -> Path | None:
     """The session-ready copy of the graph file ``graph`` (made now if missing), or None where it cannot be
     made (an unwritable cache, a graph ONNX Runtime cannot open: the caller opens the file itself and
-    reports what is wrong with it)."""
+    reports what is wrong with it). ``source``: build it from this file instead, the same graph in another
+    form (the exporter's external-data twin, which ONNX Runtime loads holding each constant once)."""
     graph = Path(graph)
     try:
         folder = cache_dir() / READY / _ready_key(graph)
@@ -108,7 +109,7 @@ def ready_copy(graph: str | Path) -> Path | None:
         if target.is_file():  # folders appear whole (renamed into place); a small graph has no data file
             os.utime(target)  # last use, for pruning
             return target
-        return _build_ready(graph, folder)
+        return _build_ready(Path(source) if source is not None else graph, folder)
     except Exception:  # noqa: BLE001 - a cache that cannot serve never fails a prediction
         return None
 

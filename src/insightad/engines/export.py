@@ -9,7 +9,9 @@ A whole model's graph takes the decoded image as it is: uint8 (N, C, H, W) at it
 module's input, float pixels 0..255 at the model's size. A backbone graph takes those float pixels.
 
 Memory: the graph is written to a file, never held as bytes; its constants are streamed out one tensor
-at a time and ONNX Runtime reads the file, so the export holds no second copy of a model's tensors.
+at a time, so the export holds no second copy of a model's tensors. The check builds the file's
+session-ready copy from a twin with the constants as external data (ONNX Runtime holds each once there,
+twice when it parses them out of the single file: PaDiM's 236 MB factors made that the peak of ``train``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from insightad.data.resize import RESIZE_ONNX_ATTRIBUTES, resize_array
+from insightad.engines.cache import ready_copy
 from insightad.engines.onnx_runtime import META_KEY, ONNX_FORMAT, make_session
 from insightad.errors import InsightADError
 from insightad.io import atomic_write
@@ -37,6 +41,7 @@ __all__ = ["META_KEY", "ONNX_FORMAT", "example_batches", "export_verified", "ima
 
 OPSET = 18  # Resize with antialias and axes
 PARITY_RTOL = 1e-4
+EXTERNAL_ALIGN = 4096  # page-aligned constants in an external-data file: ONNX Runtime can map them
 MODULE_INPUT = "pixels"  # the module's own input inside a whole-model graph (after Cast and Resize)
 Batch = torch.Tensor | np.ndarray
 
@@ -161,6 +166,31 @@ def _write_streamed(proto: Any, path: Path, weights: dict[str, np.ndarray]) -> N
             entry(f, [head, b"\x4a" + _varint(flat.nbytes), flat])  # TensorProto.raw_data: field 9
 
 
+def _write_external(proto: Any, path: Path, weights: dict[str, np.ndarray]) -> None:
+    """``proto`` with ``weights`` as external data (``path`` plus ``.data``, each tensor at a page-aligned
+    offset, written straight from the arrays' memory); ``proto`` itself is left as it was. ONNX Runtime
+    loading this form holds each large constant once, where the single-file form costs it twice (the
+    parsed protobuf and its own tensor): what ``export_verified`` builds the session-ready copy from."""
+    from onnx import TensorProto, helper
+
+    skeleton = type(proto)()
+    skeleton.CopyFrom(proto)
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as f:
+        for name, arr in weights.items():
+            offset = -(-f.tell() // EXTERNAL_ALIGN) * EXTERNAL_ALIGN
+            f.write(b"\0" * (offset - f.tell()))
+            flat = np.ascontiguousarray(arr).reshape(-1)
+            f.write(memoryview(flat).cast("B"))  # type: ignore[arg-type]
+            tensor = TensorProto(name=name, dims=list(arr.shape), data_type=helper.np_dtype_to_tensor_dtype(arr.dtype),
+                                 data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(flat.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            skeleton.graph.initializer.append(tensor)
+    path.write_bytes(skeleton.SerializeToString())
+
+
 def _module_weights(module: nn.Module, graph: Any, keep: str) -> dict[str, np.ndarray]:
     """The graph inputs that are the module's parameters and buffers (all but ``keep``), as arrays sharing the
     module's memory; they leave the input list (they become initializers)."""
@@ -185,9 +215,10 @@ def _drop_empty_pad_values(graph: Any) -> None:
 
 
 def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat_keys: Sequence[str],
-            resize_to: tuple[int, int] | None, channels: int) -> None:
+            resize_to: tuple[int, int] | None, channels: int, twin: Path | None = None) -> None:
     """The exported file rewritten with the module's tensors as initializers, the resize front (whole models)
-    and our metadata: one JSON entry plus a few plain keys other tools can show."""
+    and our metadata: one JSON entry plus a few plain keys other tools can show. ``twin``: also write the same
+    graph there with the module's tensors as external data (``_write_external``)."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -202,6 +233,8 @@ def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat
         for key in flat_keys:
             e = proto.metadata_props.add()
             e.key, e.value = key, str(metadata[key])
+    if twin is not None:
+        _write_external(proto, twin, weights)
     _write_streamed(proto, path, weights)
 
 
@@ -254,14 +287,25 @@ def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequen
     example = _reference_input(first, resize_to)
 
     def write(tmp: Path) -> None:
+        twin = tmp.with_name(f".{tmp.name}.twin") if check else None
         try:
-            _to_onnx(module, example, outputs, tmp, "images" if resize_to is None else MODULE_INPUT)
-            _finish(tmp, module, metadata, flat_keys, resize_to, int(first.shape[1]))
-        except Exception as e:  # noqa: BLE001 - report which part failed, never write a broken file
-            raise InsightADError(f"{what}: the graph could not be exported to ONNX "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        if check:
-            verify(module, str(tmp), batches, what, resize_to=resize_to)
+            try:
+                _to_onnx(module, example, outputs, tmp, "images" if resize_to is None else MODULE_INPUT)
+                if twin is not None:
+                    twin.mkdir()
+                _finish(tmp, module, metadata, flat_keys, resize_to, int(first.shape[1]),
+                        twin / "graph.onnx" if twin is not None else None)
+            except Exception as e:  # noqa: BLE001 - report which part failed, never write a broken file
+                raise InsightADError(f"{what}: the graph could not be exported to ONNX "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            if twin is not None:
+                # The ready copy of the file, built from its external-data twin: the constants once in memory.
+                ready_copy(tmp, source=twin / "graph.onnx")
+                shutil.rmtree(twin, ignore_errors=True)
+                verify(module, str(tmp), batches, what, resize_to=resize_to)
+        finally:
+            if twin is not None:
+                shutil.rmtree(twin, ignore_errors=True)
 
     out = Path(out)
     atomic_write(out, write)

@@ -123,8 +123,12 @@ class PatchGaussianAccumulator:
         return self.sum[a:b], self.sum_outer[a:b]
 
     def _outer_total(self) -> torch.Tensor:
-        """The outer-product sums added over every position (d, d), float64."""
-        return self.sum_outer.sum(0, dtype=torch.float64)
+        """The outer-product sums added over every position (d, d), float64, a chunk of positions at a time (a
+        float64 sum over all of them at once would first make a float64 copy of the whole P x d x d tensor)."""
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for a in range(0, self.positions, CHUNK):
+            total += self.sum_outer[a:a + CHUNK].sum(0, dtype=torch.float64)
+        return total
 
     def pooled_covariance(self, left_out: torch.Tensor | None = None, chunk: int = CHUNK) -> torch.Tensor:
         """The mean over positions of the unbiased covariances (d, d), float64, of the statistics without
