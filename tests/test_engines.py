@@ -187,3 +187,23 @@ def test_export_builds_the_ready_copy_from_an_external_data_twin_and_leaves_noth
     want = module(torch.from_numpy(x))[0].detach().numpy()
     for sess in (make_session(str(out)), make_session(str(ready))):
         np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], want, rtol=1e-4, atol=1e-3)
+
+
+def test_export_without_room_for_the_twin_still_exports_and_verifies(tmp_path, monkeypatch):
+    """Writing the twin fails (a full disk, say): the file is still written and checked, its ready copy built
+    from the file itself, and no part of the twin is left."""
+    import torch
+
+    from insightad.engines import export
+
+    def no_room(proto, path, weights):
+        path.with_name(path.name + ".data").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_write_external", no_room)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1))
+    wrapped = type("One", (torch.nn.Module,), {"forward": lambda self, x: (module(x),)})()
+    wrapped.add_module("inner", module)
+    out = export.export_verified(wrapped.eval(), export.example_batches((3, 4, 4)), ["y"], "tiny", tmp_path / "t.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx"]
+    assert out.is_file()

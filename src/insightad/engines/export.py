@@ -234,7 +234,11 @@ def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat
             e = proto.metadata_props.add()
             e.key, e.value = key, str(metadata[key])
     if twin is not None:
-        _write_external(proto, twin, weights)
+        try:
+            _write_external(proto, twin, weights)
+        except OSError:  # no room for it, say: the ready copy is then built from the file itself
+            for leftover in (twin, twin.with_name(twin.name + ".data")):
+                leftover.unlink(missing_ok=True)
     _write_streamed(proto, path, weights)
 
 
@@ -299,8 +303,9 @@ def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequen
                 raise InsightADError(f"{what}: the graph could not be exported to ONNX "
                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
             if twin is not None:
-                # The ready copy of the file, built from its external-data twin: the constants once in memory.
-                ready_copy(tmp, source=twin / "graph.onnx")
+                if (twin / "graph.onnx").is_file():
+                    # The ready copy of the file, built from its external-data twin: the constants once in memory.
+                    ready_copy(tmp, source=twin / "graph.onnx")
                 shutil.rmtree(twin, ignore_errors=True)
                 verify(module, str(tmp), batches, what, resize_to=resize_to)
         finally:
