@@ -130,7 +130,7 @@ def _build_ready(graph: Path, folder: Path) -> Path | None:
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                     str(READY_MIN_BYTES))
         so.log_severity_level = 4
-        release_free_memory()  # ONNX Runtime is about to hold the graph's constants twice
+        release_free_memory()  # ONNX Runtime is about to load the graph's constants
         ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
         if not (tmp / READY_GRAPH).is_file():
             return None

@@ -136,12 +136,23 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _tensor_head(name: str, arr: np.ndarray, **fields: Any) -> Any:
+    """A TensorProto naming ``arr`` (its shape and type) without its data, which the caller writes itself."""
+    from onnx import TensorProto, helper
+
+    return TensorProto(name=name, dims=list(arr.shape), data_type=helper.np_dtype_to_tensor_dtype(arr.dtype),
+                       **fields)
+
+
+def _bytes_of(arr: np.ndarray) -> memoryview:
+    """The array's memory as bytes, in C order, without a copy where it is already contiguous."""
+    return memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")  # type: ignore[arg-type]
+
+
 def _write_streamed(proto: Any, path: Path, weights: dict[str, np.ndarray]) -> None:
     """Write ``proto`` to ``path``, then each initializer as its own ``graph`` entry (protobuf merges repeated
     entries on reading): the proto's own initializers leave it one at a time, and ``weights`` (name -> array)
     are written straight from the arrays' memory, so no second copy of a large constant is ever made."""
-    from onnx import TensorProto, helper
-
     inits = proto.graph.initializer
     order = [inits.pop() for _ in range(len(inits))]
 
@@ -160,10 +171,8 @@ def _write_streamed(proto: Any, path: Path, weights: dict[str, np.ndarray]) -> N
             entry(f, [tensor.SerializeToString()])
             del tensor
         for name, arr in weights.items():
-            head = TensorProto(name=name, dims=list(arr.shape),
-                               data_type=helper.np_dtype_to_tensor_dtype(arr.dtype)).SerializeToString()
-            flat = memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")  # type: ignore[arg-type]
-            entry(f, [head, b"\x4a" + _varint(flat.nbytes), flat])  # TensorProto.raw_data: field 9
+            flat = _bytes_of(arr)
+            entry(f, [_tensor_head(name, arr).SerializeToString(), b"\x4a" + _varint(flat.nbytes), flat])  # raw_data
 
 
 def _write_external(proto: Any, path: Path, weights: dict[str, np.ndarray]) -> None:
@@ -171,19 +180,19 @@ def _write_external(proto: Any, path: Path, weights: dict[str, np.ndarray]) -> N
     offset, written straight from the arrays' memory); ``proto`` itself is left as it was. ONNX Runtime
     loading this form holds each large constant once, where the single-file form costs it twice (the
     parsed protobuf and its own tensor): what ``export_verified`` builds the session-ready copy from."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     skeleton = type(proto)()
     skeleton.CopyFrom(proto)
+    path.parent.mkdir(exist_ok=True)
     data = path.with_name(path.name + ".data")
     with open(data, "wb") as f:
         for name, arr in weights.items():
             offset = -(-f.tell() // EXTERNAL_ALIGN) * EXTERNAL_ALIGN
             f.write(b"\0" * (offset - f.tell()))
-            flat = np.ascontiguousarray(arr).reshape(-1)
-            f.write(memoryview(flat).cast("B"))  # type: ignore[arg-type]
-            tensor = TensorProto(name=name, dims=list(arr.shape), data_type=helper.np_dtype_to_tensor_dtype(arr.dtype),
-                                 data_location=TensorProto.EXTERNAL)
+            flat = _bytes_of(arr)
+            f.write(flat)
+            tensor = _tensor_head(name, arr, data_location=TensorProto.EXTERNAL)
             for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(flat.nbytes))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
@@ -218,7 +227,7 @@ def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat
             resize_to: tuple[int, int] | None, channels: int, twin: Path | None = None) -> None:
     """The exported file rewritten with the module's tensors as initializers, the resize front (whole models)
     and our metadata: one JSON entry plus a few plain keys other tools can show. ``twin``: also write the same
-    graph there with the module's tensors as external data (``_write_external``)."""
+    graph there, in a folder of its own, with the module's tensors as external data (``_write_external``)."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -237,8 +246,7 @@ def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat
         try:
             _write_external(proto, twin, weights)
         except OSError:  # no room for it, say: the ready copy is then built from the file itself
-            for leftover in (twin, twin.with_name(twin.name + ".data")):
-                leftover.unlink(missing_ok=True)
+            shutil.rmtree(twin.parent, ignore_errors=True)
     _write_streamed(proto, path, weights)
 
 
@@ -295,8 +303,6 @@ def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequen
         try:
             try:
                 _to_onnx(module, example, outputs, tmp, "images" if resize_to is None else MODULE_INPUT)
-                if twin is not None:
-                    twin.mkdir()
                 _finish(tmp, module, metadata, flat_keys, resize_to, int(first.shape[1]),
                         twin / "graph.onnx" if twin is not None else None)
             except Exception as e:  # noqa: BLE001 - report which part failed, never write a broken file
@@ -306,7 +312,6 @@ def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequen
                 if (twin / "graph.onnx").is_file():
                     # The ready copy of the file, built from its external-data twin: the constants once in memory.
                     ready_copy(tmp, source=twin / "graph.onnx")
-                shutil.rmtree(twin, ignore_errors=True)
                 verify(module, str(tmp), batches, what, resize_to=resize_to)
         finally:
             if twin is not None:

@@ -160,10 +160,13 @@ class EnsembleDetector(EnsembleParams, Detector):
             return None
         model = self._model_as(EnsembleModel)
         centre, scale = model.centre.double().numpy(), model.scale.double().numpy()
+
+        def z(i: int, values: Any) -> np.ndarray:  # member i's scores (or a map) on its normal spread
+            return (np.asarray(values, dtype=np.float64) - centre[i]) / scale[i]
+
         common = set.intersection(*(set(v.normal_index.tolist()) for v in valid))
         normals = np.array(sorted(common), dtype=np.int64)
-        normal_z = [(_by_index(v.normal_index, v.normal_scores, normals) - centre[i]) / scale[i]
-                    for i, v in enumerate(valid)]
+        normal_z = [z(i, _by_index(v.normal_index, v.normal_scores, normals)) for i, v in enumerate(valid)]
         first = valid[0]
         keep = [j for j, d in enumerate(first.defects) if d.source in common]
         defect_z, maps, map_max = [], [], []
@@ -173,10 +176,10 @@ class EnsembleDetector(EnsembleParams, Detector):
                 rows = [at[(first.defects[j].source, first.defects[j].kind)] for j in keep]
             except KeyError:  # another synthetic defect for the same normal: they cannot combine
                 return None
-            defect_z.append((v.defect_scores[rows] - centre[i]) / scale[i])
+            defect_z.append(z(i, v.defect_scores[rows]))
             if model.with_maps[i] and v.defect_maps is not None and v.normal_map_max is not None:
-                maps.append([(v.defect_maps[r] - centre[i]) / scale[i] for r in rows])
-                map_max.append((_by_index(v.normal_index, v.normal_map_max, normals) - centre[i]) / scale[i])
+                maps.append([z(i, v.defect_maps[r]) for r in rows])
+                map_max.append(z(i, _by_index(v.normal_index, v.normal_map_max, normals)))
         defect_maps = [np.mean([m[j] for m in maps], axis=0).astype(np.float32) for j in range(len(keep))] \
             if maps else None
         return OutOfFold("members", normals, np.mean(normal_z, axis=0), [first.defects[j] for j in keep],

@@ -130,7 +130,7 @@ class PadimModel(nn.Module):
         return self.score_distances(self.distances(z))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.score_embeddings(self.reduce(self.raw_features(x)))
+        return self.from_levels(self.extractor(self.normalize(x)))
 
     def backbone(self) -> tuple[nn.Module, nn.Module]:
         """(normalize, extractor): what ``from_levels`` expects to have run."""

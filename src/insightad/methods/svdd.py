@@ -199,7 +199,7 @@ class SVDDModel(nn.Module):
         self.features, self.sphere = features, sphere
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.sphere(self.features(x)),)
+        return self.from_levels(self.features.extractor(self.features.normalize(x)))
 
     def backbone(self) -> tuple[nn.Module, nn.Module]:
         """(normalize, extractor): what ``from_levels`` expects to have run."""

@@ -228,12 +228,12 @@ class FactorStatistics(PatchGaussianAccumulator):
                                  f"2 images, got {inv_chol.shape[0]} and {n}")
         self.positions, self.dim = int(mean.shape[0]), int(mean.shape[1])
         self.n, self.epsilon, self.shrinkage = int(n), float(epsilon), float(shrinkage)
-        self.inv_chol, self.chunk = inv_chol, int(chunk)
+        self.inv_chol = inv_chol
         self.shift = mean.float()
         self.sum = torch.zeros(self.positions, self.dim, dtype=torch.float64)
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        for a in range(0, self.positions, self.chunk):
-            total += self._shrunk(a, min(a + self.chunk, self.positions)).sum(0)
+        for a in range(0, self.positions, chunk):
+            total += self._shrunk(a, min(a + chunk, self.positions)).sum(0)
         self.pooled = total / self.positions
 
     def _shrunk(self, a: int, b: int) -> torch.Tensor:
