@@ -25,7 +25,8 @@ from sklearn.metrics import roc_auc_score
 from insightad.backbones import build_extractor
 from insightad.data.layouts import discover, evaluation_samples, holdout_split
 from insightad.data.loader import iter_batches
-from insightad.data.preprocess import Normalize, Preprocessing
+from insightad.backbones.normalize import Normalize
+from insightad.data.preprocess import Preprocessing
 from insightad.methods.baseline import fit_gaussian, knn_distance
 
 LEVELS = (1, 2, 3, 4)
@@ -41,7 +42,7 @@ def statistics_of(paths: list[Path], backbone: str, size: int) -> dict[str, dict
     out: dict[str, dict[int, list[torch.Tensor]]] = {k: {lv: [] for lv in LEVELS} for k in ("mean", "std", "max")}
     with torch.inference_mode():
         for b in iter_batches(paths, prep, 16, 0):
-            for lv, f in zip(LEVELS, ext(norm(b.images))):
+            for lv, f in zip(LEVELS, ext(norm(torch.from_numpy(np.stack(b.images))))):
                 flat = f.flatten(2).float()
                 out["mean"][lv].append(flat.mean(2))
                 out["std"][lv].append(flat.std(2, unbiased=False))
