@@ -69,6 +69,24 @@ def test_config_file_and_flag_override(folder_dir, tmp_path, capsys):
     assert code == 1 and "not valid TOML" in err
 
 
+def test_config_file_list_settings(folder_dir, tmp_path, capsys):
+    """A list setting in a config file: a TOML list, or a string written as on the command line; anything else
+    is one line naming the setting (a bare number was a TypeError traceback)."""
+    cfg = tmp_path / "c.toml"
+    model = tmp_path / "m.safetensors"
+    for written in ('"2,3"', "[2, 3]"):
+        cfg.write_text(f'method = "baseline"\nimage-size = {SIZE}\nlayers = {written}\n')
+        code, _, err = run(capsys, "train", "--config", cfg, "--data", folder_dir, "--out", model)
+        assert code == 0, err
+        assert json.loads(run(capsys, "info", "--model", model)[1])["params"]["layers"] == [2, 3]
+    for written in ("5", "[2.5]", "[true]"):
+        cfg.write_text(f'method = "baseline"\nlayers = {written}\n')
+        model.unlink(missing_ok=True)
+        code, _, err = run(capsys, "train", "--config", cfg, "--data", folder_dir, "--out", model)
+        assert code == 1 and "layers: expected a list of int (e.g. 1,2,3)" in err and err.count("\n") == 1, err
+        assert not model.exists()
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["train", "--data", "/nonexistent/x"], "no such file or folder"),
     (["predict", "--model", "/nonexistent/m.safetensors", "/nonexistent/a.png"], "no such file"),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
+from insightad.errors import InsightADError
 from insightad.data.synthetic import make_image
 from insightad.methods import list_methods
 from insightad.methods.registry import get_method
@@ -64,6 +65,21 @@ def test_constructor_is_explicit_and_clone_works(method):
     assert type(twin) is cls and twin is not det and twin.get_params() == det.get_params()
     assert det.get_params(deep=True) == det.get_params(deep=False)
     assert det.set_params(seed=3) is det and det.seed == 3
+
+
+def test_list_settings_are_checked_at_construction():
+    """A list setting given to a constructor: a list, a tuple, or a string as the command line writes it;
+    a bare number or a wrong element is refused at once, naming the setting (not a TypeError at fit)."""
+    padim, ensemble = get_method("padim"), get_method("ensemble")
+    assert padim(layers="1,2").layers == [1, 2] and padim(layers=(1, 2)).layers == [1, 2]
+    assert padim(layers=["blocks.2"]).layers == ["blocks.2"]  # levels by module name stay accepted
+    assert ensemble(members="padim, svdd").members == ["padim", "svdd"]
+    assert clone(padim(layers="1,2")).layers == [1, 2]
+    for bad in (5, [1.5], [True], "one,two"):
+        with pytest.raises(InsightADError, match=r"layers: expected a list of int \(e.g. 1,2,3\)"):
+            padim(layers=bad)
+    with pytest.raises(InsightADError, match="members: expected a list of str"):
+        ensemble(members=["padim", 3])
 
 
 def test_fit_returns_self_and_learned_state_ends_in_underscore(fitted):

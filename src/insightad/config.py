@@ -42,6 +42,31 @@ def param(default: Any, help: str, *, choices: tuple | None = None, minimum: flo
     return field(default=default, metadata=meta)
 
 
+def parse_list(text: str, elem: type) -> list:
+    """``"1,2,3"`` or ``"1 2 3"`` -> ``[1, 2, 3]``: a list setting as the command line takes it (and a config
+    file or a constructor may give it). ValueError for an element that is not an ``elem``."""
+    return [elem(t) for t in text.replace(",", " ").split()]
+
+
+def _checked_list(name: str, value: Any, hint: Any, default: Any) -> list:
+    """A list field's value as a list: a string is parsed as the command line parses it, a tuple becomes a
+    list; anything else, or an element of the wrong type, is refused in one line."""
+    args = typing.get_args(_strip_optional(hint))
+    elem = args[0] if args and isinstance(args[0], type) else str
+    example = ",".join(map(str, default)) if isinstance(default, (list, tuple)) and default else "a,b"
+    expected = f"{name}: expected a list of {elem.__name__} (e.g. {example})"
+    try:
+        items = parse_list(value, elem) if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
+    except ValueError:
+        raise InsightADError(f"{expected}, got {value!r}") from None
+    # int lists also take level names (layers: "blocks.2"); a bool or a float is never a list element here
+    ok = isinstance(items, list) and all(
+        isinstance(v, str) or (elem is not str and isinstance(v, elem) and not isinstance(v, bool)) for v in items)
+    if not ok:
+        raise InsightADError(f"{expected}, got {value!r}")
+    return items
+
+
 def validate(obj: Any) -> None:
     """Check every field against its metadata; raise one line naming the field and what was expected."""
     hints = typing.get_type_hints(type(obj))
@@ -51,6 +76,12 @@ def validate(obj: Any) -> None:
         if value is None:
             continue
         kind = _base_type(hints.get(f.name))
+        if kind in (list, tuple):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            items = _checked_list(f.name, value, hints.get(f.name), default)
+            if items is not value:
+                setattr(obj, f.name, items)
+            continue
         if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InsightADError(f"{f.name}: expected a number, got {value!r}")
         if kind in (int, float) and not math.isfinite(value):

@@ -18,7 +18,7 @@ from insightad.errors import InsightADError
 def _list_of(elem: type):
     def parse(text: str) -> list:
         try:
-            return [elem(t) for t in text.replace(",", " ").split()]
+            return config.parse_list(text, elem)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a list of {elem.__name__} (e.g. 1,2,3), got {text!r}") from None
     return parse
