@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from insightad.backbones import build_extractor
+from insightad.backbones.normalize import Normalize
 from insightad.data.layouts import discover, evaluation_samples, holdout_split
 from insightad.data.loader import iter_batches
-from insightad.backbones.normalize import Normalize
 from insightad.data.preprocess import Preprocessing
 from insightad.methods.baseline import fit_gaussian, knn_distance
 

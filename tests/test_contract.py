@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from insightad.errors import InsightADError
 from insightad.data.synthetic import make_image
+from insightad.errors import InsightADError
 from insightad.methods import list_methods
 from insightad.methods.registry import get_method
 
