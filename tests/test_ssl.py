@@ -175,3 +175,20 @@ def test_cutpaste_pretext_trains_and_records_its_accuracy(arrow_dir, tmp_path, c
     acc = meta["pretext_accuracy"]
     assert meta["pretext"] == "cutpaste" and acc["chance"] == pytest.approx(1 / 3) and 0.0 <= acc["value"] <= 1.0
     assert "rotation_accuracy" not in meta and "cutpaste accuracy" in capsys.readouterr().out
+
+
+def test_recomputed_activations_train_the_same_backbone(arrow_dir, tmp_path):
+    """--recompute-activations (half the memory) trains the same weights and batch-norm statistics."""
+    from safetensors.numpy import load_file
+
+    flags = [f if f != "3" else "1" for f in SSL_FLAGS]
+    files = []
+    for extra in ([], ["--recompute-activations"]):
+        out = tmp_path / f"cp{len(extra)}.safetensors"
+        assert main(["train", "--method", "ssl", "--pretext", "cutpaste", "--data", str(arrow_dir), "--out", str(out),
+                     *flags, *extra]) == 0
+        files.append(load_file(str(out)))
+    plain, recomputed = files
+    assert plain.keys() == recomputed.keys()
+    for k in plain:
+        np.testing.assert_allclose(recomputed[k], plain[k], rtol=1e-4, atol=1e-5, err_msg=k)

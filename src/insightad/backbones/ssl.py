@@ -41,6 +41,7 @@ from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
 from insightad.training import TrainingLoop, TrainResult, fingerprint, load_images, sources_digest, validation_split
 from insightad.training.augment import Augment
+from insightad.training.recompute import recomputed_activations
 from insightad.version import __version__
 
 if TYPE_CHECKING:
@@ -75,6 +76,10 @@ class SSLParams(TrainLoopParams):
                         aliases=("--epoch",))
     min_accuracy: float = param(0.4, "rotation: warn when the best rotation accuracy stays below this (chance "
                                 "is 0.25)", minimum=0.0, maximum=1.0)
+    recompute_activations: bool = param(False, "keep only each backbone block's input and recompute its "
+                                        "activations in the backward pass: about half the memory (CutPaste at "
+                                        "256 px, batch 32: 11.1 -> 5.3 GB peak), one more forward pass per step; the "
+                                        "same training otherwise")
     time_budget: float = param(600.0, "seconds of training after which it stops (after the current step; the "
                                "best weights so far are kept; 0: no budget)", minimum=0.0)
 
@@ -171,7 +176,8 @@ class RotationSSL:
         data = load_images(images, self.preprocessing_, p.batch_size, p.workers, progress, "ssl: load images")
         tr, va = validation_split(len(images), p.val_fraction, p.seed)
         objective = RotationObjective() if p.pretext == "rotation" else CutPasteObjective(p.seed)
-        self.result_: TrainResult = loop.run(net, objective, data[tr], data[va] if len(va) else None)
+        with recomputed_activations(net.body, p.recompute_activations):
+            self.result_: TrainResult = loop.run(net, objective, data[tr], data[va] if len(va) else None)
         self.body_ = net.body.cpu().eval()
         self.n_train_, self.n_val_ = int(len(tr)), int(len(va))
         best = self.result_.best()
