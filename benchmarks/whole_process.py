@@ -49,6 +49,17 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     return {"wall_s": round(wall, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": out.decode()}
 
 
+def cpu_model() -> str:
+    """The processor's name and whether it has AVX-512: the ratios move with the machine (2026-12-04: 5.99x on
+    one 2-core machine, 4.86x on another, same code)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+    return f"{name} ({'AVX-512' if 'avx512f' in text else 'no AVX-512'})"
+
+
 def warm_page_cache(files: list[str]) -> None:
     """Read the files once (into the page cache), as both tools' other runs find them."""
     for f in files:
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.anomalib_python:
             rows += theirs(args.anomalib_python, args.anomalib_weights, args.data, Path(tmp), args.runs)
             rows.append(ratios(rows))
-    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+             "cpu": cpu_model()}
     lines = [json.dumps({**r, **stamp}) for r in rows]
     print("\n".join(lines))
     if args.out:

@@ -85,6 +85,9 @@ def test_config_file_list_settings(folder_dir, tmp_path, capsys):
         code, _, err = run(capsys, "train", "--config", cfg, "--data", folder_dir, "--out", model)
         assert code == 1 and "layers: expected a list of int (e.g. 1,2,3)" in err and err.count("\n") == 1, err
         assert not model.exists()
+    cfg.write_text('method = "svdd"\nstandardize = "no"\n')  # was taken as true
+    code, _, err = run(capsys, "train", "--config", cfg, "--data", folder_dir, "--out", model)
+    assert code == 1 and "standardize: expected true or false, got 'no'" in err and not model.exists()
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -82,6 +82,20 @@ def test_list_settings_are_checked_at_construction():
         ensemble(members=["padim", 3])
 
 
+def test_switch_and_text_settings_are_checked_at_construction():
+    """A switch takes true or false only (a config file's "no" was taken as true); a text setting takes text
+    or a path."""
+    svdd = get_method("svdd")
+    for bad in ("no", 1, 0.0):
+        with pytest.raises(InsightADError, match="standardize: expected true or false"):
+            svdd(standardize=bad)
+    with pytest.raises(InsightADError, match="backbone: expected text, got 5"):
+        svdd(backbone=5)
+    from pathlib import Path
+
+    assert svdd(weights=Path("w.pth")).weights == "w.pth"
+
+
 def test_fit_returns_self_and_learned_state_ends_in_underscore(fitted):
     method, det, returned = fitted
     assert returned is det

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, dataclass_transform
@@ -82,6 +83,15 @@ def validate(obj: Any) -> None:
             if items is not value:
                 setattr(obj, f.name, items)
             continue
+        if kind is bool:
+            if not isinstance(value, bool):  # a config file's "no" would otherwise count as true
+                raise InsightADError(f"{f.name}: expected true or false, got {value!r}")
+            continue
+        if kind is str and not isinstance(value, str):
+            if not isinstance(value, os.PathLike):
+                raise InsightADError(f"{f.name}: expected text, got {value!r}")
+            value = os.fspath(value)
+            setattr(obj, f.name, value)
         if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InsightADError(f"{f.name}: expected a number, got {value!r}")
         if kind in (int, float) and not math.isfinite(value):
