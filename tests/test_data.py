@@ -170,3 +170,49 @@ def test_evaluation_samples_same_path_other_path_and_refusal(folder_dir, tmp_pat
     # Pointing at the training folder itself: training images are refused, with a count.
     with pytest.raises(InsightADError, match="used to train the model"):
         evaluation_samples(discover(folder_dir / "normal"), split)
+
+
+def _pillow_decode(prep: Preprocessing, source) -> np.ndarray:
+    """What Preprocessing.decode gives through Pillow alone, (C, H, W)."""
+    arr = np.asarray(prep.image(source), dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_png_fast_path_gives_pillows_pixels(tmp_path, channels):
+    """Plain 8-bit PNGs go through libspng, every other kind through Pillow; either way the same pixels."""
+    from insightad.data.images import fast_png
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    cases = {"rgb": Image.fromarray(rgb), "gray": Image.fromarray(rgb[..., 0]),
+             "rgba": Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "palette": Image.fromarray(rgb).quantize(17),
+             "gray16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)}
+    prep = Preprocessing(channels=channels)
+    fast = {"rgb": channels == 3, "gray": True, "rgba": False, "palette": False, "gray16": False}
+    for name, img in cases.items():
+        path = tmp_path / f"{name}.png"
+        img.save(path)
+        for source in (path, str(path), path.read_bytes()):
+            assert (fast_png(source, channels) is not None) == fast[name], name
+            got = prep.decode(source)
+            np.testing.assert_array_equal(got, _pillow_decode(prep, source), err_msg=name)
+            assert got.shape == (channels, 37, 53) and got.dtype == np.uint8
+    keyed = tmp_path / "trns.png"
+    Image.fromarray(rgb).save(keyed, transparency=(1, 2, 3))  # a tRNS chunk: Pillow's path
+    assert fast_png(keyed, 3) is None
+
+
+def test_png_fast_path_leaves_errors_and_limits_to_pillow(tmp_path):
+    from insightad.data.images import fast_png
+
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-100])
+    assert fast_png(path, 3) is None
+    with pytest.raises(InsightADError, match="cut.png: unreadable or truncated image"):
+        Preprocessing().decode(path)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (40, 30)).save(big)
+    assert fast_png(big, 3, max_pixels=1199) is None and fast_png(big, 3, max_pixels=1200) is not None
+    assert fast_png(tmp_path / "missing.png", 3) is None

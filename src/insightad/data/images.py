@@ -76,6 +76,58 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PLAIN_PNG = {(0, 1), (0, 3), (0, None), (2, 3), (2, None)}  # (colour type, channels asked): gray or RGB, 8 bits
+
+
+def _plain_png(data: bytes, max_pixels: int) -> int | None:
+    """The colour type (0 gray, 2 RGB) of an 8-bit PNG without transparency and within ``max_pixels``, read
+    from its header and the chunks before its pixels; None for any other file."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, colour = data[24], data[25]
+    if depth != 8 or colour not in (0, 2) or not 0 < width * height <= max_pixels:
+        return None
+    pos = 8
+    while pos + 8 <= len(data):
+        kind = data[pos + 4:pos + 8]
+        if kind == b"tRNS":
+            return None
+        if kind == b"IDAT":
+            return colour
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return None
+
+
+def fast_png(source: str | Path | bytes, channels: int | None = None,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """uint8 (H, W, C) pixels of a plain PNG (8-bit gray or RGB, no transparency) decoded by libspng
+    (``pyspng``): the same pixels as ``load_image`` gives, in about half the time of Pillow on a 900 px photo.
+    None for any other file, a gray image asked of an RGB one (Pillow's luma rounding is its own), or one
+    libspng cannot read: ``load_image`` decodes those, and words their errors."""
+    try:
+        import pyspng
+    except ImportError:
+        return None
+    try:
+        data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    except OSError:
+        return None
+    colour = _plain_png(data, max_pixels)
+    if colour is None or (colour, channels) not in _PLAIN_PNG:
+        return None
+    try:
+        arr = pyspng.load(data)
+    except Exception:  # noqa: BLE001 - damaged or truncated: Pillow says what is wrong with it
+        return None
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        return None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return np.repeat(arr, 3, axis=2) if channels == 3 and arr.shape[2] == 1 else arr
+
+
 def load_image(source: str | Path | bytes, channels: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode fully into an 8-bit image; ``channels`` 3 gives RGB, 1 gives grayscale, None keeps it."""
