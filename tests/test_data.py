@@ -216,3 +216,6 @@ def test_png_fast_path_leaves_errors_and_limits_to_pillow(tmp_path):
     Image.new("RGB", (40, 30)).save(big)
     assert fast_png(big, 3, max_pixels=1199) is None and fast_png(big, 3, max_pixels=1200) is not None
     assert fast_png(tmp_path / "missing.png", 3) is None
+    jpeg = tmp_path / "photo.png"  # a JPEG whatever its name: Pillow's path
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    assert fast_png(jpeg, 3) is None and Preprocessing().decode(jpeg).shape == (3, 8, 8)

@@ -111,7 +111,12 @@ def fast_png(source: str | Path | bytes, channels: int | None = None,
     except ImportError:
         return None
     try:
-        data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+        if isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+        else:
+            with open(source, "rb") as f:  # another format is not read past its first bytes
+                data = f.read(len(PNG_SIGNATURE))
+                data += f.read() if data == PNG_SIGNATURE else b""
     except OSError:
         return None
     colour = _plain_png(data, max_pixels)
