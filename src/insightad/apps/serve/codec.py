@@ -1,7 +1,7 @@
 """Request payloads to model-ready tensors, and anomaly maps to colour PNGs: the server's byte-level I/O.
 
-Decoding follows the CLI's path exactly (``load_image`` then the scorer's own ``load_input``), so a
-served score equals ``insightad predict``'s for the same image file. Every failure is an
+Decoding follows the CLI's path exactly (the scorer's own ``load_input``: plain PNGs by libspng for an
+exported graph, else ``load_image``), so a served score equals ``insightad predict``'s for the same image file. Every failure is an
 ``InsightADError`` with a one-line message naming the field, which the app answers with 400.
 """
 
@@ -81,6 +81,8 @@ def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image"
         raise InsightADError(f"{field}: image has {pixels} pixels, over this server's limit of {max_pixels} "
                              "(--max-pixels); send a smaller image")
     try:
+        if det.decoded_input:  # an exported graph's input: the bytes decoded as the CLI decodes a file
+            return DecodedImage(*det.load_input(data))
         img = load_image(data, det.preprocessing_.channels, max_pixels=max_pixels)
     except InsightADError as e:
         raise InsightADError(f"{field}: {str(e).removeprefix('<bytes>: ')}") from None
