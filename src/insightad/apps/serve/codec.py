@@ -1,8 +1,9 @@
 """Request payloads to model-ready tensors, and anomaly maps to colour PNGs: the server's byte-level I/O.
 
 Decoding follows the CLI's path exactly (the scorer's own ``load_input``: plain PNGs by libspng for an
-exported graph, else ``load_image``), so a served score equals ``insightad predict``'s for the same image file. Every failure is an
-``InsightADError`` with a one-line message naming the field, which the app answers with 400.
+exported graph, else ``load_image``), so a served score equals ``insightad predict``'s for the same image
+file. Every failure is an ``InsightADError`` with a one-line message naming the field, which the app answers
+with 400.
 """
 
 from __future__ import annotations
