@@ -215,6 +215,10 @@ def test_png_fast_path_leaves_errors_and_limits_to_pillow(tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (40, 30)).save(big)
     assert fast_png(big, 3, max_pixels=1199) is None and fast_png(big, 3, max_pixels=1200) is not None
+    for engine_input in (Preprocessing().decode, Preprocessing().load):  # the caller's limit, either path
+        with pytest.raises(InsightADError, match="big.png: image too large: more than the limit of 1199 pixels"):
+            engine_input(big, 1199)
+    assert Preprocessing().decode(big, 1200).shape == (3, 30, 40)
     assert fast_png(tmp_path / "missing.png", 3) is None
     jpeg = tmp_path / "photo.png"  # a JPEG whatever its name: Pillow's path
     Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from insightad.data.images import fast_png, load_image
+from insightad.data.images import DEFAULT_MAX_PIXELS, fast_png, load_image
 from insightad.data.resize import resize_array, resize_image
 from insightad.errors import InsightADError
 
@@ -57,25 +57,26 @@ class Preprocessing:
     def mode(self) -> str:
         return "RGB" if self.channels == 3 else "L"
 
-    def image(self, source: ImageInput) -> Image.Image:
+    def image(self, source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """Any image source -> a decoded 8-bit image with the model's channels (RGB or L), at its own size.
-        An array is (H, W) or (H, W, C) uint8, as Pillow's ``fromarray`` reads it."""
+        An array is (H, W) or (H, W, C) uint8, as Pillow's ``fromarray`` reads it. A file or bytes over
+        ``max_pixels`` is refused."""
         if isinstance(source, np.ndarray):
             source = Image.fromarray(source)
         if not isinstance(source, Image.Image):
-            return load_image(source, self.channels)
+            return load_image(source, self.channels, max_pixels=max_pixels)
         return source if source.mode == self.mode else source.convert(self.mode)
 
-    def decode(self, source: ImageInput) -> np.ndarray:
+    def decode(self, source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Any image source -> uint8 (C, H, W) at its own size: what the exported graph takes (a float array
         is rounded to the nearest level)."""
         if isinstance(source, np.ndarray) and source.dtype.kind == "f":
             return np.clip(np.rint(self.float_pixels(source)), 0, 255).astype(np.uint8)
         if isinstance(source, (str, Path, bytes, bytearray)):
-            plain = fast_png(source, self.channels)  # most inspection photos: twice as fast as Pillow
+            plain = fast_png(source, self.channels, max_pixels)  # most inspection photos: twice as fast as Pillow
             if plain is not None:
                 return np.ascontiguousarray(plain.transpose(2, 0, 1))
-        arr = np.asarray(self.image(source), dtype=np.uint8)
+        arr = np.asarray(self.image(source, max_pixels), dtype=np.uint8)
         return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def resize_array(self, x: np.ndarray) -> np.ndarray:
@@ -94,10 +95,10 @@ class Preprocessing:
             a = np.repeat(a, 3, axis=2) if self.channels == 3 else (a @ luma)[..., None]
         return np.ascontiguousarray(a.transpose(2, 0, 1))
 
-    def load(self, source: ImageInput) -> tuple[np.ndarray, tuple[int, int]]:
+    def load(self, source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
         """Any image source -> (float32 (C, h, w), values 0..255, at the model's size; original (height, width))."""
         if isinstance(source, np.ndarray) and source.dtype.kind == "f":
             x = self.float_pixels(source)
             return resize_array(x, self.size), (x.shape[1], x.shape[2])
-        img = self.image(source)
+        img = self.image(source, max_pixels)
         return resize_image(img, self.size), (img.size[1], img.size[0])

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 from tqdm import tqdm
 
+from insightad.data.images import DEFAULT_MAX_PIXELS
 from insightad.data.loader import Batch, ImageSource, iter_batches
 from insightad.data.preprocess import Preprocessing
 from insightad.data.resize import resize_array
@@ -84,13 +85,15 @@ class Scorer:
         """True when the engine takes decoded uint8 images at their own size (an exported graph)."""
         return bool(getattr(getattr(self, "engine_", None), "takes_original", False))
 
-    def load_input(self, source: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
-        """One image as this scorer's engine takes it (C, H, W), and its original (height, width)."""
+    def load_input(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS
+                   ) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image as this scorer's engine takes it (C, H, W), and its original (height, width); a file or
+        bytes over ``max_pixels`` is refused."""
         p = self.preprocessing_
         if self.decoded_input:
-            x = p.decode(source)
+            x = p.decode(source, max_pixels)
             return x, (int(x.shape[1]), int(x.shape[2]))
-        return p.load(source)
+        return p.load(source, max_pixels)
 
     def _run(self, x: np.ndarray) -> Sequence[Any]:
         engine = getattr(self, "engine_", None)

@@ -1,9 +1,8 @@
 """Request payloads to model-ready tensors, and anomaly maps to colour PNGs: the server's byte-level I/O.
 
-Decoding follows the CLI's path exactly (the scorer's own ``load_input``: plain PNGs by libspng for an
-exported graph, else ``load_image``), so a served score equals ``insightad predict``'s for the same image
-file. Every failure is an ``InsightADError`` with a one-line message naming the field, which the app answers
-with 400.
+Decoding is the CLI's own (the scorer's ``load_input``, with this server's pixel limit), so a served score
+equals ``insightad predict``'s for the same image file. Every failure is an ``InsightADError`` with a
+one-line message naming the field, which the app answers with 400.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from insightad.data.images import load_image
 from insightad.errors import InsightADError
 from insightad.render.colormap import MapScale, colorize
 from insightad.scoring import Scorer
@@ -70,7 +68,7 @@ def image_pixels(data: bytes) -> int | None:
         except Image.DecompressionBombError as e:
             sizes = [int(n) for n in re.findall(r"\d+", str(e))]
             return sizes[0] if sizes else 10**12
-        except Exception:  # noqa: BLE001 - unreadable headers are reported by load_image below
+        except Exception:  # noqa: BLE001 - unreadable headers are reported by the decoding below
             return None
     return w * h
 
@@ -82,12 +80,9 @@ def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image"
         raise InsightADError(f"{field}: image has {pixels} pixels, over this server's limit of {max_pixels} "
                              "(--max-pixels); send a smaller image")
     try:
-        if det.decoded_input:  # an exported graph's input: the bytes decoded as the CLI decodes a file
-            return DecodedImage(*det.load_input(data))
-        img = load_image(data, det.preprocessing_.channels, max_pixels=max_pixels)
+        return DecodedImage(*det.load_input(data, max_pixels))
     except InsightADError as e:
         raise InsightADError(f"{field}: {str(e).removeprefix('<bytes>: ')}") from None
-    return DecodedImage(*det.load_input(img))
 
 
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side
