@@ -15,6 +15,7 @@ from insightad.methods.components.patch_gaussian import (
     PatchGaussianAccumulator,
     lower_triangular_inverse,
 )
+from insightad.methods.padim import level_patches
 from tests.conftest import SIZE
 
 
@@ -161,7 +162,8 @@ def test_streamed_fit_equals_one_shot_fit(mvtec_dir):
     # The one-shot reference: every image's features at once, textbook covariance per position.
     with torch.inference_mode():
         x = torch.from_numpy(np.stack([whole.preprocessing_.load(p)[0] for p in train]))
-        z = whole.model_.reduce(whole.model_.raw_features(x)).double()
+        model = whole.model_
+        z = model.reduce(level_patches(model.extractor(model.normalize(x)))).double()
     np.testing.assert_allclose(whole.model_.mean.numpy(), z.mean(0).numpy(), rtol=1e-4, atol=1e-4)
     cov = torch.stack([torch.cov(z[:, p].T) for p in range(0, z.shape[1], 37)]) + 0.01 * torch.eye(32, dtype=torch.float64)
     ref = torch.linalg.inv(torch.linalg.cholesky(cov)).float()

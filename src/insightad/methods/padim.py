@@ -104,10 +104,6 @@ class PadimModel(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("inv_chol", inv_chol)
 
-    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> concatenated multi-level features per patch (B, P, C)."""
-        return level_patches(self.extractor(self.normalize(x)))
-
     def reduce(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, P, C) -> (B, P, d)."""
         return (raw - self.centre) @ self.projection

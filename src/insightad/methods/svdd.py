@@ -41,7 +41,7 @@ from insightad.data.defects import DEFECT_KINDS, make_defects
 from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.components.pooling import pooled_features, pooled_mean_std
+from insightad.methods.components.pooling import pool
 from insightad.methods.registry import register_method
 from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
 
@@ -182,7 +182,7 @@ class PooledFeatures(nn.Module):
 
     def pool(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Backbone levels -> the pooled vector per image."""
-        return pooled_mean_std(feats) if self.pooling == "mean_std" else pooled_features(feats)
+        return pool(feats, self.pooling)
 
     def train(self, mode: bool = True) -> PooledFeatures:
         return super().train(False)  # frozen: batch-norm statistics never move
@@ -384,14 +384,13 @@ class SVDDDetector(SVDDParams, Detector):
     def _pooled(self, images: Sequence, pooling: str, progress: bool, desc: str,
                 arrays: list[np.ndarray] | None = None) -> torch.Tensor:
         """Pooled features of ``images`` through the fit's backbone runner (see :meth:`_inputs`)."""
-        pool = pooled_mean_std if pooling == "mean_std" else pooled_features
         chunks = []
         with torch.inference_mode():
             for batch in self._batches(images, progress, desc):
                 if arrays is not None:
                     pixels = batch.images.permute(0, 2, 3, 1).numpy()
                     arrays.extend(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-                chunks.append(pool(self._run_features(batch.images)).float().cpu())
+                chunks.append(pool(self._run_features(batch.images), pooling).float().cpu())
         return torch.cat(chunks)
 
     def _labelled(self, normals: torch.Tensor, arrays: list[np.ndarray], seed: int, progress: bool) -> torch.Tensor:
