@@ -201,33 +201,57 @@ def test_cli_errors_are_one_line(baseline_model, capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------------ overload
-class Slow(nn.Module):
-    def __init__(self, inner: nn.Module, delay: float) -> None:
+class Gated(nn.Module):
+    """Holds each forward pass while ``go`` is clear, so the test decides when the worker is busy
+    (open at first: the server's start-up warm-up runs the model)."""
+
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        self.inner, self.delay = inner, delay
+        self.inner = inner
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.go.set()
 
     def forward(self, x):
-        time.sleep(self.delay)
+        self.entered.set()
+        assert self.go.wait(60), "the test never released the model"
         return self.inner(x)
 
 
+def wait_for(check, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def test_overload_answers_503_and_recovers(baseline_model, image_files):
+    """One request running, one queued (queue_size=1): every further request is refused at once with
+    503, the two admitted ones are answered, and the server serves again afterwards."""
     det = load_model(baseline_model)
-    det.model_ = Slow(det.model_, 0.4)
+    gate = Gated(det.model_)
+    det.model_ = gate
     app = create_app(det, ServeParams(queue_size=1, max_batch=1, batch_wait_ms=0))
     payload = {"image": b64(image_files[0].read_bytes())}
     with running(app) as url:
-        def post(_: int) -> httpx.Response:
-            return httpx.post(f"{url}/infer", json=payload, timeout=30)
+        def post(_: int = 0) -> httpx.Response:
+            return httpx.post(f"{url}/infer", json=payload, timeout=60)
+
+        gate.go.clear()
+        gate.entered.clear()
 
         with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(post, range(8)))
-        codes = sorted(r.status_code for r in replies)
-        assert set(codes) == {200, 503}, codes
-        assert 2 <= codes.count(200) <= 4  # one running + one queued (+ ones that arrived as slots freed)
-        busy = next(r for r in replies if r.status_code == 503)
+            running_one = pool.submit(post)
+            wait_for(gate.entered.is_set, "the first request to reach the model")
+            queued_one = pool.submit(post)
+            wait_for(lambda: httpx.get(f"{url}/health").json()["queue_depth"] == 1, "the second request to queue")
+            refused = list(pool.map(post, range(6)))
+            gate.go.set()
+            admitted = [running_one.result(), queued_one.result()]
+        assert [r.status_code for r in admitted] == [200, 200]
+        assert [r.status_code for r in refused] == [503] * 6
+        busy = refused[0]
         assert "server busy" in busy.json()["detail"] and busy.headers["retry-after"] == "1"
-        assert httpx.post(f"{url}/infer", json=payload, timeout=30).status_code == 200  # recovered
+        assert post().status_code == 200  # recovered
         metrics = httpx.get(f"{url}/metrics").text
-        assert re.search(r"^insightad_rejected_total (\d+)", metrics, re.M).group(1) == str(codes.count(503))
+        assert re.search(r"^insightad_rejected_total (\d+)", metrics, re.M).group(1) == "6"
         assert httpx.get(f"{url}/health").json()["queue_depth"] == 0
