@@ -32,7 +32,7 @@ def image(value: int) -> np.ndarray:
     return np.full((3, 4, 4), value, dtype=np.uint8)
 
 
-def wait_for(cond, timeout: float = 5.0) -> None:
+def wait_for(cond, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
