@@ -42,6 +42,7 @@ def test_defects_on_grey_images_and_bad_input():
 def test_crossfitted_padim_equals_models_fitted_without_each_fold(mvtec_dir):
     from insightad.data.layouts import discover
     from insightad.methods import create_detector
+    from insightad.methods.components.patch_gaussian import sample_size_factor
     from insightad.methods.crossfit import at_model_size, fold_ids, out_of_fold
 
     paths = [s.path for s in discover(mvtec_dir).train][:12]
@@ -54,7 +55,11 @@ def test_crossfitted_padim_equals_models_fitted_without_each_fold(mvtec_dir):
         held = np.flatnonzero(folds == f)
         alone = create_detector("padim", **params).fit([p for i, p in enumerate(paths) if folds[i] != f])
         want = alone.predict(at_model_size(alone, [paths[i] for i in held]), maps=False).scores
-        np.testing.assert_allclose(oof.normal_scores[np.isin(oof.normal_index, held)], want, rtol=2e-3)
+        # ... on the final model's scale: fold models saw 8 images, the final one 12
+        assert oof.size_correction is not None
+        scale = sample_size_factor(12, 12 - len(held), oof.size_correction["effective_c"])
+        assert scale < 1.0
+        np.testing.assert_allclose(oof.normal_scores[np.isin(oof.normal_index, held)], want * scale, rtol=2e-3)
     assert np.median(oof.defect_scores) > np.median(oof.normal_scores)
 
 
@@ -95,7 +100,45 @@ def test_sample_size_factor_puts_fold_distances_on_the_final_models_scale():
             out.append(np.einsum("ij,jk,ik->i", y, inv, y).mean())
         return float(np.mean(out))
 
-    f = sample_size_factor(n_full, n_fold, d)
+    f = sample_size_factor(n_full, n_fold, d + 2)
     assert 0.7 < f < 1.0
     assert abs(mean_sq(n_fold) * f**2 / mean_sq(n_full) - 1) < 0.05
-    assert sample_size_factor(100, 10, 12) == 1.0  # the formula needs more images than dimensions + 2
+    assert sample_size_factor(100, 10, d + 2) == 1.0  # the formula needs more images than dimensions + 2
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.5])
+def test_measured_growth_puts_out_of_fold_distances_on_new_points_scale(shrinkage):
+    """Per-position Gaussians, plain or shrunk: out-of-fold distances times the factor from the growth
+    measured on one fold have the mean square of new points' distances under the model of all images;
+    the factor from d+2 (Hotelling, no shrinkage) is right only without shrinkage."""
+    import torch
+
+    from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator, sample_size_factor
+
+    g = torch.Generator().manual_seed(0)
+    positions, d, n, k, eps = 64, 10, 30, 5, 1e-3
+    mix = torch.randn(positions, d, d, generator=g) / d**0.5 + torch.eye(d)  # each position its own covariance
+
+    def draw(m: int) -> torch.Tensor:
+        return torch.einsum("pij,mpj->mpi", mix, torch.randn(m, positions, d, generator=g))
+
+    z = draw(n)
+    acc = PatchGaussianAccumulator(positions, d)
+    acc.update(z)
+    new = acc.distances_without(z[:0], eps, draw(2000), shrinkage=shrinkage)[0]
+    folds = torch.arange(n) % k
+    c = None
+    oof = []
+    for f in range(k):
+        part = z[folds == f]
+        dist = acc.distances_without(part, eps, part, shrinkage=shrinkage)[0]
+        c = acc.growth(part, dist, eps, shrinkage=shrinkage) if c is None else c
+        oof.append(dist * sample_size_factor(n, n - len(part), c))
+    ratio = float(torch.cat(oof).square().mean() / new.square().mean())
+    hotelling = float(torch.cat([o / sample_size_factor(n, n - n // k, c) * sample_size_factor(n, n - n // k, d + 2)
+                                 for o in oof]).square().mean() / new.square().mean())
+    assert abs(ratio - 1) < 0.06, (c, ratio, hotelling)
+    if shrinkage == 0:
+        assert abs(c - (d + 2)) < 4 and abs(hotelling - 1) < 0.06
+    else:
+        assert c < d and hotelling < 0.92  # d+2 would put the threshold far below new normals
