@@ -45,6 +45,7 @@ from insightad.methods.baseline import BaselineDetector, BaselineModel, fit_gaus
 from insightad.methods.components.patch_gaussian import (
     FactorStatistics,
     PatchGaussianAccumulator,
+    effective_dimension,
     sample_size_factor,
 )
 from insightad.methods.padim import PadimDetector, PadimModel
@@ -207,20 +208,48 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
     emb = torch.empty(len(images), per_fold[0][2].shape[1])
     for held, _made, e in per_fold:
         emb[torch.as_tensor(held)] = e[:len(held)]
+    n = len(images)
+    c: float | None = None  # the Gaussian's distance growth with fewer images, measured on the first fold
+    factor = 1.0
     for held, made, e in per_fold:
-        rest = emb[torch.as_tensor(np.setdiff1d(np.arange(len(images)), held))]
+        rest = emb[torch.as_tensor(np.setdiff1d(np.arange(n), held))]
         if det.scorer == "knn":
             s = knn_distance(e, rest, min(det.k, rest.shape[0]))
         else:
-            mean, prec = fit_gaussian(rest)
-            d = e - mean
-            s = ((d @ prec) * d).sum(1).clamp_min(0.0).sqrt()
+            s = _gaussian_distances(rest, e)
+            if c is None:
+                c = _gaussian_growth(emb, held, s[:len(held)])
+            factor = sample_size_factor(n, n - len(held), c)  # as for PaDiM: fold models saw fewer images
+            s = s * factor
         s_np = s.double().numpy()
         n_index.append(held)
         n_scores.append(s_np[:len(held)])
         d_scores.append(s_np[len(held):])
         defects.extend(made)
-    return _collect("", n_index, n_scores, [], defects, d_scores, None)
+    out = _collect("", n_index, n_scores, [], defects, d_scores, None)
+    if c is not None:
+        out.size_correction = {"effective_c": round(c, 2), "last_fold_factor": round(factor, 4)}
+    return out
+
+
+def _gaussian_distances(train: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distances of ``queries`` under the baseline's Gaussian fitted on ``train`` embeddings."""
+    mean, prec = fit_gaussian(train)
+    d = queries - mean
+    return ((d @ prec) * d).sum(1).clamp_min(0.0).sqrt()
+
+
+def _gaussian_growth(emb: torch.Tensor, held: np.ndarray, fold_distances: torch.Tensor) -> float:
+    """``effective_dimension`` for the baseline's Gaussian from one fold: each half of the fold scored again by
+    the Gaussian of every other image (more images than the fold's model had), against ``fold_distances``."""
+    n, n_out = emb.shape[0], len(held)
+    if n_out < 2 or n - n_out < 2:
+        return 0.0
+    halves = (held[:n_out // 2], held[n_out // 2:])
+    more = torch.cat([_gaussian_distances(emb[torch.as_tensor(np.setdiff1d(np.arange(n), h))],
+                                          emb[torch.as_tensor(h)]) for h in halves])
+    ratio = float(fold_distances.double().square().mean() / more.double().square().mean())
+    return effective_dimension(ratio, n - n_out, n - n_out / 2)
 
 
 # ------------------------------------------------------------------------------ PaDiM, exact
