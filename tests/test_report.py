@@ -99,3 +99,25 @@ def test_report_into_a_file_is_refused(baseline_model, mvtec_dir, tmp_path, caps
     f.write_text("x")
     assert main(["evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--report", str(f)]) == 1
     assert "--report expects a folder" in capsys.readouterr().err
+
+
+def test_report_with_a_threshold_no_image_passes(baseline_model, mvtec_dir, tmp_path, capsys):
+    """A threshold above every score leaves precision undefined in every draw: the report says n/a instead of
+    failing (it raised a TypeError on a real crack model whose conservative threshold flagged no image in
+    some unbalanced draws)."""
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--report", str(out),
+                 "--draws", "3", "--threshold", "1e9"]) == 0
+    assert "precision=n/a" in capsys.readouterr().out
+    rep = json.loads((out / "metrics.json").read_text())
+    assert rep["unbalanced"]["mean"]["precision"] is None and rep["unbalanced"]["undefined_draws"]["precision"] == 3
+    assert rep["unbalanced"]["mean"]["recall"] == 0.0
+    assert "| n/a |" in (out / "report.md").read_text() and (out / "balanced_unbalanced.png").is_file()
+
+
+def test_resampled_metric_undefined_in_some_draws():
+    y = np.array([0] * 20 + [1] * 20, bool)
+    s = np.r_[np.zeros(20), np.linspace(0, 2, 20)]  # half of the defective images above the threshold 1.0
+    u = resampled_report(y, s, 1.0, "unbalanced", prevalence=0.05, draws=10, seed=0)  # one defective image a draw
+    k = u["undefined_draws"]["precision"]
+    assert 0 < k < 10 and u["mean"]["precision"] == 1.0  # averaged over the draws where it is defined

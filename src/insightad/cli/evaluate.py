@@ -88,13 +88,14 @@ def run(args: argparse.Namespace) -> int:
 
 def format_resampled(report: dict) -> str:
     """The balanced/unbalanced lines (mean ± std over the draws)."""
+    from insightad.evaluate.report import mean_std_text
+
     lines = []
     for kind in ("balanced", "unbalanced"):
         r = report[kind]
         if not r.get("available"):
             continue
-        vals = ", ".join(f"{k}={r['mean'][k]:.4f}±{r['std'][k]:.4f}" for k in ("auc", "accuracy", "precision",
-                                                                            "recall", "f1"))
+        vals = ", ".join(f"{k}={mean_std_text(r, k)}" for k in ("auc", "accuracy", "precision", "recall", "f1"))
         lines.append(f"[{kind.capitalize()}] {r['n_normal']} normal + {r['n_anomalous']} defective, "
                      f"{r['draws']} draws: {vals}")
     return "\n".join(lines)

@@ -63,10 +63,16 @@ def resampled_report(labels: np.ndarray, scores: np.ndarray, threshold: float, k
         rng = np.random.default_rng([seed, d, 0 if kind == "balanced" else 1])
         idx = np.concatenate([rng.choice(normal, n_norm, replace=False), rng.choice(defect, n_def, replace=False)])
         rows.append(threshold_metrics(y[idx], scores[idx], threshold))
+    # precision (and so F1) is undefined in a draw where no image is called anomalous: averaged over the
+    # draws where it is defined, and how many were not is said
+    defined = {k: [r[k] for r in rows if r[k] is not None] for k in RESAMPLED_METRICS}
     out: dict[str, Any] = {"available": True, "n_normal": int(n_norm), "n_anomalous": int(n_def),
                            "prevalence": n_def / (n_norm + n_def), "draws": draws, "seed": seed,
-                           "mean": {k: float(np.mean([r[k] for r in rows])) for k in RESAMPLED_METRICS},
-                           "std": {k: float(np.std([r[k] for r in rows])) for k in RESAMPLED_METRICS}}
+                           "mean": {k: float(np.mean(v)) if v else None for k, v in defined.items()},
+                           "std": {k: float(np.std(v)) if v else None for k, v in defined.items()}}
+    undefined = {k: draws - len(v) for k, v in defined.items() if len(v) < draws}
+    if undefined:
+        out["undefined_draws"] = undefined
     if kind == "unbalanced":
         out["prevalence_asked"] = prevalence
         wanted = prevalence / (1 - prevalence) * normal.size
@@ -218,11 +224,13 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     balanced = resampled_report(labels, scores, thr, "balanced", prevalence, draws, seed)
     unbalanced = resampled_report(labels, scores, thr, "unbalanced", prevalence, draws, seed)
     if balanced["available"]:
-        bars = {f"balanced ({balanced['n_normal']}+{balanced['n_anomalous']})":
-                {k: (balanced["mean"][k], balanced["std"][k]) for k in RESAMPLED_METRICS},
+        def bar(r: dict[str, Any]) -> dict[str, tuple[float, float]]:  # NaN: no bar where a metric is undefined
+            return {k: (np.nan, np.nan) if r["mean"][k] is None else (r["mean"][k], r["std"][k])
+                    for k in RESAMPLED_METRICS}
+
+        bars = {f"balanced ({balanced['n_normal']}+{balanced['n_anomalous']})": bar(balanced),
                 f"unbalanced ({unbalanced['n_normal']}+{unbalanced['n_anomalous']}, prevalence "
-                f"{unbalanced['prevalence']:.3f})": {k: (unbalanced["mean"][k], unbalanced["std"][k])
-                                                    for k in RESAMPLED_METRICS}}
+                f"{unbalanced['prevalence']:.3f})": bar(unbalanced)}
         files["balanced_unbalanced"] = plots.bar_with_error(
             bars, out / "balanced_unbalanced.png",
             f"Balanced vs unbalanced test sets: {name}\n(mean ± std over {draws} seeded draws, {thr_label})",
@@ -244,8 +252,13 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     return report
 
 
-def _pm(r: dict[str, Any], k: str) -> str:
-    return f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}"
+def mean_std_text(r: dict[str, Any], k: str) -> str:
+    """A resampled report's metric as mean ± std, saying over how many draws it was defined."""
+    if r["mean"][k] is None:
+        return "n/a"
+    missing = r.get("undefined_draws", {}).get(k, 0)
+    note = f" ({r['draws'] - missing} of {r['draws']} draws)" if missing else ""
+    return f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}{note}"
 
 
 def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: float) -> str:
@@ -276,7 +289,7 @@ def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: flo
                 "| --- | ---: | ---: | " + " | ".join("---:" for _ in RESAMPLED_METRICS) + " |"]
         for label, r in (("balanced", b), (f"unbalanced (prevalence {u['prevalence']:.3f})", u)):
             out.append(f"| {label} | {r['n_normal']} | {r['n_anomalous']} | "
-                       + " | ".join(_pm(r, k) for k in RESAMPLED_METRICS) + " |")
+                       + " | ".join(mean_std_text(r, k) for k in RESAMPLED_METRICS) + " |")
         if u.get("note"):
             out.append(f"\n{u['note']}")
     out += ["", "## Per defect type", "", per_defect_markdown(rows, thr)]
