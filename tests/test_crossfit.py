@@ -83,6 +83,39 @@ def test_heldout_fold_refit_equals_exact_baseline_folds(mvtec_dir):
     assert exact.defect_maps is None
 
 
+def test_patchcore_validation_scores_each_image_without_its_own_bank_patches(mvtec_dir):
+    """bank-without-image: a training normal's out-of-fold score is exactly its score under the same model
+    with that image's patches taken out of the bank, and every training normal is validated."""
+    import copy
+
+    import torch
+
+    from insightad.data.layouts import discover
+    from insightad.methods import create_detector
+    from insightad.methods.crossfit import at_model_size, out_of_fold
+
+    paths = [s.path for s in discover(mvtec_dir).train][:8]
+    det = create_detector("patchcore", image_size=SIZE, coreset_ratio=0.5, search="exact", fit_engine="torch").fit(paths)
+    oof = out_of_fold(det, paths, k=2, seed=0)
+    assert oof.scheme.startswith("bank-without-image") and len(oof.normal_scores) == 8 and len(oof.defects) == 8
+    assert sorted(oof.normal_index.tolist()) == list(range(8))
+    for i in (2, 5):
+        alone = copy.deepcopy(det)
+        keep = det.bank_source_ != i
+        assert not bool(keep.all())  # the image has patches in the bank
+        alone.model_.bank = det.model_.bank[keep].clone()
+        want = alone.predict(at_model_size(alone, [paths[i]]), maps=False).scores[0]
+        got = oof.normal_scores[list(oof.normal_index).index(i)]
+        assert got == pytest.approx(want, rel=1e-4)
+        assert got > det.predict(at_model_size(det, [paths[i]]), maps=False).scores[0]  # in-sample is lower
+    d = oof.defects[0]
+    alone = copy.deepcopy(det)
+    alone.model_.bank = det.model_.bank[det.bank_source_ != d.source].clone()
+    assert oof.defect_scores[0] == pytest.approx(alone.predict([d.image.astype(np.float32)], maps=False).scores[0],
+                                                 rel=1e-4)
+    assert torch.equal(det.bank_source_, det.bank_source_.sort().values)  # in image order, like the bank
+
+
 def test_sample_size_factor_puts_fold_distances_on_the_final_models_scale():
     """Gaussian data: new points' squared Mahalanobis distances under a covariance from fewer images,
     times the factor squared, match those under the covariance from more images (within 5%)."""

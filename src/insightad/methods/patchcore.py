@@ -225,6 +225,9 @@ class PatchCoreDetector(PatchCoreParams, Detector):
             model.bank = bank.to(self.device_)
             self.model_ = model.eval()
             self.bank_size_ = int(k)
+            # which training image each bank patch came from: out-of-fold validation scores an image against
+            # the bank without its own patches (methods.crossfit); not saved in the model file
+            self.bank_source_ = (chosen // per).to(torch.int32)
             self._score_normals(model, kept, chosen // per, images)
 
     # ------------------------------------------------------------------ distributed fit (features per shard)
@@ -303,6 +306,27 @@ class PatchCoreDetector(PatchCoreParams, Detector):
                     kept[first + j] = p[j * per:(j + 1) * per].clone()
             pos += len(p)
         return bank, kept
+
+    def score_without_source(self, images: Sequence, sources: Sequence[int], features=None
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """(image scores, maps at model size) of ``images`` (arrays at model size) with exact search in the
+        fitted bank without the patches of training image ``sources[i]`` (``bank_source_``): each image is
+        scored as if that training image had never been seen."""
+        model = self._model_as(PatchCoreModel)
+        source = self.bank_source_.to(self.device_)
+        features = features or self._feature_runner(model.extractor)
+        scores, maps = [], []
+        at = 0
+        with torch.inference_mode():
+            for batch in self._batches(list(images), False, "patchcore: validation"):
+                p = self._patches(features, model, batch.images).to(self.device_)
+                for j in range(p.shape[0]):
+                    banned = source == int(sources[at + j])
+                    s, m = model.score_patches(p[j:j + 1], None if not bool(banned.any()) else banned)
+                    scores.append(float(s[0]))
+                    maps.append(m[0].float().cpu().numpy())
+                at += p.shape[0]
+        return np.asarray(scores), np.stack(maps) if maps else np.empty((0, *model.feature_size))
 
     def _score_normals(self, model: PatchCoreModel, kept: dict[int, torch.Tensor], source: torch.Tensor,
                                images: Sequence) -> None:
