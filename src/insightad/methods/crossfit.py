@@ -194,6 +194,31 @@ def _refit(det: Detector, images: Sequence, folds: np.ndarray, fitted: list[int]
     return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
 
 
+@dataclass
+class _MapFolds:
+    """Fold by fold results of a method with maps (normals first, then their synthetic defects), gathered
+    into one ``OutOfFold``."""
+
+    n_index: list[np.ndarray] = field(default_factory=list)
+    n_scores: list[np.ndarray] = field(default_factory=list)
+    n_max: list[np.ndarray] = field(default_factory=list)
+    d_scores: list[np.ndarray] = field(default_factory=list)
+    d_maps: list[np.ndarray] = field(default_factory=list)
+    defects: list[SyntheticDefect] = field(default_factory=list)
+
+    def add(self, held: np.ndarray, made: list[SyntheticDefect], scores: np.ndarray, maps: np.ndarray) -> None:
+        k = len(held)
+        self.n_index.append(held)
+        self.n_scores.append(scores[:k])
+        self.n_max.append(maps[:k].reshape(k, -1).max(1))
+        self.d_scores.append(scores[k:])
+        self.d_maps.extend(list(maps[k:]))
+        self.defects.extend(made)
+
+    def result(self) -> OutOfFold:
+        return _collect("", self.n_index, self.n_scores, self.n_max, self.defects, self.d_scores, self.d_maps)
+
+
 # ------------------------------------------------------------------------------ PatchCore, without the image
 def _patchcore_without_image(det: PatchCoreDetector, images: Sequence, folds: np.ndarray, seed: int,
                              synthetic: bool, kinds: Sequence[str]) -> OutOfFold:
@@ -205,22 +230,15 @@ def _patchcore_without_image(det: PatchCoreDetector, images: Sequence, folds: np
     for the other schemes. Slightly optimistic: the coreset was chosen with every image in view."""
     det._check_fitted()
     features = det._feature_runner(det._model_as(PatchCoreModel).extractor)
-    n_index, n_scores, n_max, d_scores = [], [], [], []
-    defects: list[SyntheticDefect] = []
-    d_maps: list[np.ndarray] = []
+    gathered = _MapFolds()
     for f in sorted(set(folds.tolist())):
         held = np.flatnonzero(folds == f)
         arrays = at_model_size(det, [images[int(i)] for i in held])
         made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
         scores, maps = det.score_without_source(arrays + [d.image for d in made],
                                                 [int(i) for i in held] + [d.source for d in made], features)
-        n_index.append(held)
-        n_scores.append(scores[:len(held)])
-        n_max.append(maps[:len(held)].reshape(len(held), -1).max(1))
-        d_scores.append(scores[len(held):])
-        d_maps.extend(list(maps[len(held):]))
-        defects.extend(made)
-    return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
+        gathered.add(held, made, scores, maps)
+    return gathered.result()
 
 
 # ------------------------------------------------------------------------------ baseline, exact
@@ -322,9 +340,7 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
     features = det._feature_runner(model.extractor)  # one engine session for every pass below
     fold_list = sorted(set(folds.tolist()))
     total = _all_images_statistics(det, model, images, features)
-    n_index, n_scores, n_max, d_scores = [], [], [], []
-    defects: list[SyntheticDefect] = []
-    d_maps: list[np.ndarray] = []
+    gathered = _MapFolds()
     c: float | None = None  # how fast distances grow as the images get fewer, measured on the first fold
     factor = 1.0
     for f in fold_list:  # pass 2: each fold's model = total minus the fold
@@ -342,13 +358,8 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
             del z, z_made
             s_t, maps_t = model.score_distances(distances.to(getattr(det, "device_", "cpu")))
         s, maps = s_t.cpu().double().numpy(), maps_t.float().cpu().numpy()
-        n_index.append(held)
-        n_scores.append(s[:len(held)])
-        n_max.append(maps[:len(held)].reshape(len(held), -1).max(1))
-        d_scores.append(s[len(held):])
-        d_maps.extend(list(maps[len(held):]))
-        defects.extend(made)
-    out = _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
+        gathered.add(held, made, s, maps)
+    out = gathered.result()
     out.size_correction = {"effective_c": round(float(c or 0.0), 2), "last_fold_factor": round(factor, 4)}
     return out
 
