@@ -74,7 +74,7 @@ class OutOfFold:
     defect_maps: list[np.ndarray] | None = None  # at model size; None for image-level methods
     normal_map_max: np.ndarray | None = None
     seconds: float = 0.0
-    size_correction: dict[str, float] | None = None  # kfold-exact PaDiM: how fold distances were rescaled
+    size_correction: dict[str, float] | None = None  # kfold-exact PaDiM and baseline: how fold distances were rescaled
 
     @property
     def defect_kinds(self) -> list[str]:
