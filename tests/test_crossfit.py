@@ -116,6 +116,20 @@ def test_patchcore_validation_scores_each_image_without_its_own_bank_patches(mvt
     assert torch.equal(det.bank_source_, det.bank_source_.sort().values)  # in image order, like the bank
 
 
+def test_patchcore_validation_with_a_one_image_bank_stays_finite():
+    """A bank whose patches all come from one training image leaves nothing to compare that image with: it is
+    scored in-sample (as the method's own default threshold does), not against an empty bank (NaN)."""
+    from insightad.methods import create_detector
+    from insightad.methods.crossfit import out_of_fold
+
+    normals = _normals(n=4)
+    det = create_detector("patchcore", image_size=SIZE, coreset_ratio=1e-6, search="exact",
+                          fit_engine="torch").fit(normals)
+    assert det.model_.bank.shape[0] == 1
+    oof = out_of_fold(det, normals, k=2, seed=0)
+    assert np.isfinite(oof.normal_scores).all() and np.isfinite(oof.defect_scores).all()
+
+
 def test_sample_size_factor_puts_fold_distances_on_the_final_models_scale():
     """Gaussian data: new points' squared Mahalanobis distances under a covariance from fewer images,
     times the factor squared, match those under the covariance from more images (within 5%)."""

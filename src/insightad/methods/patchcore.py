@@ -228,7 +228,7 @@ class PatchCoreDetector(PatchCoreParams, Detector):
             # which training image each bank patch came from: out-of-fold validation scores an image against
             # the bank without its own patches (methods.crossfit); not saved in the model file
             self.bank_source_ = (chosen // per).to(torch.int32)
-            self._score_normals(model, kept, chosen // per, images)
+            self._score_normals(model, kept, images)
 
     # ------------------------------------------------------------------ distributed fit (features per shard)
     def _empty_model(self) -> tuple[PatchCoreModel, int]:
@@ -322,14 +322,16 @@ class PatchCoreDetector(PatchCoreParams, Detector):
                 p = self._patches(features, model, batch.images).to(self.device_)
                 for j in range(p.shape[0]):
                     banned = source == int(sources[at + j])
-                    s, m = model.score_patches(p[j:j + 1], None if not bool(banned.any()) else banned)
+                    if not bool(banned.any()) or bool(banned.all()):  # none of its patches, or nothing but them
+                        banned = None  # (a one-image bank: in-sample, as ``_score_normals`` falls back to)
+                    s, m = model.score_patches(p[j:j + 1], banned)
                     scores.append(float(s[0]))
                     maps.append(m[0].float().cpu().numpy())
                 at += p.shape[0]
         return np.asarray(scores), np.stack(maps) if maps else np.empty((0, *model.feature_size))
 
-    def _score_normals(self, model: PatchCoreModel, kept: dict[int, torch.Tensor], source: torch.Tensor,
-                               images: Sequence) -> None:
+    def _score_normals(self, model: PatchCoreModel, kept: dict[int, torch.Tensor], images: Sequence) -> None:
+        source = self.bank_source_
         scores = []
         for i, p in sorted(kept.items()):
             banned = (source == i).to(self.device_)
