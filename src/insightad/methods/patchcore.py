@@ -321,9 +321,10 @@ class PatchCoreDetector(PatchCoreParams, Detector):
             for batch in self._batches(list(images), False, "patchcore: validation"):
                 p = self._patches(features, model, batch.images).to(self.device_)
                 for j in range(p.shape[0]):
-                    banned = source == int(sources[at + j])
-                    if not bool(banned.any()) or bool(banned.all()):  # none of its patches, or nothing but them
-                        banned = None  # (a one-image bank: in-sample, as ``_score_normals`` falls back to)
+                    mask = source == int(sources[at + j])
+                    # the whole bank where it has none of its patches, or nothing but them (a one-image bank:
+                    # in-sample, as ``_score_normals`` falls back to)
+                    banned = mask if bool(mask.any()) and not bool(mask.all()) else None
                     s, m = model.score_patches(p[j:j + 1], banned)
                     scores.append(float(s[0]))
                     maps.append(m[0].float().cpu().numpy())
