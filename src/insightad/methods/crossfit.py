@@ -47,7 +47,7 @@ from insightad.methods.baseline import BaselineDetector, BaselineModel, fit_gaus
 from insightad.methods.components.patch_gaussian import (
     FactorStatistics,
     PatchGaussianAccumulator,
-    effective_dimension,
+    half_fold_dimension,
     sample_size_factor,
 )
 from insightad.methods.padim import PadimDetector, PadimModel
@@ -295,16 +295,15 @@ def _gaussian_distances(train: torch.Tensor, queries: torch.Tensor) -> torch.Ten
 
 
 def _gaussian_growth(emb: torch.Tensor, held: np.ndarray, fold_distances: torch.Tensor) -> float:
-    """``effective_dimension`` for the baseline's Gaussian from one fold: each half of the fold scored again by
-    the Gaussian of every other image (more images than the fold's model had), against ``fold_distances``."""
-    n, n_out = emb.shape[0], len(held)
-    if n_out < 2 or n - n_out < 2:
-        return 0.0
-    halves = (held[:n_out // 2], held[n_out // 2:])
-    more = torch.cat([_gaussian_distances(emb[torch.as_tensor(np.setdiff1d(np.arange(n), h))],
-                                          emb[torch.as_tensor(h)]) for h in halves])
-    ratio = float(fold_distances.double().square().mean() / more.double().square().mean())
-    return effective_dimension(ratio, n - n_out, n - n_out / 2)
+    """``half_fold_dimension`` for the baseline's Gaussian: each half of the fold scored again by the Gaussian of
+    every other image (more images than the fold's model had), against ``fold_distances``."""
+    n = emb.shape[0]
+
+    def rescore(half: slice) -> torch.Tensor:
+        part = held[half]
+        return _gaussian_distances(emb[torch.as_tensor(np.setdiff1d(np.arange(n), part))], emb[torch.as_tensor(part)])
+
+    return half_fold_dimension(n, fold_distances, rescore)
 
 
 # ------------------------------------------------------------------------------ PaDiM, exact

@@ -8,6 +8,7 @@ position) so that float32 accumulation does not lose the covariance to cancellat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -70,6 +71,19 @@ def effective_dimension(ratio: float, m_fewer: float, m_more: float) -> float:
     g = ((m_fewer - 1) * (m_fewer + 1) / m_fewer) / ((m_more - 1) * (m_more + 1) / m_more)
     c = (g * m_more - ratio * m_fewer) / (g - ratio)
     return float(min(max(c, 0.0), m_fewer - 1))
+
+
+def half_fold_dimension(n: int, fold: torch.Tensor, rescore: Callable[[slice], torch.Tensor]) -> float:
+    """``effective_dimension`` from one fold of the ``n`` images: ``fold`` holds the fold's own images' distances
+    (first rows) under the model without the fold; ``rescore(half)`` gives that half of the fold's distances
+    under the model without only that half (half a fold more images). 0 for a fold of fewer than two images
+    (nothing is rescored then)."""
+    n_out = int(fold.shape[0])
+    if n_out < 2 or n - n_out < 2:
+        return 0.0
+    h = n_out // 2
+    more = torch.cat([rescore(slice(0, h)), rescore(slice(h, n_out))]).double().square().mean()
+    return effective_dimension(float(fold.double().square().mean() / more), n - n_out, n - n_out / 2)
 
 
 class PatchGaussianAccumulator:
@@ -229,15 +243,8 @@ class PatchGaussianAccumulator:
         (``left_out``) under the model without the fold; each half of the fold is scored again under the
         model without only that half (more images), and the growth of the mean squared distance between
         the two sizes gives c. 0 for a fold of fewer than two images."""
-        n_out = int(left_out.shape[0])
-        if n_out < 2 or self.n - n_out < 2:
-            return 0.0
-        h = n_out // 2
-        halves = [self.distances_without(part, epsilon, part, shrinkage=shrinkage)[0]
-                  for part in (left_out[:h], left_out[h:])]
-        more = torch.cat(halves).double().square().mean()
-        fewer = distances[:n_out].double().square().mean()
-        return effective_dimension(float(fewer / more), self.n - n_out, self.n - n_out + n_out / 2)
+        return half_fold_dimension(self.n, distances[:left_out.shape[0]], lambda half: self.distances_without(
+            left_out[half], epsilon, left_out[half], shrinkage=shrinkage)[0])
 
 
 class FactorStatistics(PatchGaussianAccumulator):
