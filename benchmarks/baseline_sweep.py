@@ -28,9 +28,9 @@ from insightad.data.layouts import discover, evaluation_samples, holdout_split
 from insightad.data.loader import iter_batches
 from insightad.data.preprocess import Preprocessing
 from insightad.methods.baseline import fit_gaussian, knn_distance
+from insightad.methods.components.pooling import STATISTICS as POOLINGS
 
 LEVELS = (1, 2, 3, 4)
-POOLINGS = {"mean": ("mean",), "mean_std": ("mean", "std"), "mean_std_max": ("mean", "std", "max")}
 LEVEL_SETS = {"2,3,4": (2, 3, 4), "1,2,3": (1, 2, 3), "1,2,3,4": (1, 2, 3, 4)}
 
 

@@ -102,3 +102,55 @@ def test_model_files_from_before_pooling_score_as_they_did(data, tmp_path):
     back = load_model(old)
     assert back.pooling == "mean"
     np.testing.assert_allclose(back.predict(test[:4]).scores, det.predict(test[:4]).scores, rtol=1e-6)
+
+
+def test_region_pooling_matches_pooling_each_region():
+    """A grid's region embeddings are the whole-image pooling of each region's cells, on every level, row by
+    row; where the grid does not divide a level, each cell counts in proportion to how much of it lies in the
+    region (its cells repeated until the side divides); grid 1 is the whole image."""
+    import math
+
+    import torch
+
+    from insightad.methods.components.pooling import pool, pool_regions
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 4, 12, 12, generator=g), torch.randn(2, 6, 6, 6, generator=g),
+             torch.randn(2, 5, 3, 3, generator=g)]
+    assert torch.allclose(pool_regions(feats, "mean_std_max", 1)[:, 0], pool(feats, "mean_std_max"))
+    for grid in (2, 3, 4):  # 4 divides 12 but neither 6 nor 3
+        got = pool_regions(feats, "mean_std_max", grid)
+        assert got.shape == (2, grid * grid, 3 * (4 + 6 + 5))
+        for r in range(grid * grid):
+            i, j = divmod(r, grid)
+            cells = []
+            for f in feats:
+                k = grid // math.gcd(f.shape[2], grid)
+                up = f.repeat_interleave(k, 2).repeat_interleave(k, 3)
+                side = up.shape[2] // grid
+                cells.append(up[:, :, i * side:(i + 1) * side, j * side:(j + 1) * side])
+            assert torch.allclose(got[:, r], pool(cells, "mean_std_max"), atol=1e-6), (grid, r)
+
+
+@pytest.mark.parametrize("scorer", ["knn", "gaussian"])
+def test_grid_scores_each_region_and_keeps_the_farthest(data, scorer):
+    """With a grid, the image score is the largest region distance under one model of all normal regions; the
+    Gaussian scorer keeps no bank of training regions (mean and precision are all it needs)."""
+    import torch
+
+    from insightad.methods.baseline import BaselineModel, image_knn, image_mahalanobis
+
+    train, test, labels = data
+    det = create_detector("baseline", image_size=SIZE, scorer=scorer, grid=4).fit(train)
+    model = det._model_as(BaselineModel)
+    assert model.bank.shape[0] == (16 * len(train) if scorer == "knn" else 0)
+    pred = det.predict(test)
+    assert roc_auc_score(labels, pred.scores) > 0.8
+    x = torch.from_numpy(np.stack([det.preprocessing_.load(p)[0] for p in test[:3]]))
+    with torch.inference_mode():
+        e = model.embed(x)
+        per_region = (image_knn(e[:, :1], model.bank, det.k) if scorer == "knn" else
+                      image_mahalanobis(e[:, :1], model.mean, model.precision))
+        assert e.shape[1] == 16
+        assert np.all(model(x)[0].numpy() >= per_region.numpy() - 1e-5)
+    np.testing.assert_allclose(model(x)[0].numpy(), pred.scores[:3], rtol=1e-4)

@@ -1,5 +1,6 @@
-"""Baseline (the first seed's simple_detection): frozen ImageNet features pooled per image,
-distance to the normal training set (k nearest neighbours, or a shrunk-covariance Gaussian)."""
+"""Baseline (the first seed's simple_detection): frozen ImageNet features pooled per image, or per region
+of a grid over the image, distance to the normal training set (k nearest neighbours, or a shrunk-covariance
+Gaussian); with a grid the image score is its farthest region's distance."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from insightad.config import DetectorParams, TileParams, param, params
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.components.knn import squared_distances
-from insightad.methods.components.pooling import POOLINGS, pool
+from insightad.methods.components.pooling import POOLINGS, pool_regions
 from insightad.methods.registry import register_method
 from insightad.runtime import resolve_device
 
@@ -29,8 +30,12 @@ class BaselineParams(TileParams, DetectorParams):
     pooling: str = param("mean_std_max", "per-channel statistics of each level: mean, mean_std, or "
                          "mean_std_max (the spread and maximum keep a small defect visible)",
                          choices=tuple(POOLINGS))
+    grid: int = param(8, "regions per side: the image is split into grid x grid regions, each pooled on its own "
+                      "and scored by one model of normal regions shared by all of them, and the image score is "
+                      "the farthest region's (a defect fills more of a region than of the image); 1: the whole "
+                      "image", minimum=1, maximum=32)
     scorer: str = param("gaussian", "gaussian: Mahalanobis distance with a shrunk covariance; knn: mean "
-                        "distance to the k nearest normal images", choices=("knn", "gaussian"))
+                        "distance to the k nearest normal regions (images, with grid 1)", choices=("knn", "gaussian"))
     k: int = param(3, "neighbours for the knn scorer", minimum=1)
     threshold_percentile: float = param(99.0, "default threshold: this percentile of leave-one-out "
                                         "training scores", minimum=0.0, maximum=100.0)
@@ -41,42 +46,57 @@ def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(squared_distances(x, bank), k, dim=1, largest=False).values.sqrt().mean(1)
 
 
+def image_knn(e: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Region embeddings (B, R, D) -> image scores (B,): the largest of the regions' ``knn_distance`` to the
+    bank's rows (regions of normal images)."""
+    return knn_distance(e.flatten(0, 1), bank, k).reshape(e.shape[0], e.shape[1]).amax(1)
+
+
+def image_mahalanobis(e: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Region embeddings (B, R, D) -> image scores (B,): the largest of the regions' Mahalanobis distances."""
+    d = e - mean
+    return ((d @ precision) * d).sum(-1).clamp_min(0.0).sqrt().amax(1)
+
+
 def fit_gaussian(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and precision with Ledoit-Wolf shrinkage: stable even with fewer images than dimensions."""
     from sklearn.covariance import LedoitWolf
 
-    lw = LedoitWolf().fit(emb.double().numpy())
+    lw = LedoitWolf().fit(emb.flatten(0, -2).double().numpy())  # regions of every image, (N, R, D) or (N, D)
     return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
 
 
 class BaselineModel(nn.Module):
-    """uint8 images -> (image scores,): pooled features, then kNN or Mahalanobis distance."""
+    """uint8 images -> (image scores,): pooled features per region (the whole image: one region), then kNN or
+    Mahalanobis distance of each region, the image's score the largest. ``bank``: normal regions for kNN
+    (no rows for the Gaussian scorer, which needs only ``mean`` and ``precision``)."""
 
     bank: torch.Tensor
     mean: torch.Tensor
     precision: torch.Tensor
 
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, scorer: str, k: int,
-                 bank: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, pooling: str = "mean") -> None:
+                 bank: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, pooling: str = "mean",
+                 grid: int = 1) -> None:
         super().__init__()
         if bank.dim() != 2 or mean.shape != (bank.shape[1],) or (scorer == "gaussian" and precision.shape != (
                 bank.shape[1], bank.shape[1])):
             raise InsightADError(f"tensors of mismatched shapes: bank {tuple(bank.shape)}, mean {tuple(mean.shape)}, "
                                  f"precision {tuple(precision.shape)}")
         self.normalize, self.extractor, self.scorer, self.k = normalize, extractor, scorer, k
-        self.pooling = pooling
+        self.pooling, self.grid = pooling, int(grid)
         self.register_buffer("bank", bank)
         self.register_buffer("mean", mean)
         self.register_buffer("precision", precision)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return pool(self.extractor(self.normalize(x)), self.pooling)
+        """Images -> region embeddings (B, grid*grid, D)."""
+        return pool_regions(self.extractor(self.normalize(x)), self.pooling, self.grid)
 
     def score_embeddings(self, e: torch.Tensor) -> torch.Tensor:
         if self.scorer == "knn":
-            return knn_distance(e, self.bank, min(self.k, self.bank.shape[0]))
-        d = e - self.mean
-        return ((d @ self.precision) * d).sum(1).clamp_min(0.0).sqrt()
+            return image_knn(e, self.bank, min(self.k, self.bank.shape[0]))
+        return image_mahalanobis(e, self.mean, self.precision)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.score_embeddings(self.embed(x)),)
@@ -89,16 +109,17 @@ class BaselineDetector(BaselineParams, Detector):
     Params = BaselineParams
     tileable = True
     # Settings a model file written before they existed was fitted with (model_file fills them in).
-    legacy_params: ClassVar[dict[str, Any]] = {"pooling": "mean"}
+    legacy_params: ClassVar[dict[str, Any]] = {"pooling": "mean", "grid": 1}
 
     sharded_fit = True
 
     def _embeddings(self, extractor: FeatureExtractor, images: Sequence, progress: bool) -> torch.Tensor:
+        """Region embeddings (N, grid*grid, D) of images."""
         features = self._feature_runner(extractor)
         chunks = []
         with torch.inference_mode():
             for batch in self._batches(images, progress, "baseline: features"):
-                chunks.append(pool(features(batch.images), self.pooling).cpu())
+                chunks.append(pool_regions(features(batch.images), self.pooling, self.grid).cpu())
         return torch.cat(chunks).float()
 
     def shard_embeddings(self, images: Sequence, progress: bool = False) -> torch.Tensor:
@@ -118,35 +139,38 @@ class BaselineDetector(BaselineParams, Detector):
     def _finish(self, extractor: FeatureExtractor, emb: torch.Tensor) -> None:
         mean, precision = self._gaussian(emb)
         norm = self._normalize()
-        self.model_ = BaselineModel(norm, extractor, self.scorer, self.k, emb, mean, precision,
-                                    self.pooling).to(self.device_)
+        bank = emb.flatten(0, 1) if self.scorer == "knn" else emb.new_zeros(0, emb.shape[-1])
+        self.model_ = BaselineModel(norm, extractor, self.scorer, self.k, bank, mean, precision,
+                                    self.pooling, self.grid).to(self.device_)
         loo = self._leave_one_out(emb, mean, precision)
         self.decision_scores_, self.decision_source_ = loo.numpy(), "train_loo"
 
     def _gaussian(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.scorer != "gaussian":
-            return torch.zeros(emb.shape[1]), torch.zeros(1, 1)
+            return torch.zeros(emb.shape[-1]), torch.zeros(1, 1)
         return fit_gaussian(emb)
 
     def _leave_one_out(self, emb: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
         """Each training image scored by a model that did not see it: an honest estimate of normal scores.
 
-        kNN: exact leave-one-out. Gaussian: out-of-fold scores (5 folds), since refitting the
-        covariance without each image in turn costs more and says nothing more.
+        kNN on whole images: exact leave-one-out. Otherwise out-of-fold scores (5 folds): refitting the
+        covariance without each image in turn costs more and says nothing more, and an image's regions
+        must all leave the bank together.
         """
         n = emb.shape[0]
         if n < 2:
             return torch.zeros(n)
-        if self.scorer == "knn":
+        if self.scorer == "knn" and emb.shape[1] == 1:
             k = min(self.k, n - 1)
-            return knn_distance(emb, emb, k + 1) * (k + 1) / k  # the nearest is the image itself, at 0
+            return knn_distance(emb[:, 0], emb[:, 0], k + 1) * (k + 1) / k  # the nearest is the image itself, at 0
         out = torch.zeros(n)
         folds = torch.arange(n) % min(5, n)
         for f in folds.unique():
             rest, held = emb[folds != f], emb[folds == f]
-            m, prec = fit_gaussian(rest)
-            d = held - m
-            out[folds == f] = ((d @ prec) * d).sum(1).clamp_min(0.0).sqrt()
+            if self.scorer == "knn":
+                out[folds == f] = image_knn(held, rest.flatten(0, 1), min(self.k, rest.shape[0] * rest.shape[1]))
+            else:
+                out[folds == f] = image_mahalanobis(held, *fit_gaussian(rest))
         return out
 
     def state_metadata(self) -> dict[str, Any]:
@@ -156,4 +180,4 @@ class BaselineDetector(BaselineParams, Detector):
         extractor = self._make_extractor(pretrained=False)
         return BaselineModel(self._normalize(), extractor, self.scorer, self.k,
                              torch.empty_like(tensors["bank"]), torch.empty_like(tensors["mean"]),
-                             torch.empty_like(tensors["precision"]), self.pooling)
+                             torch.empty_like(tensors["precision"]), self.pooling, self.grid)

@@ -43,7 +43,7 @@ from insightad.decide.decisions import DEFAULT_MAX_FALSE_ALARMS, DecisionRecord,
 from insightad.decide.normalize import robust_scale
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.baseline import BaselineDetector, BaselineModel, fit_gaussian, knn_distance
+from insightad.methods.baseline import BaselineDetector, BaselineModel, fit_gaussian, image_knn, image_mahalanobis
 from insightad.methods.components.patch_gaussian import (
     FactorStatistics,
     PatchGaussianAccumulator,
@@ -260,7 +260,7 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
         arrays = at_model_size(det, [images[int(i)] for i in held])
         made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
         per_fold.append((held, made, _embeddings(det, arrays + [d.image for d in made])))
-    emb = torch.empty(len(images), per_fold[0][2].shape[1])
+    emb = torch.empty(len(images), *per_fold[0][2].shape[1:])  # (N, regions, D)
     for held, _made, e in per_fold:
         emb[torch.as_tensor(held)] = e[:len(held)]
     n = len(images)
@@ -269,7 +269,7 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
     for held, made, e in per_fold:
         rest = emb[torch.as_tensor(np.setdiff1d(np.arange(n), held))]
         if det.scorer == "knn":
-            s = knn_distance(e, rest, min(det.k, rest.shape[0]))
+            s = image_knn(e, rest.flatten(0, 1), min(det.k, rest.shape[0] * rest.shape[1]))
         else:
             s = _gaussian_distances(rest, e)
             if c is None:
@@ -288,10 +288,8 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
 
 
 def _gaussian_distances(train: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Mahalanobis distances of ``queries`` under the baseline's Gaussian fitted on ``train`` embeddings."""
-    mean, prec = fit_gaussian(train)
-    d = queries - mean
-    return ((d @ prec) * d).sum(1).clamp_min(0.0).sqrt()
+    """Image scores of ``queries`` under the baseline's Gaussian fitted on ``train`` (region embeddings, (N, R, D))."""
+    return image_mahalanobis(queries, *fit_gaussian(train))
 
 
 def _gaussian_growth(emb: torch.Tensor, held: np.ndarray, fold_distances: torch.Tensor) -> float:

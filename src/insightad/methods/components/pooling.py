@@ -1,44 +1,63 @@
-"""Global pooling of backbone levels into one image embedding (baseline, Deep SVDD)."""
+"""Pooling of backbone levels into embeddings: one per image (baseline, Deep SVDD), or one per region of a
+grid over the image (the baseline's ``grid``).
+
+Each level contributes per-channel statistics (the mean; the spatial spread; the spatial maximum), each
+L2-normalised so that every level and statistic weighs the same. The mean alone dilutes a thin, local
+defect (a crack covers a few percent of the image); the spread and the maximum keep it visible.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-
-def pooled_features(feats: list[torch.Tensor]) -> torch.Tensor:
-    """Global average pool of each level, each L2-normalised so every level weighs the same."""
-    pooled = [F.normalize(f.mean(dim=(2, 3)), dim=1) for f in feats]
-    return torch.cat(pooled, dim=1)
+STATISTICS: dict[str, tuple[str, ...]] = {"mean": ("mean",), "mean_std": ("mean", "std"),
+                                          "mean_std_max": ("mean", "std", "max")}
+POOLINGS = tuple(STATISTICS)
 
 
-def pooled_mean_std(feats: list[torch.Tensor]) -> torch.Tensor:
-    """Per level: the channel means and the channel spatial standard deviations, each L2-normalised."""
-    out = []
-    for f in feats:
-        flat = f.flatten(2).float()
-        out.append(F.normalize(flat.mean(dim=2), dim=1))
-        out.append(F.normalize(flat.std(dim=2, unbiased=False), dim=1))
-    return torch.cat(out, dim=1)
+def _statistic(flat: torch.Tensor, name: str) -> torch.Tensor:
+    """One per-channel statistic over the last (spatial) axis of ``flat`` (..., C, P)."""
+    if name == "mean":
+        return flat.mean(-1)
+    if name == "std":  # two passes, never a negative variance (its exported form took sqrt(E[x^2] - E[x]^2):
+        # NaN where a region is one cell)
+        return (flat - flat.mean(-1, keepdim=True)).square().mean(-1).sqrt()
+    return flat.amax(-1)
 
 
-def pooled_mean_std_max(feats: list[torch.Tensor]) -> torch.Tensor:
-    """Per level: channel means, spatial standard deviations and spatial maxima, each L2-normalised.
-
-    The mean alone dilutes a thin, local defect (a crack covers a few percent of the image); the
-    spread and the maximum of each channel keep it visible in a global embedding."""
-    out = []
-    for f in feats:
-        flat = f.flatten(2).float()
-        out.append(F.normalize(flat.mean(dim=2), dim=1))
-        out.append(F.normalize(flat.std(dim=2, unbiased=False), dim=1))
-        out.append(F.normalize(flat.amax(dim=2), dim=1))
-    return torch.cat(out, dim=1)
-
-
-POOLINGS = {"mean": pooled_features, "mean_std": pooled_mean_std, "mean_std_max": pooled_mean_std_max}
+def pool_flat(flats: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """Levels as (..., C, P) (P: spatial positions) -> (..., D): the statistics of ``kind`` per level, each
+    L2-normalised over its channels, concatenated level by level."""
+    return torch.cat([F.normalize(_statistic(x, s), dim=-1) for x in flats for s in STATISTICS[kind]], dim=-1)
 
 
 def pool(feats: list[torch.Tensor], kind: str) -> torch.Tensor:
-    """Backbone levels -> one embedding per image with the named pooling (see ``POOLINGS``)."""
-    return POOLINGS[kind](feats)
+    """Backbone levels (B, C, H, W) -> one embedding per image (B, D) with the named pooling."""
+    return pool_flat([f.flatten(2).float() for f in feats], kind)
+
+
+def _regions_flat(f: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, grid*grid, C, P): the cells of each region, regions row by row. Where ``grid`` does
+    not divide a side, every cell is first repeated k times along it (nearest upsampling, k = the smallest
+    that makes the side a multiple of ``grid``), so that a region holds each cell in proportion to how much of
+    it lies inside: the same part of the image at every level, and one reshape (a few graph nodes) instead
+    of a slice per region."""
+    _, _, h, w = f.shape
+    kh, kw = grid // math.gcd(int(h), grid), grid // math.gcd(int(w), grid)
+    if kh > 1 or kw > 1:
+        f = F.interpolate(f, size=(int(h) * kh, int(w) * kw), mode="nearest")
+    b, c, h, w = f.shape
+    x = f.float().reshape(b, c, grid, h // grid, grid, w // grid).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, grid * grid, c, (h // grid) * (w // grid))
+
+
+def pool_regions(feats: list[torch.Tensor], kind: str, grid: int) -> torch.Tensor:
+    """Backbone levels -> one embedding per region of a ``grid`` x ``grid`` split of the image (B, grid*grid, D),
+    regions row by row; each level is split on its own cells, so a region covers the same part of the
+    image at every level. ``grid`` 1: the whole image, as ``pool``."""
+    if grid == 1:
+        return pool(feats, kind).unsqueeze(1)
+    return pool_flat([_regions_flat(f, grid) for f in feats], kind)
