@@ -161,20 +161,42 @@ def _defects_for(arrays: list[np.ndarray], index: np.ndarray, seed: int, synthet
     return [SyntheticDefect(d.image, d.mask, d.kind, int(index[d.source])) for d in made]
 
 
-def _collect(scheme: str, n_index: list[np.ndarray], n_scores: list[np.ndarray], n_max: list[np.ndarray],
-             defects: list[SyntheticDefect], d_scores: list[np.ndarray], d_maps: list[np.ndarray] | None) -> OutOfFold:
-    idx = np.concatenate(n_index)
-    order = np.argsort(idx, kind="stable")
-    return OutOfFold(scheme, idx[order], np.concatenate(n_scores)[order], defects,
-                     np.concatenate(d_scores) if d_scores else np.empty(0), d_maps,
-                     np.concatenate(n_max)[order] if n_max else None)
+@dataclass
+class _Folds:
+    """Fold by fold results (each fold's normals first, then their synthetic defects; maps at model size for
+    methods that have them), gathered into one ``OutOfFold`` in the normals' order."""
+
+    n_index: list[np.ndarray] = field(default_factory=list)
+    n_scores: list[np.ndarray] = field(default_factory=list)
+    n_max: list[np.ndarray] = field(default_factory=list)
+    d_scores: list[np.ndarray] = field(default_factory=list)
+    d_maps: list[np.ndarray] | None = None
+    defects: list[SyntheticDefect] = field(default_factory=list)
+
+    def add(self, held: np.ndarray, made: list[SyntheticDefect], scores: np.ndarray,
+            maps: np.ndarray | Sequence[np.ndarray] | None = None) -> None:
+        k = len(held)
+        self.n_index.append(held)
+        self.n_scores.append(scores[:k])
+        self.d_scores.append(scores[k:])
+        self.defects.extend(made)
+        if maps is not None:
+            self.n_max.append(np.array([float(np.max(m)) for m in maps[:k]]))
+            if self.d_maps is None:
+                self.d_maps = []
+            self.d_maps.extend(maps[k:])
+
+    def result(self) -> OutOfFold:
+        idx = np.concatenate(self.n_index)
+        order = np.argsort(idx, kind="stable")
+        return OutOfFold("", idx[order], np.concatenate(self.n_scores)[order], self.defects,
+                         np.concatenate(self.d_scores) if self.d_scores else np.empty(0), self.d_maps,
+                         np.concatenate(self.n_max)[order] if self.n_max else None)
 
 
 def _refit(det: Detector, images: Sequence, folds: np.ndarray, fitted: list[int], seed: int, synthetic: bool,
            kinds: Sequence[str]) -> OutOfFold:
-    n_index, n_scores, n_max, d_scores = [], [], [], []
-    defects: list[SyntheticDefect] = []
-    d_maps: list[np.ndarray] | None = [] if det.has_maps else None
+    gathered = _Folds()
     for f in fitted:
         held = np.flatnonzero(folds == f)
         rest = [images[int(i)] for i in np.flatnonzero(folds != f)]
@@ -182,41 +204,9 @@ def _refit(det: Detector, images: Sequence, folds: np.ndarray, fitted: list[int]
         arrays = at_model_size(fold_det, [images[int(i)] for i in held])
         made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds)
         pred = fold_det.predict(arrays + [d.image for d in made], maps=det.has_maps)
-        n_index.append(held)
-        n_scores.append(pred.scores[:len(held)])
-        d_scores.append(pred.scores[len(held):])
-        if pred.maps is not None:
-            maps = cast("list[np.ndarray]", pred.maps)  # strict predict: every image was read, so every map is there
-            n_max.append(np.array([float(np.max(m)) for m in maps[:len(held)]]))
-            if d_maps is not None:
-                d_maps.extend(maps[len(held):])
-        defects.extend(made)
-    return _collect("", n_index, n_scores, n_max, defects, d_scores, d_maps)
-
-
-@dataclass
-class _MapFolds:
-    """Fold by fold results of a method with maps (normals first, then their synthetic defects), gathered
-    into one ``OutOfFold``."""
-
-    n_index: list[np.ndarray] = field(default_factory=list)
-    n_scores: list[np.ndarray] = field(default_factory=list)
-    n_max: list[np.ndarray] = field(default_factory=list)
-    d_scores: list[np.ndarray] = field(default_factory=list)
-    d_maps: list[np.ndarray] = field(default_factory=list)
-    defects: list[SyntheticDefect] = field(default_factory=list)
-
-    def add(self, held: np.ndarray, made: list[SyntheticDefect], scores: np.ndarray, maps: np.ndarray) -> None:
-        k = len(held)
-        self.n_index.append(held)
-        self.n_scores.append(scores[:k])
-        self.n_max.append(maps[:k].reshape(k, -1).max(1))
-        self.d_scores.append(scores[k:])
-        self.d_maps.extend(list(maps[k:]))
-        self.defects.extend(made)
-
-    def result(self) -> OutOfFold:
-        return _collect("", self.n_index, self.n_scores, self.n_max, self.defects, self.d_scores, self.d_maps)
+        # strict predict: every image was read, so every map is there
+        gathered.add(held, made, pred.scores, cast("list[np.ndarray] | None", pred.maps))
+    return gathered.result()
 
 
 # ------------------------------------------------------------------------------ PatchCore, without the image
@@ -230,7 +220,7 @@ def _patchcore_without_image(det: PatchCoreDetector, images: Sequence, folds: np
     for the other schemes. Slightly optimistic: the coreset was chosen with every image in view."""
     det._check_fitted()
     features = det._feature_runner(det._model_as(PatchCoreModel).extractor)
-    gathered = _MapFolds()
+    gathered = _Folds()
     for f in sorted(set(folds.tolist())):
         held = np.flatnonzero(folds == f)
         arrays = at_model_size(det, [images[int(i)] for i in held])
@@ -252,8 +242,6 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
     det._check_fitted()
     if not isinstance(det, BaselineDetector):
         raise InsightADError(f"validation: kfold-exact for baseline needs a BaselineDetector, got {type(det).__name__}")
-    n_index, n_scores, d_scores = [], [], []
-    defects: list[SyntheticDefect] = []
     per_fold = []
     for f in sorted(set(folds.tolist())):
         held = np.flatnonzero(folds == f)
@@ -266,6 +254,7 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
     n = len(images)
     c: float | None = None  # the Gaussian's distance growth with fewer images, measured on the first fold
     factor = 1.0
+    gathered = _Folds()
     for held, made, e in per_fold:
         rest = emb[torch.as_tensor(np.setdiff1d(np.arange(n), held))]
         if det.scorer == "knn":
@@ -276,12 +265,8 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
                 c = _gaussian_growth(emb, held, s[:len(held)])
             factor = sample_size_factor(n, n - len(held), c)  # as for PaDiM: fold models saw fewer images
             s = s * factor
-        s_np = s.double().numpy()
-        n_index.append(held)
-        n_scores.append(s_np[:len(held)])
-        d_scores.append(s_np[len(held):])
-        defects.extend(made)
-    out = _collect("", n_index, n_scores, [], defects, d_scores, None)
+        gathered.add(held, made, s.double().numpy())
+    out = gathered.result()
     if c is not None:
         out.size_correction = {"effective_c": round(c, 2), "last_fold_factor": round(factor, 4)}
     return out
@@ -337,7 +322,7 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
     features = det._feature_runner(model.extractor)  # one engine session for every pass below
     fold_list = sorted(set(folds.tolist()))
     total = _all_images_statistics(det, model, images, features)
-    gathered = _MapFolds()
+    gathered = _Folds()
     c: float | None = None  # how fast distances grow as the images get fewer, measured on the first fold
     factor = 1.0
     for f in fold_list:  # pass 2: each fold's model = total minus the fold
