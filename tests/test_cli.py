@@ -134,3 +134,15 @@ def test_demo(tmp_path, capsys):
     assert "demo finished" in out and (tmp_path / "demo" / "examples" / "examples.png").exists()
     metrics = json.loads([line for line in out.splitlines() if line.startswith("{")][0])
     assert metrics["image_auroc"] > 0.9
+
+
+def test_command_line_keeps_the_kernel_compiler_out(tmp_path):
+    """A training command's process never loads Triton (75 MB and a slower start for kernels it never compiles)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom insightad.cli import main\ntry:\n    main(['train', '--method', 'padim', '--help'])\n"
+            "except SystemExit:\n    pass\nimport torch, torchvision\n"
+            "assert 'torch' in sys.modules and sys.modules.get('triton') is None, 'triton loaded'\nprint('checked')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.endswith("checked\n"), done.stderr[-2000:]

@@ -118,6 +118,29 @@ def test_feature_runner_cache_tells_levels_apart():
         assert engine == "onnx" and [f.shape[1] for f in run(x)] == channels
 
 
+def test_reused_backbone_graph_counts_as_used(monkeypatch, tmp_path):
+    """The fit's backbone graph is marked used each time it is opened, so pruning the cache (least recently used
+    first) takes the large model graphs written since before the graph every fit needs."""
+    import os
+
+    import torch
+
+    from insightad.backbones import build_extractor
+    from insightad.backbones.normalize import Normalize
+    from insightad.engines.cache import cache_dir
+    from insightad.engines.features import feature_runner
+
+    monkeypatch.setenv("INSIGHTAD_CACHE", str(tmp_path))
+    norm = Normalize((0.5,) * 3, (0.5,) * 3)
+    ext, _, _ = build_extractor("tf_efficientnet_lite0", [1, 2])
+    feature_runner(norm, ext, (3, 32, 32), "onnx")
+    (graph,) = cache_dir().glob("features-*.onnx")
+    os.utime(graph, (1_000_000, 1_000_000))
+    run, engine = feature_runner(norm, ext, (3, 32, 32), "onnx")
+    assert engine == "onnx" and len(run(torch.zeros(1, 3, 32, 32))) == 2
+    assert graph.stat().st_mtime > 1_000_000
+
+
 @pytest.mark.parametrize("method,params", [
     ("padim", {}), ("padim", {"score_top": 0.0, "shrinkage": 0.0}), ("padim", {"score_top": 0.07}),
     ("patchcore", {"coreset_ratio": 0.2}), ("svdd", {"epochs": 3, "device": "cpu"}),

@@ -9,6 +9,7 @@ import ctypes
 import importlib.util
 import os
 import shutil
+import sys
 from typing import Any
 
 from insightad.errors import InsightADError
@@ -52,6 +53,15 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def without_kernel_compiler() -> None:
+    """Keep Triton (PyTorch's kernel compiler) out of this process. Importing torchvision probes for it
+    (through torch._dynamo), which maps 75 MB and costs 0.1-0.3 s at every start, for kernels nothing here
+    compiles (no torch.compile). For the command line's processes only; a process that already imported it
+    keeps it."""
+    if "triton" not in sys.modules:  # a None entry makes ``import triton`` fail: torch treats it as absent
+        sys.modules["triton"] = None  # type: ignore[assignment]
 
 
 def nvidia_driver_present() -> bool:

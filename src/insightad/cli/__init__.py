@@ -8,7 +8,7 @@ import os
 import sys
 
 from insightad.errors import InsightADError, cut
-from insightad.runtime import TRAIN_EXTRA, torch_available
+from insightad.runtime import TRAIN_EXTRA, torch_available, without_kernel_compiler
 from insightad.version import __version__
 
 # sub-command -> module with add_parser(subparsers, argv) and run(args) -> int
@@ -57,6 +57,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    without_kernel_compiler()
     try:
         check_command_available(argv)
         parser = build_parser(argv)

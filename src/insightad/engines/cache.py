@@ -36,6 +36,15 @@ def cache_dir() -> Path:
     return Path(base) / "onnx"
 
 
+def touch(path: Path) -> None:
+    """Mark a cache entry as just used (pruning removes the least recently used first); a read-only cache
+    keeps its times."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def _entries() -> list[tuple[Path, int, float]]:
     """(path, bytes, last use) of every cache entry: exported graphs and ready-copy folders."""
     root = cache_dir()
@@ -107,7 +116,7 @@ def ready_copy(graph: str | Path, source: str | Path | None = None) -> Path | No
         folder = cache_dir() / READY / _ready_key(graph)
         target = folder / READY_GRAPH
         if target.is_file():  # folders appear whole (renamed into place); a small graph has no data file
-            os.utime(target)  # last use, for pruning
+            touch(target)
             return target
         return _build_ready(Path(source) if source is not None else graph, folder)
     except Exception:  # noqa: BLE001 - a cache that cannot serve never fails a prediction

@@ -63,7 +63,7 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
     module = _Features(normalize, extractor).eval()
     chosen = resolve_engine(engine, device.type)
     if chosen == "onnx":
-        from insightad.engines.cache import cache_dir
+        from insightad.engines.cache import cache_dir, touch
         from insightad.engines.onnx_runtime import make_session
 
         target = cache_dir() / f"features-{_digest(module, shape)}.onnx"
@@ -77,6 +77,7 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
                         sess = make_session(str(graph), threads, arena=False)
             if target.is_file():
                 sess = make_session(str(target), threads, arena=False)
+                touch(target)  # last use: pruning evicts the least recently used graphs first
 
             def run_onnx(x: torch.Tensor) -> list[torch.Tensor]:
                 arr = x.cpu().numpy()
