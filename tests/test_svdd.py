@@ -62,7 +62,7 @@ def test_svdd_model_file_round_trip(svdd_fit, mvtec_dir):
     again = load_model(path)
     np.testing.assert_allclose(again.predict(images).scores, det.predict(images).scores, rtol=1e-5, atol=1e-6)
     meta = read_metadata(path)
-    assert meta["method"] == "svdd" and meta["state"]["training"]["epochs_run"] == 40
+    assert meta["method"] == "svdd" and meta["state"]["training"]["epochs_run"] == 40, meta["state"]["training"]
     assert path.with_suffix(".training").joinpath("loss.png").is_file()
 
 

@@ -24,9 +24,9 @@ def test_synthetic_anomalies_are_deterministic_with_the_seed():
     from insightad.methods.svdd import synthetic_anomalies
 
     normals = _normals()
-    a = synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=3)
-    b = synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=3)
-    c = synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=4)
+    a = [d.image for d in synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=3)]
+    b = [d.image for d in synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=3)]
+    c = [d.image for d in synthetic_anomalies(normals, 2, ("crack", "blob", "cutpaste"), seed=4)]
     assert len(a) == 2 * len(normals) and all(x.shape == normals[0].shape and x.dtype == np.uint8 for x in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
@@ -119,8 +119,9 @@ def test_svdd_standardize_stores_the_normals_statistics_and_round_trips(sad_imag
     sphere = det.model_.sphere
     assert sphere.standardized and float(sphere.scale.min()) > 0
     feats = det.model_.features(torch.from_numpy(np.stack(
-        [det.preprocessing_.load(p)[0] for p in sad_images])).float())
-    z = (feats - sphere.shift) / sphere.scale  # the training split's normals: about zero mean, unit spread
+        [det.preprocessing_.load(p)[0] for p in sad_images])).float()).flatten(0, 1)  # every region's row
+    live = feats.std(dim=0) > 0  # at 64 px a deep level's region is one repeated cell: its spread is always 0
+    z = ((feats - sphere.shift) / sphere.scale)[:, live]  # the training split's normals: ~zero mean, unit spread
     assert float(z.mean(dim=0).abs().max()) < 1.0 and 0.5 < float(z.std(dim=0).median()) < 1.5
     again = load_model(save_model(det, tmp_path / "std.safetensors"))
     assert again.model_.sphere.standardized
@@ -136,7 +137,7 @@ def test_svdd_heads_are_an_ensemble_of_spheres_on_a_median_scale_and_round_trip(
     A file from before the setting is one head (legacy); soft-boundary keeps one head, and more is refused."""
     from insightad.inference.export import export_onnx
     from insightad.methods import create_detector
-    from insightad.methods.svdd import SphereEnsemble, SVDDDetector, members
+    from insightad.methods.svdd import SphereEnsemble, SVDDDetector, farthest_region, members
     from insightad.model_file import load_model, save_model
 
     assert SVDDDetector.legacy_params["heads"] == 1
@@ -147,10 +148,10 @@ def test_svdd_heads_are_an_ensemble_of_spheres_on_a_median_scale_and_round_trip(
     assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])  # own initialisations
     val = [p for i, p in enumerate(sad_images) if i not in set(_train_index(det, len(sad_images)))]
     feats = det.model_.features(torch.from_numpy(np.stack([det.preprocessing_.load(p)[0] for p in val])).float())
-    with torch.no_grad():
-        d = sphere.squared_distances(feats).sqrt()
-        torch.testing.assert_close(sphere.scales, d.median(dim=0).values)  # each member's median is 1
-        torch.testing.assert_close(sphere(feats), (d / sphere.scales).mean(dim=1))
+    with torch.no_grad():  # (images, regions, members): each member's farthest region has median 1 over them
+        d = sphere.squared_distances(feats.flatten(0, 1)).sqrt().reshape(*feats.shape[:2], -1)
+        torch.testing.assert_close(sphere.scales, d.amax(1).median(dim=0).values)
+        torch.testing.assert_close(farthest_region(sphere, feats), (d / sphere.scales).mean(-1).amax(1))
     again = load_model(save_model(det, tmp_path / "heads.safetensors"))
     assert isinstance(again.model_.sphere, SphereEnsemble)
     np.testing.assert_allclose(again.predict(sad_images[:4]).scores, det.predict(sad_images[:4]).scores,
@@ -166,3 +167,46 @@ def _train_index(det, n: int) -> list[int]:
     from insightad.training import validation_split
 
     return validation_split(n, det.val_fraction, det.seed)[0].tolist()
+
+
+def test_defect_regions_label_the_regions_a_mask_covers_and_not_its_slivers():
+    from insightad.methods.components.pooling import region_coverage
+    from insightad.methods.svdd import defect_regions
+
+    mask = np.zeros((64, 64), bool)
+    mask[2:14, 2:14] = True  # inside region (0, 0) of a 4 x 4 grid (16 px regions)
+    mask[14:16, 16:30] = True  # a sliver in region (0, 1): 28 px against region (0, 0)'s 144
+    cover = region_coverage(torch.from_numpy(np.stack([mask, np.ones_like(mask)])), 4)
+    assert cover.shape == (2, 16) and float(cover[0, 0]) == pytest.approx(144 / 256)
+    assert float(cover[0, 1]) == pytest.approx(28 / 256) and torch.all(cover[1] == 1.0)
+    labels = defect_regions([mask, np.ones_like(mask)], 4)
+    assert labels[0].nonzero().flatten().tolist() == [0]  # the sliver's region stays unlabelled
+    assert bool(labels[1].all())  # a defect over the whole image labels every region
+
+
+def test_svdd_grid_scores_the_farthest_region_and_round_trips_and_exports(sad_images, tmp_path):
+    """With a grid, every region is pooled and mapped by the heads; the image's score is its farthest region's, the
+    labelled anomalies are the regions under the synthetic defects' masks; saved, loaded and exported alike."""
+    from insightad.inference.export import export_onnx
+    from insightad.methods import create_detector
+    from insightad.methods.svdd import SVDDDetector, members
+    from insightad.model_file import load_model, save_model
+
+    assert SVDDDetector.legacy_params["grid"] == 1
+    det = create_detector("svdd", grid=4, **{**TINY, "epochs": 3}).fit(sad_images)
+    x = torch.from_numpy(np.stack([det.preprocessing_.load(p)[0] for p in sad_images[:4]])).float()
+    with torch.no_grad():
+        regions = det.model_.features(x)
+        per_region = det.model_.sphere(regions.flatten(0, 1)).reshape(4, 16)
+    assert regions.shape[:2] == (4, 16)
+    np.testing.assert_allclose(det.predict(sad_images[:4]).scores, per_region.amax(1).numpy(), rtol=1e-5)
+    assert det.n_anomalies_ == len(sad_images)  # one defect per normal, labelled by its regions
+    again = load_model(save_model(det, tmp_path / "grid.safetensors"))
+    assert again.grid == 4
+    np.testing.assert_allclose(again.predict(sad_images[:4]).scores, det.predict(sad_images[:4]).scores,
+                               rtol=1e-5, atol=1e-6)
+    export_onnx(det, tmp_path / "grid.onnx", "0" * 64)  # verified against PyTorch or raises
+    augmented = create_detector("svdd", grid=4, objective="one-class", augment="affine", standardize=True,
+                                **{**TINY, "epochs": 2}).fit(sad_images)  # regions of augmented images, on the fly
+    assert members(augmented.model_.sphere)[0].shift.shape == (regions.shape[-1],)
+    assert augmented.predict(sad_images[:4]).scores.shape == (4,)

@@ -37,11 +37,11 @@ from insightad import config
 from insightad.backbones.extractor import FeatureExtractor
 from insightad.backbones.normalize import Normalize
 from insightad.config import DetectorParams, TrainLoopParams, param, params
-from insightad.data.defects import DEFECT_KINDS, make_defects
+from insightad.data.defects import DEFECT_KINDS, SyntheticDefect, make_defects
 from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.components.pooling import pool
+from insightad.methods.components.pooling import pool, pool_regions, region_coverage
 from insightad.methods.registry import register_method
 from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
 
@@ -50,6 +50,7 @@ SAD_KINDS = ("crack", "scratch", "blob", "missing")  # shapes drawn on the surfa
 # take their content from other normals of the set, and on textures (concrete) that looks normal
 DEFAULT_HEADS = 3  # heads=0. Crack seeds 0-2: one head 0.938-0.995 by its initialisation; three trained
 # together 0.953-0.989 (docs/svdd.md)
+REGION_SHARE = 0.25  # grid: a defect's regions covered at least this share of its most-covered region are labelled
 SAD_EPS = 1e-6  # Deep SAD's guard in eta / (d^2 + eps): a labelled anomaly at c costs 1e6 * eta, not infinity
 
 @params
@@ -72,6 +73,9 @@ class SVDDParams(TrainLoopParams, DetectorParams):
                                        f"(some of {', '.join(DEFECT_KINDS)})")
     nu: float = param(0.1, "soft-boundary: the fraction of training images allowed outside the sphere",
                       minimum=0.0, maximum=1.0, exclusive_min=True)
+    grid: int = param(8, "regions per side: each of grid x grid regions pooled on its own and mapped by the head; "
+                      "the image score is its farthest region's (1: the whole image). sad labels a synthetic "
+                      "defect's regions by its mask", minimum=1, maximum=32)
     rep_dim: int = param(128, "dimension of the embedding space", minimum=1)
     heads: int = param(0, "projection heads, each initialised at random with its own centre, trained together; "
                        "the score is the mean of their distances, each divided by its median on the "
@@ -171,18 +175,20 @@ def members(model: Hypersphere | SphereEnsemble) -> list[Hypersphere]:
 
 
 class PooledFeatures(nn.Module):
-    """uint8 images -> pooled backbone features (frozen; stays in eval mode)."""
+    """uint8 images -> pooled backbone features (frozen; stays in eval mode): (B, D), or (B, grid*grid, D)
+    with a grid."""
 
-    def __init__(self, normalize: Normalize, extractor: FeatureExtractor, pooling: str = "mean") -> None:
+    def __init__(self, normalize: Normalize, extractor: FeatureExtractor, pooling: str = "mean",
+                 grid: int = 1) -> None:
         super().__init__()
-        self.normalize, self.extractor, self.pooling = normalize, extractor, pooling
+        self.normalize, self.extractor, self.pooling, self.grid = normalize, extractor, pooling, int(grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.extractor(self.normalize(x)))
 
     def pool(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """Backbone levels -> the pooled vector per image."""
-        return pool(feats, self.pooling)
+        """Backbone levels -> the pooled vector per image (B, D), or per region (B, grid*grid, D)."""
+        return pool(feats, self.pooling) if self.grid == 1 else pool_regions(feats, self.pooling, self.grid)
 
     def train(self, mode: bool = True) -> PooledFeatures:
         return super().train(False)  # frozen: batch-norm statistics never move
@@ -207,7 +213,20 @@ class SVDDModel(nn.Module):
 
     def from_levels(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor]:
         """The model on backbone levels already computed (an ensemble runs a shared backbone once)."""
-        return (self.sphere(self.features.pool(feats)),)
+        return (farthest_region(self.sphere, self.features.pool(feats)),)
+
+
+def farthest_region(sphere: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """Image scores: the sphere's score of each image (B, D), or of its farthest region (B, R, D)."""
+    if pooled.dim() == 2:
+        return sphere(pooled)
+    return sphere(pooled.flatten(0, 1)).reshape(pooled.shape[0], pooled.shape[1]).amax(1)
+
+
+def as_rows(pooled: torch.Tensor) -> torch.Tensor:
+    """The head's rows: images' pooled features (N, D) as they are, regions (N, R, D) -> (N*R, D); images (N, C,
+    H, W, when augmenting) as they are (their regions are rowed after the backbone)."""
+    return pooled.flatten(0, 1) if pooled.dim() == 3 else pooled
 
 
 def fixed_center(embeddings: torch.Tensor, eps: float) -> torch.Tensor:
@@ -232,12 +251,19 @@ def with_labels(features: torch.Tensor, label: float) -> torch.Tensor:
 
 
 def synthetic_anomalies(normals: Sequence[np.ndarray], per_image: int, kinds: Sequence[str], seed: int
-                        ) -> list[np.ndarray]:
-    """``per_image`` synthetic defects (uint8 (H, W, C)) on each of ``normals`` (uint8 at model size), kinds in
-    equal shares, donors from the same set; the same for the same seed."""
+                        ) -> list[SyntheticDefect]:
+    """``per_image`` synthetic defects (uint8 (H, W, C), with their masks) on each of ``normals`` (uint8 at model
+    size), kinds in equal shares, donors from the same set; the same for the same seed."""
     if not len(normals):
         return []
-    return [d.image for d in make_defects(list(normals), seed=seed, kinds=kinds, per_image=per_image)]
+    return make_defects(list(normals), seed=seed, kinds=kinds, per_image=per_image)
+
+
+def defect_regions(masks: Sequence[np.ndarray], grid: int, share: float = REGION_SHARE) -> torch.Tensor:
+    """(M, grid*grid) bool: the regions a synthetic defect labels anomalous, those holding at least ``share`` of
+    the defect's largest coverage of a region (a sliver of a defect in a region leaves it looking normal)."""
+    cover = region_coverage(torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in masks])), grid)
+    return (cover > 0) & (cover >= share * cover.amax(1, keepdim=True))
 
 
 class SVDDObjective:
@@ -255,7 +281,7 @@ class SVDDObjective:
         if self.features is None:
             return batch
         with torch.no_grad():
-            return self.features(batch)
+            return as_rows(self.features(batch))  # with a grid: every region of the augmented images
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         model = _as_sphere(model)
@@ -304,7 +330,7 @@ class SVDDDetector(SVDDParams, Detector):
 
     Params = SVDDParams
     # Files from before these settings: no shift and scale, one head.
-    legacy_params: ClassVar[dict[str, Any]] = {"standardize": False, "heads": 1}
+    legacy_params: ClassVar[dict[str, Any]] = {"standardize": False, "heads": 1, "grid": 1}
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         loop = TrainingLoop(config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
@@ -312,7 +338,7 @@ class SVDDDetector(SVDDParams, Detector):
                             name="svdd", progress=progress,
                             fingerprint=fingerprint(self.Params(**self.get_params()), data=sources_digest(images)))
         extractor = self._make_extractor()
-        features = PooledFeatures(self._normalize(), extractor, self.pooling).to(self.device_).eval()
+        features = PooledFeatures(self._normalize(), extractor, self.pooling, self.grid).to(self.device_).eval()
         on_images = self.augment != "none"
         sad = self.objective == "sad"
         if sad and on_images:
@@ -324,18 +350,20 @@ class SVDDDetector(SVDDParams, Detector):
         arrays: list[np.ndarray] | None = [] if sad else None
         data = self._inputs(images, features, on_images, progress, arrays)
         tr, va = validation_split(len(images), self.val_fraction, self.seed)
-        train, val = data[tr], (data[va] if len(va) else None)
-        in_dim = int(self._probe_dim(features, data[:1], on_images))
-        sphere = self._spheres(in_dim, features, train, on_images)
+        train, val = data[tr], (data[va] if len(va) else None)  # images (with a grid: their regions)
+        rows_train, rows_val = as_rows(train), (as_rows(val) if val is not None else None)
+        in_dim = int(self._probe_dim(features, rows_train[:1], on_images))
+        sphere = self._spheres(in_dim, features, rows_train, on_images)
         objective = SVDDObjective(self.objective, self.nu, self.warmup_epochs, features if on_images else None,
                                   eta=self.eta)
         if arrays is not None:  # sad: normals (label 0) and synthetic anomalies of the same split (label 1)
             self.n_anomalies_ = 0
-            loop_train = self._labelled(train, [arrays[i] for i in tr], self.seed, progress)
-            loop_val = self._labelled(val, [arrays[i] for i in va], self.seed + 1, progress) if val is not None else None
+            loop_train = self._labelled(rows_train, [arrays[i] for i in tr], features, self.seed, progress)
+            loop_val = (self._labelled(rows_val, [arrays[i] for i in va], features, self.seed + 1, progress)
+                        if rows_val is not None else None)
             self.training_ = loop.run(sphere, objective, loop_train, loop_val)
         else:
-            self.training_ = loop.run(sphere, objective, train, val)
+            self.training_ = loop.run(sphere, objective, rows_train, rows_val)
         self.__dict__.pop("_run_features", None)  # the fit's backbone runner is not part of the model
         if isinstance(sphere, SphereEnsemble):
             self._member_scales(sphere, features, val if val is not None else train, on_images)
@@ -353,7 +381,7 @@ class SVDDDetector(SVDDParams, Detector):
         spheres = [Hypersphere(projection_head(in_dim, self.hidden, self.rep_dim), torch.zeros(self.rep_dim),
                                in_dim=in_dim if self.standardize else None).to(self.device_) for _ in range(count)]
         if self.standardize:
-            normal = self._distances(spheres[0], features, train, on_images, pooled=True)
+            normal = as_rows(self._distances(spheres[0], features, train, on_images, pooled=True))
             shift = normal.mean(dim=0)
             scale = normal.std(dim=0).clamp_min(1e-6) if len(normal) > 1 else torch.ones(in_dim)
             for m in spheres:
@@ -366,10 +394,14 @@ class SVDDDetector(SVDDParams, Detector):
     @torch.no_grad()
     def _member_scales(self, sphere: SphereEnsemble, features: PooledFeatures, normals: torch.Tensor,
                        on_images: bool) -> None:
-        """Each member's median distance over ``normals`` (the validation split): members trained from other
-        initialisations land at other scales, and the mean of raw distances would follow the largest."""
+        """Each member's median distance over ``normals`` (the validation split; with a grid, of each image's
+        farthest region): members trained from other initialisations land at other scales, and the mean of raw
+        distances would follow the largest. With a grid the image's farthest region sets the scale, not the
+        median region: the tail over a few dozen regions varies more between networks than their middle does."""
         pooled = self._distances(sphere, features, normals, on_images, pooled=True).to(self.device_)
-        d = sphere.squared_distances(pooled).clamp_min(0.0).sqrt()
+        d = sphere.squared_distances(as_rows(pooled)).clamp_min(0.0).sqrt()
+        if pooled.dim() == 3:
+            d = d.reshape(pooled.shape[0], pooled.shape[1], -1).amax(1)
         sphere.scales.copy_(d.median(dim=0).values.clamp_min(1e-12))
 
     def _inputs(self, images: Sequence, features: PooledFeatures, on_images: bool, progress: bool,
@@ -379,26 +411,34 @@ class SVDDDetector(SVDDParams, Detector):
         if on_images:
             return load_images(images, self.preprocessing_, self.batch_size, self.workers, progress, "svdd: load images")
         self._run_features = self._feature_runner(features.extractor)  # the frozen backbone on the fast engine
-        return self._pooled(images, features.pooling, progress, "svdd: features", arrays)
+        return self._pooled(images, features, progress, "svdd: features", arrays)
 
-    def _pooled(self, images: Sequence, pooling: str, progress: bool, desc: str,
+    def _pooled(self, images: Sequence, features: PooledFeatures, progress: bool, desc: str,
                 arrays: list[np.ndarray] | None = None) -> torch.Tensor:
-        """Pooled features of ``images`` through the fit's backbone runner (see :meth:`_inputs`)."""
+        """Pooled features of ``images`` through the fit's backbone runner (see :meth:`_inputs`): (N, D), or
+        (N, grid*grid, D) with a grid."""
         chunks = []
         with torch.inference_mode():
             for batch in self._batches(images, progress, desc):
                 if arrays is not None:
                     pixels = batch.images.permute(0, 2, 3, 1).numpy()
                     arrays.extend(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-                chunks.append(pool(self._run_features(batch.images), pooling).float().cpu())
+                chunks.append(features.pool(self._run_features(batch.images)).float().cpu())
         return torch.cat(chunks)
 
-    def _labelled(self, normals: torch.Tensor, arrays: list[np.ndarray], seed: int, progress: bool) -> torch.Tensor:
-        """sad: the normals' features (label 0) and those of synthetic defects made on them (label 1)."""
+    def _labelled(self, normals: torch.Tensor, arrays: list[np.ndarray], features: PooledFeatures, seed: int,
+                  progress: bool) -> torch.Tensor:
+        """sad: the normals' rows (label 0) and those of synthetic defects made on them (label 1). With a grid, a
+        defect's rows are the regions its mask covers (``defect_regions``), repeated so that labelled anomalies
+        weigh against the normal regions as whole defective images weigh against normal images without one."""
         made = synthetic_anomalies(arrays, self.synthetic_anomalies, self.synthetic_kinds, seed)
         parts = [with_labels(normals, 0.0)]
         if made:
-            parts.append(with_labels(self._pooled(made, self.pooling, progress, "svdd: synthetic anomalies"), 1.0))
+            pooled = self._pooled([d.image for d in made], features, progress, "svdd: synthetic anomalies")
+            if pooled.dim() == 3:
+                pooled = pooled[defect_regions([d.mask for d in made], self.grid)]
+                pooled = pooled.repeat(max(1, round(len(normals) * len(made) / (len(arrays) * len(pooled)))), 1)
+            parts.append(with_labels(pooled, 1.0))
             self.n_anomalies_ += len(made)
         return torch.cat(parts)
 
@@ -406,20 +446,22 @@ class SVDDDetector(SVDDParams, Detector):
         if not on_images:
             return first.shape[1]
         with torch.inference_mode():
-            return features(first.to(self.device_)).shape[1]
+            return features(first.to(self.device_)).shape[-1]
 
     @torch.no_grad()
     def _distances(self, sphere: Hypersphere | SphereEnsemble, features: PooledFeatures, data: torch.Tensor,
                    on_images: bool,
                    embed: bool = False, pooled: bool = False) -> torch.Tensor:
-        """Distances to c of ``data`` (features or images); ``embed``: the embeddings; ``pooled``: the features."""
+        """Distances to c of ``data`` (features or images; images' regions (N, R, D): the farthest region's);
+        ``embed``: the embeddings; ``pooled``: the features."""
         out = []
         sphere.eval()
         for chunk in data.split(self.batch_size):
             f = chunk.to(self.device_)
             if on_images:
                 f = features(f)
-            out.append((f if pooled else cast(Hypersphere, sphere).embed(f) if embed else sphere(f)).cpu())
+            out.append((f if pooled else cast(Hypersphere, sphere).embed(as_rows(f)) if embed
+                        else farthest_region(sphere, f)).cpu())
         return torch.cat(out)
 
     def _initial_center(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
@@ -467,4 +509,4 @@ class SVDDDetector(SVDDParams, Detector):
         spheres = [Hypersphere(projection_head(in_dim, hidden, rep_dim), torch.empty(rep_dim),
                                in_dim=in_dim if prefix + "shift" in tensors else None) for _ in range(count)]
         sphere = SphereEnsemble(spheres) if ensemble else spheres[0]
-        return SVDDModel(PooledFeatures(self._normalize(), extractor, self.pooling), sphere)
+        return SVDDModel(PooledFeatures(self._normalize(), extractor, self.pooling, self.grid), sphere)

@@ -54,6 +54,12 @@ def _regions_flat(f: torch.Tensor, grid: int) -> torch.Tensor:
     return x.reshape(b, grid * grid, c, (h // grid) * (w // grid))
 
 
+def region_coverage(masks: torch.Tensor, grid: int) -> torch.Tensor:
+    """Masks (N, H, W) -> the fraction of each region of a ``grid`` x ``grid`` split they cover (N, grid*grid), the
+    regions cut as ``pool_regions`` cuts a level."""
+    return _regions_flat(masks.float().unsqueeze(1), grid).mean((-1, -2))
+
+
 def pool_regions(feats: list[torch.Tensor], kind: str, grid: int) -> torch.Tensor:
     """Backbone levels -> one embedding per region of a ``grid`` x ``grid`` split of the image (B, grid*grid, D),
     regions row by row; each level is split on its own cells, so a region covers the same part of the
