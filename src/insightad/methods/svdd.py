@@ -437,7 +437,7 @@ class SVDDDetector(SVDDParams, Detector):
             pooled = self._pooled([d.image for d in made], features, progress, "svdd: synthetic anomalies")
             if pooled.dim() == 3:
                 pooled = pooled[defect_regions([d.mask for d in made], self.grid)]
-                pooled = pooled.repeat(max(1, round(len(normals) * len(made) / (len(arrays) * len(pooled)))), 1)
+                pooled = pooled.repeat(max(1, round(len(normals) * len(made) / (len(arrays) * max(1, len(pooled))))), 1)
             parts.append(with_labels(pooled, 1.0))
             self.n_anomalies_ += len(made)
         return torch.cat(parts)
