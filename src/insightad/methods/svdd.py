@@ -218,9 +218,15 @@ class SVDDModel(nn.Module):
 
 def farthest_region(sphere: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     """Image scores: the sphere's score of each image (B, D), or of its farthest region (B, R, D)."""
+    return per_image_max(sphere(as_rows(pooled)), pooled)
+
+
+def per_image_max(values: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """Values of ``as_rows(pooled)`` (rows first) -> per image: as they are for images (B, D), the largest over
+    each image's regions for regions (B, R, D)."""
     if pooled.dim() == 2:
-        return sphere(pooled)
-    return sphere(pooled.flatten(0, 1)).reshape(pooled.shape[0], pooled.shape[1]).amax(1)
+        return values
+    return values.reshape(pooled.shape[0], pooled.shape[1], *values.shape[1:]).amax(1)
 
 
 def as_rows(pooled: torch.Tensor) -> torch.Tensor:
@@ -399,9 +405,7 @@ class SVDDDetector(SVDDParams, Detector):
         distances would follow the largest. With a grid the image's farthest region sets the scale, not the
         median region: the tail over a few dozen regions varies more between networks than their middle does."""
         pooled = self._distances(sphere, features, normals, on_images, pooled=True).to(self.device_)
-        d = sphere.squared_distances(as_rows(pooled)).clamp_min(0.0).sqrt()
-        if pooled.dim() == 3:
-            d = d.reshape(pooled.shape[0], pooled.shape[1], -1).amax(1)
+        d = per_image_max(sphere.squared_distances(as_rows(pooled)).clamp_min(0.0).sqrt(), pooled)
         sphere.scales.copy_(d.median(dim=0).values.clamp_min(1e-12))
 
     def _inputs(self, images: Sequence, features: PooledFeatures, on_images: bool, progress: bool,
