@@ -141,7 +141,7 @@ def test_grid_scores_each_region_and_keeps_the_farthest(data, scorer):
     from insightad.methods.baseline import BaselineModel, image_knn, image_mahalanobis
 
     train, test, labels = data
-    det = create_detector("baseline", image_size=SIZE, scorer=scorer, grid=4).fit(train)
+    det = create_detector("baseline", image_size=SIZE, scorer=scorer, grid=4, region_top=1).fit(train)
     model = det._model_as(BaselineModel)
     assert model.bank.shape[0] == (16 * len(train) if scorer == "knn" else 0)
     pred = det.predict(test)
@@ -154,3 +154,28 @@ def test_grid_scores_each_region_and_keeps_the_farthest(data, scorer):
         assert e.shape[1] == 16
         assert np.all(model(x)[0].numpy() >= per_region.numpy() - 1e-5)
     np.testing.assert_allclose(model(x)[0].numpy(), pred.scores[:3], rtol=1e-4)
+
+
+@pytest.mark.parametrize("scorer", ["knn", "gaussian"])
+def test_region_top_scores_the_mean_of_the_farthest_regions_and_round_trips(data, scorer, tmp_path):
+    """region_top K: the image score is the mean of its K farthest regions' distances, in the model, its
+    out-of-fold scores and its saved and reloaded file alike."""
+    import torch
+
+    from insightad.methods.baseline import BaselineDetector, BaselineModel, image_knn, image_mahalanobis
+    from insightad.model_file import load_model, save_model
+
+    train, test, _ = data
+    det = create_detector("baseline", image_size=SIZE, scorer=scorer, grid=4, region_top=3).fit(train)
+    model = det._model_as(BaselineModel)
+    x = torch.from_numpy(np.stack([det.preprocessing_.load(p)[0] for p in test[:3]]))
+    with torch.inference_mode():
+        e = model.embed(x)
+        each = torch.stack([image_knn(e[:, r:r + 1], model.bank, det.k) if scorer == "knn" else
+                            image_mahalanobis(e[:, r:r + 1], model.mean, model.precision) for r in range(16)], 1)
+    np.testing.assert_allclose(det.predict(test[:3]).scores, each.topk(3, dim=1).values.mean(1).numpy(), rtol=1e-4)
+    farthest = create_detector("baseline", image_size=SIZE, scorer=scorer, grid=4, region_top=1).fit(train)
+    assert np.all(farthest.decision_scores_ >= det.decision_scores_ - 1e-5)  # a mean of the top 3 <= the top one
+    again = load_model(save_model(det, tmp_path / "top.safetensors"))
+    assert again.region_top == 3 and BaselineDetector.legacy_params["region_top"] == 1  # older files: the farthest
+    np.testing.assert_allclose(again.predict(test[:3]).scores, det.predict(test[:3]).scores, rtol=1e-5)

@@ -148,10 +148,12 @@ def test_svdd_heads_are_an_ensemble_of_spheres_on_a_median_scale_and_round_trip(
     assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])  # own initialisations
     val = [p for i, p in enumerate(sad_images) if i not in set(_train_index(det, len(sad_images)))]
     feats = det.model_.features(torch.from_numpy(np.stack([det.preprocessing_.load(p)[0] for p in val])).float())
-    with torch.no_grad():  # (images, regions, members): each member's farthest region has median 1 over them
+    top = det.region_top  # the mean of each image's 4 farthest regions (default)
+    with torch.no_grad():  # (images, regions, members): each member's image score has median 1 over them
         d = sphere.squared_distances(feats.flatten(0, 1)).sqrt().reshape(*feats.shape[:2], -1)
-        torch.testing.assert_close(sphere.scales, d.amax(1).median(dim=0).values)
-        torch.testing.assert_close(farthest_region(sphere, feats), (d / sphere.scales).mean(-1).amax(1))
+        torch.testing.assert_close(sphere.scales, d.topk(top, dim=1).values.mean(1).median(dim=0).values)
+        torch.testing.assert_close(farthest_region(sphere, feats, top),
+                                   (d / sphere.scales).mean(-1).topk(top, dim=1).values.mean(1))
     again = load_model(save_model(det, tmp_path / "heads.safetensors"))
     assert isinstance(again.model_.sphere, SphereEnsemble)
     np.testing.assert_allclose(again.predict(sad_images[:4]).scores, det.predict(sad_images[:4]).scores,
@@ -185,21 +187,23 @@ def test_defect_regions_label_the_regions_a_mask_covers_and_not_its_slivers():
 
 
 def test_svdd_grid_scores_the_farthest_region_and_round_trips_and_exports(sad_images, tmp_path):
-    """With a grid, every region is pooled and mapped by the heads; the image's score is its farthest region's, the
-    labelled anomalies are the regions under the synthetic defects' masks; saved, loaded and exported alike."""
+    """With a grid, every region is pooled and mapped by the heads; the image's score is the mean of its 4 farthest
+    regions' (default region_top), the labelled anomalies are the regions under the synthetic defects' masks; saved,
+    loaded and exported alike. Files from before either setting score the whole image (grid 1, region_top 1)."""
     from insightad.inference.export import export_onnx
     from insightad.methods import create_detector
     from insightad.methods.svdd import SVDDDetector, members
     from insightad.model_file import load_model, save_model
 
-    assert SVDDDetector.legacy_params["grid"] == 1
+    assert SVDDDetector.legacy_params["grid"] == 1 and SVDDDetector.legacy_params["region_top"] == 1
     det = create_detector("svdd", grid=4, **{**TINY, "epochs": 3}).fit(sad_images)
     x = torch.from_numpy(np.stack([det.preprocessing_.load(p)[0] for p in sad_images[:4]])).float()
     with torch.no_grad():
         regions = det.model_.features(x)
         per_region = det.model_.sphere(regions.flatten(0, 1)).reshape(4, 16)
     assert regions.shape[:2] == (4, 16)
-    np.testing.assert_allclose(det.predict(sad_images[:4]).scores, per_region.amax(1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(det.predict(sad_images[:4]).scores, per_region.topk(4, dim=1).values.mean(1).numpy(),
+                               rtol=1e-5)
     assert det.n_anomalies_ == len(sad_images)  # one defect per normal, labelled by its regions
     again = load_model(save_model(det, tmp_path / "grid.safetensors"))
     assert again.grid == 4
@@ -210,3 +214,31 @@ def test_svdd_grid_scores_the_farthest_region_and_round_trips_and_exports(sad_im
                                 **{**TINY, "epochs": 2}).fit(sad_images)  # regions of augmented images, on the fly
     assert members(augmented.model_.sphere)[0].shift.shape == (regions.shape[-1],)
     assert augmented.predict(sad_images[:4]).scores.shape == (4,)
+
+
+def test_svdd_region_top_scores_the_mean_of_the_farthest_regions_and_round_trips_and_exports(sad_images, tmp_path):
+    """region_top K: the image score is the mean of its K farthest regions (the members' scales too); the setting
+    is saved with the model and the exported graph computes the same (TopK)."""
+    from insightad.inference.export import export_onnx
+    from insightad.methods import create_detector
+    from insightad.methods.svdd import per_image_top
+    from insightad.model_file import load_model, save_model
+
+    values = torch.tensor([[1.0, 5.0, 3.0, 2.0], [4.0, 0.0, 4.0, 8.0]]).flatten()
+    pooled = torch.zeros(2, 4, 7)
+    assert per_image_top(values, pooled).tolist() == [5.0, 8.0]
+    assert per_image_top(values, pooled, 2).tolist() == [4.0, 6.0]
+    assert per_image_top(values, pooled, 9).tolist() == [2.75, 4.0]  # at most every region
+    assert per_image_top(values[:2], pooled[:, 0], 3).tolist() == [1.0, 5.0]  # whole images: as they are
+
+    det = create_detector("svdd", grid=4, region_top=3, **{**TINY, "epochs": 3}).fit(sad_images)
+    x = torch.from_numpy(np.stack([det.preprocessing_.load(p)[0] for p in sad_images[:4]])).float()
+    with torch.no_grad():
+        per_region = det.model_.sphere(det.model_.features(x).flatten(0, 1)).reshape(4, 16)
+    np.testing.assert_allclose(det.predict(sad_images[:4]).scores, per_region.topk(3, dim=1).values.mean(1).numpy(),
+                               rtol=1e-5)
+    again = load_model(save_model(det, tmp_path / "top.safetensors"))
+    assert again.region_top == 3 and again.model_.top == 3
+    np.testing.assert_allclose(again.predict(sad_images[:4]).scores, det.predict(sad_images[:4]).scores,
+                               rtol=1e-5, atol=1e-6)
+    export_onnx(det, tmp_path / "top.onnx", "0" * 64)  # verified against PyTorch or raises

@@ -1,6 +1,6 @@
 """Baseline (the first seed's simple_detection): frozen ImageNet features pooled per image, or per region
 of a grid over the image, distance to the normal training set (k nearest neighbours, or a shrunk-covariance
-Gaussian); with a grid the image score is its farthest region's distance."""
+Gaussian); with a grid the image score is the mean of its ``region_top`` (2) farthest regions' distances."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from insightad.config import DetectorParams, TileParams, param, params
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.components.knn import squared_distances
-from insightad.methods.components.pooling import POOLINGS, pool_regions
+from insightad.methods.components.pooling import POOLINGS, REGION_TOP_HELP, farthest_regions, pool_regions
 from insightad.methods.registry import register_method
 from insightad.runtime import resolve_device
 
@@ -32,8 +32,9 @@ class BaselineParams(TileParams, DetectorParams):
                          choices=tuple(POOLINGS))
     grid: int = param(8, "regions per side: the image is split into grid x grid regions, each pooled on its own "
                       "and scored by one model of normal regions shared by all of them, and the image score is "
-                      "the farthest region's (a defect fills more of a region than of the image); 1: the whole "
-                      "image", minimum=1, maximum=32)
+                      "the mean of its farthest regions' (--region-top; a defect fills more of a region than of "
+                      "the image); 1: the whole image", minimum=1, maximum=32)
+    region_top: int = param(2, REGION_TOP_HELP, minimum=1)
     scorer: str = param("gaussian", "gaussian: Mahalanobis distance with a shrunk covariance; knn: mean "
                         "distance to the k nearest normal regions (images, with grid 1)", choices=("knn", "gaussian"))
     k: int = param(3, "neighbours for the knn scorer", minimum=1)
@@ -46,16 +47,17 @@ def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(squared_distances(x, bank), k, dim=1, largest=False).values.sqrt().mean(1)
 
 
-def image_knn(e: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """Region embeddings (B, R, D) -> image scores (B,): the largest of the regions' ``knn_distance`` to the
-    bank's rows (regions of normal images)."""
-    return knn_distance(e.flatten(0, 1), bank, k).reshape(e.shape[0], e.shape[1]).amax(1)
+def image_knn(e: torch.Tensor, bank: torch.Tensor, k: int, top: int = 1) -> torch.Tensor:
+    """Region embeddings (B, R, D) -> image scores (B,): the regions' ``knn_distance`` to the bank's rows (regions
+    of normal images), the largest (or the mean of the ``top`` largest)."""
+    return farthest_regions(knn_distance(e.flatten(0, 1), bank, k).reshape(e.shape[0], e.shape[1]), top)
 
 
-def image_mahalanobis(e: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Region embeddings (B, R, D) -> image scores (B,): the largest of the regions' Mahalanobis distances."""
+def image_mahalanobis(e: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, top: int = 1) -> torch.Tensor:
+    """Region embeddings (B, R, D) -> image scores (B,): the regions' Mahalanobis distances, the largest (or the
+    mean of the ``top`` largest)."""
     d = e - mean
-    return ((d @ precision) * d).sum(-1).clamp_min(0.0).sqrt().amax(1)
+    return farthest_regions(((d @ precision) * d).sum(-1).clamp_min(0.0).sqrt(), top)
 
 
 def fit_gaussian(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +70,8 @@ def fit_gaussian(emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class BaselineModel(nn.Module):
     """uint8 images -> (image scores,): pooled features per region (the whole image: one region), then kNN or
-    Mahalanobis distance of each region, the image's score the largest. ``bank``: normal regions for kNN
-    (no rows for the Gaussian scorer, which needs only ``mean`` and ``precision``)."""
+    Mahalanobis distance of each region, the image's score the largest (the mean of the ``top`` largest). ``bank``:
+    normal regions for kNN (no rows for the Gaussian scorer, which needs only ``mean`` and ``precision``)."""
 
     bank: torch.Tensor
     mean: torch.Tensor
@@ -77,14 +79,14 @@ class BaselineModel(nn.Module):
 
     def __init__(self, normalize: Normalize, extractor: FeatureExtractor, scorer: str, k: int,
                  bank: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, pooling: str = "mean",
-                 grid: int = 1) -> None:
+                 grid: int = 1, top: int = 1) -> None:
         super().__init__()
         if bank.dim() != 2 or mean.shape != (bank.shape[1],) or (scorer == "gaussian" and precision.shape != (
                 bank.shape[1], bank.shape[1])):
             raise InsightADError(f"tensors of mismatched shapes: bank {tuple(bank.shape)}, mean {tuple(mean.shape)}, "
                                  f"precision {tuple(precision.shape)}")
         self.normalize, self.extractor, self.scorer, self.k = normalize, extractor, scorer, k
-        self.pooling, self.grid = pooling, int(grid)
+        self.pooling, self.grid, self.top = pooling, int(grid), int(top)
         self.register_buffer("bank", bank)
         self.register_buffer("mean", mean)
         self.register_buffer("precision", precision)
@@ -95,8 +97,8 @@ class BaselineModel(nn.Module):
 
     def score_embeddings(self, e: torch.Tensor) -> torch.Tensor:
         if self.scorer == "knn":
-            return image_knn(e, self.bank, min(self.k, self.bank.shape[0]))
-        return image_mahalanobis(e, self.mean, self.precision)
+            return image_knn(e, self.bank, min(self.k, self.bank.shape[0]), self.top)
+        return image_mahalanobis(e, self.mean, self.precision, self.top)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.score_embeddings(self.embed(x)),)
@@ -109,7 +111,7 @@ class BaselineDetector(BaselineParams, Detector):
     Params = BaselineParams
     tileable = True
     # Settings a model file written before they existed was fitted with (model_file fills them in).
-    legacy_params: ClassVar[dict[str, Any]] = {"pooling": "mean", "grid": 1}
+    legacy_params: ClassVar[dict[str, Any]] = {"pooling": "mean", "grid": 1, "region_top": 1}
 
     sharded_fit = True
 
@@ -141,7 +143,7 @@ class BaselineDetector(BaselineParams, Detector):
         norm = self._normalize()
         bank = emb.flatten(0, 1) if self.scorer == "knn" else emb.new_zeros(0, emb.shape[-1])
         self.model_ = BaselineModel(norm, extractor, self.scorer, self.k, bank, mean, precision,
-                                    self.pooling, self.grid).to(self.device_)
+                                    self.pooling, self.grid, self.region_top).to(self.device_)
         loo = self._leave_one_out(emb, mean, precision)
         self.decision_scores_, self.decision_source_ = loo.numpy(), "train_loo"
 
@@ -168,9 +170,10 @@ class BaselineDetector(BaselineParams, Detector):
         for f in folds.unique():
             rest, held = emb[folds != f], emb[folds == f]
             if self.scorer == "knn":
-                out[folds == f] = image_knn(held, rest.flatten(0, 1), min(self.k, rest.shape[0] * rest.shape[1]))
+                out[folds == f] = image_knn(held, rest.flatten(0, 1), min(self.k, rest.shape[0] * rest.shape[1]),
+                                            self.region_top)
             else:
-                out[folds == f] = image_mahalanobis(held, *fit_gaussian(rest))
+                out[folds == f] = image_mahalanobis(held, *fit_gaussian(rest), self.region_top)
         return out
 
     def state_metadata(self) -> dict[str, Any]:
@@ -180,4 +183,4 @@ class BaselineDetector(BaselineParams, Detector):
         extractor = self._make_extractor(pretrained=False)
         return BaselineModel(self._normalize(), extractor, self.scorer, self.k,
                              torch.empty_like(tensors["bank"]), torch.empty_like(tensors["mean"]),
-                             torch.empty_like(tensors["precision"]), self.pooling, self.grid)
+                             torch.empty_like(tensors["precision"]), self.pooling, self.grid, self.region_top)

@@ -258,11 +258,11 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
     for held, made, e in per_fold:
         rest = emb[torch.as_tensor(np.setdiff1d(np.arange(n), held))]
         if det.scorer == "knn":
-            s = image_knn(e, rest.flatten(0, 1), min(det.k, rest.shape[0] * rest.shape[1]))
+            s = image_knn(e, rest.flatten(0, 1), min(det.k, rest.shape[0] * rest.shape[1]), det.region_top)
         else:
-            s = _gaussian_distances(rest, e)
+            s = _gaussian_distances(rest, e, det.region_top)
             if c is None:
-                c = _gaussian_growth(emb, held, s[:len(held)])
+                c = _gaussian_growth(emb, held, s[:len(held)], det.region_top)
             factor = sample_size_factor(n, n - len(held), c)  # as for PaDiM: fold models saw fewer images
             s = s * factor
         gathered.add(held, made, s.double().numpy())
@@ -272,19 +272,21 @@ def _baseline_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: in
     return out
 
 
-def _gaussian_distances(train: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Image scores of ``queries`` under the baseline's Gaussian fitted on ``train`` (region embeddings, (N, R, D))."""
-    return image_mahalanobis(queries, *fit_gaussian(train))
+def _gaussian_distances(train: torch.Tensor, queries: torch.Tensor, top: int = 1) -> torch.Tensor:
+    """Image scores of ``queries`` under the baseline's Gaussian fitted on ``train`` (region embeddings, (N, R, D)):
+    the farthest region's distance (the mean of the ``top`` farthest)."""
+    return image_mahalanobis(queries, *fit_gaussian(train), top)
 
 
-def _gaussian_growth(emb: torch.Tensor, held: np.ndarray, fold_distances: torch.Tensor) -> float:
+def _gaussian_growth(emb: torch.Tensor, held: np.ndarray, fold_distances: torch.Tensor, top: int = 1) -> float:
     """``half_fold_dimension`` for the baseline's Gaussian: each half of the fold scored again by the Gaussian of
     every other image (more images than the fold's model had), against ``fold_distances``."""
     n = emb.shape[0]
 
     def rescore(half: slice) -> torch.Tensor:
         part = held[half]
-        return _gaussian_distances(emb[torch.as_tensor(np.setdiff1d(np.arange(n), part))], emb[torch.as_tensor(part)])
+        return _gaussian_distances(emb[torch.as_tensor(np.setdiff1d(np.arange(n), part))], emb[torch.as_tensor(part)],
+                                   top)
 
     return half_fold_dimension(n, fold_distances, rescore)
 

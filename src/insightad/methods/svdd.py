@@ -15,6 +15,8 @@ anomalies are the package's synthetic defects
 By default three heads, each from its own random initialisation with its own centre, train together
 (their losses add up); the score is the mean of their distances, each divided by its median over the
 validation normals. One head's result depends on its initialisation (crack: 0.94 to 0.99 AUROC).
+With a grid (default 8 x 8) the heads map every region, and the image score is the mean of its
+``region_top`` (4) farthest regions' scores.
 
 With the backbone frozen and no augmentation, the pooled features are computed once and the
 head trains on them, so a hundred epochs cost seconds. ``sad`` computes the pooled features of its
@@ -41,7 +43,7 @@ from insightad.data.defects import DEFECT_KINDS, SyntheticDefect, make_defects
 from insightad.decide.thresholds import FitPolicy
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
-from insightad.methods.components.pooling import pool, pool_regions, region_coverage
+from insightad.methods.components.pooling import REGION_TOP_HELP, farthest_regions, pool, pool_regions, region_coverage
 from insightad.methods.registry import register_method
 from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
 
@@ -74,8 +76,9 @@ class SVDDParams(TrainLoopParams, DetectorParams):
     nu: float = param(0.1, "soft-boundary: the fraction of training images allowed outside the sphere",
                       minimum=0.0, maximum=1.0, exclusive_min=True)
     grid: int = param(8, "regions per side: each of grid x grid regions pooled on its own and mapped by the head; "
-                      "the image score is its farthest region's (1: the whole image). sad labels a synthetic "
-                      "defect's regions by its mask", minimum=1, maximum=32)
+                      "the image score comes from its farthest regions (--region-top; 1: the whole image). sad "
+                      "labels a synthetic defect's regions by its mask", minimum=1, maximum=32)
+    region_top: int = param(4, REGION_TOP_HELP, minimum=1)
     rep_dim: int = param(128, "dimension of the embedding space", minimum=1)
     heads: int = param(0, "projection heads, each initialised at random with its own centre, trained together; "
                        "the score is the mean of their distances, each divided by its median on the "
@@ -195,14 +198,14 @@ class PooledFeatures(nn.Module):
 
 
 class SVDDModel(nn.Module):
-    """uint8 images -> (distance to c,)."""
+    """uint8 images -> (distance to c,); with a grid the mean over the ``top`` farthest regions."""
 
     features: PooledFeatures
     sphere: Hypersphere | SphereEnsemble
 
-    def __init__(self, features: PooledFeatures, sphere: Hypersphere | SphereEnsemble) -> None:
+    def __init__(self, features: PooledFeatures, sphere: Hypersphere | SphereEnsemble, top: int = 1) -> None:
         super().__init__()
-        self.features, self.sphere = features, sphere
+        self.features, self.sphere, self.top = features, sphere, int(top)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return self.from_levels(self.features.extractor(self.features.normalize(x)))
@@ -213,20 +216,21 @@ class SVDDModel(nn.Module):
 
     def from_levels(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor]:
         """The model on backbone levels already computed (an ensemble runs a shared backbone once)."""
-        return (farthest_region(self.sphere, self.features.pool(feats)),)
+        return (farthest_region(self.sphere, self.features.pool(feats), self.top),)
 
 
-def farthest_region(sphere: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """Image scores: the sphere's score of each image (B, D), or of its farthest region (B, R, D)."""
-    return per_image_max(sphere(as_rows(pooled)), pooled)
+def farthest_region(sphere: nn.Module, pooled: torch.Tensor, top: int = 1) -> torch.Tensor:
+    """Image scores: the sphere's score of each image (B, D), or the mean of its ``top`` farthest regions'
+    (B, R, D)."""
+    return per_image_top(sphere(as_rows(pooled)), pooled, top)
 
 
-def per_image_max(values: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """Values of ``as_rows(pooled)`` (rows first) -> per image: as they are for images (B, D), the largest over
-    each image's regions for regions (B, R, D)."""
+def per_image_top(values: torch.Tensor, pooled: torch.Tensor, top: int = 1) -> torch.Tensor:
+    """Values of ``as_rows(pooled)`` (rows first) -> per image: as they are for images (B, D); for regions
+    (B, R, D) the largest over each image's regions, or the mean of its ``top`` largest (at most R)."""
     if pooled.dim() == 2:
         return values
-    return values.reshape(pooled.shape[0], pooled.shape[1], *values.shape[1:]).amax(1)
+    return farthest_regions(values.reshape(pooled.shape[0], pooled.shape[1], *values.shape[1:]), top)
 
 
 def as_rows(pooled: torch.Tensor) -> torch.Tensor:
@@ -336,7 +340,7 @@ class SVDDDetector(SVDDParams, Detector):
 
     Params = SVDDParams
     # Files from before these settings: no shift and scale, one head.
-    legacy_params: ClassVar[dict[str, Any]] = {"standardize": False, "heads": 1, "grid": 1}
+    legacy_params: ClassVar[dict[str, Any]] = {"standardize": False, "heads": 1, "grid": 1, "region_top": 1}
 
     def _fit(self, images: Sequence, progress: bool) -> None:
         loop = TrainingLoop(config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
@@ -373,7 +377,7 @@ class SVDDDetector(SVDDParams, Detector):
         self.__dict__.pop("_run_features", None)  # the fit's backbone runner is not part of the model
         if isinstance(sphere, SphereEnsemble):
             self._member_scales(sphere, features, val if val is not None else train, on_images)
-        self.model_ = SVDDModel(features, sphere).to(self.device_).eval()
+        self.model_ = SVDDModel(features, sphere, self.region_top).to(self.device_).eval()
         self._score_normals(sphere, features, train, val, on_images)
 
     def _spheres(self, in_dim: int, features: PooledFeatures, train: torch.Tensor, on_images: bool
@@ -400,12 +404,13 @@ class SVDDDetector(SVDDParams, Detector):
     @torch.no_grad()
     def _member_scales(self, sphere: SphereEnsemble, features: PooledFeatures, normals: torch.Tensor,
                        on_images: bool) -> None:
-        """Each member's median distance over ``normals`` (the validation split; with a grid, of each image's
-        farthest region): members trained from other initialisations land at other scales, and the mean of raw
-        distances would follow the largest. With a grid the image's farthest region sets the scale, not the
-        median region: the tail over a few dozen regions varies more between networks than their middle does."""
+        """Each member's median image score over ``normals`` (the validation split; with a grid, the mean of each
+        image's ``region_top`` farthest regions, as the image is scored): members trained from other
+        initialisations land at other scales, and the mean of raw distances would follow the largest. With a
+        grid the image's farthest regions set the scale, not the median region: the tail over a few dozen
+        regions varies more between networks than their middle does."""
         pooled = self._distances(sphere, features, normals, on_images, pooled=True).to(self.device_)
-        d = per_image_max(sphere.squared_distances(as_rows(pooled)).clamp_min(0.0).sqrt(), pooled)
+        d = per_image_top(sphere.squared_distances(as_rows(pooled)).clamp_min(0.0).sqrt(), pooled, self.region_top)
         sphere.scales.copy_(d.median(dim=0).values.clamp_min(1e-12))
 
     def _inputs(self, images: Sequence, features: PooledFeatures, on_images: bool, progress: bool,
@@ -456,7 +461,7 @@ class SVDDDetector(SVDDParams, Detector):
     def _distances(self, sphere: Hypersphere | SphereEnsemble, features: PooledFeatures, data: torch.Tensor,
                    on_images: bool,
                    embed: bool = False, pooled: bool = False) -> torch.Tensor:
-        """Distances to c of ``data`` (features or images; images' regions (N, R, D): the farthest region's);
+        """Distances to c of ``data`` (features or images; images' regions (N, R, D): as the image is scored);
         ``embed``: the embeddings; ``pooled``: the features."""
         out = []
         sphere.eval()
@@ -465,7 +470,7 @@ class SVDDDetector(SVDDParams, Detector):
             if on_images:
                 f = features(f)
             out.append((f if pooled else cast(Hypersphere, sphere).embed(as_rows(f)) if embed
-                        else farthest_region(sphere, f)).cpu())
+                        else farthest_region(sphere, f, self.region_top)).cpu())
         return torch.cat(out)
 
     def _initial_center(self, sphere: Hypersphere, features: PooledFeatures, train: torch.Tensor,
@@ -513,4 +518,5 @@ class SVDDDetector(SVDDParams, Detector):
         spheres = [Hypersphere(projection_head(in_dim, hidden, rep_dim), torch.empty(rep_dim),
                                in_dim=in_dim if prefix + "shift" in tensors else None) for _ in range(count)]
         sphere = SphereEnsemble(spheres) if ensemble else spheres[0]
-        return SVDDModel(PooledFeatures(self._normalize(), extractor, self.pooling, self.grid), sphere)
+        return SVDDModel(PooledFeatures(self._normalize(), extractor, self.pooling, self.grid), sphere,
+                         self.region_top)

@@ -67,3 +67,16 @@ def pool_regions(feats: list[torch.Tensor], kind: str, grid: int) -> torch.Tenso
     if grid == 1:
         return pool(feats, kind).unsqueeze(1)
     return pool_flat([_regions_flat(f, grid) for f in feats], kind)
+
+REGION_TOP_HELP = ("with a grid: the image score is the mean of its this many farthest regions (1: the farthest; more "
+                   "follows a defect that crosses several regions, such as a crack, and dilutes one that fills a "
+                   "single region)")
+
+
+def farthest_regions(values: torch.Tensor, top: int = 1) -> torch.Tensor:
+    """Per-region values (B, R, ...) -> per image (B, ...): the largest over the regions, or the mean of the
+    ``top`` largest (at most R). An image's score from its regions: a defect that crosses several regions
+    (a crack) raises several, a pore or stain in a normal image one."""
+    if top <= 1:
+        return values.amax(1)
+    return values.topk(min(top, values.shape[1]), dim=1).values.mean(1)
