@@ -57,7 +57,8 @@ def run_one(spec: dict) -> dict:
             "stopped": (training.stop_reason if training and hasattr(training, "stop_reason") else None),
             "n_train": len(split["train"]), "n_eval": len(ev.samples),
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "torch_threads": _threads()}
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "torch_threads": _threads(),
+            "weights": [round(float(w), 3) for w in getattr(det, "weights_", [])] or None}  # an ensemble's members
 
 
 def _threads() -> int:

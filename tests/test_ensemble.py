@@ -29,16 +29,31 @@ def _test_images(mvtec_dir):
     return sorted(str(p) for p in (mvtec_dir / "test").rglob("*.png"))
 
 
-def test_score_is_the_mean_of_the_members_standardised_scores(ensemble, mvtec_dir):
+def test_score_is_the_weighted_mean_of_the_members_standardised_scores(ensemble, mvtec_dir):
     det, _ = ensemble
+    w = det.weights_
+    assert w.shape == (2,) and w.sum() == pytest.approx(1.0) and np.all(w >= 0.1 - 1e-9)
     images = _test_images(mvtec_dir)
     got = det.predict(images, maps=False).scores
     z = [(m.predict(images, maps=False).scores - m.threshold_) / m.threshold_info_["scale"] for m in det.members_]
-    np.testing.assert_allclose(got, np.mean(z, axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, w @ np.array(z), rtol=1e-4, atol=1e-5)
     pred = det.predict(images[:2], maps=True)
     padim = det.members_[1]
     want = (padim.predict(images[:2], maps=True).maps[0] - padim.threshold_) / padim.threshold_info_["scale"]
-    np.testing.assert_allclose(pred.maps[0], want, rtol=1e-4, atol=1e-4)  # only PaDiM has maps here
+    np.testing.assert_allclose(pred.maps[0], 2 * w[1] * want, rtol=1e-4, atol=1e-4)  # only PaDiM has maps here
+
+
+def test_validation_weights_favour_the_member_that_separates_and_stay_equal_on_a_tie():
+    from insightad.methods.ensemble import validation_weights
+
+    rng = np.random.default_rng(0)
+    good_n, good_d = rng.normal(0, 1, 40), rng.normal(4, 1, 40)  # separates the defects from the normals
+    noise_n, noise_d = rng.normal(0, 3, 40), rng.normal(0, 3, 40)  # says nothing, loudly
+    w = validation_weights([good_n, noise_n], [good_d, noise_d])
+    assert w[0] > 0.5 and w.sum() == pytest.approx(1.0) and min(w) >= 0.1 - 1e-9
+    np.testing.assert_allclose(validation_weights([good_n, good_n], [good_d, good_d]), [0.5, 0.5])  # a tie: equal
+    np.testing.assert_allclose(validation_weights([good_n] * 3, [good_d] * 3), [1 / 3] * 3)  # equal off the grid too
+    np.testing.assert_allclose(validation_weights([good_n, noise_n], [good_d[:0], noise_d[:0]]), [0.5, 0.5])
 
 
 def test_validation_reuses_the_members_own(ensemble):
@@ -75,6 +90,8 @@ def test_model_file_restores_every_member(ensemble, mvtec_dir):
     assert [m.threshold_ for m in loaded.members_] == [m.threshold_ for m in det.members_]
     meta = read_metadata(path)
     assert meta["params"]["members"] == ["baseline", "padim"] and len(meta["state"]["members"]) == 2
+    np.testing.assert_allclose(loaded.weights_, det.weights_, atol=1e-6)
+    assert meta["params"]["weighting"] == "validation"
 
 
 @pytest.mark.parametrize("members, word", [(["padim"], "at least two"), (["padim", "padim"], "different"),
@@ -89,7 +106,8 @@ def test_cli_trains_an_ensemble_of_two_map_methods(mvtec_dir, tmp_path, capsys):
     out = tmp_path / "e.safetensors"
     assert main(["train", "--data", str(mvtec_dir), "--method", "ensemble", "--members", "padim,patchcore",
                  "--image-size", str(SIZE), "--out", str(out), "--no-progress"]) == 0
-    assert "members" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "members" in out_text and "member weights padim " in out_text and "(validation)" in out_text
     assert main(["predict", "--model", str(out), "--json", _test_images(mvtec_dir)[0]]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"score"' in line
@@ -118,3 +136,27 @@ def test_members_on_the_same_backbone_share_one_pass(mvtec_dir):
     with torch.no_grad():
         next(svdd.model_.features.extractor.parameters()).add_(1.0)
     assert not model.share_backbone()
+
+
+def test_a_file_from_before_the_weights_loads_as_the_plain_mean(ensemble, tmp_path, mvtec_dir):
+    """A model file written before ``weighting`` existed (no setting, no weights, scales = the members' spreads)
+    loads with equal weights and scores with the plain mean of the standardised scores."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from insightad.model_file import META_KEY, load_model, read_metadata
+
+    det, path = ensemble
+    meta = read_metadata(path, check_params=False)
+    del meta["params"]["weighting"], meta["state"]["weights"]
+    tensors = load_file(str(path))
+    tensors["scale"] = np.array([float(m.threshold_info_["scale"]) for m in det.members_], dtype=np.float32)
+    old = tmp_path / "old-ensemble.safetensors"
+    save_file(tensors, str(old), metadata={META_KEY: json.dumps(meta)})
+    loaded = load_model(old)
+    assert loaded.weighting == "equal"
+    np.testing.assert_allclose(loaded.weights_, [0.5, 0.5])
+    images = _test_images(mvtec_dir)[:4]
+    z = [(m.predict(images, maps=False).scores - m.threshold_) / m.threshold_info_["scale"] for m in det.members_]
+    np.testing.assert_allclose(loaded.predict(images, maps=False).scores, np.mean(z, axis=0), rtol=1e-4, atol=1e-5)

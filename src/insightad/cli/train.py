@@ -133,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"auto chose {det.selection_['chosen']} (best AUROC on synthetic defects vs out-of-fold normals)")
     if getattr(det, "training_", None) is not None:
         _print_training(det.training_)
+    from insightad.methods.ensemble import EnsembleDetector
+
+    if isinstance(det, EnsembleDetector):
+        print(det.weights_summary())
     print(f"default threshold {det.threshold_:.6g} ({det.threshold_strategy_})")
     _print_decision(det)
     if getattr(args, "report", None):

@@ -11,13 +11,17 @@ ranks better than either alone; the cost is the sum of the members' (fit, predic
 
 The ensemble's own validation reuses the members': the same folds and seed give every member the same
 validation normals and the same synthetic defects, so their out-of-fold scores combine image by image
-(``crossfit`` scheme ``members``).
+(``crossfit`` scheme ``members``). The same combined scores weigh the members (``weighting``): the mean is
+weighted by what separates those normals from the synthetic defects best, so a member that ranks a set
+worse than the others does not pull the ensemble down with an equal share.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -31,6 +35,8 @@ from insightad.methods.registry import get_method, list_methods, register_method
 from insightad.methods.tiling import is_tiled
 
 SHARED = tuple(DetectorParams.__dataclass_fields__)  # what every member takes from the ensemble
+WEIGHT_STEP = 0.1  # member weights searched on validation: multiples of this, each at least one step
+WEIGHT_TIE = 0.005  # validation AUROCs this close to the best count as equal: the weights nearest equal win
 
 
 @params
@@ -39,12 +45,18 @@ class EnsembleParams(DetectorParams):
 
     members: list[str] = param(["padim", "svdd"], "methods fitted side by side (each with its defaults and "
                                "this backbone, size and seed); their standardised scores are averaged")
+    weighting: str = param("validation", "validation: the mean is weighted (in steps of 0.1, each member at least "
+                           "0.1) by what best separates the members' out-of-fold normals from their synthetic "
+                           "defects, the weights nearest equal among those within 0.005 AUROC of the best; "
+                           "equal: the plain mean", choices=("validation", "equal"))
     threshold_percentile: float = param(99.0, "default threshold before validation: this percentile of the "
                                         "combined out-of-fold normal scores", minimum=0.0, maximum=100.0)
 
 
 class EnsembleModel(nn.Module):
-    """uint8 images -> (mean standardised score, mean standardised map of the members with maps)."""
+    """uint8 images -> (mean standardised score, mean standardised map of the members with maps). ``scale`` holds
+    each member's divisor: its normal spread divided by (members x its weight), so the mean is the weighted one
+    (the spread alone with equal weights)."""
 
     centre: torch.Tensor
     scale: torch.Tensor
@@ -84,12 +96,38 @@ class EnsembleModel(nn.Module):
         return self.combine([m(x) for m in self.members])
 
 
+def validation_weights(normal_z: Sequence[np.ndarray], defect_z: Sequence[np.ndarray], step: float = WEIGHT_STEP,
+                       tie: float = WEIGHT_TIE) -> np.ndarray:
+    """Member weights (summing to 1, each a multiple of ``step`` and at least one) whose weighted sum of the members'
+    standardised out-of-fold scores separates the normals from the synthetic defects best (AUROC); among the
+    weights within ``tie`` of the best (equal weights always a candidate), the nearest to equal, so a validation
+    that cannot tell the members apart leaves the plain mean."""
+    from sklearn.metrics import roc_auc_score
+
+    m = len(normal_z)
+    equal = np.full(m, 1.0 / m)
+    n_normal, n_defect = len(normal_z[0]), len(defect_z[0])
+    if m < 2 or not n_normal or not n_defect:
+        return equal
+    labels = np.r_[np.zeros(n_normal), np.ones(n_defect)]
+    scores = np.stack([np.r_[a, b] for a, b in zip(normal_z, defect_z)])  # (members, images)
+    units = round(1.0 / step)
+    grid = [np.diff(np.r_[0, cuts, units]) / units  # compositions of ``units`` into m positive parts
+            for cuts in itertools.combinations(range(1, units), m - 1)]
+    candidates = [equal, *grid]
+    aucs = np.array([roc_auc_score(labels, w @ scores) for w in candidates])
+    near = [w for w, a in zip(candidates, aucs) if a >= aucs.max() - tie]
+    return min(near, key=lambda w: float(np.abs(w - equal).sum()))
+
+
 @register_method("ensemble")
 class EnsembleDetector(EnsembleParams, Detector):
     """Members fitted and validated one by one; the model averages their standardised scores."""
 
     Params = EnsembleParams
     members_: list[Detector]
+    weights_: np.ndarray
+    legacy_params: ClassVar[dict[str, Any]] = {"weighting": "equal"}  # files from before: the plain mean
 
     @property
     def has_maps(self) -> bool:  # type: ignore[override]  # per instance: maps where any member has them
@@ -140,18 +178,44 @@ class EnsembleDetector(EnsembleParams, Detector):
         self.backbone_source_ = getattr(members[0], "backbone_source_", None)
         self.fit_engine_ = getattr(members[0], "fit_engine_", self.fit_engine)
         centre = torch.tensor([m.threshold_ for m in members], dtype=torch.float32)
-        scale = torch.tensor([float(m.threshold_info_["scale"]) for m in members], dtype=torch.float32)
-        self.model_ = EnsembleModel([m._model_as(nn.Module) for m in members], centre, scale,
+        spread = torch.tensor([float(m.threshold_info_["scale"]) for m in members], dtype=torch.float32)
+        self.model_ = EnsembleModel([m._model_as(nn.Module) for m in members], centre, spread.clone(),
                                     [m.has_maps for m in members]).to(self.device_).eval()
         self.model_.share_backbone()
+        parts = self._member_validation(DEFAULT_FOLDS, self.seed)
+        if parts is None:  # unreachable: the members were validated with these folds just now
+            raise InsightADError("ensemble: the members' validations do not line up")
+        self.weights_ = np.full(len(members), 1.0 / len(members))
+        if self.weighting == "validation":
+            self.weights_ = validation_weights(parts.normal_z, parts.defect_z)
+        self.model_.scale.copy_(spread / (len(members) * torch.as_tensor(self.weights_, dtype=torch.float32)))
         oof = self.members_out_of_fold(DEFAULT_FOLDS, self.seed)
-        if oof is None:  # unreachable: the members were validated with these folds just now
+        if oof is None:
             raise InsightADError("ensemble: the members' validations do not line up")
         self.decision_scores_, self.decision_source_ = oof.normal_scores, "holdout"
+
+    def weights_summary(self) -> str:
+        """One line: each member's weight and how the weights were chosen."""
+        return ("member weights " + ", ".join(f"{m} {w:.1f}" for m, w in zip(self.members, self.weights_))
+                + f" ({self.weighting})")
 
     def members_out_of_fold(self, folds: int, seed: int) -> OutOfFold | None:
         """The ensemble's out-of-fold scores from its members' own validations (the normals and synthetic
         defects every member scored), or None where they were validated with other folds or seed."""
+        parts = self._member_validation(folds, seed)
+        if parts is None:
+            return None
+        maps = parts.defect_maps
+        defect_maps = [np.mean([m[j] for m in maps], axis=0).astype(np.float32) for j in range(len(parts.defects))] \
+            if maps else None
+        return OutOfFold("members", parts.normals, np.mean(parts.normal_z, axis=0), parts.defects,
+                         np.mean(parts.defect_z, axis=0), defect_maps,
+                         np.mean(parts.map_max, axis=0) if parts.map_max else None)  # map maxima: the members' mean
+
+    def _member_validation(self, folds: int, seed: int) -> _MemberValidation | None:
+        """Each member's out-of-fold scores (and maps) on the normals and synthetic defects all of them scored,
+        divided as the model divides them (``EnsembleModel.scale``), or None where the members were validated with
+        other folds or seed (or their validations were not kept: a loaded model)."""
         members = getattr(self, "members_", None)
         if not members or (folds, seed) != (DEFAULT_FOLDS, self.seed):
             return None
@@ -180,11 +244,7 @@ class EnsembleDetector(EnsembleParams, Detector):
             if model.with_maps[i] and v.defect_maps is not None and v.normal_map_max is not None:
                 maps.append([z(i, v.defect_maps[r]) for r in rows])
                 map_max.append(z(i, _by_index(v.normal_index, v.normal_map_max, normals)))
-        defect_maps = [np.mean([m[j] for m in maps], axis=0).astype(np.float32) for j in range(len(keep))] \
-            if maps else None
-        return OutOfFold("members", normals, np.mean(normal_z, axis=0), [first.defects[j] for j in keep],
-                         np.mean(defect_z, axis=0), defect_maps,
-                         np.mean(map_max, axis=0) if map_max else None)  # map maxima: the mean of the members'
+        return _MemberValidation(normals, normal_z, [first.defects[j] for j in keep], defect_z, maps, map_max)
 
     # ------------------------------------------------------------------ predict
     @torch.inference_mode()
@@ -197,9 +257,10 @@ class EnsembleDetector(EnsembleParams, Detector):
 
     # ------------------------------------------------------------------ persistence
     def state_metadata(self) -> dict[str, Any]:
-        return {"members": [{"method": m.method, "params": m.get_params(), "state": m.state_metadata(),
-                             "threshold": {"value": m.threshold_, "strategy": m.threshold_strategy_,
-                                           "details": m.threshold_info_}} for m in self.members_]}
+        members = [{"method": m.method, "params": m.get_params(), "state": m.state_metadata(),
+                    "threshold": {"value": m.threshold_, "strategy": m.threshold_strategy_, "details": m.threshold_info_}}
+                   for m in self.members_]
+        return {"weights": [round(float(w), 6) for w in self.weights_], "members": members}
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> nn.Module:
         entries = state.get("members")
@@ -221,7 +282,22 @@ class EnsembleDetector(EnsembleParams, Detector):
             modules.append(module)
         self.members_ = members
         n = len(members)
+        weights = state.get("weights")
+        self.weights_ = np.asarray(weights, dtype=np.float64) if isinstance(weights, list) and len(weights) == n \
+            else np.full(n, 1.0 / n)  # files from before the weights: the plain mean (their scales are the spreads)
         return EnsembleModel(modules, torch.empty(n), torch.empty(n), [m.has_maps for m in members])
+
+
+@dataclass
+class _MemberValidation:
+    """The members' out-of-fold results on their common images, each on the model's divisor (lists per member)."""
+
+    normals: np.ndarray
+    normal_z: list[np.ndarray]
+    defects: list
+    defect_z: list[np.ndarray]
+    defect_maps: list[list[np.ndarray]]
+    map_max: list[np.ndarray]
 
 
 def _share_after_load(module: nn.Module, _keys: Any) -> None:
