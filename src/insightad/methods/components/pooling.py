@@ -16,6 +16,9 @@ import torch.nn.functional as F
 STATISTICS: dict[str, tuple[str, ...]] = {"mean": ("mean",), "mean_std": ("mean", "std"),
                                           "mean_std_max": ("mean", "std", "max")}
 POOLINGS = tuple(STATISTICS)
+REGION_TOP_HELP = ("with a grid: the image score is the mean of its this many farthest regions (1: the farthest; more "
+                   "follows a defect that crosses several regions, such as a crack, and dilutes one that fills a "
+                   "single region)")
 
 
 def _statistic(flat: torch.Tensor, name: str) -> torch.Tensor:
@@ -67,10 +70,6 @@ def pool_regions(feats: list[torch.Tensor], kind: str, grid: int) -> torch.Tenso
     if grid == 1:
         return pool(feats, kind).unsqueeze(1)
     return pool_flat([_regions_flat(f, grid) for f in feats], kind)
-
-REGION_TOP_HELP = ("with a grid: the image score is the mean of its this many farthest regions (1: the farthest; more "
-                   "follows a defect that crosses several regions, such as a crack, and dilutes one that fills a "
-                   "single region)")
 
 
 def farthest_regions(values: torch.Tensor, top: int = 1) -> torch.Tensor:
