@@ -404,11 +404,11 @@ class SVDDDetector(SVDDParams, Detector):
     @torch.no_grad()
     def _member_scales(self, sphere: SphereEnsemble, features: PooledFeatures, normals: torch.Tensor,
                        on_images: bool) -> None:
-        """Each member's median image score over ``normals`` (the validation split; with a grid, the mean of each
-        image's ``region_top`` farthest regions, as the image is scored): members trained from other
-        initialisations land at other scales, and the mean of raw distances would follow the largest. With a
-        grid the image's farthest regions set the scale, not the median region: the tail over a few dozen
-        regions varies more between networks than their middle does."""
+        """Each member's median image score over ``normals`` (the validation split; with a grid, the mean of the
+        ``region_top`` regions farthest for that member, where the image score takes them after the members'
+        mean): members trained from other initialisations land at other scales, and the mean of raw distances
+        would follow the largest. With a grid the image's farthest regions set the scale, not the median region:
+        the tail over a few dozen regions varies more between networks than their middle does."""
         pooled = self._distances(sphere, features, normals, on_images, pooled=True).to(self.device_)
         d = per_image_top(sphere.squared_distances(as_rows(pooled)).clamp_min(0.0).sqrt(), pooled, self.region_top)
         sphere.scales.copy_(d.median(dim=0).values.clamp_min(1e-12))
