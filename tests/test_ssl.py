@@ -1,4 +1,5 @@
-"""Rotation-prediction SSL: it learns on oriented objects, warns near chance, and its file is a backbone."""
+"""SSL backbones: CutPaste (the default) and rotation prediction, which learns on oriented objects and warns near
+chance; the file is a backbone for every method."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from insightad.cli import main
 from insightad.errors import InsightADError
 
 ARROW = 48  # working size of the SSL tests: an arrow is still clearly oriented at 48 px
-SSL_FLAGS = ["--backbone", "test_efficientnet", "--init", "random", "--image-size", str(ARROW), "--epochs", "3",
-             "--batch-size", "8", "--lr", "3e-3", "--val-fraction", "0.25", "--no-progress"]
+TINY_FLAGS = ["--backbone", "test_efficientnet", "--init", "random", "--image-size", str(ARROW), "--epochs", "3",
+              "--batch-size", "8", "--lr", "3e-3", "--val-fraction", "0.25", "--no-progress"]
+SSL_FLAGS = ["--pretext", "rotation", *TINY_FLAGS]  # the rotation tests: arrows have a clear up direction
 
 
 @pytest.fixture(scope="session")
@@ -86,11 +88,11 @@ def test_ssl_backbone_serves_other_methods(method, ssl_run, arrow_dir, tmp_path)
 
 
 def test_ssl_warns_when_rotation_is_unlearnable(tmp_path):
-    from insightad.backbones.ssl import RotationSSL, RotationUnlearnableWarning
+    from insightad.backbones.ssl import RotationUnlearnableWarning, SSLTrainer
 
     flat = [np.full((32, 32, 3), 90 + 10 * i, np.uint8) for i in range(8)]  # identical at every rotation
-    ssl = RotationSSL(backbone="test_efficientnet", init="random", image_size=32, epochs=1, batch_size=4,
-                      val_fraction=0.25, lr=1e-3)
+    ssl = SSLTrainer(pretext="rotation", backbone="test_efficientnet", init="random", image_size=32, epochs=1,
+                     batch_size=4, val_fraction=0.25, lr=1e-3)
     with pytest.warns(RotationUnlearnableWarning, match=r"rotation accuracy stayed near chance \(0\.25"):
         ssl.fit(flat)
     path = ssl.save(tmp_path / "flat.safetensors")
@@ -107,8 +109,8 @@ def test_ssl_cli_prints_the_warning(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CLI reports it as a line, never as a Python warning
         rc = main(["train", "--method", "ssl", "--data", str(tmp_path), "--out", str(tmp_path / "b.safetensors"),
-                   "--backbone", "test_efficientnet", "--init", "random", "--image-size", "32", "--epochs", "1",
-                   "--val-fraction", "0.2", "--holdout", "0", "--no-progress"])
+                   "--pretext", "rotation", "--backbone", "test_efficientnet", "--init", "random", "--image-size",
+                   "32", "--epochs", "1", "--val-fraction", "0.2", "--holdout", "0", "--no-progress"])
     assert rc == 0
     assert "insightad: warning: ssl: rotation accuracy stayed near chance" in capsys.readouterr().err
 
@@ -168,7 +170,7 @@ def test_cutpaste_pretext_trains_and_records_its_accuracy(arrow_dir, tmp_path, c
     from insightad.backbones.registry import read_backbone_file_meta
 
     out = tmp_path / "cp.safetensors"
-    flags = [f if f != "3" else "2" for f in SSL_FLAGS]
+    flags = [f if f != "3" else "2" for f in TINY_FLAGS]
     assert main(["train", "--method", "ssl", "--pretext", "cutpaste", "--data", str(arrow_dir), "--out", str(out),
                  *flags]) == 0
     meta = read_backbone_file_meta(out)
@@ -181,9 +183,9 @@ def test_recomputed_activations_train_the_same_backbone(arrow_dir, tmp_path):
     """--recompute-activations (half the memory) trains the same weights and batch-norm statistics."""
     from safetensors.numpy import load_file
 
-    flags = [f if f != "3" else "1" for f in SSL_FLAGS]
+    flags = [f if f != "3" else "1" for f in TINY_FLAGS]
     files = []
-    for extra in ([], ["--recompute-activations"]):
+    for extra in (["--no-recompute-activations"], ["--recompute-activations"]):
         out = tmp_path / f"cp{len(extra)}.safetensors"
         assert main(["train", "--method", "ssl", "--pretext", "cutpaste", "--data", str(arrow_dir), "--out", str(out),
                      *flags, *extra]) == 0

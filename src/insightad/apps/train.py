@@ -105,9 +105,9 @@ def train_backbone(data: str | Path, method: str, params: dict[str, Any], dp: Da
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     out = Path(out or default_model_path(ds.root, method))
-    from insightad.backbones.ssl import RotationSSL
+    from insightad.backbones.ssl import SSLTrainer
 
-    trainer = RotationSSL(**with_training_dir(method, params, out))
+    trainer = SSLTrainer(**with_training_dir(method, params, out))
     trainer.fit([s.path for s in train], progress=progress)
     split = split_record(ds, train, held, dp)
     return trainer, trainer.save(out, split), split

@@ -1,19 +1,17 @@
-"""Self-supervised backbone: rotation prediction (the first seed's SSL step) or CutPaste on unlabelled images.
+"""Self-supervised backbone: CutPaste (the default) or rotation prediction (the first seed's SSL step) on
+unlabelled images.
 
-``--pretext cutpaste`` (see :mod:`insightad.backbones.ssl_cutpaste`) classifies normal vs. a patch
-pasted elsewhere vs. a scar instead: it stays learnable on textures and near-symmetric images, where
-rotation cannot be seen. The rest of this page describes rotation; both write the same backbone file.
+``--pretext cutpaste`` (see :mod:`insightad.backbones.ssl_cutpaste`) classifies normal vs. a patch pasted
+elsewhere vs. a scar: it stays learnable on textures and near-symmetric images, where rotation cannot be
+seen, and it is what raised SVDD and PaDiM on crack (docs/ssl.md). ``--pretext rotation`` shows every
+training image at 0, 90, 180 and 270 degrees and a 4-way head learns which; it needs the orientation of
+edges and shapes, and on rotation-symmetric images (many textures) its accuracy stays near chance (0.25):
+the trainer then warns instead of silently producing a useless backbone.
 
-Every training image is shown at 0, 90, 180 and 270 degrees; a 4-way linear head on the pooled
-deepest feature map learns which rotation it sees (cross-entropy). Predicting the rotation
-needs the orientation of edges, textures and shapes, so the backbone learns features of the
-user's own images. The result is a *backbone file* (not a detector): safetensors with the
-backbone's weights in timm names and ``insightad_backbone`` metadata, usable by every method as
-``--backbone ssl:PATH``.
-
-Rotation prediction only works when the rotation can be seen: on rotation-symmetric images
-(many textures) the accuracy stays near chance (0.25) and the backbone learns little; the
-trainer then warns instead of silently producing a useless backbone.
+Either way a linear head on the pooled deepest feature map learns the pretext classes (cross-entropy),
+starting from the ImageNet weights by default. The result is a *backbone file* (not a detector):
+safetensors with the backbone's weights in timm names and ``insightad_backbone`` metadata, usable by
+every method as ``--backbone ssl:PATH``.
 """
 
 from __future__ import annotations
@@ -58,30 +56,32 @@ PRETEXTS = ("rotation", "cutpaste")
 
 @params
 class SSLParams(TrainLoopParams):
-    """Rotation-prediction pretraining of a backbone on unlabelled images (writes a backbone file)."""
+    """Self-supervised fine-tuning of a backbone on unlabelled images (writes a backbone file)."""
 
     backbone: str = param(DEFAULT_BACKBONE, "architecture to train (a timm name, or ssl:PATH to continue "
                           "from an earlier backbone file)")
-    pretext: str = param("rotation", "rotation: predict 0/90/180/270 degrees (the first seed's task; needs "
-                         "oriented images); cutpaste: normal vs. patch pasted elsewhere vs. scar (textures, "
-                         "near-symmetric images)", choices=PRETEXTS)
+    pretext: str = param("cutpaste", "cutpaste: normal vs. patch pasted elsewhere vs. scar (learnable on "
+                         "textures and near-symmetric images; raised SVDD and PaDiM on crack, docs/ssl.md); "
+                         "rotation: predict 0/90/180/270 degrees (the first seed's task; needs oriented images)",
+                         choices=PRETEXTS)
     init: str = param("imagenet", "start from the backbone's ImageNet weights or from random weights",
                       choices=SSL_INITS)
     weights: str | None = param(None, "with --init imagenet: a .safetensors/.pth file to start from "
                                 "instead of the installed ImageNet weights")
-    image_size: int = param(128, "side of the square image the backbone trains at", minimum=16,
-                            maximum=MAX_IMAGE_SIDE)
+    image_size: int = param(256, "side of the square image the backbone trains at (the detectors' default working "
+                            "size)", minimum=16, maximum=MAX_IMAGE_SIDE)
     workers: int = param(-1, "image-decoding worker processes (-1: automatic)", minimum=-1)
-    epochs: int = param(10, "training epochs (each image is seen at 4 rotations per epoch)", minimum=1,
-                        aliases=("--epoch",))
+    epochs: int = param(5, "training epochs (each image is seen in every pretext class per epoch: 3 versions for "
+                        "cutpaste, 4 rotations)", minimum=1, aliases=("--epoch",))
     min_accuracy: float = param(0.4, "rotation: warn when the best rotation accuracy stays below this (chance "
                                 "is 0.25)", minimum=0.0, maximum=1.0)
-    recompute_activations: bool = param(False, "keep only each backbone block's input and recompute its "
+    recompute_activations: bool = param(True, "keep only each backbone block's input and recompute its "
                                         "activations in the backward pass: about half the memory (CutPaste at "
                                         "256 px, batch 32: 11.1 -> 5.3 GB peak), one more forward pass per step; the "
                                         "same training otherwise")
-    time_budget: float = param(600.0, "seconds of training after which it stops (after the current step; the "
-                               "best weights so far are kept; 0: no budget)", minimum=0.0)
+    time_budget: float = param(900.0, "seconds of training after which it stops (after the current step; the "
+                               "best weights so far are kept; 0: no budget). The default 5 epochs at 256 px took "
+                               "11 minutes on a 2-core CPU", minimum=0.0)
 
 class RotationUnlearnableWarning(UserWarning):
     """The rotation task stayed near chance: the backbone learned little from these images."""
@@ -96,7 +96,7 @@ def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rotated, labels
 
 
-class RotationNet(nn.Module):
+class PretextNet(nn.Module):
     """uint8 images -> pretext logits (B, classes): normalisation, the backbone body, pooled deepest level,
     linear head (4 rotations, or the 3 CutPaste classes)."""
 
@@ -132,8 +132,8 @@ def level_count(arch: str) -> int:
     return len(cast("FeatureInfo", timm.create_model(arch, pretrained=False, features_only=True).feature_info))
 
 
-class RotationSSL:
-    """Trains a backbone on rotation prediction; ``save`` writes the backbone file."""
+class SSLTrainer:
+    """Trains a backbone on its pretext task (CutPaste or rotation); ``save`` writes the backbone file."""
 
     method = "ssl"
     Params = SSLParams
@@ -148,7 +148,7 @@ class RotationSSL:
         return dataclasses.asdict(self.params)
 
     def fit(self, images: Sequence[ImageSource], progress: bool = False, augment: Augment | None = None
-            ) -> RotationSSL:
+            ) -> SSLTrainer:
         """Train on ``images`` (normal or unlabelled); a held-out ``val_fraction`` measures rotation accuracy."""
         p = self.params
         if len(images) == 0:
@@ -172,7 +172,7 @@ class RotationSSL:
         extractor.requires_grad_(True)
         norm = Normalize(spec.mean, spec.std, 3)
         classes = ROTATIONS if p.pretext == "rotation" else CUTPASTE_CLASSES
-        net = RotationNet(norm, extractor.body, extractor.channels[-1], classes)
+        net = PretextNet(norm, extractor.body, extractor.channels[-1], classes)
         data = load_images(images, self.preprocessing_, p.batch_size, p.workers, progress, "ssl: load images")
         tr, va = validation_split(len(images), p.val_fraction, p.seed)
         objective = RotationObjective() if p.pretext == "rotation" else CutPasteObjective(p.seed)
@@ -194,7 +194,7 @@ class RotationSSL:
         return self
 
     @torch.no_grad()
-    def _accuracy(self, net: RotationNet, data: torch.Tensor) -> float:
+    def _accuracy(self, net: PretextNet, data: torch.Tensor) -> float:
         net.eval()
         correct, total = 0, 0
         for chunk in data.split(self.params.batch_size):
