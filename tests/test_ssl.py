@@ -194,3 +194,52 @@ def test_recomputed_activations_train_the_same_backbone(arrow_dir, tmp_path):
     assert plain.keys() == recomputed.keys()
     for k in plain:
         np.testing.assert_allclose(recomputed[k], plain[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def crack_dir(tmp_path_factory):
+    """A small crack-layout set (Negative/, Positive/): the model holds normals out by --holdout and --seed."""
+    from insightad.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("crackssl") / "crack", kind="weave", layout="crack", n_train=12,
+                         n_test_good=4, n_per_defect=2, defects=("crack",), size=32, seed=3)
+
+
+def _fine_tune(crack_dir, out, holdout, capsys):
+    assert main(["train", "--method", "ssl", "--data", str(crack_dir), "--out", str(out), "--holdout", holdout,
+                 "--backbone", "test_efficientnet", "--init", "random", "--image-size", "32", "--epochs", "1",
+                 "--batch-size", "8", "--val-fraction", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+
+
+def _train_and_evaluate(crack_dir, backbone, model, capsys):
+    rc = main(["train", "--method", "baseline", "--data", str(crack_dir), "--backbone", f"ssl:{backbone}",
+               "--image-size", "32", "--holdout", "0.25", "--out", str(model), "--no-progress"])
+    train_err = capsys.readouterr().err
+    assert rc == 0, train_err
+    rc = main(["evaluate", "--model", str(model), "--data", str(crack_dir), "--json", "--no-progress"])
+    return train_err, rc, capsys.readouterr()
+
+
+def test_evaluate_refuses_images_the_backbone_was_fine_tuned_on(crack_dir, tmp_path, capsys):
+    """A backbone fine-tuned on every normal (--holdout 0) has seen the normals the model holds out: train warns,
+    evaluate refuses them in one line (their AUROC would be optimistic), and the model file records why."""
+    from insightad.model_file import read_metadata
+
+    backbone = tmp_path / "all.safetensors"
+    _fine_tune(crack_dir, backbone, "0", capsys)
+    train_err, rc, out = _train_and_evaluate(crack_dir, backbone, tmp_path / "m.safetensors", capsys)
+    assert "insightad: warning: the backbone" in train_err and "fine-tuned on 4 of the 4 images held out" in train_err
+    assert rc == 1 and "was used to fine-tune the model's backbone" in out.err and out.err.count("\n") == 1
+    assert "Traceback" not in out.err and out.out == ""
+    split = read_metadata(tmp_path / "m.safetensors")["split"]
+    assert split["backbone"]["file"] == str(backbone.resolve()) and len(split["backbone"]["train"]) == 16
+
+
+def test_a_backbone_fine_tuned_on_the_models_own_split_evaluates(crack_dir, tmp_path, capsys):
+    backbone = tmp_path / "same-split.safetensors"
+    _fine_tune(crack_dir, backbone, "0.25", capsys)
+    train_err, rc, out = _train_and_evaluate(crack_dir, backbone, tmp_path / "m.safetensors", capsys)
+    assert "warning: the backbone" not in train_err
+    assert rc == 0, out.err
+    assert json.loads(out.out)["n_normal"] == 4

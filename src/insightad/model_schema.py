@@ -63,6 +63,14 @@ class ThresholdMeta(_Strict):
     details: ThresholdDetails = ThresholdDetails()
 
 
+class BackboneTrainingMeta(_Strict):
+    """The images an ``ssl:`` backbone was fine-tuned on (evaluate refuses them too)."""
+
+    file: StrictStr
+    root: StrictStr
+    train: list[StrictStr] = []
+
+
 class SplitMeta(_Strict):
     root: StrictStr
     layout: Name
@@ -70,6 +78,7 @@ class SplitMeta(_Strict):
     seed: StrictInt = 0
     train: list[StrictStr] = []
     holdout: list[StrictStr] = []
+    backbone: BackboneTrainingMeta | None = None
 
 
 class TrainingMeta(_Strict):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from insightad.backbones.registry import SSL_PREFIX, read_backbone_file_meta
 from insightad.config import DataParams, DecisionParams, TrainLoopParams
 from insightad.data.layouts import Dataset, discover, holdout_split
 from insightad.methods import Detector, create_detector, get_method
@@ -47,6 +49,30 @@ def split_record(ds: Dataset, train: list, held: list, dp: DataParams) -> dict[s
             "seed": dp.seed, "train": [ds.rel(s.path) for s in train], "holdout": [ds.rel(s.path) for s in held]}
 
 
+def backbone_training(det: Detector) -> dict[str, Any] | None:
+    """The images an ``ssl:`` backbone of ``det`` was fine-tuned on, from its file's split record: {"file",
+    "root", "train"} (None for an ImageNet backbone, or a backbone file that names no training images)."""
+    source = getattr(det, "backbone_source_", None) or ""
+    if not source.startswith(SSL_PREFIX):
+        return None
+    path = source[len(SSL_PREFIX):]
+    split = read_backbone_file_meta(Path(path)).get("split") or {}
+    if not split.get("root") or not split.get("train"):
+        return None
+    return {"file": path, "root": str(split["root"]), "train": list(split["train"])}
+
+
+def _warn_backbone_saw_held_out(backbone: dict[str, Any], ds: Dataset, held: list) -> None:
+    """A backbone fine-tuned on images this model holds out would make their evaluation optimistic: say so
+    now (``evaluate`` refuses those images)."""
+    seen = {(Path(backbone["root"]) / r).resolve() for r in backbone["train"]}
+    overlap = [s.path for s in held if s.path.resolve() in seen]
+    if overlap:
+        warnings.warn(f"the backbone {backbone['file']} was fine-tuned on {len(overlap)} of the {len(held)} images "
+                      f"held out from {ds.root} (e.g. {overlap[0].name}); evaluate will refuse them. Fine-tune it "
+                      "with the same --holdout and --seed as this model", stacklevel=2)
+
+
 def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
                 out: str | Path | None = None, progress: bool = True, decision: DecisionParams | None = None,
                 log: Callable[[str], None] | None = None, shards: ShardRunner | None = None
@@ -73,6 +99,10 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
             validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms,
                                 decision.folds, dp.seed)
     det.split_ = split_record(ds, train, held, dp)
+    backbone = backbone_training(det)
+    if backbone is not None:
+        det.split_["backbone"] = backbone
+        _warn_backbone_saw_held_out(backbone, ds, held)
     path = save_model(det, out)
     return det, path, det.split_
 

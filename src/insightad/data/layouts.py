@@ -192,14 +192,18 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
     """The images to score on ``ds``, given the training split a model recorded.
 
     Same dataset as training: the test split, or the held-out normals plus the anomalous images.
-    Another path: every image. Either way an image the model was trained on is refused.
+    Another path: every image. Either way an image the model was trained on is refused, and so is an image
+    its ``ssl:`` backbone was fine-tuned on (``split["backbone"]``).
     """
     trained: set[Path] = set()
+    tuned: set[Path] = set()
     same_root = False
     if split:
         train_root = Path(split.get("root", ""))
         trained = {(train_root / r).resolve() for r in split.get("train", [])}
         same_root = train_root == ds.root
+        backbone = split.get("backbone") or {}
+        tuned = {(Path(backbone.get("root", "")) / r).resolve() for r in backbone.get("train", [])}
     if same_root:
         if ds.has_test_split:
             chosen = ds.test
@@ -213,6 +217,11 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
     if overlap:
         raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) was used to train the model; "
                              "refusing to score training images (evaluate on held-out or new images)")
+    overlap = [s.path for s in chosen if s.path.resolve() in tuned]
+    if overlap:
+        raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) was used to fine-tune the model's "
+                             f"backbone ({(split or {})['backbone'].get('file')}); refusing to score it (fine-tune the "
+                             "backbone with the model's --holdout and --seed, or evaluate on new images)")
     if not chosen:
         raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
     return chosen
