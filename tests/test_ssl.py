@@ -243,3 +243,41 @@ def test_a_backbone_fine_tuned_on_the_models_own_split_evaluates(crack_dir, tmp_
     assert "warning: the backbone" not in train_err
     assert rc == 0, out.err
     assert json.loads(out.out)["n_normal"] == 4
+
+
+def test_backbone_ssl_fine_tunes_on_the_models_own_training_images_first(crack_dir, tmp_path, capsys):
+    """--backbone ssl: one command fine-tunes a CutPaste backbone on exactly the detector's training images
+    (written beside the model), then fits the detector on it; nothing held out was seen, so evaluate runs."""
+    from insightad.backbones.registry import read_backbone_file_meta
+    from insightad.model_file import read_metadata
+
+    model = tmp_path / "m.safetensors"
+    rc = main(["train", "--method", "baseline", "--data", str(crack_dir), "--backbone", "ssl", "--image-size", "32",
+               "--holdout", "0.25", "--seed", "1", "--out", str(model), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    backbone = tmp_path / "m.backbone.safetensors"
+    assert "fine-tuning a CutPaste backbone" in err and f"backbone written to {backbone}" in err
+    assert "warning: the backbone" not in err
+    meta, bb = read_metadata(model), read_backbone_file_meta(backbone)
+    assert meta["params"]["backbone"] == f"ssl:{backbone}" and bb["pretext"] == "cutpaste"
+    assert bb["input_size"] == 32 and bb["split"]["seed"] == 1
+    assert sorted(meta["split"]["backbone"]["train"]) == sorted(meta["split"]["train"]) == sorted(bb["split"]["train"])
+    assert main(["evaluate", "--model", str(model), "--data", str(crack_dir), "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_normal"] == 4
+
+
+def test_backbone_ssl_alone_is_refused_outside_train():
+    from insightad.backbones.registry import get_spec
+
+    with pytest.raises(InsightADError, match="'ssl' alone .* ssl:PATH"):
+        get_spec("ssl")
+
+
+def test_backbone_ssl_checks_its_backbone_file_before_fine_tuning(crack_dir, tmp_path, capsys):
+    (tmp_path / "m.backbone.safetensors").mkdir()  # where the backbone would go: a folder, not a file
+    rc = main(["train", "--method", "baseline", "--data", str(crack_dir), "--backbone", "ssl", "--image-size", "32",
+               "--out", str(tmp_path / "m.safetensors"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--backbone ssl" in err and "fine-tuning" not in err and err.count("\n") == 1
+    assert not (tmp_path / "m.safetensors").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from insightad.backbones.registry import SSL_PREFIX, read_backbone_file_meta
-from insightad.config import DataParams, DecisionParams, TrainLoopParams
+from insightad.config import DEFAULT_BACKBONE, DataParams, DecisionParams, TrainLoopParams
 from insightad.data.layouts import Dataset, discover, holdout_split
 from insightad.methods import Detector, create_detector, get_method
 from insightad.methods.base import ShardRunner
@@ -25,6 +25,8 @@ def training_dir(out: Path) -> Path:
 
 
 BACKBONE_METHODS = ("ssl",)  # train a backbone file for --backbone ssl:PATH, not a detector
+FINE_TUNE = "ssl"  # --backbone ssl: fine-tune a backbone on the training images first (then ssl:PATH)
+FINE_TUNE_FROM = DEFAULT_BACKBONE
 
 
 def params_class(method: str) -> type:
@@ -85,6 +87,8 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     out = Path(out or default_model_path(ds.root, method))
     paths = [s.path for s in train]
+    if params.get("backbone") == FINE_TUNE:
+        params = _fine_tune_first(ds, train, held, dp, params, out, progress, log)
     if method == "auto":
         from insightad.apps.auto import auto_fit
 
@@ -135,9 +139,44 @@ def train_backbone(data: str | Path, method: str, params: dict[str, Any], dp: Da
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     out = Path(out or default_model_path(ds.root, method))
+    return _fit_backbone(ds, train, held, dp, params, out, progress)
+
+
+def _fit_backbone(ds: Dataset, train: list, held: list, dp: DataParams, params: dict[str, Any], out: Path,
+                  progress: bool) -> tuple[Any, Path, dict]:
     from insightad.backbones.ssl import SSLTrainer
 
-    trainer = SSLTrainer(**with_training_dir(method, params, out))
+    trainer = SSLTrainer(**with_training_dir("ssl", params, out))
     trainer.fit([s.path for s in train], progress=progress)
     split = split_record(ds, train, held, dp)
     return trainer, trainer.save(out, split), split
+
+
+def fine_tuned_backbone_path(model_out: Path) -> Path:
+    """Where ``--backbone ssl`` writes the backbone it fine-tunes: beside the model file."""
+    return model_out.with_name(f"{model_out.stem}.backbone.safetensors")
+
+
+def _fine_tune_first(ds: Dataset, train: list, held: list, dp: DataParams, params: dict[str, Any], out: Path,
+                     progress: bool, log: Callable[[str], None] | None) -> dict[str, Any]:
+    """``--backbone ssl``: fine-tune ``FINE_TUNE_FROM`` with the ssl defaults (CutPaste) on exactly the
+    detector's training images, write it beside the model file, and return the detector's params pointing to it.
+    The detector's image size, device, decoding workers, seed and starting weights carry over; its own training
+    settings (a trained method's epochs, learning rate...) do not."""
+    shared = {k: params[k] for k in ("image_size", "device", "workers") if params.get(k) is not None}
+    weights = params.get("weights")
+    if weights == "random":
+        shared["init"] = "random"
+    elif weights:
+        shared["weights"] = weights
+    shared.update(backbone=FINE_TUNE_FROM, seed=dp.seed)
+    path = fine_tuned_backbone_path(out)
+    if log:
+        log(f"fine-tuning a CutPaste backbone ({FINE_TUNE_FROM}) on the {len(train)} training images first "
+            f"(docs/ssl.md; about 11 minutes on a 2-core CPU) -> {path}")
+    trainer, path, _ = _fit_backbone(ds, train, held, dp, shared, path, progress)
+    if log:
+        acc = trainer.metadata()["pretext_accuracy"]
+        log(f"backbone written to {path} ({trainer.params.pretext} accuracy {acc['value']:.3f} on {acc['n_images']} "
+            f"held-out images, chance {acc['chance']:.2f})")
+    return {**params, "backbone": f"{SSL_PREFIX}{path}"}

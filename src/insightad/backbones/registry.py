@@ -70,6 +70,9 @@ def get_spec(name: str) -> BackboneSpec:
                             tuple(base.local_layers) if base else (1, 2, 3), ssl_path=str(path.resolve()))
     if name in BACKBONES:
         return BACKBONES[name]
+    if name == SSL_PREFIX.rstrip(":"):
+        raise InsightADError("backbone: 'ssl' alone (fine-tune one first) is for 'insightad train' of a detector; "
+                             "elsewhere give the backbone file as ssl:PATH")
     import timm
 
     if not timm.is_model(name):

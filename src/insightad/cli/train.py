@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from insightad import config
 from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, warnings_as_lines, with_config
@@ -72,11 +73,14 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 
 def check_outputs(args: argparse.Namespace, params) -> None:
-    """--out (or its default) and --checkpoint-dir writable before any training starts."""
-    from insightad.apps.train import default_model_path
+    """--out (or its default), the backbone file ``--backbone ssl`` writes beside it, and --checkpoint-dir
+    writable before any training starts."""
+    from insightad.apps.train import FINE_TUNE, default_model_path, fine_tuned_backbone_path
     from insightad.outputs import check_output_dir, check_output_file
 
     args.out = str(check_output_file(args.out or default_model_path(args.data, args.method), "--out"))
+    if getattr(params, "backbone", None) == FINE_TUNE:
+        check_output_file(fine_tuned_backbone_path(Path(args.out)), "--backbone ssl (the backbone file beside --out)")
     if getattr(params, "checkpoint_dir", None):
         check_output_dir(params.checkpoint_dir, "--checkpoint-dir")
 
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "auto":
         given = {k: v for k, v in vars(gather(args, config.DetectorParams)).items()
                  if k in vars(args)}  # only what the user typed: each candidate keeps its own defaults
-        check_outputs(args, None)
+        check_outputs(args, argparse.Namespace(**given))
     else:
         params = gather(args, params_class(args.method))
         check_outputs(args, params)

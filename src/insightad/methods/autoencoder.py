@@ -49,7 +49,8 @@ class AutoencoderParams(TrainLoopParams):
                       "patch), bottleneck (pixels through a narrow latent that cannot copy defects) or conv4 "
                       "(the second seed's pixel autoencoder of four stride-2 convolutions, grayscale by default)",
                       choices=AE_ARCHS, value_aliases=AE_ARCH_ALIASES)
-    backbone: str = param(config.DEFAULT_BACKBONE, "--arch features: the frozen backbone (a name or ssl:PATH)")
+    backbone: str = param(config.DEFAULT_BACKBONE, "--arch features: the frozen backbone (a name, ssl:PATH, or ssl "
+                          "to fine-tune one first)")
     weights: str | None = param(None, "--arch features: backbone weights file (unset: the installed ones)")
     layers: list[int] = param([1, 2, 3], "--arch features: backbone levels to reconstruct (0 = finest); they are "
                               "brought to the grid of the middle one")
