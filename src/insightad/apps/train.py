@@ -173,7 +173,7 @@ def _fine_tune_first(ds: Dataset, train: list, held: list, dp: DataParams, param
     path = fine_tuned_backbone_path(out)
     if log:
         log(f"fine-tuning a CutPaste backbone ({FINE_TUNE_FROM}) on the {len(train)} training images first "
-            f"(docs/ssl.md; about 11 minutes on a 2-core CPU) -> {path}")
+            f"(docs/ssl.md; 200 images at 256 px took 11 minutes on a 2-core CPU) -> {path}")
     trainer, path, _ = _fit_backbone(ds, train, held, dp, shared, path, progress)
     if log:
         acc = trainer.metadata()["pretext_accuracy"]
