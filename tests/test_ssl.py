@@ -253,7 +253,7 @@ def test_backbone_ssl_fine_tunes_on_the_models_own_training_images_first(crack_d
 
     model = tmp_path / "m.safetensors"
     rc = main(["train", "--method", "baseline", "--data", str(crack_dir), "--backbone", "ssl", "--image-size", "32",
-               "--holdout", "0.25", "--seed", "1", "--out", str(model), "--no-progress"])
+               "--holdout", "0.25", "--seed", "1", "--weights", "random", "--out", str(model), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0, err
     backbone = tmp_path / "m.backbone.safetensors"
@@ -261,7 +261,9 @@ def test_backbone_ssl_fine_tunes_on_the_models_own_training_images_first(crack_d
     assert "warning: the backbone" not in err
     meta, bb = read_metadata(model), read_backbone_file_meta(backbone)
     assert meta["params"]["backbone"] == f"ssl:{backbone}" and bb["pretext"] == "cutpaste"
-    assert bb["input_size"] == 32 and bb["split"]["seed"] == 1
+    assert bb["input_size"] == 32 and bb["split"]["seed"] == 1 and bb["init"] == "random"  # --weights random: from scratch
+    # the detector's backbone is the fine-tuned file, not the starting weights it was asked to start from
+    assert meta["params"]["weights"] is None and meta["backbone"]["weights_source"] == f"ssl:{backbone}"
     assert sorted(meta["split"]["backbone"]["train"]) == sorted(meta["split"]["train"]) == sorted(bb["split"]["train"])
     assert main(["evaluate", "--model", str(model), "--data", str(crack_dir), "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["n_normal"] == 4

@@ -179,4 +179,5 @@ def _fine_tune_first(ds: Dataset, train: list, held: list, dp: DataParams, param
         acc = trainer.metadata()["pretext_accuracy"]
         log(f"backbone written to {path} ({trainer.params.pretext} accuracy {acc['value']:.3f} on {acc['n_images']} "
             f"held-out images, chance {acc['chance']:.2f})")
-    return {**params, "backbone": f"{SSL_PREFIX}{path}"}
+    # The starting weights are in the fine-tuned file now; left set they would replace it in the detector.
+    return {**params, "backbone": f"{SSL_PREFIX}{path}", "weights": None}
