@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from insightad.backbones.registry import SSL_PREFIX, read_backbone_file_meta
+from insightad.backbones.registry import SSL_FINE_TUNE, SSL_PREFIX, read_backbone_file_meta
 from insightad.config import DEFAULT_BACKBONE, DataParams, DecisionParams, TrainLoopParams
 from insightad.data.layouts import Dataset, discover, holdout_split
 from insightad.methods import Detector, create_detector, get_method
@@ -25,7 +25,6 @@ def training_dir(out: Path) -> Path:
 
 
 BACKBONE_METHODS = ("ssl",)  # train a backbone file for --backbone ssl:PATH, not a detector
-FINE_TUNE = "ssl"  # --backbone ssl: fine-tune a backbone on the training images first (then ssl:PATH)
 FINE_TUNE_FROM = DEFAULT_BACKBONE
 
 
@@ -87,7 +86,7 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     out = Path(out or default_model_path(ds.root, method))
     paths = [s.path for s in train]
-    if params.get("backbone") == FINE_TUNE:
+    if params.get("backbone") == SSL_FINE_TUNE:
         params = _fine_tune_first(ds, train, held, dp, params, out, progress, log)
     if method == "auto":
         from insightad.apps.auto import auto_fit

@@ -9,6 +9,7 @@ from pathlib import Path
 from insightad.errors import InsightADError
 
 SSL_PREFIX = "ssl:"
+SSL_FINE_TUNE = "ssl"  # train --backbone ssl: fine-tune one on the training images first, then use it as ssl:PATH
 BACKBONE_META_KEY = "insightad_backbone"
 
 
@@ -70,7 +71,7 @@ def get_spec(name: str) -> BackboneSpec:
                             tuple(base.local_layers) if base else (1, 2, 3), ssl_path=str(path.resolve()))
     if name in BACKBONES:
         return BACKBONES[name]
-    if name == SSL_PREFIX.rstrip(":"):
+    if name == SSL_FINE_TUNE:
         raise InsightADError("backbone: 'ssl' alone (fine-tune one first) is for 'insightad train' of a detector; "
                              "elsewhere give the backbone file as ssl:PATH")
     import timm

@@ -75,11 +75,12 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 def check_outputs(args: argparse.Namespace, params) -> None:
     """--out (or its default), the backbone file ``--backbone ssl`` writes beside it, and --checkpoint-dir
     writable before any training starts."""
-    from insightad.apps.train import FINE_TUNE, default_model_path, fine_tuned_backbone_path
+    from insightad.apps.train import default_model_path, fine_tuned_backbone_path
+    from insightad.backbones.registry import SSL_FINE_TUNE
     from insightad.outputs import check_output_dir, check_output_file
 
     args.out = str(check_output_file(args.out or default_model_path(args.data, args.method), "--out"))
-    if getattr(params, "backbone", None) == FINE_TUNE:
+    if getattr(params, "backbone", None) == SSL_FINE_TUNE:
         check_output_file(fine_tuned_backbone_path(Path(args.out)), "--backbone ssl (the backbone file beside --out)")
     if getattr(params, "checkpoint_dir", None):
         check_output_dir(params.checkpoint_dir, "--checkpoint-dir")

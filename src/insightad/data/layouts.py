@@ -197,6 +197,7 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
     """
     trained: set[Path] = set()
     tuned: set[Path] = set()
+    backbone: dict = {}
     same_root = False
     if split:
         train_root = Path(split.get("root", ""))
@@ -213,15 +214,15 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
                       if s.label == ANOMALOUS or s.path.resolve() in held]
     else:
         chosen = [replace(s, split="test") for s in (ds.test if ds.has_test_split else ds.samples)]
-    overlap = [s.path for s in chosen if s.path.resolve() in trained]
-    if overlap:
-        raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) was used to train the model; "
-                             "refusing to score training images (evaluate on held-out or new images)")
-    overlap = [s.path for s in chosen if s.path.resolve() in tuned]
-    if overlap:
-        raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) was used to fine-tune the model's "
-                             f"backbone ({(split or {})['backbone'].get('file')}); refusing to score it (fine-tune the "
-                             "backbone with the model's --holdout and --seed, or evaluate on new images)")
+    resolved = [s.path.resolve() for s in chosen]
+    for seen, why in ((trained, "was used to train the model; refusing to score training images (evaluate on "
+                                "held-out or new images)"),
+                      (tuned, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
+                              "score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
+                              "on new images)")):
+        overlap = [s.path for s, r in zip(chosen, resolved) if r in seen]
+        if overlap:
+            raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) {why}")
     if not chosen:
         raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
     return chosen
