@@ -61,6 +61,10 @@ def test_crossfitted_padim_equals_models_fitted_without_each_fold(mvtec_dir):
         assert scale < 1.0
         np.testing.assert_allclose(oof.normal_scores[np.isin(oof.normal_index, held)], want * scale, rtol=2e-3)
     assert np.median(oof.defect_scores) > np.median(oof.normal_scores)
+    # each synthetic defect's map is its own array: a view would keep its fold's whole map array alive (the
+    # normals' maps too) until the decision is made, under cross-fitting's peak memory
+    assert oof.defect_maps is not None and len(oof.defect_maps) == 12
+    assert all(m.base is None for m in oof.defect_maps)
 
 
 def test_heldout_fold_refit_equals_exact_baseline_folds(mvtec_dir):

@@ -118,6 +118,26 @@ def test_feature_runner_cache_tells_levels_apart():
         assert engine == "onnx" and [f.shape[1] for f in run(x)] == channels
 
 
+def test_feature_runner_chunks_a_batch_into_place():
+    """A batch larger than one ONNX Runtime call runs in chunks copied into one output per level: the same
+    features as the batch's images one at a time."""
+    import torch
+
+    from insightad.backbones import build_extractor
+    from insightad.backbones.normalize import Normalize
+    from insightad.engines.features import ONNX_CHUNK, feature_runner
+
+    norm = Normalize((0.5,) * 3, (0.5,) * 3)
+    ext, _, _ = build_extractor("tf_efficientnet_lite0", [1, 2])
+    run, engine = feature_runner(norm, ext, (3, 32, 32), "onnx")
+    x = torch.rand(2 * ONNX_CHUNK + 3, 3, 32, 32) * 255
+    got = run(x)
+    assert engine == "onnx" and [f.shape[0] for f in got] == [len(x)] * 2
+    for i in (0, ONNX_CHUNK, len(x) - 1):
+        for level, alone in zip(got, run(x[i:i + 1])):
+            torch.testing.assert_close(level[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_reused_backbone_graph_counts_as_used(monkeypatch, tmp_path):
     """The fit's backbone graph is marked used each time it is opened, so pruning the cache (least recently used
     first) takes the large model graphs written since before the graph every fit needs."""

@@ -205,3 +205,16 @@ def test_bad_parameters_are_named(mvtec_dir, params, message):
     with pytest.raises(InsightADError) as e:
         create_detector("padim", image_size=SIZE, **params).fit(train)
     assert message in str(e.value)
+
+
+def test_embed_into_fills_the_callers_buffer_with_the_embeddings(padim, mvtec_dir):
+    """Cross-fitting's features go straight into its fold buffer, equal to the batch-by-batch embeddings, across
+    several batches and with the rows the caller did not fill left alone."""
+    det, _ = padim
+    det.batch_size = 3
+    paths = [s.path for s in discover(mvtec_dir).train][:7]
+    want = torch.cat(list(det.embeddings(paths)))
+    out = torch.full((9, *want.shape[1:]), -1.0)
+    assert det.embed_into(paths, out) == 7
+    torch.testing.assert_close(out[:7], want)
+    assert bool((out[7:] == -1.0).all())

@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from insightad.apps.serve import create_app
-    from insightad.apps.serve.memory import pin_mmap_threshold
     from insightad.apps.serve.security import API_KEY_ENV
+    from insightad.runtime import pin_mmap_threshold
 
     settings = gather(args, ServeParams)
     if settings.api_key is not None and not settings.api_key.strip():
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         settings.api_key = os.environ[API_KEY_ENV]
         if not settings.api_key.strip():  # an empty key must not quietly turn authentication off
             raise InsightADError(f"{API_KEY_ENV}: set but empty; give a key or unset the variable")
-    pin_mmap_threshold()  # a dedicated server process: keep RSS flat under long loads (see memory.py)
+    pin_mmap_threshold()  # a dedicated server process: keep RSS flat under long loads (see runtime.pin_mmap_threshold)
     app = create_app(args.model, settings, threshold=parse_threshold(args.threshold, args.model))
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]

@@ -81,11 +81,16 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
 
             def run_onnx(x: torch.Tensor) -> list[torch.Tensor]:
                 arr = x.cpu().numpy()
-                parts = [sess.run(None, {"images": np.ascontiguousarray(arr[a:a + ONNX_CHUNK], dtype=np.float32)})
-                         for a in range(0, max(len(arr), 1), ONNX_CHUNK)]
-                if len(parts) == 1:
-                    return [torch.from_numpy(o) for o in parts[0]]
-                return [torch.from_numpy(np.concatenate(level)) for level in zip(*parts)]
+                out: list[np.ndarray] = []
+                for a in range(0, max(len(arr), 1), ONNX_CHUNK):
+                    got = sess.run(None, {"images": np.ascontiguousarray(arr[a:a + ONNX_CHUNK], dtype=np.float32)})
+                    if len(arr) <= ONNX_CHUNK:
+                        return [torch.from_numpy(o) for o in got]
+                    if not out:  # each chunk is copied into place at once: never all chunks and their concatenation
+                        out = [np.empty((len(arr), *o.shape[1:]), dtype=o.dtype) for o in got]
+                    for level, o in zip(out, got):
+                        level[a:a + len(o)] = o
+                return [torch.from_numpy(o) for o in out]
 
             return run_onnx, "onnx"
         except InsightADError:

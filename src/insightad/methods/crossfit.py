@@ -184,7 +184,8 @@ class _Folds:
             self.n_max.append(np.array([float(np.max(m)) for m in maps[:k]]))
             if self.d_maps is None:
                 self.d_maps = []
-            self.d_maps.extend(maps[k:])
+            # copies: views would keep every fold's whole map array (its normals' maps too) alive to the end
+            self.d_maps.extend(np.array(m) for m in maps[k:])
 
     def result(self) -> OutOfFold:
         idx = np.concatenate(self.n_index)
@@ -294,12 +295,8 @@ def _gaussian_growth(emb: torch.Tensor, held: np.ndarray, fold_distances: torch.
 # ------------------------------------------------------------------------------ PaDiM, exact
 def _padim_features(det: PadimDetector, arrays_or_paths: Sequence, features: FeatureFn) -> torch.Tensor:
     """Reduced patch features (N, P, d) of images, through the fitted model's own layers and its fit's engine."""
-    out = torch.empty(len(arrays_or_paths), *det._model_as(PadimModel).mean.shape)  # filled in place: no cat copy
-    at = 0
-    for z in det.embeddings(arrays_or_paths, what="padim: validation", features=features):
-        out[at:at + len(z)] = z
-        at += len(z)
-    return out[:at]
+    out = torch.empty(len(arrays_or_paths), *det._model_as(PadimModel).mean.shape)  # filled in place: no copies
+    return out[:det.embed_into(arrays_or_paths, out, "padim: validation", features)]
 
 
 def _all_images_statistics(det: PadimDetector, model: PadimModel, images: Sequence,

@@ -254,12 +254,27 @@ class PadimDetector(PadimParams, Detector):
             for batch in self._batches(list(images), progress, what):
                 yield self._reduced(model, features(batch.images))
 
-    def _reduced(self, model: PadimModel, feats: list[torch.Tensor]) -> torch.Tensor:
-        """Backbone levels of a batch -> reduced patch features (B, P, d) on the CPU, ``REDUCE_CHUNK`` images at a
-        time: a whole batch's concatenated full-width features (and the copies reducing them makes) were the
-        largest transient of the fit and of cross-fitting."""
+    def embed_into(self, images: Sequence, out: torch.Tensor, what: str = "padim: features",
+                   features: FeatureFn | None = None) -> int:
+        """``embeddings`` written straight into ``out`` (N, P, d), batch by batch, so a caller holding many
+        images' features (cross-fitting holds a fold's) never holds a batch's copy beside them; returns how
+        many rows were filled (unreadable files are skipped, as by ``embeddings``)."""
+        model = self._model_as(PadimModel)
+        features = features or self._feature_runner(model.extractor)
+        at = 0
+        with torch.inference_mode():
+            for batch in self._batches(list(images), False, what):
+                n = len(batch.images)
+                self._reduced(model, features(batch.images), out[at:at + n])
+                at += n
+        return at
+
+    def _reduced(self, model: PadimModel, feats: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone levels of a batch -> reduced patch features (B, P, d) on the CPU (into ``out`` when given),
+        ``REDUCE_CHUNK`` images at a time: a whole batch's concatenated full-width features (and the copies
+        reducing them makes) were the largest transient of the fit and of cross-fitting."""
         n = int(feats[0].shape[0])
-        out = torch.empty(n, *model.mean.shape)
+        out = torch.empty(n, *model.mean.shape) if out is None else out
         for a in range(0, n, REDUCE_CHUNK):
             part = level_patches([f[a:a + REDUCE_CHUNK].to(self.device_) for f in feats])
             out[a:a + REDUCE_CHUNK] = model.reduce(part).float().cpu()
