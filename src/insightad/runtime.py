@@ -56,28 +56,34 @@ def release_free_memory() -> None:
         pass
 
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
 SERVE_MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
 TRAIN_MMAP_THRESHOLD = 16 << 20
+TRAIN_TRIM_THRESHOLD = 64 << 20
 
 
-def pin_mmap_threshold(nbytes: int = SERVE_MMAP_THRESHOLD) -> bool:
+def pin_mmap_threshold(nbytes: int = SERVE_MMAP_THRESHOLD, trim: int | None = None) -> bool:
     """Fix glibc's mmap threshold at ``nbytes`` for this process: every C-heap block that large gets its own
     mapping, handed back to the system when freed. By default each such free raises the threshold to the
     block's size (up to 32 MB), after which those buffers come from the heap arenas, where fragmentation keeps
-    freed memory resident.
+    freed memory resident. A fixed threshold also fixes the heap's trim threshold (free memory at the heap's
+    top beyond which it is handed back) at 128 kB unless ``trim`` sets it.
 
     - ``serve``, 128 kB: after the first decoded image (~2.4 MB for 900x900 RGB) every image buffer and
       activation came from the heap; under a load test RSS crept up ~10% in five minutes and stayed there.
-    - ``train``, 16 MB: a fit's 15-30 MB temporaries (feature batches, factor chunks) stayed resident under the
-      next phase. PaDiM's train on bottle: 1.57-1.63 GB / 40-43 s by default, 1.46-1.50 GB / 44-48 s with
-      16 MB (fresh pages for each such temporary; 1-4 MB: 30% slower still).
+    - ``train``, 16 MB and trim 64 MB: a fit's 16-32 MB temporaries (feature batches, distance blocks) stayed
+      resident under the next phase. PatchCore's train on bottle: 1.64-1.69 GB -> 1.25 GB at the same speed;
+      PaDiM's a few tens of MB lower (docs/benchmarks.md). With trim at 128 kB both go lower (PatchCore 1.20 GB,
+      PaDiM 1.46-1.51 GB) but 8-30% slower: the heap is handed back and faulted in again at every large free.
 
     False where not applicable: not Linux glibc, or the user set ``MALLOC_MMAP_THRESHOLD_``, which glibc obeys."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if trim is not None and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+            libc.mallopt(M_TRIM_THRESHOLD, int(trim))
         return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False

@@ -101,10 +101,10 @@ def _interrupt_on_sigterm() -> None:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.train import BACKBONE_METHODS, params_class, train_model
-    from insightad.runtime import TRAIN_MMAP_THRESHOLD, pin_mmap_threshold
+    from insightad.runtime import TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
 
     _interrupt_on_sigterm()
-    pin_mmap_threshold(TRAIN_MMAP_THRESHOLD)  # peak memory over a few % of speed (see runtime.pin_mmap_threshold)
+    pin_mmap_threshold(TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD)  # lower peak RSS (runtime.pin_mmap_threshold)
 
     if args.method in BACKBONE_METHODS:
         return run_backbone(args)
