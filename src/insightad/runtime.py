@@ -45,15 +45,25 @@ def require_torch(what: str) -> None:
         raise InsightADError(f"{what} needs PyTorch, which this install does not have: {TRAIN_EXTRA}")
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc with its allocator controls (``malloc_trim``, ``mallopt``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def release_free_memory() -> None:
     """Hand the pages the C heap holds free back to the system (glibc's ``malloc_trim``) before a large
     allocation: after a fit the heap keeps hundreds of MB of freed temporaries, which would otherwise sit
     under the next phase's peak. Not done per temporary (fresh pages each time cost 45% of a fit's speed);
     nothing where the C library is not glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (malloc.h)
@@ -78,15 +88,12 @@ def pin_mmap_threshold(nbytes: int = SERVE_MMAP_THRESHOLD, trim: int | None = No
       PaDiM 1.46-1.51 GB) but 8-30% slower: the heap is handed back and faulted in again at every large free.
 
     False where not applicable: not Linux glibc, or the user set ``MALLOC_MMAP_THRESHOLD_``, which glibc obeys."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    libc = _glibc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if trim is not None and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-            libc.mallopt(M_TRIM_THRESHOLD, int(trim))
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):  # musl or another libc without mallopt
-        return False
+    if trim is not None and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_TRIM_THRESHOLD, int(trim))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
 
 
 def without_kernel_compiler() -> None:

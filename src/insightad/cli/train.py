@@ -104,10 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from insightad.runtime import TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
 
     _interrupt_on_sigterm()
-    pin_mmap_threshold(TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD)  # lower peak RSS (runtime.pin_mmap_threshold)
-
     if args.method in BACKBONE_METHODS:
         return run_backbone(args)
+    pin_mmap_threshold(TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD)  # lower peak RSS (runtime.pin_mmap_threshold)
     if args.method == "auto":
         given = {k: v for k, v in vars(gather(args, config.DetectorParams)).items()
                  if k in vars(args)}  # only what the user typed: each candidate keeps its own defaults

@@ -81,14 +81,17 @@ def feature_runner(normalize: nn.Module, extractor: nn.Module, shape: tuple[int,
 
             def run_onnx(x: torch.Tensor) -> list[torch.Tensor]:
                 arr = x.cpu().numpy()
-                out: list[np.ndarray] = []
-                for a in range(0, max(len(arr), 1), ONNX_CHUNK):
-                    got = sess.run(None, {"images": np.ascontiguousarray(arr[a:a + ONNX_CHUNK], dtype=np.float32)})
-                    if len(arr) <= ONNX_CHUNK:
-                        return [torch.from_numpy(o) for o in got]
-                    if not out:  # each chunk is copied into place at once: never all chunks and their concatenation
-                        out = [np.empty((len(arr), *o.shape[1:]), dtype=o.dtype) for o in got]
-                    for level, o in zip(out, got):
+
+                def run(part: np.ndarray) -> list[np.ndarray]:
+                    return sess.run(None, {"images": np.ascontiguousarray(part, dtype=np.float32)})
+
+                if len(arr) <= ONNX_CHUNK:
+                    return [torch.from_numpy(o) for o in run(arr)]
+                # Each chunk is copied into place as it comes: never all chunks and their concatenation at once.
+                first = run(arr[:ONNX_CHUNK])
+                out = [np.empty((len(arr), *o.shape[1:]), dtype=o.dtype) for o in first]
+                for a in range(0, len(arr), ONNX_CHUNK):
+                    for level, o in zip(out, first if a == 0 else run(arr[a:a + ONNX_CHUNK])):
                         level[a:a + len(o)] = o
                 return [torch.from_numpy(o) for o in out]
 
