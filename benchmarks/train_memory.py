@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from whole_process import timed  # a script beside this one: one way to time a process and read its peak
 
 HERE = Path(__file__).resolve().parents[1] / "src"
 
@@ -29,16 +30,9 @@ def train_once(data: Path, method: str, src: Path, work: Path) -> dict:
     out = work / f"{method}.safetensors"
     for f in (out, out.with_suffix(".onnx")):
         f.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "insightad", "train", "--data", str(data), "--method", method,
-                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"train failed ({src}, {method}):\n{err[-2000:]}")
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    r = timed([sys.executable, "-m", "insightad", "train", "--data", str(data), "--method", method, "--out", str(out)],
+              env={**os.environ, "PYTHONPATH": str(src)})
+    return {"wall_s": round(r["wall_s"], 1), "peak_rss_mb": r["peak_rss_mb"]}
 
 
 def main(argv: list[str] | None = None) -> int:
