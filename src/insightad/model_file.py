@@ -9,6 +9,7 @@ model file scores images with no network access.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from insightad.methods import Detector
 
 META_KEY = "insightad"
+CHECKSUM_KEY = "content_sha256"  # metadata field: sha256 of the rest of the metadata and of every tensor's bytes
 
 
 def metadata(det: Detector) -> dict[str, Any]:
@@ -57,8 +59,39 @@ def save_model(det: Detector, path: str | Path) -> Path:
     if det.model_ is None:
         raise InsightADError(f"{path}: nothing to save: the detector holds no PyTorch model (fit it first)")
     tensors = {k: v.detach().cpu().contiguous() for k, v in det.model_.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+    _write(path, meta, tensors)
     return path
+
+
+def _write(path: Path, meta: dict[str, Any], tensors: dict) -> None:
+    """The model file, stamped with its content checksum, written atomically."""
+    from safetensors.torch import save_file
+
+    meta = json.loads(json.dumps(meta))  # as a reader will see it (tuples as lists, keys as strings)
+    meta[CHECKSUM_KEY] = content_digest(meta, tensors)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+
+
+def content_digest(meta: dict[str, Any], tensors: dict) -> str:
+    """sha256 of the metadata (its checksum field left out, keys sorted) and of every tensor's name, dtype,
+    shape and bytes: a flipped bit anywhere a reader looks changes it (the file's own sha256 would change with
+    an equivalent re-serialisation, and names the file for caches, not its content)."""
+    import torch
+
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != CHECKSUM_KEY}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the bytes in place: no copy of the factors
+    return h.hexdigest()
+
+
+def _check_content(path: Path, meta: dict[str, Any], tensors: dict) -> None:
+    """A file that carries a checksum must match it (files written before checksums carry none)."""
+    stored = meta.get(CHECKSUM_KEY)
+    if stored is not None and stored != content_digest(meta, tensors):
+        raise InsightADError(f"{path}: the model file's content does not match its checksum (damaged or edited "
+                             "after it was written); train it again or restore a copy")
 
 
 def read_metadata(path: str | Path, check_params: bool | None = None) -> dict[str, Any]:
@@ -141,6 +174,8 @@ def load_model(path: str | Path, device: str = "cpu") -> Detector:
     except Exception as e:  # noqa: BLE001
         raise InsightADError(f"{path}: the tensors do not fit a {meta['method']} model "
                              f"({str(e).splitlines()[0][:200]})") from None
+    # Last: a file whose structure is wrong gets the more specific message above.
+    _check_content(path, read_metadata(path, check_params=False), tensors)  # as stored, before legacy params
     det.model_ = model.to(det.device_).eval()
     thr = meta["threshold"]
     det.set_threshold(thr["value"], thr["strategy"], **(thr.get("details") or {}))
@@ -163,11 +198,13 @@ def _check_finite(path: Path, tensors: dict) -> None:
 
 
 def update_metadata(path: str | Path, **changes: Any) -> None:
-    """Rewrite a model file atomically with some metadata fields replaced (e.g. the threshold)."""
-    from safetensors.torch import load_file, save_file
+    """Rewrite a model file atomically with some metadata fields replaced (e.g. the threshold); a damaged file
+    is refused, not stamped with a fresh checksum."""
+    from safetensors.torch import load_file
 
     path = Path(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path, check_params=False)  # as stored: the checksum covers exactly that
     tensors = load_file(str(path))
+    _check_content(path, meta, tensors)
     meta.update(changes)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+    _write(path, meta, tensors)
