@@ -69,6 +69,7 @@ class BackboneTrainingMeta(_Strict):
     file: StrictStr
     root: StrictStr
     train: list[StrictStr] = []
+    train_sha256: list[StrictStr] = []  # the content of each training file (files written before: none)
 
 
 class SplitMeta(_Strict):
@@ -77,6 +78,7 @@ class SplitMeta(_Strict):
     holdout_fraction: Finite = 0.0
     seed: StrictInt = 0
     train: list[StrictStr] = []
+    train_sha256: list[StrictStr] = []  # the content of each training file (files written before: none)
     holdout: list[StrictStr] = []
     backbone: BackboneTrainingMeta | None = None
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from insightad.backbones.registry import SSL_FINE_TUNE, SSL_PREFIX, read_backbone_file_meta
 from insightad.config import DEFAULT_BACKBONE, DataParams, DecisionParams, TrainLoopParams
-from insightad.data.layouts import Dataset, discover, holdout_split
+from insightad.data.layouts import Dataset, content_record, discover, holdout_split
 from insightad.methods import Detector, create_detector, get_method
 from insightad.methods.base import ShardRunner
 from insightad.model_file import save_model
@@ -47,7 +47,8 @@ def with_training_dir(method: str, params: dict[str, Any], out: Path) -> dict[st
 def split_record(ds: Dataset, train: list, held: list, dp: DataParams) -> dict[str, Any]:
     """What the model file keeps about its training data: exactly which files, and which were held out."""
     return {"root": str(ds.root), "layout": ds.layout, "holdout_fraction": 0.0 if ds.has_test_split else dp.holdout,
-            "seed": dp.seed, "train": [ds.rel(s.path) for s in train], "holdout": [ds.rel(s.path) for s in held]}
+            "seed": dp.seed, "train": [ds.rel(s.path) for s in train],
+            "train_sha256": content_record([s.path for s in train]), "holdout": [ds.rel(s.path) for s in held]}
 
 
 def backbone_training(det: Detector) -> dict[str, Any] | None:
@@ -60,7 +61,8 @@ def backbone_training(det: Detector) -> dict[str, Any] | None:
     split = read_backbone_file_meta(Path(path)).get("split") or {}
     if not split.get("root") or not split.get("train"):
         return None
-    return {"file": path, "root": str(split["root"]), "train": list(split["train"])}
+    return {"file": path, "root": str(split["root"]), "train": list(split["train"]),
+            "train_sha256": list(split.get("train_sha256") or [])}
 
 
 def _warn_backbone_saw_held_out(backbone: dict[str, Any], ds: Dataset, held: list) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from insightad.errors import InsightADError
-from insightad.io import is_image_file, is_regular_file, list_images
+from insightad.io import file_sha256, is_image_file, is_regular_file, list_images
 
 NORMAL, ANOMALOUS = 0, 1
 MASK_DIRS = ("ground_truth", "masks", "mask")
@@ -191,38 +191,63 @@ def holdout_split(ds: Dataset, fraction: float, seed: int) -> tuple[list[Sample]
 def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
     """The images to score on ``ds``, given the training split a model recorded.
 
-    Same dataset as training: the test split, or the held-out normals plus the anomalous images.
-    Another path: every image. Either way an image the model was trained on is refused, and so is an image
-    its ``ssl:`` backbone was fine-tuned on (``split["backbone"]``).
+    Same dataset as training (the recorded root, or a copy of it elsewhere: every training file found at its
+    relative path with the recorded content): the test split, or the held-out normals plus the anomalous
+    images. Another path: every image. Either way an image the model was trained on is refused, by path or by
+    content (a renamed or copied training image), and so is an image its ``ssl:`` backbone was fine-tuned on
+    (``split["backbone"]``).
     """
-    trained: set[Path] = set()
-    tuned: set[Path] = set()
-    backbone: dict = {}
-    same_root = False
-    if split:
-        train_root = Path(split.get("root", ""))
-        trained = {(train_root / r).resolve() for r in split.get("train", [])}
-        same_root = train_root == ds.root
-        backbone = split.get("backbone") or {}
-        tuned = {(Path(backbone.get("root", "")) / r).resolve() for r in backbone.get("train", [])}
+    split = split or {}
+    backbone = split.get("backbone") or {}
+    same_root = bool(split) and (Path(split.get("root", "")) == ds.root or _moved_here(ds, split))
     if same_root:
         if ds.has_test_split:
             chosen = ds.test
         else:
-            held = {(ds.root / r).resolve() for r in (split or {}).get("holdout", [])}
+            held = {(ds.root / r).resolve() for r in split.get("holdout", [])}
             chosen = [replace(s, split="test") for s in ds.samples
                       if s.label == ANOMALOUS or s.path.resolve() in held]
     else:
         chosen = [replace(s, split="test") for s in (ds.test if ds.has_test_split else ds.samples)]
-    resolved = [s.path.resolve() for s in chosen]
-    for seen, why in ((trained, "was used to train the model; refusing to score training images (evaluate on "
+    for record, why in ((split, "was used to train the model; refusing to score training images (evaluate on "
                                 "held-out or new images)"),
-                      (tuned, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
-                              "score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
-                              "on new images)")):
-        overlap = [s.path for s, r in zip(chosen, resolved) if r in seen]
+                        (backbone, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
+                                   "score it (fine-tune the backbone with the model's --holdout and --seed, or "
+                                   "evaluate on new images)")):
+        overlap = _seen(chosen, record, ds.root if record is split and same_root else None)
         if overlap:
             raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) {why}")
     if not chosen:
         raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
     return chosen
+
+
+def content_record(paths: list[Path]) -> list[str]:
+    """The sha256 of each training file, kept beside their names in a split record: evaluation recognises a
+    training image copied, moved or renamed, not only one at its recorded path."""
+    return [file_sha256(p) for p in paths]
+
+
+def _moved_here(ds: Dataset, split: dict) -> bool:
+    """Whether ``ds`` is the training dataset at another path: every recorded training file is found at its
+    relative path under ``ds.root`` with the recorded content (needs a record with content hashes)."""
+    names, hashes = split.get("train", []), split.get("train_sha256") or []
+    if not names or len(hashes) != len(names):
+        return False
+    for rel, digest in zip(names, hashes):
+        path = ds.root / rel
+        if not path.is_file() or file_sha256(path) != digest:
+            return False
+    return True
+
+
+def _seen(chosen: list[Sample], record: dict, root: Path | None = None) -> list[Path]:
+    """The chosen images that ``record`` (a split: {"root", "train", "train_sha256"}) trained on: by resolved
+    path under its root (or ``root`` for a dataset that moved), and by content where the record has hashes."""
+    names = record.get("train", [])
+    if not names:
+        return []
+    base = root or Path(record.get("root", ""))
+    by_path = {(base / r).resolve() for r in names}
+    hashes = set(record.get("train_sha256") or [])
+    return [s.path for s in chosen if s.path.resolve() in by_path or (hashes and file_sha256(s.path) in hashes)]
