@@ -52,7 +52,6 @@ def metadata(det: Detector) -> dict[str, Any]:
 
 def save_model(det: Detector, path: str | Path) -> Path:
     """Write the model file atomically; returns its path."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     meta = metadata(det)
