@@ -42,9 +42,10 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
-def iter_images(root: str | Path, skip_dirs: Iterable[str] = ()) -> Iterator[Path]:
+def iter_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[Path] | None = None) -> Iterator[Path]:
     """Image files under ``root``, folder by folder in sorted order; hidden entries and folders named in
-    ``skip_dirs`` (compared lower-case) are skipped; only regular files are yielded."""
+    ``skip_dirs`` (compared lower-case) are skipped; only regular files are yielded. ``skipped`` collects the
+    other visible regular files (other extensions, ``*_mask.*``), so a caller can say what it left out."""
     skip = {d.lower() for d in skip_dirs}
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
@@ -53,6 +54,8 @@ def iter_images(root: str | Path, skip_dirs: Iterable[str] = ()) -> Iterator[Pat
             p = here / name
             if is_image_file(p) and is_regular_file(p):
                 yield p
+            elif skipped is not None and not name.startswith(".") and is_regular_file(p):
+                skipped.append(p)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -66,9 +69,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def list_images(root: str | Path, skip_dirs: Iterable[str] = ()) -> list[Path]:
+def list_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[Path] | None = None) -> list[Path]:
     """``iter_images`` as one sorted list (the order dataset splits are drawn in)."""
-    return sorted(iter_images(root, skip_dirs))
+    return sorted(iter_images(root, skip_dirs, skipped))
 
 
 # ------------------------------------------------------------------------------- durable writes

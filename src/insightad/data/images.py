@@ -34,6 +34,11 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
                 img.close()
                 raise InsightADError(f"{name}: {img.format or 'unknown'} images are not accepted (expected "
                                      f"{ACCEPTED_TEXT})")
+            frames = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # (an MPO JPEG's 2nd frame: a preview)
+            if frames > 1:  # scoring the first page alone would pass the others unseen
+                img.close()
+                raise InsightADError(f"{name}: a {img.format} file with {frames} pages; expected a single image "
+                                     "(save each page as its own file)")
             img.load()
         except FileNotFoundError:
             raise InsightADError(f"{name}: file not found") from None
