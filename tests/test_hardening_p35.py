@@ -49,3 +49,16 @@ def test_p35_predict_says_which_files_of_a_folder_it_left_out(tmp_path, baseline
     out, err = capsys.readouterr()
     assert len(out.strip().splitlines()) == 1 and "part.png" in out
     assert "2 files not scored" in err and "notes.txt" in err
+
+
+@pytest.mark.parametrize("engine", ["auto", "onnx", "torch"])
+def test_p35_every_engine_refuses_the_same_device_typo(baseline_model, mvtec_dir, engine, capsys):
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    assert main(["predict", "--model", str(baseline_model), "--engine", engine, "--device", "tpu", str(image)]) == 1
+    assert "device: expected auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
+
+
+def test_p35_overlap_without_tiles_is_refused(baseline_model, mvtec_dir, capsys):
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    assert main(["predict", "--model", str(baseline_model), "--overlap", "0.25", str(image)]) != 0
+    assert "--overlap: applies to tiled work; give --tile N" in capsys.readouterr().err

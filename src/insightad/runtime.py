@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import importlib.util
 import os
+import re
 import shutil
 import sys
 from typing import Any
@@ -134,10 +135,22 @@ def resolve_engine(name: str, device: str = "cpu") -> str:
     return name
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(device: str) -> str:
+    """``device`` spelt as one this package runs on ('auto', 'cpu', 'cuda' or 'cuda:N'), checked without PyTorch:
+    an engine that ignores the device (ONNX Runtime on the CPU) must not accept a typo that another refuses."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise InsightADError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
 def resolve_device(device: str) -> Any:
     """'auto' | 'cpu' | 'cuda[:N]' -> a torch.device; cuda without a GPU is an error, not a fallback."""
     import torch
 
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insightad.errors import InsightADError
-from insightad.runtime import ENGINES, TRAIN_EXTRA, on_gpu, onnx_available, resolve_engine, torch_available
+from insightad.runtime import ENGINES, TRAIN_EXTRA, check_device, on_gpu, onnx_available, resolve_engine, torch_available
 from insightad.scoring import Scorer
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
     """
     if engine not in ENGINES:
         raise InsightADError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    check_device(device)  # every engine refuses the same spellings, whether it uses the device or not
     if str(path).lower().endswith(".onnx"):
         if engine == "torch":
             raise InsightADError(f"{path}: an ONNX file runs on the onnx engine only (drop --engine torch)")

@@ -160,6 +160,9 @@ def retile(det: Any, tile: int | None, overlap: float | None) -> None:
 
     det.set_params(**{k: v for k, v in (("tile", tile), ("overlap", overlap)) if v is not None})
     config.validate(det)
+    if overlap is not None and det.tile == 1:
+        raise InsightADError(f"--overlap: applies to tiled work; give --tile N (N > 1) as well (this model works "
+                             f"untiled), got --overlap {overlap} alone")
     check_tileable(det)
     inner = unwrap(det.model_)
     det.preprocessing_ = replace(det.preprocessing_, size=(det.image_size, det.image_size))
