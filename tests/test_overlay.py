@@ -9,7 +9,8 @@ from PIL import Image
 
 from insightad.cli import main
 from insightad.render.colormap import MapScale
-from insightad.render.overlay import OUTLINE_RGB, overlay_name, render_overlay
+from insightad.render.names import output_names
+from insightad.render.overlay import OUTLINE_RGB, render_overlay
 from tests.mapdetector import map_model  # noqa: F401  (fixture)
 
 
@@ -45,8 +46,7 @@ def test_image_level_overlay_has_verdict_and_is_enlarged_when_small():
 
 
 def test_overlay_names_never_collide(tmp_path):
-    used: set[str] = set()
-    names = [overlay_name(tmp_path / d / "img.png", used) for d in ("a", "b", "b")]
+    names = output_names([tmp_path / d / "img.png" for d in ("a", "b", "b")], "overlay")
     assert names == ["img_overlay.png", "b_img_overlay.png", "b_img_2_overlay.png"]
 
 

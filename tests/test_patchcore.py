@@ -15,7 +15,7 @@ from insightad.errors import InsightADError
 from insightad.methods import create_detector
 from insightad.methods.components.coreset import coreset_size, greedy_coreset
 from insightad.methods.components.knn import nearest
-from insightad.render.heatmap import heatmap_names
+from insightad.render.names import output_names
 from tests.conftest import SIZE
 
 
@@ -181,14 +181,14 @@ def test_cli_train_flags_and_heatmaps(patchcore, mvtec_dir, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all('"heatmap"' in line for line in lines)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(heatmap_names(good + bad)) and len(names) == 3
+    assert names == sorted(output_names(good + bad, "heatmap")) and len(names) == 3
     img = Image.open(next(out.iterdir()))
     assert img.mode == "RGB" and img.size == (96, 96)  # each heatmap at its image's own size
 
 
 def test_heatmap_names_never_collide(tmp_path):
     paths = [tmp_path / "good" / "000.png", tmp_path / "crack" / "000.png", tmp_path / "good" / "001.png"]
-    assert heatmap_names(paths) == ["good_000_heatmap.png", "crack_000_heatmap.png", "001_heatmap.png"]
+    assert output_names(paths, "heatmap") == ["000_heatmap.png", "crack_000_heatmap.png", "001_heatmap.png"]
 
 
 def test_cli_heatmap_refused_for_image_level_models(baseline_model, mvtec_dir, tmp_path, capsys):

@@ -152,7 +152,7 @@ def test_kill_9_in_the_middle(baseline_model, incoming, tmp_path, det):
 
 
 def test_refusals(det, incoming, tmp_path, baseline_model, capsys):
-    with pytest.raises(InsightADError, match="the output folder is inside the input folder"):
+    with pytest.raises(InsightADError, match="--out must not be inside the input folder"):
         FolderSorter(det, incoming, incoming / "sorted")
     with pytest.raises(InsightADError, match="the input folder is inside the output folder"):
         FolderSorter(det, incoming / "line2", incoming)

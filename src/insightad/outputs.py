@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from insightad.errors import InsightADError
@@ -38,16 +40,44 @@ def _make_folder(folder: Path, flag: str, shown: Path) -> None:
         raise InsightADError(f"{shown}: {flag} cannot be written ({_reason(e)})") from None
 
 
-def check_output_file(path: str | Path, flag: str, *, suffix: str | None = None) -> Path:
+def check_not_input(path: str | Path, flag: str, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output that is one of ``inputs`` (a file: the same file once symlinks and hard links are
+    followed) or lies inside one (a folder): writing it would destroy an input, or feed what this run writes
+    back in as input on the next run. One ``stat`` per input: a list of a million images stays cheap."""
+    out = Path(path).expanduser()
+    resolved = out.resolve()
+    try:
+        here = os.stat(out)
+    except OSError:
+        here = None  # not written yet: it cannot be an existing input file
+    for given in inputs:
+        src = Path(given).expanduser()
+        try:
+            st = os.stat(src)
+        except OSError:
+            continue  # a missing input cannot be overwritten
+        if stat.S_ISDIR(st.st_mode):
+            folder = src.resolve()
+            if resolved == folder or folder in resolved.parents:
+                raise InsightADError(f"{out}: {flag} must not be inside the input folder {src} (what is written "
+                                     f"there would be read as input on the next run); choose {flag} outside it")
+        elif here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+            raise InsightADError(f"{out}: {flag} would overwrite {src}, an input of this run; choose another name")
+
+
+def check_output_file(path: str | Path, flag: str, *, suffix: str | None = None,
+                      inputs: Iterable[str | Path] = ()) -> Path:
     """``path`` may be written as a file (its folder is created); else one line naming ``flag``.
 
-    An existing file is fine (it is replaced atomically when the work is done); a folder is not.
+    An existing file is fine (it is replaced atomically when the work is done); a folder is not, nor
+    one of ``inputs`` or a name inside an input folder (:func:`check_not_input`).
     """
     path = Path(path).expanduser()
-    if suffix and path.suffix.lower() != suffix:
-        raise InsightADError(f"{flag}: expected a {suffix} file name, got {str(path)!r}")
     if path.is_dir():
         raise InsightADError(f"{path}: {flag} expects a file name, and this is a folder")
+    if suffix and path.suffix.lower() != suffix:
+        raise InsightADError(f"{flag}: expected a {suffix} file name, got {str(path)!r}")
+    check_not_input(path, flag, inputs)
     if path.exists() and not os.access(path, os.W_OK):
         raise InsightADError(f"{path}: {flag} cannot be written (permission denied)")
     folder = path.parent if str(path.parent) else Path(".")
@@ -56,9 +86,11 @@ def check_output_file(path: str | Path, flag: str, *, suffix: str | None = None)
     return path
 
 
-def check_output_dir(path: str | Path, flag: str) -> Path:
-    """``path`` is (or is created as) a folder we may write into; else one line naming ``flag``."""
+def check_output_dir(path: str | Path, flag: str, *, inputs: Iterable[str | Path] = ()) -> Path:
+    """``path`` is (or is created as) a folder we may write into, not inside one of ``inputs``; else one
+    line naming ``flag``."""
     path = Path(path).expanduser()
+    check_not_input(path, flag, inputs)
     if path.exists() and not path.is_dir():
         raise InsightADError(f"{path}: {flag} expects a folder, and this is a file")
     _make_folder(path, flag, path)

@@ -13,6 +13,7 @@ from insightad.data.augment import augment
 from insightad.data.images import load_image
 from insightad.errors import InsightADError
 from insightad.io import list_images
+from insightad.outputs import check_not_input
 
 SAVE_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -22,31 +23,41 @@ def image_seed(seed: int, rel: str, copy: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(rel.encode()) * 131 + copy) % (2**63)
 
 
+def check_decodes(images: list[Path], progress: bool = False) -> None:
+    """Every input decodes before anything is written: a bad file found halfway would leave half an output."""
+    for path in tqdm(images, desc="check", unit="image", disable=not progress):
+        try:
+            load_image(path)
+        except InsightADError as e:
+            raise InsightADError(f"{e}; nothing was written (remove or fix it, then run again)") from None
+
+
 def augment_folder(src: str | Path, out: str | Path, copies: int, params: AugmentParams, seed: int = 0,
                    include_originals: bool = False, progress: bool = False) -> list[Path]:
-    """Write ``copies`` augmented versions of every image under ``src`` into ``out`` (same sub-folders)."""
-    from insightad.io import atomic_write
+    """Write ``copies`` augmented versions of every image under ``src`` into ``out`` (same sub-folders);
+    with ``include_originals`` the originals are copied beside them byte for byte (same names)."""
+    from insightad.io import atomic_write, durable_copy
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise InsightADError(f"{src}: expected a folder of images")
     if copies < 1:
         raise InsightADError(f"copies: expected a positive number, got {copies}")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise InsightADError(f"{out}: the output folder must not be inside the input folder {src}")
+    check_not_input(out, "--out", [src])
     images = list_images(src)
     if not images:
         raise InsightADError(f"{src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
+    check_decodes(images, progress)
     written: list[Path] = []
     for path in tqdm(images, desc="augment", unit="image", disable=not progress):
         rel = path.relative_to(src)
         img = load_image(path)
         fmt = SAVE_FORMAT.get(path.suffix.lower(), "PNG")
-        targets = [(out / rel, img)] if include_originals else []
+        if include_originals:  # a copy, not a re-encoding: 16-bit, CMYK and JPEG bytes stay as they were
+            durable_copy(path, out / rel)
+            written.append(out / rel)
         for k in range(copies):
-            targets.append((out / rel.parent / f"{rel.stem}_aug{k:03d}{path.suffix}",
-                            augment(img, params, image_seed(seed, rel.as_posix(), k))))
-        for target, im in targets:
-            atomic_write(target, partial(im.save, format=fmt))
+            target = out / rel.parent / f"{rel.stem}_aug{k:03d}{path.suffix}"
+            atomic_write(target, partial(augment(img, params, image_seed(seed, rel.as_posix(), k)).save, format=fmt))
             written.append(target)
     return written

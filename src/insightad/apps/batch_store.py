@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 
 from insightad.errors import InsightADError
 from insightad.io import atomic_write
+from insightad.outputs import check_output_file
 
 SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -43,15 +45,14 @@ class ResultsStore:
     def lock_path(self) -> Path:
         return self.out.with_name(self.out.name + ".lock")
 
-    def check(self) -> None:
-        """Refuse outputs that cannot be written, before any work starts."""
-        for p in [self.out] + ([self.csv] if self.csv else []):
-            if p.is_dir():
-                raise InsightADError(f"{p}: is a folder; expected a results file name (e.g. results.parquet)")
-            parent = p.parent if str(p.parent) else Path(".")
-            parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(parent, os.W_OK):
-                raise InsightADError(f"{p}: cannot write in {parent}")
+    def check(self, inputs: Sequence[str | Path] = ()) -> None:
+        """Refuse outputs that cannot be written, or that would overwrite one of ``inputs`` (the model, the
+        input list, an image) or land inside an input folder, before any work starts."""
+        check_output_file(self.out, "--out", inputs=inputs)
+        if self.csv is not None:
+            if self.csv.resolve() == self.out.resolve():
+                raise InsightADError(f"{self.csv}: --csv must not be the --out results table; choose another name")
+            check_output_file(self.csv, "--csv", suffix=".csv", inputs=[*inputs, self.out])
         if self.out.exists():
             try:
                 got = pq.read_schema(self.out)

@@ -31,6 +31,7 @@ import numpy as np
 
 from insightad.errors import InsightADError
 from insightad.io import TMP_SUFFIX, durable_copy, folder_lock, fsync_dir, fsync_file, iter_images
+from insightad.outputs import check_output_dir
 
 JOURNAL = ".insightad-sort.journal"
 CSV_NAME = "results.csv"
@@ -99,12 +100,8 @@ def check_folders(input_dir: Path, out_dir: Path) -> tuple[Path, Path]:
         raise InsightADError(f"{input_dir}: no such folder")
     if not input_dir.is_dir():
         raise InsightADError(f"{input_dir}: expected a folder of images to sort, got a file")
+    check_output_dir(out_dir, "--out", inputs=[input_dir])  # a sorted copy inside would be sorted again
     src, out = input_dir.resolve(), out_dir.resolve()
-    if out.exists() and not out.is_dir():
-        raise InsightADError(f"{out_dir}: --out must be a folder, and this is a file")
-    if out == src or src in out.parents:
-        raise InsightADError(f"{out_dir}: the output folder is inside the input folder {input_dir}; a sorted copy "
-                             "would be sorted again on the next run. Choose --out outside it")
     if out in src.parents:
         raise InsightADError(f"{input_dir}: the input folder is inside the output folder {out_dir}; choose --out "
                              "elsewhere")

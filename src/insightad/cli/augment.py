@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from insightad.outputs import check_output_dir
 
     params = gather(args, config.AugmentParams)
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", inputs=[args.input])  # the copies must not become inputs next run
     written = augment_folder(args.input, args.out, args.copies, params, args.seed, args.include_originals,
                              args.progress)
     print(f"wrote {len(written)} images to {args.out}")

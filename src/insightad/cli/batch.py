@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise InsightADError("batch writes Parquet and needs pyarrow: pip install 'insightad[batch]'") from None
     from insightad.apps.batch import BatchJob, ResultsStore, list_source, run_local
+    from insightad.apps.batch_sources import source_inputs
+    from insightad.outputs import check_not_input, check_output_dir
 
     if args.gpus_per_worker < 0:
         raise InsightADError(f"--gpus-per-worker: expected 0 or more, got {args.gpus_per_worker}")
@@ -64,19 +66,23 @@ def run(args: argparse.Namespace) -> int:
         from insightad.apps.batch_ray import import_ray
 
         import_ray()  # before any work: say how to install it
-    store = ResultsStore(Path(args.out), Path(args.csv) if args.csv else None)
-    store.check()
-    for flag in ("maps", "overlays"):
-        d = getattr(args, flag)
-        if d and Path(d).exists() and not Path(d).is_dir():
-            raise InsightADError(f"--{flag} {d}: expected a folder, got a file")
     if not Path(args.model).is_file():
         raise InsightADError(f"{args.model}: model file not found")
-    source = list_source(args.input)
+    source = list_source(args.input)  # first: the outputs must not overwrite an input or lie inside its folder
+    inputs = [args.model, *source_inputs(args.input, source)]
+    store = ResultsStore(Path(args.out), Path(args.csv) if args.csv else None)
+    store.check(inputs)
+    folders = {f"--{flag}": getattr(args, flag) for flag in ("maps", "overlays") if getattr(args, flag)}
+    for flag, d in folders.items():
+        check_not_input(d, flag, inputs)
+        if Path(d).exists() and not Path(d).is_dir():
+            raise InsightADError(f"{flag} {d}: expected a folder, got a file")
     thr = parse_threshold(args.threshold)
     det = load_inference_model(args)
     if args.maps and not det.has_maps:
         raise InsightADError(f"--maps: {det.method} models give no anomaly maps (train padim, patchcore or autoencoder)")
+    for flag, d in folders.items():  # after the refusal above: a refused run leaves no empty folder behind
+        check_output_dir(d, flag)
     job = BatchJob(Path(args.model), source, store, thr, args.maps, args.overlays, args.chunk, args.progress)
     threshold = float(det.threshold_ if thr is None else thr)
     try:

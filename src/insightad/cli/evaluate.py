@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         from insightad.outputs import check_output_dir
 
-        check_output_dir(args.report, "--report")
+        check_output_dir(args.report, "--report", inputs=[args.data])  # its PNGs must not become test images
     thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
     det = load_inference_model(args)
     dp = data_params(args)

@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from insightad.model_file import load_model
     from insightad.outputs import check_output_file
 
-    out = check_output_file(args.out if args.out else Path(args.model).with_suffix(".onnx"), "--out")
+    out = args.out if args.out else Path(args.model).with_suffix(".onnx")
+    out = check_output_file(out, "--out", suffix=".onnx", inputs=[args.model])  # never over the model file
     from insightad.io import file_sha256
 
     det = load_model(args.model)

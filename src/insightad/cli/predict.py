@@ -67,13 +67,16 @@ def expand_images(items: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.outputs import check_output_dir
+    from insightad.outputs import check_not_input, check_output_dir
 
-    if args.overlay:
-        check_output_dir(args.overlay, "--overlay")
+    given = list(args.images) + list(args.image)
+    if args.overlay:  # never inside an input folder: the next run would score the overlays
+        check_output_dir(args.overlay, "--overlay", inputs=given)
+    if args.heatmap:
+        check_not_input(args.heatmap, "--heatmap", given)
     if args.heatmap and os.path.lexists(args.heatmap):  # an existing non-folder is refused before any work
         check_output_dir(args.heatmap, "--heatmap")
-    paths = expand_images(list(args.images) + list(args.image))
+    paths = expand_images(given)
     thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
     det = load_inference_model(args)
     if args.heatmap and not det.has_maps:

@@ -79,11 +79,26 @@ def check_outputs(args: argparse.Namespace, params) -> None:
     from insightad.backbones.registry import SSL_FINE_TUNE
     from insightad.outputs import check_output_dir, check_output_file
 
-    args.out = str(check_output_file(args.out or default_model_path(args.data, args.method), "--out"))
+    out = Path(args.out or default_model_path(args.data, args.method))
+    if out.suffix.lower() == ".onnx":  # the graph's own name: 'info' could not read it, --onnx would overwrite it
+        raise InsightADError(f"--out: expected a model file name, got {str(out)!r} (.onnx is the name of the ONNX "
+                             "graph written beside the model); use e.g. .safetensors")
+    args.out = str(check_output_file(out, "--out", inputs=train_inputs(args, params)))
     if getattr(params, "backbone", None) == SSL_FINE_TUNE:
         check_output_file(fine_tuned_backbone_path(Path(args.out)), "--backbone ssl (the backbone file beside --out)")
     if getattr(params, "checkpoint_dir", None):
         check_output_dir(params.checkpoint_dir, "--checkpoint-dir")
+    if getattr(args, "report", None):
+        check_output_dir(args.report, "--report", inputs=[args.data])
+
+
+def train_inputs(args: argparse.Namespace, params) -> list[str]:
+    """The files and folders a training run reads, which its outputs must not overwrite or lie inside:
+    --data, the config file, the backbone weights file, an ssl: backbone file."""
+    backbone = str(getattr(params, "backbone", "") or "")
+    found = [args.data, getattr(args, "config", None), getattr(params, "weights", None),
+             backbone[len("ssl:"):] if backbone.startswith("ssl:") else None]
+    return [str(p) for p in found if p]
 
 
 def _interrupt_on_sigterm() -> None:

@@ -1,10 +1,10 @@
-"""Anomaly maps as colour PNG images: one ``<stem>_heatmap.png`` per image, pixel-aligned with it, in the
-one colour convention (``render.colormap``), so colours mean the same in every image. The scale
-(level, spread) is written into each PNG's text chunks for anyone who reads values back."""
+"""Anomaly maps as colour PNG images: one ``<stem>_heatmap.png`` per image (named as overlays are:
+``render.names``), pixel-aligned with it, in the one colour convention (``render.colormap``), so colours
+mean the same in every image. The scale (level, spread) is written into each PNG's text chunks for anyone
+who reads values back."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -14,21 +14,7 @@ from PIL import Image
 
 from insightad.errors import InsightADError
 from insightad.render.colormap import MapScale, colorize
-
-
-def heatmap_names(paths: Sequence[Path]) -> list[str]:
-    """``<stem>_heatmap.png``; stems that occur twice (``good/000.png``, ``crack/000.png``) get their
-    folder's name in front so that no file overwrites another."""
-    stems = Counter(Path(p).stem for p in paths)
-    out = []
-    for p in paths:
-        p = Path(p)
-        prefix = f"{p.parent.name}_" if stems[p.stem] > 1 and p.parent.name else ""
-        out.append(f"{prefix}{p.stem}_heatmap.png")
-    dup = [n for n, c in Counter(out).items() if c > 1]
-    if dup:
-        raise InsightADError(f"--heatmap: two images would both write {dup[0]} (same name in folders of the same name)")
-    return out
+from insightad.render.names import output_names
 
 
 def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], scale: MapScale,
@@ -41,7 +27,7 @@ def write_heatmaps(paths: Sequence[Path], maps: Sequence[np.ndarray | None], sca
         raise InsightADError(f"{out_dir}: --heatmap expects a folder, and this is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path | None] = []
-    for name, m in zip(heatmap_names(paths), maps):
+    for name, m in zip(output_names(paths, "heatmap"), maps):
         if m is None:
             written.append(None)
             continue

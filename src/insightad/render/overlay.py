@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from insightad.data.images import load_image
 from insightad.render.colormap import MapScale, blend, default_scale, font, with_colorbar
+from insightad.render.names import output_names
 
 MIN_SIDE = 320
 ANOMALOUS_RGB = (220, 40, 40)
@@ -111,19 +112,6 @@ def _with_banner(img: Image.Image, score: float, threshold: float, anomalous: bo
 
 
 # ------------------------------------------------------------------------------------ files
-def overlay_name(path: Path, used: set[str]) -> str:
-    """``<stem>_overlay.png``; a stem already written in this run gets its folder name, then a number."""
-    name = f"{path.stem}_overlay.png"
-    if name in used:
-        name = f"{path.parent.name}_{path.stem}_overlay.png"
-    base, n = name[: -len("_overlay.png")], 2
-    while name in used:
-        name = f"{base}_{n}_overlay.png"
-        n += 1
-    used.add(name)
-    return name
-
-
 def predict_with_overlays(det: Any, paths: Sequence[Path], out_dir: str | Path, threshold: float | None = None,
                           chunk: int = 16, progress: bool = False, strict: bool = True) -> tuple[Any, list[Path | None]]:
     """Score ``paths`` through the one prediction loop and write ``<stem>_overlay.png`` for each into
@@ -137,7 +125,7 @@ def predict_with_overlays(det: Any, paths: Sequence[Path], out_dir: str | Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     scale = MapScale.for_detector(det, threshold) if det.has_maps else None
     written: list[Path | None] = []
-    used: set[str] = set()
+    names = output_names(paths, "overlay")
     parts = []
     for pred in det.iter_predict(list(paths), chunk=chunk, maps=det.has_maps, threshold=threshold,
                                  progress=progress, strict=strict):
@@ -149,7 +137,7 @@ def predict_with_overlays(det: Any, paths: Sequence[Path], out_dir: str | Path, 
             m = pred.maps[i] if pred.maps is not None else None
             img = render_overlay(load_image(path, 3), float(pred.scores[i]), pred.threshold, anomaly_map=m,
                                  scale=scale, score_normalized=float(pred.scores_normalized[i]))
-            target = out_dir / overlay_name(path, used)
+            target = out_dir / names[pred.offset + i]
             atomic_write(target, partial(img.save, format="PNG"))
             written.append(target)
         pred.maps = None
