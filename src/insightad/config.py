@@ -31,13 +31,15 @@ def params(cls: type[T]) -> type[T]:
 
 def param(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
           maximum: float | None = None, aliases: tuple[str, ...] = (), exclusive_min: bool = False,
-          value_aliases: dict[str, str] | None = None) -> Any:
+          value_aliases: dict[str, str] | None = None, min_items: int = 1) -> Any:
     """A dataclass field carrying what the CLI and validation need to know about it.
 
     ``aliases``: other flag spellings; ``value_aliases``: old spellings of a choice, accepted and
-    replaced by the current one (hidden from help)."""
+    replaced by the current one (hidden from help); ``min_items``: the fewest items a list takes (an
+    empty ``--layers ''`` would fail deep inside a fit; 0 where empty means something)."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
-            "aliases": aliases, "exclusive_min": exclusive_min, "value_aliases": value_aliases or {}}
+            "aliases": aliases, "exclusive_min": exclusive_min, "value_aliases": value_aliases or {},
+            "min_items": min_items}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,6 +82,9 @@ def validate(obj: Any) -> None:
         if kind in (list, tuple):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             items = _checked_list(f.name, value, hints.get(f.name), default)
+            if len(items) < meta.get("min_items", 0):
+                raise InsightADError(f"{f.name}: expected at least {meta['min_items']} item"
+                                     f"{'s' if meta['min_items'] > 1 else ''}, got an empty list")
             if items is not value:
                 setattr(obj, f.name, items)
             continue

@@ -69,6 +69,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_identity(path: str | Path | bytes) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or None when it cannot be stat'ed: what resumable jobs (sort, batch)
+    compare to tell a file they already handled from a new one that took its name."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def list_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[Path] | None = None) -> list[Path]:
     """``iter_images`` as one sorted list (the order dataset splits are drawn in)."""
     return sorted(iter_images(root, skip_dirs, skipped))

@@ -5,8 +5,10 @@ process, the Ray runner inside actors (``apps.batch_ray``). Results are committe
 chunk as a Parquet *part file* (written to a temporary name, fsync'ed, renamed), so a killed run
 loses at most the chunks in flight; at the end the parts are merged into ``--out`` (again temp +
 rename) and deleted. On restart the inputs already in ``--out`` or in a part file, for the same
-model file (SHA-256 of its bytes), are skipped; merging keeps the first row of each (path, model),
-so no row is ever duplicated. An exclusive lock file beside ``--out`` refuses a second run.
+model file (SHA-256 of its bytes), are skipped, unless their row is an error (tried again) or the
+local file's size or mtime_ns differs from the row's (a new file under the name: scored again);
+merging keeps the newest row of each (path, model), so no row is ever duplicated. An exclusive lock
+file beside ``--out`` refuses a second run.
 
 Paths are kept as their exact bytes (``path_bytes``) beside a display string (``path``), so a
 name that is not valid UTF-8 round-trips.
@@ -32,6 +34,7 @@ from insightad.apps.batch_store import SCHEMA, ResultsStore
 from insightad.errors import InsightADError
 from insightad.io import (
     atomic_write,
+    file_identity,
     file_lock,
     file_sha256,  # noqa: F401 - re-exported (results name the model by it)
 )
@@ -97,6 +100,8 @@ def score_chunk(det, paths: Sequence[bytes], opts: ScoreOptions) -> pa.Table:
     errors: dict[int, str] = {}
     sources: list[str | bytes] = []
     where: list[int] = []
+    # taken before reading: a file changed while it is scored gets a newer identity, and is scored again
+    idents = [None if is_url(p) else file_identity(os.fsdecode(p)) for p in paths]
     for i, p in enumerate(paths):
         try:
             sources.append(read_source(p))
@@ -141,6 +146,8 @@ def score_chunk(det, paths: Sequence[bytes], opts: ScoreOptions) -> pa.Table:
         "time": pa.array([now] * n, pa.timestamp("ms", tz="UTC")),
         "map": pa.array([clean_text(m) if m else None for m in maps_out], pa.string()),
         "overlay": pa.array([clean_text(o) if o else None for o in overlays_out], pa.string()),
+        "size": pa.array([d[0] if d else None for d in idents], pa.int64()),
+        "mtime_ns": pa.array([d[1] if d else None for d in idents], pa.int64()),
     }, schema=SCHEMA)
 
 
@@ -181,6 +188,8 @@ class BatchSummary:
     inputs: int
     scored: int = 0
     skipped: int = 0
+    retried: int = 0
+    changed: int = 0
     errors: int = 0
     anomalous: int = 0
     seconds: float = 0.0
@@ -193,7 +202,8 @@ class BatchSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "inputs": self.inputs, "scored": self.scored, "skipped": self.skipped,
-                "errors": self.errors, "anomalous": self.anomalous, "seconds": round(self.seconds, 3),
+                "retried": self.retried, "changed": self.changed, "errors": self.errors, "anomalous": self.anomalous,
+                "seconds": round(self.seconds, 3),
                 "startup_seconds": round(self.startup_seconds, 3),
                 "images_per_second": round(self.images_per_second, 3)}
 
@@ -238,17 +248,32 @@ class BatchJob:
     def options(self, threshold: float | None) -> ScoreOptions:
         return ScoreOptions(self.model_sha256, threshold, self.maps_dir, self.overlays_dir, self.source.root)
 
-    def todo(self, threshold: float) -> tuple[list[bytes], int]:
-        """Inputs without a committed row for this model, and how many were done earlier. A run left
-        half-done at another threshold is refused (its rows would mix two decisions)."""
+    def todo(self, threshold: float, summary: BatchSummary) -> list[bytes]:
+        """Inputs to score for this model: those without a row, with an error row (tried again), or whose
+        local file's size or mtime_ns differs from its row's (a new file under the name; a file gone since
+        keeps its row). The others are
+        counted as ``summary.skipped``. A run left half-done at another threshold is refused (its rows
+        would mix two decisions)."""
         done = self.store.done(self.model_sha256)
-        wanted = [p for p in self.source.paths if p in done]
-        for p in wanted[:1]:
+        todo: list[bytes] = []
+        kept: list[bytes] = []
+        for p in self.source.paths:
+            row = done.get(p)
+            if row is not None and row[1]:
+                summary.retried += 1
+            elif row is not None and row[2] is not None and row[2] != (file_identity(os.fsdecode(p)) or row[2]):
+                summary.changed += 1
+            elif row is not None:
+                kept.append(p)
+                continue
+            todo.append(p)
+        for p in kept[:1]:
             old = done[p][0]
             if old is not None and not np.isclose(old, threshold, rtol=1e-9, atol=0.0):
                 raise InsightADError(f"{self.store.out}: holds rows of this model at threshold {old:.9g}, not "
                                      f"{threshold:.9g}; pass --threshold {old!r} to finish it, or choose another --out")
-        return [p for p in self.source.paths if p not in done], len(wanted)
+        summary.skipped = len(kept)
+        return todo
 
     def chunks(self, todo: list[bytes]) -> Iterator[list[bytes]]:
         for a in range(0, len(todo), self.chunk):
@@ -277,7 +302,7 @@ def run_local(job: BatchJob, det) -> BatchSummary:
     thr = float(det.threshold_ if job.threshold is None else job.threshold)
     summary = BatchSummary(job.store.out, len(job.source.paths))
     with file_lock(job.store.lock_path, str(job.store.out)):
-        todo, summary.skipped = job.todo(thr)
+        todo = job.todo(thr, summary)
         opts = job.options(job.threshold)
         commit_tables(job, (score_chunk(det, part, opts) for part in job.chunks(todo)), summary, len(todo))
         job.finish(summary)

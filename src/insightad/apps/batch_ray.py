@@ -93,7 +93,7 @@ def run_ray(job: BatchJob, threshold: float, address: str = "local", workers: in
     ray = import_ray()
     summary = BatchSummary(job.store.out, len(job.source.paths))
     with file_lock(job.store.lock_path, str(job.store.out)):
-        todo, summary.skipped = job.todo(threshold)
+        todo = job.todo(threshold, summary)
         if todo:
             summary.startup_seconds = connect(address, num_cpus)
             commit_tables(job, _scored(ray, job, todo, workers, gpus_per_worker, engine, scorer), summary, len(todo))

@@ -27,7 +27,17 @@ SCHEMA = pa.schema([
     ("time", pa.timestamp("ms", tz="UTC")),
     ("map", pa.string()),
     ("overlay", pa.string()),
+    # the local file's identity when it was scored (null for a URL, or a table of an older version)
+    ("size", pa.int64()),
+    ("mtime_ns", pa.int64()),
 ])
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``t`` with ``schema``'s columns, those a table of an older version lacks filled with nulls."""
+    cols = [t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, names=schema.names).cast(schema)
+
 
 @dataclass
 class ResultsStore:
@@ -70,15 +80,16 @@ class ResultsStore:
         tables = [pq.read_table(self.out, columns=columns)] if self.out.exists() else []
         tables += [pq.read_table(p, columns=columns) for p in self._part_files()]
         schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
-        return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
+        return pa.concat_tables([_conform(t, schema) for t in tables]) if tables else schema.empty_table()
 
-    def done(self, model_sha: str) -> dict[bytes, tuple[float, bool]]:
-        """path bytes -> (threshold, is error) of the rows already committed for this model."""
-        t = self.read_all(["path_bytes", "model_sha256", "threshold", "error"])
-        out: dict[bytes, tuple[float, bool]] = {}
-        for p, m, thr, err in zip(*(t.column(c).to_pylist() for c in t.column_names)):
-            if m == model_sha and p not in out:
-                out[p] = (thr, err is not None)
+    def done(self, model_sha: str) -> dict[bytes, tuple[float, bool, tuple[int, int] | None]]:
+        """path bytes -> (threshold, is error, (size, mtime_ns) or None) of the newest row committed for
+        this model (the one ``consolidate`` keeps)."""
+        t = self.read_all(["path_bytes", "model_sha256", "threshold", "error", "size", "mtime_ns"])
+        out: dict[bytes, tuple[float, bool, tuple[int, int] | None]] = {}
+        for p, m, thr, err, size, mtime in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+            if m == model_sha:
+                out[p] = (thr, err is not None, None if size is None or mtime is None else (size, mtime))
         return out
 
     def commit(self, table: pa.Table) -> Path:
@@ -91,16 +102,16 @@ class ResultsStore:
         return target
 
     def consolidate(self) -> pa.Table:
-        """Merge ``out`` and the parts (first row of each (path, model) wins), write ``out`` (and the CSV)
-        atomically, then delete the parts: a kill at any point leaves nothing lost or duplicated."""
+        """Merge ``out`` and the parts (the newest row of each (path, model) wins: a retried error or a
+        changed file replaces its old row; a part repeating merged rows repeats them unchanged), write
+        ``out`` (and the CSV) atomically, then delete the parts: a kill at any point leaves nothing lost
+        or duplicated."""
         parts = self._part_files()
         t = self.read_all()
-        seen: set[tuple[bytes, str]] = set()
-        keep = []
+        last: dict[tuple[bytes, str], int] = {}
         for i, key in enumerate(zip(t.column("path_bytes").to_pylist(), t.column("model_sha256").to_pylist())):
-            if key not in seen:
-                seen.add(key)
-                keep.append(i)
+            last[key] = i
+        keep = sorted(last.values())
         t = t.take(pa.array(keep, pa.int64())) if len(keep) != t.num_rows else t
         t = t.sort_by([("model_sha256", "ascending"), ("path_bytes", "ascending")])
         atomic_write(self.out, lambda tmp: pq.write_table(t, tmp))

@@ -11,8 +11,14 @@ A copy is written to a hidden temporary name, fsync'ed, then renamed, so a desti
 ever holds a complete file; a move is a rename (or copy + rename + delete of the source across
 file systems). On restart, a torn last line of either file is cut off, every intent without a CSV
 row is finished (the destination is there: done; the source is there: transfer again; both, after a
-cross-file-system move: the source is deleted once the sizes match), then the walk goes on, skipping
-every image with a row. So no image is lost, none ends up twice, and no row is written twice.
+cross-file-system move: the source is deleted once the sizes match), then the walk goes on. So no
+image is lost, none ends up twice, and no row is written twice.
+
+Resume goes by identity, not by name: intents and rows record the source's size and mtime_ns (taken
+before it is scored), and an image is skipped only when the last row of its path is a decision made
+for a file of that identity. A new file that took a sorted file's name is sorted, and an image whose
+last row is an error is tried again (its new row follows the old one: the last row of a path is
+current). Journals and CSVs of older versions, without the identity, are still read (by name).
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ from typing import Any
 import numpy as np
 
 from insightad.errors import InsightADError
-from insightad.io import TMP_SUFFIX, durable_copy, folder_lock, fsync_dir, fsync_file, iter_images
+from insightad.io import TMP_SUFFIX, durable_copy, file_identity, folder_lock, fsync_dir, fsync_file, iter_images
 from insightad.outputs import check_output_dir
 
 JOURNAL = ".insightad-sort.journal"
 CSV_NAME = "results.csv"
 # anomalous: true/false (empty for an error), the name every machine-readable output uses; decision: the folder
-FIELDS = ("path", "score", "score_normalized", "anomalous", "decision", "destination", "error")
+# size, mtime_ns: the source's identity when it was scored (what a resume compares; empty if unknown)
+FIELDS = ("path", "score", "score_normalized", "anomalous", "decision", "destination", "error", "size", "mtime_ns")
 DECISIONS = ("normal", "anomalous")
 # File names are bytes on POSIX: a name that is not valid UTF-8 reaches Python as lone surrogates, and
 # ``surrogateescape`` writes those back as the original bytes, so the CSV and the journal round-trip it.
@@ -45,11 +52,21 @@ ENCODING, NAME_ERRORS = "utf-8", "surrogateescape"
 Hook = Callable[[str, str], None]  # (stage, relative path): test hook for simulated crashes
 # paths to score -> (paths of a chunk, its Prediction) as chunks finish, in any order (e.g. apps.batch_ray)
 Scorer = Callable[[list[Path]], Iterator[tuple[list[Path], Any]]]
+Identity = tuple[int, int]  # (size, mtime_ns), as io.file_identity gives it
+
+
+def _identity_of(record: dict[str, Any]) -> Identity | None:
+    """The identity a journal intent or CSV row recorded; None for one written by an older version."""
+    try:
+        return int(record["size"]), int(record["mtime_ns"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 @dataclass
 class SortSummary:
-    """What one run did (``skipped``: images finished by an earlier run)."""
+    """What one run did. ``skipped``: images an earlier run sorted, unchanged since; ``retried``: images
+    whose earlier outcome was an error; ``changed``: images that replaced a sorted file of the same name."""
 
     out: Path
     csv: Path
@@ -58,6 +75,8 @@ class SortSummary:
     anomalous: int = 0
     errors: int = 0
     skipped: int = 0
+    retried: int = 0
+    changed: int = 0
     recovered: int = 0
     seconds: float = 0.0
     error_examples: list[str] = field(default_factory=list)
@@ -69,7 +88,7 @@ class SortSummary:
     def as_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "csv": str(self.csv), "mode": "move" if self.move else "copy",
                 "normal": self.normal, "anomalous": self.anomalous, "errors": self.errors, "skipped": self.skipped,
-                "recovered": self.recovered, "seconds": round(self.seconds, 3)}
+                "retried": self.retried, "changed": self.changed, "recovered": self.recovered, "seconds": round(self.seconds, 3)}
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -123,6 +142,8 @@ class FolderSorter:
         self.journal_path, self.csv_path = self.out / JOURNAL, self.out / CSV_NAME
         self.summary = SortSummary(self.out, self.csv_path, move)
         self._claimed: set[Path] = set()
+        self._ids: dict[Path, Identity | None] = {}  # identity of each image to sort, taken before scoring
+        self._recovered: set[str] = set()  # paths whose intent this run finished (counted as recovered)
 
     # ------------------------------------------------------------------ journal and CSV
     def _header(self) -> dict[str, Any]:
@@ -130,8 +151,8 @@ class FolderSorter:
                 "threshold": self.threshold, "model": getattr(self.det, "model_path_", None),
                 "method": self.det.method}
 
-    def _open(self) -> tuple[set[str], list[dict[str, Any]]]:
-        """Create or reopen the journal and CSV; returns (finished paths, intents)."""
+    def _open(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Create or reopen the journal and CSV; returns (CSV rows, intents)."""
         self.out.mkdir(parents=True, exist_ok=True)
         _cut_torn_tail(self.journal_path)
         _cut_torn_tail(self.csv_path)
@@ -143,11 +164,11 @@ class FolderSorter:
             intents = [json.loads(x) for x in lines[1:] if x.strip()]
         else:
             self._append(self.journal_path, json.dumps(self._header()) + "\n")
-        done: set[str] = set()
+        done: list[dict[str, Any]] = []
         if self.csv_path.exists() and self.csv_path.stat().st_size:
             with open(self.csv_path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
                 reader = csv.DictReader(f)
-                done = {row["path"] for row in reader}
+                done = list(reader)
                 self.fields = tuple(reader.fieldnames or FIELDS)  # a run begun by an older version keeps its columns
         else:
             self._append(self.csv_path, ",".join(FIELDS) + "\n")
@@ -184,11 +205,12 @@ class FolderSorter:
         return buf.getvalue()
 
     def _row(self, path: Path, score: float, normalized: float | None, decision: str, dest: str = "",
-             error: str = "") -> dict[str, Any]:
+             error: str = "", ident: Identity | None = None) -> dict[str, Any]:
         fmt = (lambda v: "" if v is None or not np.isfinite(v) else f"{v:.9g}")
         anomalous = {"anomalous": "true", "normal": "false"}.get(decision, "")
+        size, mtime = ident if ident is not None else ("", "")
         return {"path": str(path), "score": fmt(score), "score_normalized": fmt(normalized), "anomalous": anomalous,
-                "decision": decision, "destination": dest, "error": error}
+                "decision": decision, "destination": dest, "error": error, "size": size, "mtime_ns": mtime}
 
     def _count(self, decision: str, error: str = "") -> None:
         if decision == "error":
@@ -199,33 +221,41 @@ class FolderSorter:
             setattr(self.summary, decision, getattr(self.summary, decision) + 1)
 
     # ------------------------------------------------------------------ recovery
-    def _recover(self, intents: list[dict[str, Any]], done: set[str]) -> None:
-        """Finish every intent that has no CSV row (a run was interrupted between the two)."""
+    def _recover(self, intents: list[dict[str, Any]], done: list[dict[str, Any]]) -> None:
+        """Finish every intent that has no CSV row (a run was interrupted between the two); an intent and
+        a row match by path and identity (by path alone for those of older versions)."""
         for pattern in (f".*{TMP_SUFFIX}", ".*.partial"):  # ours, and those of versions before io.atomic_write
             for partial in list(self.out.rglob(pattern)):
                 partial.unlink(missing_ok=True)
         rows = []
-        seen: set[str] = set()
+        named = {r["path"] for r in done}
+        by_name = {r["path"] for r in done if _identity_of(r) is None}
+        seen = {(r["path"], _identity_of(r)) for r in done}
         for it in intents:
-            if it["path"] in done or it["path"] in seen:
+            key = (it["path"], _identity_of(it))
+            if key in seen or it["path"] in by_name or (key[1] is None and it["path"] in named):
                 continue
-            seen.add(it["path"])
+            seen.add(key)
+            named.add(it["path"])
             src, dest = Path(it["path"]), self.out / it["dest"]
             error = ""
-            if dest.exists() and src.exists() and self.move:
+            # a source of another identity is a new file that took the name: not this intent's (the walk sorts it)
+            here = src.exists() and (key[1] is None or file_identity(src) == key[1])
+            if dest.exists() and here and self.move:
                 if dest.stat().st_size == src.stat().st_size:
                     os.unlink(src)
                 else:
                     _transfer(src, dest, self.move)
-            elif not dest.exists() and src.exists():
+            elif not dest.exists() and here:
                 _transfer(src, dest, self.move)
             elif not dest.exists():
                 error = "the image disappeared from the input folder before it was sorted"
             decision = "error" if error else it["decision"]
             rows.append(self._row(src, it["score"], it.get("score_normalized"), decision,
-                                  "" if error else it["dest"], error))
+                                  "" if error else it["dest"], error, key[1]))
             self._count(decision, error)
-            done.add(it["path"])
+        done.extend(rows)
+        self._recovered = {r["path"] for r in rows}
         if rows:
             self._fsync_dests()
             self._append(self.csv_path, self._csv_text(rows))
@@ -257,6 +287,27 @@ class FolderSorter:
         self._claimed.add(dest)
         return dest
 
+    def _pending(self, done: list[dict[str, Any]]) -> list[Path]:
+        """The images to sort, counting the others: an image is skipped only when the last row of its path
+        is a decision for a file of its identity (size, mtime_ns); an earlier error is tried again."""
+        last = {r["path"]: r for r in done}
+        todo: list[Path] = []
+        for rel in self._walk():
+            ident = file_identity(self.src / rel)
+            row = last.get(str(self.src / rel))
+            if row is None:
+                pass
+            elif row["decision"] == "error":
+                self.summary.retried += 1
+            elif (_identity_of(row) or ident) == ident and ident is not None:
+                self.summary.skipped += str(self.src / rel) not in self._recovered
+                continue
+            else:
+                self.summary.changed += 1
+            self._ids[rel] = ident
+            todo.append(rel)
+        return todo
+
     def _batch(self, rels: list[Path]) -> None:
         paths = [self.src / r for r in rels]
         self._place(rels, self.det.predict(paths, maps=False, strict=False, threshold=self.threshold))
@@ -268,13 +319,16 @@ class FolderSorter:
         rows: list[dict[str, Any]] = []
         for i, (rel, path) in enumerate(zip(rels, paths)):
             if i in pred.errors:
-                rows.append(self._row(path, float("nan"), float("nan"), "error", error=pred.errors[i]))
+                rows.append(self._row(path, float("nan"), float("nan"), "error", error=pred.errors[i],
+                                      ident=self._ids.get(rel)))
                 continue
             decision = "anomalous" if pred.labels[i] else "normal"
             dest = self._destination(decision, rel)
+            ident = self._ids.get(rel)
             intents.append({"kind": "intent", "path": str(path), "dest": dest.relative_to(self.out).as_posix(),
                             "score": float(pred.scores[i]), "score_normalized": float(pred.scores_normalized[i]),
-                            "decision": decision})
+                            "decision": decision, "size": ident[0] if ident else None,
+                            "mtime_ns": ident[1] if ident else None})
         if intents:
             self._append(self.journal_path, "".join(json.dumps(it) + "\n" for it in intents))
         self._stage("intents", rels[0].as_posix())
@@ -284,10 +338,11 @@ class FolderSorter:
             except FileNotFoundError:  # deleted (or moved away) after it was scored: an error row, not a crash
                 rows.append(self._row(Path(it["path"]), it["score"], it["score_normalized"], "error",
                                       error=f"{it['path']}: disappeared from the input folder before it was "
-                                      f"{'moved' if self.move else 'copied'}"))
+                                      f"{'moved' if self.move else 'copied'}", ident=_identity_of(it)))
                 continue
             self._stage("transferred", it["path"])
-            rows.append(self._row(Path(it["path"]), it["score"], it["score_normalized"], it["decision"], it["dest"]))
+            rows.append(self._row(Path(it["path"]), it["score"], it["score_normalized"], it["decision"], it["dest"],
+                                  ident=_identity_of(it)))
         self._fsync_dests()
         if self.move:
             for parent in {p.parent for p in paths}:
@@ -325,29 +380,18 @@ class FolderSorter:
 
         done, intents = self._open()
         self._recover(intents, done)
-        todo = sum(1 for r in self._walk() if str(self.src / r) not in done)
-        self.summary.skipped = len(done) - self.summary.recovered
-        if todo == 0 and not done:
+        rels = self._pending(done)
+        if not rels and not done:
             raise InsightADError(f"{self.src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
-        bar = tqdm(total=todo, desc="sort", unit="img", disable=not self.progress)
-        batch: list[Path] = []
+        bar = tqdm(total=len(rels), desc="sort", unit="img", disable=not self.progress)
         try:
             if self.scorer is not None:  # scored elsewhere (Ray), chunk by chunk; placed here, one chunk at a time
-                rels = [r for r in self._walk() if str(self.src / r) not in done]
                 for part, pred in self.scorer([self.src / r for r in rels]):
                     self._place([p.relative_to(self.src) for p in part], pred)
                     bar.update(len(part))
-            for rel in self._walk() if self.scorer is None else []:
-                if str(self.src / rel) in done:
-                    continue
-                batch.append(rel)
-                if len(batch) == self.batch_size:
-                    self._batch(batch)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
-                self._batch(batch)
-                bar.update(len(batch))
+            for a in range(0, len(rels), self.batch_size) if self.scorer is None else []:
+                self._batch(rels[a:a + self.batch_size])
+                bar.update(len(rels[a:a + self.batch_size]))
         finally:
             bar.close()
         self.summary.seconds = time.perf_counter() - t0

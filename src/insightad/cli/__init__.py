@@ -55,12 +55,26 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _relax_required(parser: argparse.ArgumentParser, argv: list[str]) -> list[argparse.Action]:
+    """With ``--config``, a required flag may come from the file: argparse must not refuse it before
+    the file is read, so it is made optional here and checked by ``main`` once the file is applied."""
+    if not argv or argv[0] not in COMMANDS or not any(
+            len(t.split("=", 1)[0]) > 4 and "--config".startswith(t.split("=", 1)[0]) for t in argv[1:]):
+        return []
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    relaxed = [a for a in sub._actions if a.required and a.option_strings]
+    for a in relaxed:
+        a.required = False
+    return relaxed
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     without_kernel_compiler()
     try:
         check_command_available(argv)
         parser = build_parser(argv)
+        relaxed = _relax_required(parser, argv)
         args = parser.parse_args(argv)
         if not args.command:
             parser.print_help()
@@ -68,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare = getattr(args, "_prepare", None)
         if prepare:
             args = prepare(args)
+        for action in relaxed:
+            if getattr(args, action.dest, None) is None:
+                raise InsightADError(f"{action.option_strings[0]}: required; pass it as a flag or set "
+                                     f"{action.dest!r} in the --config file {args.config}")
         return int(args._run(args) or 0)
     except InsightADError as e:
         print(f"insightad: error: {cut(str(e))}", file=sys.stderr)

@@ -102,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         where = f" on Ray ({args.ray}, {args.workers} workers; start-up {s.startup_seconds:.1f} s)" if args.ray else ""
         print(f"scored {s.scored} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s){where}; "
-              f"{s.skipped} done by an earlier run")
+              f"{s.skipped} done by an earlier run (unchanged since)"
+              + (f", {s.retried} error rows tried again" if s.retried else "")
+              + (f", {s.changed} changed since an earlier run scored them" if s.changed else ""))
         print(f"{s.inputs} inputs: {s.inputs - s.errors - s.anomalous} normal, {s.anomalous} anomalous, "
               f"{s.errors} errors (threshold {threshold:.6g}); results in {store.out}"
               + (f" and {store.csv}" if store.csv else ""))

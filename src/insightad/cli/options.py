@@ -79,11 +79,53 @@ def load_config_file(path: str | Path, command: str) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InsightADError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise InsightADError(f"{path}: --config expects a TOML file, got a folder") from None
+    except OSError as e:
+        raise InsightADError(f"{path}: cannot read the config file ({e.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InsightADError(f"{path}: not valid TOML ({e})") from None
+    _check_tables(path, data)
     flat = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
     section = {k.replace("-", "_"): v for k, v in (data.get(command) or {}).items()}
     return {"__flat__": flat, "__section__": section}
+
+
+def _check_tables(path: Path, data: dict[str, Any]) -> None:
+    """A table not named after a command would be ignored silently (``[trian]``): refused."""
+    from insightad.cli import COMMANDS
+
+    for name, value in data.items():
+        if isinstance(value, dict) and name not in COMMANDS:
+            close = difflib.get_close_matches(name, sorted(COMMANDS), n=1, cutoff=0.6)
+            hint = f"did you mean [{close[0]}]? " if close else ""
+            raise InsightADError(f"{path}: unknown table [{name}]; {hint}known tables: "
+                                 + ", ".join(f"[{c}]" for c in sorted(COMMANDS)))
+
+
+def _check_value(path: str, key: str, action: argparse.Action, value: Any) -> None:
+    """A config value of the wrong kind: one line naming the file, the key and what was expected
+    (argparse would turn any string into True for a switch, or print its usage for a bad number)."""
+    if action.nargs == 0:  # a switch: --json, --maps/--no-maps
+        if not isinstance(value, bool):
+            raise InsightADError(f"{path}: key {key!r}: expected a TOML boolean (true or false), got {value!r}")
+        return
+    kind = action.type
+    if kind in (int, float) and not isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+            raise InsightADError(f"{path}: key {key!r}: expected {'an integer' if kind is int else 'a number'}, "
+                                 f"got {value!r}")
+        return
+    if isinstance(value, str) and callable(kind):
+        try:
+            value = kind(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            what = {int: "an integer", float: "a number"}.get(kind, "a valid value")  # type: ignore[call-overload]
+            raise InsightADError(f"{path}: key {key!r}: expected {what}, got {value!r}"
+                                 + (f" ({e})" if isinstance(e, argparse.ArgumentTypeError) else "")) from None
+    if action.choices is not None and isinstance(value, str) and value not in action.choices:
+        raise InsightADError(f"{path}: key {key!r}: expected one of {', '.join(map(str, action.choices))}, "
+                             f"got {value!r}")
 
 
 _NOT_KEYS = {"help", "config", "command", "version"}
@@ -138,6 +180,10 @@ def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str
                 raise _unknown_key(path, " (no command has this option)", key, everywhere)
     values = {keys[k]: v for k, v in cfg["__flat__"].items() if k in keys}
     values.update({keys[k]: v for k, v in cfg["__section__"].items()})
+    actions = {a.dest: a for a in parser._actions}
+    named = {keys[k]: k for k in [*cfg["__flat__"], *cfg["__section__"]] if k in keys}
+    for dest, value in values.items():
+        _check_value(path, named[dest], actions[dest], value)
     parser.set_defaults(**values)
 
 

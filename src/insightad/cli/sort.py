@@ -24,8 +24,11 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "Score every image under --input (sub-folders included) in batches and copy it (or --move it) "
                    "to OUT/normal/ or OUT/anomalous/ (keeping its relative path), writing OUT/results.csv with "
                    "path, score, score_normalized, decision, destination and error. Unreadable images are listed "
-                   "as errors and left in place. An interrupted run started again with the same arguments "
-                   "finishes what it had begun and skips what is done: no image is lost or duplicated.")
+                   "as errors and left in place, and make the exit status 1 (after everything else is sorted). "
+                   "An interrupted run started again with the same arguments finishes what it had begun and skips "
+                   "what is done: no image is lost or duplicated. A run on the same --out skips only images "
+                   "sorted before and unchanged since (same size and modification time); a new file with a "
+                   "sorted file's name is sorted, and images that were unreadable are tried again.")
     add_model_flag(p)
     p.add_argument("--input", "--sort-out", "--sort_out", dest="input", required=True, metavar="DIR",
                    help="folder of images to sort")
@@ -79,15 +82,29 @@ def run(args: argparse.Namespace) -> int:
         raise
     if args.json:
         print_json({**s.as_dict(), "threshold": sorter.threshold})
-        return 0
+        return _status(s)
     verb = "moved" if s.move else "copied"
     print(f"sorted {s.processed} images in {s.seconds:.1f} s (threshold {sorter.threshold:.6g}): {s.normal} normal, "
           f"{s.anomalous} anomalous, {s.errors} unreadable (listed as errors, left in place)")
     if s.recovered:
         print(f"finished {s.recovered} images an interrupted run had begun")
     if s.skipped:
-        print(f"skipped {s.skipped} images already sorted by an earlier run")
+        print(f"skipped {s.skipped} images already sorted by an earlier run (unchanged since: same size and "
+              "modification time)")
+    if s.retried:
+        print(f"tried again {s.retried} images an earlier run could not read")
+    if s.changed:
+        print(f"sorted {s.changed} images that replaced an earlier sorted file of the same name")
     print(f"{verb} into {s.out}/normal and {s.out}/anomalous; scores in {s.csv}")
     for e in s.error_examples:
         print(f"  error: {e}", file=sys.stderr)
+    return _status(s)
+
+
+def _status(s) -> int:
+    """1 when some images could not be read (as predict and batch), after sorting all the others."""
+    if s.errors:
+        print(f"insightad: {s.errors} images could not be read (error rows in {s.csv}; left in place)",
+              file=sys.stderr)
+        return 1
     return 0

@@ -84,7 +84,8 @@ class SVDDParams(TrainLoopParams, DetectorParams):
                        "the score is the mean of their distances, each divided by its median on the "
                        "validation normals (one head's AUROC depends on its initialisation by up to 0.05 on "
                        "crack); 0: 3, or 1 with soft-boundary (its radius is one head's)", minimum=0)
-    hidden: list[int] = param([512], "hidden layer widths of the projection head (empty: one linear map)")
+    hidden: list[int] = param([512], "hidden layer widths of the projection head (empty: one linear map)",
+                              min_items=0)
     standardize: bool = param(True, "scale each pooled feature to zero mean and unit variance over the training "
                               "normals before the head (the shift and scale are stored in the model)")
     eps: float = param(0.1, "centre coordinates closer to zero than this are pushed out to +-eps "

@@ -25,7 +25,7 @@ DRAIN_MAX_BYTES = 256 * 1024 * 1024  # over-limit bodies up to this size are rea
 
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int, size: int | None = None) -> None:
-        got = f"{size} bytes" if size is not None else "more"
+        got = f"{size} bytes" if size is not None else f"more than {describe_limit(limit)} (a chunked body, cut off)"
         super().__init__(413, f"request body too large: {got}; this server accepts at most {describe_limit(limit)}")
 
 
