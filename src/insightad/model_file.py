@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,12 +163,13 @@ def _check_finite(path: Path, tensors: dict) -> None:
             raise InsightADError(f"{path}: tensor {name!r} holds NaN or infinity; the model file is damaged (train it again)")
 
 
-def update_metadata(path: str | Path, **changes: Any) -> None:
-    """Rewrite a model file atomically with some metadata fields replaced (e.g. the threshold)."""
+def update_metadata(path: str | Path, *, ready: Callable[[Path], Any] | None = None, **changes: Any) -> None:
+    """Rewrite a model file atomically with some metadata fields replaced (e.g. the threshold); ``ready``:
+    called on the new file before it replaces the old one (``io.atomic_write``)."""
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
     meta = read_metadata(path)
     tensors = load_file(str(path))
     meta.update(changes)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}), ready)

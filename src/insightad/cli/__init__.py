@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare = getattr(args, "_prepare", None)
         if prepare:
             args = prepare(args)
-        return int(args._run(args) or 0)
+        from insightad.cli.common import warnings_as_lines
+
+        with warnings_as_lines():  # every sub-command: a warning is one line, never Python's with a source line
+            return int(args._run(args) or 0)
     except InsightADError as e:
         print(f"insightad: error: {cut(str(e))}", file=sys.stderr)
         return 1

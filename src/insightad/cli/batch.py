@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.model).is_file():
         raise InsightADError(f"{args.model}: model file not found")
     source = list_source(args.input)
-    thr = parse_threshold(args.threshold)
+    thr = parse_threshold(args.threshold, args.model)  # a threshold file of another model is refused
     det = load_inference_model(args)
     if args.maps and not det.has_maps:
         raise InsightADError(f"--maps: {det.method} models give no anomaly maps (train padim, patchcore or autoencoder)")

@@ -188,23 +188,35 @@ def holdout_split(ds: Dataset, fraction: float, seed: int) -> tuple[list[Sample]
     return train, [replace(s, split="test") for s in held]
 
 
+def refuse_training_images(paths: list[Path], split: dict | None) -> None:
+    """Refuse, in one line naming the first, images a model was trained on (or its ``ssl:`` backbone was
+    fine-tuned on), given the training split it recorded: its scores on them say nothing (evaluate,
+    calibrate --data and calibrate --labels all go through here)."""
+    if not split:
+        return
+    train_root = Path(split.get("root", ""))
+    trained = {(train_root / r).resolve() for r in split.get("train", [])}
+    backbone = split.get("backbone") or {}
+    tuned = {(Path(backbone.get("root", "")) / r).resolve() for r in backbone.get("train", [])}
+    resolved = [p.resolve() for p in paths]
+    for seen, why in ((trained, "was used to train the model; refusing to score training images (evaluate on "
+                                "held-out or new images)"),
+                      (tuned, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
+                              "score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
+                              "on new images)")):
+        overlap = [p for p, r in zip(paths, resolved) if r in seen]
+        if overlap:
+            raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) {why}")
+
+
 def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
     """The images to score on ``ds``, given the training split a model recorded.
 
     Same dataset as training: the test split, or the held-out normals plus the anomalous images.
     Another path: every image. Either way an image the model was trained on is refused, and so is an image
-    its ``ssl:`` backbone was fine-tuned on (``split["backbone"]``).
+    its ``ssl:`` backbone was fine-tuned on (``split["backbone"]``) (``refuse_training_images``).
     """
-    trained: set[Path] = set()
-    tuned: set[Path] = set()
-    backbone: dict = {}
-    same_root = False
-    if split:
-        train_root = Path(split.get("root", ""))
-        trained = {(train_root / r).resolve() for r in split.get("train", [])}
-        same_root = train_root == ds.root
-        backbone = split.get("backbone") or {}
-        tuned = {(Path(backbone.get("root", "")) / r).resolve() for r in backbone.get("train", [])}
+    same_root = bool(split) and Path((split or {}).get("root", "")) == ds.root
     if same_root:
         if ds.has_test_split:
             chosen = ds.test
@@ -214,15 +226,7 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
                       if s.label == ANOMALOUS or s.path.resolve() in held]
     else:
         chosen = [replace(s, split="test") for s in (ds.test if ds.has_test_split else ds.samples)]
-    resolved = [s.path.resolve() for s in chosen]
-    for seen, why in ((trained, "was used to train the model; refusing to score training images (evaluate on "
-                                "held-out or new images)"),
-                      (tuned, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
-                              "score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
-                              "on new images)")):
-        overlap = [s.path for s, r in zip(chosen, resolved) if r in seen]
-        if overlap:
-            raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) {why}")
+    refuse_training_images([s.path for s in chosen], split)
     if not chosen:
         raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
     return chosen
