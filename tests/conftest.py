@@ -54,7 +54,7 @@ def baseline_model(mvtec_dir, tmp_path_factory) -> Path:
     return out
 
 
-GRAPH_BESIDE_TESTS = ("test_graph_beside",)  # the modules that check train's ONNX graph beside the model file
+GRAPH_BESIDE_TESTS = ("test_graph_beside", "test_hardening_p31")  # modules that check the ONNX graph beside the model file
 
 
 @pytest.fixture(autouse=True)

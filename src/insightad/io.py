@@ -2,6 +2,7 @@
 
 - ``atomic_write``: write to a hidden temporary name beside the target, fsync the file, rename, fsync
   the folder: a reader (or a machine that lost power) sees the old file or the new one, never half.
+  A symbolic link is followed: the file it points to is replaced, the link is kept.
   Temporaries of our own naming left by a killed writer are removed on the next write.
 - ``durable_copy``: the same for copying a file.
 - ``iter_images`` / ``list_images``: every image file under a folder, sorted, regular files only
@@ -116,9 +117,13 @@ def _clean_stale_temporaries(folder: Path, name: str) -> None:
         pass
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp_path)``, fsync it, rename it over ``path`` and fsync the folder."""
-    path = Path(path)
+def atomic_write(path: str | Path, write: Callable[[Path], Any],
+                 ready: Callable[[Path], Any] | None = None) -> None:
+    """Call ``write(tmp_path)``, fsync it, rename it over ``path`` and fsync the folder. A symbolic link is
+    followed: its target is replaced (temporary in the target's folder) and the link stays a link.
+    ``ready(tmp_path)``: called on the finished file just before the rename (e.g. to record its hash in
+    another file); if it raises, ``path`` is left as it was."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_temporaries(path.parent, path.name)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
@@ -131,6 +136,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask)
+        if ready is not None:
+            ready(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

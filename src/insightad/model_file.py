@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,13 +63,13 @@ def save_model(det: Detector, path: str | Path) -> Path:
     return path
 
 
-def _write(path: Path, meta: dict[str, Any], tensors: dict) -> None:
-    """The model file, stamped with its content checksum, written atomically."""
+def _write(path: Path, meta: dict[str, Any], tensors: dict, ready: Callable[[Path], Any] | None = None) -> None:
+    """The model file, stamped with its content checksum, written atomically (``ready``: see ``io.atomic_write``)."""
     from safetensors.torch import save_file
 
     meta = json.loads(json.dumps(meta))  # as a reader will see it (tuples as lists, keys as strings)
     meta[CHECKSUM_KEY] = content_digest(meta, tensors)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}), ready)
 
 
 def content_digest(meta: dict[str, Any], tensors: dict) -> str:
@@ -198,9 +199,10 @@ def _check_finite(path: Path, tensors: dict) -> None:
             raise InsightADError(f"{path}: tensor {name!r} holds NaN or infinity; the model file is damaged (train it again)")
 
 
-def update_metadata(path: str | Path, **changes: Any) -> None:
+def update_metadata(path: str | Path, *, ready: Callable[[Path], Any] | None = None, **changes: Any) -> None:
     """Rewrite a model file atomically with some metadata fields replaced (e.g. the threshold); a damaged file
-    is refused, not stamped with a fresh checksum."""
+    is refused, not stamped with a fresh checksum. ``ready``: called on the new file before it replaces the old
+    one (``io.atomic_write``)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -208,4 +210,4 @@ def update_metadata(path: str | Path, **changes: Any) -> None:
     tensors = load_file(str(path))
     _check_content(path, meta, tensors)
     meta.update(changes)
-    _write(path, meta, tensors)
+    _write(path, meta, tensors, ready)

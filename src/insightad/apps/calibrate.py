@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from insightad.config import DataParams
-from insightad.data.layouts import ANOMALOUS, NORMAL, Dataset, Sample, discover, evaluation_samples
+from insightad.data.layouts import ANOMALOUS, NORMAL, Dataset, Sample, discover, evaluation_samples, refuse_training_images
 from insightad.decide.normalize import robust_scale
 from insightad.decide.thresholds import STRATEGIES, ThresholdChoice, choose_threshold
 from insightad.errors import InsightADError
@@ -103,12 +104,15 @@ def calibrate(det: Detector, data: str | Path, dp: DataParams, strategy: str = "
     return Calibration(choice, ds, samples, scores)
 
 
-def apply(det: Detector, model_path: str | Path, cal: Calibration) -> None:
-    """Store the calibrated threshold in the model file (rewritten atomically) and in ``det``."""
-    from insightad.model_file import update_metadata
-
-    update_metadata(model_path, threshold=cal.threshold_record())
-    det.set_threshold(cal.choice.value, cal.choice.strategy, **cal.choice.details)
+def labels_samples(det: Detector, lf: Any) -> list[Path]:
+    """The images of a ``path,label`` labels file (``decide.labels.LabelFile``), all present and none a
+    training image of ``det`` (the same refusal as ``--data``)."""
+    paths = lf.paths()
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise InsightADError(f"{lf.source}: {len(missing)} listed images not found, e.g. {missing[0]}")
+    refuse_training_images(paths, getattr(det, "split_", None))
+    return paths
 
 
 def labels_record(det: Detector, lf: Any, scores: np.ndarray, strategy: str, percentile: float = 95.0
@@ -136,9 +140,35 @@ def labels_record(det: Detector, lf: Any, scores: np.ndarray, strategy: str, per
     return {"value": choice.value, "strategy": f"labels_{strategy}", "details": details}
 
 
-def apply_record(det: Detector, model_path: str | Path, record: dict[str, Any]) -> None:
-    """Store a ``threshold`` entry in the model file (rewritten atomically) and in ``det``."""
+def apply_record(det: Detector, model_path: str | Path, record: dict[str, Any],
+                 ready: Callable[[Path], Any] | None = None) -> None:
+    """Store a ``threshold`` entry in the model file (rewritten atomically) and in ``det``; ``ready``: called
+    on the new file before it replaces the old one (calibrate --out records its sha256 there)."""
     from insightad.model_file import update_metadata
 
-    update_metadata(model_path, threshold=record)
+    update_metadata(model_path, ready=ready, threshold=record)
     det.set_threshold(record["value"], record["strategy"], **record["details"])
+
+
+def refresh_graphs(model_path: str | Path) -> list[str]:
+    """The ONNX graph ``train`` wrote beside the model file (stamped with the file's old sha256, so no longer
+    used by anyone once the file changed) exported again from the rewritten file; a line per graph saying
+    what was done. A model given through a link also has the graph beside the file it points to refreshed."""
+    from insightad.apps.train import write_graph_beside
+    from insightad.inference.export import beside
+    from insightad.model_file import load_model
+
+    det: Detector | None = None
+    done: set[Path] = set()
+    lines = []
+    for path in dict.fromkeys((Path(model_path), Path(model_path).resolve())):
+        graph = beside(path)
+        if graph == path or not graph.is_file() or graph.resolve() in done:
+            continue
+        done.add(graph.resolve())
+        det = det or load_model(model_path)
+        written, line = write_graph_beside(det, path)
+        lines.append(f"ONNX graph {graph} refreshed for the new threshold (verified against PyTorch)" if written
+                     else f"warning: {graph} no longer matches the model file and is not used; refreshing it "
+                          f"failed ({line.removeprefix('warning: ')})")
+    return lines

@@ -3,7 +3,9 @@
 The web page's "export" and ``insightad calibrate --out`` write them; ``predict``, ``sort``,
 ``evaluate`` and ``serve`` read them with ``--threshold FILE.json``. A file that names a model
 (``model_sha256``, the SHA-256 of the model file's bytes) is refused for any other model: a
-threshold is only meaningful on the score scale of the model it was chosen on.
+threshold is only meaningful on the score scale of the model it was chosen on. An ONNX export is
+taken as the model file it was exported from (the sha256 stamped in it). Files without
+``model_sha256`` (written by calibrate before it recorded one) are accepted as they are.
 """
 
 from __future__ import annotations
@@ -31,9 +33,25 @@ def read_threshold_file(path: str | Path, model: str | Path | None = None) -> fl
         raise InsightADError(f"{path}: threshold must be a finite number, got {value!r}")
     wanted = data.get("model_sha256") if isinstance(data, dict) else None
     if wanted is not None and model is not None and Path(model).is_file():
+        wanted = str(wanted).lower()
         actual = file_sha256(model)
-        if str(wanted).lower() != actual:
-            raise InsightADError(f"{path}: this threshold was chosen for another model (model_sha256 "
-                                 f"{str(wanted)[:12]}..., but {Path(model).name} has {actual[:12]}...); "
-                                 "choose a threshold for this model")
+        if wanted != actual and graph_source(model) != wanted:
+            chosen_for = data.get("model") or data.get("model_file") or "another model file"
+            raise InsightADError(f"{path}: this threshold was chosen for another model ({chosen_for}, sha256 "
+                                 f"{wanted[:12]}...), not for {model} (sha256 {actual[:12]}...); choose a "
+                                 "threshold for this model (insightad calibrate --model ... --out FILE.json)")
     return value
+
+
+def graph_source(model: str | Path) -> str | None:
+    """For an ONNX export: the sha256 of the model file it was exported from (its stamp), so a threshold
+    file written for that model file also serves its graph; None for anything else."""
+    if not str(model).lower().endswith(".onnx"):
+        return None
+    from insightad.engines.onnx_runtime import CACHE_KEY, read_onnx_metadata
+
+    try:
+        stamp = read_onnx_metadata(model).get(CACHE_KEY)
+    except InsightADError:
+        return None
+    return str(stamp).lower() if stamp else None

@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, action.dest, None) is None:
                 raise InsightADError(f"{action.option_strings[0]}: required; pass it as a flag or set "
                                      f"{action.dest!r} in the --config file {args.config}")
-        return int(args._run(args) or 0)
+        from insightad.cli.common import warnings_as_lines
+
+        with warnings_as_lines():  # every sub-command: a warning is one line, never Python's with a source line
+            return int(args._run(args) or 0)
     except InsightADError as e:
         print(f"insightad: error: {cut(str(e))}", file=sys.stderr)
         return 1

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         check_not_input(d, flag, inputs)
         if Path(d).exists() and not Path(d).is_dir():
             raise InsightADError(f"{flag} {d}: expected a folder, got a file")
-    thr = parse_threshold(args.threshold)
+    thr = parse_threshold(args.threshold, args.model)  # a threshold file of another model is refused
     det = load_inference_model(args)
     if args.maps and not det.has_maps:
         raise InsightADError(f"--maps: {det.method} models give no anomaly maps (train padim, patchcore or autoencoder)")

@@ -1,5 +1,6 @@
 """insightad calibrate: choose a decision threshold on images the model was not trained on and keep it
-in the model file (rewritten atomically), with how it was chosen."""
+in the model file (rewritten atomically), with how it was chosen; ``--out`` files name the model file by
+its sha256, and the ONNX graph beside the model is exported again so that it stays the model's."""
 
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--labels", metavar="FILE.csv",
                    help="operator labels instead of --data: columns path,label (images re-scored) or "
                         "name,label,score,model_sha256 (scores taken as given; refused when the hash is not this "
-                        "model file's); label is normal or anomalous")
+                        "model file's); label is normal or anomalous. Training images of the model are refused; "
+                        "an image listed twice with different labels is refused, an exact repeat counts once")
     p.add_argument("--strategy", default=None, choices=STRATEGIES,
                    help="how to choose (default: percentile; f1 with --labels)")
     p.add_argument("--percentile", type=float, default=95.0, metavar="P",
                    help="percentile of normal scores for --strategy percentile (default: 95)")
     p.add_argument("--out", "--output", dest="out", metavar="FILE.json",
-                   help="also write the threshold to this JSON file (for --threshold FILE.json)")
+                   help="also write the threshold to this JSON file (for --threshold FILE.json), with the sha256 of "
+                        "the model file as calibrate leaves it: refused for any other model")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the threshold without changing the model file")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -50,14 +53,43 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "calibrate"), _argv=argv)
 
 
-def write_threshold_json(path: Path, model: str, record: dict) -> None:
+def write_threshold_json(path: Path, model: str, record: dict, model_sha256: str) -> None:
+    """The ``--out`` file: the threshold and the sha256 of the model file it belongs to, so ``--threshold
+    FILE.json`` refuses it for any other model (``apps.threshold_file``)."""
     import json
 
     from insightad.io import atomic_write
 
     body = {"threshold": record["value"], "strategy": record["strategy"], "model": str(Path(model).resolve()),
-            "details": record["details"]}
+            "model_sha256": model_sha256, "details": record["details"]}
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8"))
+
+
+def store(args: argparse.Namespace, det, record: dict) -> list[str]:
+    """Write ``--out`` and the model file (unless --dry-run). ``--out`` names the model file as it will be:
+    it is written from the finished new model file just before that replaces the old one, so if it cannot
+    be written the model is left as it was. Then the ONNX graph beside the model is refreshed. Returns the
+    lines saying what was done to graphs."""
+    from insightad.apps import calibrate as cal_mod
+    from insightad.io import file_sha256
+
+    out = Path(args.out) if args.out else None
+    if args.dry_run:
+        if out:
+            write_threshold_json(out, args.model, record, file_sha256(args.model))
+        return []
+    ready = (lambda tmp: write_threshold_json(out, args.model, record, file_sha256(tmp))) if out else None
+    cal_mod.apply_record(det, args.model, record, ready)
+    return cal_mod.refresh_graphs(args.model)
+
+
+def print_graph_lines(lines: list[str], quiet: bool) -> None:
+    """Warnings to stderr as ``insightad: warning:`` lines; the others to stdout unless ``quiet`` (--json)."""
+    for line in lines:
+        if line.startswith("warning: "):
+            print(f"insightad: {line}", file=sys.stderr)
+        elif not quiet:
+            print(line)
 
 
 def check_writable(path: Path, flag: str) -> None:
@@ -95,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_writable(Path(args.out), "--out")
     if not args.dry_run:
-        check_writable(Path(args.model), "--model")
+        check_writable(Path(args.model).resolve(), "--model")  # a link: the file it points to is rewritten
     det = load_inference_model(args)
     if args.labels:
         return run_labels(args, det)
@@ -105,12 +137,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"insightad: warning: {w}", file=sys.stderr)
     old = (det.threshold_, det.threshold_strategy_)
     record = cal.threshold_record()
-    if args.out:  # the side file first: if it cannot be written, the model is left as it was
-        write_threshold_json(Path(args.out), args.model, record)
-    if not args.dry_run:
-        cal_mod.apply(det, args.model, cal)
+    graphs = store(args, det, record)
     if args.json:
-        print_json({**record, "model": args.model, "written": not args.dry_run, "json": args.out})
+        print_graph_lines(graphs, quiet=True)
+        print_json({**record, "model": args.model, "written": not args.dry_run, "json": args.out, "graphs": graphs})
         return 0
     d = cal.choice.details
     used = ", ".join(f"{n} in {folder}" for folder, n in cal.folders().items())
@@ -129,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stored in {args.model}")
     if args.out:
         print(f"threshold written to {args.out}")
+    print_graph_lines(graphs, quiet=False)
     return 0
 
 
@@ -141,10 +172,7 @@ def run_labels(args: argparse.Namespace, det) -> int:
     check_model_hash(lf, args.model)
     strategy = args.strategy or "f1"
     if lf.form == "paths":
-        paths = lf.paths()
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise InsightADError(f"{args.labels}: {len(missing)} listed images not found, e.g. {missing[0]}")
+        paths = cal_mod.labels_samples(det, lf)  # training images refused, as with --data
         scores, _ = cal_mod.score_with_map_max(det, paths, False, progress=args.progress)
     else:
         assert lf.scores is not None  # form "scores": read_labels always fills them
@@ -153,12 +181,10 @@ def run_labels(args: argparse.Namespace, det) -> int:
     for w in record["details"]["warnings"]:
         print(f"insightad: warning: {w}", file=sys.stderr)
     old = (det.threshold_, det.threshold_strategy_)
-    if not args.dry_run:
-        cal_mod.apply_record(det, args.model, record)
-    if args.out:
-        write_threshold_json(Path(args.out), args.model, record)
+    graphs = store(args, det, record)
     if args.json:
-        print_json({**record, "model": args.model, "written": not args.dry_run, "json": args.out})
+        print_graph_lines(graphs, quiet=True)
+        print_json({**record, "model": args.model, "written": not args.dry_run, "json": args.out, "graphs": graphs})
         return 0
     d = record["details"]
     how = "re-scored" if lf.form == "paths" else "scores as given"
@@ -170,4 +196,7 @@ def run_labels(args: argparse.Namespace, det) -> int:
     print(f"previous threshold {old[0]:.6g} ({old[1]}); estimates made at training time no longer apply and "
           "were removed")
     print("dry run: the model file was not changed" if args.dry_run else f"stored in {args.model}")
+    if args.out:
+        print(f"threshold written to {args.out}")
+    print_graph_lines(graphs, quiet=False)
     return 0

@@ -139,10 +139,16 @@ def _finite_threshold(number: float, message: str) -> float:
 
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
-    """Warnings raised meanwhile (a long CPU run, constant scores) are printed at once as one
-    ``insightad: warning: ...`` line each, not as Python's two-line warning with a source path."""
+    """Warnings raised meanwhile (a long CPU run, constant scores, a stale graph beside the model) are
+    printed at once as one ``insightad: warning: ...`` line each, not as Python's two-line warning with a
+    source path; the same message raised again from another place is printed once. ``main`` runs every
+    sub-command inside it."""
+    said: set[str] = set()
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"insightad: warning: {message}", file=sys.stderr, flush=True)
+        if str(message) not in said:
+            said.add(str(message))
+            print(f"insightad: warning: {message}", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

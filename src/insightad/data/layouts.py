@@ -188,6 +188,25 @@ def holdout_split(ds: Dataset, fraction: float, seed: int) -> tuple[list[Sample]
     return train, [replace(s, split="test") for s in held]
 
 
+def refuse_training_images(paths: list[Path], split: dict | None, root: Path | None = None) -> None:
+    """Refuse, in one line naming the first, images a model was trained on (or its ``ssl:`` backbone was
+    fine-tuned on), given the training split it recorded, by path (under its root, or ``root`` for a dataset
+    that moved) and by content where the record keeps hashes (a copied or renamed training image): its scores on
+    them say nothing (evaluate, calibrate --data and calibrate --labels all go through here)."""
+    if not split:
+        return
+    backbone = split.get("backbone") or {}
+    for record, base, why in (
+            (split, root, "was used to train the model; refusing to score training images (evaluate on held-out "
+                          "or new images)"),
+            (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
+                             "score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
+                             "on new images)")):
+        overlap = _seen(paths, record, base)
+        if overlap:
+            raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) {why}")
+
+
 def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
     """The images to score on ``ds``, given the training split a model recorded.
 
@@ -195,10 +214,9 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
     relative path with the recorded content): the test split, or the held-out normals plus the anomalous
     images. Another path: every image. Either way an image the model was trained on is refused, by path or by
     content (a renamed or copied training image), and so is an image its ``ssl:`` backbone was fine-tuned on
-    (``split["backbone"]``).
+    (``split["backbone"]``) (``refuse_training_images``).
     """
     split = split or {}
-    backbone = split.get("backbone") or {}
     same_root = bool(split) and (Path(split.get("root", "")) == ds.root or _moved_here(ds, split))
     if same_root:
         if ds.has_test_split:
@@ -209,14 +227,7 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
                       if s.label == ANOMALOUS or s.path.resolve() in held]
     else:
         chosen = [replace(s, split="test") for s in (ds.test if ds.has_test_split else ds.samples)]
-    for record, why in ((split, "was used to train the model; refusing to score training images (evaluate on "
-                                "held-out or new images)"),
-                        (backbone, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
-                                   "score it (fine-tune the backbone with the model's --holdout and --seed, or "
-                                   "evaluate on new images)")):
-        overlap = _seen(chosen, record, ds.root if record is split and same_root else None)
-        if overlap:
-            raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) {why}")
+    refuse_training_images([s.path for s in chosen], split, ds.root if same_root else None)
     if not chosen:
         raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
     return chosen
@@ -241,13 +252,13 @@ def _moved_here(ds: Dataset, split: dict) -> bool:
     return True
 
 
-def _seen(chosen: list[Sample], record: dict, root: Path | None = None) -> list[Path]:
-    """The chosen images that ``record`` (a split: {"root", "train", "train_sha256"}) trained on: by resolved
-    path under its root (or ``root`` for a dataset that moved), and by content where the record has hashes."""
+def _seen(paths: list[Path], record: dict, root: Path | None = None) -> list[Path]:
+    """The ``paths`` that ``record`` (a split: {"root", "train", "train_sha256"}) trained on: by resolved path
+    under its root (or ``root`` for a dataset that moved), and by content where the record has hashes."""
     names = record.get("train", [])
     if not names:
         return []
     base = root or Path(record.get("root", ""))
     by_path = {(base / r).resolve() for r in names}
     hashes = set(record.get("train_sha256") or [])
-    return [s.path for s in chosen if s.path.resolve() in by_path or (hashes and file_sha256(s.path) in hashes)]
+    return [p for p in paths if p.resolve() in by_path or (hashes and file_sha256(p) in hashes)]

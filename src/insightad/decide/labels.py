@@ -6,7 +6,8 @@ Two forms, told apart by their header:
 - ``name,label,score,model_sha256``: scores taken as given (e.g. exported by the web page), accepted
   only when ``model_sha256`` is the SHA-256 of the model file being calibrated.
 
-``label`` is ``normal`` or ``anomalous``.
+``label`` is ``normal`` or ``anomalous``. An image listed twice with different labels (or, given scores,
+different scores) is refused; a row repeated exactly is counted once.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def read_labels(path: str | Path) -> LabelFile:
     if not rows:
         raise InsightADError(f"{path}: no labelled rows")
     names, labels, scores, hashes = [], [], [], set()
+    first: dict[str, tuple[int, bool, float | None]] = {}  # image -> (row, label, score) of its first row
     for i, r in enumerate(rows, start=2):  # row 1 is the header
         lab = r.get("label", "").lower()
         if lab not in LABELS:
@@ -71,21 +73,47 @@ def read_labels(path: str | Path) -> LabelFile:
         key = "name" if form == "scores" else "path"
         if not r.get(key):
             raise InsightADError(f"{path}: row {i}: empty {key}")
+        score = _row_score(path, i, r) if form == "scores" else None
+        seen = _repeat_of(path, i, r[key], LABELS[lab], score, first, form)
+        if seen:
+            continue
         names.append(r[key])
         labels.append(LABELS[lab])
-        if form == "scores":
-            try:
-                s = float(r["score"])
-            except ValueError:
-                s = math.nan
-            if not math.isfinite(s):
-                raise InsightADError(f"{path}: row {i}: score expected a finite number, got {r['score']!r}")
-            scores.append(s)
+        if score is not None:
+            scores.append(score)
             hashes.add(r.get("model_sha256", "").lower())
     if len(hashes) > 1:
         raise InsightADError(f"{path}: rows name {len(hashes)} different model_sha256 values; scores from one model only")
     return LabelFile(path, form, names, np.array(labels, bool), np.array(scores) if form == "scores" else None,
                      hashes.pop() if hashes else None)
+
+
+def _row_score(path: Path, row: int, r: dict[str, str]) -> float:
+    """The ``score`` of a row of the scores form, or one line saying it is not a finite number."""
+    try:
+        s = float(r["score"])
+    except ValueError:
+        s = math.nan
+    if not math.isfinite(s):
+        raise InsightADError(f"{path}: row {row}: score expected a finite number, got {r['score']!r}")
+    return s
+
+
+def _repeat_of(path: Path, row: int, name: str, label: bool, score: float | None,
+               first: dict[str, tuple[int, bool, float | None]], form: str) -> bool:
+    """Whether this row repeats an image listed before (True: an exact repeat, skipped); an image listed
+    again with another label or score is refused: one image cannot be both normal and anomalous. Paths
+    are compared as the files they name (``a.png`` and ``./a.png`` are one image)."""
+    key = str((path.parent / name).resolve()) if form == "paths" else name
+    if key not in first:
+        first[key] = (row, label, score)
+        return False
+    row0, label0, score0 = first[key]
+    if label0 != label or score0 != score:
+        what = "labels" if label0 != label else "scores"
+        raise InsightADError(f"{path}: {name} is listed twice with different {what} (rows {row0} and {row}); "
+                             "keep one row per image")
+    return True
 
 
 def check_model_hash(labels: LabelFile, model_path: str | Path) -> None:
