@@ -111,13 +111,17 @@ def test_p30_train_out_inside_data_or_onnx_refused(mvtec_dir, tmp_path, capsys):
     victim = sorted(flat.glob("*.png"))[0]
     before = victim.read_bytes()
     base = ["train", "--method", "baseline", "--data", str(flat), "--image-size", "32", "--no-onnx"]
-    _refused(capsys, [*base, "--out", str(victim)], "--out", "inside the input folder")
+    _refused(capsys, [*base, "--out", str(victim)], "--out", "the image name")
     assert victim.read_bytes() == before
+    svdd = ["train", "--method", "svdd", "--data", str(flat), "--out", str(flat / "models" / "s.safetensors")]
+    _refused(capsys, svdd, "--checkpoint-dir", "inside the input folder")  # its curves.png would become data
     graph = tmp_path / "m_base.onnx"
     graph.write_bytes(b"graph")
     _refused(capsys, [*base, "--out", str(graph)], "--out", ".onnx")
     assert graph.read_bytes() == b"graph"
     assert main([*base, "--out", str(tmp_path / "ae.st")]) == 0  # any other model name is fine
+    inside = flat / "models" / "m.safetensors"  # 'cd data && insightad train --data .': models/ inside, fine
+    assert main([*base, "--out", str(inside)]) == 0 and inside.is_file()
 
 
 # ----------------------------------------------------------------------------- 4. evaluate, predict

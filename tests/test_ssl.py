@@ -104,11 +104,13 @@ def test_ssl_warns_when_rotation_is_unlearnable(tmp_path):
 def test_ssl_cli_prints_the_warning(tmp_path, capsys):
     from PIL import Image
 
+    data = tmp_path / "data"  # the output beside it: its checkpoint's curves.png inside would become data
+    data.mkdir()
     for i in range(6):
-        Image.new("RGB", (32, 32), (80 + 20 * i,) * 3).save(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), (80 + 20 * i,) * 3).save(data / f"{i}.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CLI reports it as a line, never as a Python warning
-        rc = main(["train", "--method", "ssl", "--data", str(tmp_path), "--out", str(tmp_path / "b.safetensors"),
+        rc = main(["train", "--method", "ssl", "--data", str(data), "--out", str(tmp_path / "b.safetensors"),
                    "--pretext", "rotation", "--backbone", "test_efficientnet", "--init", "random", "--image-size",
                    "32", "--epochs", "1", "--val-fraction", "0.2", "--holdout", "0", "--no-progress"])
     assert rc == 0

@@ -13,6 +13,7 @@ from insightad.cli.common import (
     load_inference_model,
     new_parser,
     parse_threshold,
+    positive_int,
     print_json,
     with_config,
 )
@@ -36,12 +37,12 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--maps", metavar="DIR", help="write each image's anomaly map as <name>.map.npy (float32) here")
     p.add_argument("--overlays", metavar="DIR", help="write each image's overlay as <name>.overlay.png here")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
-    p.add_argument("--chunk", type=int, default=64, metavar="N",
+    p.add_argument("--chunk", type=positive_int, default=64, metavar="N",
                    help="images per committed chunk (and per Ray task) (default: 64)")
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
                    help="run on Ray: 'local' starts it here, 'auto' or HOST:PORT joins a running cluster")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="Ray actors, one model each (default: 2)")
-    p.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=2, metavar="N", help="Ray actors, one model each (default: 2)")
+    p.add_argument("--ray-cpus", type=positive_int, default=None, metavar="N",
                    help="CPUs a --ray local instance may use (default: all cores)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
                    help="GPUs per Ray actor; > 0 runs the PyTorch engine on CUDA (default: 0, ONNX Runtime on CPU)")

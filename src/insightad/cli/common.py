@@ -88,6 +88,17 @@ def load_inference_model(args: argparse.Namespace):
     return det
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (workers, CPUs, chunk sizes): 0 would hang or do nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                    help="show progress bars (default: when the terminal is interactive)")

@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "its test images, and write example images.")
     p.add_argument("--out", default="insightad-demo", metavar="DIR",
                    help="folder for data, model and examples (default: insightad-demo)")
-    p.add_argument("--method", "--mode", dest="method", default="auto",
+    from insightad.methods import list_methods
+
+    p.add_argument("--method", "--mode", dest="method", default="auto", choices=[*list_methods(), "auto"],
                    help="method (default: auto, the best of baseline, padim and patchcore on synthetic defects)")
     p.add_argument("--kind", default="disc",
                    help="synthetic product: disc, plate, arrow, grid, stripes, weave (default: disc)")

@@ -60,6 +60,13 @@ def check_tls(certfile: str | None, keyfile: str | None) -> bool:
     for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
         if not os.path.isfile(path):
             raise InsightADError(f"{flag}: {path}: no such file")
+    import ssl
+
+    try:  # as the server will, before it says it serves: a bad pair fails here in one line, not in a traceback
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise InsightADError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: not a PEM certificate and its "
+                             f"private key ({getattr(e, 'reason', None) or e})") from None
     return True
 
 

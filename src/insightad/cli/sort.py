@@ -13,6 +13,7 @@ from insightad.cli.common import (
     load_inference_model,
     new_parser,
     parse_threshold,
+    positive_int,
     print_json,
     with_config,
 )
@@ -41,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
                    help="score on Ray (as 'insightad batch --ray'); files are still placed by this process")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="Ray actors for --ray (default: 2)")
+    p.add_argument("--workers", type=positive_int, default=2, metavar="N", help="Ray actors for --ray (default: 2)")
     add_engine_flags(p)
     add_progress_flag(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "sort"), _argv=argv)
@@ -58,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InsightADError(f"--batch-size: expected at least 1, got {args.batch_size}")
     out = Path(args.out) if args.out else default_out(args.input)
+    thr = parse_threshold(args.threshold, args.model)  # first: checking the folders creates --out
     check_folders(Path(args.input), out)  # before loading the model: a wrong folder fails fast
-    thr = parse_threshold(args.threshold, args.model)
     scorer = None
     if args.ray:
         from insightad.apps.batch_ray import import_ray

@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 from insightad import config
-from insightad.cli.common import add_data_flags, add_progress_flag, data_params, new_parser, warnings_as_lines, with_config
+from insightad.cli.common import (
+    add_data_flags,
+    add_progress_flag,
+    data_params,
+    new_parser,
+    positive_int,
+    warnings_as_lines,
+    with_config,
+)
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
 from insightad.errors import InsightADError
 
@@ -60,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
                    help="spread the fit over Ray workers (baseline, padim, patchcore): 'local' starts Ray here, 'auto' or "
                    "HOST:PORT joins a cluster whose nodes all read --data")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="Ray workers for --ray (default: 2)")
+    p.add_argument("--workers", type=positive_int, default=2, metavar="N", help="Ray workers for --ray (default: 2)")
     add_progress_flag(p)
     if method in method_names():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
@@ -73,19 +81,29 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 
 def check_outputs(args: argparse.Namespace, params) -> None:
-    """--out (or its default), the backbone file ``--backbone ssl`` writes beside it, and --checkpoint-dir
-    writable before any training starts."""
-    from insightad.apps.train import default_model_path, fine_tuned_backbone_path
+    """--out (or its default), the backbone file ``--backbone ssl`` writes beside it, the checkpoint folder and
+    --report writable before any training starts, none of them overwriting an input. A model file may lie
+    inside --data (``cd data && insightad train --data .`` writes models/ there: not images, never read back
+    as data), but not under an image's name; what holds images (the checkpoint's curves, a report) may not."""
+    from insightad.apps.train import default_model_path, fine_tuned_backbone_path, with_training_dir
     from insightad.backbones.registry import SSL_FINE_TUNE
-    from insightad.outputs import check_output_dir, check_output_file
+    from insightad.io import IMAGE_EXTENSIONS
+    from insightad.outputs import check_not_input, check_output_dir, check_output_file
 
     out = Path(args.out or default_model_path(args.data, args.method))
     if out.suffix.lower() == ".onnx":  # the graph's own name: 'info' could not read it, --onnx would overwrite it
         raise InsightADError(f"--out: expected a model file name, got {str(out)!r} (.onnx is the name of the ONNX "
                              "graph written beside the model); use e.g. .safetensors")
+    if out.suffix.lower() in IMAGE_EXTENSIONS:  # would replace an image, or be read as one by the next run
+        raise InsightADError(f"--out: expected a model file name, got the image name {str(out)!r}; use e.g. "
+                             ".safetensors")
     args.out = str(check_output_file(out, "--out", inputs=train_inputs(args, params)))
     if getattr(params, "backbone", None) == SSL_FINE_TUNE:
         check_output_file(fine_tuned_backbone_path(Path(args.out)), "--backbone ssl (the backbone file beside --out)")
+    if args.method in method_names():
+        checkpoints = with_training_dir(args.method, vars(params), Path(args.out)).get("checkpoint_dir")
+        if checkpoints:  # its curves are PNGs
+            check_not_input(checkpoints, "--checkpoint-dir (default: beside --out)", [args.data])
     if getattr(params, "checkpoint_dir", None):
         check_output_dir(params.checkpoint_dir, "--checkpoint-dir")
     if getattr(args, "report", None):
@@ -93,10 +111,10 @@ def check_outputs(args: argparse.Namespace, params) -> None:
 
 
 def train_inputs(args: argparse.Namespace, params) -> list[str]:
-    """The files and folders a training run reads, which its outputs must not overwrite or lie inside:
-    --data, the config file, the backbone weights file, an ssl: backbone file."""
+    """The files a training run reads besides --data, which its outputs must not overwrite: the config file,
+    the backbone weights file, an ssl: backbone file."""
     backbone = str(getattr(params, "backbone", "") or "")
-    found = [args.data, getattr(args, "config", None), getattr(params, "weights", None),
+    found = [getattr(args, "config", None), getattr(params, "weights", None),
              backbone[len("ssl:"):] if backbone.startswith("ssl:") else None]
     return [str(p) for p in found if p]
 

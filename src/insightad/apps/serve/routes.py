@@ -22,7 +22,7 @@ from insightad.apps.serve.schemas import (
     InferResponse,
     ModelInfo,
 )
-from insightad.apps.serve.service import TRUE_WORDS, ScoringService
+from insightad.apps.serve.service import ScoringService
 from insightad.errors import InsightADError
 
 ERRORS_DOC: dict[int | str, dict[str, Any]] = {
@@ -63,10 +63,24 @@ async def read_upload(request: Request) -> tuple[bytes, bool]:
         data = await upload.read()
         if not data:
             raise InsightADError(f"file: the uploaded file {upload.filename!r} is empty")
-        want = str(form.get("heatmap", "false")).strip().lower() in TRUE_WORDS
+        want = form_switch(form.get("heatmap", "false"), "heatmap")
         return data, want
     finally:
         await form.close()
+
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+def form_switch(value: object, field: str) -> bool:
+    """A multipart form's on/off field (true/false, 1/0, yes/no, on/off, any case); anything else is a 422 naming
+    the field instead of a silent 'off'."""
+    word = str(value).strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise RequestValidationError([{"loc": ("body", field), "type": "bool_parsing",
+                                       "msg": f"expected true or false (or 1/0, yes/no, on/off), got {str(value)[:40]!r}"}])
+    return word in TRUE_WORDS
 
 
 def _content_type(request: Request) -> str:

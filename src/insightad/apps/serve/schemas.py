@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 
 class InferRequest(BaseModel):
     """One base64-encoded image (PNG, JPEG, BMP or TIFF, any size): the original request contract."""
 
     image: str = Field(description="base64 of an encoded image file (a data: URL prefix is allowed)")
-    heatmap: bool = Field(False, description="also return the anomaly map as a base64 PNG (methods with maps)")
+    heatmap: StrictBool = Field(False, description="also return the anomaly map as a base64 PNG (methods with maps; "
+                                "JSON true or false)")
 
 
 class BatchRequest(BaseModel):
     """Several images scored in one request; results come back in the same order."""
 
     images: list[str] = Field(min_length=1, description="base64 of encoded image files")
-    heatmap: bool = Field(False, description="also return each anomaly map as a base64 PNG (methods with maps)")
+    heatmap: StrictBool = Field(False, description="also return each anomaly map as a base64 PNG (methods with "
+                                "maps; JSON true or false)")
 
 
 class InferResponse(BaseModel):

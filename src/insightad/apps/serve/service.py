@@ -24,7 +24,6 @@ from insightad.scoring.scorer import upsample_maps
 from insightad.version import __version__
 
 Items = list[tuple[str, str | bytes]]  # (field name, base64 text or raw bytes) per image
-TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
 
 def answer_record(record: dict[str, Any], method: str) -> dict[str, Any]:
