@@ -4,27 +4,13 @@ still load."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from insightad.errors import InsightADError
-from insightad.model_file import CHECKSUM_KEY, META_KEY, load_model, read_metadata, update_metadata
-
-
-def _rewrite(src, dest, change_meta=None, change_tensors=None) -> None:
-    """``src`` written again as ``dest`` with its metadata or tensors changed and its checksum left as it was."""
-    with safe_open(str(src), framework="pt") as f:
-        meta = json.loads(f.metadata()[META_KEY])
-    tensors = load_file(str(src))
-    if change_meta:
-        change_meta(meta)
-    if change_tensors:
-        change_tensors(tensors)
-    save_file(tensors, str(dest), metadata={META_KEY: json.dumps(meta)})
+from insightad.model_file import CHECKSUM_KEY, load_model, read_metadata, update_metadata
+from tests.test_hardening_p4 import _rewrite  # the model file written again with its metadata or tensors changed
 
 
 def test_p33_new_model_files_carry_a_checksum(baseline_model):
