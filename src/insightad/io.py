@@ -59,6 +59,20 @@ def iter_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[P
                 skipped.append(p)
 
 
+def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a regular file, else one line: not found, a folder, or a pipe/socket/device (reading a FIFO
+    would block forever, and /dev/zero is not "empty"). ``what`` names the expected file ("model file")."""
+    path = Path(path)
+    article = "an" if what[:1].lower() in "aeiou" else "a"
+    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
+        raise InsightADError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise InsightADError(f"{path}: is a folder, expected {article} {what}")
+    if not is_regular_file(path):
+        raise InsightADError(f"{path}: not a regular file (a pipe, socket or device); expected {article} {what}")
+    return path
+
+
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes (hex): how model files are named in caches, results and threshold files."""
     import hashlib

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError, cut
-from insightad.io import atomic_write, is_regular_file
+from insightad.io import atomic_write, require_file
 from insightad.model_schema import FORMAT, FORMAT_VERSION, validate_metadata
 from insightad.runtime import resolve_device
 from insightad.version import __version__
@@ -99,13 +99,7 @@ def read_metadata(path: str | Path, check_params: bool | None = None) -> dict[st
     PyTorch is installed) also checks the method's hyper-parameters, which imports the methods."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise InsightADError(f"{path}: model file not found")
-    if path.is_dir():
-        raise InsightADError(f"{path}: is a folder, expected a model file")
-    if not is_regular_file(path):  # /dev/zero or a FIFO: not "empty", and a FIFO would block the reader
-        raise InsightADError(f"{path}: not a regular file (a pipe, socket or device); expected a model file")
+    path = require_file(path, "model file")
     if path.stat().st_size == 0:
         raise InsightADError(f"{path}: model file is empty")
     try:

@@ -150,22 +150,43 @@ def apply_record(det: Detector, model_path: str | Path, record: dict[str, Any],
     det.set_threshold(record["value"], record["strategy"], **record["details"])
 
 
-def refresh_graphs(model_path: str | Path) -> list[str]:
-    """The ONNX graph ``train`` wrote beside the model file (stamped with the file's old sha256, so no longer
-    used by anyone once the file changed) exported again from the rewritten file; a line per graph saying
-    what was done. A model given through a link also has the graph beside the file it points to refreshed."""
+def graphs_beside(model_path: str | Path) -> tuple[list[Path], list[Path]]:
+    """(the model file's paths, as given and through a link, whose graph beside is this model's: stamped with
+    its sha256 now, before calibrate changes it; the other files at those graph names, to be left alone).
+    Called before the model file is rewritten: afterwards nothing tells this model's graph from another's."""
+    from insightad.engines.cache import model_digest
+    from insightad.engines.onnx_runtime import verified_entry
+    from insightad.inference.export import beside
+
+    mine: list[Path] = []
+    others: list[Path] = []
+    digest = model_digest(model_path)
+    for path in dict.fromkeys((Path(model_path), Path(model_path).resolve())):
+        graph = beside(path)
+        if graph == path or not graph.is_file() or graph.resolve() in {beside(g).resolve() for g in mine} | {
+                g.resolve() for g in others}:
+            continue
+        engine = verified_entry(graph, digest, 1, delete=False, arena=False)
+        if engine is not None:
+            mine.append(path)
+        else:
+            others.append(graph)
+        del engine
+    return mine, others
+
+
+def refresh_graphs(model_path: str | Path, mine: list[Path], others: list[Path]) -> list[str]:
+    """The model's own graphs (beside the paths ``graphs_beside`` found before the rewrite) exported again from
+    the rewritten file; a line per graph saying what was done. Files that were not its graph are not touched."""
     from insightad.apps.train import write_graph_beside
     from insightad.inference.export import beside
     from insightad.model_file import load_model
 
     det: Detector | None = None
-    done: set[Path] = set()
-    lines = []
-    for path in dict.fromkeys((Path(model_path), Path(model_path).resolve())):
+    lines = [f"{graph} left as it is: not this model's ONNX graph (made from another model file, or not a graph)"
+             for graph in others]
+    for path in mine:
         graph = beside(path)
-        if graph == path or not graph.is_file() or graph.resolve() in done:
-            continue
-        done.add(graph.resolve())
         det = det or load_model(model_path)
         written, line = write_graph_beside(det, path)
         lines.append(f"ONNX graph {graph} refreshed for the new threshold (verified against PyTorch)" if written

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,18 @@ def read_threshold_file(path: str | Path, model: str | Path | None = None) -> fl
     path = Path(path)
     try:
         data: Any = json.loads(path.read_text(encoding="utf-8"))
-        value = float(data["threshold"] if isinstance(data, dict) else data)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
+        raw = data["threshold"] if isinstance(data, dict) else data
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise InsightADError(f"{path}: expected JSON with a numeric 'threshold' field") from None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):  # true would count as 1, "21.5" as a number
+        raise InsightADError(f"{path}: 'threshold' must be a JSON number, got {json.dumps(raw)[:40]}")
+    value = float(raw)
     if not math.isfinite(value):
         raise InsightADError(f"{path}: threshold must be a finite number, got {value!r}")
     wanted = data.get("model_sha256") if isinstance(data, dict) else None
+    if wanted is not None and not (isinstance(wanted, str) and re.fullmatch(r"[0-9a-fA-F]{64}", wanted)):
+        raise InsightADError(f"{path}: 'model_sha256' must be 64 hexadecimal digits (the model file's sha256), got "
+                             f"{json.dumps(wanted)[:40]}")
     if wanted is not None and model is not None and Path(model).is_file():
         wanted = str(wanted).lower()
         actual = file_sha256(model)

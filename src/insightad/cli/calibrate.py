@@ -79,8 +79,9 @@ def store(args: argparse.Namespace, det, record: dict) -> list[str]:
             write_threshold_json(out, args.model, record, file_sha256(args.model))
         return []
     ready = (lambda tmp: write_threshold_json(out, args.model, record, file_sha256(tmp))) if out else None
+    mine, others = cal_mod.graphs_beside(args.model)  # before the rewrite: which graph beside is this model's
     cal_mod.apply_record(det, args.model, record, ready)
-    return cal_mod.refresh_graphs(args.model)
+    return cal_mod.refresh_graphs(args.model, mine, others)
 
 
 def print_graph_lines(lines: list[str], quiet: bool) -> None:

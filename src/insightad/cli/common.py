@@ -134,8 +134,10 @@ def parse_threshold(value: str | None, model: str | Path | None = None) -> float
     if path.suffix.lower() in (".pkl", ".pickle", ".joblib"):
         raise InsightADError(f"{path}: pickle threshold files are refused (loading one can run arbitrary code); "
                              "pass a number or the JSON file from 'insightad calibrate --out'")
-    if not path.is_file():
+    if not path.exists():
         raise InsightADError(f"--threshold: expected a number or a JSON file, got {value!r} (no such file)")
+    if not path.is_file():  # a folder, a FIFO (reading it would block) or a device
+        raise InsightADError(f"--threshold: {value!r} is not a regular file; expected a number or a JSON file")
     from insightad.apps.threshold_file import read_threshold_file
 
     return read_threshold_file(path, model)

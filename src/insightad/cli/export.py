@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from insightad.cli.common import add_model_flag, new_parser, with_config
+from insightad.errors import InsightADError
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -27,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from insightad.model_file import load_model
     from insightad.outputs import check_output_file
 
+    if str(args.model).lower().endswith(".onnx"):
+        raise InsightADError(f"{args.model}: already an ONNX graph; export takes the model file it was made from "
+                             "(.safetensors), and the graph itself can be copied and used as it is")
     out = args.out if args.out else Path(args.model).with_suffix(".onnx")
     out = check_output_file(out, "--out", suffix=".onnx", inputs=[args.model])  # never over the model file
     from insightad.io import file_sha256

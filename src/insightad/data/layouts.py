@@ -204,7 +204,8 @@ def refuse_training_images(paths: list[Path], split: dict | None, root: Path | N
                              "on new images)")):
         overlap = _seen(paths, record, base)
         if overlap:
-            raise InsightADError(f"{overlap[0]}: this image (and {len(overlap) - 1} more) {why}")
+            more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
+            raise InsightADError(f"{overlap[0]}: this image{more} {why}")
 
 
 def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from insightad.engines.cache import ready_copy
 from insightad.errors import InsightADError
+from insightad.io import require_file
 
 META_KEY = "insightad"  # the metadata entry of an InsightAD graph
 ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
@@ -99,9 +100,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The InsightAD metadata of an ONNX file, or a clear refusal (read by ONNX Runtime, graph not optimised)."""
     import onnxruntime as ort
 
-    path = Path(path)
-    if not path.is_file():
-        raise InsightADError(f"{path}: ONNX file not found")
+    path = require_file(path, "ONNX file")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4

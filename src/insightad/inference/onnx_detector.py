@@ -12,6 +12,7 @@ from typing import Any
 from insightad.config import DetectorParams, params
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
+from insightad.io import require_file
 from insightad.scoring import Scorer
 
 
@@ -36,8 +37,7 @@ class OnnxDetector(OnnxDetectorParams, Scorer):
         from insightad.engines.onnx_runtime import OnnxEngine, check_metadata
 
         if engine is None:
-            if not Path(path).is_file():
-                raise InsightADError(f"{path}: ONNX file not found")
+            require_file(path, "ONNX file")
             try:
                 engine = OnnxEngine(str(path), threads, arena)
             except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
