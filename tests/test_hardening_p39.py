@@ -51,3 +51,17 @@ def test_p39_export_of_a_graph_says_what_it_is(tmp_path, capsys):
     graph.write_bytes(b"x")
     assert main(["export", "--model", str(graph), "--out", str(tmp_path / "again.onnx")]) == 1
     assert "already an ONNX graph" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layers, message", [("1,,2", "expected a list of int"), ("1,2,", "expected a list of int"),
+                                             ("-1", "distinct levels counted from 0"),
+                                             ("1,1", "distinct levels counted from 0"),
+                                             ("9", "not available for tf_efficientnet_lite0: it has levels 0-4")])
+def test_p39_layers_are_checked(layers, message, mvtec_dir, tmp_path, capsys):
+    argv = ["train", "--method", "padim", "--data", str(mvtec_dir), "--image-size", "32", "--layers", layers,
+            "--out", str(tmp_path / "m.safetensors"), "--no-onnx"]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse refuses what it cannot parse
+        rc = e.code
+    assert rc in (1, 2) and message in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, dataclass_transform
@@ -48,7 +49,10 @@ def param(default: Any, help: str, *, choices: tuple | None = None, minimum: flo
 def parse_list(text: str, elem: type) -> list:
     """``"1,2,3"`` or ``"1 2 3"`` -> ``[1, 2, 3]``: a list setting as the command line takes it (and a config
     file or a constructor may give it). ValueError for an element that is not an ``elem``."""
-    return [elem(t) for t in text.replace(",", " ").split()]
+    tokens = re.split(r"\s*,\s*|\s+", text.strip()) if text.strip() else []
+    if "" in tokens:  # "1,,2" or "1,2,": a missing item is a typo, not a shorter list
+        raise ValueError(f"an empty item in {text!r}")
+    return [elem(t) for t in tokens]
 
 
 def _checked_list(name: str, value: Any, hint: Any, default: Any) -> list:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -28,11 +28,19 @@ class FeatureExtractor(nn.Module):
         import timm
 
         self.arch, self.layers = arch, tuple(int(i) for i in layers)
+        if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise InsightADError(f"layers: expected distinct levels counted from 0 (the finest), got {list(layers)}")
         try:
             self.body = timm.create_model(arch, pretrained=False, features_only=True,
                                           out_indices=self.layers, in_chans=in_chans)
-        except (IndexError, AssertionError, ValueError) as e:
-            raise InsightADError(f"layers: {list(layers)} not available for {arch} ({e})") from None
+        except (IndexError, AssertionError, ValueError):
+            try:
+                full: Any = timm.create_model(arch, pretrained=False, features_only=True)
+                levels = len(full.feature_info)
+                have = f"levels 0-{levels - 1} (0 = finest)"
+            except Exception:  # noqa: BLE001 - an architecture timm cannot build at all says so itself below
+                have = "other levels"
+            raise InsightADError(f"layers: {list(layers)} not available for {arch}: it has {have}") from None
         self._truncate()
         info = cast("FeatureInfo", self.body.feature_info)
         self.channels = list(info.channels())
