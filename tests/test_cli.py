@@ -87,7 +87,7 @@ def test_config_file_list_settings(folder_dir, tmp_path, capsys):
         assert not model.exists()
     cfg.write_text('method = "svdd"\nstandardize = "no"\n')  # was taken as true
     code, _, err = run(capsys, "train", "--config", cfg, "--data", folder_dir, "--out", model)
-    assert code == 1 and "key 'standardize': expected a TOML boolean (true or false), got 'no'" in err and not model.exists()
+    assert code == 1 and "key 'standardize': expected a TOML boolean (true or false), got \"no\"" in err and not model.exists()
 
 
 @pytest.mark.parametrize("argv,msg", [

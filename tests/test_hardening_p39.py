@@ -65,3 +65,14 @@ def test_p39_layers_are_checked(layers, message, mvtec_dir, tmp_path, capsys):
     except SystemExit as e:  # argparse refuses what it cannot parse
         rc = e.code
     assert rc in (1, 2) and message in capsys.readouterr().err
+
+
+def test_p39_a_config_string_for_a_list_option_is_one_item(baseline_model, mvtec_dir, tmp_path, capsys):
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[predict]\nimage = "{image}"\n')
+    assert main(["predict", "--config", str(cfg), "--model", str(baseline_model), "--json"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    cfg.write_text("[predict]\nimage = [1, 2]\njson = true\n")
+    assert main(["predict", "--config", str(cfg), "--model", str(baseline_model)]) == 1
+    assert "key 'image': expected a list of strings (or one string), got [1, 2]" in capsys.readouterr().err

@@ -108,13 +108,13 @@ def _check_value(path: str, key: str, action: argparse.Action, value: Any) -> No
     (argparse would turn any string into True for a switch, or print its usage for a bad number)."""
     if action.nargs == 0:  # a switch: --json, --maps/--no-maps
         if not isinstance(value, bool):
-            raise InsightADError(f"{path}: key {key!r}: expected a TOML boolean (true or false), got {value!r}")
+            raise InsightADError(f"{path}: key {key!r}: expected a TOML boolean (true or false), got {_shown(value)}")
         return
     kind = action.type
     if kind in (int, float) and not isinstance(value, str):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
             raise InsightADError(f"{path}: key {key!r}: expected {'an integer' if kind is int else 'a number'}, "
-                                 f"got {value!r}")
+                                 f"got {_shown(value)}")
         return
     if isinstance(value, str) and callable(kind):
         try:
@@ -183,8 +183,35 @@ def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str
     actions = {a.dest: a for a in parser._actions}
     named = {keys[k]: k for k in [*cfg["__flat__"], *cfg["__section__"]] if k in keys}
     for dest, value in values.items():
+        if _takes_many(actions[dest]):
+            values[dest] = value = _as_list(path, named[dest], value)
         _check_value(path, named[dest], actions[dest], value)
     parser.set_defaults(**values)
+
+
+def _takes_many(action: argparse.Action) -> bool:
+    """An option or positional that collects several values (``predict IMAGE...``, ``--image`` repeated)."""
+    return action.nargs in ("*", "+") or isinstance(action, argparse._AppendAction)
+
+
+def _as_list(path: str, key: str, value: Any) -> list:
+    """A config value for an option that takes several: a TOML list, or one string as a list of one (a bare
+    string was iterated letter by letter, and "." even named the current folder)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InsightADError(f"{path}: key {key!r}: expected a list of strings (or one string), got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A config value as TOML/JSON spells it (true, not Python's True)."""
+    import json
+
+    try:
+        return json.dumps(value)[:80]
+    except (TypeError, ValueError):
+        return repr(value)[:80]
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
