@@ -65,6 +65,61 @@ def check_not_input(path: str | Path, flag: str, inputs: Iterable[str | Path]) -
             raise InsightADError(f"{out}: {flag} would overwrite {src}, an input of this run; choose another name")
 
 
+def input_folders(inputs: Iterable[str | Path]) -> dict[Path, bool]:
+    """The folders ``inputs`` live in, resolved, each once, mapped to whether it was given as a folder (else
+    it is an input file's folder). One ``resolve`` per distinct folder: a list of a million images stays cheap."""
+    given: dict[str, bool] = {}
+    for item in inputs:
+        text = os.path.expanduser(os.fspath(item))
+        if os.path.isdir(text):
+            given[text] = True
+        else:
+            given.setdefault(os.path.dirname(text) or ".", False)
+    out: dict[Path, bool] = {}
+    for text, is_input in given.items():
+        folder = Path(text).resolve()
+        out[folder] = out.get(folder, False) or is_input
+    return out
+
+
+def check_apart(path: str | Path, flag: str, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output folder that is, holds or lies inside the folder of one of ``inputs`` (an input file's
+    folder counts, not only input folders): what it writes would overwrite an input, or be read as one (a
+    dataset image) on the next run. One exception: a sub-folder of the working directory is fine when only
+    input files lie there (``predict part.png --overlay overlays/``)."""
+    out = Path(path).expanduser()
+    resolved = out.resolve()
+    here = Path.cwd().resolve()
+    for folder, is_input in input_folders(inputs).items():
+        what = "the input folder" if is_input else "the folder of input files"
+        if resolved == folder or (folder in resolved.parents and (is_input or folder != here)):
+            raise InsightADError(f"{out}: {flag} must not be or lie inside {what} {folder} (what is written there "
+                                 f"would overwrite an input or be read as one); choose {flag} outside it")
+        if resolved in folder.parents:
+            raise InsightADError(f"{out}: {flag} must not hold {what} {folder} (what is written there would be "
+                                 f"read as input); choose {flag} beside it")
+
+
+def check_output_names(folder: str | Path, names: Iterable[str], flag: str,
+                       avoid: Iterable[tuple[str | Path, str]] = ()) -> None:
+    """Every ``folder/name`` can be written as a file: none is an existing folder, and none is (or holds) a
+    folder in ``avoid`` (``(path, flag)`` pairs: another output folder of the same run). Checked before any
+    work: an IsADirectoryError after hours of scoring is a failed run."""
+    base = Path(folder).expanduser()
+    others = {p.resolve(): (Path(p), f) for p, f in ((Path(p).expanduser(), f) for p, f in avoid)}
+    ancestors = {a: other for p, other in others.items() for a in (p, *p.parents)}
+    root = base.resolve()
+    for name in names:
+        target = base / name
+        if target.is_dir():
+            raise InsightADError(f"{target}: {flag} would write a file here, and this is a folder; "
+                                 f"choose another {flag}")
+        hit = ancestors.get(root / name)
+        if hit is not None:
+            raise InsightADError(f"{target}: {flag} would write a file here, on the way to {hit[1]} {hit[0]}; "
+                                 f"choose {flag} and {hit[1]} apart")
+
+
 def check_output_file(path: str | Path, flag: str, *, suffix: str | None = None,
                       inputs: Iterable[str | Path] = ()) -> Path:
     """``path`` may be written as a file (its folder is created); else one line naming ``flag``.

@@ -48,16 +48,38 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
     if not images:
         raise InsightADError(f"{src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
     check_decodes(images, progress)
+    plan = plan_names([p.relative_to(src) for p in images], copies, include_originals)
     written: list[Path] = []
-    for path in tqdm(images, desc="augment", unit="image", disable=not progress):
+    for path, (original, targets) in tqdm(zip(images, plan), total=len(images), desc="augment", unit="image",
+                                          disable=not progress):
         rel = path.relative_to(src)
         img = load_image(path)
         fmt = SAVE_FORMAT.get(path.suffix.lower(), "PNG")
-        if include_originals:  # a copy, not a re-encoding: 16-bit, CMYK and JPEG bytes stay as they were
-            durable_copy(path, out / rel)
-            written.append(out / rel)
-        for k in range(copies):
-            target = out / rel.parent / f"{rel.stem}_aug{k:03d}{path.suffix}"
-            atomic_write(target, partial(augment(img, params, image_seed(seed, rel.as_posix(), k)).save, format=fmt))
-            written.append(target)
+        if original is not None:  # a copy, not a re-encoding: 16-bit, CMYK and JPEG bytes stay as they were
+            durable_copy(path, out / original)
+            written.append(out / original)
+        for k, target in enumerate(targets):
+            atomic_write(out / target, partial(augment(img, params, image_seed(seed, rel.as_posix(), k)).save,
+                                               format=fmt))
+            written.append(out / target)
     return written
+
+
+def plan_names(rels: list[Path], copies: int, include_originals: bool) -> list[tuple[Path | None, list[Path]]]:
+    """Every output name, before anything is written: per image its original's name (or None) and its
+    copies' ``<stem>_augNNN<ext>``. Originals keep their names; a copy whose name is taken (an original
+    called ``x_aug000.png``) gets ``_2``, ``_3``... so that no file overwrites another."""
+    used = {r.as_posix().casefold() for r in rels} if include_originals else set()
+    plan: list[tuple[Path | None, list[Path]]] = []
+    for rel in rels:
+        targets = []
+        for k in range(copies):
+            base, n = f"{rel.stem}_aug{k:03d}", 2
+            name = rel.parent / f"{base}{rel.suffix}"
+            while name.as_posix().casefold() in used:
+                name = rel.parent / f"{base}_{n}{rel.suffix}"
+                n += 1
+            used.add(name.as_posix().casefold())
+            targets.append(name)
+        plan.append((rel if include_originals else None, targets))
+    return plan

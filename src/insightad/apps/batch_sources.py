@@ -70,16 +70,17 @@ def _url_source(spec: str) -> Source:
     return Source(_unique(paths), os.fsencode(proto + root))
 
 
-def source_inputs(spec: str, source: Source) -> list[str]:
+def source_inputs(spec: str, source: Source, lists: bool = True) -> list[str]:
     """What a batch output must not overwrite or lie inside: the folder (its images are in it), or the list
-    file and every local image it (or a glob) names. URLs are not local files and are left out."""
+    file (unless ``lists`` is false: only the images) and every local image it (or a glob) names. URLs are
+    not local files and are left out."""
     if "://" in spec:
         return []
     given = os.path.expanduser(spec)
     if os.path.isdir(given):
         return [given]
     listed = [os.fsdecode(p) for p in source.paths if not is_url(p)]
-    return [given, *listed] if os.path.isfile(given) else listed
+    return [given, *listed] if lists and os.path.isfile(given) else listed
 
 
 def list_source(spec: str) -> Source:

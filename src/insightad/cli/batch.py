@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from insightad.cli.common import (
     add_engine_flags,
@@ -18,6 +19,9 @@ from insightad.cli.common import (
     with_config,
 )
 from insightad.errors import InsightADError
+
+if TYPE_CHECKING:
+    from insightad.apps.batch_store import ResultsStore
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -52,6 +56,23 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "batch"), _argv=argv)
 
 
+def check_folders(folders: dict[str, str], store: ResultsStore, model: str, images: list[str]) -> None:
+    """--maps and --overlays refused before any work: not the model, --out, --csv or the results' own files,
+    not a file, and apart from every input image's folder (they would overwrite an image or become one)."""
+    from insightad.outputs import check_apart
+
+    taken = {"--out": store.out, "--csv": store.csv, "the model": Path(model), "--out's parts": store.parts_dir,
+             "--out's lock": store.lock_path}
+    for flag, d in folders.items():
+        where = Path(d).expanduser().resolve()
+        for what, p in taken.items():
+            if p is not None and where == Path(p).expanduser().resolve():
+                raise InsightADError(f"{d}: {flag} must not be {what} ({p}); choose another folder")
+        if Path(d).exists() and not Path(d).is_dir():
+            raise InsightADError(f"{flag} {d}: expected a folder, got a file")
+        check_apart(d, flag, images)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import pyarrow  # noqa: F401 - the results are Parquet
@@ -59,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise InsightADError("batch writes Parquet and needs pyarrow: pip install 'insightad[batch]'") from None
     from insightad.apps.batch import BatchJob, ResultsStore, list_source, run_local
     from insightad.apps.batch_sources import source_inputs
-    from insightad.outputs import check_not_input, check_output_dir
+    from insightad.outputs import check_output_dir
 
     if args.gpus_per_worker < 0:
         raise InsightADError(f"--gpus-per-worker: expected 0 or more, got {args.gpus_per_worker}")
@@ -74,10 +95,7 @@ def run(args: argparse.Namespace) -> int:
     store = ResultsStore(Path(args.out), Path(args.csv) if args.csv else None)
     store.check(inputs)
     folders = {f"--{flag}": getattr(args, flag) for flag in ("maps", "overlays") if getattr(args, flag)}
-    for flag, d in folders.items():
-        check_not_input(d, flag, inputs)
-        if Path(d).exists() and not Path(d).is_dir():
-            raise InsightADError(f"{flag} {d}: expected a folder, got a file")
+    check_folders(folders, store, args.model, source_inputs(args.input, source, lists=False))
     thr = parse_threshold(args.threshold, args.model)  # a threshold file of another model is refused
     det = load_inference_model(args)
     if args.maps and not det.has_maps:

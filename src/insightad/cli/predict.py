@@ -66,17 +66,30 @@ def expand_images(items: list[str]) -> list[Path]:
     return out
 
 
+def check_outputs(args: argparse.Namespace, given: list[str], paths: list[Path]) -> None:
+    """--overlay and --heatmap refused before any work: apart from every input's folder, neither on the way
+    to the other, and no file name of theirs an existing folder."""
+    from insightad.outputs import check_apart, check_output_dir, check_output_names
+    from insightad.render.names import output_names
+
+    dirs = {f: d for f, d in (("--overlay", args.overlay), ("--heatmap", args.heatmap)) if d}
+    for flag, d in dirs.items():  # never beside or above an input: the next run would score the outputs
+        check_apart(d, flag, given)
+        if os.path.lexists(d) and not os.path.isdir(d):
+            check_output_dir(d, flag)  # its one line: a file, not a folder
+    for flag, d in dirs.items():
+        kind = flag.lstrip("-")
+        check_output_names(d, output_names(paths, kind), flag, [(o, f) for f, o in dirs.items() if f != flag])
+    if args.overlay:
+        check_output_dir(args.overlay, "--overlay")
+
+
 def run(args: argparse.Namespace) -> int:
-    from insightad.outputs import check_not_input, check_output_dir
+    from insightad.outputs import check_output_dir
 
     given = list(args.images) + list(args.image)
-    if args.overlay:  # never inside an input folder: the next run would score the overlays
-        check_output_dir(args.overlay, "--overlay", inputs=given)
-    if args.heatmap:
-        check_not_input(args.heatmap, "--heatmap", given)
-    if args.heatmap and os.path.lexists(args.heatmap):  # an existing non-folder is refused before any work
-        check_output_dir(args.heatmap, "--heatmap")
     paths = expand_images(given)
+    check_outputs(args, given, paths)
     thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
     det = load_inference_model(args)
     if args.heatmap and not det.has_maps:
@@ -108,10 +121,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_table(paths, pred)
         if args.overlay:
-            print(f"{sum(o is not None for o in overlays)} overlays written to {args.overlay}")
+            print(f"{count_files(overlays)} overlays written to {args.overlay}")
         if args.heatmap:
-            print(f"{sum(h is not None for h in heatmaps)} heatmaps written to {args.heatmap}")
+            print(f"{count_files(heatmaps)} heatmaps written to {args.heatmap}")
     return report_errors(pred.errors, len(paths))
+
+
+def count_files(written: list) -> int:
+    """The files written, each once (an image given twice is one file, not two)."""
+    return len({os.path.realpath(p) for p in written if p is not None})
 
 
 def print_table(paths, pred) -> None:
