@@ -190,6 +190,7 @@ class BatchSummary:
     skipped: int = 0
     retried: int = 0
     changed: int = 0
+    refreshed: int = 0
     errors: int = 0
     anomalous: int = 0
     seconds: float = 0.0
@@ -202,7 +203,8 @@ class BatchSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "inputs": self.inputs, "scored": self.scored, "skipped": self.skipped,
-                "retried": self.retried, "changed": self.changed, "errors": self.errors, "anomalous": self.anomalous,
+                "retried": self.retried, "changed": self.changed, "refreshed": self.refreshed,
+                "errors": self.errors, "anomalous": self.anomalous,
                 "seconds": round(self.seconds, 3),
                 "startup_seconds": round(self.startup_seconds, 3),
                 "images_per_second": round(self.images_per_second, 3)}
@@ -251,9 +253,9 @@ class BatchJob:
     def todo(self, threshold: float, summary: BatchSummary) -> list[bytes]:
         """Inputs to score for this model: those without a row, with an error row (tried again), or whose
         local file's size or mtime_ns differs from its row's (a new file under the name; a file gone since
-        keeps its row). The others are
-        counted as ``summary.skipped``. A run left half-done at another threshold is refused (its rows
-        would mix two decisions)."""
+        keeps its row), or whose row lacks a map or overlay this run asks for (``summary.refreshed``: a rerun
+        with new --maps/--overlays writes them). The others are counted as ``summary.skipped``. A run left
+        half-done at another threshold is refused (its rows would mix two decisions)."""
         done = self.store.done(self.model_sha256)
         todo: list[bytes] = []
         kept: list[bytes] = []
@@ -263,6 +265,8 @@ class BatchJob:
                 summary.retried += 1
             elif row is not None and row[2] is not None and row[2] != (file_identity(os.fsdecode(p)) or row[2]):
                 summary.changed += 1
+            elif row is not None and self._lacks_outputs(p, row[3], row[4]):
+                summary.refreshed += 1
             elif row is not None:
                 kept.append(p)
                 continue
@@ -274,6 +278,16 @@ class BatchJob:
                                      f"{threshold:.9g}; pass --threshold {old!r} to finish it, or choose another --out")
         summary.skipped = len(kept)
         return todo
+
+    def _lacks_outputs(self, path: bytes, map_file: str | None, overlay_file: str | None) -> bool:
+        """Whether a committed row lacks the map or overlay asked for now: none recorded, or none at its
+        place under the --maps/--overlays folder of this run."""
+        opts = self.options(self.threshold)
+        for base, recorded, suffix in ((self.maps_dir, map_file, ".map.npy"),
+                                       (self.overlays_dir, overlay_file, ".overlay.png")):
+            if base and (recorded is None or not _mirror(base, opts, path, suffix).is_file()):
+                return True
+        return False
 
     def chunks(self, todo: list[bytes]) -> Iterator[list[bytes]]:
         for a in range(0, len(todo), self.chunk):

@@ -33,6 +33,10 @@ SCHEMA = pa.schema([
 ])
 
 
+# a committed row: (threshold, is error, (size, mtime_ns) or None, map file or None, overlay file or None)
+Done = tuple[float, bool, "tuple[int, int] | None", "str | None", "str | None"]
+
+
 def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     """``t`` with ``schema``'s columns, those a table of an older version lacks filled with nulls."""
     cols = [t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, f.type) for f in schema]
@@ -82,14 +86,15 @@ class ResultsStore:
         schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
         return pa.concat_tables([_conform(t, schema) for t in tables]) if tables else schema.empty_table()
 
-    def done(self, model_sha: str) -> dict[bytes, tuple[float, bool, tuple[int, int] | None]]:
-        """path bytes -> (threshold, is error, (size, mtime_ns) or None) of the newest row committed for
-        this model (the one ``consolidate`` keeps)."""
-        t = self.read_all(["path_bytes", "model_sha256", "threshold", "error", "size", "mtime_ns"])
-        out: dict[bytes, tuple[float, bool, tuple[int, int] | None]] = {}
-        for p, m, thr, err, size, mtime in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+    def done(self, model_sha: str) -> dict[bytes, Done]:
+        """path bytes -> (threshold, is error, (size, mtime_ns) or None, map, overlay) of the newest row
+        committed for this model (the one ``consolidate`` keeps)."""
+        t = self.read_all(["path_bytes", "model_sha256", "threshold", "error", "size", "mtime_ns", "map", "overlay"])
+        out: dict[bytes, Done] = {}
+        for p, m, thr, err, size, mtime, map_, overlay in zip(*(t.column(c).to_pylist() for c in t.column_names)):
             if m == model_sha:
-                out[p] = (thr, err is not None, None if size is None or mtime is None else (size, mtime))
+                ident = None if size is None or mtime is None else (size, mtime)
+                out[p] = (thr, err is not None, ident, map_, overlay)
         return out
 
     def commit(self, table: pa.Table) -> Path:

@@ -19,6 +19,11 @@ before it is scored), and an image is skipped only when the last row of its path
 for a file of that identity. A new file that took a sorted file's name is sorted, and an image whose
 last row is an error is tried again (its new row follows the old one: the last row of a path is
 current). Journals and CSVs of older versions, without the identity, are still read (by name).
+
+In copy mode a changed image's earlier copy is removed once its new copy is in place (the intent names it
+under ``replaces``, so recovery finishes that too): the output folders hold only current copies. When a run
+completes, the journal is cut back to its header and ``results.csv`` is rewritten (temporary name, rename) with
+only the newest row of each path; until then both are only appended to.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ from typing import Any
 import numpy as np
 
 from insightad.errors import InsightADError
-from insightad.io import TMP_SUFFIX, durable_copy, file_identity, folder_lock, fsync_dir, fsync_file, iter_images
+from insightad.io import (
+    TMP_SUFFIX,
+    atomic_write_bytes,
+    durable_copy,
+    file_identity,
+    folder_lock,
+    fsync_dir,
+    fsync_file,
+    iter_images,
+)
 from insightad.outputs import check_output_dir
 
 JOURNAL = ".insightad-sort.journal"
@@ -66,7 +80,8 @@ def _identity_of(record: dict[str, Any]) -> Identity | None:
 @dataclass
 class SortSummary:
     """What one run did. ``skipped``: images an earlier run sorted, unchanged since; ``retried``: images
-    whose earlier outcome was an error; ``changed``: images that replaced a sorted file of the same name."""
+    whose earlier outcome was an error; ``changed``: images that replaced a sorted file of the same name;
+    ``replaced``: earlier copies of changed images removed (copy mode)."""
 
     out: Path
     csv: Path
@@ -77,6 +92,7 @@ class SortSummary:
     skipped: int = 0
     retried: int = 0
     changed: int = 0
+    replaced: int = 0
     recovered: int = 0
     seconds: float = 0.0
     error_examples: list[str] = field(default_factory=list)
@@ -88,7 +104,8 @@ class SortSummary:
     def as_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "csv": str(self.csv), "mode": "move" if self.move else "copy",
                 "normal": self.normal, "anomalous": self.anomalous, "errors": self.errors, "skipped": self.skipped,
-                "retried": self.retried, "changed": self.changed, "recovered": self.recovered, "seconds": round(self.seconds, 3)}
+                "retried": self.retried, "changed": self.changed, "replaced": self.replaced,
+                "recovered": self.recovered, "seconds": round(self.seconds, 3)}
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -144,6 +161,7 @@ class FolderSorter:
         self._claimed: set[Path] = set()
         self._ids: dict[Path, Identity | None] = {}  # identity of each image to sort, taken before scoring
         self._recovered: set[str] = set()  # paths whose intent this run finished (counted as recovered)
+        self._replaces: dict[Path, str] = {}  # copy mode: a changed image's earlier copy (relative to out)
 
     # ------------------------------------------------------------------ journal and CSV
     def _header(self) -> dict[str, Any]:
@@ -250,6 +268,8 @@ class FolderSorter:
                 _transfer(src, dest, self.move)
             elif not dest.exists():
                 error = "the image disappeared from the input folder before it was sorted"
+            if not error:
+                self._drop_replaced(it)
             decision = "error" if error else it["decision"]
             rows.append(self._row(src, it["score"], it.get("score_normalized"), decision,
                                   "" if error else it["dest"], error, key[1]))
@@ -260,6 +280,33 @@ class FolderSorter:
             self._fsync_dests()
             self._append(self.csv_path, self._csv_text(rows))
             self.summary.recovered = len(rows)
+
+    def _drop_replaced(self, intent: dict[str, Any]) -> None:
+        """Remove the earlier copy a copy-mode intent replaces, once its new copy is in place (never the new one)."""
+        old = intent.get("replaces")
+        if not old or old == intent["dest"] or self.move:
+            return
+        target = self.out / old
+        if target.parts[len(self.out.parts)] not in DECISIONS or ".." in Path(old).parts:
+            return  # a destination this sort did not write: left alone
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+            fsync_dir(target.parent)
+            self.summary.replaced += 1
+
+    def _compact(self) -> None:
+        """After a completed run: the journal back to its header (every intent has its row), then
+        ``results.csv`` with only the newest row of each path; each replaced whole under a temporary name."""
+        with open(self.csv_path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
+            rows = list(csv.DictReader(f))
+        newest = {r["path"]: i for i, r in enumerate(rows)}
+        header = self.journal_path.read_bytes().split(b"\n", 1)[0] + b"\n"
+        atomic_write_bytes(self.journal_path, header)
+        if len(newest) == len(rows):
+            return
+        keep = [rows[i] for i in sorted(newest.values())]
+        text = ",".join(getattr(self, "fields", FIELDS)) + "\n" + self._csv_text(keep)
+        atomic_write_bytes(self.csv_path, text.encode(ENCODING, NAME_ERRORS))
 
     def _fsync_dests(self) -> None:
         for d in DECISIONS:
@@ -304,6 +351,8 @@ class FolderSorter:
                 continue
             else:
                 self.summary.changed += 1
+                if not self.move and row["decision"] in DECISIONS and row.get("destination"):
+                    self._replaces[rel] = row["destination"]
             self._ids[rel] = ident
             todo.append(rel)
         return todo
@@ -328,7 +377,7 @@ class FolderSorter:
             intents.append({"kind": "intent", "path": str(path), "dest": dest.relative_to(self.out).as_posix(),
                             "score": float(pred.scores[i]), "score_normalized": float(pred.scores_normalized[i]),
                             "decision": decision, "size": ident[0] if ident else None,
-                            "mtime_ns": ident[1] if ident else None})
+                            "mtime_ns": ident[1] if ident else None, "replaces": self._replaces.get(rel)})
         if intents:
             self._append(self.journal_path, "".join(json.dumps(it) + "\n" for it in intents))
         self._stage("intents", rels[0].as_posix())
@@ -341,6 +390,7 @@ class FolderSorter:
                                       f"{'moved' if self.move else 'copied'}", ident=_identity_of(it)))
                 continue
             self._stage("transferred", it["path"])
+            self._drop_replaced(it)
             rows.append(self._row(Path(it["path"]), it["score"], it["score_normalized"], it["decision"], it["dest"],
                                   ident=_identity_of(it)))
         self._fsync_dests()
@@ -394,5 +444,6 @@ class FolderSorter:
                 bar.update(len(rels[a:a + self.batch_size]))
         finally:
             bar.close()
+        self._compact()
         self.summary.seconds = time.perf_counter() - t0
         return self.summary

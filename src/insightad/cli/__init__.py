@@ -68,6 +68,14 @@ def _relax_required(parser: argparse.ArgumentParser, argv: list[str]) -> list[ar
     return relaxed
 
 
+def _check_spellings(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> None:
+    """Two spellings of one flag with different values are refused, for every sub-command."""
+    from insightad.cli.options import check_spellings
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    check_spellings(sub, argv[argv.index(command) + 1:] if command in argv else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     without_kernel_compiler()
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
+        _check_spellings(parser, args.command, argv)
         prepare = getattr(args, "_prepare", None)
         if prepare:
             args = prepare(args)

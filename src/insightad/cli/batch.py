@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "bytes of the name), score, score_normalized, anomalous, threshold, error, model_sha256, time. "
                    "An unreadable image is an error row and the exit code is 1. Rows are committed chunk by chunk: "
                    "an interrupted run started again with the same --out skips what is done (by path and model "
-                   "file hash), and never writes a row twice. --ray local starts Ray on this machine; --ray "
+                   "file hash), and never writes a row twice; a row without the --maps/--overlays asked for is "
+                   "scored again. --ray local starts Ray on this machine; --ray "
                    "auto|HOST:PORT joins a running cluster (see docs/scale.md).")
     add_model_flag(p)
     p.add_argument("--input", required=True, metavar="SOURCE",
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"scored {s.scored} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s){where}; "
               f"{s.skipped} done by an earlier run (unchanged since)"
               + (f", {s.retried} error rows tried again" if s.retried else "")
-              + (f", {s.changed} changed since an earlier run scored them" if s.changed else ""))
+              + (f", {s.changed} changed since an earlier run scored them" if s.changed else "")
+              + (f", {s.refreshed} scored again to write the maps/overlays asked for" if s.refreshed else ""))
         print(f"{s.inputs} inputs: {s.inputs - s.errors - s.anomalous} normal, {s.anomalous} anomalous, "
               f"{s.errors} errors (threshold {threshold:.6g}); results in {store.out}"
               + (f" and {store.csv}" if store.csv else ""))

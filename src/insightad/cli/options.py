@@ -216,3 +216,38 @@ def _shown(value: Any) -> str:
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys mirror these flags; flags win")
+
+
+def _spelling_value(action: argparse.Action, spelling: str, inline: str | None, rest: list[str]) -> str | None:
+    """What one occurrence of a flag sets: its ``=value``, the next word, or for a switch which way it points."""
+    if action.nargs == 0:
+        return "off" if spelling.startswith("--no-") and isinstance(action, argparse.BooleanOptionalAction) else "on"
+    if inline is not None:
+        return inline
+    return rest[0] if rest else None
+
+
+def check_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Refuse two spellings of one flag given different values (``--out A --output B``, ``--input X --sort_out Y``,
+    ``--maps --no-maps``): argparse would keep the last one silently. One spelling repeated keeps argparse's rule."""
+    flags = {s: a for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    given: dict[int, tuple[str, str | None]] = {}
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        if not word.startswith("--"):
+            continue
+        name, eq, inline = word.partition("=")
+        matches = [s for s in flags if s == name] or [s for s in flags if s.startswith(name)]
+        actions = {id(flags[s]) for s in matches}
+        if len(actions) != 1:  # unknown or ambiguous: argparse has already said so, or it is a value
+            continue
+        spelling = name if name in flags else matches[0]
+        action = flags[spelling]
+        value = _spelling_value(action, name, inline if eq else None, argv[i + 1:])
+        if id(action) in given:
+            first, old = given[id(action)]
+            if first != spelling and old != value:
+                raise InsightADError(f"{first} and {spelling} are two spellings of one option and were given "
+                                     f"different values ({old!r} and {value!r}); give it once")
+        given[id(action)] = (spelling, value)

@@ -29,10 +29,12 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "An interrupted run started again with the same arguments finishes what it had begun and skips "
                    "what is done: no image is lost or duplicated. A run on the same --out skips only images "
                    "sorted before and unchanged since (same size and modification time); a new file with a "
-                   "sorted file's name is sorted, and images that were unreadable are tried again.")
+                   "sorted file's name is sorted (its earlier copy removed, in copy mode), and images that were unreadable are "
+                   "tried again; results.csv then keeps only the newest row of each image.")
     add_model_flag(p)
     p.add_argument("--input", "--sort-out", "--sort_out", dest="input", required=True, metavar="DIR",
-                   help="folder of images to sort")
+                   help="folder of images to sort, the INPUT (--sort-out/--sort_out: the same input folder, the "
+                   "name an older script used; not the destination, which is --out)")
     p.add_argument("--out", "--output", dest="out", metavar="DIR",
                    help="output folder, not inside the input folder (default: <input>_sorted beside it)")
     p.add_argument("--move", action="store_true", help="move the images instead of copying them")
@@ -96,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tried again {s.retried} images an earlier run could not read")
     if s.changed:
         print(f"sorted {s.changed} images that replaced an earlier sorted file of the same name")
+    if s.replaced:
+        print(f"removed {s.replaced} earlier copies of those images (only the current copy of each is kept; "
+              "results.csv keeps the newest row of each image)")
     print(f"{verb} into {s.out}/normal and {s.out}/anomalous; scores in {s.csv}")
     for e in s.error_examples:
         print(f"  error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -226,12 +227,29 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
             held = {(ds.root / r).resolve() for r in split.get("holdout", [])}
             chosen = [replace(s, split="test") for s in ds.samples
                       if s.label == ANOMALOUS or s.path.resolve() in held]
+            chosen += _new_normals(ds, split, held)
     else:
         chosen = [replace(s, split="test") for s in (ds.test if ds.has_test_split else ds.samples)]
     refuse_training_images([s.path for s in chosen], split, ds.root if same_root else None)
     if not chosen:
         raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
     return chosen
+
+
+def _new_normals(ds: Dataset, split: dict, held: set[Path]) -> list[Sample]:
+    """Normal images of the training dataset that are in neither recorded list (added after training) and
+    whose content is no training image's: unseen normals, so evaluated (one warning line says how many).
+    Needs a record with content hashes: without them a renamed training image could not be told apart."""
+    hashes = set(split.get("train_sha256") or [])
+    if not hashes:
+        return []
+    known = {(ds.root / r).resolve() for r in split.get("train", [])} | held
+    new = [replace(s, split="test") for s in ds.samples if s.label == NORMAL
+           and s.path.resolve() not in known and file_sha256(s.path) not in hashes]
+    if new:
+        warnings.warn(f"{ds.root}: {len(new)} normal images not in the model's split (added after training) "
+                      "were included in the evaluation", stacklevel=3)
+    return new
 
 
 def content_record(paths: list[Path]) -> list[str]:

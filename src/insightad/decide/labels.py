@@ -7,7 +7,8 @@ Two forms, told apart by their header:
   only when ``model_sha256`` is the SHA-256 of the model file being calibrated.
 
 ``label`` is ``normal`` or ``anomalous``. An image listed twice with different labels (or, given scores,
-different scores) is refused; a row repeated exactly is counted once.
+different scores) is refused, and so are two paths of identical content (the same image copied) with
+different labels; a row repeated exactly is counted once.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def read_labels(path: str | Path) -> LabelFile:
                              f"got {','.join(header) or 'none'}")
     if not rows:
         raise InsightADError(f"{path}: no labelled rows")
-    names, labels, scores, hashes = [], [], [], set()
+    names, labels, scores, hashes, numbers = [], [], [], set(), []
     first: dict[str, tuple[int, bool, float | None]] = {}  # image -> (row, label, score) of its first row
     for i, r in enumerate(rows, start=2):  # row 1 is the header
         lab = r.get("label", "").lower()
@@ -79,9 +80,12 @@ def read_labels(path: str | Path) -> LabelFile:
             continue
         names.append(r[key])
         labels.append(LABELS[lab])
+        numbers.append(i)
         if score is not None:
             scores.append(score)
             hashes.add(r.get("model_sha256", "").lower())
+    if form == "paths":
+        _refuse_same_content(path, names, labels, numbers)
     if len(hashes) > 1:
         raise InsightADError(f"{path}: rows name {len(hashes)} different model_sha256 values; scores from one model only")
     return LabelFile(path, form, names, np.array(labels, bool), np.array(scores) if form == "scores" else None,
@@ -114,6 +118,21 @@ def _repeat_of(path: Path, row: int, name: str, label: bool, score: float | None
         raise InsightADError(f"{path}: {name} is listed twice with different {what} (rows {row0} and {row}); "
                              "keep one row per image")
     return True
+
+
+def _refuse_same_content(path: Path, names: list[str], labels: list[bool], rows: list[int]) -> None:
+    """Refuse two listed files of identical content (sha256) with different labels: one image cannot be both
+    normal and anomalous under two names. Files not found are left to the caller's check."""
+    first: dict[str, tuple[int, str, bool]] = {}  # sha256 -> (row, name, label) of its first row
+    for name, label, row in zip(names, labels, rows):
+        file = path.parent / name
+        if not file.is_file():
+            continue
+        digest = file_sha256(file)
+        row0, name0, label0 = first.setdefault(digest, (row, name, label))
+        if label0 != label:
+            raise InsightADError(f"{path}: {name0} (row {row0}) and {name} (row {row}) are the same image "
+                                 "(identical content) with different labels; keep one label per image")
 
 
 def check_model_hash(labels: LabelFile, model_path: str | Path) -> None:
