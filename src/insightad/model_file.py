@@ -52,8 +52,7 @@ def metadata(det: Detector) -> dict[str, Any]:
 
 
 def save_model(det: Detector, path: str | Path) -> Path:
-    """Write the model file atomically; returns its path."""
-
+    """Write the model file atomically, stamped with its content checksum; returns its path."""
     path = Path(path)
     meta = metadata(det)
     if det.model_ is None:
