@@ -55,14 +55,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one sub-command."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
 def _relax_required(parser: argparse.ArgumentParser, argv: list[str]) -> list[argparse.Action]:
     """With ``--config``, a required flag may come from the file: argparse must not refuse it before
     the file is read, so it is made optional here and checked by ``main`` once the file is applied."""
     if not argv or argv[0] not in COMMANDS or not any(
             len(t.split("=", 1)[0]) > 4 and "--config".startswith(t.split("=", 1)[0]) for t in argv[1:]):
         return []
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
-    relaxed = [a for a in sub._actions if a.required and a.option_strings]
+    relaxed = [a for a in _subparser(parser, argv[0])._actions if a.required and a.option_strings]
     for a in relaxed:
         a.required = False
     return relaxed
@@ -72,8 +76,7 @@ def _check_spellings(parser: argparse.ArgumentParser, command: str, argv: list[s
     """Two spellings of one flag with different values are refused, for every sub-command."""
     from insightad.cli.options import check_spellings
 
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    check_spellings(sub, argv[argv.index(command) + 1:] if command in argv else [])
+    check_spellings(_subparser(parser, command), argv[argv.index(command) + 1:] if command in argv else [])
 
 
 def main(argv: list[str] | None = None) -> int:

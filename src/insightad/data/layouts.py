@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -189,13 +191,16 @@ def holdout_split(ds: Dataset, fraction: float, seed: int) -> tuple[list[Sample]
     return train, [replace(s, split="test") for s in held]
 
 
-def refuse_training_images(paths: list[Path], split: dict | None, root: Path | None = None) -> None:
+def refuse_training_images(paths: list[Path], split: dict | None, root: Path | None = None,
+                           digest: Callable[[Path], str] | None = None) -> None:
     """Refuse, in one line naming the first, images a model was trained on (or its ``ssl:`` backbone was
     fine-tuned on), given the training split it recorded, by path (under its root, or ``root`` for a dataset
     that moved) and by content where the record keeps hashes (a copied or renamed training image): its scores on
-    them say nothing (evaluate, calibrate --data and calibrate --labels all go through here)."""
+    them say nothing (evaluate, calibrate --data and calibrate --labels all go through here). ``digest``:
+    the sha256 of a file, memoised by a caller that hashes the same images elsewhere."""
     if not split:
         return
+    digest = digest or functools.cache(file_sha256)  # the model's and the backbone's records: each file once
     backbone = split.get("backbone") or {}
     for record, base, why in (
             (split, root, "was used to train the model; refusing to score training images (evaluate on held-out "
@@ -203,7 +208,7 @@ def refuse_training_images(paths: list[Path], split: dict | None, root: Path | N
             (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
                              "score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
                              "on new images)")):
-        overlap = _seen(paths, record, base)
+        overlap = _seen(paths, record, base, digest)
         if overlap:
             more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
             raise InsightADError(f"{overlap[0]}: this image{more} {why}")
@@ -219,6 +224,7 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
     (``split["backbone"]``) (``refuse_training_images``).
     """
     split = split or {}
+    digest = functools.cache(file_sha256)  # new normals are hashed, then checked against training content
     same_root = bool(split) and (Path(split.get("root", "")) == ds.root or _moved_here(ds, split))
     if same_root:
         if ds.has_test_split:
@@ -227,16 +233,16 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
             held = {(ds.root / r).resolve() for r in split.get("holdout", [])}
             chosen = [replace(s, split="test") for s in ds.samples
                       if s.label == ANOMALOUS or s.path.resolve() in held]
-            chosen += _new_normals(ds, split, held)
+            chosen += _new_normals(ds, split, held, digest)
     else:
         chosen = [replace(s, split="test") for s in (ds.test if ds.has_test_split else ds.samples)]
-    refuse_training_images([s.path for s in chosen], split, ds.root if same_root else None)
+    refuse_training_images([s.path for s in chosen], split, ds.root if same_root else None, digest)
     if not chosen:
         raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
     return chosen
 
 
-def _new_normals(ds: Dataset, split: dict, held: set[Path]) -> list[Sample]:
+def _new_normals(ds: Dataset, split: dict, held: set[Path], digest: Callable[[Path], str]) -> list[Sample]:
     """Normal images of the training dataset that are in neither recorded list (added after training) and
     whose content is no training image's: unseen normals, so evaluated (one warning line says how many).
     Needs a record with content hashes: without them a renamed training image could not be told apart."""
@@ -245,7 +251,7 @@ def _new_normals(ds: Dataset, split: dict, held: set[Path]) -> list[Sample]:
         return []
     known = {(ds.root / r).resolve() for r in split.get("train", [])} | held
     new = [replace(s, split="test") for s in ds.samples if s.label == NORMAL
-           and s.path.resolve() not in known and file_sha256(s.path) not in hashes]
+           and s.path.resolve() not in known and digest(s.path) not in hashes]
     if new:
         warnings.warn(f"{ds.root}: {len(new)} normal images not in the model's split (added after training) "
                       "were included in the evaluation", stacklevel=3)
@@ -271,7 +277,7 @@ def _moved_here(ds: Dataset, split: dict) -> bool:
     return True
 
 
-def _seen(paths: list[Path], record: dict, root: Path | None = None) -> list[Path]:
+def _seen(paths: list[Path], record: dict, root: Path | None, digest: Callable[[Path], str]) -> list[Path]:
     """The ``paths`` that ``record`` (a split: {"root", "train", "train_sha256"}) trained on: by resolved path
     under its root (or ``root`` for a dataset that moved), and by content where the record has hashes."""
     names = record.get("train", [])
@@ -280,4 +286,4 @@ def _seen(paths: list[Path], record: dict, root: Path | None = None) -> list[Pat
     base = root or Path(record.get("root", ""))
     by_path = {(base / r).resolve() for r in names}
     hashes = set(record.get("train_sha256") or [])
-    return [p for p in paths if p.resolve() in by_path or (hashes and file_sha256(p) in hashes)]
+    return [p for p in paths if p.resolve() in by_path or (hashes and digest(p) in hashes)]
