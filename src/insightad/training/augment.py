@@ -75,10 +75,16 @@ def _affine(rotation: bool) -> Augment:
     from dataclasses import replace
 
     from insightad.config import AugmentParams
-    from insightad.data.augment import apply, draw
 
     params = AugmentParams() if rotation else replace(AugmentParams(), rotation=0.0)
-    return per_image(lambda img, rng: apply(img, draw(params, img.size, rng), params.fill))
+
+    def one(img: PIL.Image.Image, rng: np.random.Generator) -> PIL.Image.Image:
+        # torchvision's transforms are imported on first use, not by every method's import
+        from insightad.data.augment import apply, draw
+
+        return apply(img, draw(params, img.size, rng), params.fill)
+
+    return per_image(one)
 
 
 register_augmentation("affine", _affine(rotation=True))
