@@ -97,3 +97,27 @@ def test_pixel_threshold_separates_masked_pixels():
     t = pixel_threshold([amap], [mask])
     assert 0.5 <= t < 2.0
     assert pixel_threshold([amap], [np.zeros_like(mask)]) is None
+
+
+def test_pixel_threshold_samples_each_map_alike():
+    """Past ``max_pixels`` the sweep reads the same share of every map (drawn map by map, deterministic) and
+    lands where the full sweep does; maps and masks that do not pair up are refused."""
+    rng = np.random.default_rng(3)
+    maps, masks = [], []
+    for i in range(30):
+        mask = np.zeros((40, 40), bool)
+        mask[5 + i % 10:15 + i % 10, 8:20] = True
+        maps.append((rng.normal(0.0, 1.0, mask.shape) + 3.0 * mask).astype(np.float32))
+        masks.append(mask)
+    full = pixel_threshold(maps, masks, max_pixels=10**9)
+    sampled = pixel_threshold(maps, masks, max_pixels=6000)
+    assert sampled == pixel_threshold(maps, masks, max_pixels=6000)
+    assert full is not None and sampled is not None and abs(sampled - full) < 0.25
+    from insightad.decide.decisions import _pixel_sample
+
+    values, truth = _pixel_sample(maps, masks, 6001, 0)
+    assert values.size == truth.size == 6001 and truth.sum() == pytest.approx(6001 * 120 / 1600, rel=0.1)
+    with pytest.raises(InsightADError, match="3200 map pixels in 2 maps for 1600 mask pixels in 1 masks"):
+        pixel_threshold(maps[:2], masks[:1])
+    with pytest.raises(InsightADError, match="for 3240 mask pixels in 2 masks"):
+        pixel_threshold(maps[:2], [masks[0], np.ones((40, 41), bool)])

@@ -208,18 +208,38 @@ def recall_at(defect_scores: np.ndarray, threshold: float) -> float:
     return float((d > threshold).mean()) if d.size else float("nan")
 
 
+def _pixel_sample(maps: list[np.ndarray], masks: list[np.ndarray], max_pixels: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(values float32, truth bool) of at most ``max_pixels`` map pixels, the same share of each map (a fixed
+    random subset: the sweep stays cheap and deterministic). Drawn map by map: all maps' pixels at once and a
+    permutation of their indices (13.7 million for 209 maps at 256 px) made 190 MB of temporaries."""
+    total = sum(int(np.size(m)) for m in maps)
+    if total <= max_pixels:
+        return (np.concatenate([np.asarray(m, np.float32).ravel() for m in maps]),
+                np.concatenate([np.asarray(k, bool).ravel() for k in masks]))
+    rng = np.random.default_rng(seed)
+    sizes = np.array([np.size(m) for m in maps])
+    quota = np.floor(sizes * (max_pixels / total)).astype(int)
+    quota[np.argsort(-(sizes * (max_pixels / total) - quota), kind="stable")[:max_pixels - int(quota.sum())]] += 1
+    values, truth = np.empty(max_pixels, np.float32), np.empty(max_pixels, bool)
+    at = 0
+    for m, k, q in zip(maps, masks, quota):
+        keep = rng.choice(np.size(m), int(q), replace=False)
+        values[at:at + q] = np.asarray(m, np.float32).ravel()[keep]
+        truth[at:at + q] = np.asarray(k, bool).ravel()[keep]
+        at += q
+    return values, truth
+
+
 def pixel_threshold(maps: list[np.ndarray], masks: list[np.ndarray], max_pixels: int = 2_000_000,
                     seed: int = 0) -> float | None:
     """The pixel level with the best pixel F1 on synthetic defects with exact masks (None without any)."""
     if not maps or not any(np.asarray(m).any() for m in masks):
         return None
-    values = np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])
-    truth = np.concatenate([np.asarray(k, bool).ravel() for k in masks])
-    if values.shape != truth.shape:
-        raise InsightADError(f"pixel threshold: {values.size} map pixels for {truth.size} mask pixels")
-    if values.size > max_pixels:  # a fixed random subset keeps the sweep cheap and deterministic
-        keep = np.random.default_rng(seed).choice(values.size, max_pixels, replace=False)
-        values, truth = values[keep], truth[keep]
+    if len(maps) != len(masks) or any(np.size(m) != np.size(k) for m, k in zip(maps, masks)):
+        raise InsightADError(f"pixel threshold: {sum(np.size(m) for m in maps)} map pixels in {len(maps)} maps for "
+                             f"{sum(np.size(k) for k in masks)} mask pixels in {len(masks)} masks")
+    values, truth = _pixel_sample(maps, masks, max_pixels, seed)
     pos, neg = np.sort(values[truth]), np.sort(values[~truth])
     grid = np.unique(np.concatenate([np.quantile(pos, np.linspace(0.0, 1.0, 400)),
                                      np.quantile(neg, np.linspace(0.9, 1.0, 100)) if neg.size else []]))
