@@ -39,3 +39,27 @@ def test_p40_a_half_saturated_photo_scores_the_same_on_both_engines(baseline_mod
     torch_scores = load_for_inference(baseline_model, "torch").predict([photo, dot], maps=False).scores
     onnx_scores = load_for_inference(baseline_model, "onnx").predict([photo, dot], maps=False).scores
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-4)
+
+
+@pytest.mark.parametrize("command", ["sort", "batch", "predict"])
+def test_p40_files_passed_over_by_their_names_are_said(command, baseline_model, mvtec_dir, tmp_path, capsys):
+    """A WebP or GIF photo in the input folder is not scored (README: refused with a message naming the file):
+    sort and batch left it behind without a word, predict said so; now all three say it in the same line."""
+    from insightad.cli import main
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    Image.open(image).convert("RGB").save(folder / "part.png")
+    Image.open(image).convert("RGB").save(folder / "photo.webp")
+    Image.open(image).convert("RGB").save(folder / "photo.gif")
+    out = tmp_path / "out"
+    args = {"sort": ["--input", str(folder), "--out", str(out)],
+            "batch": ["--input", str(folder), "--out", str(tmp_path / "r.parquet")],
+            "predict": [str(folder)]}[command]
+    assert main([command, "--model", str(baseline_model), "--engine", "torch", *args]) == 0
+    err = capsys.readouterr().err
+    assert "2 files not scored, taken for masks or non-images by their names" in err
+    assert "e.g. photo.gif" in err
+    if command == "sort":
+        assert (folder / "photo.webp").exists() and "left where they are" in err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,17 @@ ACCEPTED_TEXT = "PNG, JPEG, BMP or TIFF"
 DEFAULT_MAX_PIXELS = 200_000_000  # far above real inspection images, below decompression bombs
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+
+
+def not_scored_note(folder: str | Path, skipped: Sequence[str | Path | bytes], what: str) -> str | None:
+    """The one line every command that walks a folder of images prints for the files it passes over by their
+    names (``*_mask.*``, other extensions: GIF, WebP, ...), or None when there are none; ``what`` says what
+    becomes of them. A file left out is always said, never silently (sort would leave it unsorted)."""
+    if not skipped:
+        return None
+    example = os.path.basename(os.fsdecode(skipped[0]))
+    return (f"{os.fsdecode(folder)}: {len(skipped)} files not scored, taken for masks or non-images by their names "
+            f"(images: {' '.join(IMAGE_EXTENSIONS)}, not *_mask.*), e.g. {example}; {what}")
 
 
 def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
