@@ -63,3 +63,19 @@ def test_p40_files_passed_over_by_their_names_are_said(command, baseline_model, 
     assert "e.g. photo.gif" in err
     if command == "sort":
         assert (folder / "photo.webp").exists() and "left where they are" in err
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_p40_an_animated_png_is_refused_as_a_multi_page_tiff_is(engine, baseline_model, mvtec_dir, tmp_path, capsys):
+    """An animated PNG was scored on its first frame (Pillow on PyTorch, libspng on ONNX Runtime), its other
+    frames passed unseen, where a TIFF of several pages is refused; a one-frame PNG still scores."""
+    from insightad.cli import main
+
+    first = Image.open(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]).convert("RGB")
+    anim, still = tmp_path / "anim.png", tmp_path / "still.png"
+    first.save(anim, save_all=True, append_images=[first.rotate(90)])
+    first.save(still, save_all=True)
+    assert main(["predict", "--model", str(baseline_model), "--engine", engine, "--json", str(anim), str(still)]) == 1
+    out, err = capsys.readouterr()
+    assert "anim.png: an animated PNG with 2 frames; expected a single image (save each frame as its own file)" in err
+    assert '"error": null' in out.splitlines()[1]
