@@ -79,3 +79,20 @@ def test_p40_an_animated_png_is_refused_as_a_multi_page_tiff_is(engine, baseline
     out, err = capsys.readouterr()
     assert "anim.png: an animated PNG with 2 frames; expected a single image (save each frame as its own file)" in err
     assert '"error": null' in out.splitlines()[1]
+
+
+def test_p40_a_dataset_folder_says_which_images_it_cannot_use(baseline_model, mvtec_dir, tmp_path, capsys):
+    """evaluate (and train, calibrate: the same dataset walk) passed over a WebP photo in silence; notes and
+    model files in the folder are not images and stay unmentioned."""
+    from insightad.cli import main
+
+    folder = tmp_path / "new_parts"
+    folder.mkdir()
+    for i, image in enumerate(sorted((mvtec_dir / "test" / "good").glob("*.png"))[:3]):
+        Image.open(image).convert("RGB").save(folder / f"{i}.png")
+    Image.open(image).convert("RGB").save(folder / "photo.webp")
+    (folder / "notes.txt").write_text("shift 2")
+    assert main(["evaluate", "--model", str(baseline_model), "--engine", "torch", "--data", str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert "1 files not used, taken for masks or non-images by their names" in err
+    assert "e.g. photo.webp; convert them to PNG to use them" in err

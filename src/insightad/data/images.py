@@ -26,15 +26,24 @@ DEFAULT_MAX_PIXELS = 200_000_000  # far above real inspection images, below deco
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
 
-def not_scored_note(folder: str | Path, skipped: Sequence[str | Path | bytes], what: str) -> str | None:
+def not_scored_note(folder: str | Path, skipped: Sequence[str | Path | bytes], what: str,
+                    verb: str = "scored") -> str | None:
     """The one line every command that walks a folder of images prints for the files it passes over by their
     names (``*_mask.*``, other extensions: GIF, WebP, ...), or None when there are none; ``what`` says what
     becomes of them. A file left out is always said, never silently (sort would leave it unsorted)."""
     if not skipped:
         return None
     example = os.path.basename(os.fsdecode(skipped[0]))
-    return (f"{os.fsdecode(folder)}: {len(skipped)} files not scored, taken for masks or non-images by their names "
+    return (f"{os.fsdecode(folder)}: {len(skipped)} files not {verb}, taken for masks or non-images by their names "
             f"(images: {' '.join(IMAGE_EXTENSIONS)}, not *_mask.*), e.g. {example}; {what}")
+
+
+def other_image_formats(paths: Sequence[Path]) -> list[Path]:
+    """The files among ``paths`` named as images of a format InsightAD does not accept (.webp, .gif, .ppm, ...:
+    what Pillow registers): in a dataset folder, images someone meant to be used, not notes or model files."""
+    Image.init()
+    known = {ext.lower() for ext in Image.registered_extensions()}
+    return [p for p in paths if p.suffix.lower() in known and p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
 def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
