@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from insightad.inference.load import load_for_inference
@@ -96,3 +97,32 @@ def test_p40_a_dataset_folder_says_which_images_it_cannot_use(baseline_model, mv
     err = capsys.readouterr().err
     assert "1 files not used, taken for masks or non-images by their names" in err
     assert "e.g. photo.webp; convert them to PNG to use them" in err
+
+
+class _TileScorer(torch.nn.Module):
+    """A stand-in method model: per tile, its mean level (score) and its channel mean (map)."""
+
+    def forward(self, x):
+        return x.float().mean((1, 2, 3)), x.float().mean(1)
+
+
+def test_p40_a_tiled_graph_scores_every_tile_of_a_large_batch(tmp_path):
+    """The tiled model's loop over 16 tiles at a time was traced into the graph with the example batch's slices:
+    a batch of more tiles lost its last ones (8 images of 2 x 2 tiles: wrong scores, no error) or failed in a
+    Reshape (5 images): predict, sort, batch and serve on ONNX Runtime. The graph now takes every tile at once."""
+    from insightad.engines.export import export_verified
+    from insightad.engines.onnx_runtime import make_session
+    from insightad.methods.tiling import TILE_BATCH, TiledModel
+
+    model = TiledModel(_TileScorer(), tile_size=8, tiles=2, overlap=0.25).eval()
+    rng = np.random.default_rng(0)
+    example = [torch.from_numpy(rng.random((n, 3, model.size, model.size), dtype=np.float32) * 255) for n in (2, 3)]
+    graph = export_verified(model, example, ["scores", "maps"], "tiled test model", tmp_path / "tiled.onnx")
+    session = make_session(str(graph))
+    for n in (5, 8, 9):  # 20, 32 and 36 tiles: more than TILE_BATCH
+        assert n * 4 > TILE_BATCH
+        x = torch.from_numpy(rng.random((n, 3, model.size, model.size), dtype=np.float32) * 255)
+        want = [t.numpy() for t in model(x)]
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-3)

@@ -93,7 +93,11 @@ class TiledModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b = x.shape[0]
         tiles = cut(x, self.tile_size, self.stride)
-        outs = [self.inner(tiles[i:i + TILE_BATCH]) for i in range(0, tiles.shape[0], TILE_BATCH)]
+        if torch.onnx.is_in_onnx_export():  # every tile at once: a traced loop would keep the example batch's
+            # slices (its tile count), and a larger batch would lose its last tiles (wrong scores) or fail
+            outs = [self.inner(tiles)]
+        else:
+            outs = [self.inner(tiles[i:i + TILE_BATCH]) for i in range(0, tiles.shape[0], TILE_BATCH)]
         scores = torch.cat([o[0] for o in outs]).reshape(b, -1).amax(1)
         if len(outs[0]) < 2:
             return (scores,)
