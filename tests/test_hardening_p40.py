@@ -126,3 +126,27 @@ def test_p40_a_tiled_graph_scores_every_tile_of_a_large_batch(tmp_path):
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-3)
+
+
+def test_p40_a_tiled_graph_gets_about_16_tiles_a_call():
+    """An ONNX scorer of a tiled model file is given at most ``config.images_per_run`` images a call (set by
+    inference.load from the model file's tile setting): memory bounded as on PyTorch, and a graph exported before
+    the fix above (its traced slices cover at least 16 tiles) scores every tile of what it is given."""
+    from insightad.config import images_per_run
+    from insightad.scoring import Scorer
+
+    assert [images_per_run(t) for t in (1, 2, 3, 4, 5)] == [None, 4, 1, 1, 1]
+    calls: list[int] = []
+
+    def engine(x):
+        calls.append(len(x))
+        return (x.reshape(len(x), -1).mean(1),)
+
+    scorer = Scorer()
+    scorer.engine_, scorer.images_per_run_ = engine, 2
+    images = [np.full((3, 8, 8), i, np.float32) for i in range(5)]
+    scores, _ = scorer.forward_images(images)
+    assert calls == [2, 2, 1] and scores.tolist() == [0, 1, 2, 3, 4]
+    calls.clear()
+    scorer.forward_images(images, max_batch=1)
+    assert calls == [1] * 5

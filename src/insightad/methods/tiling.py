@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from insightad.config import TILE_BATCH  # tiles through the method's model at once: memory bounded by it
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
-
-TILE_BATCH = 16  # tiles through the method's model at once: memory bounded by this, not by tiles x images
 
 
 def tile_stride(tile_size: int, overlap: float) -> int:
