@@ -150,3 +150,30 @@ def test_p40_a_tiled_graph_gets_about_16_tiles_a_call():
     calls.clear()
     scorer.forward_images(images, max_batch=1)
     assert calls == [1] * 5
+
+
+def test_p40_the_page_shows_a_photo_as_it_was_scored(tmp_path):
+    """A JPEG whose EXIF says "rotate 90" is scored in the order its pixels are stored (the decode contract), and
+    its heatmap too; the operators' page showed the photo turned by the browser under an unturned heatmap."""
+    import shutil
+    import subprocess
+
+    from insightad.apps.serve.page import STATIC
+
+    css = (STATIC / "style.css").read_text()
+    assert "img { image-orientation: none; }" in css
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium to render the page's stylesheet")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (120, 60), (90, 120, 150)).save(tmp_path / "tagged.jpg", exif=exif)
+    (tmp_path / "style.css").write_text(css)
+    (tmp_path / "page.html").write_text(
+        '<html><head><link rel="stylesheet" href="style.css"></head><body><img id="a" src="tagged.jpg"><script>'
+        "window.onload = () => { const r = document.getElementById('a').getBoundingClientRect();"
+        "document.body.setAttribute('data-size', r.width + 'x' + r.height); };</script></body></html>")
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                          "--virtual-time-budget=3000", "--dump-dom", (tmp_path / "page.html").as_uri()],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert 'data-size="120x60"' in dom
