@@ -177,3 +177,14 @@ def test_p40_the_page_shows_a_photo_as_it_was_scored(tmp_path):
                           "--virtual-time-budget=3000", "--dump-dom", (tmp_path / "page.html").as_uri()],
                          capture_output=True, text=True, timeout=60).stdout
     assert 'data-size="120x60"' in dom
+
+
+def test_p40_a_graph_file_says_how_it_is_tiled(baseline_model, tmp_path):
+    """The .onnx given alone to --model knows its tiles per side from its metadata (1 here: no cap)."""
+    from insightad.cli import main
+    from insightad.inference.onnx_detector import OnnxDetector
+
+    graph = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(baseline_model), "--out", str(graph)]) == 0
+    det = OnnxDetector.from_file(graph)
+    assert det.onnx_meta_["tiles"] == 1 and det.images_per_run_ is None
