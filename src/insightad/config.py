@@ -153,6 +153,17 @@ def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
     return obj
 
 
+TILE_BATCH = 16  # tiles of a tiled model through the method's model at once (methods.tiling)
+
+
+def images_per_run(tiles: int) -> int | None:
+    """Images of a tiled model (``tiles`` per side) an exported graph is given at once: about ``TILE_BATCH``
+    tiles, at least one image (memory bounded as on PyTorch; graphs exported before the graph took every tile
+    at once scored only the tiles their traced slices covered, at least ``TILE_BATCH``). None when untiled."""
+    tiles = int(tiles or 1)
+    return None if tiles <= 1 else max(1, TILE_BATCH // (tiles * tiles))
+
+
 MAX_IMAGE_SIDE = 4096  # the largest image side a model works at: bigger would exhaust memory before it helps
 
 # --------------------------------------------------------------------------------------- data

@@ -8,7 +8,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from insightad.data.images import IMAGE_EXTENSIONS, is_image_file
@@ -27,20 +27,24 @@ class Source:
 
     paths: list[bytes]
     root: bytes
+    not_images: list[bytes] = field(default_factory=list)  # files of a folder passed over by their names
 
     def relative(self, path: bytes) -> bytes:
         rel = path[len(self.root):] if self.root and path.startswith(self.root) else path
         return rel.lstrip(b"/") or os.path.basename(path)
 
 
-def _walk(root: bytes) -> Iterator[bytes]:
-    """Image files under ``root`` (regular files, symlinks to files included), sorted, hidden skipped."""
+def _walk(root: bytes, skipped: list[bytes] | None = None) -> Iterator[bytes]:
+    """Image files under ``root`` (regular files, symlinks to files included), sorted, hidden skipped;
+    ``skipped`` collects the other visible files (other extensions, ``*_mask.*``), as ``io.iter_images`` does."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(b"."))
         for name in sorted(filenames):
             p = os.path.join(dirpath, name)
             if is_image_file(Path(os.fsdecode(name))) and os.path.isfile(p):
                 yield p
+            elif skipped is not None and not name.startswith(b".") and os.path.isfile(p):
+                skipped.append(p)
 
 
 def _unique(paths: Sequence[bytes]) -> list[bytes]:
@@ -99,10 +103,11 @@ def list_source(spec: str) -> Source:
                                  f"(expected {', '.join(IMAGE_EXTENSIONS)})")
         return Source(_unique([os.path.abspath(p) for p in found]), os.path.abspath(root or b"."))
     if os.path.isdir(raw):
-        found = list(_walk(os.path.abspath(raw)))
+        skipped: list[bytes] = []
+        found = list(_walk(os.path.abspath(raw), skipped))
         if not found:
             raise InsightADError(f"{spec}: no images found in this folder (expected {', '.join(IMAGE_EXTENSIONS)})")
-        return Source(found, os.path.abspath(raw))
+        return Source(found, os.path.abspath(raw), skipped)
     if os.path.isfile(raw):
         with open(raw, "rb") as f:
             head = f.read(4096)

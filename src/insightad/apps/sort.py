@@ -96,6 +96,7 @@ class SortSummary:
     recovered: int = 0
     seconds: float = 0.0
     error_examples: list[str] = field(default_factory=list)
+    not_images: list[Path] = field(default_factory=list)  # files of the input folder passed over by their names
 
     @property
     def processed(self) -> int:
@@ -408,7 +409,8 @@ class FolderSorter:
 
     def _walk(self) -> Iterator[Path]:
         """Image files of the input folder, relative to it, in a stable order."""
-        return (p.relative_to(self.src) for p in iter_images(self.src))
+        self.summary.not_images = []  # said by the CLI (data.images.not_scored_note): they stay where they are
+        return (p.relative_to(self.src) for p in iter_images(self.src, skipped=self.summary.not_images))
 
     def run(self) -> SortSummary:
         """Sort every image not finished yet; resumable after any interruption."""

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise InsightADError("batch writes Parquet and needs pyarrow: pip install 'insightad[batch]'") from None
     from insightad.apps.batch import BatchJob, ResultsStore, list_source, run_local
     from insightad.apps.batch_sources import source_inputs
+    from insightad.data.images import not_scored_note
     from insightad.outputs import check_output_dir
 
     if args.gpus_per_worker < 0:
@@ -92,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.model).is_file():
         raise InsightADError(f"{args.model}: model file not found")
     source = list_source(args.input)  # first: the outputs must not overwrite an input or lie inside its folder
+    note = not_scored_note(args.input, source.not_images, "list them in a text file (--input) to score them "
+                           "whatever their names")
+    if note:
+        print(f"insightad: note: {note}", file=sys.stderr)
     inputs = [args.model, *source_inputs(args.input, source)]
     store = ResultsStore(Path(args.out), Path(args.csv) if args.csv else None)
     store.check(inputs)

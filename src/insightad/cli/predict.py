@@ -18,8 +18,9 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
+from insightad.data.images import not_scored_note
 from insightad.errors import InsightADError
-from insightad.io import IMAGE_EXTENSIONS, is_regular_file, list_images
+from insightad.io import is_regular_file, list_images
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -50,11 +51,9 @@ def expand_images(items: list[str]) -> list[Path]:
             if not found:
                 raise InsightADError(f"{path}: no images found in this folder")
             out.extend(found)
-            if skipped:
-                kinds = " ".join(IMAGE_EXTENSIONS)
-                print(f"insightad: note: {path}: {len(skipped)} files not scored, taken for masks or non-images by "
-                      f"their names (images: {kinds}, not *_mask.*), e.g. {skipped[0].name}; pass a file by its "
-                      "path to score it whatever its name", file=sys.stderr)
+            note = not_scored_note(path, skipped, "pass a file by its path to score it whatever its name")
+            if note:
+                print(f"insightad: note: {note}", file=sys.stderr)
         elif path.exists() and not is_regular_file(path):  # a FIFO would block the reader forever
             raise InsightADError(f"{path}: not a regular file (a pipe, socket or device); expected an image file")
         elif path.exists():

@@ -57,6 +57,7 @@ def default_out(input_dir: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.sort import FolderSorter, check_folders
+    from insightad.data.images import not_scored_note
 
     if args.batch_size < 1:
         raise InsightADError(f"--batch-size: expected at least 1, got {args.batch_size}")
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
               f"{sorter.journal_path.name} and {sorter.csv_path.name} in {sorter.out} record what was done)",
               file=sys.stderr)
         raise
+    note = not_scored_note(sorter.src, s.not_images, "left where they are")
+    if note:
+        print(f"insightad: note: {note}", file=sys.stderr)
     if args.json:
         print_json({**s.as_dict(), "threshold": sorter.threshold})
         return _status(s)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,32 @@ from insightad.io import IMAGE_EXTENSIONS, is_image_file  # noqa: F401 - re-expo
 # (GIF, WebP, PPM, ICO, ...) is refused, whatever its extension: the README lists these four formats.
 ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TIFF": "TIFF"}
 ACCEPTED_TEXT = "PNG, JPEG, BMP or TIFF"
+# Formats whose files may hold several images (an animated PNG: APNG), refused when they do: every decoder
+# (Pillow here, libspng in fast_png) would score the first and pass the others unseen.
+MULTI_FRAME_FORMATS = {"TIFF": "a TIFF file", "PNG": "an animated PNG"}
 DEFAULT_MAX_PIXELS = 200_000_000  # far above real inspection images, below decompression bombs
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+
+
+def not_scored_note(folder: str | Path, skipped: Sequence[str | Path | bytes], what: str,
+                    verb: str = "scored") -> str | None:
+    """The one line every command that walks a folder of images prints for the files it passes over by their
+    names (``*_mask.*``, other extensions: GIF, WebP, ...), or None when there are none; ``what`` says what
+    becomes of them. A file left out is always said, never silently (sort would leave it unsorted)."""
+    if not skipped:
+        return None
+    example = os.path.basename(os.fsdecode(skipped[0]))
+    return (f"{os.fsdecode(folder)}: {len(skipped)} files not {verb}, taken for masks or non-images by their names "
+            f"(images: {' '.join(IMAGE_EXTENSIONS)}, not *_mask.*), e.g. {example}; {what}")
+
+
+def other_image_formats(paths: Sequence[Path]) -> list[Path]:
+    """The files among ``paths`` named as images of a format InsightAD does not accept (.webp, .gif, .ppm, ...:
+    what Pillow registers): in a dataset folder, images someone meant to be used, not notes or model files."""
+    Image.init()
+    known = {ext.lower() for ext in Image.registered_extensions()}
+    return [p for p in paths if p.suffix.lower() in known and p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
 def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
@@ -34,11 +59,13 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
                 img.close()
                 raise InsightADError(f"{name}: {img.format or 'unknown'} images are not accepted (expected "
                                      f"{ACCEPTED_TEXT})")
-            frames = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # (an MPO JPEG's 2nd frame: a preview)
+            # (an MPO JPEG's 2nd frame: a preview)
+            frames = getattr(img, "n_frames", 1) if img.format in MULTI_FRAME_FORMATS else 1
             if frames > 1:  # scoring the first page alone would pass the others unseen
                 img.close()
-                raise InsightADError(f"{name}: a {img.format} file with {frames} pages; expected a single image "
-                                     "(save each page as its own file)")
+                kind, part = MULTI_FRAME_FORMATS[str(img.format)], "page" if img.format == "TIFF" else "frame"
+                raise InsightADError(f"{name}: {kind} with {frames} {part}s; expected a single image "
+                                     f"(save each {part} as its own file)")
             img.load()
         except FileNotFoundError:
             raise InsightADError(f"{name}: file not found") from None
@@ -97,7 +124,7 @@ def _plain_png(data: bytes, max_pixels: int) -> int | None:
     pos = 8
     while pos + 8 <= len(data):
         kind = data[pos + 4:pos + 8]
-        if kind == b"tRNS":
+        if kind in (b"tRNS", b"acTL"):  # transparency, or an animated PNG (load_image refuses it)
             return None
         if kind == b"IDAT":
             return colour

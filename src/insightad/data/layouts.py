@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from insightad.data.images import not_scored_note, other_image_formats
 from insightad.errors import InsightADError
 from insightad.io import file_sha256, is_image_file, is_regular_file, list_images
 
@@ -54,7 +55,14 @@ class Dataset:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return list_images(folder, skip_dirs=MASK_DIRS)
+    """The images of a dataset folder; images of a format not accepted (WebP, GIF, ...) are said in one warning
+    line (data.images.not_scored_note), never passed over in silence."""
+    skipped: list[Path] = []
+    images = list_images(folder, skip_dirs=MASK_DIRS, skipped=skipped)
+    note = not_scored_note(folder, other_image_formats(skipped), "convert them to PNG to use them", verb="used")
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return images
 
 
 def _require_images(folder: Path, what: str) -> list[Path]:

@@ -75,6 +75,7 @@ def onnx_metadata(det: Detector) -> dict[str, Any]:
             "outputs": ["scores"] + (["maps"] if det.has_maps else []),
             "maps": "N x input_height x input_width anomaly maps at model size; upsample them (bilinear) to "
                     "the image's size" if det.has_maps else None,
+            "tiles": int(getattr(det, "tile", 1) or 1),  # per side: scored as config.images_per_run says
             "decode": DECODE_CONTRACT, "backbone": getattr(det, "backbone", None),
             LAYOUT_KEY: GRAPH_LAYOUT}
 

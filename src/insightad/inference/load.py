@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from insightad.config import images_per_run
 from insightad.errors import InsightADError
 from insightad.runtime import ENGINES, TRAIN_EXTRA, check_device, on_gpu, onnx_available, resolve_engine, torch_available
 from insightad.scoring import Scorer
@@ -88,6 +89,7 @@ def stored_graph(path: str | Path, meta: dict[str, Any], threads: int | None = N
     det.model_path_ = str(path)
     det.metadata_ = meta
     det.split_ = meta.get("split")
+    det.images_per_run_ = images_per_run((meta.get("params") or {}).get("tile", 1))
     return det
 
 
@@ -111,6 +113,7 @@ def _load_torch(path: str | Path, engine: str, threads: int | None, device: str,
         try:
             det.engine_ = cached_engine(det, path, threads, arena)
             det.engine_name_ = "onnx"
+            det.images_per_run_ = images_per_run(getattr(det, "tile", 1))
         except InsightADError as e:
             if engine == "onnx":
                 raise InsightADError(str(e) if str(path) in str(e) else f"{path}: {e}") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from insightad.config import DetectorParams, params
+from insightad.config import DetectorParams, images_per_run, params
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
 from insightad.io import require_file
@@ -54,6 +54,7 @@ class OnnxDetector(OnnxDetectorParams, Scorer):
         det.engine_ = engine
         det.engine_name_ = "onnx"
         det.model_path_ = str(path)
+        det.images_per_run_ = images_per_run(meta.get("tiles", 1))  # graphs exported before the key: None
         return det
 
     @property

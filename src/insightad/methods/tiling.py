@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from insightad.config import TILE_BATCH  # tiles through the method's model at once: memory bounded by it
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
-
-TILE_BATCH = 16  # tiles through the method's model at once: memory bounded by this, not by tiles x images
 
 
 def tile_stride(tile_size: int, overlap: float) -> int:
@@ -93,7 +92,11 @@ class TiledModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b = x.shape[0]
         tiles = cut(x, self.tile_size, self.stride)
-        outs = [self.inner(tiles[i:i + TILE_BATCH]) for i in range(0, tiles.shape[0], TILE_BATCH)]
+        if torch.onnx.is_in_onnx_export():  # every tile at once: a traced loop would keep the example batch's
+            # slices (its tile count), and a larger batch would lose its last tiles (wrong scores) or fail
+            outs = [self.inner(tiles)]
+        else:
+            outs = [self.inner(tiles[i:i + TILE_BATCH]) for i in range(0, tiles.shape[0], TILE_BATCH)]
         scores = torch.cat([o[0] for o in outs]).reshape(b, -1).amax(1)
         if len(outs[0]) < 2:
             return (scores,)

@@ -61,6 +61,7 @@ class Scorer:
     engine_name_: str
     model_path_: str
     warmed_up_: bool  # the engine has scored once (inference.load.warm_up)
+    images_per_run_: int | None  # at most this many images per engine call (a tiled graph: config.images_per_run)
 
     @property
     def is_fitted(self) -> bool:
@@ -115,7 +116,8 @@ class Scorer:
         """Images of any sizes -> (scores, maps at model size or None), runs of one size batched together."""
         scores: list[np.ndarray] = []
         maps: list[np.ndarray] | None = []
-        step = max_batch or len(images) or 1
+        caps = [c for c in (max_batch, getattr(self, "images_per_run_", None)) if c]
+        step = min(caps) if caps else (len(images) or 1)
         for lo in range(0, len(images), step):
             for _, x in equal_size_runs(images[lo:lo + step]):
                 s, m = self.forward_batch(x)
