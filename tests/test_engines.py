@@ -250,3 +250,35 @@ def test_export_without_room_for_the_twin_still_exports_and_verifies(tmp_path, m
     out = export.export_verified(wrapped.eval(), export.example_batches((3, 4, 4)), ["y"], "tiny", tmp_path / "t.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx"]
     assert out.is_file()
+
+
+def test_graph_of_an_older_revision_is_stale_beside_and_warned_alone(baseline_model, images, tmp_path, monkeypatch):
+    """A graph exported before the current graph revision (what the graph computes changed: tiles, flat regions) is
+    never taken as the model's own graph (rebuilt in the cache instead), and given alone it scores with a warning."""
+    import shutil
+    import warnings
+
+    import onnx as onnx_lib
+
+    from insightad.engines.onnx_runtime import REVISION_KEY
+
+    monkeypatch.setenv("INSIGHTAD_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "m.safetensors"
+    shutil.copy(baseline_model, model)
+    graph = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(model), "--out", str(graph)]) == 0
+    proto = onnx_lib.load(str(graph))
+    assert {p.key: p.value for p in proto.metadata_props}[REVISION_KEY] == "2"
+    kept = [p for p in proto.metadata_props if p.key != REVISION_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx_lib.save(proto, str(graph))
+    with pytest.warns(UserWarning, match="not the graph of"):
+        det = load_for_inference(model, "onnx")
+    ref = load_for_inference(model, "torch").predict(images).scores
+    np.testing.assert_allclose(det.predict(images).scores, ref, rtol=1e-4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alone = load_for_inference(graph)
+    assert any("graph revision 1; now 2" in str(w.message) for w in caught)
+    np.testing.assert_allclose(alone.predict(images).scores, ref, rtol=1e-4)

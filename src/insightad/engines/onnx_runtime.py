@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ DEFAULT_THREADS = None  # ONNX Runtime's own choice: one per physical core
 CACHE_KEY = "insightad_model_sha256"  # metadata of a cached graph: the sha256 of the model file it was made from
 LAYOUT_KEY = "insightad_graph_layout"  # metadata: what the graph takes; a graph of another layout is rebuilt
 GRAPH_LAYOUT = "uint8-any-size-resize-inside"
+# What the graph computes, within its layout: a graph beside a model file or in the cache made at another
+# revision is stale (rebuilt); a bare one is used with a warning. 2: tiled graphs take every tile they are given
+# (they lost those past 16 a call) and a flat region's pooled spread is zero on both engines.
+REVISION_KEY = "insightad_graph_revision"
+GRAPH_REVISION = "2"
 RUN_VALUES = 24_000_000  # input values per session run at most (nine 900 x 900 RGB photos); see _run_stack
 
 
@@ -123,6 +129,11 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
     if props.get(LAYOUT_KEY) != GRAPH_LAYOUT:
         raise InsightADError(f"{path}: an InsightAD ONNX export of an older layout (it takes images already "
                              "resized); export the model again with 'insightad export'")
+    if props.get(REVISION_KEY) != GRAPH_REVISION:
+        warnings.warn(f"{path}: exported by an older InsightAD ({meta.get('package_version', '?')}, graph revision "
+                      f"{props.get(REVISION_KEY, '1')}; now {GRAPH_REVISION}): its scores can differ from the model "
+                      "file's (tiled graphs on batches past 16 tiles, baseline and SVDD on flat areas); export the "
+                      "model again with 'insightad export'", stacklevel=2)
     inputs = {i.name: i for i in session.get_inputs()}
     if "images" not in inputs:
         raise InsightADError(f"{path}: ONNX graph has no 'images' input; its metadata does not match the graph")
@@ -135,9 +146,9 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
 
 
 def graph_stamp(engine: OnnxEngine) -> tuple[str | None, str | None]:
-    """(model sha256, graph layout) stamped in a graph's metadata."""
+    """(model sha256, graph layout and revision) stamped in a graph's metadata."""
     props = engine.session.get_modelmeta().custom_metadata_map
-    return props.get(CACHE_KEY), props.get(LAYOUT_KEY)
+    return props.get(CACHE_KEY), f"{props.get(LAYOUT_KEY)}/{props.get(REVISION_KEY, '1')}"
 
 
 def verified_entry(target: Path, digest: str, threads: int | None, delete: bool = True, arena: bool = True
@@ -152,7 +163,7 @@ def verified_entry(target: Path, digest: str, threads: int | None, delete: bool 
         stamp, layout = graph_stamp(engine) if engine else (None, None)
     except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
         stamp, layout, engine = None, None, None
-    if stamp != digest or layout != GRAPH_LAYOUT:
+    if stamp != digest or layout != f"{GRAPH_LAYOUT}/{GRAPH_REVISION}":
         if delete:
             target.unlink(missing_ok=True)
         return None

@@ -19,8 +19,10 @@ from insightad.engines.cache import cache_dir, model_digest, prune_cache
 from insightad.engines.onnx_runtime import (
     CACHE_KEY,
     GRAPH_LAYOUT,
+    GRAPH_REVISION,
     LAYOUT_KEY,
     ONNX_FORMAT,
+    REVISION_KEY,
     OnnxEngine,
     verified_entry,
 )
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from insightad.methods.base import Detector
 
 FLAT_KEYS = ("threshold", "score_scale", "input_height", "input_width", "channels", "resize", "method",
-             LAYOUT_KEY)
+             LAYOUT_KEY, REVISION_KEY)
 
 # How InsightAD turns a file into the graph's input (data.images.load_image, data.preprocess): what
 # another language must do to score the same pixels.
@@ -77,7 +79,7 @@ def onnx_metadata(det: Detector) -> dict[str, Any]:
                     "the image's size" if det.has_maps else None,
             "tiles": int(getattr(det, "tile", 1) or 1),  # per side: scored as config.images_per_run says
             "decode": DECODE_CONTRACT, "backbone": getattr(det, "backbone", None),
-            LAYOUT_KEY: GRAPH_LAYOUT}
+            LAYOUT_KEY: GRAPH_LAYOUT, REVISION_KEY: GRAPH_REVISION}
 
 
 def export_onnx(det: Detector, out: str | Path, model_sha256: str | None = None, verify: bool = True) -> Path:
