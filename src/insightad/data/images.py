@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-import warnings
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -21,39 +24,77 @@ DEFAULT_MAX_PIXELS = 200_000_000  # far above real inspection images, below deco
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
 
-def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pillow_unlimited() -> Iterator[None]:
+    """Pillow's own pixel limit switched off for what runs inside (callers compare ``img.size`` with their own).
+    Pillow's limit is one process-wide variable (``Image.MAX_IMAGE_PIXELS``) and its warnings filters are
+    process-wide too, so setting either per call raced between threads: a server decoding two requests at once
+    refused a 40x40 image as 'too large' while another thread had lowered the limit for its own image. The
+    variable is switched off only under this lock, for a header read or the decoding of an image over it."""
+    with _PIL_LIMIT_LOCK:
         old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None
         try:
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-            img = Image.open(fp)
-            if img.format not in ACCEPTED_FORMATS:
-                img.close()
-                raise InsightADError(f"{name}: {img.format or 'unknown'} images are not accepted (expected "
-                                     f"{ACCEPTED_TEXT})")
-            frames = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # (an MPO JPEG's 2nd frame: a preview)
-            if frames > 1:  # scoring the first page alone would pass the others unseen
-                img.close()
-                raise InsightADError(f"{name}: a {img.format} file with {frames} pages; expected a single image "
-                                     "(save each page as its own file)")
-            img.load()
-        except FileNotFoundError:
-            raise InsightADError(f"{name}: file not found") from None
-        except IsADirectoryError:
-            raise InsightADError(f"{name}: is a folder, expected an image file") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InsightADError(f"{name}: image too large: more than the limit of {max_pixels} pixels "
-                                 "(width x height)") from None
-        except Image.UnidentifiedImageError:
-            raise InsightADError(f"{name}: not a readable image (expected {ACCEPTED_TEXT})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            reason = str(e).split("\n")[0] or type(e).__name__
-            raise InsightADError(f"{name}: unreadable or truncated image ({reason})") from None
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = old
+
+
+def over_pillow_limit(img: Image.Image) -> bool:
+    """True when decoding ``img`` would meet Pillow's own limit (a TIFF checks it again when loaded)."""
+    with _PIL_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and img.size[0] * img.size[1] > limit
+
+
+def open_unlimited(fp: str | Path | IO[bytes]) -> Image.Image:
+    """``Image.open`` (the header only) without Pillow's own pixel limit (``pillow_unlimited``)."""
+    with pillow_unlimited():
+        return Image.open(fp)
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height of encoded image bytes from their header alone (None when the header cannot be read)."""
+    try:
+        with open_unlimited(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - an unreadable header is reported by whoever decodes the image
+        return None
+    return int(w) * int(h)
+
+
+def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        img = open_unlimited(fp)
+        if img.size[0] * img.size[1] > max_pixels:  # from the header, before a pixel is decoded
+            img.close()
+            raise InsightADError(f"{name}: image too large: more than the limit of {max_pixels} pixels "
+                                 "(width x height)")
+        if img.format not in ACCEPTED_FORMATS:
+            img.close()
+            raise InsightADError(f"{name}: {img.format or 'unknown'} images are not accepted (expected "
+                                 f"{ACCEPTED_TEXT})")
+        frames = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # (an MPO JPEG's 2nd frame: a preview)
+        if frames > 1:  # scoring the first page alone would pass the others unseen
+            img.close()
+            raise InsightADError(f"{name}: a {img.format} file with {frames} pages; expected a single image "
+                                 "(save each page as its own file)")
+        with pillow_unlimited() if over_pillow_limit(img) else contextlib.nullcontext():
+            img.load()
+    except FileNotFoundError:
+        raise InsightADError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise InsightADError(f"{name}: is a folder, expected an image file") from None
+    except Image.UnidentifiedImageError:
+        raise InsightADError(f"{name}: not a readable image (expected {ACCEPTED_TEXT})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = str(e).split("\n")[0] or type(e).__name__
+        raise InsightADError(f"{name}: unreadable or truncated image ({reason})") from None
     return img
 
 

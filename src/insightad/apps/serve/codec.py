@@ -11,12 +11,12 @@ import base64
 import binascii
 import io
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from insightad.data.images import header_pixels
 from insightad.errors import InsightADError
 from insightad.render.colormap import MapScale, colorize
 from insightad.scoring import Scorer
@@ -60,17 +60,7 @@ def decode_base64(text: str, field: str = "image") -> bytes:
 
 def image_pixels(data: bytes) -> int | None:
     """Width x height from the image header alone (None when the header cannot be read)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-        except Image.DecompressionBombError as e:
-            sizes = [int(n) for n in re.findall(r"\d+", str(e))]
-            return sizes[0] if sizes else 10**12
-        except Exception:  # noqa: BLE001 - unreadable headers are reported by the decoding below
-            return None
-    return w * h
+    return header_pixels(data)
 
 
 def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image") -> DecodedImage:
