@@ -35,6 +35,9 @@ class ServeParams:
                                 "at most 4)", minimum=0)
     max_connections: int = param(256, "most open connections and tasks; beyond it new connections get 503",
                                  minimum=1)
+    head_timeout_s: float = param(10.0, "a connection that has not sent a whole request head (request line and "
+                                  "headers) within this many seconds of opening, or of its previous answer, is "
+                                  "closed", minimum=0.0, exclusive_min=True)
     body_timeout_s: float = param(30.0, "a request body not received whole within this many seconds "
                                   "gets 408", minimum=0.0, exclusive_min=True)
     access_log: bool = param(True, "log one line per request")

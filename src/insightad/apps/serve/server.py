@@ -1,0 +1,76 @@
+"""The uvicorn server around the app: ``uvicorn_config(app, settings, ...)``, the one place its options are set.
+
+uvicorn's HTTP/1.1 protocol times out only the idle gap *after* a response (keep-alive). A connection that
+never sends a request, or sends its head a byte at a time, was held for ever, and every held connection
+takes one of ``--max-connections`` slots: 256 idle sockets from one client made the server answer 503 to
+everyone else for as long as they stayed open. ``HeadTimeoutProtocol`` closes a connection whose request
+head (request line and headers) is not whole ``--head-timeout-s`` after the connection opened or after the
+previous answer; the body has its own deadline (``--body-timeout-s``, ``limits``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from insightad.apps.serve.settings import ServeParams
+
+
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline on each request head (``head_timeout_s``)."""
+
+    head_timeout_s = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def _waiting_for_head(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        if not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._waiting_for_head() and not self.transport.is_closing():
+            self.logger.info("closed a connection that sent no whole request head within %g s (--head-timeout-s)",
+                             self.head_timeout_s)
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self._waiting_for_head():  # the head is whole: the request runs (its body has its own deadline)
+            self._disarm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._waiting_for_head():  # (a pipelined request already parsed needs no deadline)
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+
+def uvicorn_config(app: Any, settings: ServeParams, log_level: str = "info", ssl_certfile: str | None = None,
+                   ssl_keyfile: str | None = None) -> uvicorn.Config:
+    """The server's uvicorn options: connections beyond ``max_connections`` get 503 from uvicorn itself (no
+    traceback each), a request head must arrive within ``head_timeout_s``, idle keep-alive connections are
+    closed after a few seconds, and h11 caps the size of the request head."""
+    protocol = type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": settings.head_timeout_s})
+    return uvicorn.Config(app, log_level=log_level, access_log=settings.access_log, server_header=False,
+                          timeout_graceful_shutdown=10, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                          limit_concurrency=settings.max_connections, timeout_keep_alive=5, http=protocol,
+                          h11_max_incomplete_event_size=64 * 1024)
