@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import socket
 import threading
 import time
@@ -152,3 +153,125 @@ def test_cli_serve_runs_uvicorn_with_the_head_deadline(baseline_model, monkeypat
     assert main(["serve", "--model", str(baseline_model), "--port", "0", "--head-timeout-s", "2.5"]) == 0
     protocol = seen["config"].http
     assert issubclass(protocol, HeadTimeoutProtocol) and protocol.head_timeout_s == 2.5
+
+
+# ------------------------------------------------------------------ the page with a failing server
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the Python package) is not installed")
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary (apt-get install chromium); these tests never download a browser")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page_server(baseline_model):
+    settings = ServeParams()
+    with served(create_app(baseline_model, settings), settings) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def _open_with_failing_model_route(chromium, url: str, failures: int):
+    """The page, with its first ``failures`` GET /model answered 503 in plain text (as uvicorn's connection
+    limit answers, or a proxy while the server restarts)."""
+    pg = chromium.new_page()
+    pg.set_default_timeout(20_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    seen = {"n": 0}
+
+    def model_route(route):
+        seen["n"] += 1
+        if seen["n"] <= failures:
+            route.fulfill(status=503, body="Service Unavailable", content_type="text/plain")
+        else:
+            route.continue_()
+
+    pg.route("**/model", model_route)
+    pg.goto(url + "/")
+    pg.wait_for_function("() => /cannot read the model/.test(document.getElementById('model-summary').textContent)")
+    return pg, errors
+
+
+def test_page_shows_the_servers_decisions_when_it_could_not_read_the_model(chromium, page_server, mvtec_dir,
+                                                                          tmp_path):
+    """With GET /model failing when the page loaded, the page's threshold stayed null and every image with a
+    positive score was shown 'anomalous' (score > null), whatever the server decided."""
+    files = []
+    for kind, n in (("good", 2), ("blob", 1)):
+        for i, src in enumerate(sorted((mvtec_dir / "test" / kind).glob("*.png"))[:n]):
+            files.append(tmp_path / f"{kind}_{i}.png")
+            shutil.copy(src, files[-1])
+    pg, errors = _open_with_failing_model_route(chromium, page_server, failures=10**6)
+    try:
+        pg.set_input_files("#file-input", [str(f) for f in files])
+        pg.wait_for_function(f"() => [...document.querySelectorAll('.card')].filter(c => c.dataset.decision)"
+                             f".length === {len(files)}")
+        shown = pg.eval_on_selector_all(".card", "cs => cs.map(c => [c.querySelector('.name').textContent, "
+                                                 "c.dataset.decision])")
+        for name, decision in shown:
+            path = next(f for f in files if f.name == name)
+            served_answer = httpx.post(f"{page_server}/infer", json={"image": base64.b64encode(path.read_bytes())
+                                                                     .decode()}, timeout=30).json()
+            assert decision == ("anomalous" if served_answer["Anomaly"] else "normal"), (name, served_answer)
+        assert {d for _, d in shown} == {"normal", "anomalous"}  # the check above compared both kinds
+        assert not errors, errors
+    finally:
+        pg.close()
+
+
+def test_page_reads_the_model_again_after_a_failure(chromium, page_server):
+    pg, errors = _open_with_failing_model_route(chromium, page_server, failures=1)
+    try:
+        pg.wait_for_function("() => /baseline/.test(document.getElementById('model-summary').textContent)")
+        pg.wait_for_selector("body[data-ready]", state="attached")
+        assert not errors, errors
+    finally:
+        pg.close()
+
+
+def test_page_follows_a_server_that_now_decides_with_another_threshold(chromium, page_server, mvtec_dir, tmp_path):
+    """The server restarted with another --threshold while the page stayed open: the page went on deciding
+    with the threshold it had read at load, and showed 'normal' where the server now said 'anomalous'."""
+    image = tmp_path / "good_0.png"
+    shutil.copy(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0], image)
+    pg = chromium.new_page()
+    pg.set_default_timeout(20_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    restarted = {"yes": False}
+    new_threshold = -1.0  # every score is above it
+
+    def model_route(route):
+        resp = route.fetch()
+        body = resp.json()
+        if restarted["yes"]:
+            body["threshold"] = {"value": new_threshold, "strategy": "override (serve --threshold)"}
+        route.fulfill(response=resp, json=body)
+
+    def infer_route(route):  # (Playwright's route.fetch drops a multipart body: the test scores the file itself)
+        body = httpx.post(f"{page_server}/infer", json={"image": base64.b64encode(image.read_bytes()).decode()},
+                          timeout=30).json()
+        assert body["Anomaly"] is False  # what the page would show, deciding with the threshold it read at load
+        body.update(threshold=new_threshold, Anomaly=True, anomalous=True)
+        route.fulfill(status=200, json=body)
+
+    try:
+        pg.route("**/model", model_route)
+        pg.goto(page_server + "/")
+        pg.wait_for_selector("body[data-ready]", state="attached")
+        restarted["yes"] = True
+        pg.route("**/infer", infer_route)
+        pg.set_input_files("#file-input", [str(image)])
+        pg.wait_for_function("() => document.querySelector('.card') && document.querySelector('.card').dataset.decision")
+        assert pg.eval_on_selector(".card", "c => c.dataset.decision") == "anomalous"
+        pg.wait_for_function("() => /threshold -1\\b/.test(document.getElementById('model-summary').textContent)")
+        assert not errors, errors
+    finally:
+        pg.close()
