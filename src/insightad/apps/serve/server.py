@@ -6,11 +6,17 @@ takes one of ``--max-connections`` slots: 256 idle sockets from one client made 
 everyone else for as long as they stayed open. ``HeadTimeoutProtocol`` closes a connection whose request
 head (request line and headers) is not whole ``--head-timeout-s`` after the connection opened or after the
 previous answer; the body has its own deadline (``--body-timeout-s``, ``limits``).
+
+Over ``--max-connections`` uvicorn answered 503 in plain text ("Service Unavailable"), the one error of the
+server that was not JSON; the protocol answers it as every other error, ``{"detail": ...}`` naming the flag,
+with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any
 
 import uvicorn
@@ -18,12 +24,44 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from insightad.apps.serve.settings import ServeParams
 
+log = logging.getLogger("insightad.serve")
+
+
+def too_many_connections(limit: int) -> Any:
+    """The ASGI app that answers a request over the connection limit: 503, JSON, ``Retry-After: 1``."""
+    body = json.dumps({"detail": f"server busy: {limit} connections and requests already open "
+                                 "(--max-connections); retry shortly"}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", b"1"), (b"connection", b"close")]
+
+    async def busy(scope: Any, receive: Any, send: Any) -> None:
+        log.warning("refused %s %s: %d connections and requests already open (--max-connections)",
+                    scope.get("method"), scope.get("path"), limit)
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return busy
+
 
 class HeadTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a deadline on each request head (``head_timeout_s``)."""
+    """uvicorn's h11 protocol, plus a deadline on each request head (``head_timeout_s``) and a JSON answer
+    over the connection limit (uvicorn's ``limit_concurrency``, checked here instead, as uvicorn does)."""
 
     head_timeout_s = 10.0
     _head_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's own check: plain text
+        self._app, self._busy = self.app, too_many_connections(self._limit or 0)
+
+    def handle_events(self) -> None:
+        """Parse what has arrived; a request head parsed here runs the app, or the JSON 503 when the server
+        already holds ``limit`` connections or requests (the test uvicorn makes at the same point)."""
+        limit = self._limit
+        over = limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
+        self.app = self._busy if over else self._app
+        super().handle_events()
 
     def _waiting_for_head(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
