@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
 from insightad.apps.serve import create_app
@@ -294,3 +295,56 @@ def test_over_the_connection_limit_the_answer_is_json(baseline_model):
         assert "--max-connections" in r.json()["detail"] and r.headers["retry-after"] == "1"
         time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200  # and serves on
+
+
+# ------------------------------------------------------------------ decoded pixels held by all requests
+def _png_b64(side: int) -> str:
+    return base64.b64encode(_png(side)).decode()
+
+
+def test_decoded_pixels_of_all_requests_together_are_bounded(baseline_model):
+    """--queue-size bounded the requests held and --max-pixels each one, but a 120 kB PNG declares 36 million
+    pixels (108 MB decoded, more in inference): 32 such requests at once took the server from 0.1 to 4.4 GB.
+    Decoded pixels held by all requests together are now bounded too: past the budget a request gets 503."""
+    app = create_app(baseline_model, ServeParams(engine="onnx", max_pixels=4000, max_pixels_in_flight=5000))
+    det = app.state.detector
+    assert det.decoded_input  # the engine takes each image at its own size (the graph resizes): decoded pixels stay
+    entered, release = threading.Event(), threading.Event()
+    forward = det.forward_batch
+
+    def held_forward(x):
+        if x.shape[-1] == 60:  # the first request's image stays in inference until released
+            entered.set()
+            release.wait(10)
+        return forward(x)
+
+    det.forward_batch = held_forward
+    with TestClient(app) as c:
+        first: dict = {}
+        t = threading.Thread(target=lambda: first.update(r=c.post("/infer", json={"image": _png_b64(60)})))
+        t.start()
+        try:
+            assert entered.wait(20)
+            r = c.post("/infer", json={"image": _png_b64(50)})  # 2500 + 3600 decoded pixels > 5000
+            small = c.post("/infer", json={"image": _png_b64(30)})  # 900 + 3600 fit
+        finally:
+            release.set()
+            t.join(20)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "--max-pixels-in-flight" in r.json()["detail"] and r.json()["detail"].startswith("server busy: image")
+        assert small.status_code == 200 and first["r"].status_code == 200
+        assert c.post("/infer", json={"image": _png_b64(50)}).status_code == 200  # the budget was given back
+        assert app.state.service.pixels.held == 0
+
+
+def test_pixel_budget_is_given_back_by_every_failure(baseline_model):
+    app = create_app(baseline_model, ServeParams(engine="onnx", max_pixels=4000, max_pixels_in_flight=5000))
+    with TestClient(app) as c:
+        noise = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 60), np.uint8)).save(noise, format="PNG")
+        bad = base64.b64encode(noise.getvalue()[:400]).decode()  # a header that reads, pixels that do not
+        for body in ({"image": bad}, {"images": [_png_b64(20), bad]}):
+            r = c.post("/infer" if "image" in body else "/infer/batch", json=body)
+            assert r.status_code == 400, r.text
+        assert app.state.service.pixels.held == 0
+        assert c.post("/infer", json={"image": _png_b64(60)}).status_code == 200

@@ -15,6 +15,9 @@ class ServeParams:
                                "they are read whole", minimum=0.0, exclusive_min=True)
     max_pixels: int = param(40_000_000, "largest decoded image in pixels (width x height); bigger "
                             "images (decompression bombs) get 400", minimum=1)
+    max_pixels_in_flight: int = param(0, "decoded pixels held by all requests together (decoded, waiting for or "
+                                      "in inference); a request that would pass it gets 503 (0: twice --max-pixels)",
+                                      minimum=0)
     max_batch: int = param(8, "most images in one forward pass (micro-batch of concurrent requests)",
                            minimum=1)
     batch_wait_ms: float = param(2.0, "how long the inference worker waits for more requests to join "
