@@ -348,3 +348,40 @@ def test_pixel_budget_is_given_back_by_every_failure(baseline_model):
             assert r.status_code == 400, r.text
         assert app.state.service.pixels.held == 0
         assert c.post("/infer", json={"image": _png_b64(60)}).status_code == 200
+
+
+# ------------------------------------------------------------------ multipart uploads
+def _noise_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (side, side, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_uploads_over_a_megabyte_never_touch_the_disk(baseline_model, monkeypatch):
+    """A multipart upload over 1 MB was spooled to a temporary file (Starlette's default), so a full /tmp made a
+    1.4 MB image a 500 (and every large upload cost a disk write, which a JSON body never did). Uploads are
+    read into memory, as JSON bodies are, within --max-body-mb."""
+    import tempfile
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    image = _noise_png(700)
+    assert len(image) > 1_100_000
+    with TestClient(create_app(baseline_model, ServeParams()), raise_server_exceptions=False) as c:
+        monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", disk_full)
+        r = c.post("/infer", files={"file": ("big.png", image, "image/png")})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("multipart/form-data", b"xx"),  # no boundary
+    ("multipart/form-data; boundary=abc", b"xx"),  # not multipart data
+    ("multipart/form-data; boundary=abc", b"--abc\r\nContent-Disposition: form-data\r\n\r\nx\r\n--abc--\r\n"),
+])
+def test_malformed_multipart_is_refused_naming_what_was_expected(baseline_model, content_type, body):
+    with TestClient(create_app(baseline_model, ServeParams())) as c:
+        r = c.post("/infer", content=body, headers={"Content-Type": content_type})
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+        assert "multipart/form-data" in r.json()["detail"] and "'file'" in r.json()["detail"], r.json()
+        assert c.post("/infer", files={"file": ("a.png", _png(40), "image/png")}).status_code == 200
