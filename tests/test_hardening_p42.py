@@ -385,3 +385,17 @@ def test_malformed_multipart_is_refused_naming_what_was_expected(baseline_model,
         assert r.status_code == 400 and r.headers["content-type"] == "application/json"
         assert "multipart/form-data" in r.json()["detail"] and "'file'" in r.json()["detail"], r.json()
         assert c.post("/infer", files={"file": ("a.png", _png(40), "image/png")}).status_code == 200
+
+
+# ------------------------------------------------------------------ HEAD
+def test_head_is_answered_like_get_without_a_body(baseline_model):
+    """HEAD /health and HEAD / answered 405: `curl -I` and monitors that probe with HEAD saw a broken server."""
+    with TestClient(create_app(baseline_model, ServeParams())) as c:
+        for path in ("/health", "/", "/model", "/assets/app.js", "/openapi.json"):
+            get, head = c.get(path), c.head(path)
+            assert head.status_code == get.status_code == 200, path
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+            assert head.headers.get("content-length") == get.headers.get("content-length"), path
+        r = c.head("/infer")  # a POST route stays POST only
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+        assert c.head("/nope").status_code == 404
