@@ -399,3 +399,14 @@ def test_head_is_answered_like_get_without_a_body(baseline_model):
         r = c.head("/infer")  # a POST route stays POST only
         assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
         assert c.head("/nope").status_code == 404
+
+
+def test_pngs_pillow_cannot_identify_still_count_against_the_pixel_limits(baseline_model):
+    """libspng decodes a PNG whose IHDR checksum is damaged, Pillow cannot even identify it: its pixels were
+    counted as unknown (0), so a batch of them passed the per-request limit (and the in-flight budget)."""
+    damaged = bytearray(_noise_png(60))
+    damaged[29:33] = bytes(4)  # IHDR's CRC
+    item = base64.b64encode(bytes(damaged)).decode()
+    with TestClient(create_app(baseline_model, ServeParams(max_pixels=4000))) as c:
+        r = c.post("/infer/batch", json={"images": [item, item]})  # 2 x 3600 pixels
+        assert r.status_code == 413 and "per request" in r.json()["detail"], r.text
