@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import socket
 import threading
@@ -410,3 +411,13 @@ def test_pngs_pillow_cannot_identify_still_count_against_the_pixel_limits(baseli
     with TestClient(create_app(baseline_model, ServeParams(max_pixels=4000))) as c:
         r = c.post("/infer/batch", json={"images": [item, item]})  # 2 x 3600 pixels
         assert r.status_code == 413 and "per request" in r.json()["detail"], r.text
+
+
+def test_json_body_with_a_utf8_byte_order_mark_is_read(baseline_model):
+    """PowerShell 5 writes a BOM into UTF-8 files; such a body was 422 'Invalid JSON ... line 1 column 1'."""
+    body = b"\xef\xbb\xbf" + json.dumps({"image": _png_b64(40)}).encode()
+    with TestClient(create_app(baseline_model, ServeParams())) as c:
+        r = c.post("/infer", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and isinstance(r.json()["Anomaly"], bool), r.text
+        batch = b"\xef\xbb\xbf" + json.dumps({"images": [_png_b64(40)]}).encode()
+        assert c.post("/infer/batch", content=batch, headers={"Content-Type": "application/json"}).status_code == 200
