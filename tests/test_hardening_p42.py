@@ -421,3 +421,38 @@ def test_json_body_with_a_utf8_byte_order_mark_is_read(baseline_model):
         assert r.status_code == 200 and isinstance(r.json()["Anomaly"], bool), r.text
         batch = b"\xef\xbb\xbf" + json.dumps({"images": [_png_b64(40)]}).encode()
         assert c.post("/infer/batch", content=batch, headers={"Content-Type": "application/json"}).status_code == 200
+
+
+# ------------------------------------------------------------------ heatmaps of large images
+@pytest.fixture(scope="module")
+def map_model(mvtec_dir, tmp_path_factory):
+    from insightad.apps.train import train_model
+    from insightad.config import DataParams
+    from tests.mapdetector import NAME, register_meandev
+
+    register_meandev()
+    out = tmp_path_factory.mktemp("p42-map-model") / "meandev.safetensors"
+    train_model(mvtec_dir, NAME, {"image_size": 64}, DataParams(), out, progress=False)
+    return out
+
+
+def test_heatmap_of_a_large_image_is_made_at_the_size_it_is_sent(map_model, monkeypatch):
+    """The model-size map was brought to the image's own size (36 million floats for a 6000 px photo) and the
+    coloured PNG then shrunk to 1024 px: 3.5 s instead of 0.8 s and 750 MB more per answer with a heatmap."""
+    import insightad.apps.serve.service as service_module
+
+    sizes: list[tuple[int, int]] = []
+    upsample = service_module.upsample_maps
+
+    def recording(maps, targets):
+        sizes.extend(tuple(t) for t in targets)
+        return upsample(maps, targets)
+
+    monkeypatch.setattr(service_module, "upsample_maps", recording)
+    image = io.BytesIO()
+    Image.new("RGB", (3000, 1500), (90, 90, 90)).save(image, format="PNG")
+    with TestClient(create_app(map_model, ServeParams(engine="torch"))) as c:
+        body = c.post("/infer", json={"image": base64.b64encode(image.getvalue()).decode(), "heatmap": True}).json()
+    with Image.open(io.BytesIO(base64.b64decode(body["heatmap"]))) as heat:
+        assert heat.size == (1024, 512)
+    assert sizes == [(512, 1024)]  # was [(1500, 3000)]

@@ -78,16 +78,23 @@ def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image"
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side
 
 
+def heatmap_size(height: int, width: int) -> tuple[int, int]:
+    """(height, width) of the heatmap answered for an image of this size: its own, or at most
+    ``MAX_HEATMAP_SIDE`` on the long side. The model-size map is brought to it in one resize: bringing it to
+    a 6000 px image's size first and shrinking that took 3.5 s instead of 0.8 and 750 MB more."""
+    f = min(1.0, MAX_HEATMAP_SIDE / max(height, width))
+    return (max(1, round(height * f)), max(1, round(width * f))) if f < 1.0 else (height, width)
+
+
 def heatmap_png(amap: np.ndarray, scale: MapScale) -> str:
     """An anomaly map -> base64 RGBA PNG in the one colour convention (alpha grows with the value, so it
     lays over the image as an overlay) (``render.colormap``), at the
     input's size but at most ``MAX_HEATMAP_SIDE`` on its long side (answers stay small)."""
     amap = np.asarray(amap, dtype=np.float32)
-    h, w = amap.shape
-    f = min(1.0, MAX_HEATMAP_SIDE / max(h, w))
+    h, w = heatmap_size(*amap.shape)
     img = Image.fromarray(colorize(amap, scale, alpha=True), mode="RGBA")
-    if f < 1.0:
-        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
+    if (h, w) != amap.shape:
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 from starlette.exceptions import HTTPException
 
-from insightad.apps.serve.codec import DecodedImage, decode_base64, decode_image, heatmap_png, image_pixels
+from insightad.apps.serve.codec import (
+    DecodedImage,
+    decode_base64,
+    decode_image,
+    heatmap_png,
+    heatmap_size,
+    image_pixels,
+)
 from insightad.apps.serve.metrics import ServerMetrics
 from insightad.apps.serve.settings import ServeParams
 from insightad.apps.serve.worker import InferenceWorker, Job, QueueFull, Result, WorkerStopped
@@ -186,7 +193,7 @@ class ScoringService:
                 raise RuntimeError(f"the model produced a non-finite score ({res.score})")
             item = answer_record(pred.record(i), self.det.method)
             if res.map is not None and self.scale is not None:
-                amap = upsample_maps([res.map], [img.size])[0]
+                amap = upsample_maps([res.map], [heatmap_size(*img.size)])[0]  # (one resize, to what is sent)
                 item["heatmap"] = heatmap_png(amap, self.scale)
                 item["heatmap_level"], item["heatmap_scale"] = self.scale.level, self.scale.scale
             out.append(item)
