@@ -14,6 +14,7 @@ const state = {
   sha: null,          // model_sha256 (or "unknown")
   serverThr: null,    // the server's threshold
   pageThr: null,      // the slider's threshold (decisions in this page only)
+  answerThr: null,    // the threshold the last /infer answer carried
   results: [],        // {id, name, score, score_normalized, anomalous, threshold, ms, error, thumb, card}
   labels: {},         // labelKey(r) -> {name, score, label: "normal" | "anomalous"}
   queue: [], running: 0, done: 0, total: 0, aborters: new Set(),
@@ -162,7 +163,10 @@ async function loadModel() {
 // with another threshold (restarted with another model or --threshold), the page takes the server's and
 // reads the model again, so that it never shows a decision the server did not make unasked.
 function followServer(threshold) {
-  if (!Number.isFinite(threshold) || threshold === state.serverThr) return;
+  if (!Number.isFinite(threshold)) return;
+  const last = state.answerThr !== null ? state.answerThr : state.serverThr;  // the answers' own, once one came
+  state.answerThr = threshold;
+  if (last !== null && Math.abs(threshold - last) <= 1e-9 * Math.max(1, Math.abs(last))) return;
   state.serverThr = threshold;
   $("server-thr").textContent = fmt(threshold);
   setPageThreshold(threshold);
