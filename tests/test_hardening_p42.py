@@ -456,3 +456,29 @@ def test_heatmap_of_a_large_image_is_made_at_the_size_it_is_sent(map_model, monk
     with Image.open(io.BytesIO(base64.b64decode(body["heatmap"]))) as heat:
         assert heat.size == (1024, 512)
     assert sizes == [(512, 1024)]  # was [(1500, 3000)]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",  # two lengths
+    b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(50),  # a TLS hello on the plain-HTTP port
+])
+def test_a_request_that_is_not_http_gets_a_json_400(baseline_model, request_bytes):
+    """uvicorn answered 'Invalid HTTP request received.' in plain text, the server's other non-JSON error."""
+    settings = ServeParams()
+    with served(create_app(baseline_model, settings), settings) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            try:
+                s.sendall(request_bytes)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = b""
+            try:
+                while chunk := s.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer[:300]
+        assert "expected a well-formed HTTP/1.1 request" in json.loads(body)["detail"]
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200

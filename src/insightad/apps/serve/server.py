@@ -7,9 +7,9 @@ everyone else for as long as they stayed open. ``HeadTimeoutProtocol`` closes a 
 head (request line and headers) is not whole ``--head-timeout-s`` after the connection opened or after the
 previous answer; the body has its own deadline (``--body-timeout-s``, ``limits``).
 
-Over ``--max-connections`` uvicorn answered 503 in plain text ("Service Unavailable"), the one error of the
-server that was not JSON; the protocol answers it as every other error, ``{"detail": ...}`` naming the flag,
-with ``Retry-After``.
+Over ``--max-connections`` uvicorn answered 503 in plain text ("Service Unavailable"), and a request that
+is not valid HTTP/1.1 400 in plain text: the protocol answers both as every other error, ``{"detail": ...}``
+saying what was expected (the 503 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import logging
 from typing import Any
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -82,6 +83,20 @@ class HeadTimeoutProtocol(H11Protocol):
             self.logger.info("closed a connection that sent no whole request head within %g s (--head-timeout-s)",
                              self.head_timeout_s)
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request that is not valid HTTP/1.1 (h11 refused its head or framing): uvicorn answered it with a
+        plain-text 'Invalid HTTP request received.'; this answers as every other error, in JSON, saying what
+        was expected."""
+        body = json.dumps({"detail": f"{msg.rstrip('.')}: expected a well-formed HTTP/1.1 request (one request "
+                                     "line, headers under 64 kB, one Content-Length or Transfer-Encoding: "
+                                     "chunked)"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
