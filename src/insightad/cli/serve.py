@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from insightad.apps.serve import create_app
     from insightad.apps.serve.security import API_KEY_ENV
+    from insightad.apps.serve.server import uvicorn_config
     from insightad.runtime import pin_mmap_threshold
 
     settings = gather(args, ServeParams)
@@ -95,12 +96,6 @@ def run(args: argparse.Namespace) -> int:
           f"on {'https' if tls else 'http'}://{shown}:{port} (page: /, docs: /docs; "
           f"API key {'required' if settings.api_key else 'off'})",
           file=sys.stderr, flush=True)
-    # Connections beyond limit_concurrency get 503 from uvicorn itself (no traceback each); idle
-    # keep-alive connections are closed after a few seconds; h11 caps the size of the request head.
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=settings.access_log,
-                                           server_header=False, timeout_graceful_shutdown=10,
-                                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                                           limit_concurrency=settings.max_connections, timeout_keep_alive=5,
-                                           h11_max_incomplete_event_size=64 * 1024))
+    server = uvicorn.Server(uvicorn_config(app, settings, args.log_level, args.ssl_certfile, args.ssl_keyfile))
     server.run(sockets=[sock])
     return 0

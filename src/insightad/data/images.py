@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import warnings
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -46,41 +48,84 @@ def other_image_formats(paths: Sequence[Path]) -> list[Path]:
     return [p for p in paths if p.suffix.lower() in known and p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
-def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pillow_unlimited() -> Iterator[None]:
+    """Pillow's own pixel limit switched off for what runs inside (callers compare ``img.size`` with their own).
+    Pillow's limit is one process-wide variable (``Image.MAX_IMAGE_PIXELS``) and its warnings filters are
+    process-wide too, so setting either per call raced between threads: a server decoding two requests at once
+    refused a 40x40 image as 'too large' while another thread had lowered the limit for its own image. The
+    variable is switched off only under this lock, for a header read or the decoding of an image over it."""
+    with _PIL_LIMIT_LOCK:
         old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None
         try:
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-            img = Image.open(fp)
-            if img.format not in ACCEPTED_FORMATS:
-                img.close()
-                raise InsightADError(f"{name}: {img.format or 'unknown'} images are not accepted (expected "
-                                     f"{ACCEPTED_TEXT})")
-            # (an MPO JPEG's 2nd frame: a preview)
-            frames = getattr(img, "n_frames", 1) if img.format in MULTI_FRAME_FORMATS else 1
-            if frames > 1:  # scoring the first page alone would pass the others unseen
-                img.close()
-                kind, part = MULTI_FRAME_FORMATS[str(img.format)], "page" if img.format == "TIFF" else "frame"
-                raise InsightADError(f"{name}: {kind} with {frames} {part}s; expected a single image "
-                                     f"(save each {part} as its own file)")
-            img.load()
-        except FileNotFoundError:
-            raise InsightADError(f"{name}: file not found") from None
-        except IsADirectoryError:
-            raise InsightADError(f"{name}: is a folder, expected an image file") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InsightADError(f"{name}: image too large: more than the limit of {max_pixels} pixels "
-                                 "(width x height)") from None
-        except Image.UnidentifiedImageError:
-            raise InsightADError(f"{name}: not a readable image (expected {ACCEPTED_TEXT})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            reason = str(e).split("\n")[0] or type(e).__name__
-            raise InsightADError(f"{name}: unreadable or truncated image ({reason})") from None
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = old
+
+
+def over_pillow_limit(img: Image.Image) -> bool:
+    """True when decoding ``img`` would meet Pillow's own limit (a TIFF checks it again when loaded)."""
+    with _PIL_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and img.size[0] * img.size[1] > limit
+
+
+def open_unlimited(fp: str | Path | IO[bytes]) -> Image.Image:
+    """``Image.open`` (the header only) without Pillow's own pixel limit (``pillow_unlimited``)."""
+    with pillow_unlimited():
+        return Image.open(fp)
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height of encoded image bytes from their header alone (None when the header cannot be read).
+    A PNG's IHDR is read as ``fast_png`` reads it when Pillow refuses the file: libspng decodes some PNGs that
+    Pillow cannot identify (a damaged IHDR checksum), and a server counting their pixels as unknown let them
+    past its per-request and in-flight pixel limits."""
+    try:
+        with open_unlimited(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - an unreadable header is reported by whoever decodes the image
+        if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 24:
+            return None
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return int(w) * int(h)
+
+
+def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        img = open_unlimited(fp)
+        if img.size[0] * img.size[1] > max_pixels:  # from the header, before a pixel is decoded
+            img.close()
+            raise InsightADError(f"{name}: image too large: more than the limit of {max_pixels} pixels "
+                                 "(width x height)")
+        if img.format not in ACCEPTED_FORMATS:
+            img.close()
+            raise InsightADError(f"{name}: {img.format or 'unknown'} images are not accepted (expected "
+                                 f"{ACCEPTED_TEXT})")
+        # (an MPO JPEG's 2nd frame: a preview)
+        frames = getattr(img, "n_frames", 1) if img.format in MULTI_FRAME_FORMATS else 1
+        if frames > 1:  # scoring the first page alone would pass the others unseen
+            img.close()
+            kind, part = MULTI_FRAME_FORMATS[str(img.format)], "page" if img.format == "TIFF" else "frame"
+            raise InsightADError(f"{name}: {kind} with {frames} {part}s; expected a single image "
+                                 f"(save each {part} as its own file)")
+        with pillow_unlimited() if over_pillow_limit(img) else contextlib.nullcontext():
+            img.load()
+    except FileNotFoundError:
+        raise InsightADError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise InsightADError(f"{name}: is a folder, expected an image file") from None
+    except Image.UnidentifiedImageError:
+        raise InsightADError(f"{name}: not a readable image (expected {ACCEPTED_TEXT})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = str(e).split("\n")[0] or type(e).__name__
+        raise InsightADError(f"{name}: unreadable or truncated image ({reason})") from None
     return img
 
 

@@ -21,6 +21,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from insightad.apps.serve.limits import BodySizeLimitMiddleware
 from insightad.apps.serve.metrics import MetricsMiddleware
@@ -76,6 +77,29 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 
+class HeadAsGet:
+    """HEAD answered as GET without the body (HTTP requires it of every GET resource): FastAPI's routes said 405
+    to ``HEAD /health`` and ``HEAD /``, so ``curl -I`` and monitors that probe with HEAD saw a broken server.
+    A route without GET still answers 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 def load_detector(model: str | Path | Scorer, settings: ServeParams) -> Scorer:
     """A fitted detector (any Scorer) as given, or a model file loaded on the settings' engine."""
     if isinstance(model, Scorer):
@@ -116,7 +140,8 @@ def create_app(model: str | Path | Scorer, settings: ServeParams | None = None,
     app.state.settings, app.state.metrics, app.state.threshold, app.state.ready = settings, service.metrics, thr, False
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(settings.max_body_mb * 1_000_000),
                        timeout_s=settings.body_timeout_s)
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics, known_paths=PATHS)  # outermost: counts 413s
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics, known_paths=PATHS)  # counts 413s
+    app.add_middleware(HeadAsGet)  # outermost
     _add_error_handlers(app)
     service.info["model_sha256"] = served_model_sha256(det)  # threshold and label files carry it
     protected = [Depends(api_key_dependency(settings.api_key))]

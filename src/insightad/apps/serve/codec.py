@@ -11,12 +11,12 @@ import base64
 import binascii
 import io
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from insightad.data.images import header_pixels
 from insightad.errors import InsightADError
 from insightad.render.colormap import MapScale, colorize
 from insightad.scoring import Scorer
@@ -60,17 +60,7 @@ def decode_base64(text: str, field: str = "image") -> bytes:
 
 def image_pixels(data: bytes) -> int | None:
     """Width x height from the image header alone (None when the header cannot be read)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-        except Image.DecompressionBombError as e:
-            sizes = [int(n) for n in re.findall(r"\d+", str(e))]
-            return sizes[0] if sizes else 10**12
-        except Exception:  # noqa: BLE001 - unreadable headers are reported by the decoding below
-            return None
-    return w * h
+    return header_pixels(data)
 
 
 def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image") -> DecodedImage:
@@ -88,16 +78,23 @@ def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image"
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side
 
 
+def heatmap_size(height: int, width: int) -> tuple[int, int]:
+    """(height, width) of the heatmap answered for an image of this size: its own, or at most
+    ``MAX_HEATMAP_SIDE`` on the long side. The model-size map is brought to it in one resize: bringing it to
+    a 6000 px image's size first and shrinking that took 3.5 s instead of 0.8 and 750 MB more."""
+    f = min(1.0, MAX_HEATMAP_SIDE / max(height, width))
+    return (max(1, round(height * f)), max(1, round(width * f))) if f < 1.0 else (height, width)
+
+
 def heatmap_png(amap: np.ndarray, scale: MapScale) -> str:
     """An anomaly map -> base64 RGBA PNG in the one colour convention (alpha grows with the value, so it
     lays over the image as an overlay) (``render.colormap``), at the
     input's size but at most ``MAX_HEATMAP_SIDE`` on its long side (answers stay small)."""
     amap = np.asarray(amap, dtype=np.float32)
-    h, w = amap.shape
-    f = min(1.0, MAX_HEATMAP_SIDE / max(h, w))
+    h, w = heatmap_size(*amap.shape)
     img = Image.fromarray(colorize(amap, scale, alpha=True), mode="RGBA")
-    if f < 1.0:
-        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
+    if (h, w) != amap.shape:
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -4,14 +4,17 @@ scoring service."""
 
 from __future__ import annotations
 
+import sys
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from insightad.apps.serve.schemas import (
     BatchRequest,
@@ -34,7 +37,14 @@ ERRORS_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _parse_json(model: type[BaseModel], body: bytes) -> Any:
+    """The request body as ``model``; a UTF-8 byte order mark in front is ignored (RFC 8259 allows it: Windows
+    PowerShell 5 writes one into every UTF-8 file, and 'Invalid JSON at line 1 column 1' did not say why)."""
+    if body.startswith(UTF8_BOM):
+        body = body[len(UTF8_BOM):]
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
@@ -51,8 +61,25 @@ def _json_body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
+UPLOAD_EXPECTED = "expected multipart/form-data with the image file in field 'file' (and an optional 'heatmap')"
+
+
+async def parse_upload(request: Request) -> FormData:
+    """The multipart form of ``request``, read into memory as a JSON body is (the body-size limit bounds both):
+    Starlette spooled a file part over 1 MB to a temporary file, so a full disk made a large image a 500.
+    Malformed multipart is a 400 saying what was expected."""
+    try:
+        async with aclosing(request.stream()) as stream:
+            parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=8, max_part_size=64 * 1024)
+            parser.spool_max_size = sys.maxsize  # never rolled over to disk
+            return await parser.parse()
+    except MultiPartException as e:
+        raise HTTPException(400, f"body: not valid multipart/form-data ({e.message.rstrip('.')}); "
+                                 f"{UPLOAD_EXPECTED}") from None
+
+
 async def read_upload(request: Request) -> tuple[bytes, bool]:
-    form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+    form = await parse_upload(request)
     try:
         upload = form.get("file")
         if upload is None:

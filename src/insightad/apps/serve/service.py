@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +15,14 @@ from typing import Any
 import numpy as np
 from starlette.exceptions import HTTPException
 
-from insightad.apps.serve.codec import DecodedImage, decode_base64, decode_image, heatmap_png, image_pixels
+from insightad.apps.serve.codec import (
+    DecodedImage,
+    decode_base64,
+    decode_image,
+    heatmap_png,
+    heatmap_size,
+    image_pixels,
+)
 from insightad.apps.serve.metrics import ServerMetrics
 from insightad.apps.serve.settings import ServeParams
 from insightad.apps.serve.worker import InferenceWorker, Job, QueueFull, Result, WorkerStopped
@@ -69,6 +77,56 @@ def model_info(det: Scorer, threshold: float) -> dict[str, Any]:
     }
 
 
+class PixelBudget:
+    """Decoded pixels held by all requests together, bounded. --queue-size bounds how many requests are held and
+    --max-pixels how large each is, but a 120 kB PNG can declare 36 million pixels (108 MB decoded, more in
+    inference): 32 such requests at once took the server from 0.1 to 4.4 GB. Each image's pixels (from its
+    header) are taken before it is decoded and given back when its request ends; what does not fit is 503."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> bool:
+        with self._lock:
+            if self.held + pixels > self.limit:
+                return False
+            self.held += pixels
+            return True
+
+    def give_back(self, pixels: int) -> None:
+        with self._lock:
+            self.held -= pixels
+
+
+class Reservation:
+    """One request's share of the ``PixelBudget``; ``close`` gives it all back, and a decode thread still
+    running for a request that has ended (timed out, client gone) can take nothing more."""
+
+    def __init__(self, budget: PixelBudget) -> None:
+        self.budget, self.pixels, self.closed = budget, 0, False
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> bool:
+        with self._lock:
+            if self.closed or not self.budget.take(pixels):
+                return False
+            self.pixels += pixels
+            return True
+
+    def give_back(self, pixels: int) -> None:
+        with self._lock:
+            pixels = min(pixels, self.pixels)
+            self.pixels -= pixels
+            self.budget.give_back(pixels)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self.budget.give_back(self.pixels)
+            self.pixels = 0
+
+
 class ScoringService:
     """One served detector: decode requests in a few threads, score them on the worker, answer."""
 
@@ -82,6 +140,8 @@ class ScoringService:
         self.info = model_info(det, threshold)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         # A few threads parse and decode: more would only contend for the cores (and hold more memory).
+        self._request = threading.local()  # the request a decode thread is decoding for (its Reservation)
+        self.pixels = PixelBudget(max(settings.max_pixels_in_flight or 2 * settings.max_pixels, settings.max_pixels))
         self.io_pool = ThreadPoolExecutor(settings.decode_threads or min(4, cores),
                                           thread_name_prefix="insightad-decode")
 
@@ -92,9 +152,19 @@ class ScoringService:
         self.worker.stop()
         self.io_pool.shutdown(wait=False, cancel_futures=True)
 
+    def _decode_holding(self, items: Items, held: Reservation) -> list[DecodedImage]:
+        """``decode_all`` in a decode thread, taking the pixels it decodes from ``held``."""
+        self._request.held = held
+        try:
+            return self.decode_all(items)
+        finally:
+            self._request.held = None
+
     def decode_all(self, items: Items) -> list[DecodedImage]:
         """Decode every image; the pixels decoded for one request are bounded by --max-pixels in total
-        (each image is checked against what is left before it is decoded)."""
+        (each image is checked against what is left before it is decoded), and those of all requests together
+        by the server's pixel budget (this request's share, taken before each image is decoded)."""
+        held: Reservation | None = getattr(self._request, "held", None)
         out, left = [], self.settings.max_pixels
         for field, payload in items:
             data = decode_base64(payload, field) if isinstance(payload, str) else payload
@@ -103,7 +173,15 @@ class ScoringService:
                 raise HTTPException(413, f"{field}: the images of this request together exceed this server's "
                                          f"limit of {self.settings.max_pixels} decoded pixels per request "
                                          "(--max-pixels); send fewer or smaller images")
+            if held is not None and pixels <= self.settings.max_pixels and not held.take(pixels):
+                self.metrics.rejected.inc()
+                raise HTTPException(503, f"server busy: {field} has {pixels} pixels and the images being scored "
+                                         f"already hold {self.pixels.held} of the {self.pixels.limit} decoded pixels "
+                                         "this server holds at once (--max-pixels-in-flight); retry shortly",
+                                    headers={"Retry-After": "1"})
             out.append(decode_image(data, self.det, min(left, self.settings.max_pixels), field))
+            if held is not None and not self.det.decoded_input:  # the engine keeps only the model-size copy
+                held.give_back(pixels)
             left -= pixels
         return out
 
@@ -115,7 +193,7 @@ class ScoringService:
                 raise RuntimeError(f"the model produced a non-finite score ({res.score})")
             item = answer_record(pred.record(i), self.det.method)
             if res.map is not None and self.scale is not None:
-                amap = upsample_maps([res.map], [img.size])[0]
+                amap = upsample_maps([res.map], [heatmap_size(*img.size)])[0]  # (one resize, to what is sent)
                 item["heatmap"] = heatmap_png(amap, self.scale)
                 item["heatmap_level"], item["heatmap_scale"] = self.scale.level, self.scale.scale
             out.append(item)
@@ -140,8 +218,9 @@ class ScoringService:
         except WorkerStopped as e:
             raise HTTPException(503, str(e)) from None
         state = {"submitted": False}
+        held = Reservation(self.pixels)
         try:
-            return await asyncio.wait_for(self._admitted(read, state), settings.timeout_s)
+            return await asyncio.wait_for(self._admitted(read, state, held), settings.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(503, f"the request did not finish within {settings.timeout_s:g} s (--timeout-s: "
                                      "decoding, inference and encoding together); the server is overloaded "
@@ -149,13 +228,14 @@ class ScoringService:
         except WorkerStopped as e:
             raise HTTPException(503, str(e)) from None
         finally:
+            held.close()
             if not state["submitted"]:
                 worker.release()
 
     async def _admitted(self, read: Callable[[], Awaitable[tuple[Items, bool]]],
-                        state: dict[str, bool]) -> list[dict[str, Any]]:
+                        state: dict[str, bool], held: Reservation) -> list[dict[str, Any]]:
         items, want_maps = await read()
-        decoded = await self.off_loop(self.decode_all, items)
+        decoded = await self.off_loop(self._decode_holding, items, held)
         job = Job([d.pixels for d in decoded], want_maps and self.det.has_maps)
         state["submitted"] = True  # from here the worker owns the slot
         results = await asyncio.wrap_future(self.worker.submit(job))

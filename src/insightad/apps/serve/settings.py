@@ -15,6 +15,9 @@ class ServeParams:
                                "they are read whole", minimum=0.0, exclusive_min=True)
     max_pixels: int = param(40_000_000, "largest decoded image in pixels (width x height); bigger "
                             "images (decompression bombs) get 400", minimum=1)
+    max_pixels_in_flight: int = param(0, "decoded pixels held by all requests together (decoded, waiting for or "
+                                      "in inference); a request that would pass it gets 503 (0: twice --max-pixels)",
+                                      minimum=0)
     max_batch: int = param(8, "most images in one forward pass (micro-batch of concurrent requests)",
                            minimum=1)
     batch_wait_ms: float = param(2.0, "how long the inference worker waits for more requests to join "
@@ -35,6 +38,9 @@ class ServeParams:
                                 "at most 4)", minimum=0)
     max_connections: int = param(256, "most open connections and tasks; beyond it new connections get 503",
                                  minimum=1)
+    head_timeout_s: float = param(10.0, "a connection that has not sent a whole request head (request line and "
+                                  "headers) within this many seconds of opening, or of its previous answer, is "
+                                  "closed", minimum=0.0, exclusive_min=True)
     body_timeout_s: float = param(30.0, "a request body not received whole within this many seconds "
                                   "gets 408", minimum=0.0, exclusive_min=True)
     access_log: bool = param(True, "log one line per request")

@@ -14,6 +14,7 @@ const state = {
   sha: null,          // model_sha256 (or "unknown")
   serverThr: null,    // the server's threshold
   pageThr: null,      // the slider's threshold (decisions in this page only)
+  answerThr: null,    // the threshold the last /infer answer carried
   results: [],        // {id, name, score, score_normalized, anomalous, threshold, ms, error, thumb, card}
   labels: {},         // labelKey(r) -> {name, score, label: "normal" | "anomalous"}
   queue: [], running: 0, done: 0, total: 0, aborters: new Set(),
@@ -90,7 +91,7 @@ function el(tag, attrs = {}, ...children) {
   for (const c of children) node.append(c);
   return node;
 }
-function decide(score) { return score > state.pageThr; }
+function decide(score) { return state.pageThr !== null && score > state.pageThr; }
 // Files in different folders often share a name (000.png): an image is its name and its score.
 function labelKey(r) { return `${r.name}|${r.score}`; }
 function labelOf(r) { const l = state.labels[labelKey(r)]; return l ? l.label : undefined; }
@@ -114,13 +115,23 @@ function show(view) {
 }
 
 // ------------------------------------------------------------------ model and health
+// GET /model, again every few seconds until it answers: a page opened while the server was restarting, busy
+// or behind a failing proxy would otherwise never learn the model (no heatmaps, no exports).
+const MODEL_RETRY_MS = 3000;
+let modelRetry = null;
 async function loadModel() {
-  const resp = await api("model");
-  if (!resp.ok) {
-    $("model-summary").textContent = `cannot read the model: ${await errorText(resp)}`;
+  clearTimeout(modelRetry);
+  let m;
+  try {
+    const resp = await api("model");
+    if (!resp.ok) throw new Error(await errorText(resp));
+    m = await resp.json();
+  } catch (e) {
+    $("model-summary").textContent = `cannot read the model: ${e.message}; trying again…`;
+    modelRetry = setTimeout(loadModel, MODEL_RETRY_MS);
     return;
   }
-  const m = await resp.json();
+  const first = state.model === null;
   state.model = m;
   state.sha = m.model_sha256 || "unknown";
   state.serverThr = m.threshold.value;
@@ -143,7 +154,23 @@ async function loadModel() {
       "Train padim, patchcore or autoencoder to see where a defect is.";
     $("overlay-on").disabled = $("opacity").disabled = true;
   }
-  restoreSession();
+  if (first) restoreSession();
+  else setPageThreshold(state.pageThr);
+}
+
+// Every answer carries the threshold the server decides with. The page decides with its own (the slider's),
+// which starts as the server's from GET /model; until that has answered, or when the server now decides
+// with another threshold (restarted with another model or --threshold), the page takes the server's and
+// reads the model again, so that it never shows a decision the server did not make unasked.
+function followServer(threshold) {
+  if (!Number.isFinite(threshold)) return;
+  const last = state.answerThr !== null ? state.answerThr : state.serverThr;  // the answers' own, once one came
+  state.answerThr = threshold;
+  if (last !== null && Math.abs(threshold - last) <= 1e-9 * Math.max(1, Math.abs(last))) return;
+  state.serverThr = threshold;
+  $("server-thr").textContent = fmt(threshold);
+  setPageThreshold(threshold);
+  if (state.model !== null) loadModel();
 }
 
 function renderModelInfo(m) {
@@ -331,6 +358,7 @@ async function scoreOne(r) {
     const body = await resp.json();
     Object.assign(r, { score: body.score, threshold: body.threshold, anomalous: body.Anomaly,
       score_normalized: body.score_normalized });
+    followServer(body.threshold);
     const displayable = await shown;
     if (body.heatmap) {  // RGB PNG in the product's colour convention, rendered by the server
       await loadImage(c.overlay, `data:image/png;base64,${body.heatmap}`);
@@ -401,7 +429,8 @@ function refreshThresholdView() {
   slider.min = lo; slider.max = hi; slider.step = "any";  // no snapping: the exported value is the one shown
   slider.value = state.pageThr;
   $("thr-number").value = Number(state.pageThr.toPrecision(6));
-  slider.disabled = $("thr-number").disabled = $("thr-export").disabled = n === 0;
+  slider.disabled = $("thr-number").disabled = n === 0;
+  $("thr-export").disabled = n === 0 || !state.model;  // the file names the model it was chosen for
   $("thr-empty").hidden = n > 0;
   const anomalous = scored().filter((r) => decide(r.score));
   const changed = scored().filter((r) => decide(r.score) !== r.anomalous);
@@ -458,6 +487,7 @@ function drawHistogram() {
 }
 
 function exportThreshold() {
+  if (!state.model) return;  // (the button is enabled only once the model is known)
   const body = {
     threshold: state.pageThr,
     strategy: "manual (InsightAD web page)",
@@ -527,6 +557,7 @@ function csvField(v) {
 }
 
 function exportLabels() {
+  if (!state.model) { alert("The model is not known yet (GET /model has not answered): try again shortly."); return; }
   const lines = ["name,label,score,model_sha256"];
   for (const { name, score, label } of Object.values(state.labels)) {
     lines.push([name, label, String(score), state.model.model_sha256 || ""].map(csvField).join(","));
@@ -600,6 +631,7 @@ async function scoreFrame() {
     const resp = await api("infer", { method: "POST", body: form });
     if (!resp.ok) { $("cam-status").textContent = `frame not scored: ${await errorText(resp)}`; return; }
     const body = await resp.json();
+    followServer(body.threshold);
     const old = $("cam-frame").src;
     await loadImage($("cam-frame"), URL.createObjectURL(blob));
     if (old.startsWith("blob:")) URL.revokeObjectURL(old);
