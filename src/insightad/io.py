@@ -59,6 +59,12 @@ def iter_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[P
                 skipped.append(p)
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (which reach Python as lone
+    surrogates) shown as ``\\xNN``. What a figure, a UTF-8 report file or an Arrow column can hold."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def require_file(path: str | Path, what: str) -> Path:
     """``path`` as a regular file, else one line: not found, a folder, or a pipe/socket/device (reading a FIFO
     would block forever, and /dev/zero is not "empty"). ``what`` names the expected file ("model file")."""

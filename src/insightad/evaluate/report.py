@@ -28,7 +28,7 @@ from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
 from insightad.evaluate.metrics import image_metrics
-from insightad.io import atomic_write
+from insightad.io import atomic_write, printable
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
 
@@ -121,12 +121,15 @@ def per_defect_markdown(rows: list[dict[str, Any]], threshold: float) -> str:
 
 # ------------------------------------------------------------------------------------ report
 def _write_text(path: Path, text: str) -> Path:
+    """A UTF-8 report file; a file or folder name that is not UTF-8 appears in it with ``\\xNN`` escapes."""
+    text = printable(text)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
 def _short(path: Path) -> str:
-    return "/".join(Path(path).parts[-2:])
+    """The last two parts of a path, as a figure can draw them (a name that is not UTF-8: ``\\xNN`` escapes)."""
+    return printable("/".join(Path(path).parts[-2:]))
 
 
 def _count(n: int, what: str) -> str:
@@ -205,7 +208,7 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     overlap = calibration_overlap(det, ev.samples) if strategy != "override" else 0
     note = (f"threshold chosen on {overlap} of these {len(labels)} images: threshold-dependent figures are optimistic"
             if overlap else None)
-    name = f"{det.method} on {Path(data).name if data else 'data'}"
+    name = printable(f"{det.method} on {Path(data).name if data else 'data'}")  # in figure titles
     files: dict[str, str] = {}
     both = labels.any() and (~labels).any()
     if both:
@@ -218,7 +221,7 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     rows = per_defect_rows([s.defect for s in ev.samples], scores, thr)
     files["per_defect_csv"] = _write_text(out / "per_defect.csv", per_defect_csv(rows)).name
     files["per_defect_md"] = _write_text(out / "per_defect.md", per_defect_markdown(rows, thr)).name
-    groups = {r["defect"]: scores[np.asarray([s.defect for s in ev.samples]) == r["defect"]] for r in rows}
+    groups = {printable(r["defect"]): scores[np.asarray([s.defect for s in ev.samples]) == r["defect"]] for r in rows}
     files["per_defect_scores"] = plots.defect_distributions(groups, thr, out / "per_defect_scores.png",
                                                             f"Scores per defect type: {name}", thr_label).name
     balanced = resampled_report(labels, scores, thr, "balanced", prevalence, draws, seed)
