@@ -35,3 +35,29 @@ def test_p41_report_with_names_that_are_not_utf8(baseline_model, mvtec_dir, tmp_
     assert "report written to" in capsys.readouterr().out
     assert {"metrics.json", "report.md", "per_defect.csv", "worst_cases.png"} <= {p.name for p in report.iterdir()}
     assert "rayure\\xe9" in (report / "per_defect.csv").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("array, name", [(np.uint16, "label1_16bit.png"), (np.int32, "constant_32bit.tif"),
+                                         (np.float32, "constant_float.tif")])
+def test_p41_masks_of_more_than_8_bits_keep_their_defects(array, name, tmp_path):
+    """Any non-zero mask value is a defect: a 16-bit mask of label 1 (1/65535 of full scale) and a 32-bit or float
+    mask of one value (min = max) lost every defect pixel when scaled to 8 bits first."""
+    from insightad.data.layouts import Sample
+    from insightad.evaluate.pixel import pixel_metrics
+
+    values = np.zeros((32, 32), array)
+    values[8:16, 8:16] = 1
+    if array is not np.uint16:
+        values[:] = 3  # the whole image is the defect
+    mask = tmp_path / name
+    Image.fromarray(values).save(mask)
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "img.png")
+    from insightad.data.images import load_mask
+
+    assert load_mask(mask, (32, 32)).sum() == (64 if array is np.uint16 else 32 * 32)
+    normal = tmp_path / "ok.png"
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(normal)
+    samples = [Sample(tmp_path / "img.png", 1, "d", "test", mask), Sample(normal, 0, "good", "test")]
+    maps = [np.random.default_rng(0).random((32, 32)), np.random.default_rng(1).random((32, 32))]
+    out = pixel_metrics(samples, maps, resolution=32)
+    assert out["defect_regions"] == 1 and out["pixel_auroc"] is not None
