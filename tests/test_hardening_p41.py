@@ -61,3 +61,31 @@ def test_p41_masks_of_more_than_8_bits_keep_their_defects(array, name, tmp_path)
     maps = [np.random.default_rng(0).random((32, 32)), np.random.default_rng(1).random((32, 32))]
     out = pixel_metrics(samples, maps, resolution=32)
     assert out["defect_regions"] == 1 and out["pixel_auroc"] is not None
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "calibrate"])
+@pytest.mark.parametrize("seed, expected", [("-5", "seed: expected a value >= 0, got -5"),
+                                            (str(2**70), "seed: expected a value <= 4294967295")])
+def test_p41_seed_out_of_range_is_one_line(command, seed, expected, baseline_model, mvtec_dir, tmp_path, capsys):
+    """A negative seed reached NumPy's SeedSequence after the whole fit (a traceback); one above 2**64 PyTorch's."""
+    args = {"train": ["train", "--method", "baseline", "--image-size", "64", "--out", str(tmp_path / "m.safetensors")],
+            "evaluate": ["evaluate", "--model", str(baseline_model)],
+            "calibrate": ["calibrate", "--model", str(baseline_model), "--dry-run"]}[command]
+    assert main([*args, "--data", str(mvtec_dir), f"--seed={seed}", "--no-progress"]) == 1
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_p41_augment_names_that_are_not_utf8(tmp_path, capsys):
+    """The per-image seed hashed the file name as UTF-8: a name in other bytes stopped augment with a traceback
+    halfway through the folder."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in (b"a.png", b"caf\xe9.png"):
+        Image.fromarray(np.full((24, 24, 3), 100, np.uint8)).save(os.path.join(os.fsencode(src), name))
+    assert main(["augment", "--input", str(src), "--out", str(tmp_path / "out"), "--copies", "2",
+                 "--no-progress"]) == 0
+    assert "wrote 4 images" in capsys.readouterr().out
+    from insightad.apps.augment import image_seed
+
+    assert image_seed(3, "a.png", 1) == (3 * 1_000_003 + __import__("zlib").crc32(b"a.png") * 131 + 1) % 2**63

@@ -154,6 +154,7 @@ def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
 
 
 MAX_IMAGE_SIDE = 4096  # the largest image side a model works at: bigger would exhaust memory before it helps
+SEED_MAX = 2**32 - 1  # every generator seeded from it takes this range (NumPy, PyTorch, random); negative seeds crashed NumPy
 
 # --------------------------------------------------------------------------------------- data
 LAYOUTS = ("mvtec", "folder", "crack", "images")  # every dataset layout InsightAD reads (data.layouts)
@@ -169,7 +170,7 @@ class DataParams:
     abnormal_dir: str = param("abnormal", "name of the anomalous-images folder (folder layout)")
     holdout: float = param(0.2, "fraction of normal images held out of training where the layout has "
                            "no test split", minimum=0.0, maximum=0.9)
-    seed: int = param(0, "random seed (hold-out split, sampling, initialisation)")
+    seed: int = param(0, "random seed (hold-out split, sampling, initialisation)", minimum=0, maximum=SEED_MAX)
 
 
 @dataclass
@@ -215,7 +216,7 @@ class TrainLoopParams:
     augment: str = param("none", "augmentation applied to training images: none, affine (the rotation/shift/"
                          "shear/zoom/flip of 'insightad augment'; without rotation for ssl) or affine-norotate")
     device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda")
-    seed: int = param(0, "random seed (initialisation, shuffling, validation split)")
+    seed: int = param(0, "random seed (initialisation, shuffling, validation split)", minimum=0, maximum=SEED_MAX)
 
 
 # ---------------------------------------------------------------------------------- detectors
@@ -239,7 +240,7 @@ class DetectorParams:
     device: str = param("auto", "auto, cpu or cuda")
     fit_engine: str = param("auto", "engine for the frozen backbone during fit (auto: ONNX Runtime on CPU "
                             "when installed)", choices=("auto", "torch", "onnx"))
-    seed: int = param(0, "random seed")
+    seed: int = param(0, "random seed", minimum=0, maximum=SEED_MAX)
 
 
 @params
