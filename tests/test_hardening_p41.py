@@ -89,3 +89,39 @@ def test_p41_augment_names_that_are_not_utf8(tmp_path, capsys):
     from insightad.apps.augment import image_seed
 
     assert image_seed(3, "a.png", 1) == (3 * 1_000_003 + __import__("zlib").crc32(b"a.png") * 131 + 1) % 2**63
+
+
+def test_p41_pixel_metrics_of_masks_without_defects_say_why(tmp_path):
+    """All-zero masks: pixel AUROC and AUPRO were 'n/a (needs normal and anomalous images)' in the table (there
+    were both) and '- None' in report.md; the reason is now carried with them."""
+    from insightad.cli.evaluate import format_table
+    from insightad.data.layouts import Sample
+    from insightad.evaluate.metrics import image_metrics
+    from insightad.evaluate.pixel import pixel_metrics
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "d_mask.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "d.png")
+    samples = [Sample(tmp_path / "d.png", 1, "scratch", "test", tmp_path / "d_mask.png"),
+               Sample(tmp_path / "ok.png", 0, "good", "test")]
+    m = image_metrics(np.array([1, 0]), np.array([2.0, 1.0]), 1.5)
+    m.update(pixel_metrics(samples, [np.ones((16, 16)), np.zeros((16, 16))], resolution=16))
+    assert m["pixel_auroc"] is None and m["pixel_undefined"] == "the masks hold no defect pixels: all are 0"
+    assert "pixel_auroc        n/a (the masks hold no defect pixels: all are 0)" in format_table(m)
+
+
+def test_p41_report_of_a_test_split_of_defects_only(baseline_model, mvtec_dir, tmp_path, capsys):
+    """No normal image: AUROC and average precision are both undefined (AP was 1.0 whatever the scores), and
+    report.md says so instead of leaving them out."""
+    data = tmp_path / "cat"
+    shutil.copytree(mvtec_dir, data, ignore=shutil.ignore_patterns("good"))
+    (data / "train" / "good").mkdir()
+    shutil.copy(sorted((mvtec_dir / "train" / "good").glob("*.png"))[0], data / "train" / "good")
+    report = tmp_path / "report"
+    assert main(["evaluate", "--model", str(baseline_model), "--data", str(data), "--report", str(report),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "average_precision  n/a (needs normal and anomalous images)" in out
+    md = (report / "report.md").read_text()
+    assert "| image_auroc | n/a (needs normal and anomalous images) |" in md
+    assert "| average_precision | n/a (needs normal and anomalous images) |" in md
+    assert "- None" not in md

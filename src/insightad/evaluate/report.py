@@ -27,7 +27,7 @@ import numpy as np
 from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
-from insightad.evaluate.metrics import image_metrics
+from insightad.evaluate.metrics import image_metrics, undefined_text
 from insightad.io import atomic_write, printable
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
@@ -239,8 +239,10 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
             f"Balanced vs unbalanced test sets: {name}\n(mean ± std over {draws} seeded draws, {thr_label})",
             ylabel="metric value").name
     files["worst_cases"] = worst_cases(det, ev, out).name
-    pixel = {k: m[k] for k in ("pixel_auroc", "aupro") if k in m}
-    if not pixel:
+    pixel = {k: m[k] for k in ("pixel_auroc", "aupro") if m.get(k) is not None}
+    if not pixel and m.get("pixel_undefined"):
+        pixel = {"available": False, "reason": m["pixel_undefined"]}
+    elif not pixel:
         has_masks = any(s.mask is not None for s in ev.samples)
         pixel = {"available": False, "reason": ("image-level method: no maps" if not det.has_maps else
                                                 "no ground-truth masks" if not has_masks else "not computed")}
@@ -280,8 +282,8 @@ def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: flo
               "threshold_f1_max", "false_alarm_rate"):
         if m.get(k) is not None:
             out.append(f"| {k} | {m[k]:.4f} |")
-        elif k == "precision" and k in m:
-            out.append(f"| {k} | n/a (no image called anomalous) |")
+        elif k in ("image_auroc", "average_precision", "precision", "recall", "f1") and k in m:
+            out.append(f"| {k} | {undefined_text(m, k)} |")
     if m.get("f1_max") is not None and m.get("f1") is not None:
         out += ["", f"F1 at the model's threshold {m['f1']:.4f} vs. {m['f1_max']:.4f} at the best threshold for "
                 f"these images ({m['threshold_f1_max']:.6g}): the gap is what a better-placed threshold could gain."]
