@@ -125,3 +125,53 @@ def test_p41_report_of_a_test_split_of_defects_only(baseline_model, mvtec_dir, t
     assert "| image_auroc | n/a (needs normal and anomalous images) |" in md
     assert "| average_precision | n/a (needs normal and anomalous images) |" in md
     assert "- None" not in md
+
+
+def _images(folder: Path, n: int, seed: int = 0, same: bool = False) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        pixels = np.full((32, 32, 3), 128, np.uint8) if same else (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"n{i:02d}.png")
+        paths.append(folder / f"n{i:02d}.png")
+    return paths
+
+
+def test_p41_identical_training_images_are_refused_before_the_fit(tmp_path, capsys):
+    """Five copies of one image: PaDiM's threshold came out ~1e-12 and the model called its own training images
+    anomalous. Refused in one line before anything is fitted or written."""
+    _images(tmp_path / "same" / "normal", 6, same=True)
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--method", "padim", "--image-size", "64", "--data", str(tmp_path / "same"),
+                 "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "all 5 training images have this file's content; a detector needs varied normal images" in err
+    assert "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob("*.safetensors*"))
+
+
+def test_p41_a_held_out_copy_of_a_training_image_is_named(tmp_path):
+    """A dataset with a duplicate: train warns that the held-out copy cannot be evaluated, and evaluate's refusal
+    names the training file it copies (it said only that the held-out image 'was used to train the model')."""
+    import warnings
+
+    from insightad.config import DataParams
+    from insightad.data.layouts import check_training_content, discover, evaluation_samples, holdout_split
+
+    paths = _images(tmp_path / "d" / "normal", 5)
+    ds = discover(tmp_path / "d")
+    train, held = holdout_split(ds, 0.2, 0)
+    shutil.copy(train[0].path, held[0].path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hashes = check_training_content(ds, train, held)
+    assert any("1 of the 1 held-out images" in str(w.message) and "is a copy of training images" in str(w.message)
+               for w in caught)
+    from insightad.apps.train import split_record
+
+    split = split_record(ds, train, held, DataParams(), hashes)
+    with pytest.raises(Exception) as e:
+        evaluation_samples(ds, split)
+    assert f"was used to train the model (its content, as {ds.rel(train[0].path)})" in str(e.value)
+    assert len(paths) == 5

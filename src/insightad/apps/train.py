@@ -9,7 +9,7 @@ from typing import Any
 
 from insightad.backbones.registry import SSL_FINE_TUNE, SSL_PREFIX, read_backbone_file_meta
 from insightad.config import DEFAULT_BACKBONE, DataParams, DecisionParams, TrainLoopParams
-from insightad.data.layouts import Dataset, content_record, discover, holdout_split
+from insightad.data.layouts import Dataset, check_training_content, content_record, discover, holdout_split
 from insightad.methods import Detector, create_detector, get_method
 from insightad.methods.base import ShardRunner
 from insightad.model_file import save_model
@@ -44,11 +44,14 @@ def with_training_dir(method: str, params: dict[str, Any], out: Path) -> dict[st
     return params
 
 
-def split_record(ds: Dataset, train: list, held: list, dp: DataParams) -> dict[str, Any]:
-    """What the model file keeps about its training data: exactly which files, and which were held out."""
+def split_record(ds: Dataset, train: list, held: list, dp: DataParams,
+                 hashes: list[str] | None = None) -> dict[str, Any]:
+    """What the model file keeps about its training data: exactly which files, and which were held out.
+    ``hashes``: the training files' sha256 where the caller has them (``check_training_content``)."""
     return {"root": str(ds.root), "layout": ds.layout, "holdout_fraction": 0.0 if ds.has_test_split else dp.holdout,
             "seed": dp.seed, "train": [ds.rel(s.path) for s in train],
-            "train_sha256": content_record([s.path for s in train]), "holdout": [ds.rel(s.path) for s in held]}
+            "train_sha256": hashes if hashes is not None else content_record([s.path for s in train]),
+            "holdout": [ds.rel(s.path) for s in held]}
 
 
 def backbone_training(det: Detector) -> dict[str, Any] | None:
@@ -86,6 +89,7 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
     over workers (see ``apps.train_ray``)."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
+    hashes = check_training_content(ds, train, held)  # before any fit: identical images are refused
     out = Path(out or default_model_path(ds.root, method))
     paths = [s.path for s in train]
     if params.get("backbone") == SSL_FINE_TUNE:
@@ -103,7 +107,7 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
 
             validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms,
                                 decision.folds, dp.seed)
-    det.split_ = split_record(ds, train, held, dp)
+    det.split_ = split_record(ds, train, held, dp, hashes)
     backbone = backbone_training(det)
     if backbone is not None:
         det.split_["backbone"] = backbone
@@ -139,6 +143,7 @@ def train_backbone(data: str | Path, method: str, params: dict[str, Any], dp: Da
     the held-out and anomalous images stay unseen; returns (trainer, backbone file, split)."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
+    check_training_content(ds, train, held)
     out = Path(out or default_model_path(ds.root, method))
     return _fit_backbone(ds, train, held, dp, params, out, progress)
 

@@ -203,15 +203,17 @@ def refuse_training_images(paths: list[Path], split: dict | None, root: Path | N
     digest = digest or functools.cache(file_sha256)  # the model's and the backbone's records: each file once
     backbone = split.get("backbone") or {}
     for record, base, why in (
-            (split, root, "was used to train the model; refusing to score training images (evaluate on held-out "
-                          "or new images)"),
-            (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
-                             "score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
+            (split, root, "was used to train the model{copy}; refusing to score training images (evaluate on "
+                          "held-out or new images)"),
+            (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}){{copy}}; refusing "
+                             "to score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
                              "on new images)")):
         overlap = _seen(paths, record, base, digest)
         if overlap:
             more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
-            raise InsightADError(f"{overlap[0]}: this image{more} {why}")
+            first, twin = overlap[0]
+            copy = f" (its content, as {twin})" if twin else ""  # a copy: say of which file (this one was not)
+            raise InsightADError(f"{first}: this image{more} {why.replace('{copy}', copy)}")
 
 
 def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
@@ -264,6 +266,26 @@ def content_record(paths: list[Path]) -> list[str]:
     return [file_sha256(p) for p in paths]
 
 
+def check_training_content(ds: Dataset, train: list[Sample], held: list[Sample]) -> list[str]:
+    """The sha256 of each training file (``content_record``), after two checks on them: training images that
+    are all one file's content are refused (no spread to learn: a threshold of ~0 called the training images
+    themselves anomalous), and held-out images that are copies of training images are named in a warning
+    (evaluate and calibrate refuse copies of training images, so they cannot be scored)."""
+    hashes = content_record([s.path for s in train])
+    if len(hashes) > 1 and len(set(hashes)) == 1:
+        raise InsightADError(f"{train[0].path}: all {len(train)} training images have this file's content; a "
+                             "detector needs varied normal images (remove the copies)")
+    first = dict(zip(hashes, train))
+    copies = [(s, first[h]) for s, h in ((s, file_sha256(s.path)) for s in held) if h in first]
+    if copies:
+        (s, twin), n = copies[0], len(copies)
+        what = "is a copy" if n == 1 else "are copies"
+        warnings.warn(f"{n} of the {len(held)} held-out images of {ds.root} {what} of training images (e.g. "
+                      f"{ds.rel(s.path)} = {ds.rel(twin.path)}); evaluate and calibrate will refuse them as training "
+                      "images (remove the duplicates)", stacklevel=2)
+    return hashes
+
+
 def _moved_here(ds: Dataset, split: dict) -> bool:
     """Whether ``ds`` is the training dataset at another path: every recorded training file is found at its
     relative path under ``ds.root`` with the recorded content (needs a record with content hashes)."""
@@ -277,13 +299,22 @@ def _moved_here(ds: Dataset, split: dict) -> bool:
     return True
 
 
-def _seen(paths: list[Path], record: dict, root: Path | None, digest: Callable[[Path], str]) -> list[Path]:
+def _seen(paths: list[Path], record: dict, root: Path | None, digest: Callable[[Path], str]
+          ) -> list[tuple[Path, str | None]]:
     """The ``paths`` that ``record`` (a split: {"root", "train", "train_sha256"}) trained on: by resolved path
-    under its root (or ``root`` for a dataset that moved), and by content where the record has hashes."""
+    under its root (or ``root`` for a dataset that moved), and by content where the record has hashes. Each with
+    None (the training file itself) or the recorded name of the training file it is a copy of."""
     names = record.get("train", [])
     if not names:
         return []
     base = root or Path(record.get("root", ""))
     by_path = {(base / r).resolve() for r in names}
-    hashes = set(record.get("train_sha256") or [])
-    return [p for p in paths if p.resolve() in by_path or (hashes and digest(p) in hashes)]
+    hashes = record.get("train_sha256") or []
+    twins = dict(zip(hashes, names)) if len(hashes) == len(names) else dict.fromkeys(hashes, "a training image")
+    found: list[tuple[Path, str | None]] = []
+    for p in paths:
+        if p.resolve() in by_path:
+            found.append((p, None))
+        elif twins and digest(p) in twins:
+            found.append((p, twins[digest(p)]))
+    return found
