@@ -175,3 +175,21 @@ def test_p41_a_held_out_copy_of_a_training_image_is_named(tmp_path):
         evaluation_samples(ds, split)
     assert f"was used to train the model (its content, as {ds.rel(train[0].path)})" in str(e.value)
     assert len(paths) == 5
+
+
+@pytest.mark.parametrize("body, message", [
+    ("train = 5\n", "key 'train' names a command; expected a table [train] of its settings, got 5"),
+    ('evaluate = "x"\n', "key 'evaluate' names a command; expected a table [evaluate] of its settings, got \"x\""),
+    ("method = 5\n", "key 'method': expected one of autoencoder, baseline"),
+    ('[train]\nmethod = "padin"\n', "key 'method': expected one of autoencoder, baseline")])
+def test_p41_config_file_odd_values(body, message, mvtec_dir, tmp_path, capsys):
+    """``train = 5`` crashed (AttributeError: 'int' object has no attribute 'items'); a method the config file
+    misspells made every method flag 'unrecognized arguments: --image-size 64'."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(body)
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--config", str(cfg), "--data", str(mvtec_dir), "--image-size", "64", "--out", str(out),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{cfg}: {message}" in err and "Traceback" not in err
+    assert not out.exists()
