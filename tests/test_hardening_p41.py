@@ -193,3 +193,21 @@ def test_p41_config_file_odd_values(body, message, mvtec_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{cfg}: {message}" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n, holdout, message", [
+    (1, "0.2", "1 training image; choosing the threshold scores the training images out of fold and needs at least 2 "
+               "(add normal images)"),
+    (2, "0.5", "1 training image (1 of the 2 normal images held out); choosing the threshold")])
+def test_p41_one_training_image_is_refused_before_the_fit(n, holdout, message, tmp_path, capsys, monkeypatch):
+    """One training image left: 'validation: out-of-fold scores need at least 2 training images, got 1' came after
+    the fit, and did not say what to do."""
+    import insightad.methods.baseline as baseline
+
+    _images(tmp_path / "d", n)
+    monkeypatch.setattr(baseline.BaselineDetector, "fit", lambda *a, **k: pytest.fail("fitted"))
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--method", "baseline", "--image-size", "64", "--data", str(tmp_path / "d"),
+                 "--holdout", holdout, "--out", str(out), "--no-progress"]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()

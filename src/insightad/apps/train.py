@@ -10,6 +10,7 @@ from typing import Any
 from insightad.backbones.registry import SSL_FINE_TUNE, SSL_PREFIX, read_backbone_file_meta
 from insightad.config import DEFAULT_BACKBONE, DataParams, DecisionParams, TrainLoopParams
 from insightad.data.layouts import Dataset, check_training_content, content_record, discover, holdout_split
+from insightad.errors import InsightADError
 from insightad.methods import Detector, create_detector, get_method
 from insightad.methods.base import ShardRunner
 from insightad.model_file import save_model
@@ -90,6 +91,11 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     hashes = check_training_content(ds, train, held)  # before any fit: identical images are refused
+    if decision is not None and len(train) < 2:  # said before the fit, not after it by the validation
+        held_out = f" ({len(held)} of the {len(train) + len(held)} normal images held out)" if held else ""
+        raise InsightADError(f"{ds.root}: {len(train)} training image{held_out}; choosing the threshold scores the "
+                             "training images out of fold and needs at least 2 (add normal images"
+                             + (", or lower --holdout)" if held else ")"))
     out = Path(out or default_model_path(ds.root, method))
     paths = [s.path for s in train]
     if params.get("backbone") == SSL_FINE_TUNE:
@@ -121,7 +127,6 @@ def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | No
     atomically and stamped with the model file's sha256, so predict/serve on the onnx engine start from it
     (and a runtime-only install can score with it alone). (path, a line to print); path None when skipped."""
     from insightad.engines.cache import model_digest
-    from insightad.errors import InsightADError
     from insightad.inference.export import beside, export_onnx
 
     out = beside(model_path)
