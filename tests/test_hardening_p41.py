@@ -211,3 +211,20 @@ def test_p41_one_training_image_is_refused_before_the_fit(n, holdout, message, t
                  "--holdout", holdout, "--out", str(out), "--no-progress"]) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_p41_mvtec_images_outside_the_labelled_folders_are_named(tmp_path):
+    """test/loose.png has no label in MVTec AD (the defect is its folder): it was skipped without a word."""
+    import warnings
+
+    from insightad.data.layouts import discover
+
+    _images(tmp_path / "cat" / "train" / "good", 2)
+    _images(tmp_path / "cat" / "test" / "good", 1)
+    shutil.copy(tmp_path / "cat" / "test" / "good" / "n00.png", tmp_path / "cat" / "test" / "loose.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = discover(tmp_path / "cat")
+    assert len(ds.test) == 1
+    assert any("1 images directly in train/ or test/" in str(w.message) and "test/loose.png" in str(w.message)
+               for w in caught)

@@ -108,6 +108,12 @@ def _mvtec(root: Path) -> Dataset:
             samples.append(Sample(p, label, sub.name, "test", masks.get(p.stem)))
     if not any(s.split == "test" for s in samples):
         raise InsightADError(f"{test}: no test images found")
+    loose = [p for folder in (root / "train", test) for p in sorted(folder.iterdir())
+             if is_image_file(p) and is_regular_file(p)]
+    if loose:  # said, not skipped unseen: MVTec AD's labels are its folders
+        warnings.warn(f"{len(loose)} images directly in train/ or test/ of {root} are not used (e.g. "
+                      f"{loose[0].relative_to(root).as_posix()}): MVTec AD keeps them in one folder per kind, "
+                      "train/good/, test/good/, test/<defect>/", stacklevel=3)
     return Dataset(root, "mvtec", samples, has_test_split=True)
 
 
