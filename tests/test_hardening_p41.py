@@ -228,3 +228,44 @@ def test_p41_mvtec_images_outside_the_labelled_folders_are_named(tmp_path):
     assert len(ds.test) == 1
     assert any("1 images directly in train/ or test/" in str(w.message) and "test/loose.png" in str(w.message)
                for w in caught)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_p41_symlinks_to_images_outside_the_dataset(tmp_path):
+    """A dataset assembled with links (a linked normal/ folder, or one linked image) stopped with
+    ValueError: '...' is not in the subpath of '...' when the split was recorded."""
+    from insightad.apps.train import split_record
+    from insightad.config import DataParams
+    from insightad.data.layouts import discover, evaluation_samples, holdout_split
+
+    elsewhere = _images(tmp_path / "store", 6)
+    linked_folder = tmp_path / "a"
+    linked_folder.mkdir()
+    (linked_folder / "normal").symlink_to(tmp_path / "store")
+    linked_image = tmp_path / "b" / "normal"
+    _images(linked_image, 5, seed=1)
+    (linked_image / "link.png").symlink_to(elsewhere[0])
+    for root in (linked_folder, tmp_path / "b"):
+        ds = discover(root)
+        train, held = holdout_split(ds, 0.2, 0)
+        split = split_record(ds, train, held, DataParams())
+        assert all(not name.startswith("..") for name in split["train"] + split["holdout"])
+        assert {s.path for s in evaluation_samples(ds, split)} == {s.path for s in held}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--normal-dir", ""], "--normal-dir: expected the name of a folder inside"),
+    (["--normal-dir", "."], "--normal-dir: expected the name of a folder inside"),
+    (["--normal-dir", "../elsewhere"], "--normal-dir: expected the name of a folder inside"),
+    (["--abnormal-dir", "Normal"], "--abnormal-dir: names the same folder as --normal-dir")])
+def test_p41_normal_and_abnormal_folder_names(flags, message, tmp_path, capsys):
+    """--normal-dir '' made the dataset root the normal folder: abnormal/ was trained on as normal, silently;
+    --abnormal-dir naming the normal folder made every normal image an anomaly too."""
+    _images(tmp_path / "d" / "normal", 5)
+    _images(tmp_path / "d" / "abnormal", 2, seed=3)
+    _images(tmp_path / "elsewhere", 3)
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--method", "baseline", "--image-size", "64", "--data", str(tmp_path / "d"), *flags,
+                 "--out", str(out), "--no-progress"]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()

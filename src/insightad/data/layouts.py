@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 import warnings
 from collections.abc import Callable
@@ -37,8 +38,13 @@ class Dataset:
     has_test_split: bool = False
 
     def rel(self, path: Path) -> str:
-        """Path relative to the root, with forward slashes (what model files record)."""
-        return path.resolve().relative_to(self.root).as_posix()
+        """Path relative to the root, with forward slashes (what model files record). A symbolic link (an image
+        or a folder) to somewhere outside the root: the link's own path under the root (resolving it was a
+        traceback at the split)."""
+        try:
+            return path.resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return Path(os.path.abspath(path)).relative_to(self.root).as_posix()
 
     @property
     def train(self) -> list[Sample]:
@@ -153,6 +159,13 @@ def detect_layout(root: Path, normal_dir: str = "normal") -> str:
                          "set --layout")
 
 
+def _check_folder_name(root: Path, flag: str, name: str) -> None:
+    """A folder inside the dataset (a name, or a relative path below the root): '' or '.' made the whole dataset
+    (anomalous images included) the normal images; '../x' or an absolute path read images outside it."""
+    if not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts or Path(name) == Path("."):
+        raise InsightADError(f"{flag}: expected the name of a folder inside {root}, got {name!r}")
+
+
 def discover(path: str | Path, layout: str = "auto", normal_dir: str = "normal",
              abnormal_dir: str = "abnormal") -> Dataset:
     """Read a dataset folder into samples; the layout is detected unless given."""
@@ -162,6 +175,11 @@ def discover(path: str | Path, layout: str = "auto", normal_dir: str = "normal",
     if not root.is_dir():
         raise InsightADError(f"{root}: expected a dataset folder, got a file")
     root = root.resolve()
+    for flag, name in (("--normal-dir", normal_dir), ("--abnormal-dir", abnormal_dir)):
+        _check_folder_name(root, flag, name)
+    if normal_dir.lower() == abnormal_dir.lower():  # matched case-insensitively: one folder would be both
+        raise InsightADError(f"--abnormal-dir: names the same folder as --normal-dir ({normal_dir!r}); the normal "
+                             "and anomalous images must be in different folders")
     if layout == "auto":
         layout = detect_layout(root, normal_dir)
     if layout == "mvtec":
