@@ -269,3 +269,24 @@ def test_p41_normal_and_abnormal_folder_names(flags, message, tmp_path, capsys):
                  "--out", str(out), "--no-progress"]) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_p41_a_refused_run_leaves_no_empty_output_folders(baseline_model, mvtec_dir, tmp_path, capsys):
+    """The output checks create --report and the model's folder up front; a run refused after them left those
+    folders behind, empty. Folders that hold anything, and those of a run that succeeds, stay."""
+    data = tmp_path / "cat"
+    shutil.copytree(mvtec_dir / "test", data / "test")
+    first = sorted((data / "test" / "good").glob("*.png"))[0]
+    (data / "test" / "good" / "cut.png").write_bytes(first.read_bytes()[:200])  # truncated
+    (data / "train" / "good").mkdir(parents=True)
+    shutil.copy(sorted((mvtec_dir / "train" / "good").glob("*.png"))[0], data / "train" / "good")
+    assert main(["evaluate", "--model", str(baseline_model), "--data", str(data), "--report",
+                 str(tmp_path / "reports" / "run1"), "--no-progress"]) == 1
+    assert "cut.png" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
+    (tmp_path / "kept").mkdir()
+    _images(tmp_path / "same" / "normal", 4, same=True)
+    assert main(["train", "--data", str(tmp_path / "same"), "--out", str(tmp_path / "kept" / "new" / "m.safetensors"),
+                 "--image-size", "64", "--no-progress"]) == 1
+    assert [p.name for p in tmp_path.glob("kept/*")] == []
+    assert (tmp_path / "kept").is_dir()  # it was there before the run
