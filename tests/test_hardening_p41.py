@@ -290,3 +290,19 @@ def test_p41_a_refused_run_leaves_no_empty_output_folders(baseline_model, mvtec_
                  "--image-size", "64", "--no-progress"]) == 1
     assert [p.name for p in tmp_path.glob("kept/*")] == []
     assert (tmp_path / "kept").is_dir()  # it was there before the run
+
+
+def test_p41_flat_folder_with_sub_folders_says_they_are_normal(tmp_path):
+    """A flat folder of normal images with a bad/ folder beside them: every image, bad/ included, was taken as
+    normal without a word."""
+    import warnings
+
+    from insightad.data.layouts import discover
+
+    _images(tmp_path / "d", 3)
+    _images(tmp_path / "d" / "bad", 2, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = discover(tmp_path / "d")
+    assert ds.layout == "images" and len(ds.samples) == 5
+    assert any("2 images in sub-folders of" in str(w.message) and "(bad)" in str(w.message) for w in caught)

@@ -137,6 +137,12 @@ def _labelled(root: Path, normal: Path, abnormal: Path | None, layout: str) -> D
 
 def _images_only(root: Path) -> Dataset:
     samples = [Sample(p, NORMAL, "good", "train") for p in _require_images(root, "normal images")]
+    nested = sorted({s.path.relative_to(root).parts[0] for s in samples if s.path.parent != root})
+    if nested:  # every image here is taken as normal: a defect folder beside them would be trained on, unsaid
+        n = sum(s.path.parent != root for s in samples)
+        warnings.warn(f"{n} images in sub-folders of {root} ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''}"
+                      ") are used as normal images (a flat folder of normal images); for anomalous images use the "
+                      "folder layout: normal/ and abnormal/", stacklevel=3)
     return Dataset(root, "images", samples, has_test_split=False)
 
 
