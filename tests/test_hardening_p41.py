@@ -306,3 +306,17 @@ def test_p41_flat_folder_with_sub_folders_says_they_are_normal(tmp_path):
         ds = discover(tmp_path / "d")
     assert ds.layout == "images" and len(ds.samples) == 5
     assert any("2 images in sub-folders of" in str(w.message) and "(bad)" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("mask_name", ["d0_MASK.PNG", "d0_Mask.png"])
+def test_p41_masks_named_in_another_case(mask_name, tmp_path):
+    """Image extensions are matched in any case, the _mask suffix was not: abnormal/d0_MASK.PNG was scored as one
+    more anomalous image, and d0.png had no mask."""
+    from insightad.data.layouts import discover
+
+    _images(tmp_path / "d" / "normal", 3)
+    _images(tmp_path / "d" / "abnormal", 1)
+    (tmp_path / "d" / "abnormal" / "n00.png").rename(tmp_path / "d" / "abnormal" / "d0.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "d" / "abnormal" / mask_name, format="PNG")
+    anomalous = [s for s in discover(tmp_path / "d").samples if s.label == 1]
+    assert [(s.path.name, s.mask.name if s.mask else None) for s in anomalous] == [("d0.png", mask_name)]

@@ -59,8 +59,13 @@ class Dataset:
                 "anomalous": sum(s.label == ANOMALOUS for s in self.samples)}
 
 
+def _is_mask_name(path: Path) -> bool:
+    """``<stem>_mask.<ext>`` in any case (``003_MASK.PNG`` too, as uppercase extensions are images)."""
+    return path.stem.lower().endswith("_mask")
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return list_images(folder, skip_dirs=MASK_DIRS)
+    return [p for p in list_images(folder, skip_dirs=MASK_DIRS) if not _is_mask_name(p)]
 
 
 def _require_images(folder: Path, what: str) -> list[Path]:
@@ -87,8 +92,8 @@ def _mask_index(*folders: Path) -> dict[str, Path]:
     for folder in folders:
         if folder is None or not folder.is_dir():
             continue
-        for p in sorted(folder.rglob("*_mask.*")):
-            if p.is_file():
+        for p in sorted(folder.rglob("*.*")):
+            if _is_mask_name(p) and p.is_file():
                 index.setdefault(_defect_key(p.parent.name, p.stem[: -len("_mask")]), p)
                 index.setdefault(p.stem[: -len("_mask")], p)
     return index
