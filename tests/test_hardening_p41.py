@@ -320,3 +320,18 @@ def test_p41_masks_named_in_another_case(mask_name, tmp_path):
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "d" / "abnormal" / mask_name, format="PNG")
     anomalous = [s for s in discover(tmp_path / "d").samples if s.label == 1]
     assert [(s.path.name, s.mask.name if s.mask else None) for s in anomalous] == [("d0.png", mask_name)]
+
+
+@pytest.mark.parametrize("size", ["16", "31"])
+def test_p41_image_size_too_small_for_the_validation_is_refused_first(size, tmp_path, capsys, monkeypatch):
+    """--image-size 16 to 31 passed the flag's check, fitted, then stopped with 'synthetic defects: expected square
+    uint8 images of side >= 32', naming no flag."""
+    import insightad.methods.padim as padim
+
+    _images(tmp_path / "d", 6)
+    monkeypatch.setattr(padim.PadimDetector, "fit", lambda *a, **k: pytest.fail("fitted"))
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--method", "padim", "--image-size", size, "--data", str(tmp_path / "d"), "--out", str(out),
+                 "--no-progress"]) == 1
+    assert f"--image-size: {size} px is too small to choose the threshold on" in capsys.readouterr().err
+    assert not out.exists()

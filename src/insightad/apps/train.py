@@ -80,6 +80,17 @@ def _warn_backbone_saw_held_out(backbone: dict[str, Any], ds: Dataset, held: lis
                       "with the same --holdout and --seed as this model", stacklevel=2)
 
 
+def _check_validation_size(params: dict[str, Any]) -> None:
+    """The default threshold is chosen on synthetic defects drawn on images at the model's size: below their
+    smallest side, refused before the fit (the validation refused it after)."""
+    from insightad.data.synthetic import MIN_SIZE
+
+    size = params.get("image_size")
+    if isinstance(size, int) and size < MIN_SIZE and (params.get("tile") or 1) == 1:
+        raise InsightADError(f"--image-size: {size} px is too small to choose the threshold on (the synthetic defects "
+                             f"it is validated on need images of at least {MIN_SIZE} px); use --image-size {MIN_SIZE} or more")
+
+
 def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
                 out: str | Path | None = None, progress: bool = True, decision: DecisionParams | None = None,
                 log: Callable[[str], None] | None = None, shards: ShardRunner | None = None
@@ -91,6 +102,8 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     hashes = check_training_content(ds, train, held)  # before any fit: identical images are refused
+    if decision is not None:
+        _check_validation_size(params)
     if decision is not None and len(train) < 2:  # said before the fit, not after it by the validation
         held_out = f" ({len(held)} of the {len(train) + len(held)} normal images held out)" if held else ""
         raise InsightADError(f"{ds.root}: {len(train)} training image{held_out}; choosing the threshold scores the "
