@@ -335,3 +335,19 @@ def test_p41_image_size_too_small_for_the_validation_is_refused_first(size, tmp_
                  "--no-progress"]) == 1
     assert f"--image-size: {size} px is too small to choose the threshold on" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_p41_broken_links_in_a_dataset_are_named(tmp_path):
+    """A dataset copied with its links broken lost those images without a word."""
+    import warnings
+
+    from insightad.data.layouts import discover
+
+    _images(tmp_path / "d" / "normal", 3)
+    (tmp_path / "d" / "normal" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = discover(tmp_path / "d")
+    assert len(ds.samples) == 3
+    assert any("1 image names under" in str(w.message) and "gone.png" in str(w.message) for w in caught)

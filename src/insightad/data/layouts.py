@@ -65,7 +65,12 @@ def _is_mask_name(path: Path) -> bool:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return [p for p in list_images(folder, skip_dirs=MASK_DIRS) if not _is_mask_name(p)]
+    not_files: list[Path] = []
+    images = [p for p in list_images(folder, skip_dirs=MASK_DIRS, not_files=not_files) if not _is_mask_name(p)]
+    if not_files:  # a dataset copied with its links broken: said, not left out unseen
+        warnings.warn(f"{len(not_files)} image names under {folder} are not readable files (a broken link, a pipe) "
+                      f"and are left out, e.g. {not_files[0].name}", stacklevel=3)
+    return images
 
 
 def _require_images(folder: Path, what: str) -> list[Path]:
