@@ -154,7 +154,8 @@ def build(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
 
 
 MAX_IMAGE_SIDE = 4096  # the largest image side a model works at: bigger would exhaust memory before it helps
-SEED_MAX = 2**32 - 1  # every generator seeded from it takes this range (NumPy, PyTorch, random); negative seeds crashed NumPy
+SEED_MAX = 2**63 - 1  # --seed (the split, the validation folds, the report draws): NumPy refuses negative seeds
+# (a model file's own stored seed is not checked: files written with any seed keep loading)
 
 # --------------------------------------------------------------------------------------- data
 LAYOUTS = ("mvtec", "folder", "crack", "images")  # every dataset layout InsightAD reads (data.layouts)
@@ -216,7 +217,7 @@ class TrainLoopParams:
     augment: str = param("none", "augmentation applied to training images: none, affine (the rotation/shift/"
                          "shear/zoom/flip of 'insightad augment'; without rotation for ssl) or affine-norotate")
     device: str = param("auto", "auto (a CUDA GPU when present, else the CPU), cpu or cuda")
-    seed: int = param(0, "random seed (initialisation, shuffling, validation split)", minimum=0, maximum=SEED_MAX)
+    seed: int = param(0, "random seed (initialisation, shuffling, validation split)")
 
 
 # ---------------------------------------------------------------------------------- detectors
@@ -240,7 +241,7 @@ class DetectorParams:
     device: str = param("auto", "auto, cpu or cuda")
     fit_engine: str = param("auto", "engine for the frozen backbone during fit (auto: ONNX Runtime on CPU "
                             "when installed)", choices=("auto", "torch", "onnx"))
-    seed: int = param(0, "random seed", minimum=0, maximum=SEED_MAX)
+    seed: int = param(0, "random seed")
 
 
 @params
