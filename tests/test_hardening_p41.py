@@ -358,3 +358,21 @@ def test_p41_broken_links_in_a_dataset_are_named(tmp_path):
         ds = discover(tmp_path / "d")
     assert len(ds.samples) == 3
     assert any("1 image names under" in str(w.message) and "gone.png" in str(w.message) for w in caught)
+
+
+def test_p41_a_report_written_again_keeps_no_figure_of_the_earlier_one(baseline_model, mvtec_dir, tmp_path, capsys):
+    """A second report into the same folder, on normal images only, left the first one's ROC and PR curves and
+    balanced/unbalanced figure beside it, as if they were of these images."""
+    report = tmp_path / "report"
+    assert main(["evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--report", str(report),
+                 "--no-progress"]) == 0
+    assert (report / "roc_curve.png").exists()
+    normals = tmp_path / "normals"
+    shutil.copytree(mvtec_dir / "test" / "good", normals)
+    (report / "notes.txt").write_text("mine")
+    assert main(["evaluate", "--model", str(baseline_model), "--data", str(normals), "--report", str(report),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    names = {p.name for p in report.iterdir()}
+    assert not names & {"roc_curve.png", "pr_curve.png", "balanced_unbalanced.png"}
+    assert {"notes.txt", "report.md", "score_histogram.png"} <= names

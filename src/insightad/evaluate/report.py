@@ -31,6 +31,9 @@ from insightad.evaluate.metrics import image_metrics, undefined_text
 from insightad.io import atomic_write, printable
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
+# Figures a report writes only when its images allow (both classes): one left by an earlier report into the same
+# folder would stand beside this report's files as if it were this data's
+OPTIONAL_FIGURES = ("roc_curve.png", "pr_curve.png", "balanced_unbalanced.png")
 
 
 # ------------------------------------------------------------------------------------ numbers
@@ -254,6 +257,8 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     files["report"] = "report.md"
     _write_text(out / "metrics.json", json.dumps(report, indent=2, default=float) + "\n")
     _write_text(out / "report.md", report_markdown(report, rows, thr))
+    for stale in set(OPTIONAL_FIGURES) - set(files.values()):  # an earlier report's figure, of other images
+        (out / stale).unlink(missing_ok=True)
     return report
 
 
