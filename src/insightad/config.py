@@ -165,6 +165,8 @@ def images_per_run(tiles: int) -> int | None:
 
 
 MAX_IMAGE_SIDE = 4096  # the largest image side a model works at: bigger would exhaust memory before it helps
+SEED_MAX = 2**63 - 1  # --seed (the split, the validation folds, the report draws): NumPy refuses negative seeds
+# (a model file's own stored seed is not checked: files written with any seed keep loading)
 
 # --------------------------------------------------------------------------------------- data
 LAYOUTS = ("mvtec", "folder", "crack", "images")  # every dataset layout InsightAD reads (data.layouts)
@@ -180,7 +182,7 @@ class DataParams:
     abnormal_dir: str = param("abnormal", "name of the anomalous-images folder (folder layout)")
     holdout: float = param(0.2, "fraction of normal images held out of training where the layout has "
                            "no test split", minimum=0.0, maximum=0.9)
-    seed: int = param(0, "random seed (hold-out split, sampling, initialisation)")
+    seed: int = param(0, "random seed (hold-out split, sampling, initialisation)", minimum=0, maximum=SEED_MAX)
 
 
 @dataclass

@@ -43,10 +43,12 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
-def iter_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[Path] | None = None) -> Iterator[Path]:
+def iter_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[Path] | None = None,
+                not_files: list[Path] | None = None) -> Iterator[Path]:
     """Image files under ``root``, folder by folder in sorted order; hidden entries and folders named in
     ``skip_dirs`` (compared lower-case) are skipped; only regular files are yielded. ``skipped`` collects the
-    other visible regular files (other extensions, ``*_mask.*``), so a caller can say what it left out."""
+    other visible regular files (other extensions, ``*_mask.*``), so a caller can say what it left out;
+    ``not_files`` the image names that are no regular file (a broken link, a FIFO)."""
     skip = {d.lower() for d in skip_dirs}
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
@@ -55,8 +57,16 @@ def iter_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[P
             p = here / name
             if is_image_file(p) and is_regular_file(p):
                 yield p
+            elif not_files is not None and is_image_file(p):
+                not_files.append(p)
             elif skipped is not None and not name.startswith(".") and is_regular_file(p):
                 skipped.append(p)
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (which reach Python as lone
+    surrogates) shown as ``\\xNN``. What a figure, a UTF-8 report file or an Arrow column can hold."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -94,9 +104,10 @@ def file_identity(path: str | Path | bytes) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def list_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[Path] | None = None) -> list[Path]:
+def list_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[Path] | None = None,
+                not_files: list[Path] | None = None) -> list[Path]:
     """``iter_images`` as one sorted list (the order dataset splits are drawn in)."""
-    return sorted(iter_images(root, skip_dirs, skipped))
+    return sorted(iter_images(root, skip_dirs, skipped, not_files))
 
 
 # ------------------------------------------------------------------------------- durable writes

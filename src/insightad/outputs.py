@@ -30,14 +30,34 @@ def _probe(folder: Path, flag: str, shown: Path) -> None:
     os.unlink(tmp)
 
 
+_CREATED: list[Path] = []  # folders the output checks made, deepest first: removed again if the run fails
+
+
 def _make_folder(folder: Path, flag: str, shown: Path) -> None:
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
             raise InsightADError(f"{shown}: {flag} cannot be written ({parent} is a file, not a folder)")
+    missing = [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InsightADError(f"{shown}: {flag} cannot be written ({_reason(e)})") from None
+    _CREATED.extend(missing)
+
+
+def remove_created_folders() -> None:
+    """Remove the folders the output checks of this run created and nothing was written into: a refused or
+    failed run leaves no empty --report or models/ folder behind (a folder holding anything is kept)."""
+    while _CREATED:
+        try:
+            _CREATED.pop(0).rmdir()
+        except OSError:
+            pass
+
+
+def keep_created_folders() -> None:
+    """The run succeeded: its folders stay."""
+    _CREATED.clear()
 
 
 def check_not_input(path: str | Path, flag: str, inputs: Iterable[str | Path]) -> None:

@@ -20,7 +20,8 @@ SAVE_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".
 
 def image_seed(seed: int, rel: str, copy: int) -> int:
     """A per-image, per-copy seed that does not depend on the order files are listed in."""
-    return (seed * 1_000_003 + zlib.crc32(rel.encode()) * 131 + copy) % (2**63)
+    name = rel.encode("utf-8", "surrogateescape")  # a file name that is not UTF-8: its own bytes
+    return (seed * 1_000_003 + zlib.crc32(name) * 131 + copy) % (2**63)
 
 
 def check_decodes(images: list[Path], progress: bool = False) -> None:

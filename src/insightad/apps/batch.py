@@ -37,6 +37,7 @@ from insightad.io import (
     file_identity,
     file_lock,
     file_sha256,  # noqa: F401 - re-exported (results name the model by it)
+    printable,
 )
 
 __all__ = ["SCHEMA", "BatchJob", "BatchSummary", "ResultsStore", "ScoreOptions", "Source", "file_sha256",
@@ -51,7 +52,7 @@ def display(path: bytes) -> str:
 
 def clean_text(text: str) -> str:
     """A message that may hold surrogate-escaped path bytes, made valid UTF-8 (Arrow, terminals)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return printable(text)
 
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from insightad.backbones.registry import SSL_FINE_TUNE, SSL_PREFIX, read_backbone_file_meta
 from insightad.config import DEFAULT_BACKBONE, DataParams, DecisionParams, TrainLoopParams
-from insightad.data.layouts import Dataset, content_record, discover, holdout_split
+from insightad.data.layouts import Dataset, check_training_content, content_record, discover, holdout_split
+from insightad.errors import InsightADError
 from insightad.methods import Detector, create_detector, get_method
 from insightad.methods.base import ShardRunner
 from insightad.model_file import save_model
@@ -44,11 +45,14 @@ def with_training_dir(method: str, params: dict[str, Any], out: Path) -> dict[st
     return params
 
 
-def split_record(ds: Dataset, train: list, held: list, dp: DataParams) -> dict[str, Any]:
-    """What the model file keeps about its training data: exactly which files, and which were held out."""
+def split_record(ds: Dataset, train: list, held: list, dp: DataParams,
+                 hashes: list[str] | None = None) -> dict[str, Any]:
+    """What the model file keeps about its training data: exactly which files, and which were held out.
+    ``hashes``: the training files' sha256 where the caller has them (``check_training_content``)."""
     return {"root": str(ds.root), "layout": ds.layout, "holdout_fraction": 0.0 if ds.has_test_split else dp.holdout,
             "seed": dp.seed, "train": [ds.rel(s.path) for s in train],
-            "train_sha256": content_record([s.path for s in train]), "holdout": [ds.rel(s.path) for s in held]}
+            "train_sha256": hashes if hashes is not None else content_record([s.path for s in train]),
+            "holdout": [ds.rel(s.path) for s in held]}
 
 
 def backbone_training(det: Detector) -> dict[str, Any] | None:
@@ -76,6 +80,17 @@ def _warn_backbone_saw_held_out(backbone: dict[str, Any], ds: Dataset, held: lis
                       "with the same --holdout and --seed as this model", stacklevel=2)
 
 
+def _check_validation_size(params: dict[str, Any]) -> None:
+    """The default threshold is chosen on synthetic defects drawn on images at the model's size: below their
+    smallest side, refused before the fit (the validation refused it after)."""
+    from insightad.data.synthetic import MIN_SIZE
+
+    size = params.get("image_size")
+    if isinstance(size, int) and size < MIN_SIZE and (params.get("tile") or 1) == 1:
+        raise InsightADError(f"--image-size: {size} px is too small to choose the threshold on (the synthetic defects "
+                             f"it is validated on need images of at least {MIN_SIZE} px); use --image-size {MIN_SIZE} or more")
+
+
 def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
                 out: str | Path | None = None, progress: bool = True, decision: DecisionParams | None = None,
                 log: Callable[[str], None] | None = None, shards: ShardRunner | None = None
@@ -86,6 +101,14 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
     over workers (see ``apps.train_ray``)."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
+    hashes = check_training_content(ds, train, held)  # before any fit: identical images are refused
+    if decision is not None:
+        _check_validation_size(params)
+    if decision is not None and len(train) < 2:  # said before the fit, not after it by the validation
+        held_out = f" ({len(held)} of the {len(train) + len(held)} normal images held out)" if held else ""
+        raise InsightADError(f"{ds.root}: {len(train)} training image{held_out}; choosing the threshold scores the "
+                             "training images out of fold and needs at least 2 (add normal images"
+                             + (", or lower --holdout)" if held else ")"))
     out = Path(out or default_model_path(ds.root, method))
     paths = [s.path for s in train]
     if params.get("backbone") == SSL_FINE_TUNE:
@@ -103,7 +126,7 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
 
             validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms,
                                 decision.folds, dp.seed)
-    det.split_ = split_record(ds, train, held, dp)
+    det.split_ = split_record(ds, train, held, dp, hashes)
     backbone = backbone_training(det)
     if backbone is not None:
         det.split_["backbone"] = backbone
@@ -117,7 +140,6 @@ def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | No
     atomically and stamped with the model file's sha256, so predict/serve on the onnx engine start from it
     (and a runtime-only install can score with it alone). (path, a line to print); path None when skipped."""
     from insightad.engines.cache import model_digest
-    from insightad.errors import InsightADError
     from insightad.inference.export import beside, export_onnx
 
     out = beside(model_path)
@@ -139,6 +161,7 @@ def train_backbone(data: str | Path, method: str, params: dict[str, Any], dp: Da
     the held-out and anomalous images stay unseen; returns (trainer, backbone file, split)."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
+    check_training_content(ds, train, held)
     out = Path(out or default_model_path(ds.root, method))
     return _fit_backbone(ds, train, held, dp, params, out, progress)
 

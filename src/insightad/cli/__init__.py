@@ -82,6 +82,7 @@ def _check_spellings(parser: argparse.ArgumentParser, command: str, argv: list[s
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     without_kernel_compiler()
+    ok = False
     try:
         check_command_available(argv)
         parser = build_parser(argv)
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         from insightad.cli.common import warnings_as_lines
 
         with warnings_as_lines():  # every sub-command: a warning is one line, never Python's with a source line
-            return int(args._run(args) or 0)
+            rc = int(args._run(args) or 0)
+        ok = rc == 0
+        return rc
     except InsightADError as e:
         print(f"insightad: error: {cut(str(e))}", file=sys.stderr)
         return 1
@@ -111,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `insightad predict --json ... | head`: the reader has what it wanted
         _silence_stdout()
         return 141  # what a shell reports for a process ended by SIGPIPE
+    finally:  # a refused or failed run leaves no empty output folder that its checks made
+        from insightad.outputs import keep_created_folders, remove_created_folders
+
+        keep_created_folders() if ok else remove_created_folders()
 
 
 def _silence_stdout() -> None:

@@ -41,16 +41,15 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "evaluate"), _argv=argv)
 
 
-UNDEFINED = {"precision": "n/a (no image was called anomalous)", None: "n/a (needs normal and anomalous images)"}
-
-
 def format_table(m: dict) -> str:
+    from insightad.evaluate.metrics import undefined_text
+
     rows = [("images", f"{m['n_normal']} normal, {m['n_anomalous']} anomalous")]
     for key in ("image_auroc", "average_precision", "pixel_auroc", "aupro", "accuracy", "precision",
                 "recall", "f1", "threshold"):
         if key in m:
             v = m[key]
-            rows.append((key, f"{v:.4f}" if v is not None else UNDEFINED.get(key, UNDEFINED[None])))
+            rows.append((key, f"{v:.4f}" if v is not None else undefined_text(m, key)))
     return "\n".join(f"{k:<18} {v}" for k, v in rows)
 
 

@@ -96,6 +96,9 @@ def _check_tables(path: Path, data: dict[str, Any]) -> None:
     from insightad.cli import COMMANDS
 
     for name, value in data.items():
+        if name in COMMANDS and not isinstance(value, dict):  # ``train = 5``: read as a table, it crashed
+            raise InsightADError(f"{path}: key {name!r} names a command; expected a table [{name}] of its "
+                                 f"settings, got {_shown(value)}")
         if isinstance(value, dict) and name not in COMMANDS:
             close = difflib.get_close_matches(name, sorted(COMMANDS), n=1, cutoff=0.6)
             hint = f"did you mean [{close[0]}]? " if close else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def _method_from(argv: list[str]) -> str:
     if known.config:
         cfg = load_config_file(known.config, "train")
         m = cfg["__section__"].get("method") or cfg["__flat__"].get("method") or cfg["__flat__"].get("mode")
+        if m and m not in [*method_names(), "auto"]:  # else: "unrecognized arguments: --image-size"
+            raise InsightADError(f"{known.config}: key 'method': expected one of {', '.join(method_names())}, auto; "
+                                 f"got {json.dumps(m)}")
         if m:
             return str(m)
     return "baseline"

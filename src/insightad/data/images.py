@@ -244,11 +244,21 @@ def check_mask_size(mask: str | Path, image: str | Path) -> None:
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None, image_path: str | Path | None = None) -> np.ndarray:
     """Boolean defect mask (any non-zero value is a defect); ``size`` is the image's (width, height)."""
-    img = to_8bit(_open(path, DEFAULT_MAX_PIXELS))
-    if img.mode != "L":
-        img = img.convert("L")
+    img = _open(path, DEFAULT_MAX_PIXELS)
     if size is not None and img.size != tuple(size):
         of = f" of {image_path}" if image_path else ""
         raise InsightADError(f"{path}: mask is {img.size[0]}x{img.size[1]} but the image{of} is "
                              f"{size[0]}x{size[1]}; a mask must match its image's size")
-    return np.asarray(img) > 0
+    return mask_pixels(img, str(path))
+
+
+def mask_pixels(img: Image.Image, name: str) -> np.ndarray:
+    """Where a mask image is non-zero. Gray masks of more than 8 bits are read from their own values: a
+    16-bit mask of label 1, or a 32-bit or float mask of one constant value, scaled to 8 bits was all 0.
+    Colour and palette masks: their 8-bit luma (as ever)."""
+    if img.mode == "F":
+        check_finite(img, name)
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return np.asarray(img) != 0
+    img = to_8bit(img)
+    return np.asarray(img if img.mode == "L" else img.convert("L")) > 0

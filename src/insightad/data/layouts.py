@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 import warnings
 from collections.abc import Callable
@@ -38,8 +39,13 @@ class Dataset:
     has_test_split: bool = False
 
     def rel(self, path: Path) -> str:
-        """Path relative to the root, with forward slashes (what model files record)."""
-        return path.resolve().relative_to(self.root).as_posix()
+        """Path relative to the root, with forward slashes (what model files record). A symbolic link (an image
+        or a folder) to somewhere outside the root: the link's own path under the root (resolving it was a
+        traceback at the split)."""
+        try:
+            return path.resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return Path(os.path.abspath(path)).relative_to(self.root).as_posix()
 
     @property
     def train(self) -> list[Sample]:
@@ -54,14 +60,24 @@ class Dataset:
                 "anomalous": sum(s.label == ANOMALOUS for s in self.samples)}
 
 
+def _is_mask_name(path: Path) -> bool:
+    """``<stem>_mask.<ext>`` in any case (``003_MASK.PNG`` too, as uppercase extensions are images)."""
+    return path.stem.lower().endswith("_mask")
+
+
 def _images_in(folder: Path) -> list[Path]:
-    """The images of a dataset folder; images of a format not accepted (WebP, GIF, ...) are said in one warning
-    line (data.images.not_scored_note), never passed over in silence."""
+    """The images of a dataset folder; images of a format not accepted (WebP, GIF, ...) and names that are no
+    readable file (a broken link, a pipe) are said in one warning line each, never passed over in silence."""
     skipped: list[Path] = []
-    images = list_images(folder, skip_dirs=MASK_DIRS, skipped=skipped)
+    not_files: list[Path] = []
+    images = [p for p in list_images(folder, skip_dirs=MASK_DIRS, skipped=skipped, not_files=not_files)
+              if not _is_mask_name(p)]
     note = not_scored_note(folder, other_image_formats(skipped), "convert them to PNG to use them", verb="used")
     if note:
         warnings.warn(note, stacklevel=2)
+    if not_files:  # a dataset copied with its links broken: said, not left out unseen
+        warnings.warn(f"{len(not_files)} image names under {folder} are not readable files (a broken link, a pipe) "
+                      f"and are left out, e.g. {not_files[0].name}", stacklevel=3)
     return images
 
 
@@ -89,8 +105,8 @@ def _mask_index(*folders: Path) -> dict[str, Path]:
     for folder in folders:
         if folder is None or not folder.is_dir():
             continue
-        for p in sorted(folder.rglob("*_mask.*")):
-            if p.is_file():
+        for p in sorted(folder.rglob("*.*")):
+            if _is_mask_name(p) and p.is_file():
                 index.setdefault(_defect_key(p.parent.name, p.stem[: -len("_mask")]), p)
                 index.setdefault(p.stem[: -len("_mask")], p)
     return index
@@ -116,6 +132,12 @@ def _mvtec(root: Path) -> Dataset:
             samples.append(Sample(p, label, sub.name, "test", masks.get(p.stem)))
     if not any(s.split == "test" for s in samples):
         raise InsightADError(f"{test}: no test images found")
+    loose = [p for folder in (root / "train", test) for p in sorted(folder.iterdir())
+             if is_image_file(p) and is_regular_file(p)]
+    if loose:  # said, not skipped unseen: MVTec AD's labels are its folders
+        warnings.warn(f"{len(loose)} images directly in train/ or test/ of {root} are not used (e.g. "
+                      f"{loose[0].relative_to(root).as_posix()}): MVTec AD keeps them in one folder per kind, "
+                      "train/good/, test/good/, test/<defect>/", stacklevel=3)
     return Dataset(root, "mvtec", samples, has_test_split=True)
 
 
@@ -133,6 +155,12 @@ def _labelled(root: Path, normal: Path, abnormal: Path | None, layout: str) -> D
 
 def _images_only(root: Path) -> Dataset:
     samples = [Sample(p, NORMAL, "good", "train") for p in _require_images(root, "normal images")]
+    nested = sorted({s.path.relative_to(root).parts[0] for s in samples if s.path.parent != root})
+    if nested:  # every image here is taken as normal: a defect folder beside them would be trained on, unsaid
+        n = sum(s.path.parent != root for s in samples)
+        warnings.warn(f"{n} images in sub-folders of {root} ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''}"
+                      ") are used as normal images (a flat folder of normal images); for anomalous images use the "
+                      "folder layout: normal/ and abnormal/", stacklevel=3)
     return Dataset(root, "images", samples, has_test_split=False)
 
 
@@ -155,6 +183,13 @@ def detect_layout(root: Path, normal_dir: str = "normal") -> str:
                          "set --layout")
 
 
+def _check_folder_name(root: Path, flag: str, name: str) -> None:
+    """A folder inside the dataset (a name, or a relative path below the root): '' or '.' made the whole dataset
+    (anomalous images included) the normal images; '../x' or an absolute path read images outside it."""
+    if not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts or Path(name) == Path("."):
+        raise InsightADError(f"{flag}: expected the name of a folder inside {root}, got {name!r}")
+
+
 def discover(path: str | Path, layout: str = "auto", normal_dir: str = "normal",
              abnormal_dir: str = "abnormal") -> Dataset:
     """Read a dataset folder into samples; the layout is detected unless given."""
@@ -164,6 +199,11 @@ def discover(path: str | Path, layout: str = "auto", normal_dir: str = "normal",
     if not root.is_dir():
         raise InsightADError(f"{root}: expected a dataset folder, got a file")
     root = root.resolve()
+    for flag, name in (("--normal-dir", normal_dir), ("--abnormal-dir", abnormal_dir)):
+        _check_folder_name(root, flag, name)
+    if normal_dir.lower() == abnormal_dir.lower():  # matched case-insensitively: one folder would be both
+        raise InsightADError(f"--abnormal-dir: names the same folder as --normal-dir ({normal_dir!r}); the normal "
+                             "and anomalous images must be in different folders")
     if layout == "auto":
         layout = detect_layout(root, normal_dir)
     if layout == "mvtec":
@@ -211,15 +251,17 @@ def refuse_training_images(paths: list[Path], split: dict | None, root: Path | N
     digest = digest or functools.cache(file_sha256)  # the model's and the backbone's records: each file once
     backbone = split.get("backbone") or {}
     for record, base, why in (
-            (split, root, "was used to train the model; refusing to score training images (evaluate on held-out "
-                          "or new images)"),
-            (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}); refusing to "
-                             "score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
+            (split, root, "was used to train the model{copy}; refusing to score training images (evaluate on "
+                          "held-out or new images)"),
+            (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}){{copy}}; refusing "
+                             "to score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
                              "on new images)")):
         overlap = _seen(paths, record, base, digest)
         if overlap:
             more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
-            raise InsightADError(f"{overlap[0]}: this image{more} {why}")
+            first, twin = overlap[0]
+            copy = f" (its content, as {twin})" if twin else ""  # a copy: say of which file (this one was not)
+            raise InsightADError(f"{first}: this image{more} {why.replace('{copy}', copy)}")
 
 
 def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
@@ -272,6 +314,26 @@ def content_record(paths: list[Path]) -> list[str]:
     return [file_sha256(p) for p in paths]
 
 
+def check_training_content(ds: Dataset, train: list[Sample], held: list[Sample]) -> list[str]:
+    """The sha256 of each training file (``content_record``), after two checks on them: training images that
+    are all one file's content are refused (no spread to learn: a threshold of ~0 called the training images
+    themselves anomalous), and held-out images that are copies of training images are named in a warning
+    (evaluate and calibrate refuse copies of training images, so they cannot be scored)."""
+    hashes = content_record([s.path for s in train])
+    if len(hashes) > 1 and len(set(hashes)) == 1:
+        raise InsightADError(f"{train[0].path}: all {len(train)} training images have this file's content; a "
+                             "detector needs varied normal images (remove the copies)")
+    first = dict(zip(hashes, train))
+    copies = [(s, first[h]) for s, h in ((s, file_sha256(s.path)) for s in held) if h in first]
+    if copies:
+        (s, twin), n = copies[0], len(copies)
+        what = "is a copy" if n == 1 else "are copies"
+        warnings.warn(f"{n} of the {len(held)} held-out images of {ds.root} {what} of training images (e.g. "
+                      f"{ds.rel(s.path)} = {ds.rel(twin.path)}); evaluate and calibrate will refuse them as training "
+                      "images (remove the duplicates)", stacklevel=2)
+    return hashes
+
+
 def _moved_here(ds: Dataset, split: dict) -> bool:
     """Whether ``ds`` is the training dataset at another path: every recorded training file is found at its
     relative path under ``ds.root`` with the recorded content (needs a record with content hashes)."""
@@ -285,13 +347,22 @@ def _moved_here(ds: Dataset, split: dict) -> bool:
     return True
 
 
-def _seen(paths: list[Path], record: dict, root: Path | None, digest: Callable[[Path], str]) -> list[Path]:
+def _seen(paths: list[Path], record: dict, root: Path | None, digest: Callable[[Path], str]
+          ) -> list[tuple[Path, str | None]]:
     """The ``paths`` that ``record`` (a split: {"root", "train", "train_sha256"}) trained on: by resolved path
-    under its root (or ``root`` for a dataset that moved), and by content where the record has hashes."""
+    under its root (or ``root`` for a dataset that moved), and by content where the record has hashes. Each with
+    None (the training file itself) or the recorded name of the training file it is a copy of."""
     names = record.get("train", [])
     if not names:
         return []
     base = root or Path(record.get("root", ""))
     by_path = {(base / r).resolve() for r in names}
-    hashes = set(record.get("train_sha256") or [])
-    return [p for p in paths if p.resolve() in by_path or (hashes and digest(p) in hashes)]
+    hashes = record.get("train_sha256") or []
+    twins = dict(zip(hashes, names)) if len(hashes) == len(names) else dict.fromkeys(hashes, "a training image")
+    found: list[tuple[Path, str | None]] = []
+    for p in paths:
+        if p.resolve() in by_path:
+            found.append((p, None))
+        elif twins and digest(p) in twins:
+            found.append((p, twins[digest(p)]))
+    return found

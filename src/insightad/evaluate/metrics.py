@@ -5,6 +5,17 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+# Why a metric is None, in the words the table, the report and --json readers see (pixel metrics carry their own
+# reason in ``pixel_undefined``).
+UNDEFINED_BECAUSE = {"precision": "no image was called anomalous", None: "needs normal and anomalous images"}
+
+
+def undefined_text(m: dict, key: str) -> str:
+    """``n/a (why)`` for a metric of ``m`` that is None."""
+    if key in ("pixel_auroc", "aupro", "pixel_ap") and m.get("pixel_undefined"):
+        return f"n/a ({m['pixel_undefined']})"
+    return f"n/a ({UNDEFINED_BECAUSE.get(key, UNDEFINED_BECAUSE[None])})"
+
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | int | list[float] | None]:
     """AUROC, average precision, and accuracy/precision/recall/F1 of ``score > threshold``."""
@@ -14,7 +25,8 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
     pred = scores > threshold
     out: dict[str, float | int | list[float] | None] = {
         "image_auroc": float(skm.roc_auc_score(labels, scores)) if both else None,
-        "average_precision": float(skm.average_precision_score(labels, scores)) if labels.any() else None,
+        # with anomalous images only, every ranking has precision 1: undefined, as AUROC is, not a perfect 1.0
+        "average_precision": float(skm.average_precision_score(labels, scores)) if both else None,
         "accuracy": float(skm.accuracy_score(labels, pred)),
         # undefined (None, printed n/a) when no image is called anomalous: 0/0, not a precision of 0
         "precision": float(skm.precision_score(labels, pred, zero_division=0)) if pred.any() else None,

@@ -127,7 +127,10 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
     out: dict[str, Any] = {"pixel_auroc": None, "aupro": None, "pixel_ap": None, "pixel_resolution": resolution,
                            "pixel_images": used, "pixel_images_skipped": skipped, "defect_regions": n_regions}
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0:  # said, not left as a bare n/a or null
+        out["pixel_undefined"] = ("no image could be judged pixel by pixel (defective images without masks)"
+                                  if not used else "the masks hold no defect pixels: all are 0" if n_pos == 0 else
+                                  "no defect-free pixels (every mask is all defect and no normal image was scored)")
         return out
     # Predicted positive at threshold edges[j]: every pixel in bins >= j. Curves from the highest threshold down.
     tp = np.concatenate([[0], np.cumsum(pos[::-1])])

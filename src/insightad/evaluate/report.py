@@ -27,10 +27,13 @@ import numpy as np
 from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
-from insightad.evaluate.metrics import image_metrics
-from insightad.io import atomic_write
+from insightad.evaluate.metrics import image_metrics, undefined_text
+from insightad.io import atomic_write, printable
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
+# Figures a report writes only when its images allow (both classes): one left by an earlier report into the same
+# folder would stand beside this report's files as if it were this data's
+OPTIONAL_FIGURES = ("roc_curve.png", "pr_curve.png", "balanced_unbalanced.png")
 
 
 # ------------------------------------------------------------------------------------ numbers
@@ -121,12 +124,15 @@ def per_defect_markdown(rows: list[dict[str, Any]], threshold: float) -> str:
 
 # ------------------------------------------------------------------------------------ report
 def _write_text(path: Path, text: str) -> Path:
+    """A UTF-8 report file; a file or folder name that is not UTF-8 appears in it with ``\\xNN`` escapes."""
+    text = printable(text)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
 def _short(path: Path) -> str:
-    return "/".join(Path(path).parts[-2:])
+    """The last two parts of a path, as a figure can draw them (a name that is not UTF-8: ``\\xNN`` escapes)."""
+    return printable("/".join(Path(path).parts[-2:]))
 
 
 def _count(n: int, what: str) -> str:
@@ -205,7 +211,7 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     overlap = calibration_overlap(det, ev.samples) if strategy != "override" else 0
     note = (f"threshold chosen on {overlap} of these {len(labels)} images: threshold-dependent figures are optimistic"
             if overlap else None)
-    name = f"{det.method} on {Path(data).name if data else 'data'}"
+    name = printable(f"{det.method} on {Path(data).name if data else 'data'}")  # in figure titles
     files: dict[str, str] = {}
     both = labels.any() and (~labels).any()
     if both:
@@ -218,7 +224,7 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     rows = per_defect_rows([s.defect for s in ev.samples], scores, thr)
     files["per_defect_csv"] = _write_text(out / "per_defect.csv", per_defect_csv(rows)).name
     files["per_defect_md"] = _write_text(out / "per_defect.md", per_defect_markdown(rows, thr)).name
-    groups = {r["defect"]: scores[np.asarray([s.defect for s in ev.samples]) == r["defect"]] for r in rows}
+    groups = {printable(r["defect"]): scores[np.asarray([s.defect for s in ev.samples]) == r["defect"]] for r in rows}
     files["per_defect_scores"] = plots.defect_distributions(groups, thr, out / "per_defect_scores.png",
                                                             f"Scores per defect type: {name}", thr_label).name
     balanced = resampled_report(labels, scores, thr, "balanced", prevalence, draws, seed)
@@ -236,8 +242,10 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
             f"Balanced vs unbalanced test sets: {name}\n(mean ± std over {draws} seeded draws, {thr_label})",
             ylabel="metric value").name
     files["worst_cases"] = worst_cases(det, ev, out).name
-    pixel = {k: m[k] for k in ("pixel_auroc", "aupro") if k in m}
-    if not pixel:
+    pixel = {k: m[k] for k in ("pixel_auroc", "aupro") if m.get(k) is not None}
+    if not pixel and m.get("pixel_undefined"):
+        pixel = {"available": False, "reason": m["pixel_undefined"]}
+    elif not pixel:
         has_masks = any(s.mask is not None for s in ev.samples)
         pixel = {"available": False, "reason": ("image-level method: no maps" if not det.has_maps else
                                                 "no ground-truth masks" if not has_masks else "not computed")}
@@ -249,6 +257,8 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     files["report"] = "report.md"
     _write_text(out / "metrics.json", json.dumps(report, indent=2, default=float) + "\n")
     _write_text(out / "report.md", report_markdown(report, rows, thr))
+    for stale in set(OPTIONAL_FIGURES) - set(files.values()):  # an earlier report's figure, of other images
+        (out / stale).unlink(missing_ok=True)
     return report
 
 
@@ -277,8 +287,8 @@ def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: flo
               "threshold_f1_max", "false_alarm_rate"):
         if m.get(k) is not None:
             out.append(f"| {k} | {m[k]:.4f} |")
-        elif k == "precision" and k in m:
-            out.append(f"| {k} | n/a (no image called anomalous) |")
+        elif k in ("image_auroc", "average_precision", "precision", "recall", "f1") and k in m:
+            out.append(f"| {k} | {undefined_text(m, k)} |")
     if m.get("f1_max") is not None and m.get("f1") is not None:
         out += ["", f"F1 at the model's threshold {m['f1']:.4f} vs. {m['f1_max']:.4f} at the best threshold for "
                 f"these images ({m['threshold_f1_max']:.6g}): the gap is what a better-placed threshold could gain."]
