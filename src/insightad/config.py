@@ -46,13 +46,17 @@ def param(default: Any, help: str, *, choices: tuple | None = None, minimum: flo
     return field(default=default, metadata=meta)
 
 
-def parse_list(text: str, elem: type) -> list:
+LEVEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")  # a backbone module: blocks.2, layer3
+
+
+def parse_list(text: str, elem: type, names: bool = False) -> list:
     """``"1,2,3"`` or ``"1 2 3"`` -> ``[1, 2, 3]``: a list setting as the command line takes it (and a config
-    file or a constructor may give it). ValueError for an element that is not an ``elem``."""
+    file or a constructor may give it). ``names``: an item that is a module name (``blocks.2``) stays a
+    string (backbone levels). ValueError for an element that is not an ``elem``."""
     tokens = re.split(r"\s*,\s*|\s+", text.strip()) if text.strip() else []
     if "" in tokens:  # "1,,2" or "1,2,": a missing item is a typo, not a shorter list
         raise ValueError(f"an empty item in {text!r}")
-    return [elem(t) for t in tokens]
+    return [t if names and LEVEL_NAME.fullmatch(t) else elem(t) for t in tokens]
 
 
 def _checked_list(name: str, value: Any, hint: Any, default: Any) -> list:
@@ -63,7 +67,8 @@ def _checked_list(name: str, value: Any, hint: Any, default: Any) -> list:
     example = ",".join(map(str, default)) if isinstance(default, (list, tuple)) and default else "a,b"
     expected = f"{name}: expected a list of {elem.__name__} (e.g. {example})"
     try:
-        items = parse_list(value, elem) if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
+        items = (parse_list(value, elem, names=name == "layers") if isinstance(value, str)
+                 else list(value) if isinstance(value, tuple) else value)
     except ValueError:
         raise InsightADError(f"{expected}, got {value!r}") from None
     # int lists also take level names (layers: "blocks.2"); a bool or a float is never a list element here

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from insightad.config import MAX_IMAGE_SIDE
+from insightad.config import LEVEL_NAME, MAX_IMAGE_SIDE
 from insightad.errors import InsightADError, cut
 
 FORMAT = "insightad-model"
@@ -32,6 +32,7 @@ def _finite(v: float) -> float:
 Finite = Annotated[StrictFloat, AfterValidator(_finite)]
 Side = Annotated[StrictInt, Field(ge=1, le=MAX_IMAGE_SIDE)]
 Name = Annotated[StrictStr, Field(max_length=1000)]
+LevelName = Annotated[StrictStr, Field(max_length=200, pattern=f"^{LEVEL_NAME.pattern}$")]
 
 
 class _Strict(BaseModel):
@@ -50,7 +51,8 @@ class BackboneMeta(_Strict):
     name: Name
     arch: Name | None = None
     weights_source: Annotated[StrictStr, Field(max_length=10_000)] | None = None
-    layers: Annotated[list[Annotated[StrictInt, Field(ge=0, le=16)]], Field(max_length=16)] = []
+    # levels by number, or by module name (``blocks.2``: the --layers flag and config files take both)
+    layers: Annotated[list[Annotated[StrictInt, Field(ge=0, le=16)] | LevelName], Field(max_length=16)] = []
 
 
 class ThresholdDetails(_Strict):

@@ -15,12 +15,15 @@ from insightad import config
 from insightad.errors import InsightADError
 
 
-def _list_of(elem: type):
+def _list_of(elem: type, names: bool = False):
+    """An argparse type for a list flag; ``names``: backbone levels, numbers or module names (``blocks.2``)."""
     def parse(text: str) -> list:
         try:
-            return config.parse_list(text, elem)
+            return config.parse_list(text, elem, names)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a list of {elem.__name__} (e.g. 1,2,3), got {text!r}") from None
+            also = " or module names such as blocks.2" if names else ""
+            raise argparse.ArgumentTypeError(f"expected a list of {elem.__name__}{also} (e.g. 1,2,3), "
+                                             f"got {text!r}") from None
     return parse
 
 
@@ -52,7 +55,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
             continue
         if kind in (list, tuple):
             args = typing.get_args(config._strip_optional(hints[f.name]))
-            kw["type"] = _list_of(args[0] if args else str)
+            kw["type"] = _list_of(args[0] if args else str, names=f.name == "layers")
             kw["metavar"] = "LIST"
         else:
             kw["type"] = kind if kind in (int, float) else str
