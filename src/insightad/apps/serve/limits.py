@@ -1,7 +1,8 @@
 """Request-body size limit: 413 before the body is read whole.
 
-A declared ``Content-Length`` over the limit is answered at once, before routing and before a byte
-of the body is read. Bodies without one (chunked uploads), or that send more than they declared,
+A declared ``Content-Length`` over the limit is answered from the header, before routing and decoding
+(a body up to ``DRAIN_MAX_BYTES`` is read and dropped first, so that a client sending all of it before
+reading sees the 413; a larger one is not read). Bodies without one (chunked uploads), or that send more than they declared,
 are counted as they stream in and stopped by ``BodyTooLarge`` (an HTTPException, so FastAPI's own
 body parsing passes it through) the moment they cross the limit.
 """
