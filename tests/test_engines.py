@@ -282,3 +282,14 @@ def test_graph_of_an_older_revision_is_stale_beside_and_warned_alone(baseline_mo
         alone = load_for_inference(graph)
     assert any("graph revision 1; now 2" in str(w.message) for w in caught)
     np.testing.assert_allclose(alone.predict(images).scores, ref, rtol=1e-4)
+    # Where nothing can rebuild it (a runtime-only install), this model's own graph of an older revision still
+    # serves, with a warning to refresh it; a full install rebuilds instead.
+    from insightad.inference import export as export_module
+    from insightad.inference.export import stored_engine
+
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.warns(UserWarning, match="not the graph of"):
+        assert stored_engine(model) is None
+    monkeypatch.setattr(export_module, "torch_available", lambda: False)
+    with pytest.warns(UserWarning, match="exported by an older InsightAD"):
+        assert stored_engine(model) is not None

@@ -151,11 +151,12 @@ def graph_stamp(engine: OnnxEngine) -> tuple[str | None, str | None]:
     return props.get(CACHE_KEY), f"{props.get(LAYOUT_KEY)}/{props.get(REVISION_KEY, '1')}"
 
 
-def verified_entry(target: Path, digest: str, threads: int | None, delete: bool = True, arena: bool = True
-                   ) -> OnnxEngine | None:
+def verified_entry(target: Path, digest: str, threads: int | None, delete: bool = True, arena: bool = True,
+                   older: bool = False) -> OnnxEngine | None:
     """The engine of a graph file whose stamp names this model file's content and today's layout; None for a
     missing, damaged (truncated, not ONNX), stale or foreign file (another model's graph), which is never
-    used (and deleted when ``delete``: cache entries)."""
+    used (and deleted when ``delete``: cache entries). ``older``: a graph of this model at an older revision of
+    today's layout is taken too (where nothing can rebuild it)."""
     if not target.is_file():
         return None
     try:
@@ -163,7 +164,8 @@ def verified_entry(target: Path, digest: str, threads: int | None, delete: bool 
         stamp, layout = graph_stamp(engine) if engine else (None, None)
     except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
         stamp, layout, engine = None, None, None
-    if stamp != digest or layout != f"{GRAPH_LAYOUT}/{GRAPH_REVISION}":
+    current = layout == f"{GRAPH_LAYOUT}/{GRAPH_REVISION}" or (older and str(layout).startswith(f"{GRAPH_LAYOUT}/"))
+    if stamp != digest or not current:
         if delete:
             target.unlink(missing_ok=True)
         return None

@@ -27,6 +27,7 @@ from insightad.engines.onnx_runtime import (
     verified_entry,
 )
 from insightad.errors import InsightADError
+from insightad.runtime import torch_available
 from insightad.version import __version__
 
 if TYPE_CHECKING:
@@ -122,6 +123,14 @@ def stored_engine(model_path: str | Path, threads: int | None = None, digest: st
         engine = verified_entry(side, digest, threads, delete=False, arena=arena)
         if engine is not None:
             return engine
+        if not torch_available():  # nothing here can rebuild it: this model's graph of an older revision serves
+            engine = verified_entry(side, digest, threads, delete=False, arena=arena, older=True)
+            if engine is not None:
+                warnings.warn(f"{side}: exported by an older InsightAD (graph revision {GRAPH_REVISION} now); its "
+                              "scores can differ from the model file's (tiled models, baseline and SVDD on flat "
+                              f"areas). Refresh it with 'insightad export --model {model_path}' where PyTorch is "
+                              "installed", stacklevel=2)
+                return engine
         warnings.warn(f"{side}: not the graph of {model_path} (stale, damaged or of an older layout); not used. "
                       f"Refresh it with 'insightad export --model {model_path}'", stacklevel=2)
     return verified_entry(cache_dir() / f"{digest}.onnx", digest, threads, arena=arena)
