@@ -73,9 +73,10 @@ def test_list_settings_are_checked_at_construction():
     padim, ensemble = get_method("padim"), get_method("ensemble")
     assert padim(layers="1,2").layers == [1, 2] and padim(layers=(1, 2)).layers == [1, 2]
     assert padim(layers=["blocks.2"]).layers == ["blocks.2"]  # levels by module name stay accepted
+    assert padim(layers="1,blocks.4").layers == [1, "blocks.4"]  # in a string too, as --layers takes them
     assert ensemble(members="padim, svdd").members == ["padim", "svdd"]
     assert clone(padim(layers="1,2")).layers == [1, 2]
-    for bad in (5, [1.5], [True], "one,two"):
+    for bad in (5, [1.5], [True], "1.5,2", "blocks 2.x"):
         with pytest.raises(InsightADError, match=r"layers: expected a list of int \(e.g. 1,2,3\)"):
             padim(layers=bad)
     with pytest.raises(InsightADError, match="members: expected a list of str"):
