@@ -23,3 +23,14 @@ def test_p43_layers_take_module_names_on_the_command_line(mvtec_dir, tmp_path, c
         main(["train", "--method", "padim", "--data", str(mvtec_dir), "--layers", "1.5", "--out",
               str(tmp_path / "o.safetensors")])
     assert "expected a list of int or module names such as blocks.2" in capsys.readouterr().err
+
+
+def test_p43_labels_read_names_guarded_against_spreadsheets(tmp_path):
+    """A name written after a ' (the page's guard against a spreadsheet running ``=...``) is read without it; a name
+    whose ' is its own (``'quoted.png``) is kept as it is."""
+    from insightad.decide.labels import read_labels
+
+    f = tmp_path / "labels.csv"
+    f.write_text("name,label,score,model_sha256\n'=cmd.png,anomalous,3.5,\n'+x.png,normal,1.0,\n'quoted.png,normal,1.1,\n"
+                 "-1.png,normal,0.9,\n")
+    assert read_labels(f).names == ["=cmd.png", "+x.png", "'quoted.png", "-1.png"]

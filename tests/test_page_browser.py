@@ -343,3 +343,30 @@ def test_method_without_maps_says_why_there_is_no_heatmap(page, baseline_model, 
         c = card(page, "blob_1")
         assert float(c.get_attribute("data-score")) == api_score(url, images["blob_1"])["score"]
         assert "no heatmap: baseline gives an image score only" in c.inner_text()
+
+
+def test_label_export_guards_names_a_spreadsheet_would_run(page, server, images, tmp_path, map_model, capsys):
+    """An image named like a formula (``=1+2.png``) is exported as ``'=1+2.png`` (a spreadsheet shows it as text
+    instead of running it), and calibrate --labels reads the name back without the guard."""
+    import shutil
+
+    from insightad.decide.labels import read_labels
+
+    formula = tmp_path / "=1+2.png"
+    shutil.copy(images["blob_1"], formula)
+    open_page(page, server)
+    upload(page, [formula, images["good_1"]])
+    page.click(".tab[data-view=review]")
+    for i, name in enumerate(n for n, _ in tiles(page)):
+        label = "defective" if name == formula.name else "normal"
+        page.locator(".tile").nth(i).locator("button", has_text=label).click()
+    with page.expect_download() as dl:
+        page.click("#export-labels")
+    path = tmp_path / "labels.csv"
+    dl.value.save_as(path)
+    rows = {r["name"]: r["label"] for r in csv.DictReader(io.StringIO(path.read_text()))}
+    assert rows == {"'=1+2.png": "anomalous", "good_1.png": "normal"}
+    assert sorted(read_labels(path).names) == ["=1+2.png", "good_1.png"]
+    capsys.readouterr()
+    assert cli_main(["calibrate", "--model", str(map_model), "--labels", str(path), "--dry-run"]) == 0, \
+        capsys.readouterr().err

@@ -44,6 +44,14 @@ class LabelFile:
         return [Path(n) if Path(n).is_absolute() else base / n for n in self.names]
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes for the start of a formula
+
+
+def unguarded(name: str) -> str:
+    """A CSV name without the ' that guards one a spreadsheet would run as a formula (``'=x.png`` -> ``=x.png``)."""
+    return name[1:] if name[:1] == "'" and name[1:2] in FORMULA_START else name
+
+
 def read_labels(path: str | Path) -> LabelFile:
     """Parse and check a labels CSV; every problem is one line naming the file, row and field."""
     path = Path(path)
@@ -67,6 +75,10 @@ def read_labels(path: str | Path) -> LabelFile:
         raise InsightADError(f"{path}: no labelled rows")
     names, labels, scores, hashes, numbers = [], [], [], set(), []
     first: dict[str, tuple[int, bool, float | None]] = {}  # image -> (row, label, score) of its first row
+    for r in rows:  # a name written after a ' so that a spreadsheet does not run it (the page's export)
+        for key in ("name", "path"):
+            if key in r:
+                r[key] = unguarded(r[key])
     for i, r in enumerate(rows, start=2):  # row 1 is the header
         lab = r.get("label", "").lower()
         if lab not in LABELS:

@@ -556,11 +556,18 @@ function csvField(v) {
   return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
 }
 
+// A name a spreadsheet would run as a formula (=, +, -, @, tab or CR first) is written after a ' (OWASP's CSV
+// injection advice); calibrate --labels reads the name back without it.
+function csvName(name) {
+  const s = String(name);
+  return /^[=+\-@\t\r]/.test(s) ? `'${s}` : s;
+}
+
 function exportLabels() {
   if (!state.model) { alert("The model is not known yet (GET /model has not answered): try again shortly."); return; }
   const lines = ["name,label,score,model_sha256"];
   for (const { name, score, label } of Object.values(state.labels)) {
-    lines.push([name, label, String(score), state.model.model_sha256 || ""].map(csvField).join(","));
+    lines.push([csvName(name), label, String(score), state.model.model_sha256 || ""].map(csvField).join(","));
   }
   download(`labels-${(state.model.model_sha256 || "model").slice(0, 12)}.csv`, lines.join("\n") + "\n", "text/csv");
 }
