@@ -34,3 +34,22 @@ def test_p43_labels_read_names_guarded_against_spreadsheets(tmp_path):
     f.write_text("name,label,score,model_sha256\n'=cmd.png,anomalous,3.5,\n'+x.png,normal,1.0,\n'quoted.png,normal,1.1,\n"
                  "-1.png,normal,0.9,\n")
     assert read_labels(f).names == ["=cmd.png", "+x.png", "'quoted.png", "-1.png"]
+
+
+def test_p43_calibrate_labels_naming_a_folder_says_so(map_model_for_labels, tmp_path, capsys):
+    """A labels file row naming a folder is refused as a folder (it read 'not found'), one image as one image."""
+    model, good = map_model_for_labels
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    f = tmp_path / "labels.csv"
+    f.write_text(f"path,label\n{folder},normal\n{good},normal\n")
+    assert main(["calibrate", "--model", str(model), "--labels", str(f), "--dry-run"]) == 1
+    assert "1 listed path is a folder, e.g." in capsys.readouterr().err
+    f.write_text(f"path,label\n{tmp_path / 'gone.png'},normal\n{good},normal\n")
+    assert main(["calibrate", "--model", str(model), "--labels", str(f), "--dry-run"]) == 1
+    assert "1 listed image not found, e.g." in capsys.readouterr().err
+
+
+@pytest.fixture
+def map_model_for_labels(baseline_model, mvtec_dir):
+    return baseline_model, sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]

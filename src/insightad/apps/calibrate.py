@@ -108,9 +108,15 @@ def labels_samples(det: Detector, lf: Any) -> list[Path]:
     """The images of a ``path,label`` labels file (``decide.labels.LabelFile``), all present and none a
     training image of ``det`` (the same refusal as ``--data``)."""
     paths = lf.paths()
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        what = "path is a folder" if len(folders) == 1 else "paths are folders"
+        raise InsightADError(f"{lf.source}: {len(folders)} listed {what}, e.g. {folders[0]}; expected one image "
+                             "file per row")
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise InsightADError(f"{lf.source}: {len(missing)} listed images not found, e.g. {missing[0]}")
+        raise InsightADError(f"{lf.source}: {len(missing)} listed {'image' if len(missing) == 1 else 'images'} not "
+                             f"found, e.g. {missing[0]}")
     refuse_training_images(paths, getattr(det, "split_", None))
     return paths
 
