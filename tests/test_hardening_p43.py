@@ -53,3 +53,23 @@ def test_p43_calibrate_labels_naming_a_folder_says_so(map_model_for_labels, tmp_
 @pytest.fixture
 def map_model_for_labels(baseline_model, mvtec_dir):
     return baseline_model, sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+
+
+def test_p43_augment_refuses_what_would_not_fit_on_the_disk(tmp_path, capsys, monkeypatch):
+    """--copies that would fill the disk are refused before a file is written, saying how much and how much is free."""
+    import shutil
+    from collections import namedtuple
+
+    from PIL import Image
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.new("RGB", (40, 40), (90, 120, 30)).save(src / "a.png")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 5000, 5000))
+    assert main(["augment", "--input", str(src), "--out", str(out), "--copies", "5000"]) == 1
+    assert "--copies: 5000 files for each of 1 images would write about" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.undo()
+    assert main(["augment", "--input", str(src), "--out", str(out), "--copies", "2"]) == 0
+    assert len(list(out.iterdir())) == 2

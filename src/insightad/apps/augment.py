@@ -49,6 +49,7 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
     if not images:
         raise InsightADError(f"{src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
     check_decodes(images, progress)
+    check_room(images, out, copies + int(include_originals))
     plan = plan_names([p.relative_to(src) for p in images], copies, include_originals)
     written: list[Path] = []
     for path, (original, targets) in tqdm(zip(images, plan), total=len(images), desc="augment", unit="image",
@@ -64,6 +65,20 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
                                                format=fmt))
             written.append(out / target)
     return written
+
+
+def check_room(images: list[Path], out: Path, per_image: int) -> None:
+    """Refuse, before anything is written, a run whose files would not fit on ``out``'s disk (estimated at each
+    input file's own size per output: a typo such as --copies 5000 filled the disk and stopped half way)."""
+    import shutil
+
+    need = per_image * sum(p.stat().st_size for p in images)
+    where = next((p for p in [out, *out.parents] if p.exists()), out)
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise InsightADError(f"--copies: {per_image} files for each of {len(images)} images would write about "
+                             f"{need / 1e9:.2f} GB into {out}, which has {free / 1e9:.2f} GB free; ask for fewer "
+                             "copies or choose another --out")
 
 
 def plan_names(rels: list[Path], copies: int, include_originals: bool) -> list[tuple[Path | None, list[Path]]]:
