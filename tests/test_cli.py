@@ -175,3 +175,39 @@ print('checked')
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and done.stdout.endswith("checked\n"), done.stderr[-2000:]
+
+
+def test_deferred_graph_compiler_gives_the_real_one_for_anything_else():
+    """While the stand-in is in place, any other name or submodule of torch._dynamo is the real one (a newer timm or
+    torchvision that asks for more at import gets it, at the usual cost), and no stand-in is left behind."""
+    import subprocess
+    import sys
+
+    start = """
+import sys
+from insightad.runtime import _DeferCompiler, without_kernel_compiler
+without_kernel_compiler()
+import torch
+finder = next(f for f in sys.meta_path if isinstance(f, _DeferCompiler))
+"""
+    another_name = """
+with finder.standing_in():
+    import torch._dynamo as stand_in
+    assert getattr(stand_in, '_insightad_stand_in', False)
+    assert callable(stand_in.is_compiling)  # another name: the real module's
+with finder.standing_in():
+    pass  # the real module is in place now: nothing stands in
+"""
+    a_submodule = """
+with finder.standing_in():
+    import torch._dynamo.config as config  # a submodule: the real package first
+    assert hasattr(config, 'cache_size_limit')
+"""
+    end = """
+assert not getattr(sys.modules['torch._dynamo'], '_insightad_stand_in', False)
+print('checked')
+"""
+    for middle in (another_name, a_submodule):
+        done = subprocess.run([sys.executable, "-c", start + middle + end], capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0 and done.stdout.endswith("checked\n"), done.stderr[-2000:]

@@ -153,6 +153,20 @@ def _deferred_is_compile_supported(device_type: Any) -> Any:
     return _real_dynamo().utils.is_compile_supported(device_type)
 
 
+def _real_attribute(module: str) -> Any:
+    """A stand-in's ``__getattr__``: any other name is the real module's (imported now), so a package that asks
+    for more of torch._dynamo at import than the two names deferred gets it, at the usual cost."""
+    import importlib
+
+    def attribute(name: str) -> Any:
+        if name.startswith("__"):  # tools probing modules (__file__, __wrapped__...): not a reason to import it
+            raise AttributeError(name)
+        _real_dynamo()
+        return getattr(importlib.import_module(module), name)
+
+    return attribute
+
+
 class _StandInLoader:
     """Runs a module of ``DEFERRED_BY`` with torch._dynamo stood in for, then takes the stand-ins away."""
 
@@ -179,6 +193,12 @@ class _DeferCompiler:
         self.depth = 0
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name.startswith("torch._dynamo.") and getattr(sys.modules.get("torch._dynamo"), "_insightad_stand_in",
+                                                         False):
+            import importlib.util
+
+            _real_dynamo()  # a submodule asked for while the stand-in is in place: the real package, then it
+            return importlib.util.find_spec(name)
         if name.split(".")[0] not in DEFERRED_BY:
             return None
         for finder in sys.meta_path[sys.meta_path.index(self) + 1:]:
@@ -202,6 +222,8 @@ class _DeferCompiler:
             package.__path__ = []  # a package, so that ``torch._dynamo.utils`` resolves to the stand-in below
             package.disable = _deferred_disable  # type: ignore[attr-defined]
             utils.is_compile_supported = _deferred_is_compile_supported  # type: ignore[attr-defined]
+            package.__getattr__ = _real_attribute("torch._dynamo")  # type: ignore[method-assign]
+            utils.__getattr__ = _real_attribute("torch._dynamo.utils")  # type: ignore[method-assign]
             for m in (package, utils):
                 m._insightad_stand_in = True  # type: ignore[attr-defined]
                 sys.modules[m.__name__] = m
