@@ -145,10 +145,10 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def graph_stamp(engine: OnnxEngine) -> tuple[str | None, str | None]:
-    """(model sha256, graph layout and revision) stamped in a graph's metadata."""
+def graph_stamp(engine: OnnxEngine) -> tuple[str | None, str | None, str]:
+    """(model sha256, graph layout, graph revision) stamped in a graph's metadata (revision 1: before the key)."""
     props = engine.session.get_modelmeta().custom_metadata_map
-    return props.get(CACHE_KEY), f"{props.get(LAYOUT_KEY)}/{props.get(REVISION_KEY, '1')}"
+    return props.get(CACHE_KEY), props.get(LAYOUT_KEY), props.get(REVISION_KEY, "1")
 
 
 def verified_entry(target: Path, digest: str, threads: int | None, delete: bool = True, arena: bool = True,
@@ -156,16 +156,15 @@ def verified_entry(target: Path, digest: str, threads: int | None, delete: bool 
     """The engine of a graph file whose stamp names this model file's content and today's layout; None for a
     missing, damaged (truncated, not ONNX), stale or foreign file (another model's graph), which is never
     used (and deleted when ``delete``: cache entries). ``older``: a graph of this model at an older revision of
-    today's layout is taken too (where nothing can rebuild it)."""
+    today's layout is taken too (where nothing can rebuild it; ``check_metadata`` says so when it is read)."""
     if not target.is_file():
         return None
     try:
         engine: OnnxEngine | None = OnnxEngine(str(target), threads, arena)
-        stamp, layout = graph_stamp(engine) if engine else (None, None)
+        stamp, layout, revision = graph_stamp(engine) if engine else (None, None, None)
     except Exception:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
-        stamp, layout, engine = None, None, None
-    current = layout == f"{GRAPH_LAYOUT}/{GRAPH_REVISION}" or (older and str(layout).startswith(f"{GRAPH_LAYOUT}/"))
-    if stamp != digest or not current:
+        stamp, layout, revision, engine = None, None, None, None
+    if stamp != digest or layout != GRAPH_LAYOUT or (revision != GRAPH_REVISION and not older):
         if delete:
             target.unlink(missing_ok=True)
         return None

@@ -120,17 +120,11 @@ def stored_engine(model_path: str | Path, threads: int | None = None, digest: st
     digest = digest or model_digest(model_path)
     side = beside(model_path)
     if side.exists() and side != Path(model_path):
-        engine = verified_entry(side, digest, threads, delete=False, arena=arena)
+        # Where nothing can rebuild it (no PyTorch), this model's graph of an older revision serves: reading it
+        # (check_metadata) says so in one warning line.
+        engine = verified_entry(side, digest, threads, delete=False, arena=arena, older=not torch_available())
         if engine is not None:
             return engine
-        if not torch_available():  # nothing here can rebuild it: this model's graph of an older revision serves
-            engine = verified_entry(side, digest, threads, delete=False, arena=arena, older=True)
-            if engine is not None:
-                warnings.warn(f"{side}: exported by an older InsightAD (graph revision {GRAPH_REVISION} now); its "
-                              "scores can differ from the model file's (tiled models, baseline and SVDD on flat "
-                              f"areas). Refresh it with 'insightad export --model {model_path}' where PyTorch is "
-                              "installed", stacklevel=2)
-                return engine
         warnings.warn(f"{side}: not the graph of {model_path} (stale, damaged or of an older layout); not used. "
                       f"Refresh it with 'insightad export --model {model_path}'", stacklevel=2)
     return verified_entry(cache_dir() / f"{digest}.onnx", digest, threads, arena=arena)
