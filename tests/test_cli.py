@@ -156,7 +156,7 @@ def test_command_line_defers_the_graph_compiler(tmp_path):
 
     code = """
 import sys
-from insightad.runtime import without_kernel_compiler
+from insightad.lazy_imports import without_kernel_compiler
 without_kernel_compiler()
 import torch, timm, torchvision.transforms.v2
 from torchvision.transforms.v2 import functional as TF
@@ -185,7 +185,7 @@ def test_deferred_graph_compiler_gives_the_real_one_for_anything_else():
 
     start = """
 import sys
-from insightad.runtime import _DeferCompiler, without_kernel_compiler
+from insightad.lazy_imports import _DeferCompiler, without_kernel_compiler
 without_kernel_compiler()
 import torch
 finder = next(f for f in sys.meta_path if isinstance(f, _DeferCompiler))

@@ -8,7 +8,8 @@ import os
 import sys
 
 from insightad.errors import InsightADError, cut
-from insightad.runtime import TRAIN_EXTRA, torch_available, without_kernel_compiler
+from insightad.lazy_imports import without_kernel_compiler
+from insightad.runtime import TRAIN_EXTRA, torch_available
 from insightad.version import __version__
 
 # sub-command -> module with add_parser(subparsers, argv) and run(args) -> int
