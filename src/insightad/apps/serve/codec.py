@@ -58,14 +58,9 @@ def decode_base64(text: str, field: str = "image") -> bytes:
     return data
 
 
-def image_pixels(data: bytes) -> int | None:
-    """Width x height from the image header alone (None when the header cannot be read)."""
-    return header_pixels(data)
-
-
 def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image") -> DecodedImage:
     """Encoded image bytes -> the model's input, refusing images over ``max_pixels`` before decoding them."""
-    pixels = image_pixels(data)
+    pixels = header_pixels(data)
     if pixels is not None and pixels > max_pixels:
         raise InsightADError(f"{field}: image has {pixels} pixels, over this server's limit of {max_pixels} "
                              "(--max-pixels); send a smaller image")

@@ -21,11 +21,11 @@ from insightad.apps.serve.codec import (
     decode_image,
     heatmap_png,
     heatmap_size,
-    image_pixels,
 )
 from insightad.apps.serve.metrics import ServerMetrics
 from insightad.apps.serve.settings import ServeParams
 from insightad.apps.serve.worker import InferenceWorker, Job, QueueFull, Result, WorkerStopped
+from insightad.data.images import header_pixels
 from insightad.render.colormap import MapScale
 from insightad.scoring import Scorer
 from insightad.scoring.scorer import upsample_maps
@@ -168,7 +168,7 @@ class ScoringService:
         out, left = [], self.settings.max_pixels
         for field, payload in items:
             data = decode_base64(payload, field) if isinstance(payload, str) else payload
-            pixels = image_pixels(data) or 0
+            pixels = header_pixels(data) or 0
             if left < self.settings.max_pixels and pixels > left:  # over what the earlier images left
                 raise HTTPException(413, f"{field}: the images of this request together exceed this server's "
                                          f"limit of {self.settings.max_pixels} decoded pixels per request "
