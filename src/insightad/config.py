@@ -47,6 +47,7 @@ def param(default: Any, help: str, *, choices: tuple | None = None, minimum: flo
 
 
 LEVEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")  # a backbone module: blocks.2, layer3
+LEVEL_FIELDS = frozenset({"layers"})  # list settings of backbone levels: numbers or module names
 
 
 def parse_list(text: str, elem: type, names: bool = False) -> list:
@@ -67,7 +68,7 @@ def _checked_list(name: str, value: Any, hint: Any, default: Any) -> list:
     example = ",".join(map(str, default)) if isinstance(default, (list, tuple)) and default else "a,b"
     expected = f"{name}: expected a list of {elem.__name__} (e.g. {example})"
     try:
-        items = (parse_list(value, elem, names=name == "layers") if isinstance(value, str)
+        items = (parse_list(value, elem, names=name in LEVEL_FIELDS) if isinstance(value, str)
                  else list(value) if isinstance(value, tuple) else value)
     except ValueError:
         raise InsightADError(f"{expected}, got {value!r}") from None

@@ -55,7 +55,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
             continue
         if kind in (list, tuple):
             args = typing.get_args(config._strip_optional(hints[f.name]))
-            kw["type"] = _list_of(args[0] if args else str, names=f.name == "layers")
+            kw["type"] = _list_of(args[0] if args else str, names=f.name in config.LEVEL_FIELDS)
             kw["metavar"] = "LIST"
         else:
             kw["type"] = kind if kind in (int, float) else str
