@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 
 def format_table(m: dict) -> str:
-    from insightad.evaluate.metrics import undefined_text
+    from insightad.evaluate.metrics import pixel_coverage, undefined_text
 
     rows = [("images", f"{m['n_normal']} normal, {m['n_anomalous']} anomalous")]
     for key in ("image_auroc", "average_precision", "pixel_auroc", "aupro", "accuracy", "precision",
@@ -50,6 +50,8 @@ def format_table(m: dict) -> str:
         if key in m:
             v = m[key]
             rows.append((key, f"{v:.4f}" if v is not None else undefined_text(m, key)))
+        if key == "aupro" and m.get("pixel_images_skipped"):
+            rows.append(("pixel_images", pixel_coverage(m)))
     return "\n".join(f"{k:<18} {v}" for k, v in rows)
 
 

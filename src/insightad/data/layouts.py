@@ -12,7 +12,7 @@ from pathlib import Path
 
 from insightad.data.images import not_scored_note, other_image_formats
 from insightad.errors import InsightADError
-from insightad.io import file_sha256, is_image_file, is_regular_file, list_images
+from insightad.io import IMAGE_EXTENSIONS, file_sha256, is_image_file, is_regular_file, list_images
 
 NORMAL, ANOMALOUS = 0, 1
 MASK_DIRS = ("ground_truth", "masks", "mask")
@@ -116,6 +116,24 @@ def _defect_key(defect: str, stem: str) -> str:
     return f"{defect}/{stem}"
 
 
+def _warn_unused_mask_files(root: Path, folders: list[Path], samples: list[Sample],
+                            normal_stems: frozenset[str] = frozenset()) -> None:
+    """Say which image files of the mask folders no image uses: a mask whose ``<stem>`` names no anomalous image
+    (nor one of ``normal_stems``, whose masks mark nothing), or a file not named ``<stem>_mask.<ext>`` at all.
+    A naming slip left the pixel metrics out, or scored the image it meant without its mask, without a word."""
+    used = {s.mask for s in samples if s.mask is not None}
+    files = [p for folder in folders if folder.is_dir() for p in sorted(folder.rglob("*.*"))
+             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file() and p not in used]
+    orphans = [p for p in files if _is_mask_name(p) and p.stem[: -len("_mask")] not in normal_stems]
+    misnamed = [p for p in files if not _is_mask_name(p)]
+    for group, what in ((orphans, "belong to no anomalous image"), (misnamed, "are not named <stem>_mask.<ext>")):
+        if group:
+            where = group[0].relative_to(root).as_posix() if group[0].is_relative_to(root) else str(group[0])
+            warnings.warn(f"{len(group)} files in the mask folders of {root} {what} (e.g. {where}); not used: the "
+                          "mask of an anomalous image <stem>.<ext> is <stem>_mask.<ext> (MVTec AD: "
+                          "ground_truth/<defect>/)", stacklevel=4)
+
+
 def _mvtec(root: Path) -> Dataset:
     train_good = root / "train" / "good"
     if not train_good.is_dir():
@@ -132,6 +150,7 @@ def _mvtec(root: Path) -> Dataset:
             samples.append(Sample(p, label, sub.name, "test", masks.get(p.stem)))
     if not any(s.split == "test" for s in samples):
         raise InsightADError(f"{test}: no test images found")
+    _warn_unused_mask_files(root, [gt], samples)
     loose = [p for folder in (root / "train", test) for p in sorted(folder.iterdir())
              if is_image_file(p) and is_regular_file(p)]
     if loose:  # said, not skipped unseen: MVTec AD's labels are its folders
@@ -150,6 +169,9 @@ def _labelled(root: Path, normal: Path, abnormal: Path | None, layout: str) -> D
             defect = parts[0] if len(parts) > 1 else abnormal.name.lower()
             mask = masks.get(_defect_key(defect, p.stem)) or masks.get(p.stem)
             samples.append(Sample(p, ANOMALOUS, defect, "test", mask))
+        # (masks of normal images mark nothing: normal images count as defect-free with or without one)
+        _warn_unused_mask_files(root, [root / d for d in MASK_DIRS], samples,
+                                frozenset(s.path.stem for s in samples if s.label == NORMAL))
     return Dataset(root, layout, samples, has_test_split=False)
 
 

@@ -17,6 +17,13 @@ def undefined_text(m: dict, key: str) -> str:
     return f"n/a ({UNDEFINED_BECAUSE.get(key, UNDEFINED_BECAUSE[None])})"
 
 
+def pixel_coverage(m: dict) -> str:
+    """How many images the pixel metrics judged, and why the others were left out."""
+    skipped = int(m.get("pixel_images_skipped") or 0)
+    return (f"{m.get('pixel_images', 0)} images judged pixel by pixel"
+            + (f"; {skipped} anomalous images without a mask left out" if skipped else ""))
+
+
 def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | int | list[float] | None]:
     """AUROC, average precision, and accuracy/precision/recall/F1 of ``score > threshold``."""
     labels = np.asarray(labels).astype(bool)

@@ -27,7 +27,7 @@ import numpy as np
 from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
-from insightad.evaluate.metrics import image_metrics, undefined_text
+from insightad.evaluate.metrics import image_metrics, pixel_coverage, undefined_text
 from insightad.io import atomic_write, printable
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
@@ -306,6 +306,8 @@ def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: flo
     p = report["pixel"]
     out += ["## Pixel level", ""]
     out += [f"- {k}: {v:.4f}" for k, v in p.items() if isinstance(v, float)] or [f"- {p.get('reason')}"]
+    if report["metrics"].get("pixel_images_skipped"):
+        out.append(f"- {pixel_coverage(report['metrics'])}")
     out += ["", "## Figures", ""]
     for key in ("roc_curve", "pr_curve", "score_histogram", "per_defect_scores", "balanced_unbalanced", "worst_cases"):
         if key in f:

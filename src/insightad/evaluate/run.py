@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,15 @@ def predict_reduced(det: Detector, paths: list, maps: bool, threshold: float | N
     return Prediction.concat(parts), sizes
 
 
+def _warn_unmasked(samples: list[Sample]) -> None:
+    """Anomalous images without a mask, where others have one, are left out of the pixel metrics: say so."""
+    unmasked = [s for s in samples if s.label != 0 and s.mask is None]
+    if unmasked:
+        n = sum(s.label != 0 for s in samples)
+        warnings.warn(f"{len(unmasked)} of {n} anomalous images have no mask (e.g. {unmasked[0].path}): the pixel "
+                      "metrics leave them out", stacklevel=3)
+
+
 def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: float | None = None,
                    progress: bool = True) -> Evaluation:
     """Score the held-out/test images of ``data`` (never training images) and compute metrics.
@@ -71,6 +81,8 @@ def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: f
         if s.mask is not None:
             check_mask_size(s.mask, s.path)
     want_maps = det.has_maps and any(s.mask is not None for s in samples)
+    if want_maps:
+        _warn_unmasked(samples)
     pred, sizes = predict_reduced(det, [s.path for s in samples], want_maps, threshold, progress)
     from insightad.evaluate.metrics import image_metrics
     from insightad.evaluate.pixel import pixel_metrics

@@ -1,0 +1,97 @@
+"""Sweep of evaluate's ground truth: mask files that no image uses (a mask whose stem names no image, a file in a
+mask folder not named ``<stem>_mask``) and anomalous images without a mask were left out of the pixel metrics
+without a word; now each is said in one warning line, and the table and report say how many images the pixel
+metrics judged."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from insightad.apps.train import train_model
+from insightad.cli import main
+from insightad.config import DataParams
+from insightad.data.layouts import discover
+
+from .conftest import SIZE
+
+
+@pytest.fixture(scope="module")
+def padim_model(mvtec_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("p47") / "padim.safetensors"
+    train_model(mvtec_dir, "padim", {"image_size": SIZE, "n_features": 24}, DataParams(), out, progress=False)
+    return out
+
+
+def _copy(mvtec_dir: Path, root: Path) -> Path:
+    shutil.copytree(mvtec_dir, root)
+    return root
+
+
+def _first_mask(data: Path) -> Path:
+    return sorted((data / "ground_truth").rglob("*_mask.png"))[0]
+
+
+def test_p47_mask_of_no_image_is_named(mvtec_dir, tmp_path):
+    data = _copy(mvtec_dir, tmp_path / "d")
+    stray = _first_mask(data).with_name("999_mask.png")
+    shutil.copy(_first_mask(data), stray)
+    with pytest.warns(UserWarning, match=r"1 files in the mask folders .* belong to no anomalous image \(e\.g\. "
+                                         rf"ground_truth/{stray.parent.name}/999_mask\.png\)"):
+        discover(data)
+
+
+def test_p47_misnamed_masks_are_named(mvtec_dir, tmp_path):
+    data = _copy(mvtec_dir, tmp_path / "d")
+    masks = sorted((data / "ground_truth").rglob("*_mask.png"))
+    for m in masks:  # e.g. another dataset's naming: 000_gt.png
+        m.rename(m.with_name(m.name.replace("_mask", "_gt")))
+    with pytest.warns(UserWarning, match=rf"{len(masks)} files in the mask folders .* are not named "
+                                         r"<stem>_mask\.<ext>"):
+        ds = discover(data)
+    assert all(s.mask is None for s in ds.samples)
+
+
+def test_p47_a_complete_dataset_warns_nothing(mvtec_dir, folder_dir, recwarn):
+    for data in (mvtec_dir, folder_dir):
+        ds = discover(data)
+        assert any(s.mask is not None for s in ds.samples)
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_p47_folder_layout_mask_of_a_normal_image_is_not_an_orphan(folder_dir, tmp_path, recwarn):
+    data = _copy(folder_dir, tmp_path / "d")
+    normal = sorted((data / "normal").glob("*.png"))[0]
+    with Image.open(normal) as im:
+        Image.new("L", im.size).save(data / "masks" / f"{normal.stem}_mask.png")
+    discover(data)
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    stray = data / "masks" / "nothing_mask.png"
+    Image.new("L", (8, 8)).save(stray)
+    with pytest.warns(UserWarning, match=r"1 files in the mask folders .* belong to no anomalous image"):
+        discover(data)
+
+
+def test_p47_evaluate_says_which_images_the_pixel_metrics_left_out(padim_model, mvtec_dir, tmp_path, capsys):
+    data = _copy(mvtec_dir, tmp_path / "d")
+    gone = _first_mask(data)
+    gone.unlink()
+    image = data / "test" / gone.parent.name / f"{gone.stem[: -len('_mask')]}.png"
+    assert image.is_file()
+    report = tmp_path / "report"
+    assert main(["evaluate", "--model", str(padim_model), "--data", str(data), "--report", str(report),
+                 "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    n_anomalous = sum(1 for d in (data / "test").iterdir() if d.name != "good" for _ in d.glob("*.png"))
+    assert f"1 of {n_anomalous} anomalous images have no mask (e.g. {image})" in cap.err
+    assert "1 anomalous images without a mask left out" in cap.out
+    assert "1 anomalous images without a mask left out" in (report / "report.md").read_text()
+
+
+def test_p47_evaluate_with_every_mask_prints_no_coverage_row(padim_model, mvtec_dir, capsys):
+    assert main(["evaluate", "--model", str(padim_model), "--data", str(mvtec_dir), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "pixel_auroc" in cap.out and "pixel_images" not in cap.out and "no mask" not in cap.err
