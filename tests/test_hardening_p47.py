@@ -95,3 +95,34 @@ def test_p47_evaluate_with_every_mask_prints_no_coverage_row(padim_model, mvtec_
     assert main(["evaluate", "--model", str(padim_model), "--data", str(mvtec_dir), "--no-progress"]) == 0
     cap = capsys.readouterr()
     assert "pixel_auroc" in cap.out and "pixel_images" not in cap.out and "no mask" not in cap.err
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_p47_interrupted_report_leaves_no_half_report(baseline_model, mvtec_dir, tmp_path, monkeypatch, earlier):
+    """Ctrl-C while the report's figures were drawn left per_defect.csv and .md of the new run beside the earlier
+    run's figures and metrics.json; now the earlier report stays whole and nothing of the new one appears."""
+    from insightad.evaluate import plots
+
+    report = tmp_path / "report"
+    cmd = ["evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--report", str(report),
+           "--no-progress"]
+    if earlier:
+        assert main(cmd + ["--threshold", "5"]) == 0  # other figures than the interrupted run would draw
+    before = _files(report)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "defect_distributions", interrupted)
+    assert main(cmd) == 130
+    assert _files(report) == before  # (no earlier report: the folder this run made is gone, as on any failure)
+    assert not earlier or "per_defect.csv" in before
+
+
+def test_p47_draws_bounded(baseline_model, mvtec_dir, tmp_path, capsys):
+    assert main(["evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--draws", "100000000"]) == 1
+    assert "--draws: expected 1 to 10000, got 100000000" in capsys.readouterr().err

@@ -171,6 +171,7 @@ def images_per_run(tiles: int) -> int | None:
 
 
 MAX_IMAGE_SIDE = 4096  # the largest image side a model works at: bigger would exhaust memory before it helps
+MAX_DRAWS = 10_000  # evaluate --draws: seeded test subsets; more change no figure shown, and a typo's extra zeros ran for days
 SEED_MAX = 2**63 - 1  # --seed (the split, the validation folds, the report draws): NumPy refuses negative seeds
 # (a model file's own stored seed is not checked: files written with any seed keep loading)
 

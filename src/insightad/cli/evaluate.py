@@ -17,6 +17,7 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
+from insightad.config import MAX_DRAWS
 from insightad.errors import InsightADError
 
 
@@ -61,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     prefetch_metrics()  # scikit-learn's import overlaps the model's load and the scoring
     if not 0 < args.prevalence < 1:  # checked with or without --report: a bad value is a typo either way
         raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {args.prevalence:g}")
-    if args.draws < 1:
-        raise InsightADError(f"--draws: expected at least 1, got {args.draws}")
+    if not 1 <= args.draws <= MAX_DRAWS:
+        raise InsightADError(f"--draws: expected 1 to {MAX_DRAWS}, got {args.draws}")
     if args.report:
         from insightad.outputs import check_output_dir
 

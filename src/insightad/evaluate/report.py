@@ -19,16 +19,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from insightad.config import MAX_DRAWS
 from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
 from insightad.evaluate.metrics import image_metrics, pixel_coverage, undefined_text
-from insightad.io import atomic_write, printable
+from insightad.io import atomic_write, fsync_dir, printable
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
 # Figures a report writes only when its images allow (both classes): one left by an earlier report into the same
@@ -194,15 +198,34 @@ def worst_cases(det, ev, out: Path, per_row: int = 4) -> Path:
 
 def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draws: int = 10, seed: int = 0,
                  model_path: str | None = None, data: str | None = None) -> dict[str, Any]:
-    """Write every report file into ``out_dir``; returns what ``metrics.json`` holds."""
+    """Write every report file into ``out_dir``; returns what ``metrics.json`` holds.
+
+    The files are made in a hidden folder inside ``out_dir`` and moved into place together at the end: an
+    interrupted or failed run leaves the earlier report as it was, never half of a new one beside it."""
     if not 0 < prevalence < 1:
         raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {prevalence:g}")
-    if draws < 1:
-        raise InsightADError(f"--draws: expected at least 1, got {draws}")
+    if not 1 <= draws <= MAX_DRAWS:
+        raise InsightADError(f"--draws: expected 1 to {MAX_DRAWS}, got {draws}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InsightADError(f"{out}: --report expects a folder, and this is a file")
     out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))  # inside: the same file system, so moves are renames
+    try:
+        report = _write_files(det, ev, stage, prevalence, draws, seed, model_path, data)
+        for name in report["files"].values():
+            os.replace(stage / name, out / name)
+        for stale in set(OPTIONAL_FIGURES) - set(report["files"].values()):  # an earlier report's, of other images
+            (out / stale).unlink(missing_ok=True)
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _write_files(det, ev, out: Path, prevalence: float, draws: int, seed: int, model_path: str | None,
+                 data: str | None) -> dict[str, Any]:
+    """Every report file, written into ``out``; returns what ``metrics.json`` holds."""
     labels = np.array([s.label for s in ev.samples], bool)
     scores, thr = ev.prediction.scores, float(ev.prediction.threshold)
     m = ev.metrics
@@ -257,8 +280,6 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
     files["report"] = "report.md"
     _write_text(out / "metrics.json", json.dumps(report, indent=2, default=float) + "\n")
     _write_text(out / "report.md", report_markdown(report, rows, thr))
-    for stale in set(OPTIONAL_FIGURES) - set(files.values()):  # an earlier report's figure, of other images
-        (out / stale).unlink(missing_ok=True)
     return report
 
 
