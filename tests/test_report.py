@@ -87,7 +87,7 @@ def test_map_method_report(map_model, mvtec_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [(["--prevalence", "1.5"], "--prevalence: expected a value between 0 and 1"),
-                                           (["--draws", "0"], "--draws: expected at least 1")])
+                                           (["--draws", "0"], "--draws: expected 1 to 10000, got 0")])
 def test_bad_report_flags(baseline_model, mvtec_dir, tmp_path, capsys, flags, message):
     code = main(["evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--report", str(tmp_path / "r"),
                  *flags])
