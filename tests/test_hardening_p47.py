@@ -126,3 +126,33 @@ def test_p47_interrupted_report_leaves_no_half_report(baseline_model, mvtec_dir,
 def test_p47_draws_bounded(baseline_model, mvtec_dir, tmp_path, capsys):
     assert main(["evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--draws", "100000000"]) == 1
     assert "--draws: expected 1 to 10000, got 100000000" in capsys.readouterr().err
+
+
+def test_p47_generated_dataset_never_writes_over_other_files(tmp_path):
+    """``demo --out project`` wrote its generated images over project/data/train/good/000.png... and trained on
+    the user's own images there beside them; now a folder a generated dataset did not write is refused."""
+    from insightad.data.synthetic import write_dataset
+    from insightad.errors import InsightADError
+
+    root = tmp_path / "data"
+    (root / "train" / "good").mkdir(parents=True)
+    mine = root / "train" / "good" / "000.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(mine)
+    before = mine.read_bytes()
+    with pytest.raises(InsightADError, match=r"data: already holds files that no generated dataset wrote \(e\.g\. "
+                                             r"train\)"):
+        write_dataset(root, n_train=2, n_test_good=1, n_per_defect=1, size=32)
+    assert mine.read_bytes() == before and len(list(root.rglob("*.png"))) == 1
+    with pytest.raises(InsightADError, match="expected a folder for the generated dataset, got a file"):
+        write_dataset(mine, n_train=2, n_test_good=1, n_per_defect=1, size=32)
+
+
+def test_p47_generated_dataset_rerun_replaces_the_earlier_one(tmp_path):
+    from insightad.data.synthetic import write_dataset
+
+    root = tmp_path / "data"
+    write_dataset(root, n_train=3, n_test_good=2, n_per_defect=2, size=32, defects=("blob", "scratch"))
+    write_dataset(root, n_train=2, n_test_good=1, n_per_defect=1, size=32, defects=("crack",), seed=5)
+    ds = discover(root)
+    assert sorted({s.defect for s in ds.samples}) == ["crack", "good"]  # no blob/scratch left from the first
+    assert len(ds.samples) == 2 + 1 + 1

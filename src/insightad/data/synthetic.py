@@ -17,7 +17,9 @@ arguments give byte-identical images.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from scipy import ndimage
 
 from insightad import config
 from insightad.errors import InsightADError
+from insightad.io import atomic_write_bytes
 
 TEXTURE_KINDS: tuple[str, ...] = ("grid", "stripes", "weave")
 OBJECT_KINDS: tuple[str, ...] = ("disc", "plate", "arrow")
@@ -521,6 +524,28 @@ def _count(name: str, value: object) -> int:
     return int(value)
 
 
+MARKER = ".insightad-synthetic.json"  # in the root of every generated dataset: what may be written over
+GENERATED = ("train", "test", "ground_truth", "normal", "abnormal", "masks", "Negative", "Positive")
+
+
+def _claim(root: Path) -> None:
+    """Make ``root`` ready for a generated dataset: new, empty, or one generated before (its image folders are
+    removed, so a rerun with other settings never mixes two datasets). Anything else is refused: ``demo --out``
+    on a project folder wrote over the user's ``data/`` images, or trained on them beside the generated ones."""
+    if root.exists() and not root.is_dir():
+        raise InsightADError(f"{root}: expected a folder for the generated dataset, got a file")
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / MARKER).is_file():
+            first = sorted(p.name for p in root.iterdir())[0]
+            raise InsightADError(f"{root}: already holds files that no generated dataset wrote (e.g. {first}); a "
+                                 "generated dataset goes into a new or empty folder, or over one generated before: "
+                                 "choose another folder (demo: --out), or delete it if an older insightad demo made it "
+                                 "(those left no mark)")
+        for name in GENERATED:
+            shutil.rmtree(root / name, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+
+
 def write_dataset(root: str | Path, *, kind: str = "disc", layout: str = "mvtec", n_train: int = 40,
                   n_test_good: int = 10, n_per_defect: int = 5, defects: Iterable[str] = DEFECTS,
                   size: int = 128, seed: int = 0, grayscale: bool = False, image_format: str = "png") -> Path:
@@ -546,7 +571,9 @@ def write_dataset(root: str | Path, *, kind: str = "disc", layout: str = "mvtec"
     n_train, n_test_good = _count("n_train", n_train), _count("n_test_good", n_test_good)
     n_per_defect = _count("n_per_defect", n_per_defect)
     root = Path(root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    _claim(root)
+    atomic_write_bytes(root / MARKER, json.dumps({"kind": kind, "layout": layout, "seed": int(seed), "size": int(size),
+                                                  "defects": list(defects)}).encode())
     ext = "." + fmt
     width = max(3, len(str(max(n_train, n_test_good, n_per_defect, 1) - 1)))
 
