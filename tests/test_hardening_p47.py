@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -156,3 +157,70 @@ def test_p47_generated_dataset_rerun_replaces_the_earlier_one(tmp_path):
     ds = discover(root)
     assert sorted({s.defect for s in ds.samples}) == ["crack", "good"]  # no blob/scratch left from the first
     assert len(ds.samples) == 2 + 1 + 1
+
+
+@pytest.fixture(scope="module")
+def exported(baseline_model, tmp_path_factory) -> Path:
+    from insightad.inference.export import export_onnx
+    from insightad.model_file import load_model
+
+    out = tmp_path_factory.mktemp("p47g") / "baseline.onnx"
+    export_onnx(load_model(baseline_model), out)
+    return out
+
+
+def _edited(graph: Path, tmp_path: Path, how: str) -> Path:
+    data = bytearray(graph.read_bytes())
+    if how == "flipped bit":  # in the constants, which follow the metadata
+        data[-200] ^= 0x01
+    elif how == "threshold":  # a hand edit of the metadata's plain threshold entry, same length
+        key = b"threshold\x12"
+        at = bytes(data).index(key) + len(key) + 1
+        data[at] = ord("9") if data[at] != ord("9") else ord("8")
+    else:  # a graph exported before checksums: no entry (here its key renamed)
+        at = bytes(data).index(b"insightad_content_sha256")
+        data[at:at + 9] = b"xnsightad"
+    out = tmp_path / f"{how.replace(' ', '_')}.onnx"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("how", ["flipped bit", "threshold"])
+def test_p47_an_edited_graph_is_refused(exported, mvtec_dir, tmp_path, capsys, how):
+    """A graph whose constants or metadata changed after export scored silently (issue 14: a tampered graph is
+    rebuilt or refused, never used); it carries a content checksum now."""
+    image = str(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0])
+    assert main(["predict", "--model", str(exported), image]) == 0
+    bad = _edited(exported, tmp_path, how)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(bad), image]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: the graph's content does not match its checksum" in err and err.count("\n") == 1
+    assert main(["info", "--model", str(bad)]) == 1
+
+
+def test_p47_a_graph_without_checksum_opens_as_before(exported, mvtec_dir, tmp_path):
+    from insightad.inference.onnx_detector import OnnxDetector
+
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    old = _edited(exported, tmp_path, "no checksum")
+    got = OnnxDetector.from_file(old).predict([image]).scores
+    np.testing.assert_allclose(got, OnnxDetector.from_file(exported).predict([image]).scores, rtol=1e-6)
+
+
+def test_p47_an_edited_graph_beside_its_model_is_not_used(baseline_model, exported, mvtec_dir, tmp_path):
+    from insightad.inference.load import load_for_inference
+
+    model = tmp_path / "m.safetensors"
+    shutil.copyfile(baseline_model, model)
+    from insightad.inference.export import export_onnx
+    from insightad.io import file_sha256
+    from insightad.model_file import load_model
+
+    export_onnx(load_model(model), model.with_suffix(".onnx"), file_sha256(model))  # stamped: this model's graph
+    _edited(model.with_suffix(".onnx"), tmp_path, "flipped bit").replace(model.with_suffix(".onnx"))
+    with pytest.warns(UserWarning, match="not the graph of"):
+        det = load_for_inference(model, "onnx")
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    ref = load_for_inference(model, "torch").predict([image]).scores
+    np.testing.assert_allclose(det.predict([image]).scores, ref, rtol=1e-4)

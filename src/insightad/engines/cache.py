@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from insightad.engines.checksum import check_content
 from insightad.runtime import release_free_memory
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
@@ -107,9 +108,10 @@ def model_digest(path: str | Path) -> str:
 
 
 def ready_copy(graph: str | Path, source: str | Path | None = None) -> Path | None:
-    """The session-ready copy of the graph file ``graph`` (made now if missing), or None where it cannot be
-    made (an unwritable cache, a graph ONNX Runtime cannot open: the caller opens the file itself and
-    reports what is wrong with it). ``source``: build it from this file instead, the same graph in another
+    """The session-ready copy of the graph file ``graph`` (made now if missing, after its content checksum is
+    checked: ``InsightADError`` if it does not match), or None where it cannot be made (an unwritable cache, a
+    graph ONNX Runtime cannot open: the caller opens the file itself and reports what is wrong with it).
+    ``source``: build it from this file instead, the same graph in another
     form (the exporter's external-data twin, which ONNX Runtime loads holding each constant once)."""
     graph = Path(graph)
     try:
@@ -118,6 +120,10 @@ def ready_copy(graph: str | Path, source: str | Path | None = None) -> Path | No
         if target.is_file():  # folders appear whole (renamed into place); a small graph has no data file
             touch(target)
             return target
+    except Exception:  # noqa: BLE001 - a cache that cannot serve never fails a prediction
+        return None
+    check_content(graph)  # made once per file identity: a damaged or edited graph is refused here, never made ready
+    try:
         return _build_ready(Path(source) if source is not None else graph, folder)
     except Exception:  # noqa: BLE001 - a cache that cannot serve never fails a prediction
         return None

@@ -33,6 +33,7 @@ from torch import nn
 
 from insightad.data.resize import RESIZE_ONNX_ATTRIBUTES, resize_array
 from insightad.engines.cache import ready_copy
+from insightad.engines.checksum import CONTENT_KEY, UNSTAMPED, stamp_content
 from insightad.engines.onnx_runtime import META_KEY, ONNX_FORMAT, make_session
 from insightad.errors import InsightADError
 from insightad.io import atomic_write
@@ -242,12 +243,16 @@ def _finish(path: Path, module: nn.Module, metadata: dict[str, Any] | None, flat
         for key in flat_keys:
             e = proto.metadata_props.add()
             e.key, e.value = key, str(metadata[key])
+        e = proto.metadata_props.add()
+        e.key, e.value = CONTENT_KEY, UNSTAMPED.decode()  # stamped below, once the file is whole
     if twin is not None:
         try:
             _write_external(proto, twin, weights)
         except OSError:  # no room for it, say: the ready copy is then built from the file itself
             shutil.rmtree(twin.parent, ignore_errors=True)
     _write_streamed(proto, path, weights)
+    if metadata is not None:
+        stamp_content(path)
 
 
 def _reference_input(images: Batch, resize_to: tuple[int, int] | None) -> torch.Tensor:

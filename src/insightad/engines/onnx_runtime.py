@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from insightad.engines.cache import ready_copy
+from insightad.engines.checksum import check_content
 from insightad.errors import InsightADError
 from insightad.io import require_file
 
@@ -33,8 +34,11 @@ def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS, aren
     session-ready copy (``engines.cache``: optimised, constants mapped; made on first use)."""
     import onnxruntime as ort
 
-    if ready and isinstance(model, str):
-        model = str(ready_copy(model) or model)
+    if isinstance(model, str):
+        copy = ready_copy(model) if ready else None  # checks the graph's content checksum before making it
+        if copy is None:
+            check_content(model)  # opened the slow way: checked every time
+        model = str(copy or model)
 
     so = ort.SessionOptions()
     if threads:
@@ -107,6 +111,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     path = require_file(path, "ONNX file")
+    check_content(path)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4

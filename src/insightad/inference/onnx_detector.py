@@ -40,6 +40,8 @@ class OnnxDetector(OnnxDetectorParams, Scorer):
             require_file(path, "ONNX file")
             try:
                 engine = OnnxEngine(str(path), threads, arena)
+            except InsightADError:  # e.g. its content checksum does not match: said as it is
+                raise
             except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
                 raise InsightADError(f"{path}: not a readable ONNX file "
                                      f"({(str(e).splitlines() or [''])[0][:120]})") from None
