@@ -11,6 +11,7 @@ batch and sort as Ctrl-C does.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -95,3 +96,48 @@ def test_p44_per_defect_csv_guards_defect_names():
     text = per_defect_csv([{"defect": "=cmd|' /C calc'!A0", "count": 2, "mean": -1.5, "detection_rate": 0.5}])
     rows = list(csv.reader(text.splitlines()))
     assert rows[1] == ["'=cmd|' /C calc'!A0", "2", "-1.5", "0.5"]
+
+
+# ----------------------------------------------------------------------------- list files
+@pytest.fixture
+def listed(tmp_path) -> Path:
+    """A folder of (empty) image files, among them one whose name starts with #."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name in ("a.png", "#1.png", "b.png"):
+        (root / name).write_bytes(b"")
+    return root
+
+
+def test_p44_list_file_with_a_byte_order_mark(listed, tmp_path):
+    """A list saved by a Windows editor (UTF-8 with BOM, CRLF): its first image became a 'file not found' error row
+    named with an invisible character."""
+    from insightad.apps.batch import list_source
+
+    f = tmp_path / "list.txt"
+    f.write_bytes(b"\xef\xbb\xbfimgs/a.png\r\nimgs/b.png\r\n")
+    assert list_source(str(f)).paths == [os.fsencode(listed / "a.png"), os.fsencode(listed / "b.png")]
+
+
+def test_p44_list_line_naming_a_file_that_starts_with_hash(listed, tmp_path):
+    """``#1.png`` (an existing image) was dropped as a comment: no row for it, and a list of only such names was
+    called empty. A comment stays a comment."""
+    from insightad.apps.batch import list_source
+
+    f = tmp_path / "list.txt"
+    f.write_text("# images of line 2\nimgs/a.png\n#imgs/b.png\n\n  \nimgs/#1.png\n")
+    assert list_source(str(f)).paths == [os.fsencode(listed / "a.png"), os.fsencode(listed / "#1.png")]
+    (listed / "#2.png").write_bytes(b"")
+    (listed / "only.txt").write_text("#2.png\n")
+    assert list_source(str(listed / "only.txt")).paths == [os.fsencode(listed / "#2.png")]
+
+
+def test_p44_url_list_relative_lines_are_from_the_lists_folder(listed, tmp_path, monkeypatch):
+    """A list read through a URL (``file://``) took its relative lines from the working directory (of the driver,
+    and of every Ray actor), not from the list's folder as a local list does."""
+    from insightad.apps.batch import list_source
+
+    (tmp_path / "list.txt").write_text("imgs/a.png\n#1.png\n")
+    monkeypatch.chdir(listed)  # here #1.png exists, beside the list it does not: a comment
+    paths = list_source(f"file://{tmp_path / 'list.txt'}").paths
+    assert paths == [os.fsencode(f"file://{listed / 'a.png'}")]

@@ -36,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "auto|HOST:PORT joins a running cluster (see docs/scale.md).")
     add_model_flag(p)
     p.add_argument("--input", required=True, metavar="SOURCE",
-                   help="folder of images (recursive), text file of image paths, or a glob such as 'dir/**/*.png'")
+                   help="folder of images (recursive), text file of image paths (one a line, relative ones from the "
+                   "file's folder; blank lines and lines starting with # are skipped, unless such a line names an "
+                   "existing file), or a glob such as 'dir/**/*.png'")
     p.add_argument("--out", required=True, metavar="RESULTS.parquet", help="Parquet results table (resumable)")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the results as CSV (without path_bytes)")
     p.add_argument("--maps", metavar="DIR", help="write each image's anomaly map as <name>.map.npy (float32) here")
