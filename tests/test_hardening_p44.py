@@ -141,3 +141,22 @@ def test_p44_url_list_relative_lines_are_from_the_lists_folder(listed, tmp_path,
     monkeypatch.chdir(listed)  # here #1.png exists, beside the list it does not: a comment
     paths = list_source(f"file://{tmp_path / 'list.txt'}").paths
     assert paths == [os.fsencode(f"file://{listed / 'a.png'}")]
+
+
+# ----------------------------------------------------------------------------- interrupted runs
+def test_p44_batch_removes_temporaries_a_killed_run_left(baseline_model, odd_folder, tmp_path, capsys):
+    """A run killed while writing a part (or the merged table) left its temporary behind for good: part names are
+    never reused, so nothing removed it, and it kept ``OUT.parts/`` from being removed after the merge."""
+    out = tmp_path / "r.parquet"
+    parts = tmp_path / "r.parquet.parts"
+    parts.mkdir()
+    left = [parts / ".part-00000000000000000001-123-000001.parquet.abc123.insightad-tmp",
+            tmp_path / ".r.parquet.def456.insightad-tmp"]
+    for p in left:
+        p.write_bytes(b"PAR1 half written")
+    keep = tmp_path / ".other.parquet.xyz.insightad-tmp"  # another output's temporary: not ours to remove
+    keep.write_bytes(b"")
+    assert main(["batch", "--model", str(baseline_model), "--input", str(odd_folder), "--out", str(out)]) == 0
+    assert not any(p.exists() for p in left) and not parts.exists() and keep.exists()
+    assert pq.read_table(out).num_rows == len(ODD_NAMES)
+    capsys.readouterr()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import os
 import re
@@ -135,13 +136,15 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _clean_stale_temporaries(folder: Path, name: str) -> None:
-    """Remove our own temporaries for ``name`` left behind by a writer that was killed."""
+def remove_temporaries(folder: str | Path, name: str, older_than: float = STALE_TMP_SECONDS) -> None:
+    """Remove our own temporaries for the file ``name`` in ``folder`` (a glob pattern such as ``part-*``, or
+    ``glob.escape``'d) left behind by a writer that was killed: those older than ``older_than`` seconds (0: all,
+    for a caller that holds the lock every writer of those names takes)."""
     now = time.time()
     try:
-        for p in folder.glob(f".{name}.*{TMP_SUFFIX}"):
+        for p in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > STALE_TMP_SECONDS:
+                if now - p.stat().st_mtime >= older_than:
                     p.unlink()
     except OSError:
         pass
@@ -155,7 +158,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any],
     another file); if it raises, ``path`` is left as it was."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temporaries(path.parent, path.name)
+    remove_temporaries(path.parent, glob.escape(path.name))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)

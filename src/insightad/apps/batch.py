@@ -256,7 +256,9 @@ class BatchJob:
         local file's size or mtime_ns differs from its row's (a new file under the name; a file gone since
         keeps its row), or whose row lacks a map or overlay this run asks for (``summary.refreshed``: a rerun
         with new --maps/--overlays writes them). The others are counted as ``summary.skipped``. A run left
-        half-done at another threshold is refused (its rows would mix two decisions)."""
+        half-done at another threshold is refused (its rows would mix two decisions). Called with the lock held:
+        temporaries a killed run left are removed first."""
+        self.store.remove_leftovers()  # the caller holds the lock
         done = self.store.done(self.model_sha256)
         todo: list[bytes] = []
         kept: list[bytes] = []

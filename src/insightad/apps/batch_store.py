@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insightad.errors import InsightADError
-from insightad.io import atomic_write, csv_cell
+from insightad.io import atomic_write, csv_cell, remove_temporaries
 from insightad.outputs import check_output_file
 
 SCHEMA = pa.schema([
@@ -85,6 +85,17 @@ class ResultsStore:
             if "path_bytes" not in got.names or "model_sha256" not in got.names:
                 raise InsightADError(f"{self.out}: exists and is not an insightad batch results table; "
                                      "choose another --out")
+
+    def remove_leftovers(self) -> None:
+        """Remove the temporaries of parts and of ``out`` that a run killed while writing them left behind (they
+        would stay forever: part names are never reused, and they keep the parts folder from being removed).
+        Called with the lock held: no other writer of these names is alive."""
+        import glob
+
+        if self.parts_dir.is_dir():
+            remove_temporaries(self.parts_dir, "part-*", older_than=0)
+        real = Path(os.path.realpath(self.out))
+        remove_temporaries(real.parent, glob.escape(real.name), older_than=0)
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
