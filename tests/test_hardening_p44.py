@@ -13,6 +13,9 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -159,4 +162,53 @@ def test_p44_batch_removes_temporaries_a_killed_run_left(baseline_model, odd_fol
     assert main(["batch", "--model", str(baseline_model), "--input", str(odd_folder), "--out", str(out)]) == 0
     assert not any(p.exists() for p in left) and not parts.exists() and keep.exists()
     assert pq.read_table(out).num_rows == len(ODD_NAMES)
+    capsys.readouterr()
+
+
+def _run_with_sigterm(patch: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run the CLI in a child that sends itself SIGTERM where ``patch`` says (as a service manager or a cluster
+    scheduler stopping it)."""
+    script = "import os, signal, sys\n" + textwrap.dedent(patch) + \
+        f"from insightad.cli import main\nsys.exit(main({argv!r}))\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+
+
+def test_p44_sigterm_stops_batch_and_sort_as_ctrl_c_does(baseline_model, odd_folder, tmp_path, capsys):
+    """SIGTERM killed batch and sort on the spot (status -15, no word on how to finish, a temporary cut short
+    wherever it came); like Ctrl-C (and like train), it now unwinds, says to run the same command again, exits
+    130, and the run started again finishes with one row per image."""
+    out = tmp_path / "r.parquet"
+    argv = ["batch", "--model", str(baseline_model), "--input", str(odd_folder), "--out", str(out), "--chunk", "2"]
+    proc = _run_with_sigterm("""
+        import insightad.apps.batch as b
+        scored, calls = b.score_chunk, []
+        def score_chunk(det, paths, opts):
+            calls.append(paths)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return scored(det, paths, opts)
+        b.score_chunk = score_chunk
+    """, argv)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "run the same command again to finish" in proc.stderr
+    assert len(list((tmp_path / "r.parquet.parts").glob("part-*.parquet"))) == 1
+    assert main(argv) == 0 and pq.read_table(out).num_rows == len(ODD_NAMES)
+
+    sorted_ = tmp_path / "sorted"
+    argv = ["sort", "--model", str(baseline_model), "--input", str(odd_folder), "--out", str(sorted_),
+            "--batch-size", "2"]
+    proc = _run_with_sigterm("""
+        from insightad.apps.sort import FolderSorter
+        stages = []
+        def stage(self, name, what):
+            stages.append(name)
+            if stages.count("intents") == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        FolderSorter._stage = stage
+    """, argv)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "run the same command again to finish" in proc.stderr
+    assert main(argv) == 0
+    assert sorted(p.name for p in sorted_.rglob("*.png")) == sorted(ODD_NAMES)
     capsys.readouterr()

@@ -168,6 +168,27 @@ def warnings_as_lines() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager, ``kill``, a cluster scheduler) stops the command like Ctrl-C for the duration:
+    the work unwinds (temporaries removed, checkpoints or finished chunks kept) and says how to resume, instead of
+    the process dying mid-write. The previous handler is restored after (a caller in the same process)."""
+    import signal
+    import threading
+
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, default=_json_default))
 
