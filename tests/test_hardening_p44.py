@@ -11,6 +11,7 @@ batch and sort as Ctrl-C does.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -212,3 +213,40 @@ def test_p44_sigterm_stops_batch_and_sort_as_ctrl_c_does(baseline_model, odd_fol
     assert main(argv) == 0
     assert sorted(p.name for p in sorted_.rglob("*.png")) == sorted(ODD_NAMES)
     capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- sort's own files
+@pytest.mark.parametrize("name,content", [
+    ("results.csv", b"id,comment\n1,my notes"),  # a file of the user's (its last line without a newline)
+    ("results.csv", b'"path","score","error"\n"/x.png",1.5,\n'),  # batch --csv named results.csv
+    (".insightad-sort.journal", b"garbage\n"),
+    (".insightad-sort.journal", b'{"kind": "header", "input": "%s", "mode": "copy", "threshold": %t}\nnot json\n'),
+])
+def test_p44_sort_refuses_files_it_did_not_write(baseline_model, odd_folder, tmp_path, capsys, name, content):
+    """An --out folder holding a results.csv or journal sort did not write (or a damaged journal line) was a
+    KeyError or JSONDecodeError traceback, after the user's CSV had its last line cut and a journal was added."""
+    out = tmp_path / "out"
+    out.mkdir()
+    from insightad.model_file import load_model
+
+    threshold = repr(float(load_model(baseline_model).threshold_)).encode()
+    content = content.replace(b"%s", str(odd_folder).encode()).replace(b"%t", threshold)
+    (out / name).write_bytes(content)
+    assert main(["sort", "--model", str(baseline_model), "--input", str(odd_folder), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out / name) in err[0] and "use a new --out" in err[0], err
+    assert (out / name).read_bytes() == content
+    assert not (out / "normal").exists() and not (out / "anomalous").exists()
+    if name == "results.csv":
+        assert not (out / ".insightad-sort.journal").exists()
+
+
+def test_p44_sort_resumes_a_results_csv_saved_with_a_byte_order_mark(baseline_model, odd_folder, tmp_path, capsys):
+    """results.csv saved again by a spreadsheet (UTF-8 with a byte-order mark): the next run was a KeyError."""
+    out = tmp_path / "out"
+    argv = ["sort", "--model", str(baseline_model), "--input", str(odd_folder), "--out", str(out), "--json"]
+    assert main(argv) == 0
+    (out / "results.csv").write_bytes(b"\xef\xbb\xbf" + (out / "results.csv").read_bytes())
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == len(ODD_NAMES)
