@@ -250,3 +250,24 @@ def test_p44_sort_resumes_a_results_csv_saved_with_a_byte_order_mark(baseline_mo
     capsys.readouterr()
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == len(ODD_NAMES)
+
+
+# ----------------------------------------------------------------------------- paths
+def test_p44_tilde_in_output_paths_is_the_home_folder(baseline_model, odd_folder, tmp_path, monkeypatch, capsys):
+    """``--out=~/r.parquet`` (or ``out = "~/r.parquet"`` in a --config file: no shell expands it) was a
+    FileNotFoundError traceback: parts went to a folder named ``~`` here while pyarrow read them from the home
+    folder; --overlays=~/ov wrote into ./~/ov (the checks had made an empty ~/ov); sort --input ~/x: 'no such folder'."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(odd_folder, home / "odd")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.toml").write_text('out = "~/r.parquet"\ncsv = "~/r.csv"\n')
+    assert main(["batch", "--config", "cfg.toml", "--model", str(baseline_model), "--input", "~/odd",
+                 "--overlays", "~/ov"]) == 0
+    assert pq.read_table(home / "r.parquet").num_rows == len(ODD_NAMES) and (home / "r.csv").is_file()
+    assert len(list((home / "ov").glob("*.overlay.png"))) == len(ODD_NAMES)
+    assert main(["sort", "--model", str(baseline_model), "--input", "~/odd", "--out", "~/sorted"]) == 0
+    assert (home / "sorted" / "results.csv").is_file()
+    assert not (tmp_path / "~").exists()
+    capsys.readouterr()

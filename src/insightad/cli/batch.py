@@ -11,6 +11,7 @@ from insightad.cli.common import (
     add_engine_flags,
     add_model_flag,
     add_progress_flag,
+    expand_home,
     load_inference_model,
     new_parser,
     parse_threshold,
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    expand_home(args, "model", "input", "out", "csv", "maps", "overlays", "threshold")
     try:
         import pyarrow  # noqa: F401 - the results are Parquet
     except ImportError:

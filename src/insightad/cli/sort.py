@@ -10,6 +10,7 @@ from insightad.cli.common import (
     add_engine_flags,
     add_model_flag,
     add_progress_flag,
+    expand_home,
     load_inference_model,
     new_parser,
     parse_threshold,
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    expand_home(args, "model", "input", "out", "threshold")
     from insightad.apps.sort import FolderSorter, check_folders
     from insightad.data.images import not_scored_note
 
