@@ -271,3 +271,29 @@ def test_p44_tilde_in_output_paths_is_the_home_folder(baseline_model, odd_folder
     assert (home / "sorted" / "results.csv").is_file()
     assert not (tmp_path / "~").exists()
     capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- Ray
+class _Cluster:
+    """Stands in for the ``ray`` module: only what ``check_gpus`` asks of it."""
+
+    def __init__(self, **resources: float) -> None:
+        self.resources = resources
+
+    def cluster_resources(self) -> dict[str, float]:
+        return dict(self.resources)
+
+
+def test_p44_ray_gpus_per_worker_beyond_the_cluster_is_refused_not_waited_for():
+    """``batch --ray local --gpus-per-worker 1`` on a machine without a GPU waited forever (Ray's autoscaler logging
+    'No available node types can fulfill resource request {GPU: 1.0}' every 30 s, the run never ending)."""
+    pytest.importorskip("pyarrow")
+    from insightad.apps.batch_ray import check_gpus
+    from insightad.errors import InsightADError
+
+    with pytest.raises(InsightADError, match=r"--gpus-per-worker 1: the Ray cluster \(local\) has 0 GPUs"):
+        check_gpus(_Cluster(CPU=2.0), 1.0, "local")
+    with pytest.warns(UserWarning, match="until the cluster grows"):
+        check_gpus(_Cluster(CPU=2.0), 1.0, "auto")  # an autoscaler may add a GPU node: said, not refused
+    check_gpus(_Cluster(CPU=2.0, GPU=1.0), 0.5, "local")
+    check_gpus(_Cluster(CPU=2.0), 0.0, "local")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,23 @@ def connect(address: str, num_cpus: int | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def check_gpus(ray: Any, gpus_per_worker: float, address: str) -> None:
+    """An actor asking for more GPUs than the cluster has is never placed, and Ray waits for it forever (its
+    autoscaler only logs 'No available node types can fulfill resource request'): refused on a ``local`` instance
+    (nothing can add a GPU to it), a warning on a cluster (an autoscaler may add nodes)."""
+    if gpus_per_worker <= 0:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have >= gpus_per_worker:
+        return
+    what = (f"--gpus-per-worker {gpus_per_worker:g}: the Ray cluster ({address}) has {have:g} GPUs, so no worker "
+            "can start")
+    if address == "local":
+        raise InsightADError(f"{what}; leave --gpus-per-worker out (CPU workers on ONNX Runtime) or join a cluster "
+                             "with GPUs (--ray auto|HOST:PORT)")
+    warnings.warn(f"{what} until the cluster grows: the run waits for it (Ctrl-C to stop)", stacklevel=2)
+
+
 def node_model_copy(data: bytes, sha256: str, suffix: str) -> Path:
     """The model's bytes as a file on this node (shared by the actors here), written once, atomically."""
     target = Path(tempfile.gettempdir()) / "insightad-ray-models" / f"{sha256}{suffix}"
@@ -96,6 +114,7 @@ def run_ray(job: BatchJob, threshold: float, address: str = "local", workers: in
         todo = job.todo(threshold, summary)
         if todo:
             summary.startup_seconds = connect(address, num_cpus)
+            check_gpus(ray, gpus_per_worker, address)
             commit_tables(job, _scored(ray, job, todo, workers, gpus_per_worker, engine, scorer), summary, len(todo))
         job.finish(summary)
     return summary
