@@ -297,3 +297,21 @@ def test_p44_ray_gpus_per_worker_beyond_the_cluster_is_refused_not_waited_for():
         check_gpus(_Cluster(CPU=2.0), 1.0, "auto")  # an autoscaler may add a GPU node: said, not refused
     check_gpus(_Cluster(CPU=2.0, GPU=1.0), 0.5, "local")
     check_gpus(_Cluster(CPU=2.0), 0.0, "local")
+
+
+# ----------------------------------------------------------------------------- two writers
+def test_p44_batch_lock_holds_for_a_link_to_the_table(baseline_model, odd_folder, tmp_path, capsys):
+    """Two runs given two names of one table (``--out link.parquet``, a symbolic link to ``r.parquet``) each took the
+    lock beside their own name and both replaced r.parquet: the merge of one could drop the rows of the other."""
+    from insightad.apps.batch import ResultsStore
+    from insightad.io import file_lock
+
+    out = tmp_path / "r.parquet"
+    argv = ["batch", "--model", str(baseline_model), "--input", str(odd_folder)]
+    assert main([*argv, "--out", str(out)]) == 0
+    (tmp_path / "link.parquet").symlink_to(out)
+    capsys.readouterr()
+    with file_lock(ResultsStore(out).lock_path, str(out)):  # a run on r.parquet is under way
+        assert main([*argv, "--out", str(tmp_path / "link.parquet")]) == 1
+    assert "another run is writing it" in capsys.readouterr().err
+    assert not (tmp_path / "link.parquet.parts").exists() and not (tmp_path / "link.parquet.lock").exists()

@@ -55,19 +55,26 @@ def _guarded(t: pa.Table) -> pa.Table:
 
 @dataclass
 class ResultsStore:
-    """``out`` (the merged Parquet table), ``out.parts/`` (committed chunks) and ``out.lock``."""
+    """``out`` (the merged Parquet table), ``out.parts/`` (committed chunks) and ``out.lock`` (beside the file a
+    symbolic link ``out`` points to)."""
 
     out: Path
     csv: Path | None = None
     _seq: int = 0
 
     @property
+    def table(self) -> Path:
+        """The file ``out`` names once symbolic links are followed (what ``atomic_write`` replaces): the parts and
+        the lock go beside it, so two runs given two names of one table (a link and its target) share one lock."""
+        return Path(os.path.realpath(self.out))
+
+    @property
     def parts_dir(self) -> Path:
-        return self.out.with_name(self.out.name + ".parts")
+        return self.table.with_name(self.table.name + ".parts")
 
     @property
     def lock_path(self) -> Path:
-        return self.out.with_name(self.out.name + ".lock")
+        return self.table.with_name(self.table.name + ".lock")
 
     def check(self, inputs: Sequence[str | Path] = ()) -> None:
         """Refuse outputs that cannot be written, or that would overwrite one of ``inputs`` (the model, the
@@ -94,8 +101,7 @@ class ResultsStore:
 
         if self.parts_dir.is_dir():
             remove_temporaries(self.parts_dir, "part-*", older_than=0)
-        real = Path(os.path.realpath(self.out))
-        remove_temporaries(real.parent, glob.escape(real.name), older_than=0)
+        remove_temporaries(self.table.parent, glob.escape(self.table.name), older_than=0)
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
