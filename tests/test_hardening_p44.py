@@ -315,3 +315,23 @@ def test_p44_batch_lock_holds_for_a_link_to_the_table(baseline_model, odd_folder
         assert main([*argv, "--out", str(tmp_path / "link.parquet")]) == 1
     assert "another run is writing it" in capsys.readouterr().err
     assert not (tmp_path / "link.parquet.parts").exists() and not (tmp_path / "link.parquet.lock").exists()
+
+
+def test_p44_train_ray_bad_training_image_is_one_line(mvtec_dir, tmp_path, capsys):
+    """``train --ray`` on a dataset with an unreadable training image printed the Ray worker's whole traceback (17
+    lines, colour codes included) as the 'one line' error; without --ray it is one line naming the file."""
+    ray = pytest.importorskip("ray")
+    data = tmp_path / "disc"
+    shutil.copytree(mvtec_dir, data)
+    bad = data / "train" / "good" / "005.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    started_here = not ray.is_initialized()
+    try:
+        rc = main(["train", "--method", "baseline", "--data", str(data), "--image-size", "64", "--no-onnx",
+                   "--out", str(tmp_path / "m.safetensors"), "--ray", "local", "--workers", "1"])
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("insightad: error:") or
+              ln.startswith("  File ")]
+    assert rc == 1 and errors == [f"insightad: error: {bad}: not a readable image (expected PNG, JPEG, BMP or TIFF)"]

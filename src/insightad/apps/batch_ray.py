@@ -76,6 +76,23 @@ def check_gpus(ray: Any, gpus_per_worker: float, address: str) -> None:
     warnings.warn(f"{what} until the cluster grows: the run waits for it (Ctrl-C to stop)", stacklevel=2)
 
 
+def worker_error(e: BaseException) -> InsightADError | None:
+    """The one-line error an InsightADError raised on a Ray worker carries (a bad training image, a model file an
+    actor cannot load), found through Ray's wrappers; None for any other failure. Ray's own message for it holds
+    the worker's whole traceback."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, InsightADError) and "Traceback" not in str(err) and "\n  File " not in str(err):
+            return InsightADError(str(err))
+        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None
+
+
 def node_model_copy(data: bytes, sha256: str, suffix: str) -> Path:
     """The model's bytes as a file on this node (shared by the actors here), written once, atomically."""
     target = Path(tempfile.gettempdir()) / "insightad-ray-models" / f"{sha256}{suffix}"
@@ -140,7 +157,13 @@ def _scored(ray: Any, job: BatchJob, todo: list[bytes], workers: int, gpus: floa
         fn_constructor_kwargs={"model": [model_ref], "suffix": Path(job.model).suffix,
                                "opts": job.options(job.threshold), "engine": "torch" if gpus > 0 else engine,
                                "device": device, "threads": 1})
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    except Exception as e:  # noqa: BLE001 - an actor's InsightADError (its model copy unloadable) is one line
+        found = worker_error(e)
+        if found is None:
+            raise
+        raise found from None
 
 
 def table_prediction(table: pa.Table, threshold: float) -> tuple[list[bytes], Any]:
