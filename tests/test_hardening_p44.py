@@ -335,3 +335,22 @@ def test_p44_train_ray_bad_training_image_is_one_line(mvtec_dir, tmp_path, capsy
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("insightad: error:") or
               ln.startswith("  File ")]
     assert rc == 1 and errors == [f"insightad: error: {bad}: not a readable image (expected PNG, JPEG, BMP or TIFF)"]
+
+
+def test_p44_batch_overlays_folder_given_relative_is_named_absolute(baseline_model, odd_folder, tmp_path,
+                                                                     monkeypatch, capsys):
+    """``--overlays ov`` (relative) went to the Ray actors as 'ov': an actor on another node (whose working folder is
+    one of Ray's) wrote the overlays there, out of reach; and the table's overlay column said 'ov/x.png.overlay.png',
+    a name that only works from the folder the run was started in."""
+    from insightad.apps.batch import BatchJob, ResultsStore, list_source
+
+    monkeypatch.chdir(tmp_path)
+    job = BatchJob(baseline_model, list_source(str(odd_folder)), ResultsStore(tmp_path / "r.parquet"),
+                   maps_dir="maps", overlays_dir="ov", model_sha256="0" * 64)
+    opts = job.options(None)
+    assert (opts.maps_dir, opts.overlays_dir) == (str(tmp_path / "maps"), str(tmp_path / "ov"))
+    assert main(["batch", "--model", str(baseline_model), "--input", str(odd_folder), "--out", "r.parquet",
+                 "--overlays", "ov"]) == 0
+    names = pq.read_table(tmp_path / "r.parquet").column("overlay").to_pylist()
+    assert len(names) == len(ODD_NAMES) and all(os.path.isabs(n) and os.path.isfile(n) for n in names)
+    capsys.readouterr()

@@ -246,6 +246,10 @@ class BatchJob:
     def __post_init__(self) -> None:
         if self.chunk < 1:
             raise InsightADError(f"--chunk: expected at least 1, got {self.chunk}")
+        # absolute: a Ray actor on another node runs in a folder of Ray's, and the table's map/overlay columns
+        # should name files a reader finds from anywhere
+        self.maps_dir, self.overlays_dir = (os.path.abspath(os.path.expanduser(d)) if d else None
+                                            for d in (self.maps_dir, self.overlays_dir))
         self.model_sha256 = self.model_sha256 or file_sha256(self.model)
 
     def options(self, threshold: float | None) -> ScoreOptions:
