@@ -354,3 +354,14 @@ def test_p44_batch_overlays_folder_given_relative_is_named_absolute(baseline_mod
     names = pq.read_table(tmp_path / "r.parquet").column("overlay").to_pylist()
     assert len(names) == len(ODD_NAMES) and all(os.path.isabs(n) and os.path.isfile(n) for n in names)
     capsys.readouterr()
+
+
+def test_p44_list_file_in_utf16_says_so(listed, tmp_path):
+    """A list saved as 'Unicode' by a Windows editor (UTF-16) was called 'an image or a binary file'."""
+    from insightad.apps.batch import list_source
+    from insightad.errors import InsightADError
+
+    f = tmp_path / "list.txt"
+    f.write_text("imgs/a.png\n", encoding="utf-16")
+    with pytest.raises(InsightADError, match="saved as UTF-16 text; save it as UTF-8"):
+        list_source(str(f))

@@ -132,6 +132,9 @@ def list_source(spec: str) -> Source:
     if os.path.isfile(raw):
         with open(raw, "rb") as f:
             head = f.read(4096)
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise InsightADError(f"{spec}: a list of paths saved as UTF-16 text; save it as UTF-8 (one image path "
+                                 "a line)")
         if is_image_file(Path(spec)) or b"\x00" in head:
             raise InsightADError(f"{spec}: expected a folder, a glob or a text file of image paths (one a line), "
                                  "got an image or a binary file")
