@@ -365,3 +365,13 @@ def test_p44_list_file_in_utf16_says_so(listed, tmp_path):
     f.write_text("imgs/a.png\n", encoding="utf-16")
     with pytest.raises(InsightADError, match="saved as UTF-16 text; save it as UTF-8"):
         list_source(str(f))
+
+
+def test_p44_list_repeating_a_path_says_so(baseline_model, odd_folder, tmp_path, capsys):
+    """A list naming one image on several lines (``a.png``, ``./a.png``, its absolute path) got one row for it and
+    fewer 'inputs' than lines, without a word: the user could not tell which lines had gone."""
+    f = tmp_path / "list.txt"
+    f.write_text(f"odd/+a.png\nodd/./+a.png\n{odd_folder / '+a.png'}\nodd/-b.png\n")
+    assert main(["batch", "--model", str(baseline_model), "--input", str(f), "--out", str(tmp_path / "r.parquet")]) == 0
+    assert "2 lines name an image listed before" in capsys.readouterr().err
+    assert pq.read_table(tmp_path / "r.parquet").num_rows == 2

@@ -29,6 +29,7 @@ class Source:
     paths: list[bytes]
     root: bytes
     not_images: list[bytes] = field(default_factory=list)  # files of a folder passed over by their names
+    repeats: int = 0  # lines of a list naming a path listed before (scored once)
 
     def relative(self, path: bytes) -> bytes:
         rel = path[len(self.root):] if self.root and path.startswith(self.root) else path
@@ -50,6 +51,12 @@ def _walk(root: bytes, skipped: list[bytes] | None = None) -> Iterator[bytes]:
 
 def _unique(paths: Sequence[bytes]) -> list[bytes]:
     return list(dict.fromkeys(paths))
+
+
+def _listed_source(paths: list[bytes], root: bytes) -> Source:
+    """The source a list names: each path once, in the order first listed, counting the lines that repeat one."""
+    unique = _unique(paths)
+    return Source(unique, root, repeats=len(paths) - len(unique))
 
 
 def _listed(data: bytes, is_file: Callable[[bytes], bool]) -> list[bytes]:
@@ -88,7 +95,7 @@ def _url_source(spec: str) -> Source:
         listed = _listed(data, lambda ln: fs.isfile(here + os.fsdecode(ln)))
         if not listed:
             raise InsightADError(f"{spec}: the list of paths is empty (expected one image path a line)")
-        return Source(_unique([_beside(folder, ln) for ln in listed]), b"")
+        return _listed_source([_beside(folder, ln) for ln in listed], b"")
     else:
         raise InsightADError(f"{spec}: no such folder, file or glob")
     paths = [os.fsencode(p if "://" in p else proto + p) for p in sorted(found)]
@@ -146,5 +153,5 @@ def list_source(spec: str) -> Source:
             raise InsightADError(f"{spec}: the list of paths is empty (expected one image path a line)")
         local = [p for p in paths if not is_url(p)]
         root = os.path.commonpath([os.path.dirname(p) for p in local]) if local else b""
-        return Source(_unique(paths), root)
+        return _listed_source(paths, root)
     raise InsightADError(f"{spec}: no such folder, file or glob")

@@ -108,6 +108,10 @@ def _run(args: argparse.Namespace) -> int:
                            "whatever their names")
     if note:
         print(f"insightad: note: {note}", file=sys.stderr)
+    if source.repeats:
+        lines = "1 line names" if source.repeats == 1 else f"{source.repeats} lines name"
+        print(f"insightad: note: {args.input}: {lines} an image listed before (the same path once normalised); each "
+              "image is scored once, in one row", file=sys.stderr)
     inputs = [args.model, *source_inputs(args.input, source)]
     store = ResultsStore(Path(args.out), Path(args.csv) if args.csv else None)
     store.check(inputs)
