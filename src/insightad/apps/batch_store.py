@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insightad.errors import InsightADError
-from insightad.io import atomic_write, csv_cell, remove_temporaries
+from insightad.io import FORMULA_START, atomic_write, csv_cell, remove_temporaries
 from insightad.outputs import check_output_file
 
 SCHEMA = pa.schema([
@@ -45,11 +45,18 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def _guarded(t: pa.Table) -> pa.Table:
     """``t`` with every text cell as ``io.csv_cell`` writes it (a path or error a spreadsheet would run as a
-    formula gets a leading '): what ``--csv`` holds."""
+    formula gets a leading '): what ``--csv`` holds. Only a column with a cell that starts like one goes through
+    Python (a table of millions of absolute paths is passed over at Arrow speed)."""
+    import pyarrow.compute as pc
+
+    starts = pa.array([*FORMULA_START, "'"])
     for i, f in enumerate(t.schema):
-        if pa.types.is_string(f.type):
-            cells = [None if v is None else csv_cell(v) for v in t.column(i).to_pylist()]
-            t = t.set_column(i, f, pa.array(cells, f.type))
+        if not pa.types.is_string(f.type):
+            continue
+        if not pc.any(pc.is_in(pc.utf8_slice_codeunits(t.column(i), 0, 1), value_set=starts)).as_py():
+            continue
+        cells = [None if v is None else csv_cell(v) for v in t.column(i).to_pylist()]
+        t = t.set_column(i, f, pa.array(cells, f.type))
     return t
 
 
