@@ -375,3 +375,17 @@ def test_p44_list_repeating_a_path_says_so(baseline_model, odd_folder, tmp_path,
     assert main(["batch", "--model", str(baseline_model), "--input", str(f), "--out", str(tmp_path / "r.parquet")]) == 0
     assert "2 lines name an image listed before" in capsys.readouterr().err
     assert pq.read_table(tmp_path / "r.parquet").num_rows == 2
+
+
+def test_p44_folder_of_masks_only_says_what_was_passed_over(baseline_model, tmp_path, capsys):
+    """A folder holding only ``*_mask.png`` files was 'no images found (expected .png, ...)', a folder full of .png
+    files: batch and sort now say how many files they passed over by their names, and what to do."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("000_mask.png", "001_mask.png"):
+        (masks / name).write_bytes(b"")
+    for argv in (["batch", "--input", str(masks), "--out", str(tmp_path / "r.parquet")],
+                 ["sort", "--input", str(masks), "--out", str(tmp_path / "sorted")]):
+        assert main([*argv, "--model", str(baseline_model)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "no images found" in err and "2 files passed over by their names, e.g. 000_mask.png" in err, err

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from insightad.data.images import IMAGE_EXTENSIONS, is_image_file
+from insightad.data.images import IMAGE_EXTENSIONS, is_image_file, no_images_message
 from insightad.errors import InsightADError
 
 GLOB_CHARS = ("*", "?", "[")
@@ -134,7 +134,8 @@ def list_source(spec: str) -> Source:
         skipped: list[bytes] = []
         found = list(_walk(os.path.abspath(raw), skipped))
         if not found:
-            raise InsightADError(f"{spec}: no images found in this folder (expected {', '.join(IMAGE_EXTENSIONS)})")
+            raise InsightADError(no_images_message(spec, skipped, "list them in a text file (--input) to score "
+                                                   "them whatever their names"))
         return Source(found, os.path.abspath(raw), skipped)
     if os.path.isfile(raw):
         with open(raw, "rb") as f:

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from insightad.data.images import no_images_message
 from insightad.errors import InsightADError
 from insightad.io import (
     TMP_SUFFIX,
@@ -497,7 +498,8 @@ class FolderSorter:
         self._recover(intents, done)
         rels = self._pending(done)
         if not rels and not done:
-            raise InsightADError(f"{self.src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
+            raise InsightADError(no_images_message(self.src, self.summary.not_images, "sort takes images by "
+                                                   "their names: rename them to sort them"))
         bar = tqdm(total=len(rels), desc="sort", unit="img", disable=not self.progress)
         try:
             if self.scorer is not None:  # scored elsewhere (Ray), chunk by chunk; placed here, one chunk at a time
