@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "batch", "score many images into a Parquet table, in this process or on a Ray cluster",
                    "Score every image of --input (a folder, searched recursively; a text file of paths, one a "
                    "line; or a glob) and write one row per input to --out (Parquet): path, path_bytes (the exact "
-                   "bytes of the name), score, score_normalized, anomalous, threshold, error, model_sha256, time. "
+                   "bytes of the name), score, score_normalized, anomalous, threshold, error, model_sha256, time, map, "
+                   "overlay, and the file's size and mtime_ns. "
                    "An unreadable image is an error row and the exit code is 1. Rows are committed chunk by chunk: "
                    "an interrupted run started again with the same --out skips what is done (by path and model "
                    "file hash), and never writes a row twice; a row without the --maps/--overlays asked for is "
@@ -42,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "file's folder; blank lines and lines starting with # are skipped, unless such a line names an "
                    "existing file), or a glob such as 'dir/**/*.png'")
     p.add_argument("--out", required=True, metavar="RESULTS.parquet", help="Parquet results table (resumable)")
-    p.add_argument("--csv", metavar="FILE.csv", help="also write the results as CSV (without path_bytes)")
+    p.add_argument("--csv", metavar="FILE.csv",
+                   help="also write the results as CSV (without path_bytes; a cell a spreadsheet would run as a "
+                   "formula is written after a ')")
     p.add_argument("--maps", metavar="DIR", help="write each image's anomaly map as <name>.map.npy (float32) here")
     p.add_argument("--overlays", metavar="DIR", help="write each image's overlay as <name>.overlay.png here")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
