@@ -389,3 +389,15 @@ def test_p44_folder_of_masks_only_says_what_was_passed_over(baseline_model, tmp_
         assert main([*argv, "--model", str(baseline_model)]) == 1
         err = capsys.readouterr().err.strip()
         assert "no images found" in err and "2 files passed over by their names, e.g. 000_mask.png" in err, err
+    assert not (tmp_path / "sorted").exists() and not (tmp_path / "r.parquet").exists()
+
+
+def test_p44_sort_refused_for_no_images_leaves_no_output_folder(baseline_model, tmp_path, capsys):
+    """A sort refused for a folder without images left its --out folder behind holding a journal, a lock file and a
+    results.csv of just a header: the refusal came after they were written."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    assert main(["sort", "--model", str(baseline_model), "--input", str(empty), "--out", str(tmp_path / "s")]) == 1
+    assert "no images found" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -480,8 +480,21 @@ class FolderSorter:
         """Sort every image not finished yet; resumable after any interruption."""
         t0 = time.perf_counter()
         self._check_outputs()
+        self._check_images()
         with folder_lock(self.out, "insightad sort"):  # two runs on one --out would each copy everything
             return self._run_locked(t0)
+
+    def _check_images(self) -> None:
+        """A new sort of a folder without images is refused before its lock, journal or CSV is written: a refused
+        run leaves the output folder as it found it (the CLI removes the folder its checks made)."""
+        if os.path.lexists(self.journal_path) or os.path.lexists(self.csv_path):
+            return  # an earlier run's: its rows are still read (and an emptied folder is not an error then)
+        if next(self._walk(), None) is None:
+            self._refuse_no_images()
+
+    def _refuse_no_images(self) -> None:
+        raise InsightADError(no_images_message(self.src, self.summary.not_images, "sort takes images by their "
+                                               "names: rename them to sort them"))
 
     def _check_outputs(self) -> None:
         """Refuse before any work when ``out/normal`` or ``out/anomalous`` resolves elsewhere."""
@@ -498,8 +511,7 @@ class FolderSorter:
         self._recover(intents, done)
         rels = self._pending(done)
         if not rels and not done:
-            raise InsightADError(no_images_message(self.src, self.summary.not_images, "sort takes images by "
-                                                   "their names: rename them to sort them"))
+            self._refuse_no_images()
         bar = tqdm(total=len(rels), desc="sort", unit="img", disable=not self.progress)
         try:
             if self.scorer is not None:  # scored elsewhere (Ray), chunk by chunk; placed here, one chunk at a time
