@@ -239,6 +239,8 @@ def test_p44_sort_refuses_files_it_did_not_write(baseline_model, odd_folder, tmp
     assert not (out / "normal").exists() and not (out / "anomalous").exists()
     if name == "results.csv":
         assert not (out / ".insightad-sort.journal").exists()
+    if b"not json" not in content:  # refused before the lock is taken: nothing added to the user's folder
+        assert sorted(p.name for p in out.iterdir()) == [name]
 
 
 def test_p44_sort_resumes_a_results_csv_saved_with_a_byte_order_mark(baseline_model, odd_folder, tmp_path, capsys):

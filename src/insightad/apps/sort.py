@@ -480,6 +480,8 @@ class FolderSorter:
         """Sort every image not finished yet; resumable after any interruption."""
         t0 = time.perf_counter()
         self._check_outputs()
+        _journal_header(self.journal_path)  # a file sort did not write is refused before the lock file is added
+        _check_csv_columns(self.csv_path)
         self._check_images()
         with folder_lock(self.out, "insightad sort"):  # two runs on one --out would each copy everything
             return self._run_locked(t0)
