@@ -8,17 +8,23 @@
 - ``iter_images`` / ``list_images``: every image file under a folder, sorted, regular files only
   (a FIFO named ``x.png`` would block a reader forever), hidden files and folders skipped.
 - ``folder_lock``: an exclusive lock on a folder that two processes could share (sort, batch).
+- ``csv_cell`` / ``csv_value`` / ``csv_text``: the one way a text cell goes into (and comes back out of) every
+  CSV the tool writes, guarded against spreadsheet formula injection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import glob
+import io
 import os
+import re
 import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -130,13 +136,15 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _clean_stale_temporaries(folder: Path, name: str) -> None:
-    """Remove our own temporaries for ``name`` left behind by a writer that was killed."""
+def remove_temporaries(folder: str | Path, name: str, older_than: float = STALE_TMP_SECONDS) -> None:
+    """Remove our own temporaries for the file ``name`` in ``folder`` (a glob pattern such as ``part-*``, or
+    ``glob.escape``'d) left behind by a writer that was killed: those older than ``older_than`` seconds (0: all,
+    for a caller that holds the lock every writer of those names takes)."""
     now = time.time()
     try:
-        for p in folder.glob(f".{name}.*{TMP_SUFFIX}"):
+        for p in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > STALE_TMP_SECONDS:
+                if now - p.stat().st_mtime >= older_than:
                     p.unlink()
     except OSError:
         pass
@@ -150,7 +158,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any],
     another file); if it raises, ``path`` is left as it was."""
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temporaries(path.parent, path.name)
+    remove_temporaries(path.parent, glob.escape(path.name))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -216,3 +224,35 @@ def file_lock(lock_path: str | Path, what: str, busy: str | None = None) -> Iter
 def folder_lock(folder: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:
     """``file_lock`` on a lock file inside ``folder`` (sort's output folder)."""
     return file_lock(Path(folder) / LOCK_NAME, str(folder), f"another {what} is already writing to this folder")
+
+
+# ----------------------------------------------------------------------------------------- CSV
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes for the start of a formula
+_NUMBER = re.compile(r"[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)", re.IGNORECASE)
+
+
+def csv_cell(value: str) -> str:
+    """A text cell as every CSV the tool writes holds it: one a spreadsheet would run as a formula (starting
+    with =, +, -, @, tab or CR, OWASP's CSV-injection advice) is written after a ``'``, and so is one that
+    starts with ``'`` itself, so that :func:`csv_value` gives back exactly the text; a plain number (``-1.5``)
+    is left as it is. Quoting (commas, quotes, newlines) is the CSV writer's job."""
+    if value[:1] == "'" or (value[:1] in FORMULA_START and not _NUMBER.fullmatch(value)):
+        return "'" + value
+    return value
+
+
+def csv_value(cell: str) -> str:
+    """The text a :func:`csv_cell` holds: the guarding ``'`` removed (``'=x.png`` -> ``=x.png``)."""
+    return cell[1:] if cell[:1] == "'" and cell[1:2] in (*FORMULA_START, "'") else cell
+
+
+def csv_text(fields: Sequence[str], rows: Iterable[Mapping[str, Any]], header: bool = True) -> str:
+    """Rows as CSV text (``\\n`` line ends, fields missing from a row left empty, others ignored), every text
+    cell through :func:`csv_cell`."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n", extrasaction="ignore")
+    if header:
+        w.writeheader()
+    for r in rows:
+        w.writerow({k: csv_cell(v) if isinstance(v, str) else v for k, v in r.items()})
+    return buf.getvalue()

@@ -246,6 +246,10 @@ class BatchJob:
     def __post_init__(self) -> None:
         if self.chunk < 1:
             raise InsightADError(f"--chunk: expected at least 1, got {self.chunk}")
+        # absolute: a Ray actor on another node runs in a folder of Ray's, and the table's map/overlay columns
+        # should name files a reader finds from anywhere
+        self.maps_dir, self.overlays_dir = (os.path.abspath(os.path.expanduser(d)) if d else None
+                                            for d in (self.maps_dir, self.overlays_dir))
         self.model_sha256 = self.model_sha256 or file_sha256(self.model)
 
     def options(self, threshold: float | None) -> ScoreOptions:
@@ -256,7 +260,9 @@ class BatchJob:
         local file's size or mtime_ns differs from its row's (a new file under the name; a file gone since
         keeps its row), or whose row lacks a map or overlay this run asks for (``summary.refreshed``: a rerun
         with new --maps/--overlays writes them). The others are counted as ``summary.skipped``. A run left
-        half-done at another threshold is refused (its rows would mix two decisions)."""
+        half-done at another threshold is refused (its rows would mix two decisions). Called with the lock held:
+        temporaries a killed run left are removed first."""
+        self.store.remove_leftovers()  # the caller holds the lock
         done = self.store.done(self.model_sha256)
         todo: list[bytes] = []
         kept: list[bytes] = []

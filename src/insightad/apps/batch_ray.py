@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,40 @@ def connect(address: str, num_cpus: int | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def check_gpus(ray: Any, gpus_per_worker: float, address: str) -> None:
+    """An actor asking for more GPUs than the cluster has is never placed, and Ray waits for it forever (its
+    autoscaler only logs 'No available node types can fulfill resource request'): refused on a ``local`` instance
+    (nothing can add a GPU to it), a warning on a cluster (an autoscaler may add nodes)."""
+    if gpus_per_worker <= 0:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have >= gpus_per_worker:
+        return
+    what = (f"--gpus-per-worker {gpus_per_worker:g}: the Ray cluster ({address}) has {have:g} GPUs, so no worker "
+            "can start")
+    if address == "local":
+        raise InsightADError(f"{what}; leave --gpus-per-worker out (CPU workers on ONNX Runtime) or join a cluster "
+                             "with GPUs (--ray auto|HOST:PORT)")
+    warnings.warn(f"{what} until the cluster grows: the run waits for it (Ctrl-C to stop)", stacklevel=2)
+
+
+def worker_error(e: BaseException) -> InsightADError | None:
+    """The one-line error an InsightADError raised on a Ray worker carries (a bad training image, a model file an
+    actor cannot load), found through Ray's wrappers; None for any other failure. Ray's own message for it holds
+    the worker's whole traceback."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, InsightADError) and "Traceback" not in str(err) and "\n  File " not in str(err):
+            return InsightADError(str(err))
+        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None
+
+
 def node_model_copy(data: bytes, sha256: str, suffix: str) -> Path:
     """The model's bytes as a file on this node (shared by the actors here), written once, atomically."""
     target = Path(tempfile.gettempdir()) / "insightad-ray-models" / f"{sha256}{suffix}"
@@ -96,6 +131,7 @@ def run_ray(job: BatchJob, threshold: float, address: str = "local", workers: in
         todo = job.todo(threshold, summary)
         if todo:
             summary.startup_seconds = connect(address, num_cpus)
+            check_gpus(ray, gpus_per_worker, address)
             commit_tables(job, _scored(ray, job, todo, workers, gpus_per_worker, engine, scorer), summary, len(todo))
         job.finish(summary)
     return summary
@@ -121,7 +157,13 @@ def _scored(ray: Any, job: BatchJob, todo: list[bytes], workers: int, gpus: floa
         fn_constructor_kwargs={"model": [model_ref], "suffix": Path(job.model).suffix,
                                "opts": job.options(job.threshold), "engine": "torch" if gpus > 0 else engine,
                                "device": device, "threads": 1})
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    except Exception as e:  # noqa: BLE001 - an actor's InsightADError (its model copy unloadable) is one line
+        found = worker_error(e)
+        if found is None:
+            raise
+        raise found from None
 
 
 def table_prediction(table: pa.Table, threshold: float) -> tuple[list[bytes], Any]:

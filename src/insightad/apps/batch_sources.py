@@ -5,13 +5,14 @@ Paths are kept as their exact bytes, so a name that is not valid UTF-8 is carrie
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from insightad.data.images import IMAGE_EXTENSIONS, is_image_file
+from insightad.data.images import IMAGE_EXTENSIONS, is_image_file, no_images_message
 from insightad.errors import InsightADError
 
 GLOB_CHARS = ("*", "?", "[")
@@ -28,6 +29,7 @@ class Source:
     paths: list[bytes]
     root: bytes
     not_images: list[bytes] = field(default_factory=list)  # files of a folder passed over by their names
+    repeats: int = 0  # lines of a list naming a path listed before (scored once)
 
     def relative(self, path: bytes) -> bytes:
         rel = path[len(self.root):] if self.root and path.startswith(self.root) else path
@@ -51,6 +53,28 @@ def _unique(paths: Sequence[bytes]) -> list[bytes]:
     return list(dict.fromkeys(paths))
 
 
+def _listed_source(paths: list[bytes], root: bytes) -> Source:
+    """The source a list names: each path once, in the order first listed, counting the lines that repeat one."""
+    unique = _unique(paths)
+    return Source(unique, root, repeats=len(paths) - len(unique))
+
+
+def _listed(data: bytes, is_file: Callable[[bytes], bool]) -> list[bytes]:
+    """The paths a list file names, one a line (spaces around a name dropped): blank lines and comments (``#``
+    first) left out, except a ``#`` line that names an existing file (``#001.png`` is an image, not a comment);
+    a UTF-8 byte-order mark (what Windows editors put first) is no part of the first name."""
+    lines = (ln.strip() for ln in data.removeprefix(codecs.BOM_UTF8).splitlines())
+    return [ln for ln in lines if ln and (not ln.startswith(b"#") or is_file(ln))]
+
+
+def _beside(folder: str, line: bytes) -> bytes:
+    """A line of a list read from a URL: a URL or an absolute path as it is, a relative path from the list's
+    folder (``folder``: the list's URL up to its last /), as for a local list."""
+    if is_url(line) or line.startswith(b"/"):
+        return line
+    return os.fsencode(folder) + line
+
+
 def _url_source(spec: str) -> Source:
     """A source on an fsspec file system (``s3://``, ``gs://``, ``file://``...): folder, glob or list."""
     import fsspec
@@ -65,9 +89,13 @@ def _url_source(spec: str) -> Source:
         root = where
     elif fs.isfile(where):
         with fs.open(where, "rb") as f:
-            found = [ln.decode("utf-8", "surrogateescape").strip() for ln in f.read().splitlines()]
-        found = [p for p in found if p and not p.startswith("#")]
-        return Source(_unique([os.fsencode(p) for p in found]), b"")
+            data = f.read()
+        here = where.rsplit("/", 1)[0] + "/" if "/" in where else ""
+        folder = proto + here
+        listed = _listed(data, lambda ln: fs.isfile(here + os.fsdecode(ln)))
+        if not listed:
+            raise InsightADError(f"{spec}: the list of paths is empty (expected one image path a line)")
+        return _listed_source([_beside(folder, ln) for ln in listed], b"")
     else:
         raise InsightADError(f"{spec}: no such folder, file or glob")
     paths = [os.fsencode(p if "://" in p else proto + p) for p in sorted(found)]
@@ -88,8 +116,8 @@ def source_inputs(spec: str, source: Source, lists: bool = True) -> list[str]:
 
 
 def list_source(spec: str) -> Source:
-    """A folder (recursive), a text file of paths (one a line; relative ones from the file's folder),
-    or a glob (``**`` recursive). A listed path that does not exist becomes an error row later."""
+    """A folder (recursive), a text file of paths (one a line; relative ones from the file's folder; see
+    :func:`_listed`), or a glob (``**`` recursive). A listed path that does not exist becomes an error row later."""
     if "://" in spec:
         return _url_source(spec)
     raw = os.fsencode(os.path.expanduser(spec))
@@ -106,22 +134,25 @@ def list_source(spec: str) -> Source:
         skipped: list[bytes] = []
         found = list(_walk(os.path.abspath(raw), skipped))
         if not found:
-            raise InsightADError(f"{spec}: no images found in this folder (expected {', '.join(IMAGE_EXTENSIONS)})")
+            raise InsightADError(no_images_message(spec, skipped, "list them in a text file (--input) to score "
+                                                   "them whatever their names"))
         return Source(found, os.path.abspath(raw), skipped)
     if os.path.isfile(raw):
         with open(raw, "rb") as f:
             head = f.read(4096)
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise InsightADError(f"{spec}: a list of paths saved as UTF-16 text; save it as UTF-8 (one image path "
+                                 "a line)")
         if is_image_file(Path(spec)) or b"\x00" in head:
             raise InsightADError(f"{spec}: expected a folder, a glob or a text file of image paths (one a line), "
                                  "got an image or a binary file")
         base = os.path.dirname(os.path.abspath(raw))
         with open(raw, "rb") as f:
-            lines = [ln.rstrip(b"\r").strip() for ln in f.read().splitlines()]
-        paths = [ln if is_url(ln) else os.path.normpath(os.path.join(base, ln))
-                 for ln in lines if ln and not ln.startswith(b"#")]
+            listed = _listed(f.read(), lambda ln: os.path.isfile(os.path.join(base, ln)))
+        paths = [ln if is_url(ln) else os.path.normpath(os.path.join(base, ln)) for ln in listed]
         if not paths:
             raise InsightADError(f"{spec}: the list of paths is empty (expected one image path a line)")
         local = [p for p in paths if not is_url(p)]
         root = os.path.commonpath([os.path.dirname(p) for p in local]) if local else b""
-        return Source(_unique(paths), root)
+        return _listed_source(paths, root)
     raise InsightADError(f"{spec}: no such folder, file or glob")

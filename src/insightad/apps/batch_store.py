@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insightad.errors import InsightADError
-from insightad.io import atomic_write
+from insightad.io import FORMULA_START, atomic_write, csv_cell, remove_temporaries
 from insightad.outputs import check_output_file
 
 SCHEMA = pa.schema([
@@ -43,21 +43,45 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, names=schema.names).cast(schema)
 
 
+def _guarded(t: pa.Table) -> pa.Table:
+    """``t`` with every text cell as ``io.csv_cell`` writes it (a path or error a spreadsheet would run as a
+    formula gets a leading '): what ``--csv`` holds. Only a column with a cell that starts like one goes through
+    Python (a table of millions of absolute paths is passed over at Arrow speed)."""
+    import pyarrow.compute as pc
+
+    starts = pa.array([*FORMULA_START, "'"])
+    for i, f in enumerate(t.schema):
+        if not pa.types.is_string(f.type):
+            continue
+        if not pc.any(pc.is_in(pc.utf8_slice_codeunits(t.column(i), 0, 1), value_set=starts)).as_py():
+            continue
+        cells = [None if v is None else csv_cell(v) for v in t.column(i).to_pylist()]
+        t = t.set_column(i, f, pa.array(cells, f.type))
+    return t
+
+
 @dataclass
 class ResultsStore:
-    """``out`` (the merged Parquet table), ``out.parts/`` (committed chunks) and ``out.lock``."""
+    """``out`` (the merged Parquet table), ``out.parts/`` (committed chunks) and ``out.lock`` (beside the file a
+    symbolic link ``out`` points to)."""
 
     out: Path
     csv: Path | None = None
     _seq: int = 0
 
     @property
+    def table(self) -> Path:
+        """The file ``out`` names once symbolic links are followed (what ``atomic_write`` replaces): the parts and
+        the lock go beside it, so two runs given two names of one table (a link and its target) share one lock."""
+        return Path(os.path.realpath(self.out))
+
+    @property
     def parts_dir(self) -> Path:
-        return self.out.with_name(self.out.name + ".parts")
+        return self.table.with_name(self.table.name + ".parts")
 
     @property
     def lock_path(self) -> Path:
-        return self.out.with_name(self.out.name + ".lock")
+        return self.table.with_name(self.table.name + ".lock")
 
     def check(self, inputs: Sequence[str | Path] = ()) -> None:
         """Refuse outputs that cannot be written, or that would overwrite one of ``inputs`` (the model, the
@@ -75,6 +99,16 @@ class ResultsStore:
             if "path_bytes" not in got.names or "model_sha256" not in got.names:
                 raise InsightADError(f"{self.out}: exists and is not an insightad batch results table; "
                                      "choose another --out")
+
+    def remove_leftovers(self) -> None:
+        """Remove the temporaries of parts and of ``out`` that a run killed while writing them left behind (they
+        would stay forever: part names are never reused, and they keep the parts folder from being removed).
+        Called with the lock held: no other writer of these names is alive."""
+        import glob
+
+        if self.parts_dir.is_dir():
+            remove_temporaries(self.parts_dir, "part-*", older_than=0)
+        remove_temporaries(self.table.parent, glob.escape(self.table.name), older_than=0)
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
@@ -123,7 +157,8 @@ class ResultsStore:
         if self.csv is not None:
             import pyarrow.csv as pacsv
 
-            atomic_write(self.csv, lambda tmp: pacsv.write_csv(t.drop_columns(["path_bytes"]), tmp))
+            shown = _guarded(t.drop_columns(["path_bytes"]))
+            atomic_write(self.csv, lambda tmp: pacsv.write_csv(shown, tmp))
         for p in parts:
             p.unlink(missing_ok=True)
         if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):

@@ -29,7 +29,6 @@ only the newest row of each path; until then both are only appended to.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import time
@@ -40,10 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from insightad.data.images import no_images_message
 from insightad.errors import InsightADError
 from insightad.io import (
     TMP_SUFFIX,
     atomic_write_bytes,
+    csv_text,
+    csv_value,
     durable_copy,
     file_identity,
     folder_lock,
@@ -59,6 +61,8 @@ CSV_NAME = "results.csv"
 # size, mtime_ns: the source's identity when it was scored (what a resume compares; empty if unknown)
 FIELDS = ("path", "score", "score_normalized", "anomalous", "decision", "destination", "error", "size", "mtime_ns")
 DECISIONS = ("normal", "anomalous")
+REQUIRED_COLUMNS = ("path", "decision", "destination")  # what a resume reads from results.csv
+INTENT_KEYS = {"path", "dest", "decision", "score"}  # what recovery reads from an intent
 # File names are bytes on POSIX: a name that is not valid UTF-8 reaches Python as lone surrogates, and
 # ``surrogateescape`` writes those back as the original bytes, so the CSV and the journal round-trip it.
 ENCODING, NAME_ERRORS = "utf-8", "surrogateescape"
@@ -121,6 +125,73 @@ def _cut_torn_tail(path: Path) -> None:
             fsync_file(f)
 
 
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """The rows of ``results.csv`` (cells as written, the formula guard of ``io.csv_cell`` taken off) and its
+    columns; a byte-order mark (the file saved again by a spreadsheet) is no part of the first column's name."""
+    with open(path, newline="", encoding="utf-8-sig", errors=NAME_ERRORS) as f:
+        reader = csv.DictReader(f)
+        rows = [{k: csv_value(v) if isinstance(v, str) else v for k, v in r.items()} for r in reader]
+        return rows, tuple(reader.fieldnames or FIELDS)
+
+
+def _first_line(path: Path, what: str) -> bytes | None:
+    """The first line of an output file this sort reads back (None when there is none), or one line refusing a
+    folder, pipe or device that took its name."""
+    if not os.path.lexists(path):
+        return None
+    if not path.is_file():
+        raise InsightADError(f"{path}: expected {what}, got a folder or a special file; move it away or use a new --out")
+    with open(path, "rb") as f:
+        return f.readline()
+
+
+def _check_csv_columns(path: Path) -> None:
+    """Refuse a ``results.csv`` that is not one sort wrote (a file of the user's, another tool's CSV) before
+    anything in it is cut short or appended to; one whose header a kill cut short is sort's."""
+    first = _first_line(path, "sort's CSV of results")
+    text = (first or b"").decode(ENCODING, NAME_ERRORS).removeprefix("\ufeff").rstrip("\r\n")
+    if not text or (",".join(FIELDS).startswith(text) and not (first or b"").endswith(b"\n")):
+        return
+    missing = [c for c in REQUIRED_COLUMNS if c not in next(csv.reader([text]))]
+    if missing:
+        raise InsightADError(f"{path}: not a results file of insightad sort (no {', '.join(missing)} "
+                             f"column{'s' if len(missing) > 1 else ''}); "
+                             "move it away or use a new --out")
+
+
+def _journal_header(path: Path) -> dict[str, Any] | None:
+    """The header of this folder's journal; None when there is none yet (or a kill cut it short: it is written
+    again). A file of that name that is not sort's journal is refused before anything is cut or appended."""
+    first = _first_line(path, "sort's journal")
+    if not first or not first.endswith(b"\n"):
+        return None
+    try:
+        header = json.loads(first)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != "header":
+        raise InsightADError(f"{path}: not a journal of insightad sort (line 1 is no header); move it away or "
+                             "use a new --out")
+    return header
+
+
+def _read_intents(path: Path) -> list[dict[str, Any]]:
+    """The intents of the journal (after its header); a line that is not one is refused, naming the line."""
+    intents = []
+    for n, line in enumerate(path.read_text(encoding=ENCODING, errors=NAME_ERRORS).splitlines()[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            it = json.loads(line)
+        except ValueError:
+            it = None
+        if not isinstance(it, dict) or not INTENT_KEYS <= it.keys():
+            raise InsightADError(f"{path}: line {n} is not an intent of insightad sort (damaged?); move the folder "
+                                 "away or use a new --out")
+        intents.append(it)
+    return intents
+
+
 def _transfer(src: Path, dest: Path, move: bool) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if move and os.stat(src).st_dev == os.stat(dest.parent).st_dev:
@@ -173,22 +244,20 @@ class FolderSorter:
     def _open(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Create or reopen the journal and CSV; returns (CSV rows, intents)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        header = _journal_header(self.journal_path)  # both checked before either is cut or written to
+        _check_csv_columns(self.csv_path)
+        if header is not None:
+            self._check_same_run(header)
         _cut_torn_tail(self.journal_path)
         _cut_torn_tail(self.csv_path)
         intents: list[dict[str, Any]] = []
-        if self.journal_path.exists() and self.journal_path.stat().st_size:
-            lines = self.journal_path.read_text(encoding=ENCODING, errors=NAME_ERRORS).splitlines()
-            header = json.loads(lines[0])
-            self._check_same_run(header)
-            intents = [json.loads(x) for x in lines[1:] if x.strip()]
+        if header is not None:
+            intents = _read_intents(self.journal_path)
         else:
             self._append(self.journal_path, json.dumps(self._header()) + "\n")
         done: list[dict[str, Any]] = []
         if self.csv_path.exists() and self.csv_path.stat().st_size:
-            with open(self.csv_path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
-                reader = csv.DictReader(f)
-                done = list(reader)
-                self.fields = tuple(reader.fieldnames or FIELDS)  # a run begun by an older version keeps its columns
+            done, self.fields = _read_rows(self.csv_path)  # a run begun by an older version keeps its columns
         else:
             self._append(self.csv_path, ",".join(FIELDS) + "\n")
         return done, intents
@@ -216,12 +285,8 @@ class FolderSorter:
             fsync_file(f)
 
     def _csv_text(self, rows: list[dict[str, Any]]) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=getattr(self, "fields", FIELDS), lineterminator="\n",
-                           extrasaction="ignore")
-        for r in rows:
-            w.writerow(r)
-        return buf.getvalue()
+        """Rows without the header, in this CSV's columns (every text cell guarded: ``io.csv_text``)."""
+        return csv_text(getattr(self, "fields", FIELDS), rows, header=False)
 
     def _row(self, path: Path, score: float, normalized: float | None, decision: str, dest: str = "",
              error: str = "", ident: Identity | None = None) -> dict[str, Any]:
@@ -298,8 +363,7 @@ class FolderSorter:
     def _compact(self) -> None:
         """After a completed run: the journal back to its header (every intent has its row), then
         ``results.csv`` with only the newest row of each path; each replaced whole under a temporary name."""
-        with open(self.csv_path, newline="", encoding=ENCODING, errors=NAME_ERRORS) as f:
-            rows = list(csv.DictReader(f))
+        rows, _ = _read_rows(self.csv_path)
         newest = {r["path"]: i for i, r in enumerate(rows)}
         header = self.journal_path.read_bytes().split(b"\n", 1)[0] + b"\n"
         atomic_write_bytes(self.journal_path, header)
@@ -416,8 +480,23 @@ class FolderSorter:
         """Sort every image not finished yet; resumable after any interruption."""
         t0 = time.perf_counter()
         self._check_outputs()
+        _journal_header(self.journal_path)  # a file sort did not write is refused before the lock file is added
+        _check_csv_columns(self.csv_path)
+        self._check_images()
         with folder_lock(self.out, "insightad sort"):  # two runs on one --out would each copy everything
             return self._run_locked(t0)
+
+    def _check_images(self) -> None:
+        """A new sort of a folder without images is refused before its lock, journal or CSV is written: a refused
+        run leaves the output folder as it found it (the CLI removes the folder its checks made)."""
+        if os.path.lexists(self.journal_path) or os.path.lexists(self.csv_path):
+            return  # an earlier run's: its rows are still read (and an emptied folder is not an error then)
+        if next(self._walk(), None) is None:
+            self._refuse_no_images()
+
+    def _refuse_no_images(self) -> None:
+        raise InsightADError(no_images_message(self.src, self.summary.not_images, "sort takes images by their "
+                                               "names: rename them to sort them"))
 
     def _check_outputs(self) -> None:
         """Refuse before any work when ``out/normal`` or ``out/anomalous`` resolves elsewhere."""
@@ -434,7 +513,7 @@ class FolderSorter:
         self._recover(intents, done)
         rels = self._pending(done)
         if not rels and not done:
-            raise InsightADError(f"{self.src}: no images found (expected .png, .jpg, .jpeg, .bmp, .tif or .tiff files)")
+            self._refuse_no_images()
         bar = tqdm(total=len(rels), desc="sort", unit="img", disable=not self.progress)
         try:
             if self.scorer is not None:  # scored elsewhere (Ray), chunk by chunk; placed here, one chunk at a time

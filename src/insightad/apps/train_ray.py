@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from insightad.apps.batch_ray import connect, import_ray
+from insightad.apps.batch_ray import connect, import_ray, worker_error
 from insightad.errors import InsightADError
 
 
@@ -46,6 +46,12 @@ def ray_shards(method: str, params: dict[str, Any], workers: int, address: str =
         k = max(1, min(workers, n))
         bounds = [round(i * n / k) for i in range(k + 1)]
         refs = [remote.remote(method, params, name, list(images[a:b])) for a, b in zip(bounds, bounds[1:]) if b > a]
-        return ray.get(refs)
+        try:
+            return ray.get(refs)
+        except Exception as e:  # noqa: BLE001 - a worker's InsightADError is one line, as in a single process
+            found = worker_error(e)
+            if found is None:
+                raise
+            raise found from None
 
     return run

@@ -11,11 +11,13 @@ from insightad.cli.common import (
     add_engine_flags,
     add_model_flag,
     add_progress_flag,
+    expand_home,
     load_inference_model,
     new_parser,
     parse_threshold,
     positive_int,
     print_json,
+    sigterm_as_interrupt,
     with_config,
 )
 from insightad.errors import InsightADError
@@ -28,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "batch", "score many images into a Parquet table, in this process or on a Ray cluster",
                    "Score every image of --input (a folder, searched recursively; a text file of paths, one a "
                    "line; or a glob) and write one row per input to --out (Parquet): path, path_bytes (the exact "
-                   "bytes of the name), score, score_normalized, anomalous, threshold, error, model_sha256, time. "
+                   "bytes of the name), score, score_normalized, anomalous, threshold, error, model_sha256, time, map, "
+                   "overlay, and the file's size and mtime_ns. "
                    "An unreadable image is an error row and the exit code is 1. Rows are committed chunk by chunk: "
                    "an interrupted run started again with the same --out skips what is done (by path and model "
                    "file hash), and never writes a row twice; a row without the --maps/--overlays asked for is "
@@ -36,9 +39,13 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "auto|HOST:PORT joins a running cluster (see docs/scale.md).")
     add_model_flag(p)
     p.add_argument("--input", required=True, metavar="SOURCE",
-                   help="folder of images (recursive), text file of image paths, or a glob such as 'dir/**/*.png'")
+                   help="folder of images (recursive), text file of image paths (one a line, relative ones from the "
+                   "file's folder; blank lines and lines starting with # are skipped, unless such a line names an "
+                   "existing file), or a glob such as 'dir/**/*.png'")
     p.add_argument("--out", required=True, metavar="RESULTS.parquet", help="Parquet results table (resumable)")
-    p.add_argument("--csv", metavar="FILE.csv", help="also write the results as CSV (without path_bytes)")
+    p.add_argument("--csv", metavar="FILE.csv",
+                   help="also write the results as CSV (without path_bytes; a cell a spreadsheet would run as a "
+                   "formula is written after a ')")
     p.add_argument("--maps", metavar="DIR", help="write each image's anomaly map as <name>.map.npy (float32) here")
     p.add_argument("--overlays", metavar="DIR", help="write each image's overlay as <name>.overlay.png here")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
@@ -75,6 +82,13 @@ def check_folders(folders: dict[str, str], store: ResultsStore, model: str, imag
 
 
 def run(args: argparse.Namespace) -> int:
+    """SIGTERM stops a run like Ctrl-C: finished chunks are kept, and it says how to finish."""
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    expand_home(args, "model", "input", "out", "csv", "maps", "overlays", "threshold")
     try:
         import pyarrow  # noqa: F401 - the results are Parquet
     except ImportError:
@@ -97,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
                            "whatever their names")
     if note:
         print(f"insightad: note: {note}", file=sys.stderr)
+    if source.repeats:
+        lines = "1 line names" if source.repeats == 1 else f"{source.repeats} lines name"
+        print(f"insightad: note: {args.input}: {lines} an image listed before (the same path once normalised); each "
+              "image is scored once, in one row", file=sys.stderr)
     inputs = [args.model, *source_inputs(args.input, source)]
     store = ResultsStore(Path(args.out), Path(args.csv) if args.csv else None)
     store.check(inputs)

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -166,6 +167,37 @@ def warnings_as_lines() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.showwarning = show
         yield
+
+
+def expand_home(args: argparse.Namespace, *names: str) -> None:
+    """Expand ``~`` once in the path options ``names`` of ``args``. A shell expands it only at the start of a word
+    of its own, not in ``--out=~/r.parquet`` nor in a --config file; used as given, such a path named a folder
+    called ``~`` in the working directory, while the output checks (and pyarrow) took it as the home folder."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager, ``kill``, a cluster scheduler) stops the command like Ctrl-C for the duration:
+    the work unwinds (temporaries removed, checkpoints or finished chunks kept) and says how to resume, instead of
+    the process dying mid-write. The previous handler is restored after (a caller in the same process)."""
+    import signal
+    import threading
+
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_json(obj: Any) -> None:

@@ -10,11 +10,13 @@ from insightad.cli.common import (
     add_engine_flags,
     add_model_flag,
     add_progress_flag,
+    expand_home,
     load_inference_model,
     new_parser,
     parse_threshold,
     positive_int,
     print_json,
+    sigterm_as_interrupt,
     with_config,
 )
 from insightad.errors import InsightADError
@@ -24,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "sort", "sort a folder of images into normal/ and anomalous/ with a CSV of scores",
                    "Score every image under --input (sub-folders included) in batches and copy it (or --move it) "
                    "to OUT/normal/ or OUT/anomalous/ (keeping its relative path), writing OUT/results.csv with "
-                   "path, score, score_normalized, decision, destination and error. Unreadable images are listed "
+                   "path, score, score_normalized, anomalous, decision, destination, error, size and mtime_ns (a "
+                   "cell a spreadsheet would run as a formula is written after a '). Unreadable images are listed "
                    "as errors and left in place, and make the exit status 1 (after everything else is sorted). "
                    "An interrupted run started again with the same arguments finishes what it had begun and skips "
                    "what is done: no image is lost or duplicated. A run on the same --out skips only images "
@@ -56,6 +59,13 @@ def default_out(input_dir: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    """SIGTERM stops a sort like Ctrl-C: the journal says what was done, and it says how to finish."""
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    expand_home(args, "model", "input", "out", "threshold")
     from insightad.apps.sort import FolderSorter, check_folders
     from insightad.data.images import not_scored_note
 

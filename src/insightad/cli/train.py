@@ -14,6 +14,7 @@ from insightad.cli.common import (
     data_params,
     new_parser,
     positive_int,
+    sigterm_as_interrupt,
     warnings_as_lines,
     with_config,
 )
@@ -123,24 +124,16 @@ def train_inputs(args: argparse.Namespace, params) -> list[str]:
     return [str(p) for p in found if p]
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a service manager, ``kill``) stops training like Ctrl-C: the training loop then keeps its
-    last complete checkpoint and says how to resume, instead of the process dying mid-write."""
-    import signal
-    import threading
-
-    def raise_interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_interrupt)
-
-
 def run(args: argparse.Namespace) -> int:
+    """SIGTERM stops training like Ctrl-C: the loop keeps its last complete checkpoint and says how to resume."""
+    with sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from insightad.apps.train import BACKBONE_METHODS, params_class, train_model
     from insightad.runtime import TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
 
-    _interrupt_on_sigterm()
     if args.method in BACKBONE_METHODS:
         return run_backbone(args)
     pin_mmap_threshold(TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD)  # lower peak RSS (runtime.pin_mmap_threshold)

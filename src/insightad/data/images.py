@@ -40,6 +40,17 @@ def not_scored_note(folder: str | Path, skipped: Sequence[str | Path | bytes], w
             f"(images: {' '.join(IMAGE_EXTENSIONS)}, not *_mask.*), e.g. {example}; {what}")
 
 
+def no_images_message(folder: str | Path, skipped: Sequence[str | Path | bytes], what: str) -> str:
+    """The one line for a folder with nothing to score: which files are images, and, when the folder holds files
+    passed over by their names (only ``*_mask.png``, only ``.webp``), how many and what to do (``what``) -- not
+    just 'no images found' for a folder full of .png masks."""
+    text = f"{os.fsdecode(folder)}: no images found (expected {', '.join(IMAGE_EXTENSIONS)} files, not *_mask.*)"
+    if not skipped:
+        return text
+    example = os.path.basename(os.fsdecode(skipped[0]))
+    return f"{text}; {len(skipped)} files passed over by their names, e.g. {example}; {what}"
+
+
 def other_image_formats(paths: Sequence[Path]) -> list[Path]:
     """The files among ``paths`` named as images of a format InsightAD does not accept (.webp, .gif, .ppm, ...:
     what Pillow registers): in a dataset folder, images someone meant to be used, not notes or model files."""

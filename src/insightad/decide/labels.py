@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from insightad.errors import InsightADError
-from insightad.io import file_sha256  # noqa: F401 - re-exported for the page and calibrate
+from insightad.io import (
+    csv_value,
+    file_sha256,  # noqa: F401 - re-exported for the page and calibrate
+)
 
 LABELS = {"normal": False, "anomalous": True}
 PATH_FORM = ("path", "label")
@@ -42,14 +45,6 @@ class LabelFile:
     def paths(self) -> list[Path]:
         base = self.source.parent
         return [Path(n) if Path(n).is_absolute() else base / n for n in self.names]
-
-
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes for the start of a formula
-
-
-def unguarded(name: str) -> str:
-    """A CSV name without the ' that guards one a spreadsheet would run as a formula (``'=x.png`` -> ``=x.png``)."""
-    return name[1:] if name[:1] == "'" and name[1:2] in FORMULA_START else name
 
 
 def read_labels(path: str | Path) -> LabelFile:
@@ -78,7 +73,7 @@ def read_labels(path: str | Path) -> LabelFile:
     for r in rows:  # a name written after a ' so that a spreadsheet does not run it (the page's export)
         for key in ("name", "path"):
             if key in r:
-                r[key] = unguarded(r[key])
+                r[key] = csv_value(r[key])
     for i, r in enumerate(rows, start=2):  # row 1 is the header
         lab = r.get("label", "").lower()
         if lab not in LABELS:

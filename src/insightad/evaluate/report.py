@@ -16,8 +16,6 @@ Files written into DIR (each atomically):
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -32,7 +30,7 @@ from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
 from insightad.evaluate.metrics import image_metrics, pixel_coverage, undefined_text
-from insightad.io import atomic_write, fsync_dir, printable
+from insightad.io import atomic_write, csv_text, fsync_dir, printable
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
 # Figures a report writes only when its images allow (both classes): one left by an earlier report into the same
@@ -106,12 +104,9 @@ def per_defect_rows(defects: list[str], scores: np.ndarray, threshold: float) ->
 
 
 def per_defect_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
+    """The per-defect table as CSV; a defect name is a folder name, so it goes through ``io.csv_text``'s guard."""
+    return csv_text(list(rows[0]), ({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                                    for r in rows))
 
 
 def per_defect_markdown(rows: list[dict[str, Any]], threshold: float) -> str:

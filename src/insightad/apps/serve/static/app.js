@@ -557,10 +557,11 @@ function csvField(v) {
 }
 
 // A name a spreadsheet would run as a formula (=, +, -, @, tab or CR first) is written after a ' (OWASP's CSV
-// injection advice); calibrate --labels reads the name back without it.
+// injection advice), and so is one that starts with ' itself, as insightad.io.csv_cell does for every CSV the
+// tool writes; calibrate --labels reads the name back without it (insightad.io.csv_value).
 function csvName(name) {
   const s = String(name);
-  return /^[=+\-@\t\r]/.test(s) ? `'${s}` : s;
+  return /^[=+\-@\t\r']/.test(s) ? `'${s}` : s;
 }
 
 function exportLabels() {
