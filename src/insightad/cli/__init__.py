@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
-        _check_spellings(parser, args.command, argv)
+        command = args.command
+        _check_spellings(parser, command, argv)
         prepare = getattr(args, "_prepare", None)
         if prepare:
             args = prepare(args)
@@ -100,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, action.dest, None) is None:
                 raise InsightADError(f"{action.option_strings[0]}: required; pass it as a flag or set "
                                      f"{action.dest!r} in the --config file {args.config}")
-        from insightad.cli.common import warnings_as_lines
+        from insightad.cli.common import sigterm_as_interrupt, warnings_as_lines
 
-        with warnings_as_lines():  # every sub-command: a warning is one line, never Python's with a source line
+        # Every sub-command: a warning is one line, never Python's with a source line; SIGTERM (a service manager,
+        # `kill`, a scheduler) stops it as Ctrl-C does: temporaries removed, finished work kept, resume said.
+        # serve leaves SIGTERM to the server: a graceful shutdown, then the signal's own exit status.
+        stop = contextlib.nullcontext() if command == "serve" else sigterm_as_interrupt()
+        with warnings_as_lines(), stop:
             rc = int(args._run(args) or 0)
         ok = rc == 0
         return rc

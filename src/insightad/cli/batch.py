@@ -17,7 +17,6 @@ from insightad.cli.common import (
     parse_threshold,
     positive_int,
     print_json,
-    sigterm_as_interrupt,
     with_config,
 )
 from insightad.errors import InsightADError
@@ -82,12 +81,6 @@ def check_folders(folders: dict[str, str], store: ResultsStore, model: str, imag
 
 
 def run(args: argparse.Namespace) -> int:
-    """SIGTERM stops a run like Ctrl-C: finished chunks are kept, and it says how to finish."""
-    with sigterm_as_interrupt():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     expand_home(args, "model", "input", "out", "csv", "maps", "overlays", "threshold")
     try:
         import pyarrow  # noqa: F401 - the results are Parquet

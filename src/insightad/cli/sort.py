@@ -16,7 +16,6 @@ from insightad.cli.common import (
     parse_threshold,
     positive_int,
     print_json,
-    sigterm_as_interrupt,
     with_config,
 )
 from insightad.errors import InsightADError
@@ -59,12 +58,6 @@ def default_out(input_dir: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    """SIGTERM stops a sort like Ctrl-C: the journal says what was done, and it says how to finish."""
-    with sigterm_as_interrupt():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     expand_home(args, "model", "input", "out", "threshold")
     from insightad.apps.sort import FolderSorter, check_folders
     from insightad.data.images import not_scored_note

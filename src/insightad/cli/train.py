@@ -14,7 +14,6 @@ from insightad.cli.common import (
     data_params,
     new_parser,
     positive_int,
-    sigterm_as_interrupt,
     warnings_as_lines,
     with_config,
 )
@@ -125,12 +124,6 @@ def train_inputs(args: argparse.Namespace, params) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """SIGTERM stops training like Ctrl-C: the loop keeps its last complete checkpoint and says how to resume."""
-    with sigterm_as_interrupt():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from insightad.apps.train import BACKBONE_METHODS, params_class, train_model
     from insightad.runtime import TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
 
