@@ -67,9 +67,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         group.add_argument(*names, **kw)
 
 
-def gather(args: argparse.Namespace, cls: type, **fixed: Any) -> Any:
-    """The dataclass from parsed flags (and config-file defaults), validated."""
-    names = {f.name for f in dataclasses.fields(cls)}
+def gather(args: argparse.Namespace, cls: type, *, skip: tuple[str, ...] = (), **fixed: Any) -> Any:
+    """The dataclass from parsed flags (and config-file defaults), validated. ``skip``: fields left at their
+    defaults, as ``add_dataclass_args(skip=...)`` gave them no flag (a flag of the same name set for another
+    dataclass, such as a trained method's --time-budget, is not theirs)."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(fixed)
     return config.build(cls, values)
