@@ -56,3 +56,38 @@ def test_p46_tiled_models_are_validated_on_their_tiles(method, mvtec_dir, tmp_pa
                             tmp_path / "m.safetensors", progress=False, decision=DecisionParams())
     decision = det.threshold_info_["decision"]
     assert decision["validation"].startswith("heldout-fold") and decision["n_normal"] >= 2
+
+
+def _rewrite_checkpoint_meta(path, change) -> None:
+    """Rewrite a checkpoint's metadata (``change(dict) -> str``), tensors as they were."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from insightad.training.checkpoint import META_KEY
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    save_file(load_file(str(path)), str(path), metadata={META_KEY: change(meta)})
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: "{not json", "not a JSON object"),
+    (lambda m: "[1, 2]", "not a JSON object"),
+    (lambda m: __import__("json").dumps({k: v for k, v in m.items() if k != "history"}), "'history' is missing"),
+    (lambda m: __import__("json").dumps({k: v for k, v in m.items() if k != "optimizer"}), "'optimizer' is missing"),
+    (lambda m: __import__("json").dumps({**m, "epoch": "x"}), "'epoch' is \"x\""),
+    (lambda m: __import__("json").dumps({**m, "history": [1]}), "'history' holds an entry"),
+    (lambda m: __import__("json").dumps({**m, "format_version": "abc"}), "unsupported checkpoint format"),
+])
+def test_p46_a_damaged_checkpoint_is_one_line_on_resume(tmp_path, change, field):
+    """--resume on a checkpoint whose metadata was cut or edited: JSONDecodeError, KeyError, AttributeError,
+    TypeError or ValueError tracebacks before; one line naming the file and the field now."""
+    from tests.test_training_loop import _params, _train
+
+    _train(_params(tmp_path, epochs=1))
+    _rewrite_checkpoint_meta(tmp_path / "checkpoint.safetensors", change)
+    with pytest.raises(InsightADError, match="checkpoint.safetensors: ") as e:
+        _train(_params(tmp_path, epochs=2, resume=True))
+    assert field in str(e.value) and "\n" not in str(e.value)
