@@ -91,3 +91,27 @@ def test_p46_a_damaged_checkpoint_is_one_line_on_resume(tmp_path, change, field)
     with pytest.raises(InsightADError, match="checkpoint.safetensors: ") as e:
         _train(_params(tmp_path, epochs=2, resume=True))
     assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_p46_ctrl_c_during_the_validation_says_the_training_is_kept(mvtec_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a trained method's validation model was refitted printed "interrupted during epoch 6; nothing
+    was saved", though the final model's checkpoint held every epoch (--resume skips straight to the
+    validation). It now names that checkpoint and --resume."""
+    from insightad.apps.train import train_model
+    from insightad.training.loop import TrainingLoop
+
+    real_epoch = TrainingLoop._train_epoch
+
+    def ctrl_c_in_validation_models(self, *args, **kwargs):
+        if self.dir is None:  # the validation model trains without a checkpoint folder
+            raise KeyboardInterrupt
+        return real_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingLoop, "_train_epoch", ctrl_c_in_validation_models)
+    params = {"arch": "bottleneck", "image_size": 32, "epochs": 1, "batch_size": 8}
+    with pytest.raises(KeyboardInterrupt):
+        train_model(mvtec_dir, "autoencoder", params, DataParams(), tmp_path / "m.safetensors", progress=False,
+                    decision=DecisionParams())
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "m.training" / "checkpoint.safetensors"
+    assert "nothing was saved" not in err and str(checkpoint) in err and "--resume" in err and checkpoint.is_file()

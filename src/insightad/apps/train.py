@@ -122,10 +122,7 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
         det = create_detector(method, **with_training_dir(method, params, out))
         det.fit(paths, progress=progress, shards=shards)
         if decision is not None:
-            from insightad.methods.crossfit import validate_and_decide
-
-            validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms,
-                                decision.folds, dp.seed)
+            _validate(det, paths, decision, dp.seed)
     det.split_ = split_record(ds, train, held, dp, hashes)
     backbone = backbone_training(det)
     if backbone is not None:
@@ -133,6 +130,24 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
         _warn_backbone_saw_held_out(backbone, ds, held)
     path = save_model(det, out)
     return det, path, det.split_
+
+
+def _validate(det: Detector, paths: list[Path], decision: DecisionParams, seed: int) -> None:
+    """Choose the threshold out of fold. Ctrl-C here comes after the training itself: say that its checkpoint is
+    complete, so --resume goes straight back to the validation instead of training again."""
+    import sys
+
+    from insightad.methods.crossfit import validate_and_decide
+
+    try:
+        validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms, decision.folds, seed)
+    except KeyboardInterrupt:
+        checkpoint = getattr(getattr(det, "training_", None), "checkpoint", None)
+        if checkpoint is not None:
+            print(f"{det.method}: interrupted while choosing the threshold (out-of-fold validation), after the "
+                  f"training: its checkpoint {checkpoint} is complete; run again with --resume to skip the training",
+                  file=sys.stderr)
+        raise
 
 
 def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | None, str]:

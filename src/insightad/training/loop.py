@@ -205,10 +205,7 @@ class TrainingLoop:
                 if self._out_of_time:
                     break
         except KeyboardInterrupt:
-            self._write_curves(state)
-            where = (f"the last complete checkpoint (epoch {state['epoch']}) is {self.checkpoint_path}; "
-                     "continue with --resume") if self.dir is not None and state["epoch"] else "nothing was saved"
-            print(f"{self.name}: interrupted during epoch {epoch + 1}; {where}", file=sys.stderr)
+            self._say_interrupted(state, epoch)
             raise
         finally:
             epochs.close()
@@ -229,6 +226,17 @@ class TrainingLoop:
         return result
 
     # ------------------------------------------------------------------ pieces
+    def _say_interrupted(self, state: dict[str, Any], epoch: int) -> None:
+        """Ctrl-C: where the last complete epoch is kept. A run without a checkpoint folder (a validation model
+        refitted on some folds) says nothing: "nothing was saved" read as if the whole training were lost, while
+        the final model's own checkpoint was complete (its caller says so)."""
+        if self.dir is None:
+            return
+        self._write_curves(state)
+        where = (f"the last complete checkpoint (epoch {state['epoch']}) is {self.checkpoint_path}; continue with "
+                 "--resume") if state["epoch"] else "no epoch was complete, so nothing was saved"
+        print(f"{self.name}: interrupted during epoch {epoch + 1}; {where}", file=sys.stderr)
+
     def _batches(self, n: int, generator: torch.Generator | None) -> list[torch.Tensor]:
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         return list(order.split(self.p.batch_size))
