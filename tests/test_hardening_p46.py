@@ -115,3 +115,33 @@ def test_p46_ctrl_c_during_the_validation_says_the_training_is_kept(mvtec_dir, t
     err = capsys.readouterr().err
     checkpoint = tmp_path / "m.training" / "checkpoint.safetensors"
     assert "nothing was saved" not in err and str(checkpoint) in err and "--resume" in err and checkpoint.is_file()
+
+
+def test_p46_resume_continues_the_backbone_fine_tune_instead_of_redoing_it(mvtec_dir, tmp_path, monkeypatch):
+    """``train --method svdd --backbone ssl --resume`` fine-tuned the backbone again from scratch (11 minutes on a
+    CPU, and on a GPU maybe other weights under a checkpoint trained on the first ones); the fine-tune now continues
+    from its own checkpoint beside the model, as the detector does."""
+    import torch
+    from safetensors.torch import load_file
+
+    from insightad.apps.train import train_model
+    from insightad.training.loop import TrainingLoop
+
+    out = tmp_path / "m.safetensors"
+    params = {"backbone": "ssl", "weights": "random", "image_size": 32, "epochs": 1, "batch_size": 8,
+              "val_fraction": 0.0}
+    train_model(mvtec_dir, "svdd", params, DataParams(), out, progress=False)
+    backbone = tmp_path / "m.backbone.safetensors"
+    before = load_file(str(backbone))
+    real_epoch = TrainingLoop._train_epoch
+
+    def no_ssl_epochs(self, *args, **kwargs):
+        assert self.name != "ssl", "the backbone was fine-tuned again"
+        return real_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingLoop, "_train_epoch", no_ssl_epochs)
+    det, _, _ = train_model(mvtec_dir, "svdd", {**params, "epochs": 2, "resume": True}, DataParams(), out,
+                            progress=False)
+    assert det.training_.resumed_from == 1 and det.training_.epochs_run == 2
+    after = load_file(str(backbone))  # the same weights (the file's metadata says it was resumed)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
