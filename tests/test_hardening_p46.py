@@ -145,3 +145,20 @@ def test_p46_resume_continues_the_backbone_fine_tune_instead_of_redoing_it(mvtec
     assert det.training_.resumed_from == 1 and det.training_.epochs_run == 2
     after = load_file(str(backbone))  # the same weights (the file's metadata says it was resumed)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_p46_resume_on_other_images_says_so(tmp_path):
+    """A checkpoint made on other images was refused as "made with data = '46b770423508a3c3', this run has
+    '6273dab3b7af95b9'": a digest the user cannot read. It now says the training images differ."""
+    from insightad.training import TrainingLoop
+    from tests.test_training_loop import Classify, TinyNet, _images, _params
+
+    TrainingLoop(_params(tmp_path, epochs=1), name="t", fingerprint={"data": "aaaa"}).run(TinyNet(), Classify(),
+                                                                                         _images())
+    again = TrainingLoop(_params(tmp_path, epochs=2, resume=True), name="t", fingerprint={"data": "bbbb"})
+    with pytest.raises(InsightADError, match="made on other training images") as e:
+        again.run(TinyNet(), Classify(), _images())
+    assert "aaaa" not in str(e.value)
+    with pytest.raises(InsightADError, match="made on other training images"):  # so is another number of images
+        TrainingLoop(_params(tmp_path, epochs=2, resume=True), name="t", fingerprint={"data": "aaaa"}).run(
+            TinyNet(), Classify(), _images(20))

@@ -318,8 +318,11 @@ class TrainingLoop:
         diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]
         if diff:
             k = diff[0]
-            raise InsightADError(f"{path}: cannot resume: the checkpoint was made with {k} = {old.get(k)!r}, "
-                                 f"this run has {fp.get(k)!r} (train without --resume to start over)")
+            made = (f"with {k} = {old.get(k)!r}, this run has {fp.get(k)!r}" if k not in ("data", "n_train", "n_val")
+                    else "on other training images (their paths, number or order differ: another dataset, "
+                         "--holdout, --seed or --val-fraction)")
+            raise InsightADError(f"{path}: cannot resume: the checkpoint was made {made} (train without --resume "
+                                 "to start over)")
         try:
             model.load_state_dict(model_sd, strict=True)
             optimizer.load_state_dict(optim_sd)
