@@ -162,3 +162,14 @@ def test_p46_resume_on_other_images_says_so(tmp_path):
     with pytest.raises(InsightADError, match="made on other training images"):  # so is another number of images
         TrainingLoop(_params(tmp_path, epochs=2, resume=True), name="t", fingerprint={"data": "aaaa"}).run(
             TinyNet(), Classify(), _images(20))
+
+
+def test_p46_a_config_key_of_another_method_names_the_method(mvtec_dir, tmp_path, capsys):
+    """A config file for svdd used with --method padim said "unknown key 'epochs' in [train] (not an option of
+    'insightad train')", though epochs is one of train's options (svdd's); it names the method now."""
+    cfg = tmp_path / "svdd.toml"
+    cfg.write_text('[train]\nmethod = "svdd"\nepochs = 2\n')
+    code = main(["train", "--config", str(cfg), "--method", "padim", "--data", str(mvtec_dir),
+                 "--out", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and "'epochs'" in err and "'insightad train --method padim'" in err, err

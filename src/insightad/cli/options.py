@@ -174,12 +174,15 @@ def _unknown_key(path: str, where: str, key: str, valid: set[str]) -> InsightADE
     return InsightADError(f"{path}: unknown key {key!r}{where}{hint}")
 
 
-def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str, command: str) -> None:
-    """Config values become parser defaults, so flags still win. A key no option takes is an error."""
+def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str, command: str,
+                 shown: str | None = None) -> None:
+    """Config values become parser defaults, so flags still win. A key no option takes is an error, naming the
+    command as ``shown`` (e.g. ``train --method padim``: 'epochs' is an option of train, not of padim's)."""
     keys = option_keys(parser)
     for key in cfg["__section__"]:
         if key not in keys:
-            raise _unknown_key(path, f" in [{command}] (not an option of 'insightad {command}')", key, set(keys))
+            raise _unknown_key(path, f" in [{command}] (not an option of 'insightad {shown or command}')", key,
+                               set(keys))
     flat_unknown = [k for k in cfg["__flat__"] if k not in keys]
     if flat_unknown:
         everywhere = all_config_keys()

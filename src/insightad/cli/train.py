@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
         add_dataclass_args(p, config.DetectorParams, title="hyper-parameters shared by the candidates")
     if method not in BACKBONE_METHODS:
         add_dataclass_args(p, config.DecisionParams, skip=decision_skip(method), title="the default threshold")
-    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train"), _argv=argv)
+    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train", f"train --method {method}"), _argv=argv)
 
 
 def decision_skip(method: str) -> tuple[str, ...]:
