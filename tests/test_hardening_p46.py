@@ -173,3 +173,14 @@ def test_p46_a_config_key_of_another_method_names_the_method(mvtec_dir, tmp_path
                  "--out", str(tmp_path / "m.safetensors")])
     err = capsys.readouterr().err
     assert code == 1 and "'epochs'" in err and "'insightad train --method padim'" in err, err
+
+
+def test_p46_auto_refuses_a_candidate_listed_twice(mvtec_dir, tmp_path, capsys):
+    """``--method auto --candidates padim,padim`` fitted padim twice and marked both rows of its table
+    "<- chosen"; a repeated candidate is refused before any fit now."""
+    out = tmp_path / "m.safetensors"
+    code = main(["train", "--method", "auto", "--candidates", "baseline,baseline", "--data", str(mvtec_dir),
+                 "--out", str(out), "--image-size", "32", "--no-onnx", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and "'baseline' is listed twice" in captured.err and "fitting" not in captured.err
+    assert not out.exists()
