@@ -184,3 +184,26 @@ def test_p46_auto_refuses_a_candidate_listed_twice(mvtec_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1 and "'baseline' is listed twice" in captured.err and "fitting" not in captured.err
     assert not out.exists()
+
+
+def test_p46_resume_after_early_stopping_follows_the_new_patience(tmp_path):
+    """A run that stopped early, resumed with a larger --patience (or 0: never stop early) and more epochs, trained
+    no further: the old run's "stopped early" was kept whatever patience the resumed run had (patience is one of
+    the settings a resume may change)."""
+    from insightad.training import TrainingLoop
+    from tests.test_training_loop import Classify, TinyNet, _images, _params
+
+    class Worse(Classify):  # the validation loss rises every epoch
+        def loss(self, model, batch):
+            loss, m = super().loss(model, batch)
+            return (loss if model.training else loss * 0 + self.calls), m
+
+    def run(**kw):
+        return TrainingLoop(_params(tmp_path, **kw), name="t").run(TinyNet(), Worse(), _images(), _images(6, seed=1))
+
+    first = run(epochs=10, patience=2)
+    assert first.stopped_early and first.epochs_run == 3
+    again = run(epochs=5, patience=0, resume=True)
+    assert again.epochs_run == 5 and not again.stopped_early and again.best_epoch == 1
+    same = run(epochs=8, patience=4, resume=True)  # 4 epochs without progress since epoch 1: stops at once
+    assert same.epochs_run == 5 and same.stopped_early

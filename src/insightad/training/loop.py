@@ -330,6 +330,8 @@ class TrainingLoop:
             raise InsightADError(f"{path}: the checkpoint does not fit this model ({str(e).splitlines()[0][:200]})"
                                  ) from None
         state = {k: info[k] for k in ("epoch", "history", "best_loss", "best_epoch", "bad_epochs", "stopped_early")}
+        # patience may change on resume: whether the run has stopped early is this run's rule, not the last one's
+        state["stopped_early"] = bool(self.p.patience) and state["bad_epochs"] >= self.p.patience
         return best, state
 
     def _write_curves(self, state: dict[str, Any]) -> list[Path]:
