@@ -61,6 +61,10 @@ def auto_fit(images: Sequence, common: dict[str, Any], decision: DecisionParams,
              log: Callable[[str], None] | None = None) -> tuple[Detector, list[Candidate]]:
     """Fit every candidate (in the order given) until the budget is spent; returns the chosen detector
     (with the table in ``selection_``) and all candidates."""
+    repeated = [m for i, m in enumerate(decision.candidates) if m in decision.candidates[:i]]
+    if repeated:  # it was fitted twice, and both rows of the table said "<- chosen"
+        raise InsightADError(f"--candidates: {repeated[0]!r} is listed twice; expected each method once, got "
+                             f"{','.join(decision.candidates)}")
     if factory is None:
         factory = lambda m, p: create_detector(m, **_params_for(m, p))
         unknown = [m for m in decision.candidates if m not in list_methods()]

@@ -14,6 +14,7 @@ from insightad.errors import InsightADError
 from insightad.methods import Detector, create_detector, get_method
 from insightad.methods.base import ShardRunner
 from insightad.model_file import save_model
+from insightad.training.checkpoint import FILE_NAME as CHECKPOINT_FILE
 
 
 def default_model_path(data: Path, method: str) -> Path:
@@ -122,10 +123,7 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
         det = create_detector(method, **with_training_dir(method, params, out))
         det.fit(paths, progress=progress, shards=shards)
         if decision is not None:
-            from insightad.methods.crossfit import validate_and_decide
-
-            validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms,
-                                decision.folds, dp.seed)
+            _validate(det, paths, decision, dp.seed)
     det.split_ = split_record(ds, train, held, dp, hashes)
     backbone = backbone_training(det)
     if backbone is not None:
@@ -133,6 +131,24 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
         _warn_backbone_saw_held_out(backbone, ds, held)
     path = save_model(det, out)
     return det, path, det.split_
+
+
+def _validate(det: Detector, paths: list[Path], decision: DecisionParams, seed: int) -> None:
+    """Choose the threshold out of fold. Ctrl-C here comes after the training itself: say that its checkpoint is
+    complete, so --resume goes straight back to the validation instead of training again."""
+    import sys
+
+    from insightad.methods.crossfit import validate_and_decide
+
+    try:
+        validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms, decision.folds, seed)
+    except KeyboardInterrupt:
+        checkpoint = getattr(getattr(det, "training_", None), "checkpoint", None)
+        if checkpoint is not None:
+            print(f"{det.method}: interrupted while choosing the threshold (out-of-fold validation), after the "
+                  f"training: its checkpoint {checkpoint} is complete; run again with --resume to skip the training",
+                  file=sys.stderr)
+        raise
 
 
 def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | None, str]:
@@ -185,8 +201,9 @@ def _fine_tune_first(ds: Dataset, train: list, held: list, dp: DataParams, param
                      progress: bool, log: Callable[[str], None] | None) -> dict[str, Any]:
     """``--backbone ssl``: fine-tune ``FINE_TUNE_FROM`` with the ssl defaults (CutPaste) on exactly the
     detector's training images, write it beside the model file, and return the detector's params pointing to it.
-    The detector's image size, device, decoding workers, seed and starting weights carry over; its own training
-    settings (a trained method's epochs, learning rate...) do not."""
+    The detector's image size, device, decoding workers, seed and starting weights carry over, and its --resume
+    continues the fine-tune from its checkpoint where one was left; its own training settings (a trained method's
+    epochs, learning rate...) do not."""
     shared = {k: params[k] for k in ("image_size", "device", "workers") if params.get(k) is not None}
     weights = params.get("weights")
     if weights == "random":
@@ -195,7 +212,11 @@ def _fine_tune_first(ds: Dataset, train: list, held: list, dp: DataParams, param
         shared["weights"] = weights
     shared.update(backbone=FINE_TUNE_FROM, seed=dp.seed)
     path = fine_tuned_backbone_path(out)
-    if log:
+    if params.get("resume") and (training_dir(path) / CHECKPOINT_FILE).is_file():
+        shared["resume"] = True  # the detector's --resume: the fine-tune's own checkpoint, not 11 minutes again
+    if log and shared.get("resume"):
+        log(f"continuing the CutPaste fine-tune of the backbone from its checkpoint in {training_dir(path)} -> {path}")
+    elif log:
         log(f"fine-tuning a CutPaste backbone ({FINE_TUNE_FROM}) on the {len(train)} training images first "
             f"(docs/ssl.md; 200 images at 256 px took 11 minutes on a 2-core CPU) -> {path}")
     trainer, path, _ = _fit_backbone(ds, train, held, dp, shared, path, progress)

@@ -105,12 +105,14 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
                    help="show progress bars (default: when the terminal is interactive)")
 
 
-def with_config(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> argparse.Namespace:
-    """Re-parse with the config file's values as defaults, so that flags override the file."""
+def with_config(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str,
+                shown: str | None = None) -> argparse.Namespace:
+    """Re-parse with the config file's values as defaults, so that flags override the file. ``shown``: the
+    command as the messages name it where its options depend on more than its name (``train --method padim``)."""
     if not getattr(args, "config", None):
         return args
     cfg = load_config_file(args.config, command)
-    apply_config(parser, cfg, args.config, command)
+    apply_config(parser, cfg, args.config, command, shown)
     return parser.parse_args(args._argv)
 
 

@@ -67,9 +67,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         group.add_argument(*names, **kw)
 
 
-def gather(args: argparse.Namespace, cls: type, **fixed: Any) -> Any:
-    """The dataclass from parsed flags (and config-file defaults), validated."""
-    names = {f.name for f in dataclasses.fields(cls)}
+def gather(args: argparse.Namespace, cls: type, *, skip: tuple[str, ...] = (), **fixed: Any) -> Any:
+    """The dataclass from parsed flags (and config-file defaults), validated. ``skip``: fields left at their
+    defaults, as ``add_dataclass_args(skip=...)`` gave them no flag (a flag of the same name set for another
+    dataclass, such as a trained method's --time-budget, is not theirs)."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(fixed)
     return config.build(cls, values)
@@ -172,12 +174,15 @@ def _unknown_key(path: str, where: str, key: str, valid: set[str]) -> InsightADE
     return InsightADError(f"{path}: unknown key {key!r}{where}{hint}")
 
 
-def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str, command: str) -> None:
-    """Config values become parser defaults, so flags still win. A key no option takes is an error."""
+def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str, command: str,
+                 shown: str | None = None) -> None:
+    """Config values become parser defaults, so flags still win. A key no option takes is an error, naming the
+    command as ``shown`` (e.g. ``train --method padim``: 'epochs' is an option of train, not of padim's)."""
     keys = option_keys(parser)
     for key in cfg["__section__"]:
         if key not in keys:
-            raise _unknown_key(path, f" in [{command}] (not an option of 'insightad {command}')", key, set(keys))
+            raise _unknown_key(path, f" in [{command}] (not an option of 'insightad {shown or command}')", key,
+                               set(keys))
     flat_unknown = [k for k in cfg["__flat__"] if k not in keys]
     if flat_unknown:
         everywhere = all_config_keys()

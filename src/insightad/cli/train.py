@@ -79,9 +79,14 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     elif method == "auto":
         add_dataclass_args(p, config.DetectorParams, title="hyper-parameters shared by the candidates")
     if method not in BACKBONE_METHODS:
-        skip = () if method == "auto" else ("candidates", "time_budget")
-        add_dataclass_args(p, config.DecisionParams, skip=skip, title="the default threshold")
-    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train"), _argv=argv)
+        add_dataclass_args(p, config.DecisionParams, skip=decision_skip(method), title="the default threshold")
+    p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train", f"train --method {method}"), _argv=argv)
+
+
+def decision_skip(method: str) -> tuple[str, ...]:
+    """The DecisionParams fields only ``--method auto`` takes as flags (any other method's --time-budget is its
+    training loop's, 0 meaning none, not auto's budget, which must be above 0)."""
+    return () if method == "auto" else ("candidates", "time_budget")
 
 
 def check_outputs(args: argparse.Namespace, params) -> None:
@@ -138,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         params = gather(args, params_class(args.method))
         check_outputs(args, params)
         given = vars(params)
-    decision = gather(args, config.DecisionParams)
+    decision = gather(args, config.DecisionParams, skip=decision_skip(args.method))
     shards = None
     if args.ray:
         from insightad.apps.train_ray import ray_shards

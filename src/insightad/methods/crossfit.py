@@ -20,7 +20,7 @@ Schemes, by method:
   kNN bank (or the Gaussian) of the other folds' embeddings. Cost: one extra backbone pass.
 - ``patchcore``: every training normal (and the synthetic defect made on it) scored against the final
   memory bank without that normal's own patches (``bank-without-image``; tiled models: as below).
-- every other method (the trained ``svdd`` and ``autoencoder``): one held-out
+- every other method (the trained ``svdd`` and ``autoencoder``, and every tiled model): one held-out
   fold (1/k of the images); the method is refitted once on the other folds. Train time grows by
   under 2x instead of k x, and the validation set is the fold (its size is stated and warned about).
 
@@ -114,7 +114,11 @@ def at_model_size(det: Detector, images: Sequence) -> list[np.ndarray]:
 
 
 def scheme_for(det: Detector) -> str:
-    if (det.method == "padim" and getattr(det, "reduction", "random") != "pca") or det.method == "baseline":
+    """How ``det`` is validated out of fold. The exact schemes read whole-image features through the method's
+    own model; a tiled model fits on tiles, so it is refitted on the other folds instead (its whole-image
+    features at the working size are not what it scores: padim failed on them, baseline took a wrong threshold)."""
+    exact = (det.method == "padim" and getattr(det, "reduction", "random") != "pca") or det.method == "baseline"
+    if exact and not is_tiled(det):
         return "kfold-exact"
     if isinstance(det, PatchCoreDetector) and getattr(det, "bank_source_", None) is not None and not is_tiled(det):
         return "bank-without-image"  # (a tiled bank's patches come from tiles, not from whole images)

@@ -79,11 +79,46 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
                              ) from None
     if raw is None:
         raise InsightADError(f"{path}: not an InsightAD training checkpoint (no '{META_KEY}' metadata)")
-    info = json.loads(raw)
-    if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise InsightADError(f"{path}: unsupported checkpoint format {info.get('format')!r} "
-                             f"version {info.get('format_version')!r}")
+    info = checked_info(path, raw)
     model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
-    optim = unflatten_optimizer(tensors, info.pop("optimizer"))
+    try:
+        optim = unflatten_optimizer(tensors, info.pop("optimizer"))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise InsightADError(f"{path}: damaged checkpoint (its optimiser state cannot be read); train without "
+                             "--resume to start over") from None
     return model, optim, best, info
+
+
+# The loop state a checkpoint's metadata must hold, with the JSON types each entry may have.
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "fingerprint": (dict,), "optimizer": (dict,), "epoch": (int,), "history": (list,),
+    "best_loss": (int, float, type(None)), "best_epoch": (int, type(None)), "bad_epochs": (int,),
+    "stopped_early": (bool,)}
+
+
+def checked_info(path: Path, raw: str) -> dict[str, Any]:
+    """A checkpoint's metadata, checked: an edited or truncated entry is one line naming the file and the field,
+    not a traceback from deep in the resumed run."""
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise InsightADError(f"{path}: damaged checkpoint (its '{META_KEY}' metadata is not a JSON object); train "
+                             "without --resume to start over")
+    version = info.get("format_version")
+    if info.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool) \
+            or version > FORMAT_VERSION:
+        raise InsightADError(f"{path}: unsupported checkpoint format {info.get('format')!r} version {version!r}")
+    for key, kinds in STATE_FIELDS.items():
+        value = info.get(key)
+        wrong = key not in info or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        if wrong or (isinstance(value, int) and not isinstance(value, bool) and value < 0):
+            shown = json.dumps(value)[:60] if key in info else "missing"
+            raise InsightADError(f"{path}: damaged checkpoint (field {key!r} is {shown}); train without --resume "
+                                 "to start over")
+    if not all(isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in info["history"]):
+        raise InsightADError(f"{path}: damaged checkpoint (field 'history' holds an entry that is not an epoch's "
+                             "record); train without --resume to start over")
+    return info

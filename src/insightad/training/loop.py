@@ -205,10 +205,7 @@ class TrainingLoop:
                 if self._out_of_time:
                     break
         except KeyboardInterrupt:
-            self._write_curves(state)
-            where = (f"the last complete checkpoint (epoch {state['epoch']}) is {self.checkpoint_path}; "
-                     "continue with --resume") if self.dir is not None and state["epoch"] else "nothing was saved"
-            print(f"{self.name}: interrupted during epoch {epoch + 1}; {where}", file=sys.stderr)
+            self._say_interrupted(state, epoch)
             raise
         finally:
             epochs.close()
@@ -229,6 +226,17 @@ class TrainingLoop:
         return result
 
     # ------------------------------------------------------------------ pieces
+    def _say_interrupted(self, state: dict[str, Any], epoch: int) -> None:
+        """Ctrl-C: where the last complete epoch is kept. A run without a checkpoint folder (a validation model
+        refitted on some folds) says nothing: "nothing was saved" read as if the whole training were lost, while
+        the final model's own checkpoint was complete (its caller says so)."""
+        if self.dir is None:
+            return
+        self._write_curves(state)
+        where = (f"the last complete checkpoint (epoch {state['epoch']}) is {self.checkpoint_path}; continue with "
+                 "--resume") if state["epoch"] else "no epoch was complete, so nothing was saved"
+        print(f"{self.name}: interrupted during epoch {epoch + 1}; {where}", file=sys.stderr)
+
     def _batches(self, n: int, generator: torch.Generator | None) -> list[torch.Tensor]:
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         return list(order.split(self.p.batch_size))
@@ -310,8 +318,11 @@ class TrainingLoop:
         diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]
         if diff:
             k = diff[0]
-            raise InsightADError(f"{path}: cannot resume: the checkpoint was made with {k} = {old.get(k)!r}, "
-                                 f"this run has {fp.get(k)!r} (train without --resume to start over)")
+            made = (f"with {k} = {old.get(k)!r}, this run has {fp.get(k)!r}" if k not in ("data", "n_train", "n_val")
+                    else "on other training images (their paths, number or order differ: another dataset, "
+                         "--holdout, --seed or --val-fraction)")
+            raise InsightADError(f"{path}: cannot resume: the checkpoint was made {made} (train without --resume "
+                                 "to start over)")
         try:
             model.load_state_dict(model_sd, strict=True)
             optimizer.load_state_dict(optim_sd)
@@ -319,6 +330,8 @@ class TrainingLoop:
             raise InsightADError(f"{path}: the checkpoint does not fit this model ({str(e).splitlines()[0][:200]})"
                                  ) from None
         state = {k: info[k] for k in ("epoch", "history", "best_loss", "best_epoch", "bad_epochs", "stopped_early")}
+        # patience may change on resume: whether the run has stopped early is this run's rule, not the last one's
+        state["stopped_early"] = bool(self.p.patience) and state["bad_epochs"] >= self.p.patience
         return best, state
 
     def _write_curves(self, state: dict[str, Any]) -> list[Path]:
