@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -16,11 +17,16 @@ from insightad import config
 from insightad.cli.options import add_config_flag, add_dataclass_args, apply_config, load_config_file
 from insightad.errors import InsightADError
 
+# Every spelling of a negative number Python's float() reads: argparse knows only -5 and -0.5, so
+# ``--threshold -1e-3`` or ``--threshold -inf`` stopped with "expected one argument" instead of being read.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
 
 def new_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None
                ) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=description or help,
-                       )
+    """A sub-command's parser, with --config, that reads every negative number as a value, never as a flag."""
+    p = sub.add_parser(name, help=help, description=description or help)
+    p._negative_number_matcher = NEGATIVE_NUMBER  # no flag of ours looks like a number: words like these are values
     add_config_flag(p)
     return p
 
