@@ -5,9 +5,18 @@ Each test failed before its fix and passes after it."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from insightad.cli import main
+
+HOOK = Path(__file__).parent / "no_torch_site"  # on PYTHONPATH: PyTorch cannot be imported (tests/test_runtime_only.py)
 
 
 @pytest.mark.parametrize("value, expected", [("-1e-3", "(threshold -0.001)"), ("-5.", "(threshold -5)"),
@@ -26,3 +35,32 @@ def test_p45_negative_infinity_is_refused_as_not_finite(value, baseline_model, m
     image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
     assert main(["predict", "--model", str(baseline_model), "--threshold", value, str(image)]) == 1
     assert f"--threshold: expected a finite number, got {value!r}" in capsys.readouterr().err
+
+
+def _no_torch(*argv: str) -> subprocess.CompletedProcess:
+    """``python -m insightad ARGV`` as on a runtime-only install (PyTorch, timm, torchvision refused at import)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOOK), str(Path(__file__).parents[1] / "src")])}
+    return subprocess.run([sys.executable, "-m", "insightad", *argv], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_p45_info_without_torch_reads_backbone_files_and_refuses_others_in_one_line(baseline_model, tmp_path):
+    """On the runtime install, ``info`` on any file that is not a model file (a backbone file, a damaged model
+    file, another tool's safetensors) fell back to the backbone reader, whose package imports PyTorch: a
+    traceback ending in 'No module named torch'."""
+    from safetensors.numpy import save_file
+
+    backbone = tmp_path / "bb.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(backbone),
+              metadata={"insightad_backbone": json.dumps({"arch": "tf_efficientnet_lite0", "pretext": "cutpaste"})})
+    got = _no_torch("info", "--model", str(backbone))
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout) == {"file": "backbone", "arch": "tf_efficientnet_lite0", "pretext": "cutpaste"}
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(baseline_model.read_bytes()[:5000])
+    other = tmp_path / "other.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(other))
+    for path in (cut, other):
+        got = _no_torch("info", "--model", str(path))
+        assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+        assert got.stderr.startswith(f"insightad: error: {path}: ") and len(got.stderr.splitlines()) == 1
