@@ -19,6 +19,28 @@ from insightad.cli import main
 HOOK = Path(__file__).parent / "no_torch_site"  # on PYTHONPATH: PyTorch cannot be imported (tests/test_runtime_only.py)
 
 
+@pytest.fixture(scope="module")
+def baseline_onnx(baseline_model, tmp_path_factory) -> Path:
+    """The conftest baseline exported once: an InsightAD ONNX export."""
+    out = tmp_path_factory.mktemp("p45-export") / "baseline.onnx"
+    assert main(["export", "--model", str(baseline_model), "--out", str(out)]) == 0
+    return out
+
+
+def _edited_export(source: Path, target: Path, **changes) -> Path:
+    """A copy of the export ``source`` whose ``insightad`` metadata entry has ``changes`` (None: key removed)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    entry = next(p for p in model.metadata_props if p.key == "insightad")
+    meta = json.loads(entry.value)
+    for key, value in changes.items():
+        meta.pop(key) if value is None else meta.__setitem__(key, value)
+    entry.value = json.dumps(meta)
+    onnx.save(model, str(target))
+    return target
+
+
 @pytest.mark.parametrize("value, expected", [("-1e-3", "(threshold -0.001)"), ("-5.", "(threshold -5)"),
                                              ("-.5E1", "(threshold -5)")])
 def test_p45_negative_numbers_in_any_spelling_are_values(value, expected, baseline_model, mvtec_dir, capsys):
@@ -64,3 +86,22 @@ def test_p45_info_without_torch_reads_backbone_files_and_refuses_others_in_one_l
         got = _no_torch("info", "--model", str(path))
         assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
         assert got.stderr.startswith(f"insightad: error: {path}: ") and len(got.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("changes, field", [({"input_height": None}, "'input_height': missing"),
+                                            ({"method": None}, "'method': missing"),
+                                            ({"threshold": "abc"}, "'threshold': Input should be a valid number"),
+                                            ({"tiles": "x"}, "'tiles': Input should be a valid integer"),
+                                            ({"threshold_details": "zz"}, "'threshold_details': Input should be"),
+                                            ({"has_maps": "yes"}, "'has_maps': Input should be a valid boolean")])
+def test_p45_edited_onnx_metadata_is_one_line_naming_the_field(changes, field, baseline_onnx, mvtec_dir, tmp_path,
+                                                                capsys):
+    """An export whose metadata lacked a key or held the wrong type scored with a traceback (KeyError, TypeError,
+    ValueError), or, for ``method``, printed its table and then failed; info printed it as if it were fine."""
+    edited = _edited_export(baseline_onnx, tmp_path / "edited.onnx", **changes)
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    for argv in (["predict", "--model", str(edited), "--json", str(image)], ["info", "--model", str(edited)]):
+        assert main(argv) == 1
+        got = capsys.readouterr()
+        assert got.out == "" and got.err.startswith(f"insightad: error: {edited}: ONNX export metadata field {field}")
+        assert len(got.err.splitlines()) == 1

@@ -35,8 +35,9 @@ def describe(path: str | Path) -> dict[str, Any]:
 
     if str(path).lower().endswith(".onnx"):
         from insightad.engines.onnx_runtime import read_onnx_metadata
+        from insightad.model_schema import validate_onnx_metadata
 
-        return {"file": "onnx-export", **read_onnx_metadata(path)}
+        return {"file": "onnx-export", **validate_onnx_metadata(read_onnx_metadata(path), str(path))}
     try:
         return read_metadata(path)
     except InsightADError as model_error:

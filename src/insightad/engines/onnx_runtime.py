@@ -139,8 +139,8 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
         raise InsightADError(f"{path}: ONNX graph has no 'images' input; its metadata does not match the graph")
     dims = list(inputs["images"].shape)
     any_size = len(dims) == 4 and not any(isinstance(d, int) for d in dims[2:])  # must take any H, W
-    if inputs["images"].type != "tensor(uint8)" or not any_size or dims[1] != meta["channels"]:
-        raise InsightADError(f"{path}: graph input is not uint8 N x {meta['channels']} x H x W (any H, W) as its "
+    if inputs["images"].type != "tensor(uint8)" or not any_size or dims[1] != meta.get("channels"):
+        raise InsightADError(f"{path}: graph input is not uint8 N x {meta.get('channels')} x H x W (any H, W) as its "
                              "metadata says; refusing a file whose metadata does not match its graph")
     return meta
 
