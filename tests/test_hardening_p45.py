@@ -105,3 +105,28 @@ def test_p45_edited_onnx_metadata_is_one_line_naming_the_field(changes, field, b
         got = capsys.readouterr()
         assert got.out == "" and got.err.startswith(f"insightad: error: {edited}: ONNX export metadata field {field}")
         assert len(got.err.splitlines()) == 1
+
+
+def test_p45_export_never_takes_the_graph_of_another_model_file(baseline_model, tmp_path, capsys):
+    """``export --model b --out a.onnx`` replaced a.onnx, the graph beside a.safetensors that predict, serve and the
+    runtime install score a.safetensors with, by b's graph, without a word (predict on a then warned it was stale,
+    and a runtime-only install could no longer score a at all)."""
+    import shutil
+
+    from insightad.model_file import update_metadata
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    shutil.copy(baseline_model, a)
+    shutil.copy(baseline_model, b)
+    update_metadata(b, created="another model")  # other content, another sha256
+    assert main(["export", "--model", str(a)]) == 0
+    graph = (tmp_path / "a.onnx").read_bytes()
+    capsys.readouterr()
+    assert main(["export", "--model", str(b), "--out", str(tmp_path / "a.onnx")]) == 1
+    assert capsys.readouterr().err == (f"insightad: error: --out {tmp_path / 'a.onnx'}: the ONNX graph beside another "
+                                       f"model file ({a}), which scores that model; writing this model's graph there "
+                                       "would replace it: choose another name\n")
+    assert (tmp_path / "a.onnx").read_bytes() == graph
+    shutil.copy(baseline_model, tmp_path / "a.copy")  # a copy of a: the graph stays right for both
+    assert main(["export", "--model", str(a)]) == 0
+    assert main(["export", "--model", str(tmp_path / "a.copy"), "--out", str(tmp_path / "a.onnx")]) == 0

@@ -113,6 +113,39 @@ def beside(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".onnx")
 
 
+def model_beside(graph: str | Path, model: str | Path) -> Path | None:
+    """Another model file (not ``model``, nor a copy of it) whose own graph ``graph`` is: beside it by name
+    (``other.safetensors`` for ``other.onnx``) and stamped with its sha256. Predict, serve and the runtime
+    install score that model with it, so writing ``model``'s graph there would take it away. None otherwise."""
+    import glob
+
+    graph = Path(graph)
+    stamp = _graph_stamp(graph)
+    if stamp is None or stamp == model_digest(model):
+        return None
+    siblings = graph.parent.glob(f"{glob.escape(graph.stem)}.*")
+    for candidate in sorted(siblings, key=lambda c: (c.suffix != ".safetensors", c.name)):
+        if candidate.is_file() and candidate.resolve() != graph.resolve() and beside(candidate) == graph \
+                and model_digest(candidate) == stamp:
+            return candidate
+    return None
+
+
+def _graph_stamp(graph: Path) -> str | None:
+    """The model sha256 stamped in an InsightAD graph file; None for no file, or one that is not such a graph."""
+    from insightad.engines.onnx_runtime import read_onnx_metadata
+
+    if not graph.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():  # an older revision's graph is still its model's: no word about it here
+            warnings.simplefilter("ignore")
+            stamp = read_onnx_metadata(graph).get(CACHE_KEY)
+    except InsightADError:
+        return None
+    return str(stamp).lower() if stamp else None
+
+
 def stored_engine(model_path: str | Path, threads: int | None = None, digest: str | None = None, arena: bool = True
                   ) -> OnnxEngine | None:
     """The graph of the model file at ``model_path`` already on disk (no PyTorch needed): the one beside it
