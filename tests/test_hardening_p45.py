@@ -130,3 +130,36 @@ def test_p45_export_never_takes_the_graph_of_another_model_file(baseline_model, 
     shutil.copy(baseline_model, tmp_path / "a.copy")  # a copy of a: the graph stays right for both
     assert main(["export", "--model", str(a)]) == 0
     assert main(["export", "--model", str(tmp_path / "a.copy"), "--out", str(tmp_path / "a.onnx")]) == 0
+
+
+def test_p45_a_model_file_named_onnx_is_read_as_the_model_file_it_is(baseline_model, mvtec_dir, tmp_path, capsys):
+    """A model file renamed .onnx was 'not a readable ONNX file (Protobuf parsing failed)' for predict and info,
+    and export said it was 'already an ONNX graph ... used as it is', which it is not: the kind of a file is its
+    content, the name only tells a graph from a model file when the content is not a safetensors file."""
+    import shutil
+
+    renamed = tmp_path / "model.onnx"
+    shutil.copy(baseline_model, renamed)
+    image = str(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0])
+    assert main(["predict", "--model", str(baseline_model), "--json", image]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--model", str(renamed), "--json", image]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == expected["score"]
+    assert main(["info", "--model", str(renamed)]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "insightad-model"
+    assert main(["export", "--model", str(renamed), "--out", str(tmp_path / "graph.onnx")]) == 0
+    assert "exported baseline" in capsys.readouterr().out
+
+
+def test_p45_an_onnx_graph_named_as_a_model_file_says_so(baseline_onnx, mvtec_dir, tmp_path, capsys):
+    """An export renamed .safetensors was 'not a valid InsightAD model file (... header too large)'."""
+    import shutil
+
+    renamed = tmp_path / "model.safetensors"
+    shutil.copy(baseline_onnx, renamed)
+    image = str(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0])
+    for argv in (["predict", "--model", str(renamed), image], ["info", "--model", str(renamed)],
+                 ["export", "--model", str(renamed), "--out", str(tmp_path / "g.onnx")]):
+        assert main(argv) == 1
+        assert capsys.readouterr().err == (f"insightad: error: {renamed}: an ONNX graph, not a model file "
+                                           "(safetensors); InsightAD reads a graph from a .onnx name: rename it\n")

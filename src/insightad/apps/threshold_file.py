@@ -53,9 +53,10 @@ def read_threshold_file(path: str | Path, model: str | Path | None = None) -> fl
 def graph_source(model: str | Path) -> str | None:
     """For an ONNX export: the sha256 of the model file it was exported from (its stamp), so a threshold
     file written for that model file also serves its graph; None for anything else."""
-    if not str(model).lower().endswith(".onnx"):
+    from insightad.engines.onnx_runtime import CACHE_KEY, is_onnx_file, read_onnx_metadata
+
+    if not is_onnx_file(model):
         return None
-    from insightad.engines.onnx_runtime import CACHE_KEY, read_onnx_metadata
 
     try:
         stamp = read_onnx_metadata(model).get(CACHE_KEY)

@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out", suffix=".json")
     if not 0 <= args.percentile <= 100:
         raise InsightADError(f"--percentile: expected a value between 0 and 100, got {args.percentile:g}")
-    if str(args.model).lower().endswith(".onnx"):
+    from insightad.engines.onnx_runtime import is_onnx_file
+
+    if is_onnx_file(args.model):
         raise InsightADError(f"{args.model}: calibrate needs the model file (.safetensors), not an ONNX export "
                              "(export again after calibrating)")
     if bool(args.labels) == bool(args.data):

@@ -24,11 +24,12 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from insightad.engines.onnx_runtime import is_onnx_file
     from insightad.inference.export import export_onnx, model_beside
     from insightad.model_file import load_model
     from insightad.outputs import check_output_file
 
-    if str(args.model).lower().endswith(".onnx"):
+    if is_onnx_file(args.model):
         raise InsightADError(f"{args.model}: already an ONNX graph; export takes the model file it was made from "
                              "(.safetensors), and the graph itself can be copied and used as it is")
     out = args.out if args.out else Path(args.model).with_suffix(".onnx")

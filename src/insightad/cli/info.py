@@ -31,9 +31,10 @@ def _short_split(meta: dict[str, Any]) -> None:
 def describe(path: str | Path) -> dict[str, Any]:
     """The metadata of a model file, an InsightAD ONNX export (``file: onnx-export``) or an ssl backbone
     file (``file: backbone``); for anything else, the model file's own one-line refusal."""
+    from insightad.engines.onnx_runtime import is_onnx_file
     from insightad.model_file import read_metadata
 
-    if str(path).lower().endswith(".onnx"):
+    if is_onnx_file(path):
         from insightad.engines.onnx_runtime import read_onnx_metadata
         from insightad.model_schema import validate_onnx_metadata
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from insightad.engines.cache import ready_copy
 from insightad.errors import InsightADError
-from insightad.io import require_file
+from insightad.io import is_safetensors_file, require_file
 
 META_KEY = "insightad"  # the metadata entry of an InsightAD graph
 ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
@@ -25,6 +25,12 @@ GRAPH_LAYOUT = "uint8-any-size-resize-inside"
 REVISION_KEY = "insightad_graph_revision"
 GRAPH_REVISION = "2"
 RUN_VALUES = 24_000_000  # input values per session run at most (nine 900 x 900 RGB photos); see _run_stack
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    """Whether ``--model PATH`` is taken as an ONNX graph: a ``.onnx`` name, unless the content is a safetensors
+    file (a model file renamed ``.onnx`` is the model file it is, not a graph that fails to parse)."""
+    return str(path).lower().endswith(".onnx") and not is_safetensors_file(path)
 
 
 def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS, arena: bool = True, ready: bool = False):
