@@ -163,3 +163,24 @@ def test_p45_an_onnx_graph_named_as_a_model_file_says_so(baseline_onnx, mvtec_di
         assert main(argv) == 1
         assert capsys.readouterr().err == (f"insightad: error: {renamed}: an ONNX graph, not a model file "
                                            "(safetensors); InsightAD reads a graph from a .onnx name: rename it\n")
+
+
+def test_p45_a_threshold_file_of_the_same_model_before_a_rewrite_says_so(baseline_model, mvtec_dir, tmp_path,
+                                                                         capsys):
+    """After ``calibrate`` (or train) rewrote m.safetensors, its older threshold file was refused as 'chosen for
+    another model (/.../m.safetensors ...), not for m.safetensors': the same name, called another model."""
+    import shutil
+
+    from insightad.io import file_sha256
+    from insightad.model_file import update_metadata
+
+    model = tmp_path / "m.safetensors"
+    shutil.copy(baseline_model, model)
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"threshold": 1.5, "model": str(model), "model_sha256": file_sha256(model)}))
+    update_metadata(model, created="calibrated again")
+    image = str(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0])
+    assert main(["predict", "--model", str(model), "--threshold", str(thr), image]) == 1
+    err = capsys.readouterr().err
+    assert f"{thr}: this threshold was chosen for {model} as it was before it was rewritten" in err
+    assert "another model" not in err

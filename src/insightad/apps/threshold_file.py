@@ -43,11 +43,28 @@ def read_threshold_file(path: str | Path, model: str | Path | None = None) -> fl
         wanted = str(wanted).lower()
         actual = file_sha256(model)
         if wanted != actual and graph_source(model) != wanted:
-            chosen_for = data.get("model") or data.get("model_file") or "another model file"
-            raise InsightADError(f"{path}: this threshold was chosen for another model ({chosen_for}, sha256 "
-                                 f"{wanted[:12]}...), not for {model} (sha256 {actual[:12]}...); choose a "
-                                 "threshold for this model (insightad calibrate --model ... --out FILE.json)")
+            raise InsightADError(_not_for(path, data, model, wanted, actual))
     return value
+
+
+def _not_for(path: Path, data: dict[str, Any], model: str | Path, wanted: str, actual: str) -> str:
+    """Why a threshold file is refused for ``model``: chosen for another model file, or for this same file
+    before it was rewritten (calibrated or trained again since: its scores may have another scale)."""
+    chosen_for = data.get("model") or data.get("model_file")
+    again = "choose a threshold for this model (insightad calibrate --model ... --out FILE.json)"
+    if isinstance(chosen_for, str) and _same_file(chosen_for, model):
+        return (f"{path}: this threshold was chosen for {model} as it was before it was rewritten (sha256 "
+                f"{wanted[:12]}...; now {actual[:12]}...: calibrated or trained again since); {again}")
+    return (f"{path}: this threshold was chosen for another model ({chosen_for or 'another model file'}, sha256 "
+            f"{wanted[:12]}...), not for {model} (sha256 {actual[:12]}...); {again}")
+
+
+def _same_file(recorded: str, model: str | Path) -> bool:
+    """Whether the model path a threshold file records is the file at ``model`` now."""
+    try:
+        return Path(recorded).resolve() == Path(model).resolve()
+    except (OSError, ValueError):  # a recorded path with a NUL byte or a link loop: not this file
+        return False
 
 
 def graph_source(model: str | Path) -> str | None:
