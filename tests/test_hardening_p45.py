@@ -184,3 +184,16 @@ def test_p45_a_threshold_file_of_the_same_model_before_a_rewrite_says_so(baselin
     err = capsys.readouterr().err
     assert f"{thr}: this threshold was chosen for {model} as it was before it was rewritten" in err
     assert "another model" not in err
+
+
+def test_p45_info_json_and_unknown_flags_name_the_command(baseline_model, capsys):
+    """``info --json`` (the flag every other reading command takes) stopped with the top parser's usage
+    ('usage: insightad [-h] [--version] COMMAND ...'), as did any unknown flag of any command: a usage that names
+    none of the command's flags."""
+    assert main(["info", "--model", str(baseline_model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "baseline"
+    with pytest.raises(SystemExit) as stop:
+        main(["info", "--model", str(baseline_model), "--bogus"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: insightad info ") and "insightad info: error: unrecognized arguments: --bogus" in err

@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "info", "show what a model file, ONNX export or backbone file holds (no tensors loaded)")
     add_model_flag(p)
     p.add_argument("--full", action="store_true", help="include the lists of training and held-out files")
+    p.add_argument("--json", action="store_true", help="one JSON object (what info always prints; accepted as the "
+                   "other commands accept it)")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "info"), _argv=argv)
 
 
