@@ -197,3 +197,28 @@ def test_p45_info_json_and_unknown_flags_name_the_command(baseline_model, capsys
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: insightad info ") and "insightad info: error: unrecognized arguments: --bogus" in err
+
+
+def test_p45_evaluate_on_an_export_keeps_to_the_held_out_split(folder_dir, tmp_path, capsys):
+    """``evaluate --model model.onnx`` on the training dataset scored every normal image, the training images
+    included, without a word (export carried no split): optimistic figures. The export carries the split now;
+    an export made before it did says so."""
+    from insightad.apps.train import train_model
+    from insightad.config import DataParams
+
+    model = tmp_path / "m.safetensors"
+    train_model(folder_dir, "baseline", {"image_size": 32}, DataParams(), model, progress=False)
+    graph = tmp_path / "m-export.onnx"
+    assert main(["export", "--model", str(model), "--out", str(graph)]) == 0
+    counts = []
+    for path in (model, graph):
+        capsys.readouterr()
+        assert main(["evaluate", "--model", str(path), "--data", str(folder_dir), "--json", "--no-progress"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        counts.append((got["n_normal"], got["n_anomalous"]))
+    assert counts[0] == counts[1] == (6, 12)  # the held-out normals, not the 30 normals of the folder
+    old = _edited_export(graph, tmp_path / "old.onnx", split=None)
+    assert main(["evaluate", "--model", str(old), "--data", str(folder_dir), "--json", "--no-progress"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["n_normal"] == 30
+    assert f"{old}: this export records no training split" in got.err

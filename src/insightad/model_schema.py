@@ -135,6 +135,7 @@ class OnnxExportMeta(_Strict):
     mean: Annotated[list[Finite], Field(min_length=1, max_length=3)]
     std: Annotated[list[Annotated[Finite, Field(gt=0)]], Field(min_length=1, max_length=3)]
     tiles: Annotated[StrictInt, Field(ge=1, le=16)] | None = None  # graphs exported before the key: none
+    split: SplitMeta | None = None  # the training split (exports made before it was recorded: none)
 
 
 def shorten(value: Any, limit: int = MAX_SHOWN) -> str:

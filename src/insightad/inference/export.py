@@ -80,6 +80,8 @@ def onnx_metadata(det: Detector) -> dict[str, Any]:
                     "the image's size" if det.has_maps else None,
             "tiles": int(getattr(det, "tile", 1) or 1),  # per side: scored as config.images_per_run says
             "decode": DECODE_CONTRACT, "backbone": getattr(det, "backbone", None),
+            # which files trained it: evaluate on the export scores the held-out split, never a training image
+            "split": getattr(det, "split_", None),
             LAYOUT_KEY: GRAPH_LAYOUT, REVISION_KEY: GRAPH_REVISION}
 
 

@@ -55,6 +55,7 @@ class OnnxDetector(OnnxDetectorParams, Scorer):
         det.engine_ = engine
         det.engine_name_ = "onnx"
         det.model_path_ = str(path)
+        det.split_ = meta.get("split")  # exports made before it was recorded: None (evaluate says so)
         det.images_per_run_ = images_per_run(meta.get("tiles", 1))  # graphs exported before the key: None
         return det
 
