@@ -222,3 +222,19 @@ def test_p45_evaluate_on_an_export_keeps_to_the_held_out_split(folder_dir, tmp_p
     got = capsys.readouterr()
     assert json.loads(got.out)["n_normal"] == 30
     assert f"{old}: this export records no training split" in got.err
+
+
+def test_p45_tile_and_search_on_an_export_or_without_torch_are_one_true_line(baseline_onnx, baseline_model,
+                                                                             mvtec_dir, capsys):
+    """``predict --model x.onnx --tile 2`` said 'drop --engine torch', a flag never given; on the runtime install
+    ``--tile``/``--search`` with a model file ended in a traceback (No module named 'torch')."""
+    image = str(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0])
+    for flag in (["--tile", "2"], ["--search", "exact"]):
+        assert main(["predict", "--model", str(baseline_onnx), *flag, image]) == 1
+        err = capsys.readouterr().err
+        assert f"{baseline_onnx}: --tile/--overlap/--search change the model's graph, and an ONNX export is a fixed " \
+               "graph" in err and "--engine torch" not in err
+    got = _no_torch("evaluate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--tile", "2")
+    assert got.returncode == 1 and "Traceback" not in got.stderr
+    assert got.stderr == ("insightad: error: --tile/--overlap/--search change the model's graph, which needs "
+                          "PyTorch; this install does not have it: pip install 'insightad[train]'\n")

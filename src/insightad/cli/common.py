@@ -71,9 +71,7 @@ def load_inference_model(args: argparse.Namespace):
     tile, overlap, search = (getattr(args, k, None) for k in ("tile", "overlap", "search"))
     if tile is None and overlap is None and search is None:
         return load_for_inference(args.model, args.engine, args.threads, args.device)
-    if args.engine == "onnx":
-        raise InsightADError("--tile/--overlap/--search change the model's graph: they run on --engine torch "
-                             "(export a model trained with them for ONNX Runtime)")
+    check_rework(args)
     from insightad.methods.base import Detector
 
     det = load_for_inference(args.model, "torch", args.threads, args.device)
@@ -92,6 +90,22 @@ def load_inference_model(args: argparse.Namespace):
 
         tiling.retile(det, tile, overlap)
     return det
+
+
+def check_rework(args: argparse.Namespace) -> None:
+    """--tile/--overlap/--search rebuild the PyTorch model of a model file: refused in one line for an ONNX export
+    (it was 'drop --engine torch', a flag not given), --engine onnx, and an install without PyTorch (a traceback)."""
+    from insightad.engines.onnx_runtime import is_onnx_file
+    from insightad.runtime import TRAIN_EXTRA, torch_available
+
+    flags = "--tile/--overlap/--search change the model's graph"
+    if is_onnx_file(args.model):
+        raise InsightADError(f"{args.model}: {flags}, and an ONNX export is a fixed graph: give the model file "
+                             "(.safetensors; they run on PyTorch), or export a model trained with them")
+    if args.engine == "onnx":
+        raise InsightADError(f"{flags}: they run on --engine torch (export a model trained with them for ONNX Runtime)")
+    if not torch_available():
+        raise InsightADError(f"{flags}, which needs PyTorch; this install does not have it: {TRAIN_EXTRA}")
 
 
 def positive_int(text: str) -> int:
