@@ -238,3 +238,31 @@ def test_p45_tile_and_search_on_an_export_or_without_torch_are_one_true_line(bas
     assert got.returncode == 1 and "Traceback" not in got.stderr
     assert got.stderr == ("insightad: error: --tile/--overlap/--search change the model's graph, which needs "
                           "PyTorch; this install does not have it: pip install 'insightad[train]'\n")
+
+
+def test_p45_calibrate_out_replaces_only_a_threshold_file(baseline_model, mvtec_dir, tmp_path, capsys):
+    """``calibrate --dry-run --out t.json`` with t.json a link to the model file wrote JSON over the model (and
+    printed 'the model file was not changed'); a link to an image of --data turned the image into JSON."""
+    import shutil
+
+    model = tmp_path / "m.safetensors"
+    shutil.copy(baseline_model, model)
+    image = tmp_path / "part.png"
+    shutil.copy(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0], image)
+    kept = {model: model.read_bytes(), image: image.read_bytes()}
+    for target in (model, image):
+        link = tmp_path / f"{target.stem}-link.json"
+        link.symlink_to(target)
+        assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--dry-run", "--out",
+                     str(link)]) == 1
+        expected = "an input of this run" if target == model else f"links to {target}, which is not a threshold file"
+        assert expected in capsys.readouterr().err
+    notes = tmp_path / "notes.json"
+    notes.write_text("my notes, not JSON")
+    assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--dry-run", "--out", str(notes)]) == 1
+    assert f"{notes}: --out exists and is not a threshold file" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in kept} == kept and notes.read_text() == "my notes, not JSON"
+    thr = tmp_path / "thr.json"
+    thr.write_text('{"threshold": 1.0}')
+    assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--dry-run", "--out", str(thr)]) == 0
+    assert json.loads(thr.read_text())["threshold"] != 1.0

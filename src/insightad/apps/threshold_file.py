@@ -67,6 +67,26 @@ def _same_file(recorded: str, model: str | Path) -> bool:
         return False
 
 
+def check_replaceable(path: str | Path, flag: str) -> None:
+    """An output threshold file may replace only a threshold file: a name that is (or links to) a model file, an
+    image or anything else is refused before any work (``calibrate --dry-run --out x.json``, x.json a link to
+    the model, wrote JSON over the model while saying it was not changed)."""
+    path = Path(path)
+    if not path.exists() or path.is_dir() or path.stat().st_size == 0:
+        return  # nothing to lose (a folder is refused by check_output_file)
+    try:
+        if path.stat().st_size > 10_000_000:  # a threshold file is a few kilobytes
+            raise ValueError
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or "threshold" not in data:
+            raise ValueError
+    except (OSError, ValueError, RecursionError):
+        target = path.resolve()
+        what = f"links to {target}, which" if target != path.absolute() else "exists and"
+        raise InsightADError(f"{path}: {flag} {what} is not a threshold file; writing one there would destroy it: "
+                             "choose another name") from None
+
+
 def graph_source(model: str | Path) -> str | None:
     """For an ONNX export: the sha256 of the model file it was exported from (its stamp), so a threshold
     file written for that model file also serves its graph; None for anything else."""

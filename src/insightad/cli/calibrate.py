@@ -115,9 +115,11 @@ def run(args: argparse.Namespace) -> int:
     from insightad.apps import calibrate as cal_mod
 
     if args.out:
+        from insightad.apps.threshold_file import check_replaceable
         from insightad.outputs import check_output_file
 
-        check_output_file(args.out, "--out", suffix=".json")
+        check_output_file(args.out, "--out", suffix=".json", inputs=[args.model])
+        check_replaceable(args.out, "--out")
     if not 0 <= args.percentile <= 100:
         raise InsightADError(f"--percentile: expected a value between 0 and 100, got {args.percentile:g}")
     from insightad.engines.onnx_runtime import is_onnx_file
