@@ -266,3 +266,25 @@ def test_p45_calibrate_out_replaces_only_a_threshold_file(baseline_model, mvtec_
     thr.write_text('{"threshold": 1.0}')
     assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--dry-run", "--out", str(thr)]) == 0
     assert json.loads(thr.read_text())["threshold"] != 1.0
+
+
+def test_p45_export_out_replaces_only_an_onnx_graph(baseline_model, mvtec_dir, tmp_path, capsys):
+    """``export --out x.onnx`` with x.onnx a link to an image wrote the graph over the image; a file of notes named
+    .onnx was replaced the same way. A graph (even a damaged one) is still replaced."""
+    import shutil
+
+    image = tmp_path / "part.png"
+    shutil.copy(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0], image)
+    link, notes = tmp_path / "link.onnx", tmp_path / "notes.onnx"
+    link.symlink_to(image)
+    notes.write_text("my notes")
+    kept = image.read_bytes()
+    assert main(["export", "--model", str(baseline_model), "--out", str(link)]) == 1
+    assert f"--out {link}: links to {image}, which is not an ONNX graph" in capsys.readouterr().err
+    assert main(["export", "--model", str(baseline_model), "--out", str(notes)]) == 1
+    assert f"--out {notes}: exists and is not an ONNX graph" in capsys.readouterr().err
+    assert image.read_bytes() == kept and notes.read_text() == "my notes"
+    damaged = tmp_path / "damaged.onnx"
+    assert main(["export", "--model", str(baseline_model), "--out", str(damaged)]) == 0
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    assert main(["export", "--model", str(baseline_model), "--out", str(damaged)]) == 0

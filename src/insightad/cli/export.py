@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.engines.onnx_runtime import is_onnx_file
-    from insightad.inference.export import export_onnx, model_beside
+    from insightad.inference.export import check_graph_output, export_onnx
     from insightad.model_file import load_model
     from insightad.outputs import check_output_file
 
@@ -34,10 +34,7 @@ def run(args: argparse.Namespace) -> int:
                              "(.safetensors), and the graph itself can be copied and used as it is")
     out = args.out if args.out else Path(args.model).with_suffix(".onnx")
     out = check_output_file(out, "--out", suffix=".onnx", inputs=[args.model])  # never over the model file
-    other = model_beside(out, args.model)
-    if other is not None:
-        raise InsightADError(f"--out {out}: the ONNX graph beside another model file ({other}), which scores "
-                             "that model; writing this model's graph there would replace it: choose another name")
+    check_graph_output(out, args.model)
     from insightad.io import file_sha256
 
     det = load_model(args.model)

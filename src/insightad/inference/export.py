@@ -115,6 +115,23 @@ def beside(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".onnx")
 
 
+def check_graph_output(out: Path, model: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a graph name (``export --out``, the graph ``train`` writes beside its model) whose
+    file a graph would destroy: another model's graph (:func:`model_beside`), or a file that is not an ONNX graph
+    at all (or a link to one: an image, notes)."""
+    from insightad.io import is_regular_file, looks_like_onnx
+
+    other = model_beside(out, model)
+    if other is not None:
+        raise InsightADError(f"{flag} {out}: the ONNX graph beside another model file ({other}), which scores "
+                             "that model; writing this model's graph there would replace it: choose another name")
+    if is_regular_file(out) and out.stat().st_size > 0 and not looks_like_onnx(out):
+        target = out.resolve()
+        what = f"links to {target}, which" if target != out.absolute() else "exists and"
+        raise InsightADError(f"{flag} {out}: {what} is not an ONNX graph; writing one there would destroy it: "
+                             "choose another name")
+
+
 def model_beside(graph: str | Path, model: str | Path) -> Path | None:
     """Another model file (not ``model``, nor a copy of it) whose own graph ``graph`` is: beside it by name
     (``other.safetensors`` for ``other.onnx``) and stamped with its sha256. Predict, serve and the runtime
