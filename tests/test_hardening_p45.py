@@ -288,3 +288,16 @@ def test_p45_export_out_replaces_only_an_onnx_graph(baseline_model, mvtec_dir, t
     assert main(["export", "--model", str(baseline_model), "--out", str(damaged)]) == 0
     damaged.write_bytes(damaged.read_bytes()[:1000])
     assert main(["export", "--model", str(baseline_model), "--out", str(damaged)]) == 0
+
+
+@pytest.mark.parametrize("command", ["export", "calibrate"])
+def test_p45_a_missing_or_folder_onnx_name_is_not_called_a_graph(command, mvtec_dir, tmp_path, capsys):
+    """``export --model missing.onnx`` said 'already an ONNX graph', calibrate 'not an ONNX export', for a name
+    that does not exist or is a folder."""
+    folder = tmp_path / "dir.onnx"
+    folder.mkdir()
+    for path, message in ((tmp_path / "missing.onnx", "model file not found"),
+                          (folder, "is a folder, expected a model file")):
+        argv = [command, "--model", str(path)] + (["--data", str(mvtec_dir)] if command == "calibrate" else [])
+        assert main(argv) == 1
+        assert capsys.readouterr().err == f"insightad: error: {path}: {message}\n"

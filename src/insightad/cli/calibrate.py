@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.percentile <= 100:
         raise InsightADError(f"--percentile: expected a value between 0 and 100, got {args.percentile:g}")
     from insightad.engines.onnx_runtime import is_onnx_file
+    from insightad.io import require_file
 
+    require_file(args.model, "model file")  # a missing name or a folder is not 'an ONNX export'
     if is_onnx_file(args.model):
         raise InsightADError(f"{args.model}: calibrate needs the model file (.safetensors), not an ONNX export "
                              "(export again after calibrating)")
