@@ -301,3 +301,24 @@ def test_p45_a_missing_or_folder_onnx_name_is_not_called_a_graph(command, mvtec_
         argv = [command, "--model", str(path)] + (["--data", str(mvtec_dir)] if command == "calibrate" else [])
         assert main(argv) == 1
         assert capsys.readouterr().err == f"insightad: error: {path}: {message}\n"
+
+
+def test_p45_info_names_the_graph_revision_an_older_export_has(baseline_onnx, tmp_path, capsys):
+    """An export made before graphs carried a revision (revision 1: its scores can differ) was shown by info with
+    no revision at all: info now shows the stamps as the code reads them."""
+    import onnx
+
+    model = onnx.load(str(baseline_onnx))
+    kept = [p for p in model.metadata_props if p.key != "insightad_graph_revision"]
+    for p in kept:
+        if p.key == "insightad":
+            meta = json.loads(p.value)
+            meta.pop("insightad_graph_revision")
+            p.value = json.dumps(meta)
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    assert main(["info", "--model", str(old)]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["insightad_graph_revision"] == "1" and "graph revision 1" in got.err

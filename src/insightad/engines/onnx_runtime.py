@@ -132,6 +132,10 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
     except (KeyError, ValueError, AssertionError):
         raise InsightADError(f"{path}: not an InsightAD ONNX export (no '{META_KEY}' metadata); "
                              "export one with 'insightad export'") from None
+    # The stamps as the code reads them (graph_stamp: the plain keys; no revision key: revision 1), so what info
+    # shows is what decides, also for a graph exported before the JSON entry carried them.
+    meta = {**meta, LAYOUT_KEY: props.get(LAYOUT_KEY), REVISION_KEY: props.get(REVISION_KEY, "1"),
+            CACHE_KEY: props.get(CACHE_KEY)}
     if props.get(LAYOUT_KEY) != GRAPH_LAYOUT:
         raise InsightADError(f"{path}: an InsightAD ONNX export of an older layout (it takes images already "
                              "resized); export the model again with 'insightad export'")
