@@ -99,8 +99,8 @@ def test_p30_export_refuses_the_model_and_non_onnx_names(baseline_model, tmp_pat
     _refused(capsys, ["export", "--model", str(model), "--out", str(model)], "--out", ".onnx")
     _refused(capsys, ["export", "--model", str(model), "--out", str(image)], "--out", ".onnx")
     graph = tmp_path / "mc.onnx"
-    graph.symlink_to(model)  # an .onnx name that is the model file itself: export takes .onnx names as graphs
-    _refused(capsys, ["export", "--model", str(graph), "--out", str(graph)], "already an ONNX graph")
+    graph.symlink_to(model)  # an .onnx name that is the model file itself: read as the model file it is (p45)
+    _refused(capsys, ["export", "--model", str(graph), "--out", str(graph)], "an input of this run")
     assert model.read_bytes() == before and image.read_bytes() == img_before
 
 

@@ -49,6 +49,32 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
+def is_safetensors_file(path: str | Path) -> bool:
+    """Whether a regular file starts as a safetensors file does (an 8-byte little-endian header length that fits
+    the file, then the JSON header's ``{``): a model, backbone or checkpoint file, whatever its name."""
+    if not is_regular_file(Path(path)):  # a FIFO would block the read
+        return False
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def looks_like_onnx(path: str | Path) -> bool:
+    """Whether a file that is not a safetensors file starts as an ONNX graph does (its first protobuf field, the
+    IR version: tag 0x08 and a small number): a hint for messages, never a reason to load anything."""
+    if not is_regular_file(Path(path)):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x08 and 0 < head[1] < 32
+
+
 def iter_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[Path] | None = None,
                 not_files: list[Path] | None = None) -> Iterator[Path]:
     """Image files under ``root``, folder by folder in sorted order; hidden entries and folders named in

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError, cut
-from insightad.io import atomic_write, require_file
+from insightad.io import atomic_write, looks_like_onnx, require_file
 from insightad.model_schema import FORMAT, FORMAT_VERSION, validate_metadata
 from insightad.runtime import resolve_device
 from insightad.version import __version__
@@ -105,6 +105,9 @@ def read_metadata(path: str | Path, check_params: bool | None = None) -> dict[st
         with safe_open(str(path), framework="numpy") as f:  # metadata only: no PyTorch needed
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt or foreign file
+        if looks_like_onnx(path):
+            raise InsightADError(f"{path}: an ONNX graph, not a model file (safetensors); InsightAD reads a graph "
+                                 "from a .onnx name: rename it") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InsightADError(f"{path}: not a valid InsightAD model file (corrupt, truncated or another format: "
                              f"{reason})") from None

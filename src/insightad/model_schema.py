@@ -10,7 +10,17 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from insightad.config import LEVEL_NAME, MAX_IMAGE_SIDE
 from insightad.errors import InsightADError, cut
@@ -108,6 +118,26 @@ class ModelMeta(_Strict):
     state: dict[str, Any] = {}
 
 
+class OnnxExportMeta(_Strict):
+    """Every field of an ONNX export's ``insightad`` metadata entry that scoring reads (the graph's own input is
+    checked against ``channels`` by ``engines.onnx_runtime.check_metadata``); other fields are notes."""
+
+    format: Literal["insightad-onnx"]
+    method: Name
+    has_maps: StrictBool
+    threshold: Finite
+    threshold_strategy: Name | None = None
+    threshold_details: ThresholdDetails | None = None
+    input_height: Side
+    input_width: Side
+    channels: Literal[1, 3]
+    resize: Literal["bilinear", "bicubic", "nearest", "area"]
+    mean: Annotated[list[Finite], Field(min_length=1, max_length=3)]
+    std: Annotated[list[Annotated[Finite, Field(gt=0)]], Field(min_length=1, max_length=3)]
+    tiles: Annotated[StrictInt, Field(ge=1, le=16)] | None = None  # graphs exported before the key: none
+    split: SplitMeta | None = None  # the training split (exports made before it was recorded: none)
+
+
 def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
     """``repr(value)`` cut to ``limit`` characters, so a 20 MB field never lands on a terminal."""
     text = repr(value) if not isinstance(value, str) or len(value) <= limit else repr(value[:limit])
@@ -151,14 +181,7 @@ def validate_metadata(meta: Any, where: str, check_params: bool = True) -> dict[
                              f"({FORMAT_VERSION}); upgrade insightad")
     if nesting_depth(meta) > MAX_DEPTH:
         raise InsightADError(f"{where}: model metadata is nested deeper than {MAX_DEPTH} levels; refusing it")
-    try:
-        ModelMeta.model_validate(meta)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = _field_name(err.get("loc", ()))
-        got = err.get("input", None) if err.get("type") != "missing" else None
-        what = "missing" if err.get("type") == "missing" else f"{err.get('msg', 'invalid')}, got {shorten(got)}"
-        raise InsightADError(f"{where}: model metadata field '{field}': {what}") from None
+    _validate(ModelMeta, meta, f"{where}: model metadata")
     if not check_params:
         return meta
     from insightad.methods import get_method, list_methods
@@ -174,4 +197,25 @@ def validate_metadata(meta: Any, where: str, check_params: bool = True) -> dict[
         raise InsightADError(f"{where}: model metadata field 'params': {cut(str(e), 300)}") from None
     except TypeError as e:  # a value of a type the dataclass cannot take at all
         raise InsightADError(f"{where}: model metadata field 'params': {cut(str(e), 300)}") from None
+    return meta
+
+
+def _validate(schema: type[BaseModel], meta: dict[str, Any], what: str) -> None:
+    """``meta`` checked against ``schema``; the first problem as one line: ``<what> field '<field>': <why>``."""
+    try:
+        schema.model_validate(meta)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = _field_name(err.get("loc", ()))
+        got = err.get("input", None) if err.get("type") != "missing" else None
+        why = "missing" if err.get("type") == "missing" else f"{err.get('msg', 'invalid')}, got {shorten(got)}"
+        raise InsightADError(f"{what} field '{field}': {why}") from None
+
+
+def validate_onnx_metadata(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """An ONNX export's ``insightad`` metadata checked against :class:`OnnxExportMeta`: an export edited or made
+    elsewhere gets one line naming ``where`` and the field, never a traceback while it is read or scores."""
+    if nesting_depth(meta) > MAX_DEPTH:
+        raise InsightADError(f"{where}: ONNX export metadata is nested deeper than {MAX_DEPTH} levels; refusing it")
+    _validate(OnnxExportMeta, meta, f"{where}: ONNX export metadata")
     return meta

@@ -43,19 +43,57 @@ def read_threshold_file(path: str | Path, model: str | Path | None = None) -> fl
         wanted = str(wanted).lower()
         actual = file_sha256(model)
         if wanted != actual and graph_source(model) != wanted:
-            chosen_for = data.get("model") or data.get("model_file") or "another model file"
-            raise InsightADError(f"{path}: this threshold was chosen for another model ({chosen_for}, sha256 "
-                                 f"{wanted[:12]}...), not for {model} (sha256 {actual[:12]}...); choose a "
-                                 "threshold for this model (insightad calibrate --model ... --out FILE.json)")
+            raise InsightADError(_not_for(path, data, model, wanted, actual))
     return value
+
+
+def _not_for(path: Path, data: dict[str, Any], model: str | Path, wanted: str, actual: str) -> str:
+    """Why a threshold file is refused for ``model``: chosen for another model file, or for this same file
+    before it was rewritten (calibrated or trained again since: its scores may have another scale)."""
+    chosen_for = data.get("model") or data.get("model_file")
+    again = "choose a threshold for this model (insightad calibrate --model ... --out FILE.json)"
+    if isinstance(chosen_for, str) and _same_file(chosen_for, model):
+        return (f"{path}: this threshold was chosen for {model} as it was before it was rewritten (sha256 "
+                f"{wanted[:12]}...; now {actual[:12]}...: calibrated or trained again since); {again}")
+    return (f"{path}: this threshold was chosen for another model ({chosen_for or 'another model file'}, sha256 "
+            f"{wanted[:12]}...), not for {model} (sha256 {actual[:12]}...); {again}")
+
+
+def _same_file(recorded: str, model: str | Path) -> bool:
+    """Whether the model path a threshold file records is the file at ``model`` now."""
+    try:
+        return Path(recorded).resolve() == Path(model).resolve()
+    except (OSError, ValueError):  # a recorded path with a NUL byte or a link loop: not this file
+        return False
+
+
+def check_replaceable(path: str | Path, flag: str) -> None:
+    """An output threshold file may replace only a threshold file: a name that is (or links to) a model file, an
+    image or anything else is refused before any work (``calibrate --dry-run --out x.json``, x.json a link to
+    the model, wrote JSON over the model while saying it was not changed)."""
+    path = Path(path)
+    if not path.exists() or path.is_dir() or path.stat().st_size == 0:
+        return  # nothing to lose (a folder is refused by check_output_file)
+    try:
+        if path.stat().st_size > 10_000_000:  # a threshold file is a few kilobytes
+            raise ValueError
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or "threshold" not in data:
+            raise ValueError
+    except (OSError, ValueError, RecursionError):
+        target = path.resolve()
+        what = f"links to {target}, which" if target != path.absolute() else "exists and"
+        raise InsightADError(f"{path}: {flag} {what} is not a threshold file; writing one there would destroy it: "
+                             "choose another name") from None
 
 
 def graph_source(model: str | Path) -> str | None:
     """For an ONNX export: the sha256 of the model file it was exported from (its stamp), so a threshold
     file written for that model file also serves its graph; None for anything else."""
-    if not str(model).lower().endswith(".onnx"):
+    from insightad.engines.onnx_runtime import CACHE_KEY, is_onnx_file, read_onnx_metadata
+
+    if not is_onnx_file(model):
         return None
-    from insightad.engines.onnx_runtime import CACHE_KEY, read_onnx_metadata
 
     try:
         stamp = read_onnx_metadata(model).get(CACHE_KEY)

@@ -156,7 +156,7 @@ def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | No
     atomically and stamped with the model file's sha256, so predict/serve on the onnx engine start from it
     (and a runtime-only install can score with it alone). (path, a line to print); path None when skipped."""
     from insightad.engines.cache import model_digest
-    from insightad.inference.export import beside, export_onnx
+    from insightad.inference.export import beside, check_graph_output, export_onnx
 
     out = beside(model_path)
     if out == Path(model_path):
@@ -164,6 +164,7 @@ def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | No
     if det.onnx_unsupported:
         return None, f"no ONNX graph written: {det.method} cannot be exported ({det.onnx_unsupported})"
     try:
+        check_graph_output(out, model_path, "the graph beside the model,")
         export_onnx(det, out, model_digest(model_path))
     except InsightADError as e:
         return None, f"warning: no ONNX graph written ({e}); the onnx engine will export it on first use"

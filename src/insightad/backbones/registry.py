@@ -44,19 +44,25 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def read_backbone_file_meta(path: Path) -> dict:
-    """The JSON metadata of a backbone file (an ``ssl`` checkpoint), without loading tensors."""
+    """The JSON metadata of a backbone file (an ``ssl`` checkpoint), without loading tensors or PyTorch."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise InsightADError(f"{path}: backbone file not found (expected an ssl checkpoint from 'insightad train --method ssl')")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # the header only: the runtime install reads it too
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
         raise InsightADError(f"{path}: not a readable backbone file ({str(e).splitlines()[0]})") from None
     if BACKBONE_META_KEY not in meta:
         raise InsightADError(f"{path}: not an InsightAD backbone file (no '{BACKBONE_META_KEY}' metadata)")
-    return json.loads(meta[BACKBONE_META_KEY])
+    try:
+        found = json.loads(meta[BACKBONE_META_KEY])
+    except (ValueError, RecursionError):
+        found = None
+    if not isinstance(found, dict):
+        raise InsightADError(f"{path}: backbone metadata '{BACKBONE_META_KEY}' is not a JSON object (file damaged?)")
+    return found
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -74,6 +74,16 @@ def _relax_required(parser: argparse.ArgumentParser, argv: list[str]) -> list[ar
     return relaxed
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line parsed; a word no flag takes is refused by the sub-command's parser, with its usage
+    (``insightad info: error: ...``), not by the top parser's usage, which names no flag of the command."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = getattr(args, "command", None)
+        (_subparser(parser, command) if command else parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _check_spellings(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> None:
     """Two spellings of one flag with different values are refused, for every sub-command."""
     from insightad.cli.options import check_spellings
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         check_command_available(argv)
         parser = build_parser(argv)
         relaxed = _relax_required(parser, argv)
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         if not args.command:
             parser.print_help()
             return 2

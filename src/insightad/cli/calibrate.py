@@ -115,12 +115,18 @@ def run(args: argparse.Namespace) -> int:
     from insightad.apps import calibrate as cal_mod
 
     if args.out:
+        from insightad.apps.threshold_file import check_replaceable
         from insightad.outputs import check_output_file
 
-        check_output_file(args.out, "--out", suffix=".json")
+        check_output_file(args.out, "--out", suffix=".json", inputs=[args.model])
+        check_replaceable(args.out, "--out")
     if not 0 <= args.percentile <= 100:
         raise InsightADError(f"--percentile: expected a value between 0 and 100, got {args.percentile:g}")
-    if str(args.model).lower().endswith(".onnx"):
+    from insightad.engines.onnx_runtime import is_onnx_file
+    from insightad.io import require_file
+
+    require_file(args.model, "model file")  # a missing name or a folder is not 'an ONNX export'
+    if is_onnx_file(args.model):
         raise InsightADError(f"{args.model}: calibrate needs the model file (.safetensors), not an ONNX export "
                              "(export again after calibrating)")
     if bool(args.labels) == bool(args.data):

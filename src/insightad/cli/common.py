@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -17,11 +18,16 @@ from insightad import config
 from insightad.cli.options import add_config_flag, add_dataclass_args, apply_config, load_config_file
 from insightad.errors import InsightADError
 
+# Every spelling of a negative number Python's float() reads: argparse knows only -5 and -0.5, so
+# ``--threshold -1e-3`` or ``--threshold -inf`` stopped with "expected one argument" instead of being read.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
 
 def new_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None
                ) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=description or help,
-                       )
+    """A sub-command's parser, with --config, that reads every negative number as a value, never as a flag."""
+    p = sub.add_parser(name, help=help, description=description or help)
+    p._negative_number_matcher = NEGATIVE_NUMBER  # no flag of ours looks like a number: words like these are values
     add_config_flag(p)
     return p
 
@@ -66,9 +72,7 @@ def load_inference_model(args: argparse.Namespace):
     tile, overlap, search = (getattr(args, k, None) for k in ("tile", "overlap", "search"))
     if tile is None and overlap is None and search is None:
         return load_for_inference(args.model, args.engine, args.threads, args.device)
-    if args.engine == "onnx":
-        raise InsightADError("--tile/--overlap/--search change the model's graph: they run on --engine torch "
-                             "(export a model trained with them for ONNX Runtime)")
+    check_rework(args)
     from insightad.methods.base import Detector
 
     det = load_for_inference(args.model, "torch", args.threads, args.device)
@@ -87,6 +91,22 @@ def load_inference_model(args: argparse.Namespace):
 
         tiling.retile(det, tile, overlap)
     return det
+
+
+def check_rework(args: argparse.Namespace) -> None:
+    """--tile/--overlap/--search rebuild the PyTorch model of a model file: refused in one line for an ONNX export
+    (it was 'drop --engine torch', a flag not given), --engine onnx, and an install without PyTorch (a traceback)."""
+    from insightad.engines.onnx_runtime import is_onnx_file
+    from insightad.runtime import TRAIN_EXTRA, torch_available
+
+    flags = "--tile/--overlap/--search change the model's graph"
+    if is_onnx_file(args.model):
+        raise InsightADError(f"{args.model}: {flags}, and an ONNX export is a fixed graph: give the model file "
+                             "(.safetensors; they run on PyTorch), or export a model trained with them")
+    if args.engine == "onnx":
+        raise InsightADError(f"{flags}: they run on --engine torch (export a model trained with them for ONNX Runtime)")
+    if not torch_available():
+        raise InsightADError(f"{flags}, which needs PyTorch; this install does not have it: {TRAIN_EXTRA}")
 
 
 def positive_int(text: str) -> int:

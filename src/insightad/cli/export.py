@@ -24,15 +24,19 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.inference.export import export_onnx
+    from insightad.engines.onnx_runtime import is_onnx_file
+    from insightad.inference.export import check_graph_output, export_onnx
+    from insightad.io import require_file
     from insightad.model_file import load_model
     from insightad.outputs import check_output_file
 
-    if str(args.model).lower().endswith(".onnx"):
+    require_file(args.model, "model file")  # a missing name or a folder is not 'already an ONNX graph'
+    if is_onnx_file(args.model):
         raise InsightADError(f"{args.model}: already an ONNX graph; export takes the model file it was made from "
                              "(.safetensors), and the graph itself can be copied and used as it is")
     out = args.out if args.out else Path(args.model).with_suffix(".onnx")
     out = check_output_file(out, "--out", suffix=".onnx", inputs=[args.model])  # never over the model file
+    check_graph_output(out, args.model)
     from insightad.io import file_sha256
 
     det = load_model(args.model)

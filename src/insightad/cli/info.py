@@ -15,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "info", "show what a model file, ONNX export or backbone file holds (no tensors loaded)")
     add_model_flag(p)
     p.add_argument("--full", action="store_true", help="include the lists of training and held-out files")
+    p.add_argument("--json", action="store_true", help="one JSON object (what info always prints; accepted as the "
+                   "other commands accept it)")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "info"), _argv=argv)
 
 
@@ -31,12 +33,14 @@ def _short_split(meta: dict[str, Any]) -> None:
 def describe(path: str | Path) -> dict[str, Any]:
     """The metadata of a model file, an InsightAD ONNX export (``file: onnx-export``) or an ssl backbone
     file (``file: backbone``); for anything else, the model file's own one-line refusal."""
+    from insightad.engines.onnx_runtime import is_onnx_file
     from insightad.model_file import read_metadata
 
-    if str(path).lower().endswith(".onnx"):
+    if is_onnx_file(path):
         from insightad.engines.onnx_runtime import read_onnx_metadata
+        from insightad.model_schema import validate_onnx_metadata
 
-        return {"file": "onnx-export", **read_onnx_metadata(path)}
+        return {"file": "onnx-export", **validate_onnx_metadata(read_onnx_metadata(path), str(path))}
     try:
         return read_metadata(path)
     except InsightADError as model_error:

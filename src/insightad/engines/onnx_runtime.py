@@ -12,7 +12,7 @@ import numpy as np
 from insightad.engines.cache import ready_copy
 from insightad.engines.checksum import check_content
 from insightad.errors import InsightADError
-from insightad.io import require_file
+from insightad.io import is_safetensors_file, require_file
 
 META_KEY = "insightad"  # the metadata entry of an InsightAD graph
 ONNX_FORMAT = "insightad-onnx"  # the format name in an exported model's metadata
@@ -26,6 +26,12 @@ GRAPH_LAYOUT = "uint8-any-size-resize-inside"
 REVISION_KEY = "insightad_graph_revision"
 GRAPH_REVISION = "2"
 RUN_VALUES = 24_000_000  # input values per session run at most (nine 900 x 900 RGB photos); see _run_stack
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    """Whether ``--model PATH`` is taken as an ONNX graph: a ``.onnx`` name, unless the content is a safetensors
+    file (a model file renamed ``.onnx`` is the model file it is, not a graph that fails to parse)."""
+    return str(path).lower().endswith(".onnx") and not is_safetensors_file(path)
 
 
 def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS, arena: bool = True, ready: bool = False):
@@ -131,6 +137,10 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
     except (KeyError, ValueError, AssertionError):
         raise InsightADError(f"{path}: not an InsightAD ONNX export (no '{META_KEY}' metadata); "
                              "export one with 'insightad export'") from None
+    # The stamps as the code reads them (graph_stamp: the plain keys; no revision key: revision 1), so what info
+    # shows is what decides, also for a graph exported before the JSON entry carried them.
+    meta = {**meta, LAYOUT_KEY: props.get(LAYOUT_KEY), REVISION_KEY: props.get(REVISION_KEY, "1"),
+            CACHE_KEY: props.get(CACHE_KEY)}
     if props.get(LAYOUT_KEY) != GRAPH_LAYOUT:
         raise InsightADError(f"{path}: an InsightAD ONNX export of an older layout (it takes images already "
                              "resized); export the model again with 'insightad export'")
@@ -144,8 +154,8 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
         raise InsightADError(f"{path}: ONNX graph has no 'images' input; its metadata does not match the graph")
     dims = list(inputs["images"].shape)
     any_size = len(dims) == 4 and not any(isinstance(d, int) for d in dims[2:])  # must take any H, W
-    if inputs["images"].type != "tensor(uint8)" or not any_size or dims[1] != meta["channels"]:
-        raise InsightADError(f"{path}: graph input is not uint8 N x {meta['channels']} x H x W (any H, W) as its "
+    if inputs["images"].type != "tensor(uint8)" or not any_size or dims[1] != meta.get("channels"):
+        raise InsightADError(f"{path}: graph input is not uint8 N x {meta.get('channels')} x H x W (any H, W) as its "
                              "metadata says; refusing a file whose metadata does not match its graph")
     return meta
 

@@ -69,6 +69,17 @@ def _warn_unmasked(samples: list[Sample]) -> None:
                       "metrics leave them out", stacklevel=3)
 
 
+def _warn_unknown_split(det: Detector, root: Path, has_test_split: bool) -> None:
+    """An ONNX export made before exports recorded the training split cannot tell training images from held-out
+    ones: on a dataset without a test split every normal image is scored, training images included."""
+    meta = getattr(det, "onnx_meta_", None)
+    if meta is None or "split" in meta or getattr(det, "split_", None) is not None or has_test_split:
+        return
+    warnings.warn(f"{getattr(det, 'model_path_', 'the ONNX export')}: this export records no training split (made "
+                  f"before exports did): every normal image of {root} is scored, training images included, so the "
+                  "figures are optimistic; evaluate the model file, or export it again", stacklevel=3)
+
+
 def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: float | None = None,
                    progress: bool = True) -> Evaluation:
     """Score the held-out/test images of ``data`` (never training images) and compute metrics.
@@ -76,6 +87,7 @@ def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: f
     Maps in the returned prediction are at the pixel metrics' resolution (256 px), not the inputs'.
     """
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
+    _warn_unknown_split(det, ds.root, ds.has_test_split)
     samples = evaluation_samples(ds, getattr(det, "split_", None))
     for s in samples:  # before scoring, for every method: a wrong mask is a wrong dataset
         if s.mask is not None:

@@ -80,6 +80,8 @@ def onnx_metadata(det: Detector) -> dict[str, Any]:
                     "the image's size" if det.has_maps else None,
             "tiles": int(getattr(det, "tile", 1) or 1),  # per side: scored as config.images_per_run says
             "decode": DECODE_CONTRACT, "backbone": getattr(det, "backbone", None),
+            # which files trained it: evaluate on the export scores the held-out split, never a training image
+            "split": getattr(det, "split_", None),
             LAYOUT_KEY: GRAPH_LAYOUT, REVISION_KEY: GRAPH_REVISION}
 
 
@@ -111,6 +113,56 @@ def export_onnx(det: Detector, out: str | Path, model_sha256: str | None = None,
 def beside(model_path: str | Path) -> Path:
     """The graph written next to a model file: ``model.safetensors`` -> ``model.onnx``."""
     return Path(model_path).with_suffix(".onnx")
+
+
+def check_graph_output(out: Path, model: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a graph name (``export --out``, the graph ``train`` writes beside its model) whose
+    file a graph would destroy: another model's graph (:func:`model_beside`), or a file that is not an ONNX graph
+    at all (or a link to one: an image, notes)."""
+    from insightad.io import is_regular_file, looks_like_onnx
+
+    other = model_beside(out, model)
+    if other is not None:
+        raise InsightADError(f"{flag} {out}: the ONNX graph beside another model file ({other}), which scores "
+                             "that model; writing this model's graph there would replace it: choose another name")
+    if is_regular_file(out) and out.stat().st_size > 0 and not looks_like_onnx(out):
+        target = out.resolve()
+        what = f"links to {target}, which" if target != out.absolute() else "exists and"
+        raise InsightADError(f"{flag} {out}: {what} is not an ONNX graph; writing one there would destroy it: "
+                             "choose another name")
+
+
+def model_beside(graph: str | Path, model: str | Path) -> Path | None:
+    """Another model file (not ``model``, nor a copy of it) whose own graph ``graph`` is: beside it by name
+    (``other.safetensors`` for ``other.onnx``) and stamped with its sha256. Predict, serve and the runtime
+    install score that model with it, so writing ``model``'s graph there would take it away. None otherwise."""
+    import glob
+
+    graph = Path(graph)
+    stamp = _graph_stamp(graph)
+    if stamp is None or stamp == model_digest(model):
+        return None
+    siblings = graph.parent.glob(f"{glob.escape(graph.stem)}.*")
+    for candidate in sorted(siblings, key=lambda c: (c.suffix != ".safetensors", c.name)):
+        if candidate.is_file() and candidate.resolve() != graph.resolve() and beside(candidate) == graph \
+                and model_digest(candidate) == stamp:
+            return candidate
+    return None
+
+
+def _graph_stamp(graph: Path) -> str | None:
+    """The model sha256 stamped in an InsightAD graph file; None for no file, or one that is not such a graph."""
+    from insightad.engines.onnx_runtime import read_onnx_metadata
+
+    if not graph.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():  # an older revision's graph is still its model's: no word about it here
+            warnings.simplefilter("ignore")
+            stamp = read_onnx_metadata(graph).get(CACHE_KEY)
+    except InsightADError:
+        return None
+    return str(stamp).lower() if stamp else None
 
 
 def stored_engine(model_path: str | Path, threads: int | None = None, digest: str | None = None, arena: bool = True

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insightad.config import images_per_run
+from insightad.engines.onnx_runtime import is_onnx_file
 from insightad.errors import InsightADError
 from insightad.runtime import ENGINES, TRAIN_EXTRA, check_device, on_gpu, onnx_available, resolve_engine, torch_available
 from insightad.scoring import Scorer
@@ -36,7 +37,7 @@ def load_for_inference(path: str | Path, engine: str = "auto", threads: int | No
     if engine not in ENGINES:
         raise InsightADError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     check_device(device)  # every engine refuses the same spellings, whether it uses the device or not
-    if str(path).lower().endswith(".onnx"):
+    if is_onnx_file(path):
         if engine == "torch":
             raise InsightADError(f"{path}: an ONNX file runs on the onnx engine only (drop --engine torch)")
         from insightad.inference.onnx_detector import OnnxDetector

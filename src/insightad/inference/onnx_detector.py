@@ -13,6 +13,7 @@ from insightad.config import DetectorParams, images_per_run, params
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
 from insightad.io import require_file
+from insightad.model_schema import validate_onnx_metadata
 from insightad.scoring import Scorer
 
 
@@ -45,7 +46,7 @@ class OnnxDetector(OnnxDetectorParams, Scorer):
             except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
                 raise InsightADError(f"{path}: not a readable ONNX file "
                                      f"({(str(e).splitlines() or [''])[0][:120]})") from None
-        meta = check_metadata(engine.session, path)
+        meta = validate_onnx_metadata(check_metadata(engine.session, path), str(path))
         det = cls(image_size=int(meta["input_height"]), device="cpu")
         det.onnx_meta_ = meta
         det.preprocessing_ = Preprocessing(size=(meta["input_height"], meta["input_width"]),
@@ -56,6 +57,7 @@ class OnnxDetector(OnnxDetectorParams, Scorer):
         det.engine_ = engine
         det.engine_name_ = "onnx"
         det.model_path_ = str(path)
+        det.split_ = meta.get("split")  # exports made before it was recorded: None (evaluate says so)
         det.images_per_run_ = images_per_run(meta.get("tiles", 1))  # graphs exported before the key: None
         return det
 
