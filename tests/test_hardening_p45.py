@@ -28,8 +28,12 @@ def baseline_onnx(baseline_model, tmp_path_factory) -> Path:
 
 
 def _edited_export(source: Path, target: Path, **changes) -> Path:
-    """A copy of the export ``source`` whose ``insightad`` metadata entry has ``changes`` (None: key removed)."""
+    """A copy of the export ``source`` whose ``insightad`` metadata entry has ``changes`` (None: key removed), as
+    written by hand or by an exporter before content checksums (its checksum entry is left out: with it, the
+    edit is refused as damage before any field is read; tests/test_hardening_p47.py)."""
     import onnx
+
+    from insightad.engines.checksum import CONTENT_KEY
 
     model = onnx.load(str(source))
     entry = next(p for p in model.metadata_props if p.key == "insightad")
@@ -37,6 +41,9 @@ def _edited_export(source: Path, target: Path, **changes) -> Path:
     for key, value in changes.items():
         meta.pop(key) if value is None else meta.__setitem__(key, value)
     entry.value = json.dumps(meta)
+    kept = [p for p in model.metadata_props if p.key != CONTENT_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     onnx.save(model, str(target))
     return target
 
@@ -308,8 +315,10 @@ def test_p45_info_names_the_graph_revision_an_older_export_has(baseline_onnx, tm
     no revision at all: info now shows the stamps as the code reads them."""
     import onnx
 
+    from insightad.engines.checksum import CONTENT_KEY
+
     model = onnx.load(str(baseline_onnx))
-    kept = [p for p in model.metadata_props if p.key != "insightad_graph_revision"]
+    kept = [p for p in model.metadata_props if p.key not in ("insightad_graph_revision", CONTENT_KEY)]  # as before both
     for p in kept:
         if p.key == "insightad":
             meta = json.loads(p.value)
