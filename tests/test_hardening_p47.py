@@ -224,3 +224,52 @@ def test_p47_an_edited_graph_beside_its_model_is_not_used(baseline_model, export
     image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
     ref = load_for_inference(model, "torch").predict([image]).scores
     np.testing.assert_allclose(det.predict([image]).scores, ref, rtol=1e-4)
+
+
+def test_p47_a_threshold_file_brings_its_scale(baseline_model, mvtec_dir, tmp_path, capsys):
+    """``predict --threshold thr.json`` (from ``calibrate --dry-run --out``) decided at the file's threshold but
+    normalised the scores with the model's older scale (0.31 against 0.15 for one image); the file's scale
+    travels with its threshold now, so the figures equal those of the model once that calibration is stored."""
+    import json
+
+    model = tmp_path / "m.safetensors"
+    shutil.copyfile(baseline_model, model)
+    thr = tmp_path / "thr.json"
+    assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--strategy", "f1", "--out", str(thr),
+                 "--dry-run", "--no-progress"]) == 0
+    images = [str(p) for p in sorted((mvtec_dir / "test" / "good").glob("*.png"))[:6]]  # scores near the threshold
+    capsys.readouterr()
+
+    def scored(*extra: str) -> list[dict]:
+        assert main(["predict", "--model", str(model), "--json", *extra, *images]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    with_file = scored("--threshold", str(thr))
+    value = json.loads(thr.read_text())["threshold"]
+    number = scored("--threshold", repr(value))  # the same threshold as a number: the model's own scale, as before
+    assert json.loads(thr.read_text())["details"]["scale"] > 0
+    assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--strategy", "f1",
+                 "--no-progress"]) == 0  # the same calibration, stored in the model this time
+    capsys.readouterr()
+    stored = scored()
+    assert [r["threshold"] for r in with_file] == pytest.approx([r["threshold"] for r in stored])
+    assert [r["score_normalized"] for r in with_file] == pytest.approx([r["score_normalized"] for r in stored])
+    assert [r["score_normalized"] for r in with_file] != pytest.approx([r["score_normalized"] for r in number])
+
+
+def test_p47_a_threshold_file_scale_must_be_a_positive_number(baseline_model, mvtec_dir, tmp_path, capsys):
+    import json
+
+    from insightad.apps.threshold_file import FileThreshold, read_threshold_file
+
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"threshold": 3.5, "scale": 0.25}))
+    got = read_threshold_file(thr)
+    assert got == 3.5 and got.scale == 0.25 and isinstance(got, FileThreshold)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(got)).scale == 0.25  # as batch sends it to its workers
+    thr.write_text(json.dumps({"threshold": 3.5, "scale": -1}))
+    image = str(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0])
+    assert main(["predict", "--model", str(baseline_model), "--threshold", str(thr), image]) == 1
+    assert "'scale' must be a positive JSON number, got -1" in capsys.readouterr().err

@@ -22,8 +22,40 @@ from insightad.errors import InsightADError
 __all__ = ["file_sha256", "read_threshold_file"]
 
 
-def read_threshold_file(path: str | Path, model: str | Path | None = None) -> float:
-    """The ``threshold`` of a JSON threshold file; refused when its ``model_sha256`` is not ``model``'s."""
+class FileThreshold(float):
+    """A threshold read from a threshold file: the number itself, carrying the file's ``scale`` (the spread of
+    ``score_normalized`` chosen with it by calibrate), so that wherever the threshold goes (a command's scoring,
+    the server, batch's workers) ``score_normalized`` is the one the file was calibrated with, not the model's
+    older scale (0.31 against 0.15 for one image before)."""
+
+    scale: float | None
+
+    def __new__(cls, value: float, scale: float | None = None) -> FileThreshold:
+        obj = super().__new__(cls, value)
+        obj.scale = scale
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole to batch's workers
+        return (FileThreshold, (float(self), self.scale))
+
+
+def _scale(path: Path, data: Any) -> float | None:
+    """The file's ``scale`` (calibrate keeps it in ``details``): a positive finite number, or None where the file
+    has none (a bare number, the page's export, files from before)."""
+    if not isinstance(data, dict):
+        return None
+    details = data.get("details")
+    raw = data.get("scale", details.get("scale") if isinstance(details, dict) else None)
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw <= 0:
+        raise InsightADError(f"{path}: 'scale' must be a positive JSON number, got {json.dumps(raw)[:40]}")
+    return float(raw)
+
+
+def read_threshold_file(path: str | Path, model: str | Path | None = None) -> FileThreshold:
+    """The ``threshold`` of a JSON threshold file (with its ``scale``); refused when its ``model_sha256`` is not
+    ``model``'s."""
     path = Path(path)
     try:
         data: Any = json.loads(path.read_text(encoding="utf-8"))
@@ -44,7 +76,7 @@ def read_threshold_file(path: str | Path, model: str | Path | None = None) -> fl
         actual = file_sha256(model)
         if wanted != actual and graph_source(model) != wanted:
             raise InsightADError(_not_for(path, data, model, wanted, actual))
-    return value
+    return FileThreshold(value, _scale(path, data))
 
 
 def _not_for(path: Path, data: dict[str, Any], model: str | Path, wanted: str, actual: str) -> str:

@@ -149,7 +149,7 @@ class Scorer:
         if not isinstance(images, (list, tuple)):
             images = [images]
         n, chunk = len(images), max(1, int(chunk))
-        thr = self.threshold_ if threshold is None else float(threshold)
+        thr = self.threshold_ if threshold is None else threshold  # (a FileThreshold keeps its scale)
         want_maps = maps and self.has_maps
         start = 0
         scores: dict[int, float] = {}
@@ -190,9 +190,11 @@ class Scorer:
         """Raw scores -> a Prediction with decisions and normalised scores: the one place a decision is
         made, whoever scored the images (the prediction loop, the server's micro-batches)."""
         thr = self.threshold_ if threshold is None else float(threshold)
+        # A threshold from a threshold file carries the scale calibrated with it (apps.threshold_file.FileThreshold)
+        scale = getattr(threshold, "scale", None) or getattr(self, "threshold_info_", {}).get("scale")
         s = np.asarray(scores, dtype=np.float64)
         labels = np.where(np.isfinite(s), s > thr, False)
-        normalized = normalize_scores(s, thr, getattr(self, "threshold_info_", {}).get("scale"))
+        normalized = normalize_scores(s, thr, scale)
         return Prediction(s, maps, thr, labels, normalized, errors=dict(errors or {}), offset=offset)
 
     def predict(self, images: Sequence[ImageSource] | ImageSource, *, maps: bool = True, strict: bool = True,
