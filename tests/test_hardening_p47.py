@@ -273,3 +273,14 @@ def test_p47_a_threshold_file_scale_must_be_a_positive_number(baseline_model, mv
     image = str(sorted((mvtec_dir / "test" / "good").glob("*.png"))[0])
     assert main(["predict", "--model", str(baseline_model), "--threshold", str(thr), image]) == 1
     assert "'scale' must be a positive JSON number, got -1" in capsys.readouterr().err
+
+
+def test_p47_train_graph_warning_is_an_insightad_warning_line(mvtec_dir, tmp_path, monkeypatch, capsys):
+    """train's "no ONNX graph written" warning went out as a bare "warning: ..." line, unlike every other warning."""
+    import insightad.apps.train as train_app
+
+    monkeypatch.setattr(train_app, "write_graph_beside", lambda det, path: (None, "warning: no ONNX graph written (x)"))
+    assert main(["train", "--data", str(mvtec_dir), "--method", "baseline", "--image-size", "32",
+                 "--out", str(tmp_path / "m.safetensors"), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "insightad: warning: no ONNX graph written (x)\n" in cap.err and "no ONNX graph" not in cap.out

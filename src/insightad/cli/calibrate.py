@@ -17,6 +17,7 @@ from insightad.cli.common import (
     data_params,
     load_inference_model,
     new_parser,
+    print_graph_lines,
     print_json,
     with_config,
 )
@@ -82,15 +83,6 @@ def store(args: argparse.Namespace, det, record: dict) -> list[str]:
     mine, others = cal_mod.graphs_beside(args.model)  # before the rewrite: which graph beside is this model's
     cal_mod.apply_record(det, args.model, record, ready)
     return cal_mod.refresh_graphs(args.model, mine, others)
-
-
-def print_graph_lines(lines: list[str], quiet: bool) -> None:
-    """Warnings to stderr as ``insightad: warning:`` lines; the others to stdout unless ``quiet`` (--json)."""
-    for line in lines:
-        if line.startswith("warning: "):
-            print(f"insightad: {line}", file=sys.stderr)
-        elif not quiet:
-            print(line)
 
 
 def check_writable(path: Path, flag: str) -> None:

@@ -222,6 +222,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def print_graph_lines(lines: list[str], quiet: bool = False) -> None:
+    """Lines about the ONNX graphs a command wrote: warnings to stderr as ``insightad: warning:`` lines (as every
+    other warning), the others to stdout unless ``quiet`` (--json)."""
+    for line in lines:
+        if line.startswith("warning: "):
+            print(f"insightad: {line}", file=sys.stderr)
+        elif not quiet:
+            print(line)
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, default=_json_default))
 

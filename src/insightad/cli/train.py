@@ -14,6 +14,7 @@ from insightad.cli.common import (
     data_params,
     new_parser,
     positive_int,
+    print_graph_lines,
     warnings_as_lines,
     with_config,
 )
@@ -185,8 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx:
         from insightad.apps.train import write_graph_beside
 
-        graph, line = write_graph_beside(det, path)
-        print(line, file=sys.stdout if graph is not None or "warning" not in line else sys.stderr)
+        print_graph_lines([write_graph_beside(det, path)[1]])
     sys.stdout.flush()
     return 0
 
