@@ -284,3 +284,32 @@ def test_p47_train_graph_warning_is_an_insightad_warning_line(mvtec_dir, tmp_pat
                  "--out", str(tmp_path / "m.safetensors"), "--no-progress"]) == 0
     cap = capsys.readouterr()
     assert "insightad: warning: no ONNX graph written (x)\n" in cap.err and "no ONNX graph" not in cap.out
+
+
+def test_p47_resume_after_a_time_budget_stop_equals_the_uninterrupted_run(tmp_path):
+    """A run stopped by --time-budget in the middle of an epoch checkpointed that partial epoch as complete: the
+    resumed run skipped its unseen batches. Now the checkpoint keeps the last complete epoch, and the resumed run
+    ends with exactly the weights of a run never stopped."""
+    import torch
+
+    from insightad.training.loop import TrainingLoop
+
+    from .test_training_loop import Classify, FakeClock, TinyNet, _images, _params, _same
+
+    data = _images()
+    torch.manual_seed(0)
+    straight = TinyNet()
+    TrainingLoop(_params(tmp_path / "a", epochs=4), name="tiny").run(straight, Classify(), data[:18], data[18:])
+
+    torch.manual_seed(0)
+    stopped = TinyNet()
+    # 4 steps an epoch, 1 s a step: 6 s stop after the 2nd step of epoch 2
+    result = TrainingLoop(_params(tmp_path / "b", epochs=4, time_budget=6.0), name="tiny",
+                          clock=FakeClock(1.0)).run(stopped, Classify(), data[:18], data[18:])
+    assert result.stop_reason == "time_budget" and result.history[-1]["train_fraction"] < 1
+    torch.manual_seed(0)
+    resumed = TinyNet()
+    again = TrainingLoop(_params(tmp_path / "b", epochs=4, resume=True), name="tiny").run(
+        resumed, Classify(), data[:18], data[18:])
+    assert again.resumed_from == 1 and again.epochs_run == 4
+    assert _same(resumed, straight)

@@ -6,7 +6,8 @@ shuffling, the optimiser, the augmentation hook, validation and early stopping, 
 after every epoch (atomic safetensors, so Ctrl-C leaves the last complete epoch usable),
 ``resume``, progress bars and the loss curve, and a time budget (``time_budget`` seconds: the loop
 stops after the step that reaches it, validates that last, possibly partial, epoch and keeps the best
-weights; the clock is injectable so the budget is tested without waiting).
+weights; a partial epoch is not checkpointed, so ``resume`` redoes it whole; the clock is injectable so the
+budget is tested without waiting).
 
 Resuming gives the same result as an uninterrupted run: shuffling and augmentation draw from a
 generator seeded by (seed, epoch), and the checkpoint holds the model, the optimiser state, the
@@ -199,7 +200,10 @@ class TrainingLoop:
                 state["history"].append(record)
                 state["epoch"] = epoch + 1
                 epochs.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")})
-                if self.dir is not None:
+                # An epoch the time budget cut short is kept in this run's model and history, not in the checkpoint:
+                # --resume redoes it whole from the last complete epoch, so the resumed run is the uninterrupted one
+                # (checkpointed, its unseen batches were never trained on).
+                if self.dir is not None and "train_fraction" not in record:
                     ckpt.save_checkpoint(self._checkpoint_file(), model, optimizer, best,
                                          {"fingerprint": fp, **state})
                 if self._out_of_time:
