@@ -172,6 +172,15 @@ def images_per_run(tiles: int) -> int | None:
 
 MAX_IMAGE_SIDE = 4096  # the largest image side a model works at: bigger would exhaust memory before it helps
 MAX_DRAWS = 10_000  # evaluate --draws: seeded test subsets; more change no figure shown, and a typo's extra zeros ran for days
+
+
+def check_resampling(prevalence: float, draws: int) -> None:
+    """evaluate's --prevalence and --draws (the report's balanced/unbalanced draws), each refused in one line."""
+    if not 0 < prevalence < 1:
+        raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {prevalence:g}")
+    if not 1 <= draws <= MAX_DRAWS:
+        raise InsightADError(f"--draws: expected 1 to {MAX_DRAWS}, got {draws}")
+
 SEED_MAX = 2**63 - 1  # --seed (the split, the validation folds, the report draws): NumPy refuses negative seeds
 # (a model file's own stored seed is not checked: files written with any seed keep loading)
 

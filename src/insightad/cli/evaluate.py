@@ -17,8 +17,7 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
-from insightad.config import MAX_DRAWS
-from insightad.errors import InsightADError
+from insightad.config import check_resampling
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -60,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from insightad.evaluate.run import evaluate_model, prefetch_metrics
 
     prefetch_metrics()  # scikit-learn's import overlaps the model's load and the scoring
-    if not 0 < args.prevalence < 1:  # checked with or without --report: a bad value is a typo either way
-        raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {args.prevalence:g}")
-    if not 1 <= args.draws <= MAX_DRAWS:
-        raise InsightADError(f"--draws: expected 1 to {MAX_DRAWS}, got {args.draws}")
+    check_resampling(args.prevalence, args.draws)  # with or without --report: a bad value is a typo either way
     if args.report:
         from insightad.outputs import check_output_dir
 

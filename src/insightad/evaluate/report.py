@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from insightad.config import MAX_DRAWS
+from insightad.config import check_resampling
 from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
@@ -197,10 +197,7 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
 
     The files are made in a hidden folder inside ``out_dir`` and moved into place together at the end: an
     interrupted or failed run leaves the earlier report as it was, never half of a new one beside it."""
-    if not 0 < prevalence < 1:
-        raise InsightADError(f"--prevalence: expected a value between 0 and 1 (exclusive), got {prevalence:g}")
-    if not 1 <= draws <= MAX_DRAWS:
-        raise InsightADError(f"--draws: expected 1 to {MAX_DRAWS}, got {draws}")
+    check_resampling(prevalence, draws)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InsightADError(f"{out}: --report expects a folder, and this is a file")
