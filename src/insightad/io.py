@@ -254,7 +254,9 @@ def folder_lock(folder: str | Path, what: str) -> contextlib.AbstractContextMana
 
 # ----------------------------------------------------------------------------------------- CSV
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes for the start of a formula
-_NUMBER = re.compile(r"[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)", re.IGNORECASE)
+# A number without its sign, in every spelling Python's float() reads (1, 1., .5, 1e-3, inf, nan; any case).
+UNSIGNED_NUMBER = r"((\d+\.?\d*|\.\d+)(e[-+]?\d+)?|inf|infinity|nan)"
+_NUMBER = re.compile(rf"[+-]?{UNSIGNED_NUMBER}", re.IGNORECASE)
 
 
 def csv_cell(value: str) -> str:

@@ -17,10 +17,11 @@ from typing import Any
 from insightad import config
 from insightad.cli.options import add_config_flag, add_dataclass_args, apply_config, load_config_file
 from insightad.errors import InsightADError
+from insightad.io import UNSIGNED_NUMBER
 
 # Every spelling of a negative number Python's float() reads: argparse knows only -5 and -0.5, so
 # ``--threshold -1e-3`` or ``--threshold -inf`` stopped with "expected one argument" instead of being read.
-NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+NEGATIVE_NUMBER = re.compile(rf"^-{UNSIGNED_NUMBER}$", re.IGNORECASE)
 
 
 def new_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None
