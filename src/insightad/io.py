@@ -35,10 +35,14 @@ TMP_SUFFIX = ".insightad-tmp"
 STALE_TMP_SECONDS = 3600.0  # a temporary older than this belongs to no live writer
 
 
+def has_image_name(path: Path) -> bool:
+    """Named as an image file (by extension) and not hidden: images and their masks alike."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
 def is_image_file(path: Path) -> bool:
     """An image by extension, not a mask (``*_mask.*``) and not hidden."""
-    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-            and not path.stem.endswith("_mask"))
+    return has_image_name(path) and not path.stem.endswith("_mask")
 
 
 def is_regular_file(path: Path) -> bool:

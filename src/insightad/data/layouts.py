@@ -12,7 +12,7 @@ from pathlib import Path
 
 from insightad.data.images import not_scored_note, other_image_formats
 from insightad.errors import InsightADError
-from insightad.io import IMAGE_EXTENSIONS, file_sha256, is_image_file, is_regular_file, list_images
+from insightad.io import file_sha256, has_image_name, is_image_file, is_regular_file, list_images
 
 NORMAL, ANOMALOUS = 0, 1
 MASK_DIRS = ("ground_truth", "masks", "mask")
@@ -123,7 +123,7 @@ def _warn_unused_mask_files(root: Path, folders: list[Path], samples: list[Sampl
     A naming slip left the pixel metrics out, or scored the image it meant without its mask, without a word."""
     used = {s.mask for s in samples if s.mask is not None}
     files = [p for folder in folders if folder.is_dir() for p in sorted(folder.rglob("*.*"))
-             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file() and p not in used]
+             if has_image_name(p) and p.is_file() and p not in used]
     orphans = [p for p in files if _is_mask_name(p) and p.stem[: -len("_mask")] not in normal_stems]
     misnamed = [p for p in files if not _is_mask_name(p)]
     for group, what in ((orphans, "belong to no anomalous image"), (misnamed, "are not named <stem>_mask.<ext>")):
