@@ -87,6 +87,29 @@ def test_heldout_fold_refit_equals_exact_baseline_folds(mvtec_dir):
     assert exact.defect_maps is None
 
 
+def test_validation_keeps_defect_images_for_the_report_examples_only(mvtec_dir, tmp_path):
+    """Every fold's synthetic defect images were kept to the end (40 MB on bottle, under the last fold's
+    peak); only the first EXAMPLE_IMAGES of each kind keep theirs (the train report's example sheet), every
+    defect keeps its mask and score, and the sheet is drawn from the kept ones."""
+    from collections import Counter
+
+    from insightad.apps.train_report import example_sheet
+    from insightad.data.layouts import discover
+    from insightad.methods import create_detector
+    from insightad.methods.crossfit import EXAMPLE_IMAGES, out_of_fold
+
+    paths = [s.path for s in discover(mvtec_dir).train][:20]
+    final = create_detector("baseline", image_size=SIZE, fit_engine="torch").fit(paths)
+    oof = out_of_fold(final, paths, k=5, seed=0)
+    kinds = Counter(d.kind for d in oof.defects)
+    shown = Counter(d.kind for d in oof.defects if d.image.size)
+    assert shown == {k: min(n, EXAMPLE_IMAGES) for k, n in kinds.items()}
+    assert max(kinds.values()) > EXAMPLE_IMAGES  # some defects did lose their image
+    assert all(d.mask.size for d in oof.defects) and len(oof.defect_scores) == len(oof.defects) == 20
+    sheet = example_sheet(final, oof, tmp_path / "examples.png")
+    assert sheet.is_file()
+
+
 def test_patchcore_validation_scores_each_image_without_its_own_bank_patches(mvtec_dir):
     """bank-without-image: a training normal's out-of-fold score is exactly its score under the same model
     with that image's patches taken out of the bank, and every training normal is validated."""

@@ -299,3 +299,38 @@ def test_graph_of_an_older_revision_is_stale_beside_and_warned_alone(baseline_mo
         assert stored_graph(model, read_metadata(model)) is not None
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and "exported by an older InsightAD" in said[0], said  # one line, not one per layer
+
+
+def test_export_shape_inference_is_not_handed_large_constants(tmp_path, monkeypatch):
+    """The exporter's shape inference copied every parameter into a protobuf tensor (PaDiM's 236 MB factors once
+    more, train's peak): large ones are held back from it, and the graph written is the same, byte for byte."""
+    import contextlib
+
+    import torch
+
+    from insightad.engines import export
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("big", torch.randn(4, 8, 8))  # 256 elements: "large" below
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (torch.relu(self.conv(x)) * self.big,)
+
+    monkeypatch.setattr(export, "LARGE_CONSTANT", 200)
+    name = "_jit_pass_onnx_graph_shape_type_inference"
+    seen: list[int] = []
+    original = getattr(torch._C, name)
+    monkeypatch.setattr(torch._C, name, lambda graph, params, *rest: seen.extend(v.numel() for v in params.values())
+                        or original(graph, params, *rest))
+    module, example = Tiny().eval(), torch.zeros(1, 3, 8, 8)
+    export._to_onnx(module, example, ["y"], tmp_path / "held.onnx", "x")
+    assert seen and max(seen) < 200  # the conv's weights and bias went in, the 256-element buffer did not
+    monkeypatch.setattr(export, "_shape_inference_without_large_constants", contextlib.nullcontext)
+    seen.clear()
+    export._to_onnx(module, example, ["y"], tmp_path / "all.onnx", "x")
+    assert max(seen) == 256
+    assert (tmp_path / "held.onnx").read_bytes() == (tmp_path / "all.onnx").read_bytes()
+    assert getattr(torch._C, name) is not None

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from insightad.decide.decisions import DecisionRecord
 from insightad.errors import InsightADError
 from insightad.io import atomic_write
+from insightad.methods.crossfit import EXAMPLE_IMAGES
 from insightad.render.colormap import MapScale, blend, with_colorbar
 
 
@@ -29,16 +30,17 @@ def _outline(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (
     return out
 
 
-def example_sheet(det: Any, oof: Any, path: Path, per_kind: int = 3, tile: int = 128) -> Path:
+def example_sheet(det: Any, oof: Any, path: Path, per_kind: int = EXAMPLE_IMAGES, tile: int = 128) -> Path:
     """Rows per defect kind: each synthetic defect (true mask outlined) and, for map methods, its map;
-    the caption says its score and whether the threshold catches it."""
+    the caption says its score and whether the threshold catches it. Validation keeps the images of the first
+    ``EXAMPLE_IMAGES`` defects of each kind only."""
     kinds = sorted(set(oof.defect_kinds))
     cols = per_kind * (2 if oof.defect_maps is not None else 1)
     sheet = Image.new("RGB", (cols * tile, len(kinds) * (tile + 14)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     scale = MapScale.for_detector(det)
     for r, kind in enumerate(kinds):
-        picks = [i for i, d in enumerate(oof.defects) if d.kind == kind][:per_kind]
+        picks = [i for i, d in enumerate(oof.defects) if d.kind == kind and d.image.size][:per_kind]
         for j, i in enumerate(picks):
             d = oof.defects[i]
             rgb = d.image if d.image.ndim == 3 else np.repeat(d.image[..., None], 3, axis=2)
