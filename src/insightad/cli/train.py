@@ -73,7 +73,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
                    help="spread the fit over Ray workers (baseline, padim, patchcore): 'local' starts Ray here, 'auto' or "
                    "HOST:PORT joins a cluster whose nodes all read --data")
-    p.add_argument("--workers", type=positive_int, default=2, metavar="N", help="Ray workers for --ray (default: 2)")
+    # dest ray_workers: the detectors' own 'workers' (image-decoding threads, automatic) is another setting
+    p.add_argument("--workers", dest="ray_workers", type=positive_int, default=2, metavar="N",
+                   help="Ray workers for --ray (default: 2)")
     add_progress_flag(p)
     if method in method_names():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         if args.method == "auto" or not get_method(args.method).sharded_fit:
             raise InsightADError(f"--ray: {args.method}'s fit cannot be distributed (baseline, padim and patchcore "
                                  "can); train it without --ray")
-        shards = ray_shards(args.method, given, args.workers, args.ray)
+        shards = ray_shards(args.method, given, args.ray_workers, args.ray)
     with warnings_as_lines():
         det, path, split = train_model(args.data, args.method, given, data_params(args), args.out, args.progress,
                                        decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True),
