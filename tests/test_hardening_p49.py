@@ -23,3 +23,11 @@ def test_train_ray_workers_do_not_become_the_models_decoding_threads():
     assert args.ray_workers == 5
     assert gather(args, params_class("baseline")).workers == -1
     assert gather(parsed("train", "--data", "x"), params_class("baseline")).workers == -1
+
+
+def test_predict_takes_batch_spelling_of_overlays():
+    """batch writes overlays with --overlays; predict refused that spelling of its --overlay ('unrecognized
+    arguments'), so a user moving from one command to the other tripped on one letter."""
+    assert parsed("predict", "--model", "m.safetensors", "--overlays", "ov", "a.png").overlay == "ov"
+    assert parsed("batch", "--model", "m.safetensors", "--input", "x", "--out", "r.parquet",
+                  "--overlay", "ov").overlays == "ov"
