@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from insightad.cli import _parse, build_parser
+from insightad.data import discover
+from insightad.data.synthetic import make_image
+from insightad.errors import InsightADError
 
 
 def parsed(*argv: str) -> argparse.Namespace:
@@ -31,3 +36,17 @@ def test_predict_takes_batch_spelling_of_overlays():
     assert parsed("predict", "--model", "m.safetensors", "--overlays", "ov", "a.png").overlay == "ov"
     assert parsed("batch", "--model", "m.safetensors", "--input", "x", "--out", "r.parquet",
                   "--overlay", "ov").overlays == "ov"
+
+
+def test_dataset_without_any_image_says_so_not_set_layout(tmp_path):
+    """train --data on a folder holding no image at all (empty, or only empty sub-folders) said 'cannot tell the
+    dataset layout ... set --layout'; no --layout helps there: it now says no images were found. A folder whose
+    images all lie in sub-folders of no known layout still gets the layout message."""
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(InsightADError, match="empty: no images found") as e:
+        discover(tmp_path / "empty")
+    assert "--layout" not in str(e.value)
+    (tmp_path / "nested" / "sub").mkdir(parents=True)
+    make_image("disc", None, size=32, seed=0)[0].save(tmp_path / "nested" / "sub" / "a.png")
+    with pytest.raises(InsightADError, match="cannot tell the dataset layout"):
+        discover(tmp_path / "nested")

@@ -200,6 +200,7 @@ def detect_layout(root: Path, normal_dir: str = "normal") -> str:
                              f"(found: {', '.join(cats)})")
     if any(is_image_file(p) and is_regular_file(p) for p in root.iterdir()):
         return "images"
+    _require_images(root, "images in it or its sub-folders")  # none at all: --layout would not help
     raise InsightADError(f"{root}: cannot tell the dataset layout: expected train/ and test/ (MVTec AD), "
                          f"{normal_dir}/ [+ abnormal/] (folder), Negative/ [+ Positive/] (crack) or image files; "
                          "set --layout")
