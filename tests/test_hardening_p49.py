@@ -50,3 +50,15 @@ def test_dataset_without_any_image_says_so_not_set_layout(tmp_path):
     make_image("disc", None, size=32, seed=0)[0].save(tmp_path / "nested" / "sub" / "a.png")
     with pytest.raises(InsightADError, match="cannot tell the dataset layout"):
         discover(tmp_path / "nested")
+
+
+def test_info_counts_the_training_hashes_without_full():
+    """info without --full counted the training and held-out files but still listed one sha256 per training
+    image (a page of hex for a real dataset); the hashes are counted too, and --full keeps everything."""
+    from insightad.cli.info import _short_split
+
+    meta = {"split": {"root": "/d", "train": ["a.png", "b.png"], "train_sha256": ["0" * 64, "1" * 64],
+                      "holdout": ["c.png"], "holdout_fraction": 0.2}}
+    _short_split(meta)
+    assert meta["split"] == {"root": "/d", "train": "2 files", "train_sha256": "2 hashes", "holdout": "1 files",
+                             "holdout_fraction": 0.2}
