@@ -62,3 +62,14 @@ def test_info_counts_the_training_hashes_without_full():
     _short_split(meta)
     assert meta["split"] == {"root": "/d", "train": "2 files", "train_sha256": "2 hashes", "holdout": "1 files",
                              "holdout_fraction": 0.2}
+
+
+def test_training_image_refusal_fits_calibrate_too(tmp_path):
+    """The refusal of a training image, shared by evaluate, calibrate --data and calibrate --labels, told a user of
+    calibrate to 'evaluate on held-out or new images'; it now says what to give whichever command refused."""
+    from insightad.data.layouts import refuse_training_images
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(InsightADError, match="this image was used to train the model") as e:
+        refuse_training_images([tmp_path / "a.png"], {"root": str(tmp_path), "train": ["a.png"]})
+    assert "evaluate on" not in str(e.value) and "not trained on" in str(e.value)
