@@ -73,3 +73,19 @@ def test_training_image_refusal_fits_calibrate_too(tmp_path):
     with pytest.raises(InsightADError, match="this image was used to train the model") as e:
         refuse_training_images([tmp_path / "a.png"], {"root": str(tmp_path), "train": ["a.png"]})
     assert "evaluate on" not in str(e.value) and "not trained on" in str(e.value)
+
+
+def test_every_command_with_out_takes_output_too():
+    """train, sort, augment, calibrate and export take --output for --out; batch and demo refused it."""
+    assert parsed("batch", "--model", "m.safetensors", "--input", "x", "--output", "r.parquet").out == "r.parquet"
+    assert parsed("demo", "--output", "d").out == "d"
+
+
+def test_decisions_page_states_the_demos_budget():
+    """decisions.md says which --time-budget the demo gives --method auto; the number is the code's."""
+    from pathlib import Path
+
+    from insightad.cli.demo import DEMO_BUDGET_S
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "decisions.md").read_text()
+    assert f"The demo uses it with a {DEMO_BUDGET_S:.0f} s budget" in page

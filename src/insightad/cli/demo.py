@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "Generate a synthetic MVTec-style dataset (objects with scratches, blobs, cracks and "
                    "missing pieces), train with --method auto on its good images, evaluate on "
                    "its test images, and write example images.")
-    p.add_argument("--out", default="insightad-demo", metavar="DIR",
+    p.add_argument("--out", "--output", dest="out", default="insightad-demo", metavar="DIR",
                    help="folder for data, model and examples (default: insightad-demo)")
     from insightad.methods import list_methods
 
