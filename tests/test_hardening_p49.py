@@ -89,3 +89,17 @@ def test_decisions_page_states_the_demos_budget():
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "decisions.md").read_text()
     assert f"The demo uses it with a {DEMO_BUDGET_S:.0f} s budget" in page
+
+
+def test_auto_table_says_its_seconds_include_validation():
+    """--method auto's table showed 'fit s' 26.5 for the baseline the demo then reported 'trained ... in 12.5 s':
+    the row's seconds are the fit and the out-of-fold validation together, and the header now says so."""
+    from insightad.apps.auto import format_table
+
+    rows = [{"method": "baseline", "synthetic_auroc": 1.0, "fit_seconds": 26.5, "predict_ms_per_image": 41.5,
+             "size_mb": 3.8},
+            {"method": "patchcore", "synthetic_auroc": None, "fit_seconds": None, "skipped": "time budget spent (95 s)"}]
+    head, base, skipped = format_table(rows, "baseline").splitlines()
+    assert "fit+val s" in head and "fit s" not in head.replace("fit+val s", "")
+    assert base.index("26.5") + len("26.5") == head.index("fit+val s") + len("fit+val s")  # aligned under it
+    assert skipped.startswith("patchcore") and "skipped: time budget spent" in skipped
