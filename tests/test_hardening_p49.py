@@ -103,3 +103,16 @@ def test_auto_table_says_its_seconds_include_validation():
     assert "fit+val s" in head and "fit s" not in head.replace("fit+val s", "")
     assert base.index("26.5") + len("26.5") == head.index("fit+val s") + len("fit+val s")  # aligned under it
     assert skipped.startswith("patchcore") and "skipped: time budget spent" in skipped
+
+
+def test_train_help_says_when_threshold_percentile_counts(capsys):
+    """Every method's help said '--threshold-percentile: default threshold: this percentile of the training scores',
+    but train replaces that threshold by the out-of-fold one: the percentile counts only with --threshold-strategy
+    percentile (the default, fpr, ignores it)."""
+    from insightad.cli import main
+
+    for method in ("baseline", "padim", "autoencoder"):
+        with pytest.raises(SystemExit):
+            main(["train", "--method", method, "--help"])
+        text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+        assert "train uses it only with --threshold-strategy percentile, on the out-of-fold normal scores" in text

@@ -83,7 +83,18 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
         add_dataclass_args(p, config.DetectorParams, title="hyper-parameters shared by the candidates")
     if method not in BACKBONE_METHODS:
         add_dataclass_args(p, config.DecisionParams, skip=decision_skip(method), title="the default threshold")
+        _say_when_percentile_counts(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train", f"train --method {method}"), _argv=argv)
+
+
+def _say_when_percentile_counts(p: argparse.ArgumentParser) -> None:
+    """train replaces the method's own threshold by the out-of-fold one (--threshold-strategy), so the method's
+    --threshold-percentile ('this percentile of the training scores') decides nothing unless the strategy is
+    percentile, and then of the out-of-fold scores: its help says so (--threshold-percentile 95 changed nothing)."""
+    for a in p._actions:
+        if a.dest == "threshold_percentile" and a.help:
+            a.help = a.help.replace(" (default:", "; train uses it only with --threshold-strategy percentile, on "
+                                    "the out-of-fold normal scores (default:", 1)
 
 
 def decision_skip(method: str) -> tuple[str, ...]:
