@@ -116,3 +116,23 @@ def test_train_help_says_when_threshold_percentile_counts(capsys):
             main(["train", "--method", method, "--help"])
         text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
         assert "train uses it only with --threshold-strategy percentile, on the out-of-fold normal scores" in text
+
+
+def test_train_names_the_method_an_unknown_flag_belongs_to(tmp_path, capsys):
+    """README lists --epochs and --lr among the accepted flags; with the default method (baseline) they answered
+    only 'unrecognized arguments: --epochs 3' under a screen of usage. The error now names the methods that take
+    the flag, and the method it was given to (from --config when the command line names none)."""
+    from insightad.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "x", "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert "--epochs is a flag of --method autoencoder, svdd, ssl, not of --method baseline" in err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('method = "padim"\n')
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(cfg), "--data", "x", "--grid=3"])
+    assert "--grid is a flag of --method baseline, svdd, not of --method padim" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "x", "--bogus", "1"])
+    assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --bogus 1")

@@ -87,6 +87,30 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train", f"train --method {method}"), _argv=argv)
 
 
+def other_methods_flags(extra: list[str], method: str) -> str:
+    """For 'unrecognized arguments': which methods take the first unknown flag that another method has
+    ('--epochs is a flag of --method autoencoder, svdd, ssl'), since train's flags depend on --method and
+    the default is baseline; '' when no method takes it."""
+    import dataclasses
+
+    from insightad.apps.train import params_class
+
+    for word in extra:
+        flag = word.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        takers = []
+        for m in method_names():
+            for f in dataclasses.fields(params_class(m)):
+                if flag in (f"--{f.name.replace('_', '-')}", f"--{f.name}", *f.metadata.get("aliases", ())):
+                    takers.append(m)
+                    break
+        if takers:
+            return (f" ({flag} is a flag of --method {', '.join(takers)}, not of --method {method}: "
+                    f"'insightad train --method {takers[0]} --help' lists its flags)")
+    return ""
+
+
 def _say_when_percentile_counts(p: argparse.ArgumentParser) -> None:
     """train replaces the method's own threshold by the out-of-fold one (--threshold-strategy), so the method's
     --threshold-percentile ('this percentile of the training scores') decides nothing unless the strategy is
