@@ -136,3 +136,21 @@ def test_train_names_the_method_an_unknown_flag_belongs_to(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", "x", "--bogus", "1"])
     assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --bogus 1")
+
+
+def test_evaluate_and_calibrate_help_say_holdout_and_seed_are_trains(capsys):
+    """evaluate and calibrate listed --holdout 'fraction of normal images held out of training' and --seed
+    'random seed (hold-out split, ...)', which neither uses: the split is the one the model file recorded.
+    Their help now says so (evaluate's --seed seeds the report's draws); train's help is unchanged."""
+    from insightad.cli import main
+
+    def help_of(*argv: str) -> str:
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    for command in ("evaluate", "calibrate"):
+        assert "--holdout HOLDOUT train's hold-out fraction, not used here" in help_of(command)
+    assert "--seed SEED seed of --report's balanced/unbalanced draws" in help_of("evaluate")
+    assert "--seed SEED train's seed, not used here" in help_of("calibrate")
+    assert "--holdout HOLDOUT fraction of normal images held out of training" in help_of("train")
