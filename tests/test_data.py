@@ -68,7 +68,7 @@ def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(InsightADError, match=r"normal: no images found"):
         discover(tmp_path / "empty")
     (tmp_path / "blank").mkdir()
-    with pytest.raises(InsightADError, match="cannot tell the dataset layout"):
+    with pytest.raises(InsightADError, match="blank: no images found"):
         discover(tmp_path / "blank")
     f = _img(tmp_path / "x.png")
     with pytest.raises(InsightADError, match="expected a dataset folder"):

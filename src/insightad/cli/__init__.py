@@ -80,7 +80,12 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     args, extra = parser.parse_known_args(argv)
     if extra:
         command = getattr(args, "command", None)
-        (_subparser(parser, command) if command else parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        hint = ""
+        if command == "train":  # its flags depend on the method (command line, else --config, else baseline)
+            from insightad.cli.train import _method_from, other_methods_flags
+
+            hint = other_methods_flags(extra, _method_from(argv))
+        (_subparser(parser, command) if command else parser).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     return args
 
 

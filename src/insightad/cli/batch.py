@@ -41,7 +41,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    help="folder of images (recursive), text file of image paths (one a line, relative ones from the "
                    "file's folder; blank lines and lines starting with # are skipped, unless such a line names an "
                    "existing file), or a glob such as 'dir/**/*.png'")
-    p.add_argument("--out", required=True, metavar="RESULTS.parquet", help="Parquet results table (resumable)")
+    p.add_argument("--out", "--output", dest="out", required=True, metavar="RESULTS.parquet",
+                   help="Parquet results table (resumable)")
     p.add_argument("--csv", metavar="FILE.csv",
                    help="also write the results as CSV (without path_bytes; a cell a spreadsheet would run as a "
                    "formula is written after a ')")

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "with the best F1 on labelled normal and defective images; youden: the ROC point with the "
                    "largest TPR - FPR. Training images are refused.")
     add_model_flag(p)
-    add_data_flags(p, data_required=False)
+    add_data_flags(p, data_required=False, seed_help="")
     p.add_argument("--labels", metavar="FILE.csv",
                    help="operator labels instead of --data: columns path,label (images re-scored) or "
                         "name,label,score,model_sha256 (scores taken as given; refused when the hash is not this "

@@ -33,10 +33,21 @@ def new_parser(sub: argparse._SubParsersAction, name: str, help: str, descriptio
     return p
 
 
-def add_data_flags(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
+def add_data_flags(p: argparse.ArgumentParser, *, data_required: bool = True, seed_help: str | None = None) -> None:
+    """--data and the layout flags. ``seed_help`` marks a command that scores a trained model (calibrate, evaluate):
+    its split is the one recorded in the model file, so --holdout says that it does nothing there, and --seed
+    says what it does (``seed_help``, '' for nothing)."""
     p.add_argument("--data", "--data-path", "--data_path", dest="data", required=data_required, metavar="PATH",
                    help="dataset folder (MVTec AD category, normal/abnormal folders, crack set, or a folder of images)")
     add_dataclass_args(p, config.DataParams, title="data")
+    if seed_help is None:
+        return
+    for a in p._actions:
+        if a.dest == "holdout":
+            a.help = ("train's hold-out fraction, not used here: on the dataset the model was trained on, the split "
+                      "recorded in the model file is used, and on another path no image is held out")
+        elif a.dest == "seed":
+            a.help = seed_help or "train's seed, not used here"
 
 
 def add_model_flag(p: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "images (or the MVTec test split) and anomalous images are scored; on another path "
                    "every image is; training images are always refused.")
     add_model_flag(p)
-    add_data_flags(p)
+    add_data_flags(p, seed_help="seed of --report's balanced/unbalanced draws (default: 0)")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     p.add_argument("--report", metavar="DIR", help="write the full report into DIR: metrics.json, report.md, ROC/PR "

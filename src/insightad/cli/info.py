@@ -14,19 +14,22 @@ from insightad.errors import InsightADError
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "info", "show what a model file, ONNX export or backbone file holds (no tensors loaded)")
     add_model_flag(p)
-    p.add_argument("--full", action="store_true", help="include the lists of training and held-out files")
+    p.add_argument("--full", action="store_true", help="include the lists of training and held-out files and their "
+                   "sha256 (else counted)")
     p.add_argument("--json", action="store_true", help="one JSON object (what info always prints; accepted as the "
                    "other commands accept it)")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "info"), _argv=argv)
 
 
 def _short_split(meta: dict[str, Any]) -> None:
+    """The split's lists counted, not listed: the file names and their sha256 (one per training image) flooded
+    the output without --full."""
     split = meta.get("split")
     if isinstance(split, dict):
         split = dict(split)
-        for key in ("train", "holdout"):
-            if isinstance(split.get(key), list):
-                split[key] = f"{len(split[key])} files"
+        for key, value in split.items():
+            if isinstance(value, list):
+                split[key] = f"{len(value)} {'hashes' if key.endswith('sha256') else 'files'}"
         meta["split"] = split
 
 

@@ -30,9 +30,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="an image (repeatable)")
     p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--overlay", "--output-overlay", "--output_overlay", dest="overlay", metavar="DIR",
+    p.add_argument("--overlay", "--overlays", "--output-overlay", "--output_overlay", dest="overlay", metavar="DIR",
                    help="write <stem>_overlay.png per image into DIR: heatmap and defect outline for methods "
-                   "with maps, score and verdict for all")
+                   "with maps, score and verdict for all (--overlays: batch's name for it)")
     p.add_argument("--heatmap", metavar="DIR", help="write <stem>_heatmap.png per image into DIR (map methods)")
     add_engine_flags(p)
     add_work_flags(p)

@@ -73,7 +73,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
                    help="spread the fit over Ray workers (baseline, padim, patchcore): 'local' starts Ray here, 'auto' or "
                    "HOST:PORT joins a cluster whose nodes all read --data")
-    p.add_argument("--workers", type=positive_int, default=2, metavar="N", help="Ray workers for --ray (default: 2)")
+    # dest ray_workers: the detectors' own 'workers' (image-decoding threads, automatic) is another setting
+    p.add_argument("--workers", dest="ray_workers", type=positive_int, default=2, metavar="N",
+                   help="Ray workers for --ray (default: 2)")
     add_progress_flag(p)
     if method in method_names():
         add_dataclass_args(p, params_class(method), title=f"{method} hyper-parameters")
@@ -81,7 +83,42 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
         add_dataclass_args(p, config.DetectorParams, title="hyper-parameters shared by the candidates")
     if method not in BACKBONE_METHODS:
         add_dataclass_args(p, config.DecisionParams, skip=decision_skip(method), title="the default threshold")
+        _say_when_percentile_counts(p)
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "train", f"train --method {method}"), _argv=argv)
+
+
+def other_methods_flags(extra: list[str], method: str) -> str:
+    """For 'unrecognized arguments': which methods take the first unknown flag that another method has
+    ('--epochs is a flag of --method autoencoder, svdd, ssl'), since train's flags depend on --method and
+    the default is baseline; '' when no method takes it."""
+    import dataclasses
+
+    from insightad.apps.train import params_class
+
+    for word in extra:
+        flag = word.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        takers = []
+        for m in method_names():
+            for f in dataclasses.fields(params_class(m)):
+                if flag in (f"--{f.name.replace('_', '-')}", f"--{f.name}", *f.metadata.get("aliases", ())):
+                    takers.append(m)
+                    break
+        if takers:
+            return (f" ({flag} is a flag of --method {', '.join(takers)}, not of --method {method}: "
+                    f"'insightad train --method {takers[0]} --help' lists its flags)")
+    return ""
+
+
+def _say_when_percentile_counts(p: argparse.ArgumentParser) -> None:
+    """train replaces the method's own threshold by the out-of-fold one (--threshold-strategy), so the method's
+    --threshold-percentile ('this percentile of the training scores') decides nothing unless the strategy is
+    percentile, and then of the out-of-fold scores: its help says so (--threshold-percentile 95 changed nothing)."""
+    for a in p._actions:
+        if a.dest == "threshold_percentile" and a.help:
+            a.help = a.help.replace(" (default:", "; train uses it only with --threshold-strategy percentile, on "
+                                    "the out-of-fold normal scores (default:", 1)
 
 
 def decision_skip(method: str) -> tuple[str, ...]:
@@ -153,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         if args.method == "auto" or not get_method(args.method).sharded_fit:
             raise InsightADError(f"--ray: {args.method}'s fit cannot be distributed (baseline, padim and patchcore "
                                  "can); train it without --ray")
-        shards = ray_shards(args.method, given, args.workers, args.ray)
+        shards = ray_shards(args.method, given, args.ray_workers, args.ray)
     with warnings_as_lines():
         det, path, split = train_model(args.data, args.method, given, data_params(args), args.out, args.progress,
                                        decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True),

@@ -200,6 +200,7 @@ def detect_layout(root: Path, normal_dir: str = "normal") -> str:
                              f"(found: {', '.join(cats)})")
     if any(is_image_file(p) and is_regular_file(p) for p in root.iterdir()):
         return "images"
+    _require_images(root, "images in it or its sub-folders")  # none at all: --layout would not help
     raise InsightADError(f"{root}: cannot tell the dataset layout: expected train/ and test/ (MVTec AD), "
                          f"{normal_dir}/ [+ abnormal/] (folder), Negative/ [+ Positive/] (crack) or image files; "
                          "set --layout")
@@ -273,8 +274,8 @@ def refuse_training_images(paths: list[Path], split: dict | None, root: Path | N
     digest = digest or functools.cache(file_sha256)  # the model's and the backbone's records: each file once
     backbone = split.get("backbone") or {}
     for record, base, why in (
-            (split, root, "was used to train the model{copy}; refusing to score training images (evaluate on "
-                          "held-out or new images)"),
+            (split, root, "was used to train the model{copy}; refusing to score training images (give images "
+                          "the model was not trained on: its held-out or new ones)"),
             (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}){{copy}}; refusing "
                              "to score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
                              "on new images)")):

@@ -2,12 +2,12 @@
 
     score_normalized = 1 / (1 + exp(-(score - threshold) / scale))
 
-``scale`` is the spread of normal scores measured when the threshold was calibrated (the
-interquartile range of the normal calibration scores divided by 1.349, i.e. their standard
+``scale`` is the spread of the normal scores the threshold was chosen on (at fit, train or
+calibrate: the interquartile range of those scores divided by 1.349, i.e. their standard
 deviation if they were Gaussian; their standard deviation when the IQR is zero). It is stored
-with the threshold in the model file (``threshold.details.scale``). A model whose threshold was
-never calibrated uses ``scale = |threshold| / 4`` (1 when the threshold is 0): a score at twice
-the threshold then maps to 0.98, a score of 0 to 0.02.
+with the threshold in the model file (``threshold.details.scale``). Where no spread was measured
+``scale = |threshold| / 4`` (1 when the threshold is 0): a score at twice the threshold then maps
+to 0.98, a score of 0 to 0.02.
 
 So: above 0.5 = anomalous, exactly when ``score > threshold``; a normal image one spread below
 the threshold reads about 0.27, one spread above reads 0.73. The raw score is always kept
