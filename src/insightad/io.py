@@ -228,27 +228,50 @@ def durable_copy(src: str | Path, dest: str | Path) -> None:
 LOCK_NAME = ".insightad.lock"
 
 
-@contextlib.contextmanager
-def file_lock(lock_path: str | Path, what: str, busy: str | None = None) -> Iterator[Path]:
-    """Hold an exclusive ``fcntl`` lock on ``lock_path`` for the duration; a second holder is refused at
-    once with one line naming ``what`` and the holder's pid. Released when the process ends, however."""
+def _locked_fd(lock_path: Path, what: str, busy: str | None, flag: str) -> int:
+    """A descriptor of ``lock_path`` holding its exclusive lock. The file the lock is taken on must still be the
+    one the name holds (a holder that finished removes its file: a run that opened it just before would
+    otherwise lock a removed file while a third run locks the new one)."""
     import fcntl
 
-    lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
             raise InsightADError(f"{what}: {busy or 'another run is writing it'} (lock {lock_path} held by pid "
-                                 f"{holder}); wait for it to finish or choose another --out") from None
+                                 f"{holder}); wait for it to finish or choose another {flag}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            named = os.stat(lock_path)
+        except FileNotFoundError:
+            named = None
+        held = os.fstat(fd)
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # removed (or replaced) by the holder that just finished: lock the file the name holds now
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str | Path, what: str, busy: str | None = None, flag: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive ``fcntl`` lock on ``lock_path`` for the duration; a second holder is refused at
+    once with one line naming ``what``, the holder's pid and the ``flag`` to change. Released when the process ends, however; the
+    lock file is removed on release (a killed holder's file stays, and is reused by the next run)."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _locked_fd(lock_path, what, busy, flag)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
     finally:
-        os.close(fd)  # closing the descriptor releases the lock; the file stays (harmless, reused)
+        with contextlib.suppress(OSError):  # removed while held: the lock is still released below
+            os.unlink(lock_path)  # still held: no other run can be holding this file
+        os.close(fd)
 
 
 def folder_lock(folder: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:

@@ -35,7 +35,6 @@ from insightad.errors import InsightADError
 from insightad.io import (
     atomic_write,
     file_identity,
-    file_lock,
     file_sha256,  # noqa: F401 - re-exported (results name the model by it)
     printable,
 )
@@ -322,7 +321,7 @@ def run_local(job: BatchJob, det) -> BatchSummary:
     """Score the job in this process, committing a part file per chunk (the path ``predict`` takes)."""
     thr = float(det.threshold_ if job.threshold is None else job.threshold)
     summary = BatchSummary(job.store.out, len(job.source.paths))
-    with file_lock(job.store.lock_path, str(job.store.out)):
+    with job.store.locked():
         todo = job.todo(thr, summary)
         opts = job.options(job.threshold)
         commit_tables(job, (score_chunk(det, part, opts) for part in job.chunks(todo)), summary, len(todo))

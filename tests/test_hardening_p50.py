@@ -1,0 +1,108 @@
+"""Hardening p50: two processes sharing outputs, a run interrupted or out of room.
+
+Covered: two ``insightad batch`` runs given one --csv (each replaced the other's CSV: now the second is refused);
+``*.lock`` files left behind by every batch and sort run; a lock file removed by its finishing holder while a
+second run had it open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from insightad.cli import main
+from insightad.errors import InsightADError
+from insightad.io import LOCK_NAME, file_lock
+
+
+@pytest.fixture
+def images(mvtec_dir, tmp_path) -> Path:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, p in enumerate(sorted((mvtec_dir / "test" / "good").glob("*.png"))[:4]):
+        shutil.copy(p, root / f"{i}.png")
+    return root
+
+
+def _locks(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".lock"))
+
+
+# ----------------------------------------------------------------------------- locks
+def test_p50_batch_and_sort_leave_no_lock_file(baseline_model, images, tmp_path, capsys):
+    """A finished batch left ``r.parquet.lock`` beside its table, and sort ``.insightad.lock`` in its folder."""
+    out = tmp_path / "out"
+    assert main(["batch", "--model", str(baseline_model), "--input", str(images), "--out", str(out / "r.parquet"),
+                 "--csv", str(out / "r.csv")]) == 0
+    assert main(["sort", "--model", str(baseline_model), "--input", str(images), "--out", str(out / "sorted")]) == 0
+    capsys.readouterr()
+    assert _locks(out) == []
+    assert (out / "r.parquet").is_file() and (out / "r.csv").is_file()
+
+
+def test_p50_two_batch_runs_given_one_csv(baseline_model, images, tmp_path, capsys, monkeypatch):
+    """Two tables, one --csv: the runs were not locked against each other, and the CSV ended up holding the rows
+    of whichever finished last (here run B's, over run A's). Run B is now refused at once, naming --csv and the
+    holder, and the CSV holds run A's rows."""
+    from insightad.apps.batch import BatchJob, ResultsStore, list_source, run_local
+    from insightad.apps.batch_store import ResultsStore as Store
+    from insightad.inference.load import load_for_inference
+
+    shared = tmp_path / "shared.csv"
+    committed, go_on = threading.Event(), threading.Event()
+    commit = Store.commit
+
+    def paused_commit(self, table):  # run A stops after its first chunk until run B has had its go
+        path = commit(self, table)
+        committed.set()
+        assert go_on.wait(60)
+        return path
+
+    monkeypatch.setattr(Store, "commit", paused_commit)
+    det = load_for_inference(baseline_model, "torch")
+    job = BatchJob(Path(baseline_model), list_source(str(images)), ResultsStore(tmp_path / "a.parquet", shared))
+    a = threading.Thread(target=run_local, args=(job, det))
+    a.start()
+    try:
+        assert committed.wait(60)
+        monkeypatch.setattr(Store, "commit", commit)
+        rc = main(["batch", "--model", str(baseline_model), "--input", str(images),
+                   "--out", str(tmp_path / "b.parquet"), "--csv", str(shared), "--engine", "torch"])
+    finally:
+        go_on.set()
+        a.join(60)
+    err = capsys.readouterr().err
+    assert rc == 1 and "another run is writing this --csv" in err and str(os.getpid()) in err, err
+    assert "choose another --csv" in err and "Traceback" not in err
+    assert not (tmp_path / "b.parquet").exists()
+    assert len(shared.read_text().splitlines()) == 5  # the header and run A's 4 rows
+    assert _locks(tmp_path) == []
+
+
+def test_p50_lock_file_removed_by_its_finishing_holder(tmp_path, monkeypatch):
+    """A run that opened the lock file just before its holder finished (and removed it) must not hold a lock on
+    the removed file while a third run locks the new one: it locks the file the name holds."""
+    lock = tmp_path / LOCK_NAME
+    real_flock = fcntl.flock
+    calls = []
+
+    def finishing_holder(fd: int, op: int) -> None:
+        if not calls:  # the holder finishes between our open and our lock: its file goes, a new run makes one
+            os.unlink(lock)
+            lock.write_text("")
+        calls.append(fd)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", finishing_holder)
+    with file_lock(lock, "out"):
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert len(calls) == 2  # the removed file's lock was given up, the current file's taken
+        with pytest.raises(InsightADError, match="another run is writing it"):
+            with file_lock(lock, "out"):
+                pass
+    assert not lock.exists()
