@@ -7,6 +7,7 @@ second run had it open.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -106,3 +107,50 @@ def test_p50_lock_file_removed_by_its_finishing_holder(tmp_path, monkeypatch):
             with file_lock(lock, "out"):
                 pass
     assert not lock.exists()
+
+
+# ----------------------------------------------------------------------------- a full disk
+def _disk_full_after(monkeypatch, calls: int) -> None:
+    """Every ``os.fsync`` after the first ``calls`` fails as on a full disk (what a write that finds no room
+    raises, at the latest when the data is made durable)."""
+    real = os.fsync
+    done = []
+
+    def fsync(fd: int) -> None:
+        if len(done) >= calls:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*") if "tmp" in p.name or p.name.startswith(".report-"))
+
+
+def test_p50_full_disk_is_one_line_naming_the_output(baseline_model, images, tmp_path, capsys, monkeypatch):
+    """A full disk while predict wrote an overlay (or any command its output) was a Python traceback (OSError
+    from deep inside the write); now one line naming the file the user asked for, nothing half-written left."""
+    _disk_full_after(monkeypatch, 0)
+    rc = main(["predict", "--model", str(baseline_model), str(images / "0.png"), "--overlay", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and "No space left on device" in err
+    assert f"{tmp_path / 'o' / '0_overlay.png'}: could not be written" in err, err
+    assert _temporaries(tmp_path) == []
+
+
+def test_p50_sort_on_a_full_disk_resumes_whole(baseline_model, images, tmp_path, capsys, monkeypatch):
+    """sort stopped by a full disk part-way: one line naming the file; run again with room, every image is
+    sorted exactly once and no temporary is left."""
+    out = tmp_path / "sorted"
+    _disk_full_after(monkeypatch, 3)
+    rc = main(["sort", "--model", str(baseline_model), "--input", str(images), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and "could not be written (No space left on device)" in err, err
+    monkeypatch.undo()
+    assert main(["sort", "--model", str(baseline_model), "--input", str(images), "--out", str(out)]) == 0
+    capsys.readouterr()
+    copied = sorted(p.name for p in out.rglob("*.png"))
+    assert copied == sorted(p.name for p in images.glob("*.png"))
+    assert _temporaries(out) == [] and _locks(out) == []

@@ -148,8 +148,14 @@ def list_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[P
 
 # ------------------------------------------------------------------------------- durable writes
 def fsync_file(f: IO[Any]) -> None:
-    f.flush()
-    os.fsync(f.fileno())
+    """Flush ``f`` and make it durable; a failure (a full disk) names the file."""
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            e.filename = getattr(f, "name", None)
+        raise
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -203,8 +209,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any],
             ready(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # a failed write or fsync: say which output
+            e.filename = str(path)
         raise
 
 

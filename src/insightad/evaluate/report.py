@@ -210,6 +210,10 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
         for stale in set(OPTIONAL_FIGURES) - set(report["files"].values()):  # an earlier report's, of other images
             (out / stale).unlink(missing_ok=True)
         fsync_dir(out)
+    except OSError as e:  # a full disk: name the report's file, not the hidden folder it was made in
+        if isinstance(e.filename, str) and Path(e.filename).parent in (stage, stage.resolve()):
+            e.filename = str(out / Path(e.filename).name)
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
