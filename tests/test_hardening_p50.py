@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from insightad.cli import main
+from insightad.data.synthetic import write_dataset
 from insightad.errors import InsightADError
 from insightad.io import LOCK_NAME, file_lock
 
@@ -109,6 +110,30 @@ def test_p50_lock_file_removed_by_its_finishing_holder(tmp_path, monkeypatch):
     assert not lock.exists()
 
 
+def test_p50_evaluate_report_is_locked_and_clears_killed_stages(baseline_model, tmp_path, capsys):
+    """Two evaluate runs on one --report moved their files in at once (a report made of both); a run killed
+    while making its report left its hidden staging folder (every figure) in --report for good."""
+    from insightad.io import folder_lock
+
+    report = tmp_path / "report"
+    killed = report / ".report-k1ll3d"
+    killed.mkdir(parents=True)
+    (killed / "roc_curve.png").write_bytes(b"half")
+    data = write_dataset(tmp_path / "small", kind="disc", layout="mvtec", n_train=1, n_test_good=2, n_per_defect=1,
+                         defects=("scratch",), size=64, seed=5)
+    args = ["evaluate", "--model", str(baseline_model), "--data", str(data), "--report", str(report),
+            "--engine", "torch"]
+    with folder_lock(report, "insightad evaluate"):  # another evaluate is writing this report
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "another insightad evaluate is already writing to this folder" in err and "choose another --report" in err
+    assert not (report / "metrics.json").exists()
+    assert main(args) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in report.iterdir() if p.name.startswith(".")) == []
+    assert (report / "metrics.json").is_file()
+
+
 # ----------------------------------------------------------------------------- a full disk
 def _disk_full_after(monkeypatch, calls: int) -> None:
     """Every ``os.fsync`` after the first ``calls`` fails as on a full disk (what a write that finds no room
@@ -133,7 +158,8 @@ def test_p50_full_disk_is_one_line_naming_the_output(baseline_model, images, tmp
     """A full disk while predict wrote an overlay (or any command its output) was a Python traceback (OSError
     from deep inside the write); now one line naming the file the user asked for, nothing half-written left."""
     _disk_full_after(monkeypatch, 0)
-    rc = main(["predict", "--model", str(baseline_model), str(images / "0.png"), "--overlay", str(tmp_path / "o")])
+    rc = main(["predict", "--model", str(baseline_model), str(images / "0.png"), "--overlay", str(tmp_path / "o"),
+               "--engine", "torch"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and "No space left on device" in err
     assert f"{tmp_path / 'o' / '0_overlay.png'}: could not be written" in err, err

@@ -282,9 +282,10 @@ def file_lock(lock_path: str | Path, what: str, busy: str | None = None, flag: s
         os.close(fd)
 
 
-def folder_lock(folder: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:
-    """``file_lock`` on a lock file inside ``folder`` (sort's output folder)."""
-    return file_lock(Path(folder) / LOCK_NAME, str(folder), f"another {what} is already writing to this folder")
+def folder_lock(folder: str | Path, what: str, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:
+    """``file_lock`` on a lock file inside ``folder`` (sort's output folder, evaluate's --report)."""
+    return file_lock(Path(folder) / LOCK_NAME, str(folder), f"another {what} is already writing to this folder",
+                     flag)
 
 
 # ----------------------------------------------------------------------------------------- CSV
