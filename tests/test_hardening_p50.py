@@ -134,6 +134,27 @@ def test_p50_evaluate_report_is_locked_and_clears_killed_stages(baseline_model, 
     assert (report / "metrics.json").is_file()
 
 
+def test_p50_a_killed_exports_twin_is_removed(baseline_model, tmp_path, capsys):
+    """A graph export killed mid-way (train's .onnx beside the model, export, calibrate) left its external-data
+    twin, a hidden folder with a whole copy of the graph's constants, beside --out for good: its name was no
+    temporary's. The next write of that graph removes it, as it removes the killed run's temporary file."""
+    from insightad.engines.export import twin_folder
+    from insightad.io import TMP_SUFFIX
+
+    out = tmp_path / "m.onnx"
+    killed = tmp_path / f".m.onnx.k1ll3d{TMP_SUFFIX}"  # what atomic_write names the graph while it is written
+    twin = twin_folder(killed)
+    twin.mkdir()
+    (twin / "graph.onnx").write_bytes(b"constants")
+    killed.write_bytes(b"half a graph")
+    hours_ago = os.stat(twin).st_mtime - 7200
+    for p in (twin / "graph.onnx", twin, killed):
+        os.utime(p, (hours_ago, hours_ago))
+    assert main(["export", "--model", str(baseline_model), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 # ----------------------------------------------------------------------------- a full disk
 def _disk_full_after(monkeypatch, calls: int) -> None:
     """Every ``os.fsync`` after the first ``calls`` fails as on a full disk (what a write that finds no room

@@ -175,13 +175,14 @@ def fsync_dir(path: str | Path) -> None:
 def remove_temporaries(folder: str | Path, name: str, older_than: float = STALE_TMP_SECONDS) -> None:
     """Remove our own temporaries for the file ``name`` in ``folder`` (a glob pattern such as ``part-*``, or
     ``glob.escape``'d) left behind by a writer that was killed: those older than ``older_than`` seconds (0: all,
-    for a caller that holds the lock every writer of those names takes)."""
+    for a caller that holds the lock every writer of those names takes). A temporary folder (the ONNX
+    exporter's twin of a graph) goes with what it holds."""
     now = time.time()
     try:
         for p in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime >= older_than:
-                    p.unlink()
+                if now - p.lstat().st_mtime >= older_than:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     except OSError:
         pass
 
