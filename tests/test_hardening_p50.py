@@ -134,15 +134,14 @@ def test_p50_evaluate_report_is_locked_and_clears_killed_stages(baseline_model, 
     assert (report / "metrics.json").is_file()
 
 
-def test_p50_a_killed_exports_twin_is_removed(baseline_model, tmp_path, capsys):
-    """A graph export killed mid-way (train's .onnx beside the model, export, calibrate) left its external-data
-    twin, a hidden folder with a whole copy of the graph's constants, beside --out for good: its name was no
-    temporary's. The next write of that graph removes it, as it removes the killed run's temporary file."""
+@pytest.fixture(scope="module")
+def exported(baseline_model, tmp_path_factory) -> Path:
+    """``m.onnx`` exported into a folder where an export killed mid-way left its temporary and its twin."""
     from insightad.engines.export import twin_folder
     from insightad.io import TMP_SUFFIX
 
-    out = tmp_path / "m.onnx"
-    killed = tmp_path / f".m.onnx.k1ll3d{TMP_SUFFIX}"  # what atomic_write names the graph while it is written
+    folder = tmp_path_factory.mktemp("exported")
+    killed = folder / f".m.onnx.k1ll3d{TMP_SUFFIX}"  # what atomic_write names the graph while it is written
     twin = twin_folder(killed)
     twin.mkdir()
     (twin / "graph.onnx").write_bytes(b"constants")
@@ -150,9 +149,36 @@ def test_p50_a_killed_exports_twin_is_removed(baseline_model, tmp_path, capsys):
     hours_ago = os.stat(twin).st_mtime - 7200
     for p in (twin / "graph.onnx", twin, killed):
         os.utime(p, (hours_ago, hours_ago))
-    assert main(["export", "--model", str(baseline_model), "--out", str(out)]) == 0
-    capsys.readouterr()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert main(["export", "--model", str(baseline_model), "--out", str(folder / "m.onnx")]) == 0
+    return folder / "m.onnx"
+
+
+def test_p50_a_killed_exports_twin_is_removed(exported):
+    """A graph export killed mid-way (train's .onnx beside the model, export, calibrate) left its external-data
+    twin, a hidden folder with a whole copy of the graph's constants, beside --out for good: its name was no
+    temporary's. The next write of that graph removes it, as it removes the killed run's temporary file."""
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["m.onnx"]
+
+
+def test_p50_ready_copy_pruned_by_another_process(exported, tmp_path, monkeypatch):
+    """Another process pruning the ONNX cache between this one finding a graph's ready copy and opening it made
+    the prediction fail (ONNX Runtime: no such file); the graph is now opened the slow way instead."""
+    import insightad.engines.onnx_runtime as ort_mod
+    from insightad.engines.cache import ready_copy
+
+    monkeypatch.setenv("INSIGHTAD_CACHE", str(tmp_path / "cache"))
+    pruned = []
+
+    def found_then_pruned(graph):
+        copy = ready_copy(graph)
+        shutil.rmtree(copy.parent)  # the other process's prune_cache
+        pruned.append(copy)
+        return copy
+
+    monkeypatch.setattr(ort_mod, "ready_copy", found_then_pruned)
+    engine = ort_mod.OnnxEngine(str(exported))
+    assert pruned and not pruned[0].exists()
+    assert engine.input_name == "images"
 
 
 # ----------------------------------------------------------------------------- a full disk
