@@ -227,3 +227,30 @@ def test_p50_sort_on_a_full_disk_resumes_whole(baseline_model, images, tmp_path,
     copied = sorted(p.name for p in out.rglob("*.png"))
     assert copied == sorted(p.name for p in images.glob("*.png"))
     assert _temporaries(out) == [] and _locks(out) == []
+
+
+# ----------------------------------------------------------------------------- a folder removed under a run
+def test_p50_sort_output_folder_removed_while_running(baseline_model, images, tmp_path, capsys, monkeypatch):
+    """The output folder removed while sort ran: it made the folders again, appended rows to a results.csv
+    without its header and ended in a traceback (KeyError: 'path'). Now it stops at once with one line, writes
+    nothing more, and the next run sorts every image once."""
+    from insightad.apps.sort import FolderSorter
+
+    out = tmp_path / "sorted"
+    stage = FolderSorter._stage
+
+    def removed(self, name: str, what: str) -> None:  # someone removes the folder once the first batch is journaled
+        if name == "intents" and out.exists():
+            shutil.rmtree(out)
+        stage(self, name, what)
+
+    monkeypatch.setattr(FolderSorter, "_stage", removed)
+    args = ["sort", "--model", str(baseline_model), "--input", str(images), "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "is gone (the output folder was removed or replaced while sort was running)" in err, err
+    assert "Traceback" not in err and not out.exists()
+    monkeypatch.undo()
+    assert main(args) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in out.rglob("*.png")) == sorted(p.name for p in images.glob("*.png"))
