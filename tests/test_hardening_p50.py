@@ -254,3 +254,33 @@ def test_p50_sort_output_folder_removed_while_running(baseline_model, images, tm
     assert main(args) == 0
     capsys.readouterr()
     assert sorted(p.name for p in out.rglob("*.png")) == sorted(p.name for p in images.glob("*.png"))
+
+
+def test_p50_batch_parts_removed_while_running(baseline_model, images, tmp_path, capsys, monkeypatch):
+    """The committed parts of a running batch removed (the folder cleaned while it ran): the job said '4 inputs:
+    4 normal' with 2 rows in --out and exit code 0. Now it fails naming the missing rows; run again, all 4 are
+    there."""
+    from insightad.apps.batch_store import ResultsStore
+
+    out = tmp_path / "r.parquet"
+    commit = ResultsStore.commit
+
+    def removed_after_first(self, table):
+        path = commit(self, table)
+        if not getattr(removed_after_first, "done", False):
+            removed_after_first.done = True
+            shutil.rmtree(self.parts_dir)
+        return path
+
+    monkeypatch.setattr(ResultsStore, "commit", removed_after_first)
+    args = ["batch", "--model", str(baseline_model), "--input", str(images), "--out", str(out), "--chunk", "2",
+            "--engine", "torch"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "2 of 4 inputs have no row" in err and "run the same command again" in err, err
+    monkeypatch.undo()
+    assert main(args) == 0
+    capsys.readouterr()
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).num_rows == 4

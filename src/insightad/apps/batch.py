@@ -300,20 +300,28 @@ class BatchJob:
             yield todo[a:a + self.chunk]
 
     def finish(self, summary: BatchSummary) -> pa.Table:
-        """Merge the parts into ``--out`` and count this job's rows (errors, anomalous)."""
+        """Merge the parts into ``--out`` and count this job's rows (errors, anomalous). Every input has its row,
+        or the job fails saying so (committed parts removed while it ran: its summary would count rows that
+        are not there)."""
         t = self.store.consolidate()
         mine = set(self.source.paths)
         keys = zip(t.column("path_bytes").to_pylist(), t.column("model_sha256").to_pylist(),
                    t.column("error").to_pylist(), t.column("anomalous").to_pylist())
+        found = 0
         for p, m, err, anom in keys:
             if m != self.model_sha256 or p not in mine:
                 continue
+            found += 1
             if err is not None:
                 summary.errors += 1
                 if len(summary.error_examples) < 5:
                     summary.error_examples.append(err)
             elif anom:
                 summary.anomalous += 1
+        if found < len(mine):
+            raise InsightADError(f"{self.store.out}: {len(mine) - found} of {len(mine)} inputs have no row (results "
+                                 f"committed in {self.store.parts_dir} were removed while the job ran); run the same "
+                                 "command again to score them")
         return t
 
 
