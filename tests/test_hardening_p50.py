@@ -284,3 +284,15 @@ def test_p50_batch_parts_removed_while_running(baseline_model, images, tmp_path,
     import pyarrow.parquet as pq
 
     assert pq.read_table(out).num_rows == 4
+
+
+def test_p50_two_trains_on_one_model_file(mvtec_dir, tmp_path, capsys):
+    """Two training runs given one --out each wrote the model and then its graph beside it: the model of one
+    could end beside the graph (and checkpoint, report) of the other, and one run's hours were silently
+    replaced. The second run is now refused before it trains, naming the first."""
+    out = tmp_path / "m.safetensors"
+    with file_lock(tmp_path / "m.safetensors.lock", str(out)):  # the first run, under way
+        rc = main(["train", "--data", str(mvtec_dir), "--method", "baseline", "--image-size", "64", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "another insightad train is writing it" in err and str(os.getpid()) in err, err
+    assert not out.exists() and not (tmp_path / "m.onnx").exists()

@@ -283,6 +283,13 @@ def file_lock(lock_path: str | Path, what: str, busy: str | None = None, flag: s
         os.close(fd)
 
 
+def output_lock(path: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:
+    """``file_lock`` on ``PATH.lock`` beside the file ``path`` names once links are followed: two runs writing
+    one output file (and what goes beside it) cannot both be under way."""
+    real = Path(os.path.realpath(path))
+    return file_lock(real.with_name(real.name + ".lock"), str(path), f"another {what} is writing it")
+
+
 def folder_lock(folder: str | Path, what: str, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:
     """``file_lock`` on a lock file inside ``folder`` (sort's output folder, evaluate's --report)."""
     return file_lock(Path(folder) / LOCK_NAME, str(folder), f"another {what} is already writing to this folder",
