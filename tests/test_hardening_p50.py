@@ -2,7 +2,8 @@
 
 Covered: two ``insightad batch`` runs given one --csv (each replaced the other's CSV: now the second is refused);
 ``*.lock`` files left behind by every batch and sort run; a lock file removed by its finishing holder while a
-second run had it open.
+second run had it open; a full disk while writing; folders removed while a run writes them; two trains, or a
+calibrate and a train, writing one model file.
 """
 
 from __future__ import annotations
@@ -294,5 +295,25 @@ def test_p50_two_trains_on_one_model_file(mvtec_dir, tmp_path, capsys):
     with file_lock(tmp_path / "m.safetensors.lock", str(out)):  # the first run, under way
         rc = main(["train", "--data", str(mvtec_dir), "--method", "baseline", "--image-size", "64", "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 1 and "another insightad train is writing it" in err and str(os.getpid()) in err, err
+    assert rc == 1 and "another run is writing it" in err and str(os.getpid()) in err, err
     assert not out.exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_p50_calibrate_while_another_run_writes_the_model(baseline_model, mvtec_dir, tmp_path, capsys):
+    """calibrate reads the model file and later rewrites it (and its graph): a train or calibrate writing that
+    file meanwhile was lost, or left its graph beside the other's model. Refused at once now, file untouched."""
+    model = tmp_path / "m.safetensors"
+    shutil.copy(baseline_model, model)
+    before = model.read_bytes()
+    with file_lock(tmp_path / "m.safetensors.lock", str(model)):  # a train or calibrate writing m.safetensors
+        rc = main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--engine", "torch"])
+    err = capsys.readouterr().err
+    line = f"{model}: another run is writing it (lock {model}.lock held by pid {os.getpid()}); wait for it to finish"
+    assert rc == 1 and line in err and "choose another --model" in err and len(err.strip().splitlines()) == 1, err
+    assert model.read_bytes() == before
+    with file_lock(tmp_path / "m.safetensors.lock", str(model)):  # --dry-run writes nothing: it takes no lock
+        assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--engine", "torch",
+                     "--dry-run"]) == 0
+    assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--engine", "torch"]) == 0
+    capsys.readouterr()
+    assert model.read_bytes() != before and _locks(tmp_path) == []  # written, and its lock file removed

@@ -283,11 +283,12 @@ def file_lock(lock_path: str | Path, what: str, busy: str | None = None, flag: s
         os.close(fd)
 
 
-def output_lock(path: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:
+def output_lock(path: str | Path, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:
     """``file_lock`` on ``PATH.lock`` beside the file ``path`` names once links are followed: two runs writing
-    one output file (and what goes beside it) cannot both be under way."""
+    one file (a model file: train's --out, calibrate's --model), and what goes beside it, are never both under
+    way. ``flag``: the option a refused run is told to change."""
     real = Path(os.path.realpath(path))
-    return file_lock(real.with_name(real.name + ".lock"), str(path), f"another {what} is writing it")
+    return file_lock(real.with_name(real.name + ".lock"), str(path), flag=flag)
 
 
 def folder_lock(folder: str | Path, what: str, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         params = gather(args, params_class(args.method))
         check_outputs(args, params)
         given = vars(params)
-    with output_lock(args.out, "insightad train"):  # the model, its graph, checkpoint and report: one run's
+    with output_lock(args.out):  # the model, its graph, checkpoint and report: one run's
         return _train(args, given)
 
 
@@ -236,7 +236,7 @@ def run_backbone(args: argparse.Namespace) -> int:
 
     params = gather(args, params_class(args.method))
     check_outputs(args, params)
-    with warnings.catch_warnings(record=True) as caught, output_lock(args.out, "insightad train"):
+    with warnings.catch_warnings(record=True) as caught, output_lock(args.out):
         warnings.simplefilter("always")
         trainer, path, split = train_backbone(args.data, args.method, vars(params), data_params(args), args.out,
                                               args.progress)
