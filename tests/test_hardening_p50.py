@@ -317,3 +317,19 @@ def test_p50_calibrate_while_another_run_writes_the_model(baseline_model, mvtec_
     assert main(["calibrate", "--model", str(model), "--data", str(mvtec_dir), "--engine", "torch"]) == 0
     capsys.readouterr()
     assert model.read_bytes() != before and _locks(tmp_path) == []  # written, and its lock file removed
+
+
+def test_p50_two_augments_on_one_folder(images, tmp_path, capsys):
+    """Two augment runs given one --out (other seeds or transformations) wrote the same names: the folder became
+    a mix of both runs while each said it wrote every file. The second is refused before it writes anything."""
+    out = tmp_path / "aug"
+    args = ["augment", "--input", str(images), "--out", str(out), "--copies", "2"]
+    with file_lock(out / LOCK_NAME, str(out)):  # the first run, under way
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "another insightad augment is already writing to this folder" in err and str(os.getpid()) in err, err
+        assert "choose another --out" in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert len(list(out.glob("*.png"))) == 8 and _locks(out) == []
