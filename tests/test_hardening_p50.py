@@ -333,3 +333,25 @@ def test_p50_two_augments_on_one_folder(images, tmp_path, capsys):
     assert main(args) == 0
     capsys.readouterr()
     assert len(list(out.glob("*.png"))) == 8 and _locks(out) == []
+
+
+def test_p50_two_predicts_on_one_overlay_folder(mvtec_dir, images, tmp_path, capsys):
+    """Two predict runs (other models, other images of one name) given one --overlay or --heatmap folder wrote
+    the same ``<stem>_overlay.png``: one run's table named pictures the other had drawn. The second run is now
+    refused before it writes, naming the folder and its flag; a folder given to both flags is locked once."""
+    model = tmp_path / "padim.safetensors"
+    assert main(["train", "--method", "padim", "--data", str(mvtec_dir), "--image-size", "32", "--no-onnx",
+                 "--out", str(model)]) == 0
+    ov, hm = tmp_path / "ov", tmp_path / "hm"
+    capsys.readouterr()
+    with file_lock(hm / LOCK_NAME, str(hm)):  # a run writing heatmaps there, under way
+        assert main(["predict", "--model", str(model), str(images), "--overlay", str(ov), "--heatmap", str(hm)]) == 1
+        err = capsys.readouterr().err
+        assert f"{hm}: another run is already writing to this folder" in err and str(os.getpid()) in err, err
+        assert "choose another --heatmap" in err and len(err.strip().splitlines()) == 1, err
+        assert not ov.exists() and sorted(p.name for p in hm.iterdir()) == [LOCK_NAME]  # --overlay released
+    both = tmp_path / "both"
+    assert main(["predict", "--model", str(model), str(images), "--overlay", str(both), "--heatmap", str(both)]) == 0
+    capsys.readouterr()
+    assert len(list(both.glob("*_overlay.png"))) == 4 and len(list(both.glob("*_heatmap.png"))) == 4
+    assert _locks(tmp_path) == []
