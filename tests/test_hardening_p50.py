@@ -355,3 +355,25 @@ def test_p50_two_predicts_on_one_overlay_folder(mvtec_dir, images, tmp_path, cap
     capsys.readouterr()
     assert len(list(both.glob("*_overlay.png"))) == 4 and len(list(both.glob("*_heatmap.png"))) == 4
     assert _locks(tmp_path) == []
+
+
+def test_p50_export_while_the_model_file_is_rewritten(baseline_model, tmp_path, capsys, monkeypatch):
+    """export hashed the model file after reading it: a calibrate or train replacing the file in between had the
+    old model's graph stamped with the new model's sha256, and predict, finding it beside the model, scored with
+    the old threshold. A file that changed while export read it is now refused, and nothing is written."""
+    import insightad.model_file as model_file
+
+    model = tmp_path / "m.safetensors"
+    shutil.copy(baseline_model, model)
+    load = model_file.load_model
+
+    def load_then_rewritten(path, *a, **k):
+        det = load(path, *a, **k)
+        model.write_bytes(model.read_bytes() + b" ")  # another run's model file, in place now
+        return det
+
+    monkeypatch.setattr(model_file, "load_model", load_then_rewritten)
+    assert main(["export", "--model", str(model)]) == 1
+    err = capsys.readouterr().err
+    assert f"{model}: changed while export read it" in err and "run export again" in err, err
+    assert not (tmp_path / "m.onnx").exists()

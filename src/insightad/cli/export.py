@@ -39,8 +39,15 @@ def run(args: argparse.Namespace) -> int:
     check_graph_output(out, args.model)
     from insightad.io import file_sha256
 
+    # Stamped with the sha256 of the file it was made from: beside its model file, predict uses it. Hashed once
+    # the model was read, a train or calibrate rewriting the file meanwhile had the old model's graph stamped as
+    # the new model's (predict then scored with the old model's threshold); the file must not change while read.
+    digest = file_sha256(args.model)
     det = load_model(args.model)
-    export_onnx(det, out, file_sha256(args.model))  # stamped: beside its model file, predict uses it
+    if file_sha256(args.model) != digest:
+        raise InsightADError(f"{args.model}: changed while export read it (a train or calibrate writing it); "
+                             "nothing was written: run export again once it has finished")
+    export_onnx(det, out, digest)
     p = det.preprocessing_
     print(f"exported {det.method} to {out} (input uint8 N x {p.channels} x H x W at the image's own size, resized "
           f"inside to {p.size[0]}x{p.size[1]}; threshold {det.threshold_:.6g}; verified against PyTorch)")
