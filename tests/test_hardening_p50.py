@@ -377,3 +377,16 @@ def test_p50_export_while_the_model_file_is_rewritten(baseline_model, tmp_path, 
     err = capsys.readouterr().err
     assert f"{model}: changed while export read it" in err and "run export again" in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_p50_two_trains_on_one_report_folder(mvtec_dir, tmp_path, capsys):
+    """Two trains writing other model files but one --report folder left a report made of both (one run's
+    decision.json beside the other's report.md). The second is now refused before it trains."""
+    report = tmp_path / "report"
+    with file_lock(report / LOCK_NAME, str(report)):  # a run writing that report, under way
+        rc = main(["train", "--data", str(mvtec_dir), "--method", "baseline", "--image-size", "64", "--no-onnx",
+                   "--out", str(tmp_path / "b.safetensors"), "--report", str(report)])
+        err = capsys.readouterr().err
+        assert rc == 1 and f"{report}: another run is already writing to this folder" in err, err
+        assert "choose another --report" in err and str(os.getpid()) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.safetensors").exists() and _locks(tmp_path) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from insightad.cli.common import (
 )
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
 from insightad.errors import InsightADError
-from insightad.io import output_lock
+from insightad.io import folder_lock, output_lock
 
 
 def method_names() -> list[str]:
@@ -145,7 +146,10 @@ def run(args: argparse.Namespace) -> int:
         params = gather(args, params_class(args.method))
         check_outputs(args, params)
         given = vars(params)
-    with output_lock(args.out):  # the model, its graph, checkpoint and report: one run's
+    # The model, its graph, checkpoint and report: one run's. --report too (two runs on other model files, one
+    # report folder, left a report made of both), from the start: a refusal after the training would lose it.
+    report = getattr(args, "report", None)
+    with output_lock(args.out), (folder_lock(report, "run", "--report") if report else contextlib.nullcontext()):
         return _train(args, given)
 
 
