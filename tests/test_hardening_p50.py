@@ -390,3 +390,20 @@ def test_p50_two_trains_on_one_report_folder(mvtec_dir, tmp_path, capsys):
         assert rc == 1 and f"{report}: another run is already writing to this folder" in err, err
         assert "choose another --report" in err and str(os.getpid()) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b.safetensors").exists() and _locks(tmp_path) == []
+
+
+def test_p50_export_beside_the_model_while_a_train_writes_it(baseline_model, tmp_path, capsys):
+    """The graph beside a model file is also what train and calibrate write there: an export of the old model
+    finishing after a calibrate put its graph over the new one. Exporting there now takes the model file's lock
+    (refused while another run holds it); a graph elsewhere does not need it."""
+    model = tmp_path / "m.safetensors"
+    shutil.copy(baseline_model, model)
+    with file_lock(tmp_path / "m.safetensors.lock", str(model)):  # a calibrate of m.safetensors, under way
+        assert main(["export", "--model", str(model)]) == 1
+        err = capsys.readouterr().err
+        assert f"{model}: another run is writing it" in err and "choose another --out" in err, err
+        assert not (tmp_path / "m.onnx").exists()
+        assert main(["export", "--model", str(model), "--out", str(tmp_path / "elsewhere.onnx")]) == 0
+    assert main(["export", "--model", str(model)]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "m.onnx").is_file() and _locks(tmp_path) == []
