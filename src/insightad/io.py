@@ -148,8 +148,14 @@ def list_images(root: str | Path, skip_dirs: Iterable[str] = (), skipped: list[P
 
 # ------------------------------------------------------------------------------- durable writes
 def fsync_file(f: IO[Any]) -> None:
-    f.flush()
-    os.fsync(f.fileno())
+    """Flush ``f`` and make it durable; a failure (a full disk) names the file."""
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            e.filename = getattr(f, "name", None)
+        raise
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -169,13 +175,14 @@ def fsync_dir(path: str | Path) -> None:
 def remove_temporaries(folder: str | Path, name: str, older_than: float = STALE_TMP_SECONDS) -> None:
     """Remove our own temporaries for the file ``name`` in ``folder`` (a glob pattern such as ``part-*``, or
     ``glob.escape``'d) left behind by a writer that was killed: those older than ``older_than`` seconds (0: all,
-    for a caller that holds the lock every writer of those names takes)."""
+    for a caller that holds the lock every writer of those names takes). A temporary folder (the ONNX
+    exporter's twin of a graph) goes with what it holds."""
     now = time.time()
     try:
         for p in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
             with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime >= older_than:
-                    p.unlink()
+                if now - p.lstat().st_mtime >= older_than:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     except OSError:
         pass
 
@@ -203,8 +210,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any],
             ready(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # a failed write or fsync: say which output
+            e.filename = str(path)
         raise
 
 
@@ -228,32 +237,64 @@ def durable_copy(src: str | Path, dest: str | Path) -> None:
 LOCK_NAME = ".insightad.lock"
 
 
-@contextlib.contextmanager
-def file_lock(lock_path: str | Path, what: str, busy: str | None = None) -> Iterator[Path]:
-    """Hold an exclusive ``fcntl`` lock on ``lock_path`` for the duration; a second holder is refused at
-    once with one line naming ``what`` and the holder's pid. Released when the process ends, however."""
+def _locked_fd(lock_path: Path, what: str, busy: str | None, flag: str) -> int:
+    """A descriptor of ``lock_path`` holding its exclusive lock. The file the lock is taken on must still be the
+    one the name holds (a holder that finished removes its file: a run that opened it just before would
+    otherwise lock a removed file while a third run locks the new one)."""
     import fcntl
 
-    lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
             raise InsightADError(f"{what}: {busy or 'another run is writing it'} (lock {lock_path} held by pid "
-                                 f"{holder}); wait for it to finish or choose another --out") from None
+                                 f"{holder}); wait for it to finish or choose another {flag}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            named = os.stat(lock_path)
+        except FileNotFoundError:
+            named = None
+        held = os.fstat(fd)
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # removed (or replaced) by the holder that just finished: lock the file the name holds now
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str | Path, what: str, busy: str | None = None, flag: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive ``fcntl`` lock on ``lock_path`` for the duration; a second holder is refused at
+    once with one line naming ``what``, the holder's pid and the ``flag`` to change. Released when the process ends, however; the
+    lock file is removed on release (a killed holder's file stays, and is reused by the next run)."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _locked_fd(lock_path, what, busy, flag)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
     finally:
-        os.close(fd)  # closing the descriptor releases the lock; the file stays (harmless, reused)
+        with contextlib.suppress(OSError):  # removed while held: the lock is still released below
+            os.unlink(lock_path)  # still held: no other run can be holding this file
+        os.close(fd)
 
 
-def folder_lock(folder: str | Path, what: str) -> contextlib.AbstractContextManager[Path]:
-    """``file_lock`` on a lock file inside ``folder`` (sort's output folder)."""
-    return file_lock(Path(folder) / LOCK_NAME, str(folder), f"another {what} is already writing to this folder")
+def output_lock(path: str | Path, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:
+    """``file_lock`` on ``PATH.lock`` beside the file ``path`` names once links are followed: two runs writing
+    one file (a model file: train's --out, calibrate's --model), and what goes beside it, are never both under
+    way. ``flag``: the option a refused run is told to change."""
+    real = Path(os.path.realpath(path))
+    return file_lock(real.with_name(real.name + ".lock"), str(path), flag=flag)
+
+
+def folder_lock(folder: str | Path, what: str, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:
+    """``file_lock`` on a lock file inside ``folder`` (sort's output folder, evaluate's --report)."""
+    return file_lock(Path(folder) / LOCK_NAME, str(folder), f"another {what} is already writing to this folder",
+                     flag)
 
 
 # ----------------------------------------------------------------------------------------- CSV

@@ -37,7 +37,7 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
                    include_originals: bool = False, progress: bool = False) -> list[Path]:
     """Write ``copies`` augmented versions of every image under ``src`` into ``out`` (same sub-folders);
     with ``include_originals`` the originals are copied beside them byte for byte (same names)."""
-    from insightad.io import atomic_write, durable_copy
+    from insightad.io import atomic_write, durable_copy, folder_lock
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -52,18 +52,21 @@ def augment_folder(src: str | Path, out: str | Path, copies: int, params: Augmen
     check_room(images, out, copies + int(include_originals))
     plan = plan_names([p.relative_to(src) for p in images], copies, include_originals)
     written: list[Path] = []
-    for path, (original, targets) in tqdm(zip(images, plan), total=len(images), desc="augment", unit="image",
-                                          disable=not progress):
-        rel = path.relative_to(src)
-        img = load_image(path)
-        fmt = SAVE_FORMAT.get(path.suffix.lower(), "PNG")
-        if original is not None:  # a copy, not a re-encoding: 16-bit, CMYK and JPEG bytes stay as they were
-            durable_copy(path, out / original)
-            written.append(out / original)
-        for k, target in enumerate(targets):
-            atomic_write(out / target, partial(augment(img, params, image_seed(seed, rel.as_posix(), k)).save,
-                                               format=fmt))
-            written.append(out / target)
+    # Two runs on one --out (other seeds, other transformations) wrote the same names: the folder ended up a mix
+    # of both, each run saying it wrote every file. The second is refused at once.
+    with folder_lock(out, "insightad augment"):
+        for path, (original, targets) in tqdm(zip(images, plan), total=len(images), desc="augment", unit="image",
+                                              disable=not progress):
+            rel = path.relative_to(src)
+            img = load_image(path)
+            fmt = SAVE_FORMAT.get(path.suffix.lower(), "PNG")
+            if original is not None:  # a copy, not a re-encoding: 16-bit, CMYK and JPEG bytes stay as they were
+                durable_copy(path, out / original)
+                written.append(out / original)
+            for k, target in enumerate(targets):
+                atomic_write(out / target, partial(augment(img, params, image_seed(seed, rel.as_posix(), k)).save,
+                                                   format=fmt))
+                written.append(out / target)
     return written
 
 

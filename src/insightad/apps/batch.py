@@ -35,7 +35,6 @@ from insightad.errors import InsightADError
 from insightad.io import (
     atomic_write,
     file_identity,
-    file_lock,
     file_sha256,  # noqa: F401 - re-exported (results name the model by it)
     printable,
 )
@@ -301,20 +300,28 @@ class BatchJob:
             yield todo[a:a + self.chunk]
 
     def finish(self, summary: BatchSummary) -> pa.Table:
-        """Merge the parts into ``--out`` and count this job's rows (errors, anomalous)."""
+        """Merge the parts into ``--out`` and count this job's rows (errors, anomalous). Every input has its row,
+        or the job fails saying so (committed parts removed while it ran: its summary would count rows that
+        are not there)."""
         t = self.store.consolidate()
         mine = set(self.source.paths)
         keys = zip(t.column("path_bytes").to_pylist(), t.column("model_sha256").to_pylist(),
                    t.column("error").to_pylist(), t.column("anomalous").to_pylist())
+        found = 0
         for p, m, err, anom in keys:
             if m != self.model_sha256 or p not in mine:
                 continue
+            found += 1
             if err is not None:
                 summary.errors += 1
                 if len(summary.error_examples) < 5:
                     summary.error_examples.append(err)
             elif anom:
                 summary.anomalous += 1
+        if found < len(mine):
+            raise InsightADError(f"{self.store.out}: {len(mine) - found} of {len(mine)} inputs have no row (results "
+                                 f"committed in {self.store.parts_dir} were removed while the job ran); run the same "
+                                 "command again to score them")
         return t
 
 
@@ -322,7 +329,7 @@ def run_local(job: BatchJob, det) -> BatchSummary:
     """Score the job in this process, committing a part file per chunk (the path ``predict`` takes)."""
     thr = float(det.threshold_ if job.threshold is None else job.threshold)
     summary = BatchSummary(job.store.out, len(job.source.paths))
-    with file_lock(job.store.lock_path, str(job.store.out)):
+    with job.store.locked():
         todo = job.todo(thr, summary)
         opts = job.options(job.threshold)
         commit_tables(job, (score_chunk(det, part, opts) for part in job.chunks(todo)), summary, len(todo))

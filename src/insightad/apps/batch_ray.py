@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from insightad.apps.batch import BatchJob, BatchSummary, ScoreOptions, commit_tables, score_chunk
 from insightad.errors import InsightADError
-from insightad.io import atomic_write, file_lock
+from insightad.io import atomic_write
 
 INSTALL_HINT = "pip install 'insightad[ray]'"
 
@@ -127,7 +127,7 @@ def run_ray(job: BatchJob, threshold: float, address: str = "local", workers: in
     """
     ray = import_ray()
     summary = BatchSummary(job.store.out, len(job.source.paths))
-    with file_lock(job.store.lock_path, str(job.store.out)):
+    with job.store.locked():
         todo = job.todo(threshold, summary)
         if todo:
             summary.startup_seconds = connect(address, num_cpus)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insightad.errors import InsightADError
-from insightad.io import FORMULA_START, atomic_write, csv_cell, remove_temporaries
+from insightad.io import FORMULA_START, atomic_write, csv_cell, file_lock, remove_temporaries
 from insightad.outputs import check_output_file
 
 SCHEMA = pa.schema([
@@ -82,6 +83,26 @@ class ResultsStore:
     @property
     def lock_path(self) -> Path:
         return self.table.with_name(self.table.name + ".lock")
+
+    @property
+    def csv_lock_path(self) -> Path | None:
+        """The lock of ``csv``, beside the file it names once symbolic links are followed (None: no --csv)."""
+        if self.csv is None:
+            return None
+        real = Path(os.path.realpath(self.csv))
+        return real.with_name(real.name + ".lock")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the lock of ``out`` and, with --csv, that of the CSV: two runs writing either file (two tables
+        given one --csv included) are refused at once rather than replacing each other's CSV."""
+        with file_lock(self.lock_path, str(self.out)):
+            csv_lock = self.csv_lock_path
+            if csv_lock is None:
+                yield
+                return
+            with file_lock(csv_lock, str(self.csv), "another run is writing this --csv", "--csv"):
+                yield
 
     def check(self, inputs: Sequence[str | Path] = ()) -> None:
         """Refuse outputs that cannot be written, or that would overwrite one of ``inputs`` (the model, the

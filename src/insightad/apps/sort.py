@@ -192,6 +192,12 @@ def _read_intents(path: Path) -> list[dict[str, Any]]:
     return intents
 
 
+def _gone(path: Path) -> InsightADError:
+    """The error for the journal or CSV of a running sort gone: its output folder was removed or replaced."""
+    return InsightADError(f"{path.parent}: its {path.name} is gone (the output folder was removed or replaced while "
+                          "sort was running); run the command again to sort the images anew")
+
+
 def _transfer(src: Path, dest: Path, move: bool) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if move and os.stat(src).st_dev == os.stat(dest.parent).st_dev:
@@ -254,12 +260,12 @@ class FolderSorter:
         if header is not None:
             intents = _read_intents(self.journal_path)
         else:
-            self._append(self.journal_path, json.dumps(self._header()) + "\n")
+            self._append(self.journal_path, json.dumps(self._header()) + "\n", create=True)
         done: list[dict[str, Any]] = []
         if self.csv_path.exists() and self.csv_path.stat().st_size:
             done, self.fields = _read_rows(self.csv_path)  # a run begun by an older version keeps its columns
         else:
-            self._append(self.csv_path, ",".join(FIELDS) + "\n")
+            self._append(self.csv_path, ",".join(FIELDS) + "\n", create=True)
         return done, intents
 
     def _check_same_run(self, header: dict[str, Any]) -> None:
@@ -278,9 +284,17 @@ class FolderSorter:
                                  f"--threshold {old!r} to finish it with the same decisions, or use a new --out")
 
     @staticmethod
-    def _append(path: Path, text: str) -> None:
-        """Append and fsync: the line is on disk before the caller moves on."""
-        with open(path, "a", encoding=ENCODING, errors=NAME_ERRORS, newline="") as f:
+    def _append(path: Path, text: str, create: bool = False) -> None:
+        """Append and fsync: the line is on disk before the caller moves on. Only ``create`` makes the file: the
+        journal or CSV gone in the middle of a run (its folder removed) stops the run, where appending would
+        start a file without its header."""
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
+        try:
+            f = open(path, "a", encoding=ENCODING, errors=NAME_ERRORS, newline="",
+                     opener=lambda name, _: os.open(name, flags, 0o666))
+        except FileNotFoundError:
+            raise _gone(path) from None
+        with f:
             f.write(text)
             fsync_file(f)
 
@@ -447,6 +461,8 @@ class FolderSorter:
             self._append(self.journal_path, "".join(json.dumps(it) + "\n" for it in intents))
         self._stage("intents", rels[0].as_posix())
         for it in intents:
+            if not self.journal_path.is_file():  # not into a folder made again where the run's was removed
+                raise _gone(self.journal_path)
             try:
                 _transfer(Path(it["path"]), self.out / it["dest"], self.move)
             except FileNotFoundError:  # deleted (or moved away) after it was scored: an error row, not a crash

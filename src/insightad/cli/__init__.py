@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -31,6 +32,19 @@ COMMANDS = {
 # Sub-commands that need PyTorch (training, export, calibrating a model file): a runtime-only install
 # (no PyTorch) lists them and answers each with one line naming the extra to install.
 NEEDS_TORCH = frozenset({"train", "calibrate", "demo", "export", "augment"})
+
+
+# What a full disk, a quota or a read-only file system raise while an output is written: one line, not a traceback.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def no_room_message(e: OSError) -> str:
+    """The one line for an output that could not be written for want of room (or a file system turned
+    read-only): the file, the reason, what to do. Writes go through temporary names, so the earlier file is
+    whole."""
+    what = f"{e.filename}: could not be written" if e.filename else "an output could not be written"
+    return (f"{what} ({e.strerror or os.strerror(e.errno or errno.EIO)}); free some space or choose another "
+            "output, then run the command again")
 
 
 def check_command_available(argv: list[str]) -> None:
@@ -133,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("insightad: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in NO_ROOM:
+            raise
+        print(f"insightad: error: {cut(no_room_message(e))}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # e.g. `insightad predict --json ... | head`: the reader has what it wanted
         _silence_stdout()
         return 141  # what a shell reports for a process ended by SIGPIPE

@@ -70,7 +70,7 @@ def check_folders(folders: dict[str, str], store: ResultsStore, model: str, imag
     from insightad.outputs import check_apart
 
     taken = {"--out": store.out, "--csv": store.csv, "the model": Path(model), "--out's parts": store.parts_dir,
-             "--out's lock": store.lock_path}
+             "--out's lock": store.lock_path, "--csv's lock": store.csv_lock_path}
     for flag, d in folders.items():
         where = Path(d).expanduser().resolve()
         for what, p in taken.items():

@@ -5,6 +5,7 @@ its sha256, and the ONNX graph beside the model is exported again so that it sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from insightad.cli.common import (
 )
 from insightad.decide.thresholds import STRATEGIES
 from insightad.errors import InsightADError
+from insightad.io import output_lock
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -104,8 +106,6 @@ def check_writable(path: Path, flag: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.apps import calibrate as cal_mod
-
     if args.out:
         from insightad.apps.threshold_file import check_replaceable
         from insightad.outputs import check_output_file
@@ -127,6 +127,16 @@ def run(args: argparse.Namespace) -> int:
         check_writable(Path(args.out), "--out")
     if not args.dry_run:
         check_writable(Path(args.model).resolve(), "--model")  # a link: the file it points to is rewritten
+    # The model file is read, then rewritten with its graphs: a second calibrate (or a train writing it) between
+    # the two would be lost, or leave a graph of the other run beside it.
+    with contextlib.nullcontext() if args.dry_run else output_lock(args.model, "--model"):
+        return _calibrate(args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Load the model, choose its threshold, store it (the model file locked unless --dry-run) and say so."""
+    from insightad.apps import calibrate as cal_mod
+
     det = load_inference_model(args)
     if args.labels:
         return run_labels(args, det)

@@ -65,20 +65,28 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_dir(args.report, "--report", inputs=[args.data])  # its PNGs must not become test images
     thr = parse_threshold(args.threshold, args.model)  # a wrong threshold file fails before the model loads
-    det = load_inference_model(args)
-    dp = data_params(args)
-    ev = evaluate_model(det, args.data, dp, thr, args.progress)
-    if args.report:
-        from insightad.evaluate.report import write_report
+    if not args.report:
+        return _print(args, evaluate_model(load_inference_model(args), args.data, data_params(args), thr,
+                                           args.progress), None)
+    from insightad.evaluate.report import report_folder, write_report
 
+    with report_folder(args.report):  # before the work: a second run on this --report is refused at once
+        det = load_inference_model(args)
+        dp = data_params(args)
+        ev = evaluate_model(det, args.data, dp, thr, args.progress)
         report = write_report(det, ev, args.report, prevalence=args.prevalence, draws=args.draws, seed=dp.seed,
-                              model_path=args.model, data=args.data)
-        ev.metrics["balanced"], ev.metrics["unbalanced"] = report["balanced"], report["unbalanced"]
+                              model_path=args.model, data=args.data, held=True)
+    ev.metrics["balanced"], ev.metrics["unbalanced"] = report["balanced"], report["unbalanced"]
+    return _print(args, ev, report)
+
+
+def _print(args: argparse.Namespace, ev, report: dict | None) -> int:
+    """The metrics (a table, or one JSON object), and the report's lines where one was written."""
     if args.json:
         print_json(ev.metrics)
     else:
         print(format_table(ev.metrics))
-        if args.report:
+        if report is not None:
             print(format_resampled(report))
             print(f"report written to {args.report} (open report.md)")
     return 0

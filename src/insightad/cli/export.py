@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 
 from insightad.cli.common import add_model_flag, new_parser, with_config
@@ -25,9 +27,8 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.engines.onnx_runtime import is_onnx_file
-    from insightad.inference.export import check_graph_output, export_onnx
-    from insightad.io import require_file
-    from insightad.model_file import load_model
+    from insightad.inference.export import beside, check_graph_output
+    from insightad.io import output_lock, require_file
     from insightad.outputs import check_output_file
 
     require_file(args.model, "model file")  # a missing name or a folder is not 'already an ONNX graph'
@@ -37,10 +38,28 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out else Path(args.model).with_suffix(".onnx")
     out = check_output_file(out, "--out", suffix=".onnx", inputs=[args.model])  # never over the model file
     check_graph_output(out, args.model)
-    from insightad.io import file_sha256
+    # The graph beside the model file is train's and calibrate's to write too: under the model file's lock (a graph
+    # of the old model written over the new model's once it finished, otherwise).
+    own = {os.path.realpath(beside(m)) for m in (args.model, os.path.realpath(args.model))}
+    with output_lock(args.model, "--out") if os.path.realpath(out) in own else contextlib.nullcontext():
+        return _export(args, out)
 
+
+def _export(args: argparse.Namespace, out: Path) -> int:
+    """Read the model file (unchanged while read), write its graph to ``out`` and say so."""
+    from insightad.inference.export import export_onnx
+    from insightad.io import file_sha256
+    from insightad.model_file import load_model
+
+    # Stamped with the sha256 of the file it was made from: beside its model file, predict uses it. Hashed once
+    # the model was read, a train or calibrate rewriting the file meanwhile had the old model's graph stamped as
+    # the new model's (predict then scored with the old model's threshold); the file must not change while read.
+    digest = file_sha256(args.model)
     det = load_model(args.model)
-    export_onnx(det, out, file_sha256(args.model))  # stamped: beside its model file, predict uses it
+    if file_sha256(args.model) != digest:
+        raise InsightADError(f"{args.model}: changed while export read it (a train or calibrate writing it); "
+                             "nothing was written: run export again once it has finished")
+    export_onnx(det, out, digest)
     p = det.preprocessing_
     print(f"exported {det.method} to {out} (input uint8 N x {p.channels} x H x W at the image's own size, resized "
           f"inside to {p.size[0]}x{p.size[1]}; threshold {det.threshold_:.6g}; verified against PyTorch)")

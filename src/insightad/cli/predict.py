@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from insightad.cli.common import (
 )
 from insightad.data.images import not_scored_note
 from insightad.errors import InsightADError
-from insightad.io import is_regular_file, list_images
+from insightad.io import folder_lock, is_regular_file, list_images
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -96,6 +97,26 @@ def run(args: argparse.Namespace) -> int:
                              "or autoencoder)")
     if args.heatmap:  # after the refusal above, so that a refused run leaves no empty folder behind
         check_output_dir(args.heatmap, "--heatmap")
+    with output_folder_locks(args):
+        return _predict(args, det, paths, thr)
+
+
+def output_folder_locks(args: argparse.Namespace) -> contextlib.ExitStack:
+    """Lock --overlay and --heatmap (each folder once): two runs given one folder wrote the same
+    ``<stem>_overlay.png`` names, so one run's table or JSON named pictures the other run had drawn."""
+    given = (("--overlay", args.overlay), ("--heatmap", args.heatmap))
+    folders = {os.path.realpath(d): (flag, d) for flag, d in given if d}  # one folder given to both: locked once
+    locks = contextlib.ExitStack()
+    with contextlib.ExitStack() as taking:  # a refused second folder releases the first
+        taking.enter_context(locks)
+        for flag, folder in folders.values():
+            locks.enter_context(folder_lock(folder, "run", flag))
+        taking.pop_all()
+    return locks
+
+
+def _predict(args: argparse.Namespace, det, paths: list[Path], thr) -> int:
+    """Score ``paths`` (overlays and heatmaps written, their folders locked) and print the results."""
     overlays: list = [None] * len(paths)
     if args.overlay:
         from insightad.render.overlay import predict_with_overlays

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from insightad.cli.common import (
 )
 from insightad.cli.options import add_dataclass_args, gather, load_config_file
 from insightad.errors import InsightADError
+from insightad.io import folder_lock, output_lock
 
 
 def method_names() -> list[str]:
@@ -167,7 +169,7 @@ def train_inputs(args: argparse.Namespace, params) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from insightad.apps.train import BACKBONE_METHODS, params_class, train_model
+    from insightad.apps.train import BACKBONE_METHODS, params_class
     from insightad.runtime import TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
 
     if args.method in BACKBONE_METHODS:
@@ -181,6 +183,17 @@ def run(args: argparse.Namespace) -> int:
         params = gather(args, params_class(args.method))
         check_outputs(args, params)
         given = vars(params)
+    # The model, its graph, checkpoint and report: one run's. --report too (two runs on other model files, one
+    # report folder, left a report made of both), from the start: a refusal after the training would lose it.
+    report = getattr(args, "report", None)
+    with output_lock(args.out), (folder_lock(report, "run", "--report") if report else contextlib.nullcontext()):
+        return _train(args, given)
+
+
+def _train(args: argparse.Namespace, given: dict) -> int:
+    """Train, write the model (and its report and graph) and print what was done; --out is locked."""
+    from insightad.apps.train import train_model
+
     decision = gather(args, config.DecisionParams, skip=decision_skip(args.method))
     shards = None
     if args.ray:
@@ -264,7 +277,7 @@ def run_backbone(args: argparse.Namespace) -> int:
 
     params = gather(args, params_class(args.method))
     check_outputs(args, params)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, output_lock(args.out):
         warnings.simplefilter("always")
         trainer, path, split = train_backbone(args.data, args.method, vars(params), data_params(args), args.out,
                                               args.progress)

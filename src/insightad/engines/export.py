@@ -36,7 +36,7 @@ from insightad.engines.cache import ready_copy
 from insightad.engines.checksum import CONTENT_KEY, UNSTAMPED, stamp_content
 from insightad.engines.onnx_runtime import META_KEY, ONNX_FORMAT, make_session
 from insightad.errors import InsightADError
-from insightad.io import atomic_write
+from insightad.io import TMP_SUFFIX, atomic_write
 
 __all__ = ["META_KEY", "ONNX_FORMAT", "example_batches", "export_verified", "image_examples", "verify"]
 
@@ -318,6 +318,13 @@ def verify(module: nn.Module, model: str | bytes, batches: Sequence[Batch], what
                                      f"(relative error {err:.2e} > {rtol:g}); not used")
 
 
+def twin_folder(tmp: Path) -> Path:
+    """Where the external-data twin of the graph being written to ``tmp`` (``atomic_write``'s temporary) is
+    made: a temporary of the same output, so the next write of that output removes it when a killed run left it
+    (it holds a whole copy of the graph's constants)."""
+    return tmp.with_name(f"{tmp.name.removesuffix(TMP_SUFFIX)}.twin{TMP_SUFFIX}")
+
+
 def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequence[str], what: str, out: str | Path,
                     metadata: dict[str, Any] | None = None, flat_keys: Sequence[str] = (), check: bool = True,
                     resize_to: tuple[int, int] | None = None) -> Path:
@@ -331,7 +338,7 @@ def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequen
     example = _reference_input(first, resize_to)
 
     def write(tmp: Path) -> None:
-        twin = tmp.with_name(f".{tmp.name}.twin") if check else None
+        twin = twin_folder(tmp) if check else None
         try:
             try:
                 _to_onnx(module, example, outputs, tmp, "images" if resize_to is None else MODULE_INPUT)

@@ -40,12 +40,6 @@ def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS, aren
     session-ready copy (``engines.cache``: optimised, constants mapped; made on first use)."""
     import onnxruntime as ort
 
-    if isinstance(model, str):
-        copy = ready_copy(model) if ready else None  # checks the graph's content checksum before making it
-        if copy is None:
-            check_content(model)  # opened the slow way: checked every time
-        model = str(copy or model)
-
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -55,6 +49,14 @@ def make_session(model: bytes | str, threads: int | None = DEFAULT_THREADS, aren
     so.log_severity_level = 3
     # No busy-waiting between calls: the cores are shared with the image-decoding workers.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if isinstance(model, str):
+        copy = ready_copy(model) if ready else None  # checks the graph's content checksum before making it
+        if copy is not None:
+            try:
+                return ort.InferenceSession(str(copy), so, providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001 - pruned by another process since it was found: open the graph itself
+                pass
+        check_content(model)  # opened the slow way: checked every time
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 

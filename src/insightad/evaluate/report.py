@@ -16,10 +16,12 @@ Files written into DIR (each atomically):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from insightad.data.images import load_mask
 from insightad.errors import InsightADError
 from insightad.evaluate import plots
 from insightad.evaluate.metrics import image_metrics, pixel_coverage, undefined_text
-from insightad.io import atomic_write, csv_text, fsync_dir, printable
+from insightad.io import atomic_write, csv_text, folder_lock, fsync_dir, printable
 
 RESAMPLED_METRICS = ("auc", "accuracy", "precision", "recall", "f1")
 # Figures a report writes only when its images allow (both classes): one left by an earlier report into the same
@@ -191,18 +193,49 @@ def worst_cases(det, ev, out: Path, per_row: int = 4) -> Path:
                              footer=legend)
 
 
+STAGE_PREFIX = ".report-"  # the hidden folder a report is made in, inside --report
+
+
 def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draws: int = 10, seed: int = 0,
-                 model_path: str | None = None, data: str | None = None) -> dict[str, Any]:
+                 model_path: str | None = None, data: str | None = None, held: bool = False) -> dict[str, Any]:
     """Write every report file into ``out_dir``; returns what ``metrics.json`` holds.
 
     The files are made in a hidden folder inside ``out_dir`` and moved into place together at the end: an
-    interrupted or failed run leaves the earlier report as it was, never half of a new one beside it."""
+    interrupted or failed run leaves the earlier report as it was, never half of a new one beside it. The folder
+    is locked meanwhile (:func:`report_folder`; ``held``: the caller holds it already, from before its work)."""
     check_resampling(prevalence, draws)
+    out = Path(out_dir)
+    if held:
+        return _staged_report(det, ev, out, prevalence, draws, seed, model_path, data)
+    with report_folder(out):
+        return _staged_report(det, ev, out, prevalence, draws, seed, model_path, data)
+
+
+@contextlib.contextmanager
+def report_folder(out_dir: str | Path) -> Iterator[Path]:
+    """Hold the lock of the report folder ``out_dir`` (made if missing): two runs moving their files in at once
+    would leave a report made of both, so a second is refused at once. Staging folders a killed run left go."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InsightADError(f"{out}: --report expects a folder, and this is a file")
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))  # inside: the same file system, so moves are renames
+    with folder_lock(out, "insightad evaluate", "--report"):
+        remove_stages(out)
+        yield out
+
+
+def remove_stages(out: Path) -> None:
+    """Remove the staging folders (``.report-*``) that runs killed before their end left in ``out``. Called
+    with the folder's lock held: no live run is writing one."""
+    for stage in out.glob(f"{STAGE_PREFIX}*"):
+        if stage.is_dir() and not stage.is_symlink():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _staged_report(det, ev, out: Path, prevalence: float, draws: int, seed: int, model_path: str | None,
+                   data: str | None) -> dict[str, Any]:
+    """The report written into a staging folder inside ``out``, its files then renamed into ``out``."""
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))  # inside: the same file system, so moves are renames
     try:
         report = _write_files(det, ev, stage, prevalence, draws, seed, model_path, data)
         for name in report["files"].values():
@@ -210,6 +243,10 @@ def write_report(det, ev, out_dir: str | Path, *, prevalence: float = 0.05, draw
         for stale in set(OPTIONAL_FIGURES) - set(report["files"].values()):  # an earlier report's, of other images
             (out / stale).unlink(missing_ok=True)
         fsync_dir(out)
+    except OSError as e:  # a full disk: name the report's file, not the hidden folder it was made in
+        if isinstance(e.filename, str) and Path(e.filename).parent in (stage, stage.resolve()):
+            e.filename = str(out / Path(e.filename).name)
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
