@@ -4,6 +4,7 @@ scoring service."""
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import aclosing
 from typing import Any
@@ -46,9 +47,29 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
     if body.startswith(UTF8_BOM):
         body = body[len(UTF8_BOM):]
     try:
-        return model.model_validate_json(body)
+        parsed = model.model_validate_json(body)
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
+    repeated = repeated_fields(model, body)
+    if repeated:
+        raise RequestValidationError([{"loc": ("body", name), "type": "duplicate_key",
+                                       "msg": "given more than once; expected once (JSON readers disagree on which "
+                                              "copy counts)"} for name in repeated])
+    return parsed
+
+
+def repeated_fields(model: type[BaseModel], body: bytes) -> list[str]:
+    """The fields of ``model`` that the JSON object ``body`` gives more than once. The parser kept the last copy
+    and a proxy or logger in front may read the first: ``{"image": A, "image": B}`` was scored as B, silently.
+    A key can be spelled with ``\\u`` escapes, so the body is parsed again only when it has one or names a field
+    twice (a base64 string holds neither)."""
+    names = list(model.model_fields)
+    if b"\\u" not in body and all(body.count(f'"{name}"'.encode()) <= 1 for name in names):
+        return []
+    top = json.loads(body, object_pairs_hook=lambda pairs: pairs,  # the top-level object as its (key, value) pairs
+                     parse_int=str, parse_float=str)  # (numbers kept as text, never converted)
+    keys = [key for key, _ in top]
+    return [name for name in names if keys.count(name) > 1]
 
 
 def _json_body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
@@ -90,6 +111,9 @@ async def read_upload(request: Request) -> tuple[bytes, bool]:
         data = await upload.read()
         if not data:
             raise InsightADError(f"file: the uploaded file {upload.filename!r} is empty")
+        if len(form.getlist("heatmap")) > 1:
+            raise RequestValidationError([{"loc": ("body", "heatmap"), "type": "duplicate_field",
+                                           "msg": "given more than once; expected one true or false"}])
         want = form_switch(form.get("heatmap", "false"), "heatmap")
         return data, want
     finally:
