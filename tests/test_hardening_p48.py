@@ -15,6 +15,8 @@ from PIL import Image
 
 from insightad.apps.serve import create_app
 from insightad.apps.serve.settings import ServeParams
+from insightad.cli import main
+from tests.test_hardening_p42 import chromium, served  # noqa: F401 - chromium is a fixture
 
 
 def _png(seed: int = 0) -> bytes:
@@ -67,3 +69,68 @@ def test_a_heatmap_form_field_given_twice_is_refused(client):
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"] == ["body", "heatmap"]
     assert "more than once" in r.json()["detail"][0]["msg"]
+
+
+class NoServer:
+    """uvicorn.Server that never serves: a command line that should have been refused returns instead of hanging."""
+
+    def __init__(self, config) -> None:
+        pass
+
+    def run(self, sockets) -> None:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.parametrize("flag_key, env_key, source, words", [
+    (None, "s3cret\n", "INSIGHTAD_API_KEY", "line break"),  # a key read from a file, newline and all
+    (" s3cret", None, "--api-key", "space"),
+    ("s\u00e9cret", None, "--api-key", "printable ASCII"),
+    (None, "s3cret\u200b", "INSIGHTAD_API_KEY", "printable ASCII"),
+])
+def test_an_api_key_no_client_can_send_is_refused_at_startup(baseline_model, monkeypatch, capsys, flag_key, env_key,
+                                                               source, words):
+    """HTTP strips spaces and line breaks around a header value and carries no Unicode: the server started, and
+    refused every request as 'wrong API key'."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "Server", NoServer)
+    monkeypatch.delenv("INSIGHTAD_API_KEY", raising=False)
+    if env_key is not None:
+        monkeypatch.setenv("INSIGHTAD_API_KEY", env_key)
+    argv = ["serve", "--model", str(baseline_model), "--port", "0"] + (["--api-key", flag_key] if flag_key else [])
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"insightad: error: {source}: ") and words in err[0], err
+
+
+KEY = "line-7-secret"
+
+
+@pytest.fixture(scope="module")
+def keyed_page_server(baseline_model):
+    settings = ServeParams(api_key=KEY)
+    with served(create_app(baseline_model, settings), settings) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_page_asks_again_for_a_key_no_request_can_carry(chromium, keyed_page_server):
+    """A key pasted with an invisible character (U+200B) was stored and made every fetch() throw ('non ISO-8859-1
+    code point'): the page retried GET /model for ever and never asked for the key again."""
+    pg = chromium.new_page()
+    pg.set_default_timeout(20_000)
+    try:
+        pg.goto(keyed_page_server + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.fill("#key-input", KEY + "\u200b")
+        pg.click("#key-submit")
+        pg.wait_for_function("() => !document.getElementById('key-error').hidden || "
+                             "!document.getElementById('key-dialog').open")
+        assert pg.locator("#key-dialog[open]").count() == 1
+        assert "printable ASCII" in pg.inner_text("#key-error")
+        pg.fill("#key-input", KEY)
+        pg.click("#key-submit")
+        pg.wait_for_selector("body[data-ready]", state="attached")
+        assert "baseline" in pg.inner_text("#model-summary")
+    finally:
+        pg.close()

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from insightad.apps.serve import create_app
-    from insightad.apps.serve.security import API_KEY_ENV
+    from insightad.apps.serve.security import API_KEY_ENV, check_api_key
     from insightad.apps.serve.server import uvicorn_config
     from insightad.runtime import pin_mmap_threshold
 
@@ -82,10 +82,13 @@ def run(args: argparse.Namespace) -> int:
     if settings.api_key is not None and not settings.api_key.strip():
         raise InsightADError("--api-key: empty; give a key or leave the flag out")
     tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
-    if settings.api_key is None and API_KEY_ENV in os.environ:
+    if settings.api_key is not None:
+        check_api_key(settings.api_key, "--api-key")
+    elif API_KEY_ENV in os.environ:
         settings.api_key = os.environ[API_KEY_ENV]
         if not settings.api_key.strip():  # an empty key must not quietly turn authentication off
             raise InsightADError(f"{API_KEY_ENV}: set but empty; give a key or unset the variable")
+        check_api_key(settings.api_key, API_KEY_ENV)
     pin_mmap_threshold()  # a dedicated server process: keep RSS flat under long loads (see runtime.pin_mmap_threshold)
     app = create_app(args.model, settings, threshold=parse_threshold(args.threshold, args.model))
     sock = bind(settings.host, settings.port)

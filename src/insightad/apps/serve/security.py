@@ -12,7 +12,25 @@ from collections.abc import Awaitable, Callable
 from fastapi import HTTPException, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from insightad.errors import InsightADError
+
 API_KEY_ENV = "INSIGHTAD_API_KEY"
+
+
+
+def check_api_key(key: str, source: str) -> str:
+    """``key`` when a client can send it in a header, else a one-line error naming ``source`` (the flag or the
+    variable). HTTP strips spaces and line breaks from both ends of a header value, and browsers send nothing
+    outside Latin-1: a key read from a file with its newline, or one with an accented letter, was refused to
+    every client as 'wrong API key'."""
+    if key != key.strip():
+        raise InsightADError(f"{source}: the key starts or ends with a space or line break, which no HTTP header "
+                             "can carry; expected the key alone")
+    if not all(" " <= c <= "~" for c in key):
+        raise InsightADError(f"{source}: expected printable ASCII characters (letters, digits, punctuation), which "
+                             "every HTTP client can send; got a control or non-ASCII character")
+    return key
+
 
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
 _bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")

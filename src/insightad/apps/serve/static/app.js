@@ -25,6 +25,7 @@ const state = {
 // ------------------------------------------------------------------ HTTP
 function apiKey() { return sessionStorage.getItem(KEY_STORE); }
 
+const SENDABLE_KEY = /^[\x20-\x7e]+$/;        // what the server accepts as a key (security.check_api_key)
 let keyPrompt = null;
 function askKey(message) {
   if (keyPrompt) return keyPrompt;
@@ -37,6 +38,12 @@ function askKey(message) {
       ev.preventDefault();
       const key = $("key-input").value.trim();
       if (!key) return;
+      if (!SENDABLE_KEY.test(key)) {  // fetch() throws on such a header: every request failed, the key kept
+        $("key-error").textContent = "An API key has printable ASCII characters only (letters, digits, " +
+          "punctuation); this one has another character (a pasted quote, dash or invisible space?).";
+        $("key-error").hidden = false;
+        return;
+      }
       sessionStorage.setItem(KEY_STORE, key);
       $("key-form").removeEventListener("submit", done);
       dlg.close();
