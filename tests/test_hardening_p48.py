@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -103,6 +105,26 @@ def test_an_api_key_no_client_can_send_is_refused_at_startup(baseline_model, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"insightad: error: {source}: ") and words in err[0], err
 
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command to make a test certificate")
+def test_an_encrypted_tls_key_is_refused_in_one_line_without_a_prompt(baseline_model, tmp_path, monkeypatch, capsys):
+    """A private key with a passphrase made OpenSSL ask for it on the terminal (twice: the check, then uvicorn),
+    and with no terminal the error said 'not a PEM certificate and its private key ([Errno 22] Invalid argument)'."""
+    import uvicorn
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-passout", "pass:line-7"], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    monkeypatch.setattr(uvicorn, "Server", NoServer)
+    argv = ["serve", "--model", str(baseline_model), "--port", "0", "--ssl-certfile", str(cert), "--ssl-keyfile",
+            str(key)]
+    assert main(argv) != 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "encrypted with a passphrase" in lines[0] and str(key) in lines[0], lines
+    assert "pass phrase" not in out + err
 
 KEY = "line-7-secret"
 

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level (default: info)")
     p.add_argument("--ssl-certfile", metavar="CERT.pem", help="serve HTTPS with this certificate (browsers allow the "
                    "page's camera tab only on localhost or over HTTPS); needs --ssl-keyfile")
-    p.add_argument("--ssl-keyfile", metavar="KEY.pem", help="the certificate's private key (with --ssl-certfile)")
+    p.add_argument("--ssl-keyfile", metavar="KEY.pem", help="the certificate's private key, unencrypted (with --ssl-certfile)")
     add_dataclass_args(p, ServeParams, title="server")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "serve"), _argv=argv)
 
@@ -62,9 +62,15 @@ def check_tls(certfile: str | None, keyfile: str | None) -> bool:
             raise InsightADError(f"{flag}: {path}: no such file")
     import ssl
 
+    asked: list[bool] = []
     try:  # as the server will, before it says it serves: a bad pair fails here in one line, not in a traceback
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            certfile, keyfile, password=lambda: asked.append(True) or b"")  # never a prompt on the terminal
     except (ssl.SSLError, OSError, ValueError) as e:
+        if asked:
+            raise InsightADError(f"--ssl-keyfile {keyfile}: the private key is encrypted with a passphrase, which "
+                                 "the server cannot ask for; expected an unencrypted key (openssl pkey -in "
+                                 f"{keyfile} -out KEY.pem)") from None
         raise InsightADError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: not a PEM certificate and its "
                              f"private key ({getattr(e, 'reason', None) or e})") from None
     return True
