@@ -63,9 +63,13 @@ def check_tls(certfile: str | None, keyfile: str | None) -> bool:
     import ssl
 
     asked: list[bool] = []
+
+    def no_passphrase() -> bytes:  # called for an encrypted key only: never a prompt on the terminal
+        asked.append(True)
+        return b""
+
     try:  # as the server will, before it says it serves: a bad pair fails here in one line, not in a traceback
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            certfile, keyfile, password=lambda: asked.append(True) or b"")  # never a prompt on the terminal
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password=no_passphrase)
     except (ssl.SSLError, OSError, ValueError) as e:
         if asked:
             raise InsightADError(f"--ssl-keyfile {keyfile}: the private key is encrypted with a passphrase, which "
