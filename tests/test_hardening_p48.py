@@ -73,6 +73,23 @@ def test_a_heatmap_form_field_given_twice_is_refused(client):
     assert "more than once" in r.json()["detail"][0]["msg"]
 
 
+
+@pytest.mark.parametrize("prefix", [" data:image/png;base64,", "\r\ndata:image/png;base64,",
+                                    "data:image/png;name=part 7.png;base64,"])
+def test_a_data_url_after_spaces_or_with_any_parameters_is_read(client, prefix):
+    """Spaces and line breaks are allowed around the base64, but one before a data: URL left the prefix in the
+    text ('not valid base64'), as did a parameter with a space in it (a file name)."""
+    plain = client.post("/infer", json={"image": _b64(_png(3))})
+    r = client.post("/infer", json={"image": prefix + _b64(_png(3))})
+    assert r.status_code == 200, r.text
+    assert r.json()["score"] == plain.json()["score"]
+
+
+def test_a_data_url_that_is_not_base64_says_so(client):
+    r = client.post("/infer", json={"image": "data:image/png," + _b64(_png(3))})
+    assert r.status_code == 400
+    assert r.json()["detail"].startswith("image: a data: URL without ';base64,'")
+
 class NoServer:
     """uvicorn.Server that never serves: a command line that should have been refused returns instead of hanging."""
 

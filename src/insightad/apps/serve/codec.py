@@ -21,7 +21,7 @@ from insightad.errors import InsightADError
 from insightad.render.colormap import MapScale, colorize
 from insightad.scoring import Scorer
 
-_DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]*)*;base64,", re.IGNORECASE)
+_DATA_URL = re.compile(r"^data:[^,;]*(?:;[^,;]*)*;base64,", re.IGNORECASE)  # any media type and parameters
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -41,9 +41,7 @@ def decode_base64(text: str, field: str = "image") -> bytes:
             return data
     except (binascii.Error, ValueError):
         pass
-    if text[:5].lower() == "data:":
-        text = _DATA_URL.sub("", text[:200], count=1) + text[200:]
-    text = _WHITESPACE.sub("", text)
+    text = _WHITESPACE.sub("", strip_data_url(text, field))
     if not text:
         raise InsightADError(f"{field}: empty; expected the base64 of an encoded image (PNG, JPEG, BMP or TIFF)")
     if "-" in text or "_" in text:
@@ -56,6 +54,20 @@ def decode_base64(text: str, field: str = "image") -> bytes:
     if not data:
         raise InsightADError(f"{field}: base64 decodes to nothing; expected an encoded image")
     return data
+
+
+def strip_data_url(text: str, field: str) -> str:
+    """``text`` without a ``data:...;base64,`` prefix (spaces or a line break before it allowed, as before the
+    base64 itself: such a prefix was left in and the image called 'not valid base64'). A ``data:`` URL that is
+    not base64 (percent-encoded bytes) is refused saying so."""
+    head = text[:200].lstrip()
+    if head[:5].lower() != "data:":
+        return text
+    rest = _DATA_URL.sub("", head, count=1)
+    if rest == head:
+        raise InsightADError(f"{field}: a data: URL without ';base64,'; expected data:<type>;base64,<the base64 of "
+                             "an encoded image>")
+    return rest + text[200:]
 
 
 def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image") -> DecodedImage:
