@@ -90,6 +90,26 @@ def test_a_data_url_that_is_not_base64_says_so(client):
     assert r.status_code == 400
     assert r.json()["detail"].startswith("image: a data: URL without ';base64,'")
 
+
+def _multipart(image: bytes, heatmap: bytes) -> bytes:
+    return (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png'
+            b'\r\n\r\n' + image + b'\r\n--XyZ\r\nContent-Disposition: form-data; name="heatmap"\r\n\r\n' + heatmap
+            + b'\r\n--XyZ--\r\n')
+
+
+@pytest.mark.parametrize("cut", ["inside the image", "inside the heatmap field"])
+def test_an_upload_cut_before_its_closing_boundary_is_a_400_saying_so(client, cut):
+    """A body cut inside the file part was answered 'file: Field required'; cut inside a later 'heatmap' part,
+    the image was scored as if the field had not been sent."""
+    whole = _multipart(_png(4), b"true")
+    end = len(whole) // 2 if cut == "inside the image" else whole.rindex(b"true") + 2
+    headers = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    assert client.post("/infer", content=whole, headers=headers).status_code == 200
+    r = client.post("/infer", content=whole[:end], headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("body: not valid multipart/form-data (it ends inside a part, before the "
+                                         "closing boundary: a truncated upload)")
+
 class NoServer:
     """uvicorn.Server that never serves: a command line that should have been refused returns instead of hanging."""
 

@@ -85,15 +85,35 @@ def _json_body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
 UPLOAD_EXPECTED = "expected multipart/form-data with the image file in field 'file' (and an optional 'heatmap')"
 
 
+class WholeMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, counting the parts begun and not ended: a body cut inside a part (no closing
+    boundary) lost that part silently, and an upload cut inside its image was answered 'file: Field required'."""
+
+    open_parts = 0
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self.open_parts += 1
+
+    def on_part_end(self) -> None:
+        super().on_part_end()
+        self.open_parts -= 1
+
+
 async def parse_upload(request: Request) -> FormData:
     """The multipart form of ``request``, read into memory as a JSON body is (the body-size limit bounds both):
     Starlette spooled a file part over 1 MB to a temporary file, so a full disk made a large image a 500.
     Malformed multipart is a 400 saying what was expected."""
     try:
         async with aclosing(request.stream()) as stream:
-            parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=8, max_part_size=64 * 1024)
+            parser = WholeMultiPartParser(request.headers, stream, max_files=1, max_fields=8,
+                                          max_part_size=64 * 1024)
             parser.spool_max_size = sys.maxsize  # never rolled over to disk
-            return await parser.parse()
+            form = await parser.parse()
+            if parser.open_parts:
+                await form.close()
+                raise MultiPartException("it ends inside a part, before the closing boundary: a truncated upload")
+            return form
     except MultiPartException as e:
         raise HTTPException(400, f"body: not valid multipart/form-data ({e.message.rstrip('.')}); "
                                  f"{UPLOAD_EXPECTED}") from None
