@@ -18,6 +18,7 @@ from PIL import Image
 from insightad.apps.serve import create_app
 from insightad.apps.serve.settings import ServeParams
 from insightad.cli import main
+from insightad.data.synthetic import make_image
 from tests.test_hardening_p42 import chromium, served  # noqa: F401 - chromium is a fixture
 
 
@@ -191,5 +192,38 @@ def test_page_asks_again_for_a_key_no_request_can_carry(chromium, keyed_page_ser
         pg.click("#key-submit")
         pg.wait_for_selector("body[data-ready]", state="attached")
         assert "baseline" in pg.inner_text("#model-summary")
+    finally:
+        pg.close()
+
+
+@pytest.fixture(scope="module")
+def page_server(baseline_model):
+    settings = ServeParams()
+    with served(create_app(baseline_model, settings), settings) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_clearing_the_threshold_box_keeps_the_threshold(chromium, page_server, tmp_path):
+    """Number('') is 0: emptying the threshold box set the page's threshold to 0, every image turned
+    'anomalous' and 'export' wrote a threshold file with 0 in it."""
+    files = []
+    for seed in (11, 12):  # good parts, as the model was trained on
+        files.append(tmp_path / f"part_{seed}.png")
+        make_image("disc", None, size=96, seed=seed)[0].save(files[-1])
+    pg = chromium.new_page()
+    pg.set_default_timeout(20_000)
+    try:
+        pg.goto(page_server + "/")
+        pg.wait_for_selector("body[data-ready]", state="attached")
+        pg.set_input_files("#file-input", [str(f) for f in files])
+        pg.wait_for_function("() => [...document.querySelectorAll('.card')].filter(c => c.dataset.decision)"
+                             ".length === 2")
+        pg.click(".tab[data-view=threshold]")
+        before = pg.input_value("#thr-number"), pg.inner_text("#thr-summary")
+        assert float(before[0]) > 0 and "0 of 2 images anomalous" in before[1]  # the served model's decisions
+        for typed in ("", "-"):
+            pg.eval_on_selector("#thr-number", "(el, v) => { el.value = v; el.dispatchEvent(new Event('change')); }",
+                                typed)
+            assert (pg.input_value("#thr-number"), pg.inner_text("#thr-summary")) == before
     finally:
         pg.close()

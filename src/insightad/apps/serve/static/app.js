@@ -457,6 +457,14 @@ function setPageThreshold(value) {
   if (!$("view-review").hidden) renderGallery();
 }
 
+// The number typed in the threshold box. A box left empty (or holding what is not a number) reads as 0 through
+// Number(""), which made every image anomalous and exported threshold 0: it shows the page's threshold again.
+function typedThreshold(ev) {
+  const value = ev.target.valueAsNumber;
+  if (Number.isFinite(value)) setPageThreshold(value);
+  else refreshThresholdView();
+}
+
 function drawHistogram() {
   const canvas = $("hist");
   const ctx = canvas.getContext("2d");
@@ -695,7 +703,7 @@ function init() {
     refreshThresholdView();
   };
   $("thr-slider").oninput = (ev) => setPageThreshold(Number(ev.target.value));
-  $("thr-number").onchange = (ev) => setPageThreshold(Number(ev.target.value));
+  $("thr-number").onchange = typedThreshold;
   $("thr-reset").onclick = () => setPageThreshold(state.serverThr);
   $("thr-export").onclick = exportThreshold;
   $("filter").onchange = () => { state.selected = 0; renderGallery(); };
