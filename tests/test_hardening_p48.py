@@ -227,3 +227,13 @@ def test_clearing_the_threshold_box_keeps_the_threshold(chromium, page_server, t
             assert (pg.input_value("#thr-number"), pg.inner_text("#thr-summary")) == before
     finally:
         pg.close()
+
+
+def test_a_key_in_the_query_string_is_not_called_missing(baseline_model):
+    """``POST /infer?api_key=KEY`` was answered 'missing API key', though the client had sent one."""
+    with TestClient(create_app(baseline_model, ServeParams(api_key=KEY))) as c:
+        r = c.post("/infer?api_key=" + KEY, json={"image": _b64(_png(1))})
+        assert r.status_code == 401
+        assert r.json()["detail"].startswith("missing API key (a key in the URL's query string is not read")
+        plain = c.post("/infer", json={"image": _b64(_png(1))}).json()["detail"]
+        assert plain.startswith("missing API key: send it in the X-API-Key header")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 
-from fastapi import HTTPException, Security
+from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from insightad.errors import InsightADError
@@ -36,16 +36,27 @@ _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the serv
 _bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
 
 
+QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token", "x-api-key"})
+
+
+def query_key_note(request: Request) -> str:
+    """What to add to 'missing API key' when the URL's query string holds something named like a key: it is not
+    read there (URLs end up in access logs and browser history), and 'missing' alone said the client sent none."""
+    if any(name.lower() in QUERY_KEY_NAMES for name in request.query_params):
+        return " (a key in the URL's query string is not read: URLs end up in logs)"
+    return ""
+
+
 def api_key_dependency(expected: str | None) -> Callable[..., Awaitable[None]]:
     """A dependency that lets every request through when ``expected`` is None, else checks the key."""
 
-    async def check(header_key: str | None = Security(_header),
+    async def check(request: Request, header_key: str | None = Security(_header),
                     bearer: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
         if expected is None:
             return
         given = [k for k in (header_key, bearer.credentials if bearer else None) if k]
         if not any(hmac.compare_digest(k.encode(), expected.encode()) for k in given):
-            what = "wrong API key" if given else "missing API key"
+            what = "wrong API key" if given else "missing API key" + query_key_note(request)
             raise HTTPException(401, f"{what}: send it in the X-API-Key header or as 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
