@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
+import socket
 import subprocess
 
 import numpy as np
@@ -237,3 +239,34 @@ def test_a_key_in_the_query_string_is_not_called_missing(baseline_model):
         assert r.json()["detail"].startswith("missing API key (a key in the URL's query string is not read")
         plain = c.post("/infer", json={"image": _b64(_png(1))}).json()["detail"]
         assert plain.startswith("missing API key: send it in the X-API-Key header")
+
+
+@pytest.mark.parametrize("path, kind", [("/infer", "json"), ("/infer", "multipart"), ("/infer/batch", "json")])
+def test_a_compressed_body_is_a_415_naming_the_encoding(client, path, kind):
+    """A gzip body was parsed as it came: 'Invalid JSON: expected value at line 1 column 1'."""
+    import gzip
+
+    if kind == "json":
+        field = "image" if path == "/infer" else "images"
+        value = _b64(_png(1)) if path == "/infer" else [_b64(_png(1))]
+        body, ctype = gzip.compress(json.dumps({field: value}).encode()), "application/json"
+    else:
+        body, ctype = gzip.compress(_multipart(_png(1), b"false")), "multipart/form-data; boundary=XyZ"
+    r = client.post(path, content=body, headers={"Content-Type": ctype, "Content-Encoding": "gzip"})
+    assert r.status_code == 415, r.text
+    assert r.json()["detail"].startswith("Content-Encoding 'gzip': not supported; expected the body uncompressed")
+
+
+def test_a_body_refused_by_its_length_is_not_invited_with_100_continue(baseline_model):
+    """curl sends 'Expect: 100-continue' for uploads over 1 MB and waits: the server answered '100 Continue' to a
+    body its Content-Length had already refused, so the client sent all of it before reading the 413."""
+    settings = ServeParams(max_body_mb=1.0, body_timeout_s=3.0)
+    with served(create_app(baseline_model, settings), settings) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"request body too large: 5000000 bytes" in answer

@@ -166,12 +166,22 @@ def _require_json(request: Request) -> None:
                                  "with a 'file' field on /infer)")
 
 
+def _require_plain_body(request: Request) -> None:
+    """415 for a compressed body (``Content-Encoding: gzip``): it was parsed as it came and answered 'Invalid
+    JSON at line 1 column 1' or 'not valid multipart'."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise HTTPException(415, f"Content-Encoding {encoding[:40]!r}: not supported; expected the body "
+                                 "uncompressed (images are compressed already)")
+
+
 def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> None:
     """Register every route of the API on ``app``."""
     @app.post("/infer", response_model=InferResponse, response_model_exclude_none=True, dependencies=protected,
               responses=ERRORS_DOC, openapi_extra=_json_body_doc(InferRequest, multipart=True),
               summary="Score one image (JSON with base64, or a multipart upload in field 'file')")
     async def infer(request: Request) -> Any:
+        _require_plain_body(request)
         if _content_type(request) == "multipart/form-data":
             async def read_form() -> tuple[list[tuple[str, str | bytes]], bool]:
                 data, want = await read_upload(request)
@@ -190,6 +200,7 @@ def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> N
               dependencies=protected, responses=ERRORS_DOC, openapi_extra=_json_body_doc(BatchRequest, multipart=False),
               summary="Score several images; results in the same order")
     async def infer_batch(request: Request) -> Any:
+        _require_plain_body(request)
         _require_json(request)
 
         async def read_json() -> tuple[list[tuple[str, str | bytes]], bool]:
