@@ -270,3 +270,16 @@ def test_a_body_refused_by_its_length_is_not_invited_with_100_continue(baseline_
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b"request body too large: 5000000 bytes" in answer
+
+
+@pytest.mark.parametrize("path, query", [("/infer", "heatmap=true"), ("/infer", "image=abc&x=1"),
+                                         ("/infer/batch", "heatmap=1")])
+def test_a_body_field_in_the_query_string_is_refused_not_ignored(client, path, query):
+    """``curl -F file=@part.png '.../infer?heatmap=true'`` was answered without a heatmap and without a word."""
+    if path == "/infer":
+        r = client.post(f"{path}?{query}", files={"file": ("a.png", _png(1), "image/png")})
+    else:
+        r = client.post(f"{path}?{query}", json={"images": [_b64(_png(1))]})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail[0]["loc"] == ["query", query.split("=")[0]] and "not read from the URL" in detail[0]["msg"]

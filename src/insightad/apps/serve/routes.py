@@ -175,12 +175,26 @@ def _require_plain_body(request: Request) -> None:
                                  "uncompressed (images are compressed already)")
 
 
+BODY_FIELDS = ("image", "images", "heatmap", "file")
+
+
+def _refuse_fields_in_query(request: Request) -> None:
+    """422 for a body field sent in the URL (``POST /infer?heatmap=true``): the query string is not read, and the
+    image was answered without its heatmap as if nothing had been asked."""
+    given = [name for name in request.query_params if name.lower() in BODY_FIELDS]
+    if given:
+        raise RequestValidationError([{"loc": ("query", name), "type": "query_not_read",
+                                       "msg": "not read from the URL; send it in the JSON body or as a multipart "
+                                              "form field"} for name in given])
+
+
 def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> None:
     """Register every route of the API on ``app``."""
     @app.post("/infer", response_model=InferResponse, response_model_exclude_none=True, dependencies=protected,
               responses=ERRORS_DOC, openapi_extra=_json_body_doc(InferRequest, multipart=True),
               summary="Score one image (JSON with base64, or a multipart upload in field 'file')")
     async def infer(request: Request) -> Any:
+        _refuse_fields_in_query(request)
         _require_plain_body(request)
         if _content_type(request) == "multipart/form-data":
             async def read_form() -> tuple[list[tuple[str, str | bytes]], bool]:
@@ -200,6 +214,7 @@ def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> N
               dependencies=protected, responses=ERRORS_DOC, openapi_extra=_json_body_doc(BatchRequest, multipart=False),
               summary="Score several images; results in the same order")
     async def infer_batch(request: Request) -> Any:
+        _refuse_fields_in_query(request)
         _require_plain_body(request)
         _require_json(request)
 
