@@ -20,7 +20,9 @@ from PIL import Image
 from insightad.apps.serve import create_app
 from insightad.apps.serve.settings import ServeParams
 from insightad.cli import main
+from insightad.cli.serve import bind
 from insightad.data.synthetic import make_image
+from insightad.errors import InsightADError
 from tests.test_hardening_p42 import chromium, served  # noqa: F401 - chromium is a fixture
 
 
@@ -283,3 +285,21 @@ def test_a_body_field_in_the_query_string_is_refused_not_ignored(client, path, q
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert detail[0]["loc"] == ["query", query.split("=")[0]] and "not read from the URL" in detail[0]["msg"]
+
+
+@pytest.mark.parametrize("host, words", [("http://0.0.0.0", "is a URL"), ("0.0.0.0:8080", "has a port"),
+                                         ("localhost:8080", "has a port")])
+def test_a_host_written_as_a_url_or_with_a_port_says_so(host, words):
+    """'--host http://0.0.0.0' was looked up as a name: 'cannot resolve ... (Name or service not known)'."""
+    with pytest.raises(InsightADError, match=words):
+        bind(host, 0)
+
+
+def test_an_ipv6_host_in_brackets_is_the_address():
+    try:
+        sock = bind("[::1]", 0)
+    except InsightADError as e:
+        assert "cannot listen" in str(e)  # no IPv6 on this machine: refused as an address, not as a name
+        pytest.skip("no IPv6 loopback here")
+    with sock:
+        assert sock.getsockname()[0] == "::1"

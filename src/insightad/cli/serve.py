@@ -32,8 +32,22 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "serve"), _argv=argv)
 
 
+def listen_address(host: str) -> str:
+    """``--host`` as the resolver takes it: an IPv6 address may come in brackets (``[::1]``, as in a URL); a URL or
+    an address with a port was looked up as a host name and refused as 'Name or service not known'."""
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    if "/" in host:
+        raise InsightADError(f"--host: {host!r} is a URL; expected an address or host name (127.0.0.1, 0.0.0.0, ::, "
+                             "myhost), with the port in --port")
+    if host.count(":") == 1:
+        raise InsightADError(f"--host: {host!r} has a port; expected the address alone, with the port in --port")
+    return host
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket, so that a busy port or a bad address is a one-line error, not a traceback."""
+    host = listen_address(host)
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
