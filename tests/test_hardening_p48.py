@@ -303,3 +303,17 @@ def test_an_ipv6_host_in_brackets_is_the_address():
         pytest.skip("no IPv6 loopback here")
     with sock:
         assert sock.getsockname()[0] == "::1"
+
+
+@pytest.mark.parametrize("path, ctype", [("/infer", "application/json"), ("/infer", None),
+                                         ("/infer/batch", "application/json")])
+def test_an_image_sent_as_the_body_is_told_how_to_send_it(client, path, ctype):
+    """``curl --data-binary @part.png -H 'Content-Type: application/json'`` got 'Invalid JSON: expected value at
+    line 1 column 1'."""
+    headers = {"Content-Type": ctype} if ctype else {}
+    r = client.post(path, content=_png(1), headers=headers)
+    assert r.status_code == 422, r.text
+    expected = ("{\"image\": \"<base64 of the file>\"} or a multipart upload in field 'file' (curl -F file=@part.png)"
+                if path == "/infer" else "{\"images\": [\"<base64 of each file>\"]}")
+    assert r.json()["detail"] == [{"loc": ["body"], "type": "json_invalid",
+                                   "msg": f"an image file sent as the body, not JSON; expected {expected}"}]

@@ -27,6 +27,7 @@ from insightad.apps.serve.schemas import (
     ModelInfo,
 )
 from insightad.apps.serve.service import ScoringService
+from insightad.data.images import header_pixels
 from insightad.errors import InsightADError
 
 ERRORS_DOC: dict[int | str, dict[str, Any]] = {
@@ -39,6 +40,9 @@ ERRORS_DOC: dict[int | str, dict[str, Any]] = {
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
+EXPECTED_BODY = {"InferRequest": "{\"image\": \"<base64 of the file>\"} or a multipart upload in field 'file' "
+                                 "(curl -F file=@part.png)",
+                 "BatchRequest": "{\"images\": [\"<base64 of each file>\"]}"}
 
 
 def _parse_json(model: type[BaseModel], body: bytes) -> Any:
@@ -49,6 +53,9 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
     try:
         parsed = model.model_validate_json(body)
     except ValidationError as e:
+        if header_pixels(body) is not None:  # `curl --data-binary @part.png`: 'Invalid JSON at line 1 column 1'
+            raise RequestValidationError([{"loc": ("body",), "type": "json_invalid", "msg": "an image file sent as "
+                                           f"the body, not JSON; expected {EXPECTED_BODY[model.__name__]}"}]) from None
         raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
     repeated = repeated_fields(model, body)
     if repeated:
