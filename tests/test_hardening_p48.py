@@ -316,4 +316,31 @@ def test_an_image_sent_as_the_body_is_told_how_to_send_it(client, path, ctype):
     expected = ("{\"image\": \"<base64 of the file>\"} or a multipart upload in field 'file' (curl -F file=@part.png)"
                 if path == "/infer" else "{\"images\": [\"<base64 of each file>\"]}")
     assert r.json()["detail"] == [{"loc": ["body"], "type": "json_invalid",
-                                   "msg": f"an image file sent as the body, not JSON; expected {expected}"}]
+                                   "msg": f"an image file sent as the body, not JSON in UTF-8; expected {expected}"}]
+
+
+@pytest.mark.parametrize("encoding, named", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16-LE"),
+                                             ("utf-16-be", "UTF-16-BE"), ("utf-32", "UTF-32")])
+def test_json_in_utf16_is_told_to_send_utf8(client, encoding, named):
+    """.NET's StringContent with Encoding.Unicode sends UTF-16: 'Invalid JSON: expected value at line 1 column 1'."""
+    body = json.dumps({"image": _b64(_png(1))}).encode(encoding)
+    r = client.post("/infer", content=body, headers={"Content-Type": f"application/json; charset={encoding}"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"loc": ["body"], "type": "json_invalid",
+                                   "msg": f"{named} text, not JSON in UTF-8; expected {{\"image\": \"<base64 of "
+                                          "the file>\"} or a multipart upload in field 'file' (curl -F file=@part.png)"}]
+
+
+@pytest.mark.parametrize("body", [b"\x00\x00\x00\x00", b"\x00\xd8\x00\x00garbage", b"\x00"])
+def test_binary_starting_with_nul_is_not_called_utf16(client, body):
+    r = _post_json(client, "/infer", body)
+    assert r.status_code == 422, r.text
+    assert "UTF-16" not in r.text and "UTF-32" not in r.text
+    assert r.json()["detail"][0]["type"] == "json_invalid"
+
+
+@pytest.mark.parametrize("prefix", [b"", b"\xef\xbb\xbf"])
+def test_utf8_json_with_or_without_bom_is_still_answered(client, prefix):
+    r = _post_json(client, "/infer", prefix + json.dumps({"image": _b64(_png(1))}).encode())
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["Anomaly"], bool)

@@ -53,9 +53,10 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
     try:
         parsed = model.model_validate_json(body)
     except ValidationError as e:
-        if header_pixels(body) is not None:  # `curl --data-binary @part.png`: 'Invalid JSON at line 1 column 1'
-            raise RequestValidationError([{"loc": ("body",), "type": "json_invalid", "msg": "an image file sent as "
-                                           f"the body, not JSON; expected {EXPECTED_BODY[model.__name__]}"}]) from None
+        what = not_json(body)
+        if what:  # it was 'Invalid JSON: expected value at line 1 column 1', which did not say why
+            raise RequestValidationError([{"loc": ("body",), "type": "json_invalid", "msg": f"{what}, not JSON in "
+                                           f"UTF-8; expected {EXPECTED_BODY[model.__name__]}"}]) from None
         raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
     repeated = repeated_fields(model, body)
     if repeated:
@@ -63,6 +64,22 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
                                        "msg": "given more than once; expected once (JSON readers disagree on which "
                                               "copy counts)"} for name in repeated])
     return parsed
+
+
+def not_json(body: bytes) -> str | None:
+    """What a body that is not JSON at all is, when it can be told: an image file (``curl --data-binary
+    @part.png``) or UTF-16 / UTF-32 text (.NET's ``Encoding.Unicode``, a PowerShell file); else None."""
+    if header_pixels(body) is not None:
+        return "an image file sent as the body"
+    encoding = json.detect_encoding(body)  # from a byte order mark or the NUL bytes around the first characters
+    if not encoding.startswith("utf-8"):
+        try:
+            text = body.decode(encoding)
+        except UnicodeDecodeError:
+            return None  # binary that merely starts with a NUL byte: the parser's own message stands
+        if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):
+            return f"{encoding.upper()} text"
+    return None
 
 
 def repeated_fields(model: type[BaseModel], body: bytes) -> list[str]:

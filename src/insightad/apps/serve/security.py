@@ -17,7 +17,6 @@ from insightad.errors import InsightADError
 API_KEY_ENV = "INSIGHTAD_API_KEY"
 
 
-
 def check_api_key(key: str, source: str) -> str:
     """``key`` when a client can send it in a header, else a one-line error naming ``source`` (the flag or the
     variable). HTTP strips spaces and line breaks from both ends of a header value, and browsers send nothing
