@@ -64,7 +64,7 @@ def test_a_field_given_twice_in_json_is_refused_not_guessed(client, path, body, 
 
 def test_json_with_escapes_and_huge_numbers_but_no_repeated_field_is_scored(client):
     one = _post_json(client, "/infer", b'{"image": "%s"}' % _b64(_png(1)).encode())
-    odd = _post_json(client, "/infer", b'{"\\u0069mage": "%s", "note": "caf\\u00e9", "n": %s, "image2": 1}'
+    odd = _post_json(client, "/infer", b'{"\\u0069mage": "%s", "note": "caf\\u00e9", "n": %s, "extra": 1}'
                      % (_b64(_png(1)).encode(), b"9" * 4000))
     assert one.status_code == odd.status_code == 200, odd.text
     assert odd.json()["score"] == one.json()["score"]
@@ -342,5 +342,37 @@ def test_binary_starting_with_nul_is_not_called_utf16(client, body):
 @pytest.mark.parametrize("prefix", [b"", b"\xef\xbb\xbf"])
 def test_utf8_json_with_or_without_bom_is_still_answered(client, prefix):
     r = _post_json(client, "/infer", prefix + json.dumps({"image": _b64(_png(1))}).encode())
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["Anomaly"], bool)
+
+
+@pytest.mark.parametrize("path, fields, key, msg", [
+    ("/infer", {"image": 1, "heatmaps": True}, "heatmaps", "not a field of this request; did you mean 'heatmap'?"),
+    ("/infer", {"Image": 1}, "Image", "not a field of this request; did you mean 'image'? (names are case-sensitive)"),
+    ("/infer", {"image": 1, "heat_map": True}, "heat_map",
+     "not a field of this request; did you mean 'heatmap'? (names are case-sensitive)"),
+    ("/infer", {"images": [1]}, "images", "a field of POST /infer/batch, not of this route; expected {\"image\": "
+     "\"<base64 of the file>\"} or a multipart upload in field 'file' (curl -F file=@part.png)"),
+    ("/infer", {"image": 1, "image2": 1}, "image2", "not a field of this request; did you mean 'image'? (several "
+     "images go to POST /infer/batch as 'images')"),
+    ("/infer/batch", {"image": 1}, "image",
+     "a field of POST /infer, not of this route; expected {\"images\": [\"<base64 of each file>\"]}"),
+    ("/infer/batch", {"images": [1], "Heatmap": True}, "Heatmap",
+     "not a field of this request; did you mean 'heatmap'? (names are case-sensitive)"),
+])
+def test_a_misnamed_field_is_refused_not_ignored(client, path, fields, key, msg):
+    """``{"image": .., "heatmaps": true}`` was answered without the heatmap it asked for, silently; ``{"Image": ..}``
+    was 'image: Field required' and ``{"images": [..]}`` on /infer did not say that it belongs to /infer/batch."""
+    good = _b64(_png(1))
+    body = {k: ([good] if isinstance(v, list) else good if v == 1 and v is not True else v) for k, v in fields.items()}
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"loc": ["body", key], "type": "unknown_field", "msg": msg}]
+
+
+def test_other_unknown_fields_are_still_ignored(client):
+    """Clients send their own metadata beside the image; only near-misses of a field are refused."""
+    r = client.post("/infer", json={"image": _b64(_png(1)), "image_id": "a-17", "img": "x", "timestamp": 3,
+                                    "filename": "part.png"})
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["Anomaly"], bool)

@@ -4,6 +4,7 @@ scoring service."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from contextlib import aclosing
@@ -12,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -51,19 +52,66 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
     if body.startswith(UTF8_BOM):
         body = body[len(UTF8_BOM):]
     try:
-        parsed = model.model_validate_json(body)
+        parsed = LENIENT[model].model_validate_json(body)
     except ValidationError as e:
         what = not_json(body)
         if what:  # it was 'Invalid JSON: expected value at line 1 column 1', which did not say why
             raise RequestValidationError([{"loc": ("body",), "type": "json_invalid", "msg": f"{what}, not JSON in "
                                            f"UTF-8; expected {EXPECTED_BODY[model.__name__]}"}]) from None
+        given = [err["input"] for err in e.errors() if err["type"] == "missing" and isinstance(err.get("input"), dict)]
+        refuse_misnamed_fields(model, given[0] if given else {})
         raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
+    refuse_misnamed_fields(model, parsed.model_extra or {})
     repeated = repeated_fields(model, body)
     if repeated:
         raise RequestValidationError([{"loc": ("body", name), "type": "duplicate_key",
                                        "msg": "given more than once; expected once (JSON readers disagree on which "
                                               "copy counts)"} for name in repeated])
     return parsed
+
+
+class _LenientInfer(InferRequest):
+    model_config = ConfigDict(extra="allow")  # the fields it does not know are kept, to be looked at
+
+
+class _LenientBatch(BatchRequest):
+    model_config = ConfigDict(extra="allow")
+
+
+LENIENT: dict[type[BaseModel], type[BaseModel]] = {InferRequest: _LenientInfer, BatchRequest: _LenientBatch}
+OTHER_ROUTE: dict[type[BaseModel], tuple[str, type[BaseModel]]] = {InferRequest: ("POST /infer/batch", BatchRequest),
+                                                                  BatchRequest: ("POST /infer", InferRequest)}
+
+
+def _squash(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def refuse_misnamed_fields(model: type[BaseModel], given: dict[str, Any]) -> None:
+    """422 for a field name in the body that is not one of ``model``'s but nearly is (``heatmaps``, ``Image``,
+    ``heat_map``) or is the other route's (``images`` on /infer): it was ignored, so ``{"image": .., "heatmaps":
+    true}`` was answered without its heatmap as if it had not been asked, and ``{"Image": ..}`` was 'image:
+    Field required'. Other unknown fields are still ignored (clients may send their own metadata)."""
+    names = list(model.model_fields)
+    route, other = OTHER_ROUTE[model]
+    errors = []
+    for key in given:
+        if key in names:
+            continue
+        same = [n for n in names if _squash(n) == _squash(key)]  # Image, heat_map, HEATMAP
+        if same:
+            msg = f"not a field of this request; did you mean {same[0]!r}? (names are case-sensitive)"
+        elif any(_squash(n) == _squash(key) for n in other.model_fields):
+            msg = f"a field of {route}, not of this route; expected {EXPECTED_BODY[model.__name__]}"
+        elif near := difflib.get_close_matches(key, names, 1, 0.8):  # heatmaps, imgae, image2 (not image_id, img)
+            msg = f"not a field of this request; did you mean {near[0]!r}?"
+            if near[0] == "image":
+                msg += " (several images go to POST /infer/batch as 'images')"
+        else:
+            continue
+        errors.append({"loc": ("body", key[:40]), "type": "unknown_field", "msg": msg})
+    if errors:
+        raise RequestValidationError(errors)
 
 
 def not_json(body: bytes) -> str | None:
