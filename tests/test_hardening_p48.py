@@ -376,3 +376,28 @@ def test_other_unknown_fields_are_still_ignored(client):
                                     "filename": "part.png"})
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["Anomaly"], bool)
+
+
+@pytest.mark.parametrize("files, data, key, msg", [
+    ({"file": ("a.png", "PNG")}, {"heatmaps": "true"}, "heatmaps",
+     "not a field of this upload; did you mean 'heatmap'?"),
+    ({"File": ("a.png", "PNG")}, {}, "File",
+     "not a field of this upload; did you mean 'file'? (names are case-sensitive)"),
+    ({"image": ("a.png", "PNG")}, {}, "image",
+     "not a field of this upload; the image file goes in field 'file' (curl -F file=@part.png)"),
+    ({"file": ("a.png", "PNG")}, {"Heatmap": "1"}, "Heatmap",
+     "not a field of this upload; did you mean 'heatmap'? (names are case-sensitive)"),
+])
+def test_a_misnamed_upload_field_is_refused_not_ignored(client, files, data, key, msg):
+    """``curl -F file=@part.png -F heatmaps=true`` was answered without the heatmap it asked for, silently, and
+    ``-F image=@part.png`` was 'file: Field required'."""
+    files = {k: (name, _png(1)) for k, (name, _) in files.items()}
+    r = client.post("/infer", files=files, data=data)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"loc": ["body", key], "type": "unknown_field", "msg": msg}]
+
+
+def test_an_upload_with_other_fields_is_still_scored(client):
+    r = client.post("/infer", files={"file": ("a.png", _png(1))}, data={"note": "line 3", "camera": "2"})
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["Anomaly"], bool)

@@ -194,6 +194,7 @@ async def parse_upload(request: Request) -> FormData:
 async def read_upload(request: Request) -> tuple[bytes, bool]:
     form = await parse_upload(request)
     try:
+        refuse_misnamed_form_fields(form)
         upload = form.get("file")
         if upload is None:
             raise RequestValidationError([{"loc": ("body", "file"), "msg": "Field required", "type": "missing"}])
@@ -210,6 +211,31 @@ async def read_upload(request: Request) -> tuple[bytes, bool]:
         return data, want
     finally:
         await form.close()
+
+
+FORM_FIELDS = ("file", "heatmap")
+
+
+def refuse_misnamed_form_fields(form: FormData) -> None:
+    """422 for a multipart field named nearly as one of the upload's (``heatmaps``, ``File``) or as the JSON
+    body's image (``image``, ``images``): ``-F heatmaps=true`` was answered without the heatmap it asked for,
+    silently, and ``-F image=@part.png`` was 'file: Field required'. Other fields are ignored as before."""
+    errors = []
+    for key in dict.fromkeys(form.keys()):
+        if key in FORM_FIELDS:
+            continue
+        same = [n for n in FORM_FIELDS if _squash(n) == _squash(key)]
+        if same:
+            msg = f"not a field of this upload; did you mean {same[0]!r}? (names are case-sensitive)"
+        elif _squash(key) in ("image", "images"):
+            msg = "not a field of this upload; the image file goes in field 'file' (curl -F file=@part.png)"
+        elif near := difflib.get_close_matches(key, FORM_FIELDS, 1, 0.8):
+            msg = f"not a field of this upload; did you mean {near[0]!r}?"
+        else:
+            continue
+        errors.append({"loc": ("body", key[:40]), "type": "unknown_field", "msg": msg})
+    if errors:
+        raise RequestValidationError(errors)
 
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
