@@ -401,3 +401,23 @@ def test_an_upload_with_other_fields_is_still_scored(client):
     r = client.post("/infer", files={"file": ("a.png", _png(1))}, data={"note": "line 3", "camera": "2"})
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["Anomaly"], bool)
+
+
+@pytest.mark.parametrize("auth, note", [
+    ("Basic " + base64.b64encode(b"user:" + KEY.encode()).decode(),
+     "an Authorization header is read only as 'Bearer KEY'; the one sent has another or no scheme"),
+    ("Token " + KEY, "an Authorization header is read only as 'Bearer KEY'; the one sent has another or no scheme"),
+    (KEY, "an Authorization header is read only as 'Bearer KEY'; the one sent has another or no scheme"),
+    ("Bearer", "the Authorization header says 'Bearer' but holds no key"),
+])
+def test_an_authorization_header_not_bearer_is_not_called_missing(baseline_model, auth, note):
+    """``curl -u``, ``Authorization: Token KEY`` or the key alone were answered 'missing API key', though the client
+    had sent a key; the answer says which form is read, and echoes nothing of the header."""
+    with TestClient(create_app(baseline_model, ServeParams(api_key=KEY))) as c:
+        r = c.post("/infer", json={"image": _b64(_png(1))}, headers={"Authorization": auth})
+        assert r.status_code == 401
+        assert r.json()["detail"] == (f"missing API key ({note}): send it in the X-API-Key header or as "
+                                      "'Authorization: Bearer KEY'")
+        assert KEY not in r.text
+        assert c.post("/infer", json={"image": _b64(_png(1))},
+                      headers={"Authorization": "bearer " + KEY}).status_code == 200

@@ -46,6 +46,19 @@ def query_key_note(request: Request) -> str:
     return ""
 
 
+def authorization_note(request: Request) -> str:
+    """What to add to 'missing API key' when an Authorization header came that is not ``Bearer KEY`` (``Basic``
+    from ``curl -u``, ``Token KEY``, the key alone): it is not read, and 'missing' alone said none was sent.
+    Nothing of the header is echoed back (it may hold the key)."""
+    auth = request.headers.get("authorization", "").strip()
+    if not auth:
+        return ""
+    parts = auth.split(None, 1)
+    if parts[0].lower() == "bearer":
+        return " (the Authorization header says 'Bearer' but holds no key)" if len(parts) == 1 else ""
+    return " (an Authorization header is read only as 'Bearer KEY'; the one sent has another or no scheme)"
+
+
 def api_key_dependency(expected: str | None) -> Callable[..., Awaitable[None]]:
     """A dependency that lets every request through when ``expected`` is None, else checks the key."""
 
@@ -55,7 +68,8 @@ def api_key_dependency(expected: str | None) -> Callable[..., Awaitable[None]]:
             return
         given = [k for k in (header_key, bearer.credentials if bearer else None) if k]
         if not any(hmac.compare_digest(k.encode(), expected.encode()) for k in given):
-            what = "wrong API key" if given else "missing API key" + query_key_note(request)
+            what = "wrong API key" if given else "missing API key" + (authorization_note(request)
+                                                                        or query_key_note(request))
             raise HTTPException(401, f"{what}: send it in the X-API-Key header or as 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
