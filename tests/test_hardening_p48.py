@@ -421,3 +421,16 @@ def test_an_authorization_header_not_bearer_is_not_called_missing(baseline_model
         assert KEY not in r.text
         assert c.post("/infer", json={"image": _b64(_png(1))},
                       headers={"Authorization": "bearer " + KEY}).status_code == 200
+
+
+def test_json_in_latin1_is_told_to_send_utf8(client):
+    """A client's own field with an accent, in Windows-1252: 'Invalid JSON: invalid unicode code point at line 1
+    column 40' did not say the body's encoding was the trouble."""
+    body = b'{"image": "%s", "line": "Pr\xfcfstand 3"}' % _b64(_png(1)).encode()
+    r = _post_json(client, "/infer", body)
+    assert r.status_code == 422, r.text
+    at = body.index(b"\xfc")
+    assert r.json()["detail"] == [{"loc": ["body"], "type": "json_invalid", "msg": (
+        f"text with a byte that is not UTF-8 (0xFC at offset {at}: Latin-1 or Windows-1252?), not JSON in UTF-8; "
+        "expected {\"image\": \"<base64 of the file>\"} or a multipart upload in field 'file' (curl -F file=@part.png)")}]
+    assert _post_json(client, "/infer", body.decode("latin-1").encode("utf-8")).status_code == 200

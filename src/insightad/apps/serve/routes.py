@@ -115,8 +115,9 @@ def refuse_misnamed_fields(model: type[BaseModel], given: dict[str, Any]) -> Non
 
 
 def not_json(body: bytes) -> str | None:
-    """What a body that is not JSON at all is, when it can be told: an image file (``curl --data-binary
-    @part.png``) or UTF-16 / UTF-32 text (.NET's ``Encoding.Unicode``, a PowerShell file); else None."""
+    """What a body that is not JSON in UTF-8 is, when it can be told: an image file (``curl --data-binary
+    @part.png``), UTF-16 / UTF-32 text (.NET's ``Encoding.Unicode``, a PowerShell file) or JSON in another 8-bit
+    encoding (it was 'invalid unicode code point at line 1 column 40'); else None."""
     if header_pixels(body) is not None:
         return "an image file sent as the body"
     encoding = json.detect_encoding(body)  # from a byte order mark or the NUL bytes around the first characters
@@ -127,6 +128,11 @@ def not_json(body: bytes) -> str | None:
             return None  # binary that merely starts with a NUL byte: the parser's own message stands
         if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):
             return f"{encoding.upper()} text"
+    elif body.lstrip(b" \t\r\n")[:1] in (b"{", b"["):  # JSON in Latin-1 or Windows-1252 (a name with an accent)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"text with a byte that is not UTF-8 (0x{body[e.start]:02X} at offset {e.start}: Latin-1 or Windows-1252?)"
     return None
 
 
