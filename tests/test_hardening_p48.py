@@ -434,3 +434,34 @@ def test_json_in_latin1_is_told_to_send_utf8(client):
         f"text with a byte that is not UTF-8 (0xFC at offset {at}: Latin-1 or Windows-1252?), not JSON in UTF-8; "
         "expected {\"image\": \"<base64 of the file>\"} or a multipart upload in field 'file' (curl -F file=@part.png)")}]
     assert _post_json(client, "/infer", body.decode("latin-1").encode("utf-8")).status_code == 200
+
+
+@pytest.mark.parametrize("inner", ["base64", "urlsafe", "lines", "data_url"])
+def test_an_image_encoded_twice_is_told_so(client, inner):
+    """A client that base64-encoded its base64 string (or its data: URL) again was told 'not a readable image',
+    which sent people looking at the image file."""
+    png = _png(1)
+    text = {"base64": _b64(png), "urlsafe": base64.urlsafe_b64encode(png).decode(),
+            "lines": base64.encodebytes(png).decode(), "data_url": "data:image/png;base64," + _b64(png)}[inner]
+    r = client.post("/infer", json={"image": _b64(text.encode())})
+    assert r.status_code == 400, r.text
+    said = ("the base64 of a data: URL, so encoded twice; send the data: URL itself or the base64 of the file's bytes"
+            if inner == "data_url" else
+            "the base64 of base64 text, so encoded twice; send the base64 of the file's bytes once")
+    assert r.json()["detail"] == f"image: {said}"
+    batch = client.post("/infer/batch", json={"images": [_b64(png), _b64(text.encode())]})
+    assert batch.status_code == 400 and batch.json()["detail"] == f"images[1]: {said}"
+
+
+def test_base64_text_that_holds_no_image_keeps_its_message(client):
+    r = client.post("/infer", json={"image": _b64(_b64(b"hello, this is not an image at all").encode())})
+    assert r.status_code == 400
+    assert r.json()["detail"] == "image: not a readable image (expected PNG, JPEG, BMP or TIFF)"
+
+
+@pytest.mark.parametrize("text", [_b64(_png(1)), "data:image/png;base64," + _b64(_png(1))])
+def test_an_uploaded_base64_text_file_is_told_to_upload_the_image(client, text):
+    r = client.post("/infer", files={"file": ("part.b64", text.encode())})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == ("file: a text file holding a data: URL or base64, not the image file; upload the "
+                                  "image file itself")

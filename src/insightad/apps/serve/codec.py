@@ -79,7 +79,33 @@ def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image"
     try:
         return DecodedImage(*det.load_input(data, max_pixels))
     except InsightADError as e:
-        raise InsightADError(f"{field}: {str(e).removeprefix('<bytes>: ')}") from None
+        raise InsightADError(f"{field}: {encoded_twice(data, field == 'file') or str(e).removeprefix('<bytes>: ')}") from None
+
+
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
+
+
+def encoded_twice(data: bytes, uploaded: bool = False) -> str | None:
+    """What to say when ``data``, not an image, is itself text that holds one: the base64 of the base64 of the
+    file, or of a ``data:`` URL (a client that encoded its string again), or an ``uploaded`` text file holding
+    either. It was 'not a readable image', which sent people looking at the image file."""
+    head = data[:200].lstrip()
+    if uploaded:
+        said = "a text file holding a data: URL or base64, not the image file; upload the image file itself"
+        return said if head[:5].lower() == b"data:" or encoded_twice(data) else None
+    if head[:5].lower() == b"data:":
+        return ("the base64 of a data: URL, so encoded twice; send the data: URL itself or the base64 of the file's "
+                "bytes")
+    if not _BASE64_TEXT.fullmatch(data[:4096]):
+        return None
+    text = _WHITESPACE.sub("", data[:4096].decode("ascii")).replace("-", "+").replace("_", "/").rstrip("=")
+    try:  # its first 3 KB are enough for the image's header
+        inner = base64.b64decode(text[:len(text) // 4 * 4], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if header_pixels(inner) is None:
+        return None
+    return "the base64 of base64 text, so encoded twice; send the base64 of the file's bytes once"
 
 
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side
