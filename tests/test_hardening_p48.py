@@ -465,3 +465,17 @@ def test_an_uploaded_base64_text_file_is_told_to_upload_the_image(client, text):
     assert r.status_code == 400, r.text
     assert r.json()["detail"] == ("file: a text file holding a data: URL or base64, not the image file; upload the "
                                   "image file itself")
+
+
+@pytest.mark.parametrize("files", [
+    [("file", ("a.png", _png(1))), ("file", ("b.png", _png(2)))],
+    [("file", ("a.png", _png(1))), ("extra", ("b.png", _png(2)))],
+])
+def test_two_files_in_one_upload_are_told_where_several_images_go(client, files):
+    """Two files were 'body: not valid multipart/form-data (Too many files. Maximum number of files is 1)': the
+    upload was valid, and the answer did not say where several images go."""
+    r = client.post("/infer", files=files)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"loc": ["body", "file"], "type": "too_many_files", "msg": (
+        "more than one file in this upload; expected one image file (several images go to POST /infer/batch as JSON "
+        "{\"images\": [<base64 of each>]})")}]

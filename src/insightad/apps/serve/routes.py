@@ -193,6 +193,11 @@ async def parse_upload(request: Request) -> FormData:
                 raise MultiPartException("it ends inside a part, before the closing boundary: a truncated upload")
             return form
     except MultiPartException as e:
+        if e.message.startswith("Too many files"):  # valid multipart, more than one file: not 'not valid'
+            raise RequestValidationError([{"loc": ("body", "file"), "type": "too_many_files",
+                                           "msg": "more than one file in this upload; expected one image file "
+                                                  "(several images go to POST /infer/batch as JSON "
+                                                  "{\"images\": [<base64 of each>]})"}]) from None
         raise HTTPException(400, f"body: not valid multipart/form-data ({e.message.rstrip('.')}); "
                                  f"{UPLOAD_EXPECTED}") from None
 
