@@ -479,3 +479,17 @@ def test_two_files_in_one_upload_are_told_where_several_images_go(client, files)
     assert r.json()["detail"] == [{"loc": ["body", "file"], "type": "too_many_files", "msg": (
         "more than one file in this upload; expected one image file (several images go to POST /infer/batch as JSON "
         "{\"images\": [<base64 of each>]})")}]
+
+
+@pytest.mark.parametrize("value, got", [
+    ("true", "a string ('true': write true or false without quotes)"),
+    ("False", "a string ('False': write true or false without quotes)"),
+    ("yes", "a string ('yes')"), (1, "a number"), (None, "null"), ([True], "an array"),
+])
+def test_a_json_heatmap_that_is_not_true_or_false_says_what_came(client, value, got):
+    """``"heatmap": "true"`` was 'Input should be a valid boolean', which did not say the quotes were the trouble."""
+    for path, body in (("/infer", {"image": _b64(_png(1))}), ("/infer/batch", {"images": [_b64(_png(1))]})):
+        r = client.post(path, json={**body, "heatmap": value})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == [{"loc": ["body", "heatmap"], "type": "bool_type",
+                                       "msg": f"expected JSON true or false, got {got}"}]

@@ -60,7 +60,8 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
                                            f"UTF-8; expected {EXPECTED_BODY[model.__name__]}"}]) from None
         given = [err["input"] for err in e.errors() if err["type"] == "missing" and isinstance(err.get("input"), dict)]
         refuse_misnamed_fields(model, given[0] if given else {})
-        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
+        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ())), "msg": said(err)}
+                                      for err in e.errors()]) from None
     refuse_misnamed_fields(model, parsed.model_extra or {})
     repeated = repeated_fields(model, body)
     if repeated:
@@ -68,6 +69,23 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
                                        "msg": "given more than once; expected once (JSON readers disagree on which "
                                               "copy counts)"} for name in repeated])
     return parsed
+
+
+JSON_TYPES = {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object",
+              type(None): "null"}
+
+
+def said(err: Any) -> str:
+    """The message of a validation error; for an on/off field (``heatmap``), what JSON type came instead: pydantic
+    said 'Input should be a valid boolean' to ``"heatmap": "true"``, not that the quotes were the trouble."""
+    if err.get("type") != "bool_type":
+        return str(err.get("msg", ""))
+    value = err.get("input")
+    what = JSON_TYPES.get(type(value), "another value")
+    if isinstance(value, str):
+        what += f" ({value[:20]!r}: write true or false without quotes)" if value.lower() in ("true", "false") else \
+            f" ({value[:20]!r})"
+    return f"expected JSON true or false, got {what}"
 
 
 class _LenientInfer(InferRequest):
