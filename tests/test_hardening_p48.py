@@ -493,3 +493,21 @@ def test_a_json_heatmap_that_is_not_true_or_false_says_what_came(client, value, 
         assert r.status_code == 422, r.text
         assert r.json()["detail"] == [{"loc": ["body", "heatmap"], "type": "bool_type",
                                        "msg": f"expected JSON true or false, got {got}"}]
+
+
+@pytest.mark.parametrize("path, body, loc, msg", [
+    ("/infer", {"image": None}, ["body", "image"], "expected a JSON string (the base64 of an encoded image), got null"),
+    ("/infer", {"image": ["x"]}, ["body", "image"],
+     "expected a JSON string (the base64 of an encoded image), got an array"),
+    ("/infer/batch", {"images": [{"image": "x"}]}, ["body", "images", 0],
+     "expected a JSON string (the base64 of an encoded image), got an object"),
+    ("/infer/batch", {"images": "QUJD"}, ["body", "images"], "expected a JSON array of base64 strings, got a string "
+     "(put it in [ ], or send one image to POST /infer as {\"image\": ...})"),
+    ("/infer/batch", {"images": None}, ["body", "images"], "expected a JSON array of base64 strings, got null"),
+])
+def test_an_image_of_the_wrong_json_type_says_what_came(client, path, body, loc, msg):
+    """An image sent as null, an object or ``"images": "<base64>"`` was 'Input should be a valid string' or 'a
+    valid list', without saying what was expected of the field or what had come."""
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert [{k: e[k] for k in ("loc", "msg")} for e in r.json()["detail"]] == [{"loc": loc, "msg": msg}]

@@ -76,12 +76,18 @@ JSON_TYPES = {str: "a string", int: "a number", float: "a number", list: "an arr
 
 
 def said(err: Any) -> str:
-    """The message of a validation error; for an on/off field (``heatmap``), what JSON type came instead: pydantic
-    said 'Input should be a valid boolean' to ``"heatmap": "true"``, not that the quotes were the trouble."""
-    if err.get("type") != "bool_type":
-        return str(err.get("msg", ""))
-    value = err.get("input")
+    """The message of a validation error, saying what JSON type came where another was expected: pydantic said
+    'Input should be a valid boolean' to ``"heatmap": "true"`` (not that the quotes were the trouble), and 'Input
+    should be a valid string' or 'a valid list' to an image sent as null or ``"images": "<base64>"``."""
+    kind, value = err.get("type"), err.get("input")
     what = JSON_TYPES.get(type(value), "another value")
+    if kind == "string_type":
+        return f"expected a JSON string (the base64 of an encoded image), got {what}"
+    if kind == "list_type":
+        return f"expected a JSON array of base64 strings, got {what}" + (
+            " (put it in [ ], or send one image to POST /infer as {\"image\": ...})" if isinstance(value, str) else "")
+    if kind != "bool_type":
+        return str(err.get("msg", ""))
     if isinstance(value, str):
         what += f" ({value[:20]!r}: write true or false without quotes)" if value.lower() in ("true", "false") else \
             f" ({value[:20]!r})"
