@@ -511,3 +511,15 @@ def test_an_image_of_the_wrong_json_type_says_what_came(client, path, body, loc,
     r = client.post(path, json=body)
     assert r.status_code == 422, r.text
     assert [{k: e[k] for k in ("loc", "msg")} for e in r.json()["detail"]] == [{"loc": loc, "msg": msg}]
+
+
+@pytest.mark.parametrize("path, body", [("/infer", b""), ("/infer", b" \r\n"), ("/infer/batch", b""),
+                                        ("/infer", b"\xef\xbb\xbf")])
+def test_an_empty_body_is_called_empty(client, path, body):
+    """``curl -X POST .../infer`` without ``-d`` was 'Invalid JSON: EOF while parsing a value at line 1 column 0'."""
+    r = client.post(path, content=body, headers={"Content-Type": "application/json"} if body else {})
+    assert r.status_code == 422, r.text
+    expected = ("{\"image\": \"<base64 of the file>\"} or a multipart upload in field 'file' (curl -F file=@part.png)"
+                if path == "/infer" else "{\"images\": [\"<base64 of each file>\"]}")
+    assert r.json()["detail"] == [{"loc": ["body"], "type": "missing",
+                                   "msg": f"the request body is empty; expected {expected}"}]

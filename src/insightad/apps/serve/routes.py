@@ -51,6 +51,9 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
     PowerShell 5 writes one into every UTF-8 file, and 'Invalid JSON at line 1 column 1' did not say why)."""
     if body.startswith(UTF8_BOM):
         body = body[len(UTF8_BOM):]
+    if not body.strip(b" \t\r\n"):  # curl without -d, a client that lost its body: 'EOF while parsing a value'
+        raise RequestValidationError([{"loc": ("body",), "type": "missing", "msg": "the request body is empty; "
+                                       f"expected {EXPECTED_BODY[model.__name__]}"}])
     try:
         parsed = LENIENT[model].model_validate_json(body)
     except ValidationError as e:
