@@ -523,3 +523,18 @@ def test_an_empty_body_is_called_empty(client, path, body):
                 if path == "/infer" else "{\"images\": [\"<base64 of each file>\"]}")
     assert r.json()["detail"] == [{"loc": ["body"], "type": "missing",
                                    "msg": f"the request body is empty; expected {expected}"}]
+
+
+@pytest.mark.parametrize("bare", ["base64", "lines", "data_url"])
+def test_a_bare_base64_body_is_told_to_wrap_it_in_json(client, bare):
+    """``curl -H 'Content-Type: application/json' -d @part.b64`` was 'Invalid JSON: expected value at line 1
+    column 1', which did not say that the JSON object around the base64 was missing."""
+    png = _png(1)
+    body = {"base64": _b64(png), "lines": base64.encodebytes(png).decode(),
+            "data_url": "data:image/png;base64," + _b64(png)}[bare].encode()
+    for path in ("/infer", "/infer/batch"):
+        r = _post_json(client, path, body)
+        assert r.status_code == 422, r.text
+        msg = r.json()["detail"][0]["msg"]
+        assert msg.startswith("an image's base64 (or data: URL) sent as the body without the JSON around it, not "
+                              "JSON in UTF-8; expected {\"image"), msg

@@ -96,16 +96,22 @@ def encoded_twice(data: bytes, uploaded: bool = False) -> str | None:
     if head[:5].lower() == b"data:":
         return ("the base64 of a data: URL, so encoded twice; send the data: URL itself or the base64 of the file's "
                 "bytes")
-    if not _BASE64_TEXT.fullmatch(data[:4096]):
-        return None
-    text = _WHITESPACE.sub("", data[:4096].decode("ascii")).replace("-", "+").replace("_", "/").rstrip("=")
-    try:  # its first 3 KB are enough for the image's header
-        inner = base64.b64decode(text[:len(text) // 4 * 4], validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if header_pixels(inner) is None:
+    if not holds_base64_image(data):
         return None
     return "the base64 of base64 text, so encoded twice; send the base64 of the file's bytes once"
+
+
+def holds_base64_image(data: bytes) -> bool:
+    """Whether ``data`` is base64 text (standard or URL-safe, line breaks allowed) of an image file; its first
+    4 KB are looked at, enough for the image's header."""
+    if not _BASE64_TEXT.fullmatch(data[:4096]):
+        return False
+    text = _WHITESPACE.sub("", data[:4096].decode("ascii")).replace("-", "+").replace("_", "/").rstrip("=")
+    try:
+        inner = base64.b64decode(text[:len(text) // 4 * 4], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return header_pixels(inner) is not None
 
 
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side

@@ -18,6 +18,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from insightad.apps.serve.codec import holds_base64_image
 from insightad.apps.serve.schemas import (
     BatchRequest,
     BatchResponse,
@@ -147,6 +148,8 @@ def not_json(body: bytes) -> str | None:
     encoding (it was 'invalid unicode code point at line 1 column 40'); else None."""
     if header_pixels(body) is not None:
         return "an image file sent as the body"
+    if body.lstrip()[:5].lower() == b"data:" or holds_base64_image(body.strip()):  # curl -d @part.b64
+        return "an image's base64 (or data: URL) sent as the body without the JSON around it"
     encoding = json.detect_encoding(body)  # from a byte order mark or the NUL bytes around the first characters
     if not encoding.startswith("utf-8"):
         try:
