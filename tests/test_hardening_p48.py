@@ -538,3 +538,16 @@ def test_a_bare_base64_body_is_told_to_wrap_it_in_json(client, bare):
         msg = r.json()["detail"][0]["msg"]
         assert msg.startswith("an image's base64 (or data: URL) sent as the body without the JSON around it, not "
                               "JSON in UTF-8; expected {\"image"), msg
+
+
+@pytest.mark.parametrize("path, body, got", [
+    ("/infer", "QUJD", "a string"), ("/infer", ["QUJD"], "an array"), ("/infer/batch", ["QUJD"], "an array"),
+    ("/infer", 3, "a number"), ("/infer", None, "null"),
+])
+def test_a_body_that_is_not_a_json_object_says_what_came(client, path, body, got):
+    """``json.dumps(b64)`` as the body was 'Input should be an object'."""
+    r = _post_json(client, path, json.dumps(body).encode())
+    assert r.status_code == 422, r.text
+    expected = "{\"image\": \"<base64 of the file>\"}" if path == "/infer" else "{\"images\": [\"<base64 of each file>\"]}"
+    assert r.json()["detail"] == [{"loc": ["body"], "type": "model_type",
+                                   "msg": f"expected a JSON object {expected}, got {got}"}]

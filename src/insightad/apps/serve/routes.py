@@ -64,7 +64,7 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
                                            f"UTF-8; expected {EXPECTED_BODY[model.__name__]}"}]) from None
         given = [err["input"] for err in e.errors() if err["type"] == "missing" and isinstance(err.get("input"), dict)]
         refuse_misnamed_fields(model, given[0] if given else {})
-        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ())), "msg": said(err)}
+        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ())), "msg": said(err, model)}
                                       for err in e.errors()]) from None
     refuse_misnamed_fields(model, parsed.model_extra or {})
     repeated = repeated_fields(model, body)
@@ -79,12 +79,15 @@ JSON_TYPES = {str: "a string", int: "a number", float: "a number", list: "an arr
               type(None): "null"}
 
 
-def said(err: Any) -> str:
+def said(err: Any, model: type[BaseModel]) -> str:
     """The message of a validation error, saying what JSON type came where another was expected: pydantic said
     'Input should be a valid boolean' to ``"heatmap": "true"`` (not that the quotes were the trouble), and 'Input
-    should be a valid string' or 'a valid list' to an image sent as null or ``"images": "<base64>"``."""
+    should be a valid string' or 'a valid list' to an image sent as null or ``"images": "<base64>"``, and 'Input
+    should be an object' to a body that is a JSON string or array."""
     kind, value = err.get("type"), err.get("input")
     what = JSON_TYPES.get(type(value), "another value")
+    if kind == "model_type":  # the body itself: a bare string (json.dumps of the base64), an array
+        return f"expected a JSON object {EXPECTED_BODY[model.__name__].split(' or ')[0]}, got {what}"
     if kind == "string_type":
         return f"expected a JSON string (the base64 of an encoded image), got {what}"
     if kind == "list_type":
