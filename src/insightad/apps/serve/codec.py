@@ -21,7 +21,7 @@ from insightad.errors import InsightADError
 from insightad.render.colormap import MapScale, colorize
 from insightad.scoring import Scorer
 
-_DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]*)*;base64,", re.IGNORECASE)
+_DATA_URL = re.compile(r"^data:[^,;]*(?:;[^,;]*)*;base64,", re.IGNORECASE)  # any media type and parameters
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -41,9 +41,7 @@ def decode_base64(text: str, field: str = "image") -> bytes:
             return data
     except (binascii.Error, ValueError):
         pass
-    if text[:5].lower() == "data:":
-        text = _DATA_URL.sub("", text[:200], count=1) + text[200:]
-    text = _WHITESPACE.sub("", text)
+    text = _WHITESPACE.sub("", strip_data_url(text, field))
     if not text:
         raise InsightADError(f"{field}: empty; expected the base64 of an encoded image (PNG, JPEG, BMP or TIFF)")
     if "-" in text or "_" in text:
@@ -58,6 +56,20 @@ def decode_base64(text: str, field: str = "image") -> bytes:
     return data
 
 
+def strip_data_url(text: str, field: str) -> str:
+    """``text`` without a ``data:...;base64,`` prefix (spaces or a line break before it allowed, as before the
+    base64 itself: such a prefix was left in and the image called 'not valid base64'). A ``data:`` URL that is
+    not base64 (percent-encoded bytes) is refused saying so."""
+    head = text[:200].lstrip()
+    if head[:5].lower() != "data:":
+        return text
+    rest = _DATA_URL.sub("", head, count=1)
+    if rest == head:
+        raise InsightADError(f"{field}: a data: URL without ';base64,'; expected data:<type>;base64,<the base64 of "
+                             "an encoded image>")
+    return rest + text[200:]
+
+
 def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image") -> DecodedImage:
     """Encoded image bytes -> the model's input, refusing images over ``max_pixels`` before decoding them."""
     pixels = header_pixels(data)
@@ -67,7 +79,39 @@ def decode_image(data: bytes, det: Scorer, max_pixels: int, field: str = "image"
     try:
         return DecodedImage(*det.load_input(data, max_pixels))
     except InsightADError as e:
-        raise InsightADError(f"{field}: {str(e).removeprefix('<bytes>: ')}") from None
+        raise InsightADError(f"{field}: {encoded_twice(data, field == 'file') or str(e).removeprefix('<bytes>: ')}") from None
+
+
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
+
+
+def encoded_twice(data: bytes, uploaded: bool = False) -> str | None:
+    """What to say when ``data``, not an image, is itself text that holds one: the base64 of the base64 of the
+    file, or of a ``data:`` URL (a client that encoded its string again), or an ``uploaded`` text file holding
+    either. It was 'not a readable image', which sent people looking at the image file."""
+    head = data[:200].lstrip()
+    if uploaded:
+        said = "a text file holding a data: URL or base64, not the image file; upload the image file itself"
+        return said if head[:5].lower() == b"data:" or encoded_twice(data) else None
+    if head[:5].lower() == b"data:":
+        return ("the base64 of a data: URL, so encoded twice; send the data: URL itself or the base64 of the file's "
+                "bytes")
+    if not holds_base64_image(data):
+        return None
+    return "the base64 of base64 text, so encoded twice; send the base64 of the file's bytes once"
+
+
+def holds_base64_image(data: bytes) -> bool:
+    """Whether ``data`` is base64 text (standard or URL-safe, line breaks allowed) of an image file; its first
+    4 KB are looked at, enough for the image's header."""
+    if not _BASE64_TEXT.fullmatch(data[:4096]):
+        return False
+    text = _WHITESPACE.sub("", data[:4096].decode("ascii")).replace("-", "+").replace("_", "/").rstrip("=")
+    try:
+        inner = base64.b64decode(text[:len(text) // 4 * 4], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return header_pixels(inner) is not None
 
 
 MAX_HEATMAP_SIDE = 1024  # a heatmap in an answer is at most this many pixels on its long side

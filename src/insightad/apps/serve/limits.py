@@ -36,6 +36,13 @@ class BodyTimeout(HTTPException):
                          headers={"Connection": "close"})
 
 
+def waits_for_continue(headers: Headers) -> bool:
+    """Whether the client sent ``Expect: 100-continue`` and waits to be told to send its body: reading the body
+    makes uvicorn answer '100 Continue', which told curl (it asks so for uploads over 1 MB) to send an image
+    the server had already refused by its Content-Length."""
+    return headers.get("expect", "").strip().lower() == "100-continue"
+
+
 class BodySizeLimitMiddleware:
     """Refuse HTTP request bodies larger than ``max_bytes`` with 413 and a JSON message."""
 
@@ -59,7 +66,8 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
         if declared is not None:
             try:
                 size = int(declared)
@@ -70,8 +78,8 @@ class BodySizeLimitMiddleware:
                                    headers={"Connection": "close"})(scope, receive, send)
                 return
             if size > self.max_bytes:
-                if size <= DRAIN_MAX_BYTES:  # a client that sends its whole body first can then read the 413
-                    await self._drain(receive)
+                if size <= DRAIN_MAX_BYTES and not waits_for_continue(headers):
+                    await self._drain(receive)  # a client that sends its whole body first can then read the 413
                 await JSONResponse({"detail": BodyTooLarge(self.max_bytes, size).detail}, 413,
                                    headers={"Connection": "close"})(scope, receive, send)
                 return

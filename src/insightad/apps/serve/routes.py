@@ -4,6 +4,8 @@ scoring service."""
 
 from __future__ import annotations
 
+import difflib
+import json
 import sys
 from contextlib import aclosing
 from typing import Any
@@ -11,11 +13,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from insightad.apps.serve.codec import holds_base64_image
 from insightad.apps.serve.schemas import (
     BatchRequest,
     BatchResponse,
@@ -26,6 +29,7 @@ from insightad.apps.serve.schemas import (
     ModelInfo,
 )
 from insightad.apps.serve.service import ScoringService
+from insightad.data.images import header_pixels
 from insightad.errors import InsightADError
 
 ERRORS_DOC: dict[int | str, dict[str, Any]] = {
@@ -38,6 +42,9 @@ ERRORS_DOC: dict[int | str, dict[str, Any]] = {
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
+EXPECTED_BODY = {"InferRequest": "{\"image\": \"<base64 of the file>\"} or a multipart upload in field 'file' "
+                                 "(curl -F file=@part.png)",
+                 "BatchRequest": "{\"images\": [\"<base64 of each file>\"]}"}
 
 
 def _parse_json(model: type[BaseModel], body: bytes) -> Any:
@@ -45,10 +52,135 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
     PowerShell 5 writes one into every UTF-8 file, and 'Invalid JSON at line 1 column 1' did not say why)."""
     if body.startswith(UTF8_BOM):
         body = body[len(UTF8_BOM):]
+    if not body.strip(b" \t\r\n"):  # curl without -d, a client that lost its body: 'EOF while parsing a value'
+        raise RequestValidationError([{"loc": ("body",), "type": "missing", "msg": "the request body is empty; "
+                                       f"expected {EXPECTED_BODY[model.__name__]}"}])
     try:
-        return model.model_validate_json(body)
+        parsed = LENIENT[model].model_validate_json(body)
     except ValidationError as e:
-        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
+        what = not_json(body)
+        if what:  # it was 'Invalid JSON: expected value at line 1 column 1', which did not say why
+            raise RequestValidationError([{"loc": ("body",), "type": "json_invalid", "msg": f"{what}, not JSON in "
+                                           f"UTF-8; expected {EXPECTED_BODY[model.__name__]}"}]) from None
+        given = [err["input"] for err in e.errors() if err["type"] == "missing" and isinstance(err.get("input"), dict)]
+        refuse_misnamed_fields(model, given[0] if given else {})
+        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ())), "msg": said(err, model)}
+                                      for err in e.errors()]) from None
+    refuse_misnamed_fields(model, parsed.model_extra or {})
+    repeated = repeated_fields(model, body)
+    if repeated:
+        raise RequestValidationError([{"loc": ("body", name), "type": "duplicate_key",
+                                       "msg": "given more than once; expected once (JSON readers disagree on which "
+                                              "copy counts)"} for name in repeated])
+    return parsed
+
+
+JSON_TYPES = {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object",
+              type(None): "null"}
+
+
+def said(err: Any, model: type[BaseModel]) -> str:
+    """The message of a validation error, saying what JSON type came where another was expected: pydantic said
+    'Input should be a valid boolean' to ``"heatmap": "true"`` (not that the quotes were the trouble), and 'Input
+    should be a valid string' or 'a valid list' to an image sent as null or ``"images": "<base64>"``, and 'Input
+    should be an object' to a body that is a JSON string or array."""
+    kind, value = err.get("type"), err.get("input")
+    what = JSON_TYPES.get(type(value), "another value")
+    if kind == "model_type":  # the body itself: a bare string (json.dumps of the base64), an array
+        return f"expected a JSON object {EXPECTED_BODY[model.__name__].split(' or ')[0]}, got {what}"
+    if kind == "string_type":
+        return f"expected a JSON string (the base64 of an encoded image), got {what}"
+    if kind == "list_type":
+        return f"expected a JSON array of base64 strings, got {what}" + (
+            " (put it in [ ], or send one image to POST /infer as {\"image\": ...})" if isinstance(value, str) else "")
+    if kind != "bool_type":
+        return str(err.get("msg", ""))
+    if isinstance(value, str):
+        what += f" ({value[:20]!r}: write true or false without quotes)" if value.lower() in ("true", "false") else \
+            f" ({value[:20]!r})"
+    return f"expected JSON true or false, got {what}"
+
+
+class _LenientInfer(InferRequest):
+    model_config = ConfigDict(extra="allow")  # the fields it does not know are kept, to be looked at
+
+
+class _LenientBatch(BatchRequest):
+    model_config = ConfigDict(extra="allow")
+
+
+LENIENT: dict[type[BaseModel], type[BaseModel]] = {InferRequest: _LenientInfer, BatchRequest: _LenientBatch}
+OTHER_ROUTE: dict[type[BaseModel], tuple[str, type[BaseModel]]] = {InferRequest: ("POST /infer/batch", BatchRequest),
+                                                                  BatchRequest: ("POST /infer", InferRequest)}
+
+
+def _squash(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def refuse_misnamed_fields(model: type[BaseModel], given: dict[str, Any]) -> None:
+    """422 for a field name in the body that is not one of ``model``'s but nearly is (``heatmaps``, ``Image``,
+    ``heat_map``) or is the other route's (``images`` on /infer): it was ignored, so ``{"image": .., "heatmaps":
+    true}`` was answered without its heatmap as if it had not been asked, and ``{"Image": ..}`` was 'image:
+    Field required'. Other unknown fields are still ignored (clients may send their own metadata)."""
+    names = list(model.model_fields)
+    route, other = OTHER_ROUTE[model]
+    errors = []
+    for key in given:
+        if key in names:
+            continue
+        same = [n for n in names if _squash(n) == _squash(key)]  # Image, heat_map, HEATMAP
+        if same:
+            msg = f"not a field of this request; did you mean {same[0]!r}? (names are case-sensitive)"
+        elif any(_squash(n) == _squash(key) for n in other.model_fields):
+            msg = f"a field of {route}, not of this route; expected {EXPECTED_BODY[model.__name__]}"
+        elif near := difflib.get_close_matches(key, names, 1, 0.8):  # heatmaps, imgae, image2 (not image_id, img)
+            msg = f"not a field of this request; did you mean {near[0]!r}?"
+            if near[0] == "image":
+                msg += " (several images go to POST /infer/batch as 'images')"
+        else:
+            continue
+        errors.append({"loc": ("body", key[:40]), "type": "unknown_field", "msg": msg})
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def not_json(body: bytes) -> str | None:
+    """What a body that is not JSON in UTF-8 is, when it can be told: an image file (``curl --data-binary
+    @part.png``), UTF-16 / UTF-32 text (.NET's ``Encoding.Unicode``, a PowerShell file) or JSON in another 8-bit
+    encoding (it was 'invalid unicode code point at line 1 column 40'); else None."""
+    if header_pixels(body) is not None:
+        return "an image file sent as the body"
+    if body.lstrip()[:5].lower() == b"data:" or holds_base64_image(body.strip()):  # curl -d @part.b64
+        return "an image's base64 (or data: URL) sent as the body without the JSON around it"
+    encoding = json.detect_encoding(body)  # from a byte order mark or the NUL bytes around the first characters
+    if not encoding.startswith("utf-8"):
+        try:
+            text = body.decode(encoding)
+        except UnicodeDecodeError:
+            return None  # binary that merely starts with a NUL byte: the parser's own message stands
+        if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):
+            return f"{encoding.upper()} text"
+    elif body.lstrip(b" \t\r\n")[:1] in (b"{", b"["):  # JSON in Latin-1 or Windows-1252 (a name with an accent)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"text with a byte that is not UTF-8 (0x{body[e.start]:02X} at offset {e.start}: Latin-1 or Windows-1252?)"
+    return None
+
+
+def repeated_fields(model: type[BaseModel], body: bytes) -> list[str]:
+    """The fields of ``model`` that the JSON object ``body`` gives more than once. The parser kept the last copy
+    and a proxy or logger in front may read the first: ``{"image": A, "image": B}`` was scored as B, silently.
+    A key can be spelled with ``\\u`` escapes, so the body is parsed again only when it has one or names a field
+    twice (a base64 string holds neither)."""
+    names = list(model.model_fields)
+    if b"\\u" not in body and all(body.count(f'"{name}"'.encode()) <= 1 for name in names):
+        return []
+    top = json.loads(body, object_pairs_hook=lambda pairs: pairs,  # the top-level object as its (key, value) pairs
+                     parse_int=str, parse_float=str)  # (numbers kept as text, never converted)
+    keys = [key for key, _ in top]
+    return [name for name in names if keys.count(name) > 1]
 
 
 def _json_body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
@@ -64,16 +196,41 @@ def _json_body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
 UPLOAD_EXPECTED = "expected multipart/form-data with the image file in field 'file' (and an optional 'heatmap')"
 
 
+class WholeMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, counting the parts begun and not ended: a body cut inside a part (no closing
+    boundary) lost that part silently, and an upload cut inside its image was answered 'file: Field required'."""
+
+    open_parts = 0
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self.open_parts += 1
+
+    def on_part_end(self) -> None:
+        super().on_part_end()
+        self.open_parts -= 1
+
+
 async def parse_upload(request: Request) -> FormData:
     """The multipart form of ``request``, read into memory as a JSON body is (the body-size limit bounds both):
     Starlette spooled a file part over 1 MB to a temporary file, so a full disk made a large image a 500.
     Malformed multipart is a 400 saying what was expected."""
     try:
         async with aclosing(request.stream()) as stream:
-            parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=8, max_part_size=64 * 1024)
+            parser = WholeMultiPartParser(request.headers, stream, max_files=1, max_fields=8,
+                                          max_part_size=64 * 1024)
             parser.spool_max_size = sys.maxsize  # never rolled over to disk
-            return await parser.parse()
+            form = await parser.parse()
+            if parser.open_parts:
+                await form.close()
+                raise MultiPartException("it ends inside a part, before the closing boundary: a truncated upload")
+            return form
     except MultiPartException as e:
+        if e.message.startswith("Too many files"):  # valid multipart, more than one file: not 'not valid'
+            raise RequestValidationError([{"loc": ("body", "file"), "type": "too_many_files",
+                                           "msg": "more than one file in this upload; expected one image file "
+                                                  "(several images go to POST /infer/batch as JSON "
+                                                  "{\"images\": [<base64 of each>]})"}]) from None
         raise HTTPException(400, f"body: not valid multipart/form-data ({e.message.rstrip('.')}); "
                                  f"{UPLOAD_EXPECTED}") from None
 
@@ -81,6 +238,7 @@ async def parse_upload(request: Request) -> FormData:
 async def read_upload(request: Request) -> tuple[bytes, bool]:
     form = await parse_upload(request)
     try:
+        refuse_misnamed_form_fields(form)
         upload = form.get("file")
         if upload is None:
             raise RequestValidationError([{"loc": ("body", "file"), "msg": "Field required", "type": "missing"}])
@@ -90,10 +248,38 @@ async def read_upload(request: Request) -> tuple[bytes, bool]:
         data = await upload.read()
         if not data:
             raise InsightADError(f"file: the uploaded file {upload.filename!r} is empty")
+        if len(form.getlist("heatmap")) > 1:
+            raise RequestValidationError([{"loc": ("body", "heatmap"), "type": "duplicate_field",
+                                           "msg": "given more than once; expected one true or false"}])
         want = form_switch(form.get("heatmap", "false"), "heatmap")
         return data, want
     finally:
         await form.close()
+
+
+FORM_FIELDS = ("file", "heatmap")
+
+
+def refuse_misnamed_form_fields(form: FormData) -> None:
+    """422 for a multipart field named nearly as one of the upload's (``heatmaps``, ``File``) or as the JSON
+    body's image (``image``, ``images``): ``-F heatmaps=true`` was answered without the heatmap it asked for,
+    silently, and ``-F image=@part.png`` was 'file: Field required'. Other fields are ignored as before."""
+    errors = []
+    for key in dict.fromkeys(form.keys()):
+        if key in FORM_FIELDS:
+            continue
+        same = [n for n in FORM_FIELDS if _squash(n) == _squash(key)]
+        if same:
+            msg = f"not a field of this upload; did you mean {same[0]!r}? (names are case-sensitive)"
+        elif _squash(key) in ("image", "images"):
+            msg = "not a field of this upload; the image file goes in field 'file' (curl -F file=@part.png)"
+        elif near := difflib.get_close_matches(key, FORM_FIELDS, 1, 0.8):
+            msg = f"not a field of this upload; did you mean {near[0]!r}?"
+        else:
+            continue
+        errors.append({"loc": ("body", key[:40]), "type": "unknown_field", "msg": msg})
+    if errors:
+        raise RequestValidationError(errors)
 
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -122,12 +308,36 @@ def _require_json(request: Request) -> None:
                                  "with a 'file' field on /infer)")
 
 
+def _require_plain_body(request: Request) -> None:
+    """415 for a compressed body (``Content-Encoding: gzip``): it was parsed as it came and answered 'Invalid
+    JSON at line 1 column 1' or 'not valid multipart'."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise HTTPException(415, f"Content-Encoding {encoding[:40]!r}: not supported; expected the body "
+                                 "uncompressed (images are compressed already)")
+
+
+BODY_FIELDS = ("image", "images", "heatmap", "file")
+
+
+def _refuse_fields_in_query(request: Request) -> None:
+    """422 for a body field sent in the URL (``POST /infer?heatmap=true``): the query string is not read, and the
+    image was answered without its heatmap as if nothing had been asked."""
+    given = [name for name in request.query_params if name.lower() in BODY_FIELDS]
+    if given:
+        raise RequestValidationError([{"loc": ("query", name), "type": "query_not_read",
+                                       "msg": "not read from the URL; send it in the JSON body or as a multipart "
+                                              "form field"} for name in given])
+
+
 def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> None:
     """Register every route of the API on ``app``."""
     @app.post("/infer", response_model=InferResponse, response_model_exclude_none=True, dependencies=protected,
               responses=ERRORS_DOC, openapi_extra=_json_body_doc(InferRequest, multipart=True),
               summary="Score one image (JSON with base64, or a multipart upload in field 'file')")
     async def infer(request: Request) -> Any:
+        _refuse_fields_in_query(request)
+        _require_plain_body(request)
         if _content_type(request) == "multipart/form-data":
             async def read_form() -> tuple[list[tuple[str, str | bytes]], bool]:
                 data, want = await read_upload(request)
@@ -146,6 +356,8 @@ def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> N
               dependencies=protected, responses=ERRORS_DOC, openapi_extra=_json_body_doc(BatchRequest, multipart=False),
               summary="Score several images; results in the same order")
     async def infer_batch(request: Request) -> Any:
+        _refuse_fields_in_query(request)
+        _require_plain_body(request)
         _require_json(request)
 
         async def read_json() -> tuple[list[tuple[str, str | bytes]], bool]:

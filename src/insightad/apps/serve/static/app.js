@@ -25,6 +25,7 @@ const state = {
 // ------------------------------------------------------------------ HTTP
 function apiKey() { return sessionStorage.getItem(KEY_STORE); }
 
+const SENDABLE_KEY = /^[\x20-\x7e]+$/;        // what the server accepts as a key (security.check_api_key)
 let keyPrompt = null;
 function askKey(message) {
   if (keyPrompt) return keyPrompt;
@@ -37,6 +38,12 @@ function askKey(message) {
       ev.preventDefault();
       const key = $("key-input").value.trim();
       if (!key) return;
+      if (!SENDABLE_KEY.test(key)) {  // fetch() throws on such a header: every request failed, the key kept
+        $("key-error").textContent = "An API key has printable ASCII characters only (letters, digits, " +
+          "punctuation); this one has another character (a pasted quote, dash or invisible space?).";
+        $("key-error").hidden = false;
+        return;
+      }
       sessionStorage.setItem(KEY_STORE, key);
       $("key-form").removeEventListener("submit", done);
       dlg.close();
@@ -450,6 +457,14 @@ function setPageThreshold(value) {
   if (!$("view-review").hidden) renderGallery();
 }
 
+// The number typed in the threshold box. A box left empty (or holding what is not a number) reads as 0 through
+// Number(""), which made every image anomalous and exported threshold 0: it shows the page's threshold again.
+function typedThreshold(ev) {
+  const value = ev.target.valueAsNumber;
+  if (Number.isFinite(value)) setPageThreshold(value);
+  else refreshThresholdView();
+}
+
 function drawHistogram() {
   const canvas = $("hist");
   const ctx = canvas.getContext("2d");
@@ -688,7 +703,7 @@ function init() {
     refreshThresholdView();
   };
   $("thr-slider").oninput = (ev) => setPageThreshold(Number(ev.target.value));
-  $("thr-number").onchange = (ev) => setPageThreshold(Number(ev.target.value));
+  $("thr-number").onchange = typedThreshold;
   $("thr-reset").onclick = () => setPageThreshold(state.serverThr);
   $("thr-export").onclick = exportThreshold;
   $("filter").onchange = () => { state.selected = 0; renderGallery(); };
