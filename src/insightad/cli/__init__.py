@@ -147,14 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("insightad: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `insightad predict --json ... | head`: the reader has what it wanted
+        # (before OSError: a BrokenPipeError is one)
+        _silence_stdout()
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except OSError as e:
         if e.errno not in NO_ROOM:
             raise
         print(f"insightad: error: {cut(no_room_message(e))}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # e.g. `insightad predict --json ... | head`: the reader has what it wanted
-        _silence_stdout()
-        return 141  # what a shell reports for a process ended by SIGPIPE
     finally:  # a refused or failed run leaves no empty output folder that its checks made
         from insightad.outputs import keep_created_folders, remove_created_folders
 
