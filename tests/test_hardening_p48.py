@@ -23,7 +23,7 @@ from insightad.cli import main
 from insightad.cli.serve import bind
 from insightad.data.synthetic import make_image
 from insightad.errors import InsightADError
-from tests.test_hardening_p42 import chromium, served  # noqa: F401 - chromium is a fixture
+from tests.test_hardening_p42 import chromium, page_server, served  # noqa: F401 - chromium, page_server: fixtures
 
 
 def _png(seed: int = 0) -> bytes:
@@ -198,13 +198,6 @@ def test_page_asks_again_for_a_key_no_request_can_carry(chromium, keyed_page_ser
         assert "baseline" in pg.inner_text("#model-summary")
     finally:
         pg.close()
-
-
-@pytest.fixture(scope="module")
-def page_server(baseline_model):
-    settings = ServeParams()
-    with served(create_app(baseline_model, settings), settings) as port:
-        yield f"http://127.0.0.1:{port}"
 
 
 def test_clearing_the_threshold_box_keeps_the_threshold(chromium, page_server, tmp_path):
