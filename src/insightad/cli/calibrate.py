@@ -22,6 +22,7 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
+from insightad.cli.options import path_arg
 from insightad.decide.thresholds import STRATEGIES
 from insightad.errors import InsightADError
 from insightad.io import output_lock
@@ -36,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "largest TPR - FPR. Training images are refused.")
     add_model_flag(p)
     add_data_flags(p, data_required=False, seed_help="")
-    p.add_argument("--labels", metavar="FILE.csv",
+    p.add_argument("--labels", metavar="FILE.csv", type=path_arg,
                    help="operator labels instead of --data: columns path,label (images re-scored) or "
                         "name,label,score,model_sha256 (scores taken as given; refused when the hash is not this "
                         "model file's); label is normal or anomalous. Training images of the model are refused; "
@@ -45,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    help="how to choose (default: percentile; f1 with --labels)")
     p.add_argument("--percentile", type=float, default=95.0, metavar="P",
                    help="percentile of normal scores for --strategy percentile (default: 95)")
-    p.add_argument("--out", "--output", dest="out", metavar="FILE.json",
+    p.add_argument("--out", "--output", dest="out", metavar="FILE.json", type=path_arg,
                    help="also write the threshold to this JSON file (for --threshold FILE.json), with the sha256 of "
                         "the model file as calibrate leaves it: refused for any other model")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from insightad.cli.common import add_model_flag, new_parser, with_config
+from insightad.cli.options import path_arg
 from insightad.errors import InsightADError
 
 
@@ -20,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "The export is checked against PyTorch (1e-4 relative) before it is written.")
     add_model_flag(p)
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
-    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx",
+    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx", type=path_arg,
                    help="file to write (default: the model path with .onnx)")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "export"), _argv=argv)
 

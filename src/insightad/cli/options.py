@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,27 @@ import tomllib
 
 from insightad import config
 from insightad.errors import InsightADError
+
+
+def path_arg(text: str) -> str:
+    """The argparse type of every option (and positional) that names a file or folder, in every command: ``~`` is
+    expanded here, once for all. A shell expands it only at the start of a word of its own, not in
+    ``--data=~/bottle``, a quoted "~/x" nor a --config file's value, which otherwise named a folder called ``~`` in
+    the working directory. ``main`` also passes config-file lists (``images = ["~/a.png"]``) through it."""
+    return os.path.expanduser(text)
+
+
+def expand_path_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every ``path_arg`` value of ``args`` expanded, whatever gave it: a flag, a string or a list from the config
+    file (argparse passes only a string default through its type)."""
+    for a in parser._actions:
+        if a.type is not path_arg:
+            continue
+        value = getattr(args, a.dest, None)
+        if isinstance(value, str):
+            setattr(args, a.dest, path_arg(value))
+        elif isinstance(value, list):
+            setattr(args, a.dest, [path_arg(v) if isinstance(v, str) else v for v in value])
 
 
 def _list_of(elem: type, names: bool = False):
@@ -58,7 +80,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
             kw["type"] = _list_of(args[0] if args else str, names=f.name in config.LEVEL_FIELDS)
             kw["metavar"] = "LIST"
         else:
-            kw["type"] = kind if kind in (int, float) else str
+            kw["type"] = kind if kind in (int, float) else path_arg if f.metadata.get("path") else str
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
                 renames = f.metadata.get("value_aliases") or {}
@@ -226,7 +248,7 @@ def _shown(value: Any) -> str:
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys mirror these flags; flags win")
+    parser.add_argument("--config", type=path_arg, metavar="FILE.toml", help="TOML file whose keys mirror these flags; flags win")
 
 
 def _spelling_value(action: argparse.Action, spelling: str, inline: str | None, rest: list[str]) -> str | None:

@@ -19,7 +19,7 @@ from insightad.cli.common import (
     warnings_as_lines,
     with_config,
 )
-from insightad.cli.options import add_dataclass_args, gather, load_config_file
+from insightad.cli.options import add_dataclass_args, gather, load_config_file, path_arg
 from insightad.errors import InsightADError
 from insightad.io import folder_lock, output_lock
 
@@ -35,7 +35,7 @@ def _method_from(argv: list[str]) -> str:
     """The method named on the command line or in the config file: it decides which flags exist."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", "--mode", dest="method")
-    pre.add_argument("--config")
+    pre.add_argument("--config", type=path_arg)
     known, _ = pre.parse_known_args(argv)
     if known.method:
         return known.method
@@ -65,12 +65,12 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    help="detection method; auto: fit --candidates within --time-budget and keep the best on "
                         "synthetic defects; ssl: train a backbone")
     add_data_flags(p)
-    p.add_argument("--out", "--output", dest="out", metavar="MODEL",
+    p.add_argument("--out", "--output", dest="out", metavar="MODEL", type=path_arg,
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="also write the model's ONNX graph beside it (MODEL with .onnx), checked against PyTorch, so "
                         "the onnx engine and a runtime-only install start from it (default: on; --no-onnx skips it)")
-    p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
+    p.add_argument("--report", metavar="DIR", type=path_arg, help="write a train report into DIR: expected false alarms and "
                    "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
                    help="spread the fit over Ray workers (baseline, padim, patchcore): 'local' starts Ray here, 'auto' or "

@@ -1,0 +1,59 @@
+"""Hardening p52: the command line as a demanding new user meets it.
+
+Covered: ``~`` in every path option, whatever gives it (``--model=~/m``, a quoted "~/x", a --config file's string
+or list, --config itself), expanded by one argparse type (it was expanded only by batch and sort).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from insightad.cli import COMMANDS, _subparser, build_parser, main
+from insightad.cli.options import path_arg
+
+# The metavars of options that name a file or folder (a threshold may be a JSON file).
+PATH_METAVARS = {"PATH", "MODEL", "DIR", "IMAGE", "SOURCE", "RESULTS.parquet", "FILE.csv", "FILE.json", "FILE.onnx",
+                 "FILE.toml", "VALUE|FILE.json", "CERT.pem", "KEY.pem"}
+
+
+# ----------------------------------------------------------------------------- ~ in paths
+@pytest.mark.parametrize("argv", [[c] for c in COMMANDS] + [["train", "--method", m] for m in ("padim", "svdd")])
+def test_p52_every_path_option_expands_home(argv):
+    """One type for every option that names a file or folder, so that no command is left out again."""
+    p = _subparser(build_parser(argv), argv[0])
+    paths = [a for a in p._actions if a.metavar in PATH_METAVARS]
+    assert paths
+    for a in paths:
+        assert a.type is path_arg, f"{argv[0]} {a.option_strings or a.dest}"
+    if argv[0] == "train" and len(argv) > 1:
+        by_dest = {a.dest: a for a in p._actions}
+        named = [by_dest[d] for d in ("checkpoint_dir", "weights") if d in by_dest]
+        assert named and all(a.type is path_arg for a in named)
+
+
+def test_p52_tilde_reaches_every_command_expanded(baseline_model, mvtec_dir, tmp_path, monkeypatch, capsys):
+    """``predict --model=~/m`` was 'model file not found' (only batch and sort expanded ``~``); a --config file's
+    ``model = "~/m"``, its ``images = ["~/a.png"]`` and ``--config=~/c.toml`` as well."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(baseline_model, home / "m.safetensors")
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    shutil.copy(image, home / "a.png")
+    (home / "data").symlink_to(mvtec_dir)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "--model=~/m.safetensors"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--json", "--model=~/m.safetensors", "~/a.png", "--image=~/a.png"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    (home / "c.toml").write_text('[predict]\nmodel = "~/m.safetensors"\nimages = ["~/a.png"]\njson = true\n')
+    assert main(["predict", "--config=~/c.toml"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(home / "a.png")
+    assert main(["evaluate", "--model", "~/m.safetensors", "--data=~/data", "--json", "--report=~/rep"]) == 0
+    assert (home / "rep" / "metrics.json").is_file()
+    assert not (tmp_path / "~").exists()
+    capsys.readouterr()
