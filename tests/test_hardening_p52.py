@@ -1,12 +1,14 @@
 """Hardening p52: the command line as a demanding new user meets it.
 
 Covered: ``~`` in every path option, whatever gives it (``--model=~/m``, a quoted "~/x", a --config file's string
-or list, --config itself), expanded by one argparse type (it was expanded only by batch and sort).
+or list, --config itself), expanded by one argparse type (it was expanded only by batch and sort);
+``train --method auto --help`` sending the user to a --threshold-percentile auto does not have.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -57,3 +59,17 @@ def test_p52_tilde_reaches_every_command_expanded(baseline_model, mvtec_dir, tmp
     assert (home / "rep" / "metrics.json").is_file()
     assert not (tmp_path / "~").exists()
     capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- help
+@pytest.mark.parametrize("method", ["auto", "baseline", "padim", "patchcore", "autoencoder", "svdd", "ensemble"])
+def test_p52_threshold_help_names_only_flags_the_method_has(method):
+    """``train --method auto --help``: --threshold-strategy's percentile was 'the method's --threshold-percentile',
+    a flag auto does not have (its candidates use 99); now it says 99 there, and the flag elsewhere."""
+    p = _subparser(build_parser(["train", "--method", method]), "train")
+    flags = {s for a in p._actions for s in a.option_strings}
+    helps = {a.dest: a.help or "" for a in p._actions}
+    for dest in ("threshold_strategy", "threshold_percentile"):
+        for flag in re.findall(r"--[a-z][a-z0-9-]*", helps.get(dest, "")):
+            assert flag in flags, f"--method {method}: {dest}'s help names {flag}"
+    assert ("99th percentile" in helps["threshold_strategy"]) == (method == "auto")

@@ -116,11 +116,16 @@ def other_methods_flags(extra: list[str], method: str) -> str:
 def _say_when_percentile_counts(p: argparse.ArgumentParser) -> None:
     """train replaces the method's own threshold by the out-of-fold one (--threshold-strategy), so the method's
     --threshold-percentile ('this percentile of the training scores') decides nothing unless the strategy is
-    percentile, and then of the out-of-fold scores: its help says so (--threshold-percentile 95 changed nothing)."""
+    percentile, and then of the out-of-fold scores: its help says so (--threshold-percentile 95 changed nothing).
+    --method auto has no --threshold-percentile (its candidates keep theirs, 99): --threshold-strategy's help
+    names the number instead of a flag it does not have."""
+    percentile = any(a.dest == "threshold_percentile" for a in p._actions)
     for a in p._actions:
         if a.dest == "threshold_percentile" and a.help:
             a.help = a.help.replace(" (default:", "; train uses it only with --threshold-strategy percentile, on "
                                     "the out-of-fold normal scores (default:", 1)
+        elif a.dest == "threshold_strategy" and a.help and not percentile:  # auto: its candidates' default, 99
+            a.help = a.help.replace("the method's --threshold-percentile", "the 99th percentile", 1)
 
 
 def decision_skip(method: str) -> tuple[str, ...]:
