@@ -2,12 +2,14 @@
 
 Covered: ``~`` in every path option, whatever gives it (``--model=~/m``, a quoted "~/x", a --config file's string
 or list, --config itself), expanded by one argparse type (it was expanded only by batch and sort);
-``train --method auto --help`` sending the user to a --threshold-percentile auto does not have.
+``train --method auto --help`` sending the user to a --threshold-percentile auto does not have; two exports to
+one ``--out OTHER.onnx`` (no lock: each said it wrote its graph, one replaced the other).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 
 from insightad.cli import COMMANDS, _subparser, build_parser, main
 from insightad.cli.options import path_arg
+from insightad.io import file_lock
 
 # The metavars of options that name a file or folder (a threshold may be a JSON file).
 PATH_METAVARS = {"PATH", "MODEL", "DIR", "IMAGE", "SOURCE", "RESULTS.parquet", "FILE.csv", "FILE.json", "FILE.onnx",
@@ -73,3 +76,15 @@ def test_p52_threshold_help_names_only_flags_the_method_has(method):
         for flag in re.findall(r"--[a-z][a-z0-9-]*", helps.get(dest, "")):
             assert flag in flags, f"--method {method}: {dest}'s help names {flag}"
     assert ("99th percentile" in helps["threshold_strategy"]) == (method == "auto")
+
+
+# ----------------------------------------------------------------------------- locks
+def test_p52_second_export_to_one_graph_is_refused(baseline_model, tmp_path, capsys):
+    """``export --out OTHER.onnx`` took no lock (only the graph beside the model file did, under the model's lock):
+    a second writer of one graph is now refused at once, naming the holder's pid, and nothing is written."""
+    other = tmp_path / "other.onnx"
+    with file_lock(tmp_path / "other.onnx.lock", "a holder"):
+        assert main(["export", "--model", str(baseline_model), "--out", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert f"held by pid {os.getpid()}" in err and "choose another --out" in err and err.count("\n") == 1
+    assert not other.exists() and not (tmp_path / "other.onnx.lock").exists()
