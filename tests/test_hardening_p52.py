@@ -3,21 +3,27 @@
 Covered: ``~`` in every path option, whatever gives it (``--model=~/m``, a quoted "~/x", a --config file's string
 or list, --config itself), expanded by one argparse type (it was expanded only by batch and sort);
 ``train --method auto --help`` sending the user to a --threshold-percentile auto does not have; two exports to
-one ``--out OTHER.onnx`` (no lock: each said it wrote its graph, one replaced the other).
+one ``--out OTHER.onnx`` (no lock: each said it wrote its graph, one replaced the other); the lock of a killed run
+(taken over by the next run, also when a worker it forked lives on).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from insightad.cli import COMMANDS, _subparser, build_parser, main
 from insightad.cli.options import path_arg
+from insightad.errors import InsightADError
 from insightad.io import file_lock
 
 # The metavars of options that name a file or folder (a threshold may be a JSON file).
@@ -88,3 +94,42 @@ def test_p52_second_export_to_one_graph_is_refused(baseline_model, tmp_path, cap
     err = capsys.readouterr().err
     assert f"held by pid {os.getpid()}" in err and "choose another --out" in err and err.count("\n") == 1
     assert not other.exists() and not (tmp_path / "other.onnx.lock").exists()
+
+
+HOLDER = """
+import os, sys, time
+from insightad.io import file_lock
+with file_lock(sys.argv[1], "x"):
+    if sys.argv[2] == "fork" and os.fork() == 0:  # a worker that outlives its parent (DataLoader, multiprocessing)
+        time.sleep(60)
+        os._exit(0)
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("fork", ["", "fork"])
+def test_p52_a_killed_runs_lock_is_taken_over(tmp_path, fork):
+    """A run killed with SIGKILL leaves PATH.lock (its pid inside) and its lock ends with it: the next run takes
+    the file over. A worker it had forked inherited the lock and kept it (refused, naming a pid that had ended)
+    until it exited: forked children now close it."""
+    lock = tmp_path / "out.lock"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), fork], stdout=subprocess.PIPE, env=env,
+                              start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with pytest.raises(InsightADError, match=f"held by pid {holder.pid}"):
+            with file_lock(lock, "out"):
+                pass
+        holder.kill()
+        holder.wait()
+        assert lock.read_text().strip() == str(holder.pid)  # left behind by the killed run
+        with file_lock(lock, "out"):
+            assert lock.read_text().strip() == str(os.getpid())
+        assert not lock.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)  # the forked worker too
+        holder.wait()
+
