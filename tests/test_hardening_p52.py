@@ -133,3 +133,12 @@ def test_p52_a_killed_runs_lock_is_taken_over(tmp_path, fork):
             os.killpg(holder.pid, signal.SIGKILL)  # the forked worker too
         holder.wait()
 
+
+def test_p52_readme_says_which_runs_lock_and_what_a_killed_one_leaves():
+    """No user documentation said that writing commands refuse a second run on one output, nor what to do with
+    a lock file a killed run left behind."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Two runs, one output"):text.index("## Data layouts")]
+    for word in ("train", "calibrate", "export", "augment", "predict", "evaluate", "batch", "sort", ".lock",
+                 ".insightad.lock", "pid", "killed", "takes the"):
+        assert word in " ".join(section.split()), word
