@@ -4,7 +4,7 @@ Covered: ``~`` in every path option, whatever gives it (``--model=~/m``, a quote
 or list, --config itself), expanded by one argparse type (it was expanded only by batch and sort);
 ``train --method auto --help`` sending the user to a --threshold-percentile auto does not have; two exports to
 one ``--out OTHER.onnx`` (no lock: each said it wrote its graph, one replaced the other); the lock of a killed run
-(taken over by the next run, also when a worker it forked lives on).
+(taken over by the next run, also when a worker it forked lives on); two calibrates given one --out FILE.json.
 """
 
 from __future__ import annotations
@@ -142,3 +142,15 @@ def test_p52_readme_says_which_runs_lock_and_what_a_killed_one_leaves():
     for word in ("train", "calibrate", "export", "augment", "predict", "evaluate", "batch", "sort", ".lock",
                  ".insightad.lock", "pid", "killed", "takes the"):
         assert word in " ".join(section.split()), word
+
+
+def test_p52_second_calibrate_to_one_threshold_file_is_refused(baseline_model, mvtec_dir, tmp_path, capsys):
+    """``calibrate --out FILE.json`` took no lock of its own (only the model file's, not with --dry-run): two
+    calibrates of two models given one --out each said they had written it. The second is now refused at once."""
+    out = tmp_path / "t.json"
+    with file_lock(tmp_path / "t.json.lock", "a holder"):
+        assert main(["calibrate", "--model", str(baseline_model), "--data", str(mvtec_dir), "--dry-run",
+                     "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"held by pid {os.getpid()}" in err and "choose another --out" in err and err.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "t.json.lock").exists()

@@ -129,8 +129,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         check_writable(Path(args.model).resolve(), "--model")  # a link: the file it points to is rewritten
     # The model file is read, then rewritten with its graphs: a second calibrate (or a train writing it) between
-    # the two would be lost, or leave a graph of the other run beside it.
-    with contextlib.nullcontext() if args.dry_run else output_lock(args.model, "--model"):
+    # the two would be lost, or leave a graph of the other run beside it. --out under its own lock (--dry-run too):
+    # two calibrates (of two models) given one --out each said they had written it, and one file replaced the other.
+    with contextlib.ExitStack() as locks:
+        if not args.dry_run:
+            locks.enter_context(output_lock(args.model, "--model"))
+        if args.out:
+            locks.enter_context(output_lock(args.out, "--out"))
         return _calibrate(args)
 
 
