@@ -4,7 +4,8 @@ Covered: ``~`` in every path option, whatever gives it (``--model=~/m``, a quote
 or list, --config itself), expanded by one argparse type (it was expanded only by batch and sort);
 ``train --method auto --help`` sending the user to a --threshold-percentile auto does not have; two exports to
 one ``--out OTHER.onnx`` (no lock: each said it wrote its graph, one replaced the other); the lock of a killed run
-(taken over by the next run, also when a worker it forked lives on); two calibrates given one --out FILE.json.
+(taken over by the next run, also when a worker it forked lives on); two calibrates given one --out FILE.json; an empty path (``--input "$DIR"``, DIR unset) taken for the working
+directory (``sort --input ''`` sorted it) or for the default output.
 """
 
 from __future__ import annotations
@@ -154,3 +155,30 @@ def test_p52_second_calibrate_to_one_threshold_file_is_refused(baseline_model, m
     err = capsys.readouterr().err
     assert f"held by pid {os.getpid()}" in err and "choose another --out" in err and err.count("\n") == 1
     assert not out.exists() and not (tmp_path / "t.json.lock").exists()
+
+
+# ----------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("argv", [["sort", "--model", "m.safetensors", "--input", ""],
+                                  ["predict", "--model", "m.safetensors", ""],
+                                  ["info", "--model", ""],
+                                  ["export", "--model", "m.safetensors", "--out", ""],
+                                  ["train", "--data", ""]])
+def test_p52_empty_path_is_refused(argv, tmp_path, monkeypatch, capsys):
+    """An empty word for a path named the working directory ('.: no images found', ``sort --input ''`` sorted the
+    working directory's images; ``info --model ''``: '.: is a folder') or, for an optional output, the default
+    (``export --out ''`` wrote beside the model)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "expected a file or folder name, got an empty string" in capsys.readouterr().err
+
+
+def test_p52_empty_path_in_config_file_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.toml").write_text('[sort]\nmodel = "m.safetensors"\ninput = "in"\nout = ""\n')
+    (tmp_path / "b.toml").write_text('[predict]\nmodel = "m.safetensors"\nimages = [""]\n')
+    assert main(["sort", "--config", "a.toml"]) == 1
+    assert "key 'out'" in capsys.readouterr().err
+    assert main(["predict", "--config", "b.toml"]) == 1
+    assert "IMAGE: expected a file or folder name, got an empty string" in capsys.readouterr().err

@@ -20,7 +20,11 @@ def path_arg(text: str) -> str:
     """The argparse type of every option (and positional) that names a file or folder, in every command: ``~`` is
     expanded here, once for all. A shell expands it only at the start of a word of its own, not in
     ``--data=~/bottle``, a quoted "~/x" nor a --config file's value, which otherwise named a folder called ``~`` in
-    the working directory. ``main`` also passes config-file lists (``images = ["~/a.png"]``) through it."""
+    the working directory. ``main`` also passes config-file lists (``images = ["~/a.png"]``) through it.
+    An empty word (``--input "$DIR"`` with DIR unset) is refused: taken as given it named the working directory
+    (``sort --input ''`` sorted it) or, for an optional output, was taken for the default."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file or folder name, got an empty string")
     return os.path.expanduser(text)
 
 
@@ -31,9 +35,12 @@ def expand_path_options(parser: argparse.ArgumentParser, args: argparse.Namespac
         if a.type is not path_arg:
             continue
         value = getattr(args, a.dest, None)
-        if isinstance(value, str):
+        if isinstance(value, str) and value:
             setattr(args, a.dest, path_arg(value))
         elif isinstance(value, list):
+            if "" in value:  # a config file's list; a flag's empty word was refused by argparse
+                name = a.option_strings[0] if a.option_strings else a.metavar or a.dest
+                raise InsightADError(f"{name}: expected a file or folder name, got an empty string")
             setattr(args, a.dest, [path_arg(v) if isinstance(v, str) else v for v in value])
 
 
