@@ -5,7 +5,8 @@ or list, --config itself), expanded by one argparse type (it was expanded only b
 ``train --method auto --help`` sending the user to a --threshold-percentile auto does not have; two exports to
 one ``--out OTHER.onnx`` (no lock: each said it wrote its graph, one replaced the other); the lock of a killed run
 (taken over by the next run, also when a worker it forked lives on); two calibrates given one --out FILE.json; an empty path (``--input "$DIR"``, DIR unset) taken for the working
-directory (``sort --input ''`` sorted it) or for the default output.
+directory (``sort --input ''`` sorted it) or for the default output; ``calibrate --labels /dev/null`` said 'labels
+file not found', ``--weights`` given a text file 'cannot read weights (pop from empty list)'.
 """
 
 from __future__ import annotations
@@ -182,3 +183,18 @@ def test_p52_empty_path_in_config_file_is_refused(tmp_path, monkeypatch, capsys)
     assert "key 'out'" in capsys.readouterr().err
     assert main(["predict", "--config", "b.toml"]) == 1
     assert "IMAGE: expected a file or folder name, got an empty string" in capsys.readouterr().err
+
+
+def test_p52_labels_and_weights_that_are_no_regular_file(tmp_path):
+    from insightad.backbones.weights import _load_file
+    from insightad.decide.labels import read_labels
+
+    with pytest.raises(InsightADError, match="not a regular file .* expected a labels file"):
+        read_labels("/dev/null")
+    with pytest.raises(InsightADError, match="is a folder, expected a labels file"):
+        read_labels(tmp_path)
+    with pytest.raises(InsightADError, match="is a folder, expected a weights file"):
+        _load_file(tmp_path)
+    (tmp_path / "notes.pth").write_text("some text\n")
+    with pytest.raises(InsightADError, match=r"expected a \.safetensors file or a \.pth of tensors"):
+        _load_file(tmp_path / "notes.pth")
