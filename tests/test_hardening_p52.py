@@ -4,9 +4,11 @@ Covered: ``~`` in every path option, whatever gives it (``--model=~/m``, a quote
 or list, --config itself), expanded by one argparse type (it was expanded only by batch and sort);
 ``train --method auto --help`` sending the user to a --threshold-percentile auto does not have; two exports to
 one ``--out OTHER.onnx`` (no lock: each said it wrote its graph, one replaced the other); the lock of a killed run
-(taken over by the next run, also when a worker it forked lives on); two calibrates given one --out FILE.json; an empty path (``--input "$DIR"``, DIR unset) taken for the working
-directory (``sort --input ''`` sorted it) or for the default output; ``calibrate --labels /dev/null`` said 'labels
-file not found', ``--weights`` given a text file 'cannot read weights (pop from empty list)'.
+(taken over by the next run, also when a worker it forked lives on); two calibrates given one --out FILE.json;
+an empty path (``--input "$DIR"``, DIR unset) taken for the working directory (``sort --input ''`` sorted it) or
+for the default output; ``calibrate --labels /dev/null`` said 'labels file not found', ``--weights`` given a text
+file 'cannot read weights (pop from empty list)'; a config value that is no string for a path or text option
+(``model = 5``, ``data = ["a", "b"]``): a TypeError traceback.
 """
 
 from __future__ import annotations
@@ -198,3 +200,27 @@ def test_p52_labels_and_weights_that_are_no_regular_file(tmp_path):
     (tmp_path / "notes.pth").write_text("some text\n")
     with pytest.raises(InsightADError, match=r"expected a \.safetensors file or a \.pth of tensors"):
         _load_file(tmp_path / "notes.pth")
+
+
+@pytest.mark.parametrize("text, command, message", [
+    ('model = 5\n', "info", "5: model file not found"),
+    ('data = ["a", "b"]\n', "train", "key 'data': expected a file or folder name, got [\"a\", \"b\"]"),
+    ('[info]\nmodel = true\n', "info", "key 'model': expected a file or folder name, got true"),
+    ('[serve]\nmodel = "m.safetensors"\nhost = ["a"]\n', "serve", "key 'host': expected a string, got [\"a\"]"),
+])
+def test_p52_config_value_of_the_wrong_kind_for_a_path(text, command, message, tmp_path, monkeypatch, capsys):
+    """A TOML number, boolean or list where a path (or another text) goes reached os.fspath: a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text(text)
+    assert main([command, "--config", "c.toml"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_p52_config_threshold_number_still_a_number(baseline_model, mvtec_dir, tmp_path, capsys):
+    """``threshold = 0.5`` in a config file (a number, not a path) still overrides the threshold."""
+    (tmp_path / "c.toml").write_text("threshold = 0.5\n")
+    image = sorted((mvtec_dir / "test" / "good").glob("*.png"))[0]
+    assert main(["predict", "--config", str(tmp_path / "c.toml"), "--model", str(baseline_model), "--json",
+                 str(image)]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == 0.5

@@ -148,6 +148,11 @@ def _check_value(path: str, key: str, action: argparse.Action, value: Any) -> No
             raise InsightADError(f"{path}: key {key!r}: expected a TOML boolean (true or false), got {_shown(value)}")
         return
     kind = action.type
+    if kind in (None, str, path_arg) and not _takes_many(action) and not isinstance(value, str) and (
+            isinstance(value, (bool, list, dict)) or kind is not path_arg and not isinstance(value, (int, float))):
+        # a list or a table for one value (``data = ["a", "b"]``, ``model = 5``: a TypeError traceback)
+        what = "a file or folder name" if kind is path_arg else "a string"
+        raise InsightADError(f"{path}: key {key!r}: expected {what}, got {_shown(value)}")
     if kind in (int, float) and not isinstance(value, str):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
             raise InsightADError(f"{path}: key {key!r}: expected {'an integer' if kind is int else 'a number'}, "
@@ -226,6 +231,8 @@ def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str
         if _takes_many(actions[dest]):
             values[dest] = value = _as_list(path, named[dest], value)
         _check_value(path, named[dest], actions[dest], value)
+        if actions[dest].type is path_arg and isinstance(value, (int, float)):  # threshold = 0.5, model = 5
+            values[dest] = path_arg(str(value))
     parser.set_defaults(**values)
 
 
