@@ -8,7 +8,8 @@ one ``--out OTHER.onnx`` (no lock: each said it wrote its graph, one replaced th
 an empty path (``--input "$DIR"``, DIR unset) taken for the working directory (``sort --input ''`` sorted it) or
 for the default output; ``calibrate --labels /dev/null`` said 'labels file not found', ``--weights`` given a text
 file 'cannot read weights (pop from empty list)'; a config value that is no string for a path or text option
-(``model = 5``, ``data = ["a", "b"]``): a TypeError traceback.
+(``model = 5``, ``data = ["a", "b"]``): a TypeError traceback; ``batch --input`` of a URL whose file system is
+unknown (``htp://``) or not installed (``http://`` without aiohttp): a traceback.
 """
 
 from __future__ import annotations
@@ -224,3 +225,20 @@ def test_p52_config_threshold_number_still_a_number(baseline_model, mvtec_dir, t
     assert main(["predict", "--config", str(tmp_path / "c.toml"), "--model", str(baseline_model), "--json",
                  str(image)]) == 0
     assert json.loads(capsys.readouterr().out)["threshold"] == 0.5
+
+
+def test_p52_batch_url_of_an_unknown_or_missing_file_system(tmp_path, monkeypatch):
+    pytest.importorskip("fsspec")
+    import fsspec
+
+    from insightad.apps.batch_sources import list_source
+
+    with pytest.raises(InsightADError, match="htp://x/a.png: Protocol not known: htp .*expected a local path"):
+        list_source("htp://x/a.png")
+
+    def missing(spec):
+        raise ImportError('HTTPFileSystem requires "requests" and "aiohttp" to be installed')
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(InsightADError, match="reading http:// inputs needs a package this install does not have"):
+        list_source("http://example.com/a.png")
