@@ -9,7 +9,8 @@ an empty path (``--input "$DIR"``, DIR unset) taken for the working directory (`
 for the default output; ``calibrate --labels /dev/null`` said 'labels file not found', ``--weights`` given a text
 file 'cannot read weights (pop from empty list)'; a config value that is no string for a path or text option
 (``model = 5``, ``data = ["a", "b"]``): a TypeError traceback; ``batch --input`` of a URL whose file system is
-unknown (``htp://``) or not installed (``http://`` without aiohttp): a traceback.
+unknown (``htp://``) or not installed (``http://`` without aiohttp): a traceback; a --config file saved with a
+UTF-8 byte-order mark (Windows Notepad): 'not valid TOML (Invalid statement (at line 1, column 1))'.
 """
 
 from __future__ import annotations
@@ -242,3 +243,11 @@ def test_p52_batch_url_of_an_unknown_or_missing_file_system(tmp_path, monkeypatc
     monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
     with pytest.raises(InsightADError, match="reading http:// inputs needs a package this install does not have"):
         list_source("http://example.com/a.png")
+
+
+def test_p52_config_file_with_a_byte_order_mark(tmp_path):
+    from insightad.cli.options import load_config_file
+
+    (tmp_path / "c.toml").write_bytes(b"\xef\xbb\xbfimage_size = 64\r\n[train]\r\nholdout = 0.25\r\n")
+    cfg = load_config_file(tmp_path / "c.toml", "train")
+    assert cfg["__flat__"] == {"image_size": 64} and cfg["__section__"] == {"holdout": 0.25}

@@ -110,7 +110,7 @@ def load_config_file(path: str | Path, command: str) -> dict[str, Any]:
     """Flat keys apply to every command that has them; a ``[command]`` table applies to that one."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Notepad writes a BOM: TOML has none
     except FileNotFoundError:
         raise InsightADError(f"{path}: config file not found") from None
     except IsADirectoryError:
