@@ -10,7 +10,8 @@ for the default output; ``calibrate --labels /dev/null`` said 'labels file not f
 file 'cannot read weights (pop from empty list)'; a config value that is no string for a path or text option
 (``model = 5``, ``data = ["a", "b"]``): a TypeError traceback; ``batch --input`` of a URL whose file system is
 unknown (``htp://``) or not installed (``http://`` without aiohttp): a traceback; a --config file saved with a
-UTF-8 byte-order mark (Windows Notepad): 'not valid TOML (Invalid statement (at line 1, column 1))'.
+UTF-8 byte-order mark (Windows Notepad): 'not valid TOML (Invalid statement (at line 1, column 1))';
+``--threads 100000``: the process was killed for memory (now the machine's core count, with a warning).
 """
 
 from __future__ import annotations
@@ -251,3 +252,20 @@ def test_p52_config_file_with_a_byte_order_mark(tmp_path):
     (tmp_path / "c.toml").write_bytes(b"\xef\xbb\xbfimage_size = 64\r\n[train]\r\nholdout = 0.25\r\n")
     cfg = load_config_file(tmp_path / "c.toml", "train")
     assert cfg["__flat__"] == {"image_size": 64} and cfg["__section__"] == {"holdout": 0.25}
+
+
+def test_p52_more_threads_than_cores_are_capped(monkeypatch):
+    import argparse
+
+    import insightad.inference.load as load
+    from insightad.cli.common import load_inference_model
+
+    seen = []
+    monkeypatch.setattr(load, "load_for_inference", lambda model, engine, threads, device: seen.append(threads))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    args = argparse.Namespace(model="m.safetensors", engine="auto", threads=100000, device="auto")
+    with pytest.warns(UserWarning, match="--threads 100000 is more than the 4 CPU cores of this machine; using 4"):
+        load_inference_model(args)
+    args.threads = 3
+    load_inference_model(args)
+    assert seen == [4, 3]

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -80,6 +81,11 @@ def load_inference_model(args: argparse.Namespace):
 
     if args.threads is not None and args.threads < 1:
         raise InsightADError(f"--threads: expected a positive number, got {args.threads}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:  # --threads 100000: the process was killed for memory
+        warnings.warn(f"--threads {args.threads} is more than the {cores} CPU cores of this machine; using {cores}",
+                      stacklevel=2)
+        args.threads = cores
     tile, overlap, search = (getattr(args, k, None) for k in ("tile", "overlap", "search"))
     if tile is None and overlap is None and search is None:
         return load_for_inference(args.model, args.engine, args.threads, args.device)
