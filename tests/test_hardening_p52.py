@@ -107,9 +107,13 @@ HOLDER = """
 import os, sys, time
 from insightad.io import file_lock
 with file_lock(sys.argv[1], "x"):
-    if sys.argv[2] == "fork" and os.fork() == 0:  # a worker that outlives its parent (DataLoader, multiprocessing)
-        time.sleep(60)
-        os._exit(0)
+    if sys.argv[2] == "fork":
+        r, w = os.pipe()
+        if os.fork() == 0:  # a worker that outlives its parent (DataLoader, multiprocessing)
+            os.write(w, b"x")  # os.fork has returned here: the at-fork handlers have run
+            time.sleep(60)
+            os._exit(0)
+        os.read(r, 1)
     print("held", flush=True)
     time.sleep(60)
 """
@@ -269,3 +273,4 @@ def test_p52_more_threads_than_cores_are_capped(monkeypatch):
     args.threads = 3
     load_inference_model(args)
     assert seen == [4, 3]
+
