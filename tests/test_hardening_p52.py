@@ -11,7 +11,8 @@ file 'cannot read weights (pop from empty list)'; a config value that is no stri
 (``model = 5``, ``data = ["a", "b"]``): a TypeError traceback; ``batch --input`` of a URL whose file system is
 unknown (``htp://``) or not installed (``http://`` without aiohttp): a traceback; a --config file saved with a
 UTF-8 byte-order mark (Windows Notepad): 'not valid TOML (Invalid statement (at line 1, column 1))';
-``--threads 100000``: the process was killed for memory (now the machine's core count, with a warning).
+``--threads 100000``: the process was killed for memory (now the machine's core count, with a warning);
+``train --config ''`` refused by the pre-parser that reads --method, with a usage line naming ``__main__.py``.
 """
 
 from __future__ import annotations
@@ -274,3 +275,11 @@ def test_p52_more_threads_than_cores_are_capped(monkeypatch):
     load_inference_model(args)
     assert seen == [4, 3]
 
+
+def test_p52_train_empty_config_refused_with_trains_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "", "--data", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "insightad train: error: argument --config: expected a file or folder name" in err
+    assert "__main__" not in err

@@ -35,12 +35,12 @@ def _method_from(argv: list[str]) -> str:
     """The method named on the command line or in the config file: it decides which flags exist."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", "--mode", dest="method")
-    pre.add_argument("--config", type=path_arg)
+    pre.add_argument("--config")  # not path_arg: an empty one is refused by train's parser, with train's usage
     known, _ = pre.parse_known_args(argv)
     if known.method:
         return known.method
     if known.config:
-        cfg = load_config_file(known.config, "train")
+        cfg = load_config_file(path_arg(known.config), "train")
         m = cfg["__section__"].get("method") or cfg["__flat__"].get("method") or cfg["__flat__"].get("mode")
         if m and m not in [*method_names(), "auto"]:  # else: "unrecognized arguments: --image-size"
             raise InsightADError(f"{known.config}: key 'method': expected one of {', '.join(method_names())}, auto; "
