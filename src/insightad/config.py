@@ -32,15 +32,16 @@ def params(cls: type[T]) -> type[T]:
 
 def param(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
           maximum: float | None = None, aliases: tuple[str, ...] = (), exclusive_min: bool = False,
-          value_aliases: dict[str, str] | None = None, min_items: int = 1) -> Any:
+          value_aliases: dict[str, str] | None = None, min_items: int = 1, path: bool = False) -> Any:
     """A dataclass field carrying what the CLI and validation need to know about it.
 
     ``aliases``: other flag spellings; ``value_aliases``: old spellings of a choice, accepted and
     replaced by the current one (hidden from help); ``min_items``: the fewest items a list takes (an
-    empty ``--layers ''`` would fail deep inside a fit; 0 where empty means something)."""
+    empty ``--layers ''`` would fail deep inside a fit; 0 where empty means something); ``path``: a file or
+    folder, whose ``~`` the CLI expands."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
             "aliases": aliases, "exclusive_min": exclusive_min, "value_aliases": value_aliases or {},
-            "min_items": min_items}
+            "min_items": min_items, "path": path}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -237,7 +238,7 @@ class TrainLoopParams:
                                 "(early stopping; 0: none)", minimum=0.0, maximum=0.5)
     resume: bool = param(False, "continue from the last complete checkpoint in --checkpoint-dir")
     checkpoint_dir: str | None = param(None, "folder for the per-epoch checkpoint, history and curves; "
-                                       "unset: beside --out, named <out>.training")
+                                       "unset: beside --out, named <out>.training", path=True)
     time_budget: float = param(0.0, "seconds of training after which the loop stops (after the current step; "
                                "the best weights so far are kept, early stopping still applies; 0: no budget)",
                                minimum=0.0)
@@ -260,7 +261,7 @@ class DetectorParams:
                           "ssl'), or ssl: fine-tune one on the training images first (CutPaste, about 11 minutes "
                           "on a 2-core CPU; written beside the model as <model>.backbone.safetensors)")
     weights: str | None = param(None, "backbone weights: a .safetensors/.pth file, 'random', or unset to "
-                                "use the installed weight package / hub cache")
+                                "use the installed weight package / hub cache", path=True)
     image_size: int = param(256, "side of the square image the model works at", minimum=16,
                             maximum=MAX_IMAGE_SIDE)
     batch_size: int = param(16, "images per batch", minimum=1, aliases=("--batch_size",))

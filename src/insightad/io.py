@@ -265,22 +265,44 @@ def _locked_fd(lock_path: Path, what: str, busy: str | None, flag: str) -> int:
         os.close(fd)  # removed (or replaced) by the holder that just finished: lock the file the name holds now
 
 
+_HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds (not its forked children)
+
+
+def _forget_locks_in_child() -> None:
+    """In a child made by fork (DataLoader and multiprocessing workers), close the lock descriptors it inherited:
+    an flock lock is held while any process has its file open, so a worker left running by a killed run kept
+    the next run out with a message naming a pid that had ended; and a child unwinding a ``file_lock`` block
+    must not remove its parent's lock file."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 @contextlib.contextmanager
 def file_lock(lock_path: str | Path, what: str, busy: str | None = None, flag: str = "--out") -> Iterator[Path]:
     """Hold an exclusive ``fcntl`` lock on ``lock_path`` for the duration; a second holder is refused at
-    once with one line naming ``what``, the holder's pid and the ``flag`` to change. Released when the process ends, however; the
-    lock file is removed on release (a killed holder's file stays, and is reused by the next run)."""
+    once with one line naming ``what``, the holder's pid and the ``flag`` to change. The lock file is removed on
+    release. The lock itself is the kernel's: it ends with the process however it ends, so the file a killed holder
+    left behind (its pid inside) is taken over by the next run; children it forked do not keep it."""
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = _locked_fd(lock_path, what, busy, flag)
+    _HELD_LOCKS.add(fd)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
     finally:
-        with contextlib.suppress(OSError):  # removed while held: the lock is still released below
-            os.unlink(lock_path)  # still held: no other run can be holding this file
-        os.close(fd)
+        if fd in _HELD_LOCKS:  # else: a forked child leaving the block; the lock and its file are the parent's
+            _HELD_LOCKS.discard(fd)
+            with contextlib.suppress(OSError):  # removed while held: the lock is still released below
+                os.unlink(lock_path)  # still held: no other run can be holding this file
+            os.close(fd)
 
 
 def output_lock(path: str | Path, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:

@@ -77,10 +77,17 @@ def _beside(folder: str, line: bytes) -> bytes:
 
 def _url_source(spec: str) -> Source:
     """A source on an fsspec file system (``s3://``, ``gs://``, ``file://``...): folder, glob or list."""
-    import fsspec
-
-    fs, where = fsspec.core.url_to_fs(spec)
     proto = spec.split("://", 1)[0] + "://"
+    try:
+        import fsspec
+
+        fs, where = fsspec.core.url_to_fs(spec)
+    except ImportError as e:  # fsspec, or the package of this protocol (s3fs, gcsfs; requests and aiohttp for http)
+        raise InsightADError(f"{spec}: reading {proto} inputs needs a package this install does not have ({e}); "
+                             "install it, or copy the images to a local folder") from None
+    except ValueError as e:  # 'Protocol not known: htp'
+        raise InsightADError(f"{spec}: {e} (expected a local path, or a URL of a file system fsspec knows: "
+                             "s3://, gs://, file://, ...)") from None
     if any(c in where for c in GLOB_CHARS):
         found = [p for p in fs.glob(where) if p.lower().endswith(IMAGE_EXTENSIONS)]
         root = where.split("*")[0].rsplit("/", 1)[0]

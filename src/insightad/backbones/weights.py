@@ -23,8 +23,9 @@ RANDOM = "random"
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a tensors-only .pth (``weights_only``: never runs pickled code)."""
-    if not path.is_file():
-        raise InsightADError(f"{path}: weights file not found")
+    from insightad.io import require_file
+
+    require_file(path, "weights file")  # a folder or a device was 'not found'
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -33,7 +34,9 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise InsightADError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # a text file: 'pop from empty list'
+        raise InsightADError(f"{path}: cannot read weights: expected a .safetensors file or a .pth of tensors "
+                             f"({reason})") from None
     for key in ("state_dict", "model", "backbone"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

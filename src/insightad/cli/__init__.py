@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare = getattr(args, "_prepare", None)
         if prepare:
             args = prepare(args)
+        from insightad.cli.options import expand_path_options
+
+        expand_path_options(_subparser(parser, command), args)  # ~ in every path, from a flag or the config file
         for action in relaxed:
             if getattr(args, action.dest, None) is None:
                 raise InsightADError(f"{action.option_strings[0]}: required; pass it as a flag or set "

@@ -6,7 +6,7 @@ import argparse
 
 from insightad import config
 from insightad.cli.common import add_progress_flag, new_parser, with_config
-from insightad.cli.options import add_dataclass_args, gather
+from insightad.cli.options import add_dataclass_args, gather, path_arg
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -15,9 +15,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "sub-folders, <stem>_augNNN names): random rotation, shift, shear, zoom and flips, each "
                    "switchable (0 or --no-hflip turns one off), deterministic by --seed, with a reflected "
                    "border instead of black corners.")
-    p.add_argument("--input", "--input-dir", "--input_dir", dest="input", required=True, metavar="DIR",
+    p.add_argument("--input", "--input-dir", "--input_dir", dest="input", required=True, metavar="DIR", type=path_arg,
                    help="folder of normal images to augment (sub-folders included; required)")
-    p.add_argument("--out", "--output", dest="out", required=True, metavar="DIR",
+    p.add_argument("--out", "--output", dest="out", required=True, metavar="DIR", type=path_arg,
                    help="folder to write the augmented images into, created if missing (required)")
     p.add_argument("--copies", type=int, default=5, help="augmented copies per image (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -11,7 +11,6 @@ from insightad.cli.common import (
     add_engine_flags,
     add_model_flag,
     add_progress_flag,
-    expand_home,
     load_inference_model,
     new_parser,
     parse_threshold,
@@ -19,6 +18,7 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
+from insightad.cli.options import path_arg
 from insightad.errors import InsightADError
 
 if TYPE_CHECKING:
@@ -37,18 +37,18 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "scored again. --ray local starts Ray on this machine; --ray "
                    "auto|HOST:PORT joins a running cluster (see docs/scale.md).")
     add_model_flag(p)
-    p.add_argument("--input", required=True, metavar="SOURCE",
+    p.add_argument("--input", required=True, metavar="SOURCE", type=path_arg,
                    help="folder of images (recursive), text file of image paths (one a line, relative ones from the "
                    "file's folder; blank lines and lines starting with # are skipped, unless such a line names an "
                    "existing file), or a glob such as 'dir/**/*.png'")
-    p.add_argument("--out", "--output", dest="out", required=True, metavar="RESULTS.parquet",
+    p.add_argument("--out", "--output", dest="out", required=True, metavar="RESULTS.parquet", type=path_arg,
                    help="Parquet results table (resumable)")
-    p.add_argument("--csv", metavar="FILE.csv",
+    p.add_argument("--csv", metavar="FILE.csv", type=path_arg,
                    help="also write the results as CSV (without path_bytes; a cell a spreadsheet would run as a "
                    "formula is written after a ')")
-    p.add_argument("--maps", metavar="DIR", help="write each image's anomaly map as <name>.map.npy (float32) here")
-    p.add_argument("--overlays", metavar="DIR", help="write each image's overlay as <name>.overlay.png here")
-    p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
+    p.add_argument("--maps", metavar="DIR", type=path_arg, help="write each image's anomaly map as <name>.map.npy (float32) here")
+    p.add_argument("--overlays", metavar="DIR", type=path_arg, help="write each image's overlay as <name>.overlay.png here")
+    p.add_argument("--threshold", metavar="VALUE|FILE.json", type=path_arg, help="override the model's threshold")
     p.add_argument("--chunk", type=positive_int, default=64, metavar="N",
                    help="images per committed chunk (and per Ray task) (default: 64)")
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
@@ -82,7 +82,6 @@ def check_folders(folders: dict[str, str], store: ResultsStore, model: str, imag
 
 
 def run(args: argparse.Namespace) -> int:
-    expand_home(args, "model", "input", "out", "csv", "maps", "overlays", "threshold")
     try:
         import pyarrow  # noqa: F401 - the results are Parquet
     except ImportError:

@@ -22,6 +22,7 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
+from insightad.cli.options import path_arg
 from insightad.decide.thresholds import STRATEGIES
 from insightad.errors import InsightADError
 from insightad.io import output_lock
@@ -36,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "largest TPR - FPR. Training images are refused.")
     add_model_flag(p)
     add_data_flags(p, data_required=False, seed_help="")
-    p.add_argument("--labels", metavar="FILE.csv",
+    p.add_argument("--labels", metavar="FILE.csv", type=path_arg,
                    help="operator labels instead of --data: columns path,label (images re-scored) or "
                         "name,label,score,model_sha256 (scores taken as given; refused when the hash is not this "
                         "model file's); label is normal or anomalous. Training images of the model are refused; "
@@ -45,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    help="how to choose (default: percentile; f1 with --labels)")
     p.add_argument("--percentile", type=float, default=95.0, metavar="P",
                    help="percentile of normal scores for --strategy percentile (default: 95)")
-    p.add_argument("--out", "--output", dest="out", metavar="FILE.json",
+    p.add_argument("--out", "--output", dest="out", metavar="FILE.json", type=path_arg,
                    help="also write the threshold to this JSON file (for --threshold FILE.json), with the sha256 of "
                         "the model file as calibrate leaves it: refused for any other model")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
@@ -128,8 +129,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         check_writable(Path(args.model).resolve(), "--model")  # a link: the file it points to is rewritten
     # The model file is read, then rewritten with its graphs: a second calibrate (or a train writing it) between
-    # the two would be lost, or leave a graph of the other run beside it.
-    with contextlib.nullcontext() if args.dry_run else output_lock(args.model, "--model"):
+    # the two would be lost, or leave a graph of the other run beside it. --out under its own lock (--dry-run too):
+    # two calibrates (of two models) given one --out each said they had written it, and one file replaced the other.
+    with contextlib.ExitStack() as locks:
+        if not args.dry_run:
+            locks.enter_context(output_lock(args.model, "--model"))
+        if args.out:
+            locks.enter_context(output_lock(args.out, "--out"))
         return _calibrate(args)
 
 

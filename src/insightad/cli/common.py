@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from insightad import config
-from insightad.cli.options import add_config_flag, add_dataclass_args, apply_config, load_config_file
+from insightad.cli.options import add_config_flag, add_dataclass_args, apply_config, load_config_file, path_arg
 from insightad.errors import InsightADError
 from insightad.io import UNSIGNED_NUMBER
 
@@ -37,7 +37,7 @@ def add_data_flags(p: argparse.ArgumentParser, *, data_required: bool = True, se
     """--data and the layout flags. ``seed_help`` marks a command that scores a trained model (calibrate, evaluate):
     its split is the one recorded in the model file, so --holdout says that it does nothing there, and --seed
     says what it does (``seed_help``, '' for nothing)."""
-    p.add_argument("--data", "--data-path", "--data_path", dest="data", required=data_required, metavar="PATH",
+    p.add_argument("--data", "--data-path", "--data_path", dest="data", required=data_required, metavar="PATH", type=path_arg,
                    help="dataset folder (MVTec AD category, normal/abnormal folders, crack set, or a folder of images)")
     add_dataclass_args(p, config.DataParams, title="data")
     if seed_help is None:
@@ -51,7 +51,7 @@ def add_data_flags(p: argparse.ArgumentParser, *, data_required: bool = True, se
 
 
 def add_model_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="MODEL",
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="MODEL", type=path_arg,
                    help="model file written by 'insightad train'")
 
 
@@ -81,6 +81,11 @@ def load_inference_model(args: argparse.Namespace):
 
     if args.threads is not None and args.threads < 1:
         raise InsightADError(f"--threads: expected a positive number, got {args.threads}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:  # --threads 100000: the process was killed for memory
+        warnings.warn(f"--threads {args.threads} is more than the {cores} CPU cores of this machine; using {cores}",
+                      stacklevel=2)
+        args.threads = cores
     tile, overlap, search = (getattr(args, k, None) for k in ("tile", "overlap", "search"))
     if tile is None and overlap is None and search is None:
         return load_for_inference(args.model, args.engine, args.threads, args.device)
@@ -201,16 +206,6 @@ def warnings_as_lines() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.showwarning = show
         yield
-
-
-def expand_home(args: argparse.Namespace, *names: str) -> None:
-    """Expand ``~`` once in the path options ``names`` of ``args``. A shell expands it only at the start of a word
-    of its own, not in ``--out=~/r.parquet`` nor in a --config file; used as given, such a path named a folder
-    called ``~`` in the working directory, while the output checks (and pyarrow) took it as the home folder."""
-    for name in names:
-        value = getattr(args, name, None)
-        if isinstance(value, str):
-            setattr(args, name, os.path.expanduser(value))
 
 
 @contextlib.contextmanager

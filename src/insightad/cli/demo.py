@@ -6,6 +6,7 @@ import argparse
 import time
 
 from insightad.cli.common import add_progress_flag, new_parser, print_json, with_config
+from insightad.cli.options import path_arg
 
 # --method auto's fitting budget in the demo; a candidate started within it runs to the end (the whole demo
 # took 105 s and 150 s on a 2-core machine shared with other work, baseline and padim fitted)
@@ -17,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "Generate a synthetic MVTec-style dataset (objects with scratches, blobs, cracks and "
                    "missing pieces), train with --method auto on its good images, evaluate on "
                    "its test images, and write example images.")
-    p.add_argument("--out", "--output", dest="out", default="insightad-demo", metavar="DIR",
+    p.add_argument("--out", "--output", dest="out", default="insightad-demo", metavar="DIR", type=path_arg,
                    help="folder for data, model and examples (default: insightad-demo)")
     from insightad.methods import list_methods
 

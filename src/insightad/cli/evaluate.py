@@ -17,6 +17,7 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
+from insightad.cli.options import path_arg
 from insightad.config import check_resampling
 
 
@@ -27,10 +28,11 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "every image is; training images are always refused.")
     add_model_flag(p)
     add_data_flags(p, seed_help="seed of --report's balanced/unbalanced draws (default: 0)")
-    p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
+    p.add_argument("--threshold", metavar="VALUE|FILE.json", type=path_arg, help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
-    p.add_argument("--report", metavar="DIR", help="write the full report into DIR: metrics.json, report.md, ROC/PR "
-                   "curves, score histogram, per-defect table and plot, balanced/unbalanced figures, worst cases")
+    p.add_argument("--report", metavar="DIR", type=path_arg, help="write the full report into DIR: metrics.json, "
+                   "report.md, ROC/PR curves, score histogram, per-defect table and plot, balanced/unbalanced figures, "
+                   "worst cases")
     p.add_argument("--prevalence", type=float, default=0.05, metavar="P",
                    help="share of defective images in the unbalanced report (default: 0.05)")
     p.add_argument("--draws", type=int, default=10, metavar="N",

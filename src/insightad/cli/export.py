@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from pathlib import Path
 
 from insightad.cli.common import add_model_flag, new_parser, with_config
+from insightad.cli.options import path_arg
 from insightad.errors import InsightADError
 
 
@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "The export is checked against PyTorch (1e-4 relative) before it is written.")
     add_model_flag(p)
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
-    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx",
+    p.add_argument("--out", "--output", dest="out", metavar="FILE.onnx", type=path_arg,
                    help="file to write (default: the model path with .onnx)")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "export"), _argv=argv)
 
@@ -38,10 +38,13 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out else Path(args.model).with_suffix(".onnx")
     out = check_output_file(out, "--out", suffix=".onnx", inputs=[args.model])  # never over the model file
     check_graph_output(out, args.model)
-    # The graph beside the model file is train's and calibrate's to write too: under the model file's lock (a graph
-    # of the old model written over the new model's once it finished, otherwise).
+    # Every writer of one graph holds one lock, so a second is refused at once. The graph beside the model file is
+    # train's and calibrate's to write too: under the model file's lock (a graph of the old model written over the
+    # new model's once it finished, otherwise). Any other --out under its own OUT.lock: two exports (of two models)
+    # to one name each said it had written its graph there, and one graph silently replaced the other. A reader
+    # (predict, serve) takes no lock: the graph is replaced by a rename, so it reads the old file or the new one.
     own = {os.path.realpath(beside(m)) for m in (args.model, os.path.realpath(args.model))}
-    with output_lock(args.model, "--out") if os.path.realpath(out) in own else contextlib.nullcontext():
+    with output_lock(args.model if os.path.realpath(out) in own else out, "--out"):
         return _export(args, out)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,34 @@ import tomllib
 
 from insightad import config
 from insightad.errors import InsightADError
+
+
+def path_arg(text: str) -> str:
+    """The argparse type of every option (and positional) that names a file or folder, in every command: ``~`` is
+    expanded here, once for all. A shell expands it only at the start of a word of its own, not in
+    ``--data=~/bottle``, a quoted "~/x" nor a --config file's value, which otherwise named a folder called ``~`` in
+    the working directory. ``main`` also passes config-file lists (``images = ["~/a.png"]``) through it.
+    An empty word (``--input "$DIR"`` with DIR unset) is refused: taken as given it named the working directory
+    (``sort --input ''`` sorted it) or, for an optional output, was taken for the default."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file or folder name, got an empty string")
+    return os.path.expanduser(text)
+
+
+def expand_path_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every ``path_arg`` value of ``args`` expanded, whatever gave it: a flag, a string or a list from the config
+    file (argparse passes only a string default through its type)."""
+    for a in parser._actions:
+        if a.type is not path_arg:
+            continue
+        value = getattr(args, a.dest, None)
+        if isinstance(value, str) and value:
+            setattr(args, a.dest, path_arg(value))
+        elif isinstance(value, list):
+            if "" in value:  # a config file's list; a flag's empty word was refused by argparse
+                name = a.option_strings[0] if a.option_strings else a.metavar or a.dest
+                raise InsightADError(f"{name}: expected a file or folder name, got an empty string")
+            setattr(args, a.dest, [path_arg(v) if isinstance(v, str) else v for v in value])
 
 
 def _list_of(elem: type, names: bool = False):
@@ -58,7 +87,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
             kw["type"] = _list_of(args[0] if args else str, names=f.name in config.LEVEL_FIELDS)
             kw["metavar"] = "LIST"
         else:
-            kw["type"] = kind if kind in (int, float) else str
+            kw["type"] = kind if kind in (int, float) else path_arg if f.metadata.get("path") else str
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
                 renames = f.metadata.get("value_aliases") or {}
@@ -81,7 +110,7 @@ def load_config_file(path: str | Path, command: str) -> dict[str, Any]:
     """Flat keys apply to every command that has them; a ``[command]`` table applies to that one."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Notepad writes a BOM: TOML has none
     except FileNotFoundError:
         raise InsightADError(f"{path}: config file not found") from None
     except IsADirectoryError:
@@ -119,6 +148,11 @@ def _check_value(path: str, key: str, action: argparse.Action, value: Any) -> No
             raise InsightADError(f"{path}: key {key!r}: expected a TOML boolean (true or false), got {_shown(value)}")
         return
     kind = action.type
+    if kind in (None, str, path_arg) and not _takes_many(action) and not isinstance(value, str) and (
+            isinstance(value, (bool, list, dict)) or kind is not path_arg and not isinstance(value, (int, float))):
+        # a list or a table for one value (``data = ["a", "b"]``, ``model = 5``: a TypeError traceback)
+        what = "a file or folder name" if kind is path_arg else "a string"
+        raise InsightADError(f"{path}: key {key!r}: expected {what}, got {_shown(value)}")
     if kind in (int, float) and not isinstance(value, str):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
             raise InsightADError(f"{path}: key {key!r}: expected {'an integer' if kind is int else 'a number'}, "
@@ -197,6 +231,8 @@ def apply_config(parser: argparse.ArgumentParser, cfg: dict[str, Any], path: str
         if _takes_many(actions[dest]):
             values[dest] = value = _as_list(path, named[dest], value)
         _check_value(path, named[dest], actions[dest], value)
+        if actions[dest].type is path_arg and isinstance(value, (int, float)):  # threshold = 0.5, model = 5
+            values[dest] = path_arg(str(value))
     parser.set_defaults(**values)
 
 
@@ -226,7 +262,7 @@ def _shown(value: Any) -> str:
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys mirror these flags; flags win")
+    parser.add_argument("--config", type=path_arg, metavar="FILE.toml", help="TOML file whose keys mirror these flags; flags win")
 
 
 def _spelling_value(action: argparse.Action, spelling: str, inline: str | None, rest: list[str]) -> str | None:

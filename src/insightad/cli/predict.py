@@ -19,6 +19,7 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
+from insightad.cli.options import path_arg
 from insightad.data.images import not_scored_note
 from insightad.errors import InsightADError
 from insightad.io import folder_lock, is_regular_file, list_images
@@ -27,14 +28,15 @@ from insightad.io import folder_lock, is_regular_file, list_images
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     p = new_parser(sub, "predict", "score images (a decision and raw score per image)")
     add_model_flag(p)
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images")
-    p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="an image (repeatable)")
-    p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
+    p.add_argument("images", nargs="*", metavar="IMAGE", type=path_arg, help="image files or folders of images")
+    p.add_argument("--image", action="append", default=[], metavar="IMAGE", type=path_arg, help="an image (repeatable)")
+    p.add_argument("--threshold", metavar="VALUE|FILE.json", type=path_arg, help="override the model's threshold")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--overlay", "--overlays", "--output-overlay", "--output_overlay", dest="overlay", metavar="DIR",
+                   type=path_arg,
                    help="write <stem>_overlay.png per image into DIR: heatmap and defect outline for methods "
                    "with maps, score and verdict for all (--overlays: batch's name for it)")
-    p.add_argument("--heatmap", metavar="DIR", help="write <stem>_heatmap.png per image into DIR (map methods)")
+    p.add_argument("--heatmap", metavar="DIR", type=path_arg, help="write <stem>_heatmap.png per image into DIR (map methods)")
     add_engine_flags(p)
     add_work_flags(p)
     add_progress_flag(p)

@@ -9,7 +9,7 @@ import sys
 
 from insightad.apps.serve.settings import ServeParams
 from insightad.cli.common import add_model_flag, new_parser, parse_threshold, with_config
-from insightad.cli.options import add_dataclass_args, gather
+from insightad.cli.options import add_dataclass_args, gather, path_arg
 from insightad.errors import InsightADError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -23,11 +23,12 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                                "the process list. The web page for operators is at /, OpenAPI docs at /docs and "
                                "/redoc (all offline).")
     add_model_flag(p)
-    p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's decision threshold")
+    p.add_argument("--threshold", metavar="VALUE|FILE.json", type=path_arg, help="override the model's decision threshold")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="server log level (default: info)")
-    p.add_argument("--ssl-certfile", metavar="CERT.pem", help="serve HTTPS with this certificate (browsers allow the "
-                   "page's camera tab only on localhost or over HTTPS); needs --ssl-keyfile")
-    p.add_argument("--ssl-keyfile", metavar="KEY.pem", help="the certificate's private key, unencrypted (with --ssl-certfile)")
+    p.add_argument("--ssl-certfile", metavar="CERT.pem", type=path_arg, help="serve HTTPS with this certificate "
+                   "(browsers allow the page's camera tab only on localhost or over HTTPS); needs --ssl-keyfile")
+    p.add_argument("--ssl-keyfile", metavar="KEY.pem", type=path_arg,
+                   help="the certificate's private key, unencrypted (with --ssl-certfile)")
     add_dataclass_args(p, ServeParams, title="server")
     p.set_defaults(_run=run, _prepare=lambda a: with_config(a, p, "serve"), _argv=argv)
 

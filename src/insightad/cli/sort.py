@@ -10,7 +10,6 @@ from insightad.cli.common import (
     add_engine_flags,
     add_model_flag,
     add_progress_flag,
-    expand_home,
     load_inference_model,
     new_parser,
     parse_threshold,
@@ -18,6 +17,7 @@ from insightad.cli.common import (
     print_json,
     with_config,
 )
+from insightad.cli.options import path_arg
 from insightad.errors import InsightADError
 
 
@@ -34,13 +34,13 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "sorted file's name is sorted (its earlier copy removed, in copy mode), and images that were unreadable are "
                    "tried again; results.csv then keeps only the newest row of each image.")
     add_model_flag(p)
-    p.add_argument("--input", "--sort-out", "--sort_out", dest="input", required=True, metavar="DIR",
+    p.add_argument("--input", "--sort-out", "--sort_out", dest="input", required=True, metavar="DIR", type=path_arg,
                    help="folder of images to sort, the INPUT (--sort-out/--sort_out: the same input folder, the "
                    "name an older script used; not the destination, which is --out)")
-    p.add_argument("--out", "--output", dest="out", metavar="DIR",
+    p.add_argument("--out", "--output", dest="out", metavar="DIR", type=path_arg,
                    help="output folder, not inside the input folder (default: <input>_sorted beside it)")
     p.add_argument("--move", action="store_true", help="move the images instead of copying them")
-    p.add_argument("--threshold", metavar="VALUE|FILE.json", help="override the model's threshold")
+    p.add_argument("--threshold", metavar="VALUE|FILE.json", type=path_arg, help="override the model's threshold")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, metavar="N",
                    help="images scored per batch (default: 32)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -58,7 +58,6 @@ def default_out(input_dir: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    expand_home(args, "model", "input", "out", "threshold")
     from insightad.apps.sort import FolderSorter, check_folders
     from insightad.data.images import not_scored_note
 

@@ -19,7 +19,7 @@ from insightad.cli.common import (
     warnings_as_lines,
     with_config,
 )
-from insightad.cli.options import add_dataclass_args, gather, load_config_file
+from insightad.cli.options import add_dataclass_args, gather, load_config_file, path_arg
 from insightad.errors import InsightADError
 from insightad.io import folder_lock, output_lock
 
@@ -35,12 +35,12 @@ def _method_from(argv: list[str]) -> str:
     """The method named on the command line or in the config file: it decides which flags exist."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", "--mode", dest="method")
-    pre.add_argument("--config")
+    pre.add_argument("--config")  # not path_arg: an empty one is refused by train's parser, with train's usage
     known, _ = pre.parse_known_args(argv)
     if known.method:
         return known.method
     if known.config:
-        cfg = load_config_file(known.config, "train")
+        cfg = load_config_file(path_arg(known.config), "train")
         m = cfg["__section__"].get("method") or cfg["__flat__"].get("method") or cfg["__flat__"].get("mode")
         if m and m not in [*method_names(), "auto"]:  # else: "unrecognized arguments: --image-size"
             raise InsightADError(f"{known.config}: key 'method': expected one of {', '.join(method_names())}, auto; "
@@ -65,12 +65,12 @@ def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    help="detection method; auto: fit --candidates within --time-budget and keep the best on "
                         "synthetic defects; ssl: train a backbone")
     add_data_flags(p)
-    p.add_argument("--out", "--output", dest="out", metavar="MODEL",
+    p.add_argument("--out", "--output", dest="out", metavar="MODEL", type=path_arg,
                    help="model file (ssl: backbone file) to write (default: models/<data>-<method>.safetensors)")
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="also write the model's ONNX graph beside it (MODEL with .onnx), checked against PyTorch, so "
                         "the onnx engine and a runtime-only install start from it (default: on; --no-onnx skips it)")
-    p.add_argument("--report", metavar="DIR", help="write a train report into DIR: expected false alarms and "
+    p.add_argument("--report", metavar="DIR", type=path_arg, help="write a train report into DIR: expected false alarms and "
                    "recall, a sheet of synthetic defects with their maps, recall per defect kind (auto: the table)")
     p.add_argument("--ray", metavar="local|auto|ADDRESS",
                    help="spread the fit over Ray workers (baseline, padim, patchcore): 'local' starts Ray here, 'auto' or "
@@ -116,11 +116,16 @@ def other_methods_flags(extra: list[str], method: str) -> str:
 def _say_when_percentile_counts(p: argparse.ArgumentParser) -> None:
     """train replaces the method's own threshold by the out-of-fold one (--threshold-strategy), so the method's
     --threshold-percentile ('this percentile of the training scores') decides nothing unless the strategy is
-    percentile, and then of the out-of-fold scores: its help says so (--threshold-percentile 95 changed nothing)."""
+    percentile, and then of the out-of-fold scores: its help says so (--threshold-percentile 95 changed nothing).
+    --method auto has no --threshold-percentile (its candidates keep theirs, 99): --threshold-strategy's help
+    names the number instead of a flag it does not have."""
+    percentile = any(a.dest == "threshold_percentile" for a in p._actions)
     for a in p._actions:
         if a.dest == "threshold_percentile" and a.help:
             a.help = a.help.replace(" (default:", "; train uses it only with --threshold-strategy percentile, on "
                                     "the out-of-fold normal scores (default:", 1)
+        elif a.dest == "threshold_strategy" and a.help and not percentile:  # auto: its candidates' default, 99
+            a.help = a.help.replace("the method's --threshold-percentile", "the 99th percentile", 1)
 
 
 def decision_skip(method: str) -> tuple[str, ...]:

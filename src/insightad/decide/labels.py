@@ -49,9 +49,9 @@ class LabelFile:
 
 def read_labels(path: str | Path) -> LabelFile:
     """Parse and check a labels CSV; every problem is one line naming the file, row and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise InsightADError(f"{path}: labels file not found")
+    from insightad.io import require_file
+
+    path = require_file(path, "labels file")  # /dev/null or a FIFO was 'not found' (it is there, and no file)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
