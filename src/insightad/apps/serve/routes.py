@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import sys
 from contextlib import aclosing
 from typing import Any
@@ -62,6 +63,11 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
         if what:  # it was 'Invalid JSON: expected value at line 1 column 1', which did not say why
             raise RequestValidationError([{"loc": ("body",), "type": "json_invalid", "msg": f"{what}, not JSON in "
                                            f"UTF-8; expected {EXPECTED_BODY[model.__name__]}"}]) from None
+        escape = bad_escape(body) if any(err["type"] == "json_invalid" and "escape" in str(err.get("msg"))
+                                         for err in e.errors()) else None
+        if escape:  # it was 'unexpected end of hex escape' to a lone surrogate, which did not say what was wrong
+            raise RequestValidationError([{"loc": ("body", *escape[0]), "type": "json_invalid",
+                                           "msg": f"Invalid JSON: {escape[1]}"}]) from None
         given = [err["input"] for err in e.errors() if err["type"] == "missing" and isinstance(err.get("input"), dict)]
         refuse_misnamed_fields(model, given[0] if given else {})
         raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ())), "msg": said(err, model)}
@@ -167,6 +173,70 @@ def not_json(body: bytes) -> str | None:
         except UnicodeDecodeError as e:
             return f"text with a byte that is not UTF-8 (0x{body[e.start]:02X} at offset {e.start}: Latin-1 or Windows-1252?)"
     return None
+
+
+_ESCAPE = re.compile(rb"\\(u[0-9A-Fa-f]{0,4}|.|$)", re.DOTALL)  # a backslash and what it escapes
+JSON_ESCAPES = frozenset(b'"\\/bfnrt')
+
+
+def bad_escape(body: bytes) -> tuple[tuple[str, ...], str] | None:
+    """Where ``body``'s first bad backslash escape is (the field whose value holds it, when it can be told) and
+    what is wrong with it: a lone UTF-16 surrogate (``"\\ud800"`` not followed by a ``\\udc00``-``\\udfff`` one,
+    or a trailing one alone) was 'unexpected end of hex escape' or 'lone leading surrogate', a ``\\u`` with fewer
+    than 4 hex digits or ``\\x`` 'invalid escape'; else None."""
+    pending: re.Match[bytes] | None = None  # a leading surrogate, waiting for its trailing half
+    for m in _ESCAPE.finditer(body):
+        text = m.group(1)
+        unit = int(text[1:], 16) if text[:1] == b"u" and len(text) == 5 else None
+        if pending is not None:
+            if unit is not None and 0xDC00 <= unit <= 0xDFFF and m.start() == pending.end():
+                pending = None
+                continue
+            return _escape_error(body, pending, "a lone UTF-16 surrogate: \\ud800-\\udbff encodes half a character "
+                                 "and must be followed at once by a \\udc00-\\udfff escape, its other half")
+        if unit is not None and 0xD800 <= unit <= 0xDBFF:
+            pending = m
+        elif unit is not None and 0xDC00 <= unit <= 0xDFFF:
+            return _escape_error(body, m, "a lone UTF-16 surrogate: \\udc00-\\udfff is the second half of a "
+                                 "character and must come right after a \\ud800-\\udbff escape")
+        elif text[:1] == b"u" and unit is None:
+            return _escape_error(body, m, "a \\u escape needs 4 hex digits (\\u00e9)")
+        elif text[:1] != b"u" and (not text or text[0] not in JSON_ESCAPES):
+            return _escape_error(body, m, "not a JSON escape (JSON has \\\" \\\\ \\/ \\b \\f \\n \\r \\t and "
+                                 "\\uXXXX)")
+    if pending is not None:
+        return _escape_error(body, pending, "a lone UTF-16 surrogate: \\ud800-\\udbff encodes half a character and "
+                             "must be followed at once by a \\udc00-\\udfff escape, its other half")
+    return None
+
+
+def _escape_error(body: bytes, m: re.Match[bytes], what: str) -> tuple[tuple[str, ...], str]:
+    at = m.start()
+    line, line_start = body.count(b"\n", 0, at) + 1, body.rfind(b"\n", 0, at) + 1
+    column = len(body[line_start:at].decode("utf-8", "replace")) + 1  # in characters, as the parser counts
+    shown = m.group(0).decode("ascii", "backslashreplace")
+    field = _field_holding(body, at)
+    where = f" in the value of {field!r}" if field else ""
+    return ((field,) if field else ()), f"bad escape '{shown}'{where} at line {line} column {column}: {what}"
+
+
+_KEY_BEFORE = re.compile(rb'"([^"\\]{1,60})"\s*:\s*$')
+
+
+def _field_holding(body: bytes, at: int) -> str | None:
+    """The key whose string value holds offset ``at`` (the string opens at the last unescaped quote before it),
+    or None (the escape is in a key or an array element)."""
+    quote = at
+    while (quote := body.rfind(b'"', 0, quote)) >= 0:
+        slashes = 0
+        while quote - slashes > 0 and body[quote - slashes - 1] == 0x5C:  # backslashes right before it
+            slashes += 1
+        if slashes % 2 == 0:
+            break
+    if quote < 0:
+        return None
+    m = _KEY_BEFORE.search(body[max(0, quote - 100):quote])
+    return m.group(1).decode("utf-8", "replace") if m else None
 
 
 def repeated_fields(model: type[BaseModel], body: bytes) -> list[str]:
