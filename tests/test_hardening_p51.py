@@ -2,6 +2,7 @@
 
 Covered: a JSON string with a lone surrogate escape (``"\\ud800"``) or another bad escape was 'Invalid JSON:
 unexpected end of hex escape' (or 'lone leading surrogate' for a trailing one), which did not say what was wrong.
+``Content-Type: text/json`` (and application/x-json) was refused with 415 while application/*+json was read.
 """
 
 from __future__ import annotations
@@ -70,3 +71,23 @@ def test_a_surrogate_pair_and_other_escapes_are_still_read(client):
     r = _post_json(client, "/infer", b'{"image": "%s", "note": "\\ud83d\\ude00 \\u00e9 \\" \\\\ \\/ \\n"}' % B64)
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["Anomaly"], bool)
+
+
+# ----------------------------------------------------------------------------- JSON media types
+@pytest.mark.parametrize("ctype", ["text/json", "Text/JSON; charset=utf-8", "application/x-json", "text/x-json",
+                                   "application/vnd.api+json", "application/json"])
+@pytest.mark.parametrize("path", ["/infer", "/infer/batch"])
+def test_every_name_for_json_is_read_as_json(client, path, ctype):
+    """``Content-Type: text/json`` was refused with 415 while ``application/*+json`` was read."""
+    body = b'{"image": "%s"}' % B64 if path == "/infer" else b'{"images": ["%s"]}' % B64
+    r = _post_json(client, path, body, ctype)
+    assert r.status_code == 200, r.text
+    answer = r.json() if path == "/infer" else r.json()["results"][0]
+    assert isinstance(answer["Anomaly"], bool)
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/xml", "text/jsonx", "application/octet-stream"])
+def test_other_types_are_still_refused_naming_the_type(client, ctype):
+    r = _post_json(client, "/infer", b'{"image": "%s"}' % B64, ctype)
+    assert r.status_code == 415
+    assert r.json()["detail"].startswith(f"Content-Type {ctype!r}: expected application/json")

@@ -370,11 +370,20 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+JSON_TYPES_ALSO = frozenset({"text/json", "application/x-json", "text/x-json"})  # older names for JSON
+
+
+def is_json_type(ctype: str) -> bool:
+    """Whether a media type (lower case, no parameters) says JSON: application/json, any ``+json`` type, or one of
+    the older names some clients still send (text/json was refused with 415 while application/*+json was read)."""
+    return ctype == "application/json" or ctype.endswith("+json") or ctype in JSON_TYPES_ALSO
+
+
 def _require_json(request: Request) -> None:
     """415 for a body that says it is something other than JSON (text/plain is not parsed as JSON)."""
     ctype = _content_type(request)
-    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-        raise HTTPException(415, f"Content-Type {ctype!r}: expected application/json (or multipart/form-data "
+    if ctype and not is_json_type(ctype):
+        raise HTTPException(415, f"Content-Type {ctype[:60]!r}: expected application/json (or multipart/form-data "
                                  "with a 'file' field on /infer)")
 
 
