@@ -3,6 +3,9 @@
 Covered: a JSON string with a lone surrogate escape (``"\\ud800"``) or another bad escape was 'Invalid JSON:
 unexpected end of hex escape' (or 'lone leading surrogate' for a trailing one), which did not say what was wrong.
 ``Content-Type: text/json`` (and application/x-json) was refused with 415 while application/*+json was read.
+On the page, a second refusal to save the scored results in session storage (after dropping the thumbnails) was an
+uncaught error, and nothing told the user the results would not survive a reload; storage turned off made the page
+retry GET /model for ever.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from PIL import Image
 
 from insightad.apps.serve import create_app
 from insightad.apps.serve.settings import ServeParams
+from insightad.data.synthetic import make_image
+from tests.test_hardening_p42 import chromium, served  # noqa: F401 - chromium is a fixture
 
 
 def _png(seed: int = 0) -> bytes:
@@ -91,3 +96,66 @@ def test_other_types_are_still_refused_naming_the_type(client, ctype):
     r = _post_json(client, "/infer", b'{"image": "%s"}' % B64, ctype)
     assert r.status_code == 415
     assert r.json()["detail"].startswith(f"Content-Type {ctype!r}: expected application/json")
+
+
+# ----------------------------------------------------------------------------- the page's storage
+KEY = "p51-secret"
+REFUSE_SESSION = """(() => {
+  const setItem = Storage.prototype.setItem;
+  Storage.prototype.setItem = function (name, value) {
+    if (name === "insightad.session") throw new DOMException("quota", "QuotaExceededError");
+    return setItem.call(this, name, value);
+  };
+})();"""
+NO_STORAGE = """(() => {
+  for (const kind of ["sessionStorage", "localStorage"])
+    Object.defineProperty(window, kind, { get() { throw new DOMException("denied", "SecurityError"); } });
+})();"""
+
+
+@pytest.fixture(scope="module")
+def keyed_page_server(baseline_model):
+    settings = ServeParams(api_key=KEY)
+    with served(create_app(baseline_model, settings), settings) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def part(tmp_path_factory):
+    path = tmp_path_factory.mktemp("p51-page") / "part_1.png"
+    make_image("disc", None, size=96, seed=11)[0].save(path)
+    return path
+
+
+def _open(chromium, url: str, script: str):
+    ctx = chromium.new_context()
+    ctx.add_init_script(script)
+    pg = ctx.new_page()
+    pg.set_default_timeout(20_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    return ctx, pg, errors
+
+
+def _score(pg, part, n: int) -> None:
+    pg.set_input_files("#file-input", [str(part)])
+    pg.wait_for_function(f"() => document.querySelectorAll('.card[data-decision]').length === {n}")
+
+
+@pytest.mark.parametrize("script", [REFUSE_SESSION, NO_STORAGE], ids=["session-storage-full", "storage-off"])
+def test_page_says_when_results_cannot_be_kept_and_goes_on(chromium, keyed_page_server, part, script):
+    ctx, pg, errors = _open(chromium, keyed_page_server, script)
+    try:
+        pg.goto(keyed_page_server + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.fill("#key-input", KEY)
+        pg.click("#key-submit")
+        pg.wait_for_selector("body[data-ready]", state="attached")
+        assert pg.locator("#storage-note").is_hidden()
+        _score(pg, part, 1)
+        pg.wait_for_selector("#storage-note", state="visible")
+        assert "gone after a reload" in pg.inner_text("#storage-note")
+        _score(pg, part, 2)  # the page goes on scoring
+        assert not errors, errors
+    finally:
+        ctx.close()
