@@ -6,6 +6,8 @@ unexpected end of hex escape' (or 'lone leading surrogate' for a trailing one), 
 On the page, a second refusal to save the scored results in session storage (after dropping the thumbnails) was an
 uncaught error, and nothing told the user the results would not survive a reload; storage turned off made the page
 retry GET /model for ever.
+With an API key, /docs, /redoc and /openapi.json stay open (documented; Swagger UI loads the schema without a key),
+but the schema named the served method in its description, which only the keyed GET /model should tell.
 """
 
 from __future__ import annotations
@@ -159,3 +161,36 @@ def test_page_says_when_results_cannot_be_kept_and_goes_on(chromium, keyed_page_
         assert not errors, errors
     finally:
         ctx.close()
+
+
+# ----------------------------------------------------------------------------- the docs with an API key
+@pytest.fixture(scope="module")
+def keyed_client(baseline_model):
+    with TestClient(create_app(baseline_model, ServeParams(api_key=KEY))) as c:
+        yield c
+
+
+def test_with_a_key_the_docs_are_open_but_do_not_tell_the_model(keyed_client):
+    for path in ("/docs", "/redoc", "/openapi.json", "/health", "/", "/assets/app.js"):
+        assert keyed_client.get(path).status_code == 200, path
+    for method, path in (("GET", "/model"), ("GET", "/metrics"), ("GET", "/colorbar.png"), ("POST", "/infer"),
+                         ("POST", "/infer/batch")):
+        r = keyed_client.request(method, path)
+        assert r.status_code == 401 and "API key" in r.json()["detail"], (path, r.text)
+    schema = keyed_client.get("/openapi.json")
+    assert "baseline" not in schema.text.lower()
+    info = schema.json()["info"]
+    assert "GET /model" in info["description"] and "these docs" in info["description"]
+    assert {"APIKeyHeader", "HTTPBearer"} <= set(schema.json()["components"]["securitySchemes"])
+    assert keyed_client.get("/model", headers={"X-API-Key": KEY}).json()["method"] == "baseline"
+
+
+def test_without_a_key_the_schema_still_names_the_method(client):
+    assert "`baseline` model" in client.get("/openapi.json").json()["info"]["description"]
+
+
+def test_the_docs_say_which_paths_need_no_key():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "serve.md").read_text()
+    assert "`GET /openapi.json` | interactive OpenAPI documentation and the schema; never need the API key" in text

@@ -36,6 +36,8 @@ from insightad.version import __version__
 
 log = logging.getLogger("insightad.serve")
 CLIENT_CLOSED = 499  # the usual status for "client closed the request" (nginx): a 4xx, never a 500
+KEY_NOTE = (" This server needs an API key (`X-API-Key: KEY` or `Authorization: Bearer KEY`; the Authorize "
+            "button) on every path but `/health`, the page at `/` and its assets, and these docs.")
 PATHS = frozenset({"/infer", "/infer/batch", "/health", "/model", "/metrics"})
 
 
@@ -132,10 +134,13 @@ def create_app(model: str | Path | Scorer, settings: ServeParams | None = None,
             app.state.ready = False
             await run_in_threadpool(service.close)
 
-    # /docs from files a dependency ships (no CDN); page.py serves /redoc under a CSP
+    # /docs from files a dependency ships (no CDN); page.py serves /redoc under a CSP. The docs and the schema
+    # need no key (Swagger UI's page loads the schema without one), so with a key they do not name the method:
+    # what the model is stays behind the key (GET /model), as documented in docs/serve.md.
+    served = "a model (`GET /model` says which)" if settings.api_key is not None else f"a `{det.method}` model"
     app = FastAPIOffline(redoc_url=None, title="InsightAD inference server", version=__version__, lifespan=lifespan,
-                  description=f"Visual anomaly detection with a `{det.method}` model. Higher score = more "
-                              "anomalous; `Anomaly` (= `anomalous`) is `score > threshold`.")
+                  description=f"Visual anomaly detection with {served}. Higher score = more anomalous; `Anomaly` "
+                              "(= `anomalous`) is `score > threshold`." + KEY_NOTE * (settings.api_key is not None))
     app.state.service, app.state.worker, app.state.detector = service, service.worker, det
     app.state.settings, app.state.metrics, app.state.threshold, app.state.ready = settings, service.metrics, thr, False
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(settings.max_body_mb * 1_000_000),
