@@ -8,6 +8,8 @@ uncaught error, and nothing told the user the results would not survive a reload
 retry GET /model for ever.
 With an API key, /docs, /redoc and /openapi.json stay open (documented; Swagger UI loads the schema without a key),
 but the schema named the served method in its description, which only the keyed GET /model should tell.
+Base64 as ``base64`` writes it by default (a line break every 76 characters) put into a JSON string was 'control
+character (\\u0000-\\u001F) found while parsing a string at line 2 column 0'.
 """
 
 from __future__ import annotations
@@ -194,3 +196,26 @@ def test_the_docs_say_which_paths_need_no_key():
 
     text = (Path(__file__).parents[1] / "docs" / "serve.md").read_text()
     assert "`GET /openapi.json` | interactive OpenAPI documentation and the schema; never need the API key" in text
+
+
+# ----------------------------------------------------------------------------- raw control characters
+WRAPPED = b"\n".join(B64[i:i + 76] for i in range(0, len(B64), 76))  # what `base64 part.png` writes
+
+
+@pytest.mark.parametrize("path, body, loc, words", [
+    ("/infer", b'{"image": "%(w)s"}', ["body", "image"], ["a line break (LF) in the value of 'image'",
+                                                         "line 1 column 88", "base64 -w0"]),
+    ("/infer", b'{\r\n "image": "%(r)s"}', ["body", "image"], ["a line break (CR)", "line 2 column 88"]),
+    ("/infer/batch", b'{"images": ["%(w)s"]}', ["body"], ["a line break (LF) at line 1 column 90", "base64 -w0"]),
+    ("/infer", b'{"image": "%(b)s", "note": "a\tb"}', ["body", "note"], ["a tab in the value of 'note'",
+                                                                       "write it as \\t"]),
+])
+def test_a_raw_line_break_in_a_string_says_where_and_what_to_do(client, path, body, loc, words):
+    r = _post_json(client, path, body % {b"w": WRAPPED, b"r": WRAPPED.replace(b"\n", b"\r\n"), b"b": B64})
+    assert r.status_code == 422, r.text
+    [err] = r.json()["detail"]
+    assert err["loc"] == loc and "control character (" not in err["msg"], err
+    for w in words:
+        assert w in err["msg"], err["msg"]
+    if "note" in loc:
+        assert "base64 -w0" not in err["msg"]

@@ -63,11 +63,12 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
         if what:  # it was 'Invalid JSON: expected value at line 1 column 1', which did not say why
             raise RequestValidationError([{"loc": ("body",), "type": "json_invalid", "msg": f"{what}, not JSON in "
                                            f"UTF-8; expected {EXPECTED_BODY[model.__name__]}"}]) from None
-        escape = bad_escape(body) if any(err["type"] == "json_invalid" and "escape" in str(err.get("msg"))
-                                         for err in e.errors()) else None
-        if escape:  # it was 'unexpected end of hex escape' to a lone surrogate, which did not say what was wrong
-            raise RequestValidationError([{"loc": ("body", *escape[0]), "type": "json_invalid",
-                                           "msg": f"Invalid JSON: {escape[1]}"}]) from None
+        said_json = " ".join(str(err.get("msg")) for err in e.errors() if err["type"] == "json_invalid")
+        found = (bad_escape(body) if "escape" in said_json else  # 'unexpected end of hex escape' to a lone surrogate
+                 raw_control(body) if "control character" in said_json else None)  # ... 'at line 2 column 0'
+        if found:
+            raise RequestValidationError([{"loc": ("body", *found[0]), "type": "json_invalid",
+                                           "msg": f"Invalid JSON: {found[1]}"}]) from None
         given = [err["input"] for err in e.errors() if err["type"] == "missing" and isinstance(err.get("input"), dict)]
         refuse_misnamed_fields(model, given[0] if given else {})
         raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ())), "msg": said(err, model)}
@@ -211,13 +212,40 @@ def bad_escape(body: bytes) -> tuple[tuple[str, ...], str] | None:
 
 
 def _escape_error(body: bytes, m: re.Match[bytes], what: str) -> tuple[tuple[str, ...], str]:
-    at = m.start()
+    return _found_at(body, m.start(), f"bad escape '{m.group(0).decode('ascii', 'backslashreplace')}'", what)
+
+
+def _found_at(body: bytes, at: int, found: str, what: str) -> tuple[tuple[str, ...], str]:
+    """(the location of the field holding offset ``at``, 'FOUND in the value of FIELD at line L column C: WHAT')."""
     line, line_start = body.count(b"\n", 0, at) + 1, body.rfind(b"\n", 0, at) + 1
     column = len(body[line_start:at].decode("utf-8", "replace")) + 1  # in characters, as the parser counts
-    shown = m.group(0).decode("ascii", "backslashreplace")
     field = _field_holding(body, at)
     where = f" in the value of {field!r}" if field else ""
-    return ((field,) if field else ()), f"bad escape '{shown}'{where} at line {line} column {column}: {what}"
+    return ((field,) if field else ()), f"{found}{where} at line {line} column {column}: {what}"
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)  # a JSON string (to the end, if not closed)
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+CONTROL_NAMES = {0x0A: "a line break (LF)", 0x0D: "a line break (CR)", 0x09: "a tab"}
+
+
+def raw_control(body: bytes) -> tuple[tuple[str, ...], str] | None:
+    """Where the first control character written as it is inside a JSON string is, and what to do: base64 as
+    ``base64`` writes it by default (a line break every 76 characters) put in a JSON string was 'control
+    character (\\u0000-\\u001F) found while parsing a string at line 2 column 0'; else None."""
+    for m in _STRING.finditer(body):
+        c = _CONTROL.search(m.group(0))
+        if c is None:
+            continue
+        byte = c.group(0)[0]
+        name = CONTROL_NAMES.get(byte, f"the control character 0x{byte:02X}")
+        escaped = {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}.get(byte, f"\\u{byte:04x}")
+        loc, said = _found_at(body, m.start() + c.start(), name, "a JSON string cannot hold one as it is; write it "
+                              f"as {escaped}")
+        if loc in ((), ("image",), ("images",)) and byte in (0x0A, 0x0D):
+            said += ", or send the base64 on one line (base64 -w0)"
+        return loc, said
+    return None
 
 
 _KEY_BEFORE = re.compile(rb'"([^"\\]{1,60})"\s*:\s*$')
