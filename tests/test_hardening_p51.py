@@ -10,6 +10,8 @@ With an API key, /docs, /redoc and /openapi.json stay open (documented; Swagger 
 but the schema named the served method in its description, which only the keyed GET /model should tell.
 Base64 as ``base64`` writes it by default (a line break every 76 characters) put into a JSON string was 'control
 character (\\u0000-\\u001F) found while parsing a string at line 2 column 0'.
+A Python dict sent with str() was 'key must be a string' (``{'image': ...}``) or 'expected value' (``True``), and two
+objects in one body (NDJSON) 'trailing characters'.
 """
 
 from __future__ import annotations
@@ -219,3 +221,23 @@ def test_a_raw_line_break_in_a_string_says_where_and_what_to_do(client, path, bo
         assert w in err["msg"], err["msg"]
     if "note" in loc:
         assert "base64 -w0" not in err["msg"]
+
+
+# ----------------------------------------------------------------------------- Python literals, two objects
+@pytest.mark.parametrize("path, body, loc, words", [
+    ("/infer", b"{'image': '%(b)s'}", ["body"], ["a single quote at line 1 column 2", "double quotes", "json.dumps"]),
+    ("/infer", b'{image: "%(b)s"}', ["body"], ["a key without quotes at line 1 column 2", "double quotes"]),
+    ("/infer", b'{"image": "%(b)s", "heatmap": True}', ["body", "heatmap"],
+     ["True in the value of 'heatmap'", "true, false and null in lower case"]),
+    ("/infer", b'{"image": None}', ["body", "image"], ["None in the value of 'image' at line 1 column 11"]),
+    ("/infer", b'{"image": "%(b)s"}\n{"image": "%(b)s"}', ["body"],
+     ["more follows the end of the JSON object at line 2 column 1", "POST /infer/batch"]),
+    ("/infer/batch", b'{"images": ["%(b)s"]}{"images": ["%(b)s"]}', ["body"], ["more follows the end"]),
+])
+def test_a_python_literal_or_two_objects_say_what_is_wrong(client, path, body, loc, words):
+    r = _post_json(client, path, body % {b"b": B64})
+    assert r.status_code == 422, r.text
+    [err] = r.json()["detail"]
+    assert err["loc"] == loc and err["type"] == "json_invalid", err
+    for w in words:
+        assert w in err["msg"], err["msg"]

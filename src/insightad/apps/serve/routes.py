@@ -65,7 +65,9 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
                                            f"UTF-8; expected {EXPECTED_BODY[model.__name__]}"}]) from None
         said_json = " ".join(str(err.get("msg")) for err in e.errors() if err["type"] == "json_invalid")
         found = (bad_escape(body) if "escape" in said_json else  # 'unexpected end of hex escape' to a lone surrogate
-                 raw_control(body) if "control character" in said_json else None)  # ... 'at line 2 column 0'
+                 raw_control(body) if "control character" in said_json else  # ... 'at line 2 column 0'
+                 python_literal(body) if PYTHON_SAID.search(said_json) else  # 'key must be a string' to {'image': ..}
+                 trailing(model, said_json) if "trailing characters" in said_json else None)
         if found:
             raise RequestValidationError([{"loc": ("body", *found[0]), "type": "json_invalid",
                                            "msg": f"Invalid JSON: {found[1]}"}]) from None
@@ -215,13 +217,47 @@ def _escape_error(body: bytes, m: re.Match[bytes], what: str) -> tuple[tuple[str
     return _found_at(body, m.start(), f"bad escape '{m.group(0).decode('ascii', 'backslashreplace')}'", what)
 
 
-def _found_at(body: bytes, at: int, found: str, what: str) -> tuple[tuple[str, ...], str]:
-    """(the location of the field holding offset ``at``, 'FOUND in the value of FIELD at line L column C: WHAT')."""
+def _found_at(body: bytes, at: int, found: str, what: str, field: str | None = None) -> tuple[tuple[str, ...], str]:
+    """(the location of the field holding offset ``at`` (in a string, unless ``field`` is given), 'FOUND in the
+    value of FIELD at line L column C: WHAT')."""
     line, line_start = body.count(b"\n", 0, at) + 1, body.rfind(b"\n", 0, at) + 1
     column = len(body[line_start:at].decode("utf-8", "replace")) + 1  # in characters, as the parser counts
-    field = _field_holding(body, at)
+    field = field or _field_holding(body, at)
     where = f" in the value of {field!r}" if field else ""
     return ((field,) if field else ()), f"{found}{where} at line {line} column {column}: {what}"
+
+
+PYTHON_SAID = re.compile(r"key must be a string|expected value|expected ident")
+_SINGLE_QUOTED = re.compile(rb"\s*[\[{]\s*'")
+_UNQUOTED_KEY = re.compile(rb"\s*\{\s*[A-Za-z_]")
+_PY_LITERAL = re.compile(rb"[:\[,]\s*(True|False|None)\s*[,}\]]")
+NOT_STR = "written with Python's str() or repr(), not json.dumps?"
+
+
+def python_literal(body: bytes) -> tuple[tuple[str, ...], str] | None:
+    """What a body written as a Python literal instead of JSON has wrong, and where: ``{'image': ...}`` was 'key
+    must be a string at line 1 column 2' (it is a string, in Python) and ``"heatmap": True`` 'expected value'."""
+    m = _SINGLE_QUOTED.match(body)
+    if m:
+        return _found_at(body, m.end() - 1, "a single quote", f"JSON strings take double quotes ({NOT_STR})")
+    m = _UNQUOTED_KEY.match(body)
+    if m:
+        return _found_at(body, m.end() - 1, "a key without quotes", "JSON keys take double quotes "
+                         "({\"image\": ...})")
+    m = _PY_LITERAL.search(body)
+    if m:
+        key = _KEY_BEFORE.search(body[max(0, m.start(1) - 100):m.start(1)])
+        return _found_at(body, m.start(1), m.group(1).decode(), f"JSON writes true, false and null in lower case "
+                         f"({NOT_STR})", key.group(1).decode("utf-8", "replace") if key else None)
+    return None
+
+
+def trailing(model: type[BaseModel], said_json: str) -> tuple[tuple[str, ...], str]:
+    """'trailing characters at line 2 column 1' said as what it is: a second value after the object (two requests
+    in one body, a line of NDJSON)."""
+    where = said_json[said_json.find(" at line"):] if " at line" in said_json else ""
+    more = " (several images go to POST /infer/batch as {\"images\": [...]})" if model is InferRequest else ""
+    return (), (f"more follows the end of the JSON object{where}; expected one JSON object per request{more}")
 
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)  # a JSON string (to the end, if not closed)
