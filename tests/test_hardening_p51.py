@@ -11,7 +11,8 @@ but the schema named the served method in its description, which only the keyed 
 Base64 as ``base64`` writes it by default (a line break every 76 characters) put into a JSON string was 'control
 character (\\u0000-\\u001F) found while parsing a string at line 2 column 0'.
 A Python dict sent with str() was 'key must be a string' (``{'image': ...}``) or 'expected value' (``True``), and two
-objects in one body (NDJSON) 'trailing characters'.
+objects in one body (NDJSON) 'trailing characters'. An unknown path was 'Not Found' and a wrong method 'Method Not
+Allowed', without naming the paths or the method.
 """
 
 from __future__ import annotations
@@ -241,3 +242,32 @@ def test_a_python_literal_or_two_objects_say_what_is_wrong(client, path, body, l
     assert err["loc"] == loc and err["type"] == "json_invalid", err
     for w in words:
         assert w in err["msg"], err["msg"]
+
+
+# ----------------------------------------------------------------------------- 404 and 405
+@pytest.mark.parametrize("method, path, words", [
+    ("POST", "/Infer", ["POST /Infer: no such path", "did you mean /infer? paths are case-sensitive",
+                        "it answers POST /infer, POST /infer/batch"]),
+    ("POST", "/infer/btach", ["did you mean /infer/batch?"]),
+    ("POST", "/predict", ["POST /predict: no such path on this server; it answers POST /infer"]),
+    ("GET", "/assets/nope.js", ["GET /assets/nope.js: no such path"]),
+])
+def test_an_unknown_path_says_which_paths_there_are(client, method, path, words):
+    """It was 'Not Found', which did not say whether the server, the path or the method was wrong."""
+    r = client.request(method, path, content=b"{}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json"
+    for w in words:
+        assert w in r.json()["detail"], r.json()
+
+
+def test_a_long_unknown_path_is_not_echoed_whole(client):
+    r = client.get("/x" * 500)
+    assert r.status_code == 404 and len(r.json()["detail"]) < 300
+
+
+@pytest.mark.parametrize("method, path, allow", [("GET", "/infer", "POST"), ("PUT", "/infer/batch", "POST"),
+                                                 ("DELETE", "/model", "GET")])
+def test_a_wrong_method_names_the_right_one(client, method, path, allow):
+    r = client.request(method, path)
+    assert r.status_code == 405 and r.headers["allow"] == allow
+    assert r.json()["detail"].startswith(f"{method} {path}: method not allowed; expected {allow}")

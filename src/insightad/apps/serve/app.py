@@ -7,6 +7,7 @@ Every error is a JSON ``{"detail": ...}`` with the right status; no traceback ev
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -45,6 +46,30 @@ def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+ENDPOINTS = ("POST /infer", "POST /infer/batch", "GET /health", "GET /model", "GET /metrics", "GET /docs")
+
+
+def _shown(path: str) -> str:
+    return path if len(path) <= 80 else path[:77] + "..."
+
+
+def no_such_path(method: str, path: str) -> str:
+    """What a 404 from the router says: the path, a near one when there is (``/Infer``, ``/infer/btach``), and the
+    API's paths; it was 'Not Found', which did not say whether the server, the path or the method was wrong."""
+    known = [e.split(" ", 1)[1] for e in ENDPOINTS]
+    same = [k for k in known if k.lower() == path.lower().rstrip("/")]
+    near = same or difflib.get_close_matches(path, known, 1, 0.75)
+    hint = f" (did you mean {near[0]}?" + (" paths are case-sensitive" if same else "") + ")" if near else ""
+    return f"{method} {_shown(path)}: no such path on this server{hint}; it answers {', '.join(ENDPOINTS)} and the " \
+           "page at /"
+
+
+def method_not_allowed(method: str, path: str, allow: str) -> str:
+    """What a 405 says: the path takes other methods, named (it was 'Method Not Allowed')."""
+    return f"{method} {_shown(path)}: method not allowed; expected {allow or 'another method'}" + (
+        " (send the image in a POST body)" if path.startswith("/infer") and "POST" in allow else "")
+
+
 def _validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Location, message and type only: never echo the (possibly huge) input back."""
     return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
@@ -56,7 +81,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 413:
             headers["Connection"] = "close"  # the rest of the body is never read
-        return _error(exc.status_code, exc.detail, headers)
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":  # the router's own, to a path it does not know
+            detail = no_such_path(request.method, request.scope.get("path", ""))
+        elif exc.status_code == 405 and detail == "Method Not Allowed":
+            allow = next((v for k, v in headers.items() if k.lower() == "allow"), "")
+            detail = method_not_allowed(request.method, request.scope.get("path", ""), allow)
+        return _error(exc.status_code, detail, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
