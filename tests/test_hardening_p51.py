@@ -12,7 +12,8 @@ Base64 as ``base64`` writes it by default (a line break every 76 characters) put
 character (\\u0000-\\u001F) found while parsing a string at line 2 column 0'.
 A Python dict sent with str() was 'key must be a string' (``{'image': ...}``) or 'expected value' (``True``), and two
 objects in one body (NDJSON) 'trailing characters'. An unknown path was 'Not Found' and a wrong method 'Method Not
-Allowed', without naming the paths or the method.
+Allowed', without naming the paths or the method. A well-formed upload with too many fields, or a form value over
+64 KB, was a 400 'not valid multipart/form-data' naming no field.
 """
 
 from __future__ import annotations
@@ -271,3 +272,29 @@ def test_a_wrong_method_names_the_right_one(client, method, path, allow):
     r = client.request(method, path)
     assert r.status_code == 405 and r.headers["allow"] == allow
     assert r.json()["detail"].startswith(f"{method} {path}: method not allowed; expected {allow}")
+
+
+# ----------------------------------------------------------------------------- multipart fields
+def test_an_upload_with_too_many_fields_is_a_422_not_invalid_multipart(client):
+    fields = [("file", ("a.png", _png(), "image/png"))] + [(f"meta{i}", (None, "1")) for i in range(10)]
+    r = client.post("/infer", files=fields)
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"loc": ["body"], "type": "too_many_fields",
+                                   "msg": "more than 8 form fields; expected 'file' and an optional 'heatmap'"}]
+
+
+@pytest.mark.parametrize("field, kind, words", [
+    ("heatmap", "field_too_long", ["over 64 KB", "true or false"]),
+    ("file", "file_expected", ["expected a file upload", "file=@part.png", "form value over 64 KB"]),
+])
+def test_a_long_form_value_names_its_field(client, field, kind, words):
+    """It was 400 'not valid multipart/form-data (Part exceeded maximum size of 64KB)', naming no field."""
+    files = [(field, (None, b"x" * 100_000))]
+    if field != "file":
+        files.insert(0, ("file", ("a.png", _png(), "image/png")))
+    r = client.post("/infer", files=files)
+    assert r.status_code == 422, r.text
+    [err] = r.json()["detail"]
+    assert err["loc"] == ["body", field] and err["type"] == kind
+    for w in words:
+        assert w in err["msg"], err["msg"]

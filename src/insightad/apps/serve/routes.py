@@ -330,11 +330,40 @@ def _json_body_doc(model: type[BaseModel], multipart: bool) -> dict[str, Any]:
 UPLOAD_EXPECTED = "expected multipart/form-data with the image file in field 'file' (and an optional 'heatmap')"
 
 
+class FormFieldRefused(MultiPartException):
+    """A well-formed upload refused for what one of its fields holds: a 422 naming the field, not 'not valid'."""
+
+    def __init__(self, field: str | None, kind: str, msg: str) -> None:
+        super().__init__(msg)
+        self.error = {"loc": ("body", field) if field else ("body",), "type": kind, "msg": msg}
+
+
 class WholeMultiPartParser(MultiPartParser):
     """Starlette's multipart parser, counting the parts begun and not ended: a body cut inside a part (no closing
     boundary) lost that part silently, and an upload cut inside its image was answered 'file: Field required'."""
 
     open_parts = 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is None and len(part.data) + end - start > self.max_part_size:  # 'Part exceeded maximum size'
+            if part.field_name == "file":  # curl -F 'file=<part.png': the file's bytes as a plain form value
+                raise FormFieldRefused("file", "file_expected", "expected a file upload (multipart field 'file' with a "
+                                       "filename: curl -F file=@part.png, with @), got a form value over "
+                                       f"{self.max_part_size // 1024} KB")
+            raise FormFieldRefused(part.field_name[:40], "field_too_long", f"over {self.max_part_size // 1024} KB; "
+                                   "expected a short value (heatmap: true or false); the image goes in field 'file' "
+                                   "as a file upload (curl -F file=@part.png)")
+        super().on_part_data(data, start, end)
+
+    def on_headers_finished(self) -> None:
+        try:
+            super().on_headers_finished()
+        except MultiPartException as e:
+            if e.message.startswith("Too many fields"):  # valid multipart with more fields than an upload has
+                raise FormFieldRefused(None, "too_many_fields", f"more than {self.max_fields} form fields; expected "
+                                       "'file' and an optional 'heatmap'") from None
+            raise
 
     def on_part_begin(self) -> None:
         super().on_part_begin()
@@ -359,6 +388,8 @@ async def parse_upload(request: Request) -> FormData:
                 await form.close()
                 raise MultiPartException("it ends inside a part, before the closing boundary: a truncated upload")
             return form
+    except FormFieldRefused as e:
+        raise RequestValidationError([e.error]) from None
     except MultiPartException as e:
         if e.message.startswith("Too many files"):  # valid multipart, more than one file: not 'not valid'
             raise RequestValidationError([{"loc": ("body", "file"), "type": "too_many_files",
