@@ -13,7 +13,8 @@ character (\\u0000-\\u001F) found while parsing a string at line 2 column 0'.
 A Python dict sent with str() was 'key must be a string' (``{'image': ...}``) or 'expected value' (``True``), and two
 objects in one body (NDJSON) 'trailing characters'. An unknown path was 'Not Found' and a wrong method 'Method Not
 Allowed', without naming the paths or the method. A well-formed upload with too many fields, or a form value over
-64 KB, was a 400 'not valid multipart/form-data' naming no field.
+64 KB, was a 400 'not valid multipart/form-data' naming no field. A URL or a file name sent as the image was 'not
+valid base64'; an empty batch 'List should have at least 1 item after validation, not 0'.
 """
 
 from __future__ import annotations
@@ -298,3 +299,25 @@ def test_a_long_form_value_names_its_field(client, field, kind, words):
     assert err["loc"] == ["body", field] and err["type"] == kind
     for w in words:
         assert w in err["msg"], err["msg"]
+
+
+# ----------------------------------------------------------------------------- a URL or a file name as the image
+@pytest.mark.parametrize("path, body, field, words", [
+    ("/infer", b'{"image": "https://example.com/part.png"}', "image", "a URL, not base64: this server fetches nothing"),
+    ("/infer/batch", b'{"images": ["%(b)s", "s3://bucket/part.png"]}', "images[1]", "a URL, not base64"),
+    ("/infer", b'{"image": "/home/me/part.png"}', "image", "a file name or path, not base64"),
+    ("/infer", b'{"image": "C:\\\\parts\\\\part.jpg"}', "image", "a file name or path"),
+    ("/infer", b'{"image": "part.png"}', "image", "a file name or path"),
+    ("/infer", b'{"image": "/9j/4AAQSkZJRgABAQ@"}', "image", "not valid base64 (expected the base64"),  # a JPEG's
+])
+def test_a_url_or_file_name_as_the_image_is_told_to_send_the_bytes(client, path, body, field, words):
+    r = _post_json(client, path, body % {b"b": B64})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith(f"{field}: {words}"), r.json()
+
+
+def test_an_empty_batch_says_so(client):
+    r = _post_json(client, "/infer/batch", b'{"images": []}')
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"loc": ["body", "images"], "type": "too_short",
+                                   "msg": "an empty array; expected at least one base64 image"}]

@@ -102,6 +102,8 @@ def said(err: Any, model: type[BaseModel]) -> str:
     if kind == "list_type":
         return f"expected a JSON array of base64 strings, got {what}" + (
             " (put it in [ ], or send one image to POST /infer as {\"image\": ...})" if isinstance(value, str) else "")
+    if kind == "too_short" and isinstance(value, list) and not value:  # 'List should have at least 1 item after ...'
+        return "an empty array; expected at least one base64 image"
     if kind != "bool_type":
         return str(err.get("msg", ""))
     if isinstance(value, str):
