@@ -14,7 +14,9 @@ A Python dict sent with str() was 'key must be a string' (``{'image': ...}``) or
 objects in one body (NDJSON) 'trailing characters'. An unknown path was 'Not Found' and a wrong method 'Method Not
 Allowed', without naming the paths or the method. A well-formed upload with too many fields, or a form value over
 64 KB, was a 400 'not valid multipart/form-data' naming no field. A URL or a file name sent as the image was 'not
-valid base64'; an empty batch 'List should have at least 1 item after validation, not 0'.
+valid base64'; an empty batch 'List should have at least 1 item after validation, not 0'. An upload without its
+multipart header was 'Invalid JSON: invalid number', a multipart header set by hand 'Missing boundary in multipart',
+and JSON declared as multipart 'Invalid multipart data'.
 """
 
 from __future__ import annotations
@@ -321,3 +323,36 @@ def test_an_empty_batch_says_so(client):
     assert r.status_code == 422
     assert r.json()["detail"] == [{"loc": ["body", "images"], "type": "too_short",
                                    "msg": "an empty array; expected at least one base64 image"}]
+
+
+# ----------------------------------------------------------------------------- multipart and JSON mixed up
+UPLOAD = (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+          + _png() + b"\r\n--XyZ--\r\n")
+
+
+@pytest.mark.parametrize("path, ctype", [("/infer", "application/json"), ("/infer", ""), ("/infer/batch", "")])
+def test_an_upload_without_its_multipart_header_says_so(client, path, ctype):
+    """It was 'Invalid JSON: invalid number at line 1 column 2'."""
+    r = client.post(path, content=UPLOAD, headers={"Content-Type": ctype} if ctype else {})
+    assert r.status_code == 422
+    [err] = r.json()["detail"]
+    assert err["msg"].startswith("a multipart/form-data upload without its Content-Type: multipart/form-data; "
+                                 "boundary=... header, not JSON"), err
+
+
+@pytest.mark.parametrize("ctype, body, words", [
+    ("multipart/form-data", UPLOAD, "Content-Type: multipart/form-data without its boundary parameter; let the client"),
+    ("multipart/form-data; boundary=XyZ", b'{"image": "%s"}' % B64, "(the body is JSON: send JSON with Content-Type: "
+                                                                   "application/json)"),
+    ("multipart/form-data; boundary=Other", UPLOAD, "(the body's parts are separated by another boundary"),
+])
+def test_a_body_not_matching_its_multipart_header_says_why(client, ctype, body, words):
+    """They were 'Missing boundary in multipart' and 'Invalid multipart data'."""
+    r = client.post("/infer", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 400
+    assert words in r.json()["detail"], r.json()
+
+
+def test_the_same_upload_with_its_header_is_scored(client):
+    r = client.post("/infer", content=UPLOAD, headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert r.status_code == 200 and isinstance(r.json()["Anomaly"], bool)

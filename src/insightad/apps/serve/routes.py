@@ -8,6 +8,7 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -156,12 +157,17 @@ def refuse_misnamed_fields(model: type[BaseModel], given: dict[str, Any]) -> Non
         raise RequestValidationError(errors)
 
 
+MULTIPART_HEAD = re.compile(rb"\s*--\S{1,200}\r?\ncontent-disposition: *form-data", re.IGNORECASE)
+
+
 def not_json(body: bytes) -> str | None:
     """What a body that is not JSON in UTF-8 is, when it can be told: an image file (``curl --data-binary
     @part.png``), UTF-16 / UTF-32 text (.NET's ``Encoding.Unicode``, a PowerShell file) or JSON in another 8-bit
     encoding (it was 'invalid unicode code point at line 1 column 40'); else None."""
     if header_pixels(body) is not None:
         return "an image file sent as the body"
+    if MULTIPART_HEAD.match(body[:512]):  # an upload whose Content-Type header was replaced or dropped
+        return "a multipart/form-data upload without its Content-Type: multipart/form-data; boundary=... header"
     if body.lstrip()[:5].lower() == b"data:" or holds_base64_image(body.strip()):  # curl -d @part.b64
         return "an image's base64 (or data: URL) sent as the body without the JSON around it"
     encoding = json.detect_encoding(body)  # from a byte order mark or the NUL bytes around the first characters
@@ -380,9 +386,17 @@ async def parse_upload(request: Request) -> FormData:
     """The multipart form of ``request``, read into memory as a JSON body is (the body-size limit bounds both):
     Starlette spooled a file part over 1 MB to a temporary file, so a full disk made a large image a 500.
     Malformed multipart is a 400 saying what was expected."""
+    head = bytearray()  # the body's first bytes, to tell what it is when it is not multipart
+
+    async def watched(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if len(head) < 256:
+                head.extend(chunk[:256 - len(head)])
+            yield chunk
+
     try:
-        async with aclosing(request.stream()) as stream:
-            parser = WholeMultiPartParser(request.headers, stream, max_files=1, max_fields=8,
+        async with aclosing(request.stream()) as stream, aclosing(watched(stream)) as body:
+            parser = WholeMultiPartParser(request.headers, body, max_files=1, max_fields=8,
                                           max_part_size=64 * 1024)
             parser.spool_max_size = sys.maxsize  # never rolled over to disk
             form = await parser.parse()
@@ -398,8 +412,27 @@ async def parse_upload(request: Request) -> FormData:
                                            "msg": "more than one file in this upload; expected one image file "
                                                   "(several images go to POST /infer/batch as JSON "
                                                   "{\"images\": [<base64 of each>]})"}]) from None
-        raise HTTPException(400, f"body: not valid multipart/form-data ({e.message.rstrip('.')}); "
-                                 f"{UPLOAD_EXPECTED}") from None
+        if e.message.startswith("Missing boundary"):
+            raise HTTPException(400, "Content-Type: multipart/form-data without its boundary parameter; let the "
+                                     "client write that header (curl -F, requests' files=, a browser's FormData): one "
+                                     "set by hand has no boundary") from None
+        what = not_multipart(bytes(head), request.headers.get("content-type", "")) or e.message.rstrip(".")
+        raise HTTPException(400, f"body: not valid multipart/form-data ({what}); {UPLOAD_EXPECTED}") from None
+
+
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def not_multipart(head: bytes, ctype: str) -> str | None:
+    """What a body declared as multipart is instead, from its first bytes: JSON ('Invalid multipart data'), or
+    parts with another boundary than the header's."""
+    start = head.lstrip(b" \t\r\n")
+    if start[:1] in (b"{", b"["):
+        return "the body is JSON: send JSON with Content-Type: application/json"
+    m = _BOUNDARY.search(ctype)
+    if m and start.startswith(b"--") and not start.startswith(b"--" + m.group(1).encode("latin-1", "replace")):
+        return "the body's parts are separated by another boundary than the one in the Content-Type header"
+    return None
 
 
 async def read_upload(request: Request) -> tuple[bytes, bool]:
