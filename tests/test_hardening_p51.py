@@ -16,7 +16,8 @@ Allowed', without naming the paths or the method. A well-formed upload with too 
 64 KB, was a 400 'not valid multipart/form-data' naming no field. A URL or a file name sent as the image was 'not
 valid base64'; an empty batch 'List should have at least 1 item after validation, not 0'. An upload without its
 multipart header was 'Invalid JSON: invalid number', a multipart header set by hand 'Missing boundary in multipart',
-and JSON declared as multipart 'Invalid multipart data'.
+and JSON declared as multipart 'Invalid multipart data'. On the page, the API key dialog closed with Escape left
+the page waiting for a key for ever, saying nothing and with no way to open the dialog again.
 """
 
 from __future__ import annotations
@@ -356,3 +357,25 @@ def test_a_body_not_matching_its_multipart_header_says_why(client, ctype, body, 
 def test_the_same_upload_with_its_header_is_scored(client):
     r = client.post("/infer", content=UPLOAD, headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
     assert r.status_code == 200 and isinstance(r.json()["Anomaly"], bool)
+
+
+# ----------------------------------------------------------------------------- the key dialog dismissed
+def test_a_key_dialog_closed_with_escape_can_be_opened_again(chromium, keyed_page_server):
+    """Escape closed the key dialog, and the page waited for a key for ever with nothing saying why."""
+    ctx, pg, errors = _open(chromium, keyed_page_server, "")
+    try:
+        pg.goto(keyed_page_server + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.keyboard.press("Escape")
+        pg.wait_for_selector("#key-open", state="visible")
+        assert pg.locator("#key-dialog[open]").count() == 0
+        assert "needs an API key" in pg.inner_text("#model-summary")
+        pg.click("#key-open")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.fill("#key-input", KEY)
+        pg.click("#key-submit")
+        pg.wait_for_selector("body[data-ready]", state="attached")  # the waiting GET /model went on with the key
+        assert "baseline" in pg.inner_text("#model-summary") and pg.locator("#key-open").is_hidden()
+        assert not errors, errors
+    finally:
+        ctx.close()

@@ -71,11 +71,20 @@ function askKey(message) {
       memoryKey = key;
       storeSet("sessionStorage", KEY_STORE, key);
       $("key-form").removeEventListener("submit", done);
+      dlg.removeEventListener("close", dismissed);
+      $("key-open").hidden = true;
       dlg.close();
       keyPrompt = null;
       resolve(key);
     };
+    // Escape closes a modal dialog: the requests waiting for the key then waited with nothing on the page saying
+    // why, and no way to open the dialog again. They wait still, and a button in the header opens it again.
+    const dismissed = () => {
+      $("key-open").hidden = false;
+      $("model-summary").textContent = "This server needs an API key: nothing is shown or scored without one.";
+    };
     $("key-form").addEventListener("submit", done);
+    dlg.addEventListener("close", dismissed);
     dlg.showModal();
   });
   return keyPrompt;
@@ -725,6 +734,7 @@ function init() {
   $("overlay-on").onchange = applyOverlaySettings;
   $("opacity").oninput = applyOverlaySettings;
   $("cancel").onclick = cancelAll;
+  $("key-open").onclick = () => { $("key-open").hidden = true; $("key-dialog").showModal(); };
   $("clear").onclick = () => {
     state.results = state.results.filter((r) => r.score === undefined && !r.error);
     $("cards").replaceChildren(...state.results.map((r) => r.card.card));
