@@ -17,7 +17,8 @@ Allowed', without naming the paths or the method. A well-formed upload with too 
 valid base64'; an empty batch 'List should have at least 1 item after validation, not 0'. An upload without its
 multipart header was 'Invalid JSON: invalid number', a multipart header set by hand 'Missing boundary in multipart',
 and JSON declared as multipart 'Invalid multipart data'. On the page, the API key dialog closed with Escape left
-the page waiting for a key for ever, saying nothing and with no way to open the dialog again.
+the page waiting for a key for ever, saying nothing and with no way to open the dialog again. ``POST /infer/`` was
+a 307 with an empty body (curl without -L printed nothing).
 """
 
 from __future__ import annotations
@@ -379,3 +380,16 @@ def test_a_key_dialog_closed_with_escape_can_be_opened_again(chromium, keyed_pag
         assert not errors, errors
     finally:
         ctx.close()
+
+
+# ----------------------------------------------------------------------------- a trailing slash
+@pytest.mark.parametrize("path, body", [("/infer/", b'{"image": "%(b)s"}'), ("/infer/batch/", b'{"images": ["%(b)s"]}')])
+def test_an_api_path_with_a_trailing_slash_is_answered_not_redirected(client, path, body):
+    """It was a 307 with an empty body: curl without -L printed nothing and exited 0."""
+    r = client.post(path, content=body % {b"b": B64}, headers={"Content-Type": "application/json"},
+                    follow_redirects=False)
+    assert r.status_code == 200, r.text
+    answer = r.json() if path == "/infer/" else r.json()["results"][0]
+    assert isinstance(answer["Anomaly"], bool)
+    r = client.get("/health/", follow_redirects=False)
+    assert r.status_code == 200 and r.json()["status"] == "ok"

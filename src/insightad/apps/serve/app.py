@@ -133,6 +133,23 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
+class ApiPathSlash:
+    """``POST /infer/`` answered as ``POST /infer`` (and so for every API path): it was a 307 redirect with an
+    empty body, so ``curl -d ... /infer/`` printed nothing and exited 0, and behind a TLS proxy the redirect
+    pointed to http://."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if len(path) > 1 and path.endswith("/") and path.rstrip("/") in PATHS:
+            raw = scope.get("raw_path")
+            scope = {**scope, "path": path.rstrip("/"),
+                     **({"raw_path": raw.rstrip(b"/")} if isinstance(raw, bytes) else {})}
+        await self.app(scope, receive, send)
+
+
 def load_detector(model: str | Path | Scorer, settings: ServeParams) -> Scorer:
     """A fitted detector (any Scorer) as given, or a model file loaded on the settings' engine."""
     if isinstance(model, Scorer):
@@ -177,6 +194,7 @@ def create_app(model: str | Path | Scorer, settings: ServeParams | None = None,
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=int(settings.max_body_mb * 1_000_000),
                        timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics, known_paths=PATHS)  # counts 413s
+    app.add_middleware(ApiPathSlash)
     app.add_middleware(HeadAsGet)  # outermost
     _add_error_handlers(app)
     service.info["model_sha256"] = served_model_sha256(det)  # threshold and label files carry it
