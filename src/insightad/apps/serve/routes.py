@@ -9,7 +9,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -412,7 +412,7 @@ async def parse_upload(request: Request) -> FormData:
     Malformed multipart is a 400 saying what was expected."""
     head = bytearray()  # the body's first bytes, to tell what it is when it is not multipart
 
-    async def watched(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def watched(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         async for chunk in chunks:
             if len(head) < 256:
                 head.extend(chunk[:256 - len(head)])
