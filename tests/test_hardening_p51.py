@@ -344,7 +344,7 @@ def test_an_upload_without_its_multipart_header_says_so(client, path, ctype):
 
 
 @pytest.mark.parametrize("ctype, body, words", [
-    ("multipart/form-data", UPLOAD, "Content-Type: multipart/form-data without its boundary parameter; let the client"),
+    ("multipart/form-data", UPLOAD, "Content-Type: multipart/form-data without its boundary parameter (one set by hand"),
     ("multipart/form-data; boundary=XyZ", b'{"image": "%s"}' % B64, "(the body is JSON: send JSON with Content-Type: "
                                                                    "application/json)"),
     ("multipart/form-data; boundary=Other", UPLOAD, "(the body's parts are separated by another boundary"),

@@ -437,9 +437,9 @@ async def parse_upload(request: Request) -> FormData:
                                                   "(several images go to POST /infer/batch as JSON "
                                                   "{\"images\": [<base64 of each>]})"}]) from None
         if e.message.startswith("Missing boundary"):
-            raise HTTPException(400, "Content-Type: multipart/form-data without its boundary parameter; let the "
-                                     "client write that header (curl -F, requests' files=, a browser's FormData): one "
-                                     "set by hand has no boundary") from None
+            raise HTTPException(400, "Content-Type: multipart/form-data without its boundary parameter (one set by "
+                                     "hand has none: let the client write it, as curl -F, requests' files= and a "
+                                     f"browser's FormData do); {UPLOAD_EXPECTED}") from None
         what = not_multipart(bytes(head), request.headers.get("content-type", "")) or e.message.rstrip(".")
         raise HTTPException(400, f"body: not valid multipart/form-data ({what}); {UPLOAD_EXPECTED}") from None
 
