@@ -50,10 +50,29 @@ def decode_base64(text: str, field: str = "image") -> bytes:
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InsightADError(f"{field}: not valid base64 (expected the base64 of an encoded image file)") from None
+        named = named_not_sent(text)  # a URL or a file name: it was 'not valid base64', which sent people to their encoder
+        raise InsightADError(f"{field}: {named}" if named else f"{field}: not valid base64 (expected the base64 of an "
+                             "encoded image file)") from None
     if not data:
         raise InsightADError(f"{field}: base64 decodes to nothing; expected an encoded image")
     return data
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_PATH = re.compile(r"^(?:[A-Za-z]:[\\/]|~|\.{1,2}[\\/]|/|\\\\)|\.(?:png|jpe?g|bmp|tiff?|gif|webp)$", re.IGNORECASE)
+
+
+def named_not_sent(text: str) -> str | None:
+    """What to say when the image field, not valid base64, holds a URL or a file name instead of the file's bytes."""
+    text = text.strip()
+    if len(text) > 1024:
+        return None
+    if _URL.match(text):
+        return "a URL, not base64: this server fetches nothing; send the base64 of the image file's bytes"
+    if _PATH.search(text) and any(c in text for c in ".~\\:"):  # a character base64 never has ('/9j/' opens JPEGs)
+        return ("a file name or path, not base64: this server reads no files by name; send the base64 of the file's "
+                "bytes ($(base64 -w0 part.png) in a shell)")
+    return None
 
 
 def strip_data_url(text: str, field: str) -> str:

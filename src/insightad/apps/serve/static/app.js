@@ -22,8 +22,32 @@ const state = {
   nextId: 1,
 };
 
+// ------------------------------------------------------------------ browser storage
+// Storage can refuse (full, or turned off: then even reading it throws). The page goes on without it and says
+// what will not survive a reload; it never stops on a storage error.
+function storeGet(kind, name) {
+  try { return window[kind].getItem(name); } catch (_) { return null; }
+}
+function storeSet(kind, name, value) {
+  try { window[kind].setItem(name, value); return true; } catch (_) { return false; }
+}
+function storeRemove(kind, name) {
+  try { window[kind].removeItem(name); } catch (_) { /* nothing kept to remove */ }
+}
+function storedJSON(kind, name, fallback) {
+  try { return JSON.parse(storeGet(kind, name) || "null") ?? fallback; } catch (_) { return fallback; }
+}
+const storageProblems = {};  // what is not being kept -> the sentence saying so
+function storageProblem(what, sentence) {
+  if (sentence) storageProblems[what] = sentence; else delete storageProblems[what];
+  const text = Object.values(storageProblems).join(" ");
+  $("storage-note").textContent = text;
+  $("storage-note").hidden = !text;
+}
+
 // ------------------------------------------------------------------ HTTP
-function apiKey() { return sessionStorage.getItem(KEY_STORE); }
+let memoryKey = null;  // the key, also when the tab's storage refuses to keep it
+function apiKey() { return memoryKey || storeGet("sessionStorage", KEY_STORE); }
 
 const SENDABLE_KEY = /^[\x20-\x7e]+$/;        // what the server accepts as a key (security.check_api_key)
 let keyPrompt = null;
@@ -44,13 +68,23 @@ function askKey(message) {
         $("key-error").hidden = false;
         return;
       }
-      sessionStorage.setItem(KEY_STORE, key);
+      memoryKey = key;
+      storeSet("sessionStorage", KEY_STORE, key);
       $("key-form").removeEventListener("submit", done);
+      dlg.removeEventListener("close", dismissed);
+      $("key-open").hidden = true;
       dlg.close();
       keyPrompt = null;
       resolve(key);
     };
+    // Escape closes a modal dialog: the requests waiting for the key then waited with nothing on the page saying
+    // why, and no way to open the dialog again. They wait still, and a button in the header opens it again.
+    const dismissed = () => {
+      $("key-open").hidden = false;
+      $("model-summary").textContent = "This server needs an API key: nothing is shown or scored without one.";
+    };
     $("key-form").addEventListener("submit", done);
+    dlg.addEventListener("close", dismissed);
     dlg.showModal();
   });
   return keyPrompt;
@@ -64,7 +98,7 @@ async function api(path, options = {}, retry = true) {
   const resp = await fetch(path, { ...options, headers });
   if (resp.status === 401 && retry) {
     const msg = key ? "That key was refused by the server. Try again." : "";
-    if (key) sessionStorage.removeItem(KEY_STORE);
+    if (key) { memoryKey = null; storeRemove("sessionStorage", KEY_STORE); }
     await askKey(msg);
     return api(path, options, true);
   }
@@ -143,7 +177,7 @@ async function loadModel() {
   state.sha = m.model_sha256 || "unknown";
   state.serverThr = m.threshold.value;
   state.pageThr = state.serverThr;
-  state.labels = JSON.parse(localStorage.getItem(LABEL_STORE + state.sha) || "{}");
+  state.labels = storedJSON("localStorage", LABEL_STORE + state.sha, {});
   const size = m.preprocessing && m.preprocessing.size ? m.preprocessing.size.join("×") : "?";
   const backbone = m.backbone ? m.backbone.name : "none";
   $("model-summary").textContent = `${m.method} · backbone ${backbone} · input ${size} · threshold ${fmt(state.serverThr)}`;
@@ -396,15 +430,17 @@ function saveSession() {
   const keep = state.results.filter((r) => r.score !== undefined && !r.error)
     .map(({ id, name, score, threshold, anomalous, score_normalized, ms, thumb, sha }) =>
       ({ id, name, score, threshold, anomalous, score_normalized, ms, thumb, sha }));
-  try {
-    sessionStorage.setItem(SESSION_STORE, JSON.stringify(keep));
-  } catch (_) {  // storage full: keep the numbers, drop the thumbnails
-    sessionStorage.setItem(SESSION_STORE, JSON.stringify(keep.map((r) => ({ ...r, thumb: null }))));
-  }
+  // storage full: keep the numbers, drop the thumbnails; refused again (or turned off): keep nothing, and say so
+  const saved = storeSet("sessionStorage", SESSION_STORE, JSON.stringify(keep)) ||
+    storeSet("sessionStorage", SESSION_STORE, JSON.stringify(keep.map((r) => ({ ...r, thumb: null }))));
+  if (!saved) storeRemove("sessionStorage", SESSION_STORE);  // an older, shorter list would come back on a reload
+  storageProblem("session", saved ? null : "This browser tab refused to store the scored results (its storage " +
+    "is full or turned off): they are shown here but will be gone after a reload.");
 }
 
 function restoreSession() {
-  const saved = JSON.parse(sessionStorage.getItem(SESSION_STORE) || "[]").filter((r) => r.sha === state.sha);
+  const stored = storedJSON("sessionStorage", SESSION_STORE, []);
+  const saved = (Array.isArray(stored) ? stored : []).filter((r) => r && r.sha === state.sha);
   for (const r of saved) {
     r.note = "restored after a reload (heatmap not kept)";
     state.results.push(r);
@@ -562,7 +598,9 @@ function renderGallery() {
 function setLabel(r, label) {
   if (label) state.labels[labelKey(r)] = { name: r.name, score: r.score, label };
   else delete state.labels[labelKey(r)];
-  localStorage.setItem(LABEL_STORE + state.sha, JSON.stringify(state.labels));
+  const kept = storeSet("localStorage", LABEL_STORE + state.sha, JSON.stringify(state.labels));
+  storageProblem("labels", kept ? null : "This browser refused to store the labels (its storage is full or " +
+    "turned off): they are shown here but will be gone after a reload; use \"Export labels\" to keep them.");
   renderGallery();
 }
 
@@ -696,6 +734,7 @@ function init() {
   $("overlay-on").onchange = applyOverlaySettings;
   $("opacity").oninput = applyOverlaySettings;
   $("cancel").onclick = cancelAll;
+  $("key-open").onclick = () => { $("key-open").hidden = true; $("key-dialog").showModal(); };
   $("clear").onclick = () => {
     state.results = state.results.filter((r) => r.score === undefined && !r.error);
     $("cards").replaceChildren(...state.results.map((r) => r.card.card));
@@ -708,7 +747,7 @@ function init() {
   $("thr-export").onclick = exportThreshold;
   $("filter").onchange = () => { state.selected = 0; renderGallery(); };
   $("export-labels").onclick = exportLabels;
-  $("clear-labels").onclick = () => { state.labels = {}; localStorage.removeItem(LABEL_STORE + state.sha); renderGallery(); };
+  $("clear-labels").onclick = () => { state.labels = {}; storeRemove("localStorage", LABEL_STORE + state.sha); storageProblem("labels", null); renderGallery(); };
   document.addEventListener("keydown", onKey);
   $("cam-start").onclick = startCamera;
   $("cam-stop").onclick = stopCamera;
