@@ -283,3 +283,24 @@ def test_p52_train_empty_config_refused_with_trains_usage(capsys):
     err = capsys.readouterr().err
     assert "insightad train: error: argument --config: expected a file or folder name" in err
     assert "__main__" not in err
+
+
+def test_p52_serve_threads_above_the_cores_are_capped(monkeypatch, baseline_model, capsys):
+    """serve --threads / --decode-threads 100000 asked for that many threads (killed for memory, no message):
+    capped to the cores with a warning line each, as predict's --threads; 0 (automatic) stays 0."""
+    import insightad.apps.serve as serve_app
+
+    seen = []
+
+    def stop(model, settings, threshold=None):
+        seen.append((settings.threads, settings.decode_threads))
+        raise InsightADError("stopped before serving")
+
+    monkeypatch.setattr(serve_app, "create_app", stop)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    args = ["serve", "--model", str(baseline_model), "--threads", "100000", "--decode-threads", "100000"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "--threads 100000 is more than the 4 CPU cores" in err and "--decode-threads 100000 is more" in err, err
+    assert main(["serve", "--model", str(baseline_model), "--decode-threads", "3"]) == 1
+    assert seen == [(4, 4), (0, 3)]

@@ -76,16 +76,24 @@ def add_work_flags(p: argparse.ArgumentParser) -> None:
                    help="PatchCore's nearest-neighbour search (hnsw: approximate, faiss; exact); default: as trained")
 
 
+def at_most_cores(threads: int, flag: str) -> int:
+    """``threads``, or the machine's CPU core count with a one-line warning naming ``flag`` where it asks for
+    more: ``--threads 100000`` had the process killed for memory with no message."""
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        warnings.warn(f"{flag} {threads} is more than the {cores} CPU cores of this machine; using {cores}",
+                      stacklevel=2)
+        return cores
+    return threads
+
+
 def load_inference_model(args: argparse.Namespace):
     from insightad.inference.load import load_for_inference
 
     if args.threads is not None and args.threads < 1:
         raise InsightADError(f"--threads: expected a positive number, got {args.threads}")
-    cores = os.cpu_count() or 1
-    if args.threads is not None and args.threads > cores:  # --threads 100000: the process was killed for memory
-        warnings.warn(f"--threads {args.threads} is more than the {cores} CPU cores of this machine; using {cores}",
-                      stacklevel=2)
-        args.threads = cores
+    if args.threads is not None:
+        args.threads = at_most_cores(args.threads, "--threads")
     tile, overlap, search = (getattr(args, k, None) for k in ("tile", "overlap", "search"))
     if tile is None and overlap is None and search is None:
         return load_for_inference(args.model, args.engine, args.threads, args.device)

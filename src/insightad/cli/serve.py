@@ -8,7 +8,7 @@ import socket
 import sys
 
 from insightad.apps.serve.settings import ServeParams
-from insightad.cli.common import add_model_flag, new_parser, parse_threshold, with_config
+from insightad.cli.common import add_model_flag, at_most_cores, new_parser, parse_threshold, with_config
 from insightad.cli.options import add_dataclass_args, gather, path_arg
 from insightad.errors import InsightADError
 
@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     from insightad.runtime import pin_mmap_threshold
 
     settings = gather(args, ServeParams)
+    settings.threads = at_most_cores(settings.threads, "--threads")  # 0 (the default) stays 0
+    settings.decode_threads = at_most_cores(settings.decode_threads, "--decode-threads")
     if settings.api_key is not None and not settings.api_key.strip():
         raise InsightADError("--api-key: empty; give a key or leave the flag out")
     tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
