@@ -491,6 +491,9 @@ def test_a_json_heatmap_that_is_not_true_or_false_says_what_came(client, value, 
 @pytest.mark.parametrize("path, body, loc, msg", [
     ("/infer", {"image": None}, ["body", "image"], "expected a JSON string (the base64 of an encoded image), got null"),
     ("/infer", {"image": ["x"]}, ["body", "image"],
+     "expected a JSON string (the base64 of an encoded image), got an array (several images go to POST "
+     "/infer/batch as {\"images\": [...]})"),
+    ("/infer/batch", {"images": [["x"]]}, ["body", "images", 0],
      "expected a JSON string (the base64 of an encoded image), got an array"),
     ("/infer/batch", {"images": [{"image": "x"}]}, ["body", "images", 0],
      "expected a JSON string (the base64 of an encoded image), got an object"),

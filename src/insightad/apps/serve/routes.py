@@ -104,7 +104,9 @@ def said(err: Any, model: type[BaseModel]) -> str:
     if kind == "model_type":  # the body itself: a bare string (json.dumps of the base64), an array
         return f"expected a JSON object {EXPECTED_BODY[model.__name__].split(' or ')[0]}, got {what}"
     if kind == "string_type":
-        return f"expected a JSON string (the base64 of an encoded image), got {what}"
+        return f"expected a JSON string (the base64 of an encoded image), got {what}" + (
+            " (several images go to POST /infer/batch as {\"images\": [...]})"
+            if isinstance(value, list) and issubclass(model, InferRequest) else "")
     if kind == "list_type":
         return f"expected a JSON array of base64 strings, got {what}" + (
             " (put it in [ ], or send one image to POST /infer as {\"image\": ...})" if isinstance(value, str) else "")
