@@ -216,7 +216,10 @@ WRAPPED = b"\n".join(B64[i:i + 76] for i in range(0, len(B64), 76))  # what `bas
     ("/infer", b'{"image": "%(w)s"}', ["body", "image"], ["a line break (LF) in the value of 'image'",
                                                          "line 1 column 88", "base64 -w0"]),
     ("/infer", b'{\r\n "image": "%(r)s"}', ["body", "image"], ["a line break (CR)", "line 2 column 88"]),
-    ("/infer/batch", b'{"images": ["%(w)s"]}', ["body"], ["a line break (LF) at line 1 column 90", "base64 -w0"]),
+    ("/infer/batch", b'{"images": ["%(w)s"]}', ["body", "images", 0],
+     ["a line break (LF) in item 0 of 'images' at line 1 column 90", "base64 -w0"]),
+    ("/infer/batch", b'{"images": ["%(b)s", "%(b)s",\n "%(w)s"]}', ["body", "images", 2],  # which image: its index
+     ["a line break (LF) in item 2 of 'images' at line 2 column 79", "base64 -w0"]),
     ("/infer", b'{"image": "%(b)s", "note": "a\tb"}', ["body", "note"], ["a tab in the value of 'note'",
                                                                        "write it as \\t"]),
 ])

@@ -216,7 +216,10 @@ _ESCAPE = re.compile(rb"\\(u[0-9A-Fa-f]{0,4}|.|$)", re.DOTALL)  # a backslash an
 JSON_ESCAPES = frozenset(b'"\\/bfnrt')
 
 
-def bad_escape(body: bytes) -> tuple[tuple[str, ...], str] | None:
+Where = tuple[tuple[str | int, ...], str]  # (the location of a fault in a JSON body, the line saying it)
+
+
+def bad_escape(body: bytes) -> Where | None:
     """Where ``body``'s first bad backslash escape is (the field whose value holds it, when it can be told) and
     what is wrong with it: a lone UTF-16 surrogate (``"\\ud800"`` not followed by a ``\\udc00``-``\\udfff`` one,
     or a trailing one alone) was 'unexpected end of hex escape' or 'lone leading surrogate', a ``\\u`` with fewer
@@ -247,18 +250,22 @@ def bad_escape(body: bytes) -> tuple[tuple[str, ...], str] | None:
     return None
 
 
-def _escape_error(body: bytes, m: re.Match[bytes], what: str) -> tuple[tuple[str, ...], str]:
+def _escape_error(body: bytes, m: re.Match[bytes], what: str) -> Where:
     return _found_at(body, m.start(), f"bad escape '{m.group(0).decode('ascii', 'backslashreplace')}'", what)
 
 
-def _found_at(body: bytes, at: int, found: str, what: str, field: str | None = None) -> tuple[tuple[str, ...], str]:
+def _found_at(body: bytes, at: int, found: str, what: str, field: str | None = None) -> Where:
     """(the location of the field holding offset ``at`` (in a string, unless ``field`` is given), 'FOUND in the
     value of FIELD at line L column C: WHAT')."""
     line, line_start = body.count(b"\n", 0, at) + 1, body.rfind(b"\n", 0, at) + 1
     column = len(body[line_start:at].decode("utf-8", "replace")) + 1  # in characters, as the parser counts
-    field = field or _field_holding(body, at)
-    where = f" in the value of {field!r}" if field else ""
-    return ((field,) if field else ()), f"{found}{where} at line {line} column {column}: {what}"
+    held = (field, None) if field else _field_holding(body, at)
+    if held is None:
+        return (), f"{found} at line {line} column {column}: {what}"
+    key, item = held
+    where = f" in the value of {key!r}" if item is None else f" in item {item} of {key!r}"
+    loc: tuple[str | int, ...] = (key,) if item is None else (key, item)
+    return loc, f"{found}{where} at line {line} column {column}: {what}"
 
 
 PYTHON_SAID = re.compile(r"key must be a string|expected value|expected ident")
@@ -268,7 +275,7 @@ _PY_LITERAL = re.compile(rb"[:\[,]\s*(True|False|None)\s*[,}\]]")
 NOT_STR = "written with Python's str() or repr(), not json.dumps?"
 
 
-def python_literal(body: bytes) -> tuple[tuple[str, ...], str] | None:
+def python_literal(body: bytes) -> Where | None:
     """What a body written as a Python literal instead of JSON has wrong, and where: ``{'image': ...}`` was 'key
     must be a string at line 1 column 2' (it is a string, in Python) and ``"heatmap": True`` 'expected value'."""
     m = _SINGLE_QUOTED.match(body)
@@ -286,7 +293,7 @@ def python_literal(body: bytes) -> tuple[tuple[str, ...], str] | None:
     return None
 
 
-def trailing(model: type[BaseModel], said_json: str) -> tuple[tuple[str, ...], str]:
+def trailing(model: type[BaseModel], said_json: str) -> Where:
     """'trailing characters at line 2 column 1' said as what it is: a second value after the object (two requests
     in one body, a line of NDJSON)."""
     where = said_json[said_json.find(" at line"):] if " at line" in said_json else ""
@@ -299,7 +306,7 @@ _CONTROL = re.compile(rb"[\x00-\x1f]")
 CONTROL_NAMES = {0x0A: "a line break (LF)", 0x0D: "a line break (CR)", 0x09: "a tab"}
 
 
-def raw_control(body: bytes) -> tuple[tuple[str, ...], str] | None:
+def raw_control(body: bytes) -> Where | None:
     """Where the first control character written as it is inside a JSON string is, and what to do: base64 as
     ``base64`` writes it by default (a line break every 76 characters) put in a JSON string was 'control
     character (\\u0000-\\u001F) found while parsing a string at line 2 column 0'; else None."""
@@ -312,18 +319,19 @@ def raw_control(body: bytes) -> tuple[tuple[str, ...], str] | None:
         escaped = {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}.get(byte, f"\\u{byte:04x}")
         loc, said = _found_at(body, m.start() + c.start(), name, "a JSON string cannot hold one as it is; write it "
                               f"as {escaped}")
-        if loc in ((), ("image",), ("images",)) and byte in (0x0A, 0x0D):
+        if loc[:1] in ((), ("image",), ("images",)) and byte in (0x0A, 0x0D):
             said += ", or send the base64 on one line (base64 -w0)"
         return loc, said
     return None
 
 
 _KEY_BEFORE = re.compile(rb'"([^"\\]{1,60})"\s*:\s*$')
+_ARRAY_BEFORE = re.compile(rb'"([^"\\]{1,60})"\s*:\s*\[$')
 
 
-def _field_holding(body: bytes, at: int) -> str | None:
-    """The key whose string value holds offset ``at`` (the string opens at the last unescaped quote before it),
-    or None (the escape is in a key or an array element)."""
+def _string_start(body: bytes, at: int) -> int:
+    """Offset of the quote opening the JSON string that holds offset ``at`` (the last unescaped quote before
+    it), or -1."""
     quote = at
     while (quote := body.rfind(b'"', 0, quote)) >= 0:
         slashes = 0
@@ -331,10 +339,25 @@ def _field_holding(body: bytes, at: int) -> str | None:
             slashes += 1
         if slashes % 2 == 0:
             break
+    return quote
+
+
+def _field_holding(body: bytes, at: int) -> tuple[str, int | None] | None:
+    """(the key whose string value holds offset ``at``, None), or for an item of an array of strings (a batch's
+    ``images``) (its key, the item's index, counted by the commas before it); else None (a key)."""
+    quote = _string_start(body, at)
     if quote < 0:
         return None
     m = _KEY_BEFORE.search(body[max(0, quote - 100):quote])
-    return m.group(1).decode("utf-8", "replace") if m else None
+    if m:
+        return m.group(1).decode("utf-8", "replace"), None
+    bracket = body.rfind(b"[", 0, quote)
+    if bracket < 0 or b"]" in body[bracket:quote] or b"{" in body[bracket:quote]:
+        return None
+    m = _ARRAY_BEFORE.search(body[max(0, bracket - 100):bracket + 1])
+    if not m:
+        return None
+    return m.group(1).decode("utf-8", "replace"), body.count(b",", bracket, quote)
 
 
 def repeated_fields(model: type[BaseModel], body: bytes) -> list[str]:
