@@ -9,7 +9,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -45,6 +45,7 @@ ERRORS_DOC: dict[int | str, dict[str, Any]] = {
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
+TO_BATCH = " (several images go to POST /infer/batch as {\"images\": [...]})"
 EXPECTED_BODY = {"InferRequest": "{\"image\": \"<base64 of the file>\"} or a multipart upload in field 'file' "
                                  "(curl -F file=@part.png)",
                  "BatchRequest": "{\"images\": [\"<base64 of each file>\"]}"}
@@ -105,8 +106,7 @@ def said(err: Any, model: type[BaseModel]) -> str:
         return f"expected a JSON object {EXPECTED_BODY[model.__name__].split(' or ')[0]}, got {what}"
     if kind == "string_type":
         return f"expected a JSON string (the base64 of an encoded image), got {what}" + (
-            " (several images go to POST /infer/batch as {\"images\": [...]})"
-            if isinstance(value, list) and issubclass(model, InferRequest) else "")
+            TO_BATCH if isinstance(value, list) and model is InferRequest else "")
     if kind == "list_type":
         return f"expected a JSON array of base64 strings, got {what}" + (
             " (put it in [ ], or send one image to POST /infer as {\"image\": ...})" if isinstance(value, str) else "")
@@ -141,6 +141,8 @@ def lenient_batch(max_images: int) -> type[BaseModel]:
 
 def too_many_images(limit: int, got: Any) -> str:
     return f"images: at most {limit} images per request (--max-images), got {got}"
+
+
 OTHER_ROUTE: dict[type[BaseModel], tuple[str, type[BaseModel]]] = {InferRequest: ("POST /infer/batch", BatchRequest),
                                                                   BatchRequest: ("POST /infer", InferRequest)}
 
@@ -163,19 +165,32 @@ def refuse_misnamed_fields(model: type[BaseModel], given: dict[str, Any]) -> Non
                                        f"besides this request's own ({', '.join(names)}); expected at most "
                                        f"{MAX_OTHER_FIELDS} fields of your own"}])
     route, other = OTHER_ROUTE[model]
+
+    def of_the_other_route(key: str) -> str | None:
+        if any(_squash(n) == _squash(key) for n in other.model_fields):
+            return f"a field of {route}, not of this route; expected {EXPECTED_BODY[model.__name__]}"
+        return None
+
+    refuse_misnamed(given, names, "request", of_the_other_route,
+                    {"image": " (several images go to POST /infer/batch as 'images')"})
+
+
+def refuse_misnamed(keys: Any, names: Sequence[str], what: str, elsewhere: Callable[[str], str | None],
+                    hints: dict[str, str] | None = None) -> None:
+    """422 naming, for each of ``keys`` that is not one of ``names``: the field meant where it differs in case or
+    punctuation only (``Image``, ``heat_map``), else ``elsewhere(key)`` (the field of another request), else the
+    name it nearly is (``heatmaps``, ``imgae``; ``hints`` adds to a name's message); any other key is ignored."""
     errors = []
-    for key in given:
+    for key in keys:
         if key in names:
             continue
-        same = [n for n in names if _squash(n) == _squash(key)]  # Image, heat_map, HEATMAP
+        same = [n for n in names if _squash(n) == _squash(key)]
         if same:
-            msg = f"not a field of this request; did you mean {same[0]!r}? (names are case-sensitive)"
-        elif any(_squash(n) == _squash(key) for n in other.model_fields):
-            msg = f"a field of {route}, not of this route; expected {EXPECTED_BODY[model.__name__]}"
+            msg = f"not a field of this {what}; did you mean {same[0]!r}? (names are case-sensitive)"
+        elif (other := elsewhere(key)) is not None:
+            msg = other
         elif near := difflib.get_close_matches(key, names, 1, 0.8):  # heatmaps, imgae, image2 (not image_id, img)
-            msg = f"not a field of this request; did you mean {near[0]!r}?"
-            if near[0] == "image":
-                msg += " (several images go to POST /infer/batch as 'images')"
+            msg = f"not a field of this {what}; did you mean {near[0]!r}?" + (hints or {}).get(near[0], "")
         else:
             continue
         errors.append({"loc": ("body", key[:40]), "type": "unknown_field", "msg": msg})
@@ -297,7 +312,7 @@ def trailing(model: type[BaseModel], said_json: str) -> Where:
     """'trailing characters at line 2 column 1' said as what it is: a second value after the object (two requests
     in one body, a line of NDJSON)."""
     where = said_json[said_json.find(" at line"):] if " at line" in said_json else ""
-    more = " (several images go to POST /infer/batch as {\"images\": [...]})" if model is InferRequest else ""
+    more = TO_BATCH if model is InferRequest else ""
     return (), (f"more follows the end of the JSON object{where}; expected one JSON object per request{more}")
 
 
@@ -513,22 +528,9 @@ def refuse_misnamed_form_fields(form: FormData) -> None:
     """422 for a multipart field named nearly as one of the upload's (``heatmaps``, ``File``) or as the JSON
     body's image (``image``, ``images``): ``-F heatmaps=true`` was answered without the heatmap it asked for,
     silently, and ``-F image=@part.png`` was 'file: Field required'. Other fields are ignored as before."""
-    errors = []
-    for key in dict.fromkeys(form.keys()):
-        if key in FORM_FIELDS:
-            continue
-        same = [n for n in FORM_FIELDS if _squash(n) == _squash(key)]
-        if same:
-            msg = f"not a field of this upload; did you mean {same[0]!r}? (names are case-sensitive)"
-        elif _squash(key) in ("image", "images"):
-            msg = "not a field of this upload; the image file goes in field 'file' (curl -F file=@part.png)"
-        elif near := difflib.get_close_matches(key, FORM_FIELDS, 1, 0.8):
-            msg = f"not a field of this upload; did you mean {near[0]!r}?"
-        else:
-            continue
-        errors.append({"loc": ("body", key[:40]), "type": "unknown_field", "msg": msg})
-    if errors:
-        raise RequestValidationError(errors)
+    refuse_misnamed(dict.fromkeys(form.keys()), FORM_FIELDS, "upload", lambda key: "not a field of this upload; the "
+                    "image file goes in field 'file' (curl -F file=@part.png)" if _squash(key) in ("image", "images")
+                    else None)
 
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
