@@ -305,12 +305,17 @@ def file_lock(lock_path: str | Path, what: str, busy: str | None = None, flag: s
             os.close(fd)
 
 
-def output_lock(path: str | Path, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:
-    """``file_lock`` on ``PATH.lock`` beside the file ``path`` names once links are followed: two runs writing
-    one file (a model file: train's --out, calibrate's --model), and what goes beside it, are never both under
-    way. ``flag``: the option a refused run is told to change."""
+def lock_beside(path: str | Path) -> Path:
+    """``PATH.lock`` beside the file ``path`` names once links are followed: the lock of that output file."""
     real = Path(os.path.realpath(path))
-    return file_lock(real.with_name(real.name + ".lock"), str(path), flag=flag)
+    return real.with_name(real.name + ".lock")
+
+
+def output_lock(path: str | Path, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:
+    """``file_lock`` on :func:`lock_beside` ``path``: two runs writing one file (a model file: train's --out,
+    calibrate's --model), and what goes beside it, are never both under way. ``flag``: the option a refused run
+    is told to change."""
+    return file_lock(lock_beside(path), str(path), flag=flag)
 
 
 def folder_lock(folder: str | Path, what: str, flag: str = "--out") -> contextlib.AbstractContextManager[Path]:

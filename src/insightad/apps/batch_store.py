@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from insightad.errors import InsightADError
-from insightad.io import FORMULA_START, atomic_write, csv_cell, file_lock, remove_temporaries
+from insightad.io import FORMULA_START, atomic_write, csv_cell, file_lock, lock_beside, remove_temporaries
 from insightad.outputs import check_output_file
 
 SCHEMA = pa.schema([
@@ -87,10 +87,7 @@ class ResultsStore:
     @property
     def csv_lock_path(self) -> Path | None:
         """The lock of ``csv``, beside the file it names once symbolic links are followed (None: no --csv)."""
-        if self.csv is None:
-            return None
-        real = Path(os.path.realpath(self.csv))
-        return real.with_name(real.name + ".lock")
+        return None if self.csv is None else lock_beside(self.csv)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
