@@ -175,3 +175,45 @@ def test_large_stacks_run_in_equal_slices_with_the_same_results(trained, monkeyp
     assert calls == [2, 2, 1]
     for a, b in zip(whole, sliced):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_stamp_is_read_without_loading_the_graph(trained, tmp_path, monkeypatch):
+    """Checking whose graph a file is (train and export before writing one, threshold files) reads its metadata
+    only: ONNX Runtime loading PaDiM's graph for that held 400 MB more, on every train into an existing path."""
+    import onnxruntime
+
+    from insightad.engines.onnx_runtime import metadata_props, read_stamp
+
+    graph = trained.with_suffix(".onnx")
+    props = metadata_props(graph)
+    assert props[CACHE_KEY] == read_onnx_metadata(graph)[CACHE_KEY] and props["method"] == "baseline"
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("the stamp must be read without loading the graph")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+    assert read_stamp(graph) == file_sha256(trained)
+    data = graph.read_bytes()
+    for name, content in [("truncated", data[: len(data) // 2]), ("garbage", b"\xff" * 64), ("empty", b""),
+                          ("flipped", data[:-10] + bytes([data[-10] ^ 1]) + data[-9:])]:
+        bad = tmp_path / f"{name}.onnx"
+        bad.write_bytes(content)
+        assert read_stamp(bad) is None, name
+    assert read_stamp(tmp_path / "missing.onnx") is None
+
+
+def test_a_foreign_onnx_file_has_no_stamp(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from insightad.engines.onnx_runtime import metadata_props, read_stamp
+
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    helper.set_model_props(model, {CACHE_KEY: "ab" * 32, "other": "é"})
+    path = tmp_path / "foreign.onnx"
+    onnx.save(model, str(path))
+    assert metadata_props(path) == {CACHE_KEY: "ab" * 32, "other": "é"}
+    assert read_stamp(path) is None  # a stamp without InsightAD's own metadata is not one of ours

@@ -122,13 +122,6 @@ def check_replaceable(path: str | Path, flag: str) -> None:
 def graph_source(model: str | Path) -> str | None:
     """For an ONNX export: the sha256 of the model file it was exported from (its stamp), so a threshold
     file written for that model file also serves its graph; None for anything else."""
-    from insightad.engines.onnx_runtime import CACHE_KEY, is_onnx_file, read_onnx_metadata
+    from insightad.engines.onnx_runtime import is_onnx_file, read_stamp
 
-    if not is_onnx_file(model):
-        return None
-
-    try:
-        stamp = read_onnx_metadata(model).get(CACHE_KEY)
-    except InsightADError:
-        return None
-    return str(stamp).lower() if stamp else None
+    return read_stamp(model) if is_onnx_file(model) else None

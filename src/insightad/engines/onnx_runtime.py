@@ -130,6 +130,89 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     return check_metadata(session, path)
 
 
+def _read_varint(f: Any) -> int | None:
+    """The next protobuf varint read from file ``f`` (None at the end of the file)."""
+    value, shift = 0, 0
+    while True:
+        b = f.read(1)
+        if not b:
+            if shift:
+                raise ValueError("truncated varint")
+            return None
+        value |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _entry(data: bytes) -> tuple[str, str]:
+    """A StringStringEntryProto's (key, value)."""
+    import io
+
+    fields: dict[int, str] = {}
+    f = io.BytesIO(data)
+    while (tag := _read_varint(f)) is not None:
+        if tag & 7 != 2:
+            raise ValueError("unexpected wire type in a metadata entry")
+        size = _read_varint(f) or 0
+        fields[tag >> 3] = f.read(size).decode("utf-8")
+    return fields.get(1, ""), fields.get(2, "")
+
+
+_METADATA_FIELD = 14  # ModelProto.metadata_props
+_MAX_ENTRY = 16 * 1024**2  # a metadata entry larger than this is not one an exporter of ours wrote
+
+
+def metadata_props(path: str | Path) -> dict[str, str]:
+    """An ONNX file's metadata (key -> value), read by walking the ModelProto's top-level fields and seeking past
+    the graph: reading one stamp costs no parse of the constants (ONNX Runtime loading PaDiM's graph to read it
+    held 400 MB more). Raises ValueError/OSError for a file that is not a protobuf message."""
+    props: dict[str, str] = {}
+    with open(path, "rb") as f:
+        while (tag := _read_varint(f)) is not None:
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _read_varint(f)
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, 1)
+            elif wire == 2:
+                size = _read_varint(f)
+                if size is None:
+                    raise ValueError("truncated field")
+                if field == _METADATA_FIELD:
+                    if size > _MAX_ENTRY:
+                        raise ValueError("metadata entry too large")
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise ValueError("truncated metadata entry")
+                    key, value = _entry(data)
+                    props[key] = value
+                else:
+                    f.seek(size, 1)
+            else:
+                raise ValueError(f"unexpected wire type {wire}")
+        if f.tell() > f.seek(0, 2):
+            raise ValueError("truncated file")
+    return props
+
+
+def read_stamp(path: str | Path) -> str | None:
+    """The model sha256 stamped in an InsightAD graph file (lower case), without loading the graph; None for no
+    file, a damaged one (content checksum, truncated) or one that is not an InsightAD graph."""
+    try:
+        check_content(path)
+        props = metadata_props(path)
+        meta = json.loads(props.get(META_KEY, "null"))
+    except (InsightADError, OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
+        return None
+    stamp = props.get(CACHE_KEY)
+    return stamp.lower() if stamp else None
+
+
 def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
     """The InsightAD metadata of a loaded session, checked against its graph's input, or a clear refusal."""
     props = session.get_modelmeta().custom_metadata_map

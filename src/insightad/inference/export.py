@@ -24,6 +24,7 @@ from insightad.engines.onnx_runtime import (
     ONNX_FORMAT,
     REVISION_KEY,
     OnnxEngine,
+    read_stamp,
     verified_entry,
 )
 from insightad.errors import InsightADError
@@ -139,7 +140,7 @@ def model_beside(graph: str | Path, model: str | Path) -> Path | None:
     import glob
 
     graph = Path(graph)
-    stamp = _graph_stamp(graph)
+    stamp = read_stamp(graph)
     if stamp is None or stamp == model_digest(model):
         return None
     siblings = graph.parent.glob(f"{glob.escape(graph.stem)}.*")
@@ -148,21 +149,6 @@ def model_beside(graph: str | Path, model: str | Path) -> Path | None:
                 and model_digest(candidate) == stamp:
             return candidate
     return None
-
-
-def _graph_stamp(graph: Path) -> str | None:
-    """The model sha256 stamped in an InsightAD graph file; None for no file, or one that is not such a graph."""
-    from insightad.engines.onnx_runtime import read_onnx_metadata
-
-    if not graph.is_file():
-        return None
-    try:
-        with warnings.catch_warnings():  # an older revision's graph is still its model's: no word about it here
-            warnings.simplefilter("ignore")
-            stamp = read_onnx_metadata(graph).get(CACHE_KEY)
-    except InsightADError:
-        return None
-    return str(stamp).lower() if stamp else None
 
 
 def stored_engine(model_path: str | Path, threads: int | None = None, digest: str | None = None, arena: bool = True
