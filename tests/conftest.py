@@ -66,4 +66,4 @@ def _no_graph_beside(request, monkeypatch):
     import insightad.apps.train as train_app
 
     monkeypatch.setattr(train_app, "write_graph_beside",
-                        lambda det, path: (None, "no ONNX graph written (test suite: see tests/conftest.py)"))
+                        lambda det, path, release=False: (None, "no ONNX graph written (test suite: see tests/conftest.py)"))

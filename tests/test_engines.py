@@ -310,6 +310,26 @@ def test_export_shape_inference_is_not_handed_large_constants(tmp_path, monkeypa
 
     from insightad.engines import export
 
+    monkeypatch.setattr(export, "LARGE_CONSTANT", 200)
+    name = "_jit_pass_onnx_graph_shape_type_inference"
+    seen: list[int] = []
+    original = getattr(torch._C, name)
+    monkeypatch.setattr(torch._C, name, lambda graph, params, *rest: seen.extend(v.numel() for v in params.values())
+                        or original(graph, params, *rest))
+    module, example = _big_buffer_module(), torch.zeros(1, 3, 8, 8)
+    export._to_onnx(module, example, ["y"], tmp_path / "held.onnx", "x")
+    assert seen and max(seen) < 200  # the conv's weights and bias went in, the 256-element buffer did not
+    monkeypatch.setattr(export, "_shape_inference_without_large_constants", contextlib.nullcontext)
+    seen.clear()
+    export._to_onnx(module, example, ["y"], tmp_path / "all.onnx", "x")
+    assert max(seen) == 256
+    assert (tmp_path / "held.onnx").read_bytes() == (tmp_path / "all.onnx").read_bytes()
+    assert getattr(torch._C, name) is not None
+
+
+def _big_buffer_module():
+    import torch
+
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -319,18 +339,45 @@ def test_export_shape_inference_is_not_handed_large_constants(tmp_path, monkeypa
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
             return (torch.relu(self.conv(x)) * self.big,)
 
+    return Tiny().eval()
+
+
+def test_a_released_module_is_checked_against_its_outputs_taken_before(tmp_path, monkeypatch):
+    """``release``: the module's large tensors go once its graph is written and its outputs taken (train's and
+    export's last use of the model: ONNX Runtime's copy of PaDiM's factors never sits beside PyTorch's); the
+    graph is still checked against the module's own outputs, and keeps every constant."""
+    import torch
+
+    from insightad.engines import export
+    from insightad.engines.onnx_runtime import make_session
+
     monkeypatch.setattr(export, "LARGE_CONSTANT", 200)
-    name = "_jit_pass_onnx_graph_shape_type_inference"
-    seen: list[int] = []
-    original = getattr(torch._C, name)
-    monkeypatch.setattr(torch._C, name, lambda graph, params, *rest: seen.extend(v.numel() for v in params.values())
-                        or original(graph, params, *rest))
-    module, example = Tiny().eval(), torch.zeros(1, 3, 8, 8)
-    export._to_onnx(module, example, ["y"], tmp_path / "held.onnx", "x")
-    assert seen and max(seen) < 200  # the conv's weights and bias went in, the 256-element buffer did not
-    monkeypatch.setattr(export, "_shape_inference_without_large_constants", contextlib.nullcontext)
-    seen.clear()
-    export._to_onnx(module, example, ["y"], tmp_path / "all.onnx", "x")
-    assert max(seen) == 256
-    assert (tmp_path / "held.onnx").read_bytes() == (tmp_path / "all.onnx").read_bytes()
-    assert getattr(torch._C, name) is not None
+    module = _big_buffer_module()
+    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32) * 255
+    want = module(torch.from_numpy(x))[0].detach().numpy()
+    released: list[int] = []
+    release = export.release_large_tensors
+    monkeypatch.setattr(export, "release_large_tensors", lambda m: released.append(release(m)) or released[-1])
+    out = export.export_verified(module, export.example_batches((3, 8, 8)), ["y"], "tiny", tmp_path / "t.onnx",
+                                 release=True)
+    assert released == [256 * 4] and module.big.numel() == 0 and module.conv.weight.numel() == 4 * 3 * 9
+    sess = make_session(str(out))
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], want, rtol=1e-4, atol=1e-3)
+
+    # A graph that does not reproduce the module is still refused after the module was released.
+    module = _big_buffer_module()
+    finish = export._finish
+
+    def wrong_constant(path, module, *args, **kwargs):
+        with torch.no_grad():
+            module.big.add_(1.0)  # what is written differs from what the outputs were taken from
+            try:
+                finish(path, module, *args, **kwargs)
+            finally:
+                module.big.sub_(1.0)
+
+    monkeypatch.setattr(export, "_finish", wrong_constant)
+    with pytest.raises(InsightADError, match="disagrees with PyTorch"):
+        export.export_verified(module, export.example_batches((3, 8, 8)), ["y"], "tiny", tmp_path / "w.onnx",
+                               release=True)
+    assert not (tmp_path / "w.onnx").exists()

@@ -151,10 +151,11 @@ def _validate(det: Detector, paths: list[Path], decision: DecisionParams, seed: 
         raise
 
 
-def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | None, str]:
+def write_graph_beside(det: Detector, model_path: str | Path, release: bool = False) -> tuple[Path | None, str]:
     """The verified ONNX graph next to the model file (``model.safetensors`` -> ``model.onnx``), written
     atomically and stamped with the model file's sha256, so predict/serve on the onnx engine start from it
-    (and a runtime-only install can score with it alone). (path, a line to print); path None when skipped."""
+    (and a runtime-only install can score with it alone). (path, a line to print); path None when skipped.
+    ``release``: ``det`` is spent by the export (``export_onnx``), for a caller done with it."""
     from insightad.engines.cache import model_digest
     from insightad.inference.export import beside, check_graph_output, export_onnx
 
@@ -165,7 +166,7 @@ def write_graph_beside(det: Detector, model_path: str | Path) -> tuple[Path | No
         return None, f"no ONNX graph written: {det.method} cannot be exported ({det.onnx_unsupported})"
     try:
         check_graph_output(out, model_path, "the graph beside the model,")
-        export_onnx(det, out, model_digest(model_path))
+        export_onnx(det, out, model_digest(model_path), release=release)
     except InsightADError as e:
         return None, f"warning: no ONNX graph written ({e}); the onnx engine will export it on first use"
     model_digest(model_path)  # remembered now, if the file was too fresh to trust its timestamp before

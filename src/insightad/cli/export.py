@@ -62,7 +62,7 @@ def _export(args: argparse.Namespace, out: Path) -> int:
     if file_sha256(args.model) != digest:
         raise InsightADError(f"{args.model}: changed while export read it (a train or calibrate writing it); "
                              "nothing was written: run export again once it has finished")
-    export_onnx(det, out, digest)
+    export_onnx(det, out, digest, release=True)  # the model is not used again: its tensors go before the check
     p = det.preprocessing_
     print(f"exported {det.method} to {out} (input uint8 N x {p.channels} x H x W at the image's own size, resized "
           f"inside to {p.size[0]}x{p.size[1]}; threshold {det.threshold_:.6g}; verified against PyTorch)")

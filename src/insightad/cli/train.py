@@ -236,12 +236,13 @@ def _train(args: argparse.Namespace, given: dict) -> int:
         print(f"train report written to {args.report}/report.md")
     print(f"model written to {path}")
     # The out-of-fold validation (synthetic defects, their masks and maps: about 100 MB on bottle) served the
-    # decision and the report; the export would otherwise hold it under its own peak.
+    # decision and the report; the export would otherwise hold it under its own peak. The export is the detector's
+    # last use: its large tensors go before ONNX Runtime loads the graph to check it.
     det.validation_ = None
     if args.onnx:
         from insightad.apps.train import write_graph_beside
 
-        print_graph_lines([write_graph_beside(det, path)[1]])
+        print_graph_lines([write_graph_beside(det, path, release=True)[1]])
     sys.stdout.flush()
     return 0
 

@@ -290,32 +290,63 @@ def _reference_input(images: Batch, resize_to: tuple[int, int] | None) -> torch.
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def verify(module: nn.Module, model: str | bytes, batches: Sequence[Batch], what: str, rtol: float = PARITY_RTOL,
-           resize_to: tuple[int, int] | None = None) -> None:
-    """ONNX Runtime must reproduce every output of ``module`` within ``rtol`` (relative to the output's
-    largest magnitude) on every batch; otherwise one line saying which output and by how much. With
-    ``resize_to`` the graph gets each batch as it is (uint8, its own size) and the module the batch
-    resized by ``data.resize``: the check covers the in-graph resize too. A graph file is checked through its
-    ready copy (``engines.cache``), the form every later run opens: what is verified is what runs, and
-    the first predict after an export opens at once."""
+def _references(module: nn.Module, batches: Sequence[Batch], resize_to: tuple[int, int] | None) -> list[list[np.ndarray]]:
+    """The module's outputs on every batch (what the graph must reproduce), as arrays."""
+    refs = []
+    with torch.inference_mode():
+        for images in batches:
+            arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+            refs.append([t.float().numpy() for t in module(_reference_input(arr, resize_to))])
+    return refs
+
+
+def verify(module: nn.Module | list[list[np.ndarray]], model: str | bytes, batches: Sequence[Batch], what: str,
+           rtol: float = PARITY_RTOL, resize_to: tuple[int, int] | None = None) -> None:
+    """ONNX Runtime must reproduce every output of ``module`` (or the outputs ``_references`` took from it)
+    within ``rtol`` (relative to the output's largest magnitude) on every batch; otherwise one line saying which
+    output and by how much. With ``resize_to`` the graph gets each batch as it is (uint8, its own size) and the
+    module the batch resized by ``data.resize``: the check covers the in-graph resize too. A graph file is
+    checked through its ready copy (``engines.cache``), the form every later run opens: what is verified is
+    what runs, and the first predict after an export opens at once."""
+    refs = _references(module, batches, resize_to) if isinstance(module, nn.Module) else module
     sess = make_session(model, threads=None, arena=False, ready=True)  # run once: no arena kept
     names = [o.name for o in sess.get_outputs()]
     feed_name = sess.get_inputs()[0].name
-    for images in batches:
+    for images, ref in zip(batches, refs):
         arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         try:
             got = sess.run(None, {feed_name: np.ascontiguousarray(arr)})
         except Exception as e:  # noqa: BLE001 - e.g. a shape baked in at export
             raise InsightADError(f"{what}: the exported ONNX graph fails on a batch of {len(arr)} images of "
                                  f"{arr.shape[2]}x{arr.shape[3]} ({str(e).splitlines()[0][:160]}); not used") from None
-        with torch.inference_mode():
-            ref = [t.float().numpy() for t in module(_reference_input(arr, resize_to))]
         for name, a, b in zip(names, ref, got):
             scale = max(float(np.abs(a).max()), 1e-12)
             err = float(np.abs(a - b).max()) / scale
             if not np.isfinite(err) or err > rtol:
                 raise InsightADError(f"{what}: the exported ONNX graph disagrees with PyTorch on {name} "
                                      f"(relative error {err:.2e} > {rtol:g}); not used")
+
+
+def release_large_tensors(module: nn.Module) -> int:
+    """Empty every parameter and buffer of ``module`` of ``LARGE_CONSTANT`` elements or more, and hand their
+    memory back; returns how many bytes were let go. For a module whose graph is written and whose outputs are
+    taken: ONNX Runtime's copy of PaDiM's 236 MB factors then never sits beside PyTorch's (the peak of the
+    export inside ``train`` and of ``insightad export``). The module is spent afterwards."""
+    from insightad.runtime import release_free_memory
+
+    freed = 0
+    for m in module.modules():
+        for name, param in list(m._parameters.items()):
+            if param is not None and param.numel() >= LARGE_CONSTANT:
+                freed += param.numel() * param.element_size()
+                m._parameters[name] = nn.Parameter(param.detach().new_empty(0), requires_grad=False)
+        for name, buf in list(m._buffers.items()):
+            if buf is not None and buf.numel() >= LARGE_CONSTANT:
+                freed += buf.numel() * buf.element_size()
+                m._buffers[name] = buf.new_empty(0)
+    if freed:
+        release_free_memory()
+    return freed
 
 
 def twin_folder(tmp: Path) -> Path:
@@ -327,12 +358,14 @@ def twin_folder(tmp: Path) -> Path:
 
 def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequence[str], what: str, out: str | Path,
                     metadata: dict[str, Any] | None = None, flat_keys: Sequence[str] = (), check: bool = True,
-                    resize_to: tuple[int, int] | None = None) -> Path:
+                    resize_to: tuple[int, int] | None = None, release: bool = False) -> Path:
     """Write the ONNX graph of ``module`` to ``out`` atomically (input ``images``, a dynamic batch, ``outputs``
     named), metadata attached, verified on every batch in ``batches``. Without ``resize_to`` the graph's
     input is the module's (float pixels, the first batch's shape); with it, uint8 images of any size resized
     in the graph to ``resize_to`` (batches: uint8 at several sizes). Two batch sizes catch a graph that
-    baked in the example's batch size; several image sizes, one that baked in the example's size."""
+    baked in the example's batch size; several image sizes, one that baked in the example's size.
+    ``release``: the module is spent once its graph is written and its outputs taken (``release_large_tensors``),
+    before ONNX Runtime loads the graph to check it."""
     module = module.to("cpu").eval()
     first = np.asarray(batches[0].numpy() if isinstance(batches[0], torch.Tensor) else batches[0])
     example = _reference_input(first, resize_to)
@@ -348,10 +381,13 @@ def export_verified(module: nn.Module, batches: Sequence[Batch], outputs: Sequen
                 raise InsightADError(f"{what}: the graph could not be exported to ONNX "
                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
             if twin is not None:
+                refs = _references(module, batches, resize_to)
+                if release:
+                    release_large_tensors(module)
                 if (twin / "graph.onnx").is_file():
                     # The ready copy of the file, built from its external-data twin: the constants once in memory.
                     ready_copy(tmp, source=twin / "graph.onnx")
-                verify(module, str(tmp), batches, what, resize_to=resize_to)
+                verify(refs, str(tmp), batches, what, resize_to=resize_to)
         finally:
             if twin is not None:
                 shutil.rmtree(twin, ignore_errors=True)

@@ -86,9 +86,11 @@ def onnx_metadata(det: Detector) -> dict[str, Any]:
             LAYOUT_KEY: GRAPH_LAYOUT, REVISION_KEY: GRAPH_REVISION}
 
 
-def export_onnx(det: Detector, out: str | Path, model_sha256: str | None = None, verify: bool = True) -> Path:
+def export_onnx(det: Detector, out: str | Path, model_sha256: str | None = None, verify: bool = True,
+                release: bool = False) -> Path:
     """Write ``det``'s verified graph to ``out`` atomically, stamped with ``model_sha256`` (the model file it
-    was made from) when given; raises if it cannot be exported faithfully."""
+    was made from) when given; raises if it cannot be exported faithfully. ``release``: ``det`` is not used
+    afterwards (its large tensors are let go before ONNX Runtime loads the graph to check it)."""
     from insightad.engines.export import export_verified, image_examples  # PyTorch: exporting needs it
 
     det._check_fitted()
@@ -108,7 +110,7 @@ def export_onnx(det: Detector, out: str | Path, model_sha256: str | None = None,
     exported = getattr(model, "exported", None)
     module = exported() if callable(exported) else model
     return export_verified(module, image_examples(p.channels, p.size), outputs, det.method, out,
-                           metadata=meta, flat_keys=keys, check=verify, resize_to=p.size)
+                           metadata=meta, flat_keys=keys, check=verify, resize_to=p.size, release=release)
 
 
 def beside(model_path: str | Path) -> Path:
