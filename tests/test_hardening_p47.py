@@ -279,7 +279,8 @@ def test_p47_train_graph_warning_is_an_insightad_warning_line(mvtec_dir, tmp_pat
     """train's "no ONNX graph written" warning went out as a bare "warning: ..." line, unlike every other warning."""
     import insightad.apps.train as train_app
 
-    monkeypatch.setattr(train_app, "write_graph_beside", lambda det, path, release=False: (None, "warning: no ONNX graph written (x)"))
+    monkeypatch.setattr(train_app, "write_graph_beside",
+                        lambda det, path, release=False: (None, "warning: no ONNX graph written (x)"))
     assert main(["train", "--data", str(mvtec_dir), "--method", "baseline", "--image-size", "32",
                  "--out", str(tmp_path / "m.safetensors"), "--no-progress"]) == 0
     cap = capsys.readouterr()

@@ -37,7 +37,7 @@ from insightad.config import DEFAULT_BACKBONE, MAX_IMAGE_SIDE, TrainLoopParams, 
 from insightad.data.loader import ImageSource
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
-from insightad.training import TrainingLoop, TrainResult, fingerprint, load_images, sources_digest, validation_split
+from insightad.training import TrainingLoop, TrainResult, data_fingerprint, fingerprint, load_images, validation_split
 from insightad.training.augment import Augment
 from insightad.training.recompute import recomputed_activations
 from insightad.version import __version__
@@ -159,7 +159,7 @@ class SSLTrainer:
             augment = get_augmentation("affine-norotate")
         chance = CHANCE if p.pretext == "rotation" else CUTPASTE_CHANCE
         loop = TrainingLoop(p, name="ssl", progress=progress, augment=augment,
-                            fingerprint=fingerprint(p, data=sources_digest(images)),
+                            fingerprint=fingerprint(p, **data_fingerprint(images)),
                             curve_metrics={"accuracy": chance})
         torch.manual_seed(p.seed)
         pretrained = p.init == "imagenet"

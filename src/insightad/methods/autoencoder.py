@@ -181,12 +181,12 @@ class AutoencoderDetector(AutoencoderParams, Detector):
         return 1 if self.arch == "conv4" else detect_channels(images)
 
     def _loop(self, images: Sequence, progress: bool, **extra: Any) -> TrainingLoop:
-        from insightad.training import TrainingLoop, fingerprint, sources_digest
+        from insightad.training import TrainingLoop, data_fingerprint, fingerprint
 
         loop_params = config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
                                                            config.TrainLoopParams.__dataclass_fields__})
         return TrainingLoop(loop_params, name="autoencoder", progress=progress,
-                            fingerprint=fingerprint(self.Params(**self.get_params()), data=sources_digest(images),
+                            fingerprint=fingerprint(self.Params(**self.get_params()), **data_fingerprint(images),
                                                     **extra))
 
     def _fit(self, images: Sequence, progress: bool) -> None:

@@ -45,7 +45,7 @@ from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.components.pooling import REGION_TOP_HELP, farthest_regions, pool, pool_regions, region_coverage
 from insightad.methods.registry import register_method
-from insightad.training import TrainingLoop, fingerprint, load_images, sources_digest, validation_split
+from insightad.training import TrainingLoop, data_fingerprint, fingerprint, load_images, validation_split
 
 SVDD_OBJECTIVES = ("one-class", "soft-boundary", "sad")
 SAD_KINDS = ("crack", "scratch", "blob", "missing")  # shapes drawn on the surface; cut-paste and texture
@@ -347,7 +347,7 @@ class SVDDDetector(SVDDParams, Detector):
         loop = TrainingLoop(config.build(config.TrainLoopParams, {k: getattr(self, k) for k in
                                          config.TrainLoopParams.__dataclass_fields__}),
                             name="svdd", progress=progress,
-                            fingerprint=fingerprint(self.Params(**self.get_params()), data=sources_digest(images)))
+                            fingerprint=fingerprint(self.Params(**self.get_params()), **data_fingerprint(images)))
         extractor = self._make_extractor()
         features = PooledFeatures(self._normalize(), extractor, self.pooling, self.grid).to(self.device_).eval()
         on_images = self.augment != "none"

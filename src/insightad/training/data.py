@@ -47,3 +47,36 @@ def sources_digest(sources: Sequence[ImageSource]) -> str:
     for i, s in enumerate(sources):
         h.update(source_name(s, i).encode("utf-8", "replace") + b"\0")
     return h.hexdigest()[:16]
+
+
+def content_digest(sources: Sequence[ImageSource]) -> str:
+    """A short fingerprint of what the images a run trains on hold (file bytes, or the pixels given in memory), in
+    order: a checkpoint made on images since replaced under the same names (a camera's new captures) must not be
+    resumed, and ``sources_digest`` sees names only. An unreadable file counts as empty (the loader names it)."""
+    import hashlib
+
+    from insightad.data.loader import source_path
+
+    h = hashlib.sha1()
+    for s in sources:
+        path = source_path(s)
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except OSError:
+                pass
+        elif isinstance(s, (bytes, bytearray)):
+            h.update(bytes(s))
+        else:  # an array or a PIL image
+            arr = np.asarray(s)
+            h.update(repr((arr.shape, str(arr.dtype))).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(sources: Sequence[ImageSource]) -> dict[str, str]:
+    """What a checkpoint records of its training images: which (``data``) and what they held (``data_content``)."""
+    return {"data": sources_digest(sources), "data_content": content_digest(sources)}

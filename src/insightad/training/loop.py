@@ -42,6 +42,7 @@ from insightad.training.curves import plot_curve
 RESUMABLE = ("epochs", "resume", "checkpoint_dir", "device", "workers", "patience", "time_budget")
 STOP_REASONS = ("epochs", "early_stopping", "time_budget")  # why a run ended (TrainResult.stop_reason)
 MIN_IMPROVEMENT = 1e-4  # relative decrease of the validation loss that counts as progress
+DATA_KEYS = ("data", "data_content", "n_train", "n_val")  # fingerprint entries that describe the training images
 LONG_RUN_S = 600.0  # a CPU run estimated to take longer than this is announced, with the estimate
 
 
@@ -53,6 +54,19 @@ def format_duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _made(diff: list[str], old: dict[str, Any], new: dict[str, Any]) -> str:
+    """How a checkpoint's run differed from this one, for the refusal: a setting, or the training images (their
+    names and number, else their content)."""
+    names = [k for k in diff if k in DATA_KEYS and k != "data_content"]
+    if names:
+        return ("on other training images (their paths, number or order differ: another dataset, --holdout, --seed "
+                "or --val-fraction)")
+    if "data_content" in diff:
+        return "on training images whose content has changed since (the same file names, other bytes: replaced or edited)"
+    k = diff[0]
+    return f"with {k} = {old.get(k)!r}, this run has {new.get(k)!r}"
 
 
 class Objective(Protocol):
@@ -319,14 +333,11 @@ class TrainingLoop:
         path = self._checkpoint_file()
         model_sd, optim_sd, best, info = ckpt.load_checkpoint(path)
         old = info.get("fingerprint", {})
-        diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]
+        # A checkpoint written before the content was recorded is checked on the images' names only.
+        diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k) and (k != "data_content" or k in old)]
         if diff:
-            k = diff[0]
-            made = (f"with {k} = {old.get(k)!r}, this run has {fp.get(k)!r}" if k not in ("data", "n_train", "n_val")
-                    else "on other training images (their paths, number or order differ: another dataset, "
-                         "--holdout, --seed or --val-fraction)")
-            raise InsightADError(f"{path}: cannot resume: the checkpoint was made {made} (train without --resume "
-                                 "to start over)")
+            raise InsightADError(f"{path}: cannot resume: the checkpoint was made {_made(diff, old, fp)} (train "
+                                 "without --resume to start over)")
         try:
             model.load_state_dict(model_sd, strict=True)
             optimizer.load_state_dict(optim_sd)
