@@ -45,6 +45,8 @@ class ServerMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("insightad_rejected_total", "requests refused with 503 because the inference "
                                 "queue was full", registry=r)
+        self.client_limited = Counter("insightad_client_limited_total", "requests refused with 429 because their "
+                                      "client already had --max-requests-per-client open", registry=r)
         self.queue_depth = Gauge("insightad_queue_depth", "requests admitted and waiting for inference",
                                  registry=r)
 

@@ -40,6 +40,8 @@ ERRORS_DOC: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)"},
     413: {"model": ErrorResponse, "description": "request body over the size limit"},
     422: {"model": ErrorResponse, "description": "invalid JSON or a missing field"},
+    429: {"model": ErrorResponse, "description": "this client already has --max-requests-per-client requests open "
+                                                 "(retry later)"},
     503: {"model": ErrorResponse, "description": "inference queue full (retry later) or shutting down"},
 }
 
@@ -590,6 +592,12 @@ def _refuse_fields_in_query(request: Request) -> None:
                                               "form field"} for name in given])
 
 
+def client_address(request: Request) -> str:
+    """Who sent ``request``, for the per-client limit: the connection's peer address (X-Forwarded-For is not read:
+    uvicorn runs without proxy headers, ``server.uvicorn_config``)."""
+    return request.client.host if request.client else "unknown"
+
+
 def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> None:
     """Register every route of the API on ``app``."""
     @app.post("/infer", response_model=InferResponse, response_model_exclude_none=True, dependencies=protected,
@@ -603,14 +611,14 @@ def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> N
                 data, want = await read_upload(request)
                 return [("file", data)], want
 
-            return (await service.score_request(read_form))[0]
+            return (await service.score_request(read_form, client_address(request)))[0]
 
         async def read_json() -> tuple[list[tuple[str, str | bytes]], bool]:
             req = await service.off_loop(_parse_json, InferRequest, await request.body())
             return [("image", req.image)], req.heatmap
 
         _require_json(request)
-        return (await service.score_request(read_json))[0]
+        return (await service.score_request(read_json, client_address(request)))[0]
 
     @app.post("/infer/batch", response_model=BatchResponse, response_model_exclude_none=True,
               dependencies=protected, responses=ERRORS_DOC, openapi_extra=_json_body_doc(BatchRequest, multipart=False),
@@ -627,7 +635,7 @@ def add_routes(app: FastAPI, service: ScoringService, protected: list[Any]) -> N
                 raise HTTPException(413, too_many_images(service.settings.max_images, len(req.images)))
             return [(f"images[{i}]", s) for i, s in enumerate(req.images)], req.heatmap
 
-        return {"results": await service.score_request(read_json)}
+        return {"results": await service.score_request(read_json, client_address(request))}
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}},
              summary="Liveness and readiness: 200 when the model is loaded and the worker runs")

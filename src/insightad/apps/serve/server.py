@@ -121,9 +121,11 @@ def uvicorn_config(app: Any, settings: ServeParams, log_level: str = "info", ssl
                    ssl_keyfile: str | None = None) -> uvicorn.Config:
     """The server's uvicorn options: connections beyond ``max_connections`` get 503 from uvicorn itself (no
     traceback each), a request head must arrive within ``head_timeout_s``, idle keep-alive connections are
-    closed after a few seconds, and h11 caps the size of the request head."""
+    closed after a few seconds, and h11 caps the size of the request head. Proxy headers are off: uvicorn took
+    the client's address from X-Forwarded-For on connections from 127.0.0.1, so a local process could pick any
+    address it liked, and the per-client limit (--max-requests-per-client) counts the connection's peer."""
     protocol = type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": settings.head_timeout_s})
     return uvicorn.Config(app, log_level=log_level, access_log=settings.access_log, server_header=False,
                           timeout_graceful_shutdown=10, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                           limit_concurrency=settings.max_connections, timeout_keep_alive=5, http=protocol,
-                          h11_max_incomplete_event_size=64 * 1024)
+                          h11_max_incomplete_event_size=64 * 1024, proxy_headers=False)

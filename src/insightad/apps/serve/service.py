@@ -127,6 +127,37 @@ class Reservation:
             self.pixels = 0
 
 
+class ClientSlots:
+    """Scoring requests each client address has open, bounded by ``limit`` (0: counted, never refused): one camera
+    PC sending in parallel could take every --queue-size slot, and the other stations of the line got 503 until it
+    stopped. An address is forgotten when its last request ends, so the table holds only clients with requests open."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+        self._lock = threading.Lock()  # (uvicorn calls from one event loop; a test client may call from several)
+
+    def take(self, client: str) -> bool:
+        with self._lock:
+            held = self.open.get(client, 0)
+            if self.limit and held >= self.limit:
+                return False
+            self.open[client] = held + 1
+            return True
+
+    def give_back(self, client: str) -> None:
+        with self._lock:
+            held = self.open.pop(client, 0) - 1
+            if held > 0:
+                self.open[client] = held
+
+
+def too_many_from(client: str, limit: int) -> str:
+    """What a 429 says: whose requests, the limit and the setting that sets it."""
+    return (f"too many requests from {client[:60]}: it already has {limit} scoring requests open, this server's "
+            "limit per client (--max-requests-per-client); wait for an answer before sending more, or retry shortly")
+
+
 class ScoringService:
     """One served detector: decode requests in a few threads, score them on the worker, answer."""
 
@@ -141,6 +172,7 @@ class ScoringService:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         # A few threads parse and decode: more would only contend for the cores (and hold more memory).
         self._request = threading.local()  # the request a decode thread is decoding for (its Reservation)
+        self.clients = ClientSlots(settings.max_requests_per_client)
         self.pixels = PixelBudget(max(settings.max_pixels_in_flight or 2 * settings.max_pixels, settings.max_pixels))
         self.io_pool = ThreadPoolExecutor(settings.decode_threads or min(4, cores),
                                           thread_name_prefix="insightad-decode")
@@ -199,14 +231,26 @@ class ScoringService:
             out.append(item)
         return out
 
-    async def score(self, items: Items, want_maps: bool) -> list[dict[str, Any]]:
+    async def score(self, items: Items, want_maps: bool, client: str = "in-process") -> list[dict[str, Any]]:
         """Score images already read (see ``score_request``)."""
         async def ready() -> tuple[Items, bool]:
             return items, want_maps
 
-        return await self.score_request(ready)
+        return await self.score_request(ready, client)
 
-    async def score_request(self, read: Callable[[], Awaitable[tuple[Items, bool]]]) -> list[dict[str, Any]]:
+    async def score_request(self, read: Callable[[], Awaitable[tuple[Items, bool]]],
+                            client: str) -> list[dict[str, Any]]:
+        """Count the request against its client's limit (or 429) and score it (``_admit_and_score``); the
+        client's count is given back however the request ends (answered, refused, timed out, client gone)."""
+        if not self.clients.take(client):
+            self.metrics.client_limited.inc()
+            raise HTTPException(429, too_many_from(client, self.clients.limit), headers={"Retry-After": "1"})
+        try:
+            return await self._admit_and_score(read)
+        finally:
+            self.clients.give_back(client)
+
+    async def _admit_and_score(self, read: Callable[[], Awaitable[tuple[Items, bool]]]) -> list[dict[str, Any]]:
         """Admit (or 503) *before* the body is read, so --queue-size bounds the bodies held in memory;
         then read, decode, run on the worker and encode the answer, all within --timeout-s."""
         worker, settings = self.worker, self.settings

@@ -24,6 +24,9 @@ class ServeParams:
                                  "a micro-batch", minimum=0.0, maximum=1000.0)
     queue_size: int = param(64, "requests admitted and waiting for inference; when full, new requests "
                             "get 503", minimum=1)
+    max_requests_per_client: int = param(0, "scoring requests (POST /infer, /infer/batch) one client address may "
+                                         "have open at once (being read, waiting or in inference); more get 429, so "
+                                         "one client cannot take every queue slot (0: no limit)", minimum=0)
     max_images: int = param(32, "most images in one POST /infer/batch request", minimum=1)
     timeout_s: float = param(60.0, "a request waiting longer than this for inference gets 503",
                              minimum=0.0, exclusive_min=True)
