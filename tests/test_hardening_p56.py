@@ -137,3 +137,28 @@ def test_p56_make_test_runs_every_check_the_readme_names(tmp_path):
     assert -1 not in at and at == sorted(at), dict(zip(order, at))
     assert "-m pip install --quiet -c constraints.txt" in text
     assert not venv.exists()
+
+
+# ----------------------------------------------------------------------------- the README's code layout
+def layout_rows() -> list[list[str]]:
+    """The modules each row of the README's code-layout table names, top to bottom (``cli``, ``model_file``, ...)."""
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("| layer (top to bottom)"):].split("\n\n")[0].splitlines()[2:]
+    return [[n.rstrip("/").removesuffix(".py") for n in re.findall(r"`([^`]+)`", row.split("|")[1])] for row in table]
+
+
+def test_p56_readme_code_layout_names_every_package_in_layer_order():
+    """The table left out the ``scoring`` layer (and ``lazy_imports``) and put ``iter_predict`` in methods/base.py."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    layers = next(c["layers"] for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers")
+    order = {m.strip().removeprefix("insightad."): i for i, layer in enumerate(layers) for m in layer.split("|")}
+    rows = layout_rows()
+    named = [m for row in rows for m in row]
+    pkg = ROOT / "src" / "insightad"
+    present = {p.stem for p in pkg.glob("*.py") if not p.stem.startswith("__")} | {
+        p.name for p in pkg.iterdir() if (p / "__init__.py").exists()}
+    assert present - set(named) == set() and set(named) - present == set()
+    assert [order[m] for m in named] == sorted(order[m] for m in named)
+    assert "iter_predict" in next(ln for ln in README.read_text(encoding="utf-8").splitlines()
+                                  if ln.startswith("| `scoring/`"))
