@@ -162,3 +162,17 @@ def test_p56_readme_code_layout_names_every_package_in_layer_order():
     assert [order[m] for m in named] == sorted(order[m] for m in named)
     assert "iter_predict" in next(ln for ln in README.read_text(encoding="utf-8").splitlines()
                                   if ln.startswith("| `scoring/`"))
+
+
+# ----------------------------------------------------------------------------- the README's CSV guard
+def test_p56_readme_names_every_character_the_csv_guard_escapes():
+    """The README listed =, +, -, @ as the starts that get a ``'``; tab and carriage return get one too."""
+    from insightad.io import FORMULA_START, csv_cell
+
+    text = README.read_text(encoding="utf-8")
+    para = text[text.index("Every CSV the tool writes"):].split("\n\n")[0]
+    words = {"\t": "a tab", "\r": "a carriage return"}
+    for c in FORMULA_START:
+        assert (words.get(c) or f"`{c}`") in para, repr(c)
+        assert csv_cell(c + "x.png") == "'" + c + "x.png"
+    assert "`-1.5`" in para and csv_cell("-1.5") == "-1.5"
