@@ -10,6 +10,12 @@ What the walk found:
   animated PNG of several frames, as docs/onnx.md says.
 - tests/test_readme.py ran the README's Python examples but not its two set-up commands (``make demo``,
   ``make test``): what they do is checked here from make's dry run, which runs nothing.
+- The README's code-layout table had no row for the ``scoring`` layer (``Prediction``, ``Scorer`` and
+  ``iter_predict``, which it placed in methods/base.py) nor for ``lazy_imports``.
+- The README's CSV guard listed =, +, -, @; cells starting with a tab or a carriage return are guarded too,
+  and plain numbers are not.
+- docs/decisions.md (no test: prose) said only tiled PatchCore was validated on one held-out fold; every tiled
+  model is. docs/onnx.md's C++ example included <regex> (unused) instead of <string>.
 """
 
 from __future__ import annotations
