@@ -40,7 +40,8 @@ FLAT_KEYS = ("threshold", "score_scale", "input_height", "input_width", "channel
 # How InsightAD turns a file into the graph's input (data.images.load_image, data.preprocess): what
 # another language must do to score the same pixels.
 DECODE_CONTRACT = {
-    "formats": "PNG, JPEG (first frame of a multi-picture JPEG), BMP, TIFF (first frame); others are refused",
+    "formats": "PNG, JPEG (first frame of a multi-picture JPEG), BMP, TIFF; others are refused, and so are a "
+               "TIFF of several pages and an animated PNG of several frames",
     "exif_orientation": "not applied: pixels in the order the file stores them",
     "icc_profile": "ignored: no colour management",
     "gray_16bit": "I;16 images (16-bit PNG/TIFF gray): level = floor(v * 255 / 65535 + 0.5)",
