@@ -230,7 +230,7 @@ def test_p55_disconnect_and_cancel_give_the_count_back(baseline_model, payload):
 
 def test_p55_client_is_the_peer_not_a_forwarded_header(baseline_model):
     app = create_app(baseline_model, ServeParams())
-    assert uvicorn_config(app, ServeParams()).proxy_headers is False
+    assert uvicorn_config(app, ServeParams()).proxy_headers is False  # unless --trusted-proxies names proxies
 
 
 def test_p55_on_uvicorn_the_client_is_the_connection_peer(baseline_model, payload):
@@ -255,3 +255,45 @@ def test_p55_on_uvicorn_the_client_is_the_connection_peer(baseline_model, payloa
         answer = held.recv(65536)
     assert refused.status_code == 429 and "127.0.0.1" in refused.json()["detail"]
     assert served_other.status_code == 200 and answer.startswith(b"HTTP/1.1 200")
+
+
+def test_p55_trusted_proxies_name_the_client(baseline_model, payload):
+    """Behind a reverse proxy every client arrives from the proxy's address: with ``--trusted-proxies`` its
+    X-Forwarded-For names the client (the limit counts it and the access log shows it); a peer that is not
+    listed is still taken as it is, whatever header it sends."""
+    from tests.test_hardening_p42 import served
+    from tests.test_serve_http import wait_for
+
+    settings = ServeParams(max_requests_per_client=1, trusted_proxies="127.0.0.1")
+    app = create_app(baseline_model, settings)
+    with served(app, settings) as port, socket.create_connection(("127.0.0.1", port)) as held:
+        held.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Forwarded-For: "
+                     b"10.9.9.9\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        wait_for(lambda: app.state.service.clients.open == {"10.9.9.9": 1}, "the held request to be counted")
+        url = f"http://127.0.0.1:{port}/infer"
+
+        def post(forwarded: str, local: str = "127.0.0.1") -> httpx.Response:
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=local), timeout=30) as c:
+                return c.post(url, content=payload, headers={"Content-Type": "application/json",
+                                                             "X-Forwarded-For": forwarded})
+
+        same, other, untrusted = post("10.9.9.9"), post("10.8.8.8"), post("10.9.9.9", local="127.0.0.2")
+        held.sendall(payload)
+        answer = held.recv(65536)
+    assert same.status_code == 429 and "10.9.9.9" in same.json()["detail"]
+    assert other.status_code == 200 and untrusted.status_code == 200 and answer.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("value, said", [("", "empty"), (" , ", "empty"), ("proxy.local", "'proxy.local' is not"),
+                                         ("10.0.0.0/33", "'10.0.0.0/33' is not")])
+def test_p55_trusted_proxies_are_checked_before_the_model_loads(baseline_model, capsys, value, said):
+    assert main(["serve", "--model", str(baseline_model), "--trusted-proxies", value, "--port", "0"]) != 0
+    err = capsys.readouterr().err
+    assert f"--trusted-proxies: {said}" in err and "Traceback" not in err
+
+
+def test_p55_trusted_proxies_accept_addresses_and_networks():
+    from insightad.apps.serve.server import trusted_proxies
+
+    assert trusted_proxies(None) is None
+    assert trusted_proxies(" 127.0.0.1, 10.0.0.0/8 ,::1") == "127.0.0.1,10.0.0.0/8,::1"

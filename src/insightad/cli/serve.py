@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     from insightad.apps.serve import create_app
     from insightad.apps.serve.security import API_KEY_ENV, check_api_key
-    from insightad.apps.serve.server import uvicorn_config
+    from insightad.apps.serve.server import trusted_proxies, uvicorn_config
     from insightad.runtime import pin_mmap_threshold
 
     settings = gather(args, ServeParams)
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if settings.api_key is not None and not settings.api_key.strip():
         raise InsightADError("--api-key: empty; give a key or leave the flag out")
     tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
+    settings.trusted_proxies = trusted_proxies(settings.trusted_proxies)
     if settings.api_key is not None:
         check_api_key(settings.api_key, "--api-key")
     elif API_KEY_ENV in os.environ:

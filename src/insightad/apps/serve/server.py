@@ -24,6 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from insightad.apps.serve.settings import ServeParams
+from insightad.errors import InsightADError
 
 log = logging.getLogger("insightad.serve")
 
@@ -117,15 +118,37 @@ class HeadTimeoutProtocol(H11Protocol):
         super().connection_lost(exc)
 
 
+def trusted_proxies(value: str | None) -> str | None:
+    """``--trusted-proxies`` checked and tidied (comma-separated addresses or networks), or None when unset; one
+    line naming the entry that is neither, before the model loads."""
+    import ipaddress
+
+    if value is None:
+        return None
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    if not entries:
+        raise InsightADError("--trusted-proxies: empty; give the proxies' addresses (e.g. 127.0.0.1 or 10.0.0.0/8) "
+                             "or leave the flag out")
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise InsightADError(f"--trusted-proxies: {entry[:60]!r} is not an IP address or network (expected e.g. "
+                                 "127.0.0.1, ::1 or 10.0.0.0/8, comma-separated)") from None
+    return ",".join(entries)
+
+
 def uvicorn_config(app: Any, settings: ServeParams, log_level: str = "info", ssl_certfile: str | None = None,
                    ssl_keyfile: str | None = None) -> uvicorn.Config:
     """The server's uvicorn options: connections beyond ``max_connections`` get 503 from uvicorn itself (no
     traceback each), a request head must arrive within ``head_timeout_s``, idle keep-alive connections are
-    closed after a few seconds, and h11 caps the size of the request head. Proxy headers are off: uvicorn took
-    the client's address from X-Forwarded-For on connections from 127.0.0.1, so a local process could pick any
-    address it liked, and the per-client limit (--max-requests-per-client) counts the connection's peer."""
+    closed after a few seconds, and h11 caps the size of the request head. X-Forwarded-For is read only on
+    connections from ``--trusted-proxies``: uvicorn's default trusted it from 127.0.0.1, so any local process
+    could pick the address it liked, and the per-client limit (--max-requests-per-client) counts that address."""
+    proxies = trusted_proxies(settings.trusted_proxies)
     protocol = type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": settings.head_timeout_s})
     return uvicorn.Config(app, log_level=log_level, access_log=settings.access_log, server_header=False,
                           timeout_graceful_shutdown=10, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                           limit_concurrency=settings.max_connections, timeout_keep_alive=5, http=protocol,
-                          h11_max_incomplete_event_size=64 * 1024, proxy_headers=False)
+                          h11_max_incomplete_event_size=64 * 1024, proxy_headers=proxies is not None,
+                          forwarded_allow_ips=proxies)

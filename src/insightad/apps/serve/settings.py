@@ -27,6 +27,10 @@ class ServeParams:
     max_requests_per_client: int = param(0, "scoring requests (POST /infer, /infer/batch) one client address may "
                                          "have open at once (being read, waiting or in inference); more get 429, so "
                                          "one client cannot take every queue slot (0: no limit)", minimum=0)
+    trusted_proxies: str | None = param(None, "reverse proxies whose X-Forwarded-For names the client (for the "
+                                        "access log and --max-requests-per-client): comma-separated addresses or "
+                                        "networks, e.g. 127.0.0.1 or 10.0.0.0/8; unset: the connection's peer is the "
+                                        "client and X-Forwarded-For is never read")
     max_images: int = param(32, "most images in one POST /infer/batch request", minimum=1)
     timeout_s: float = param(60.0, "a request waiting longer than this for inference gets 503",
                              minimum=0.0, exclusive_min=True)
