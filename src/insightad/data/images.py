@@ -264,12 +264,20 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, image_path:
 
 
 def mask_pixels(img: Image.Image, name: str) -> np.ndarray:
-    """Where a mask image is non-zero. Gray masks of more than 8 bits are read from their own values: a
-    16-bit mask of label 1, or a 32-bit or float mask of one constant value, scaled to 8 bits was all 0.
-    Colour and palette masks: their 8-bit luma (as ever)."""
+    """Where a mask image marks a defect: any non-zero value. Gray masks of more than 8 bits are read from their
+    own values (a 16-bit mask of label 1, or a 32-bit or float mask of one constant value, scaled to 8 bits was
+    all 0). Colour and palette masks: wherever any colour channel is non-zero (palettes through their RGB
+    colours); their luma lost dark marks (RGB (1, 0, 0), a dark blue: luma 0). Masks with transparency (RGBA, LA,
+    a palette with a transparent entry, as annotation tools write them): a fully transparent pixel is never a
+    defect, whatever colour it holds (editors keep white or old colours under alpha 0); alpha is not otherwise
+    read, so an opaque black background is defect-free."""
     if img.mode == "F":
         check_finite(img, name)
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         return np.asarray(img) != 0
-    img = to_8bit(img)
-    return np.asarray(img if img.mode == "L" else img.convert("L")) > 0
+    if img.mode in ("1", "L"):
+        return np.asarray(img.convert("L")) > 0
+    with_alpha = "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info
+    arr = np.asarray(img.convert("RGBA" if with_alpha else "RGB"))
+    marked = arr[..., :3].any(axis=2)
+    return marked & (arr[..., 3] > 0) if with_alpha else marked
