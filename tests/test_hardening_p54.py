@@ -10,6 +10,10 @@ Found and fixed:
   read it as 8: label 1 became 0);
 - an anomalous image whose mask marks nothing was counted as defect-free, blaming the map for finding its defect;
   now it is left out of the pixel metrics with a warning and counted (``pixel_images_empty_mask``);
+- a mask drawn black on white (inverted) read as all defect, and the pixel metrics came out poor without a hint;
+  a mask marking over 95% of its image is now said;
+- images of 1-8 px were enlarged to the model's 64 px and scored without a word; images over 4 times smaller than
+  the model's working size are now said;
 - two anomalous images of one name in two defect folders took one flat ``masks/<stem>_mask.png`` between them
   without a word (or the first of two masks of one name); now neither gets one, in one warning line, and the mask
   is not called an orphan;
@@ -24,7 +28,7 @@ Found and fixed:
 
 Checked and found sound: masks of the wrong size (p24), missing masks (p47), 16-bit/float gray masks (p41), a test
 set of defects only (p41), --report into a file or below one, an ONNX export and its model file giving the same
-metrics on the same data, images of 1-8 px.
+metrics on the same data, a truncated mask (one line naming it, no report written).
 """
 
 from __future__ import annotations
@@ -260,3 +264,17 @@ def test_p54_images_far_smaller_than_the_model_are_said(baseline_model, tmp_path
     err = capsys.readouterr().err
     assert (f"warning: 3 of 4 images are over 4 times smaller than the model's {SIZE}x{SIZE} working size (e.g. "
             f"{tmp_path / 'd' / 'normal' / 'x1.png'}, 1x1): they are enlarged to be scored") in err
+
+
+def test_p54_an_inverted_mask_is_said(tmp_path):
+    """A mask drawn black on white reads as all defect: pixel metrics came out poor without a hint why."""
+    from insightad.evaluate.pixel import pixel_metrics
+
+    inverted = np.full((16, 16), 255, np.uint8)
+    inverted[4:8, 4:8] = 0
+    Image.fromarray(inverted).save(tmp_path / "d_mask.png")
+    samples = [Sample(tmp_path / "d.png", 1, "scratch", "test", tmp_path / "d_mask.png"),
+               Sample(tmp_path / "ok.png", 0, "good", "test")]
+    with pytest.warns(UserWarning, match=r"1 of 1 masks mark over 95% of their image as defect \(e.g. .*d_mask.png\): "
+                                         r"a mask marks defects non-zero on a zero \(black\) background; is it inverted"):
+        pixel_metrics(samples, [np.ones((16, 16)), np.zeros((16, 16))], resolution=16)

@@ -79,6 +79,18 @@ def _warn_empty(empty: list[Sample], resolution: int | None) -> None:
                       "the pixel metrics leave them out (a mask marks defects with non-zero values)", stacklevel=3)
 
 
+NEARLY_ALL = 0.95  # a mask marking more of its image than this is said: an inverted mask (white background) reads so
+
+
+def _warn_nearly_all(full: list[Sample], n_masks: int) -> None:
+    """Say which masks mark nearly their whole image as defect: a mask drawn black on white reads as all defect
+    (its background is non-zero), and the pixel metrics came out poor without a hint why."""
+    if full:
+        warnings.warn(f"{len(full)} of {n_masks} masks mark over {NEARLY_ALL:.0%} of their image as defect (e.g. "
+                      f"{full[0].mask}): a mask marks defects non-zero on a zero (black) background; is it inverted?",
+                      stacklevel=3)
+
+
 def _edges(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], resolution: int | None,
            n_bins: int) -> np.ndarray:
     picks = []
@@ -122,6 +134,7 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
     pro_sum = np.zeros(nb, dtype=np.float64)
     n_regions = used = skipped = 0
     empty: list[Sample] = []
+    full: list[Sample] = []
     for i, (s, m) in enumerate(zip(samples, maps)):
         if m is None:
             continue
@@ -132,6 +145,8 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
                 empty.append(s)
             continue
         used += 1
+        if s.mask is not None and gt.mean() > NEARLY_ALL:
+            full.append(s)
         r = resize_map(m, resolution)
         if r.shape != gt.shape:
             raise InsightADError(f"{s.path}: map is {r.shape[1]}x{r.shape[0]} but its mask is {gt.shape[1]}x{gt.shape[0]}")
@@ -148,6 +163,7 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
                            "pixel_images": used, "pixel_images_skipped": skipped, "pixel_images_empty_mask": len(empty),
                            "defect_regions": n_regions}
     _warn_empty(empty, resolution)
+    _warn_nearly_all(full, sum(s.mask is not None for s in samples))
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
     if n_pos == 0 or n_neg == 0:  # said, not left as a bare n/a or null
         out["pixel_undefined"] = ("the masks hold no defect pixels: all are 0" if n_pos == 0 and empty else
