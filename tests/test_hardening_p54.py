@@ -271,10 +271,25 @@ def test_p54_an_inverted_mask_is_said(tmp_path):
     from insightad.evaluate.pixel import pixel_metrics
 
     inverted = np.full((16, 16), 255, np.uint8)
-    inverted[4:8, 4:8] = 0
+    inverted[4:6, 4:6] = 0  # 98% of the image
     Image.fromarray(inverted).save(tmp_path / "d_mask.png")
     samples = [Sample(tmp_path / "d.png", 1, "scratch", "test", tmp_path / "d_mask.png"),
                Sample(tmp_path / "ok.png", 0, "good", "test")]
     with pytest.warns(UserWarning, match=r"1 of 1 masks mark over 95% of their image as defect \(e.g. .*d_mask.png\): "
                                          r"a mask marks defects non-zero on a zero \(black\) background; is it inverted"):
         pixel_metrics(samples, [np.ones((16, 16)), np.zeros((16, 16))], resolution=16)
+
+
+def test_p54_an_export_and_its_model_file_give_the_same_metrics(baseline_model, mvtec_dir, tmp_path, capsys):
+    """evaluate of the .onnx export and of the .safetensors model on one dataset: the same images, the same figures."""
+    onnx = tmp_path / "baseline.onnx"
+    assert main(["export", "--model", str(baseline_model), "--out", str(onnx)]) == 0
+    capsys.readouterr()
+    got = {}
+    for model in (baseline_model, onnx):
+        assert main(["evaluate", "--model", str(model), "--data", str(mvtec_dir), "--json", "--no-progress"]) == 0
+        got[model.suffix] = json.loads(capsys.readouterr().out)
+    a, b = got[".safetensors"], got[".onnx"]
+    assert (a["n_normal"], a["n_anomalous"]) == (b["n_normal"], b["n_anomalous"])
+    for key in ("image_auroc", "average_precision", "accuracy", "f1", "threshold"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from insightad.data.defects import DEFECT_KINDS
 from insightad.decide.decisions import DecisionRecord
 from insightad.errors import InsightADError
 from insightad.io import atomic_write
@@ -32,13 +31,12 @@ def _outline(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (
 
 
 def _examples(oof: Any, per_kind: int) -> dict[str, list[int]]:
-    """Per defect kind (in ``DEFECT_KINDS`` order), the defects whose images validation kept, at most ``per_kind``."""
+    """Per defect kind (by name, as the recall table), the defects whose images validation kept, at most ``per_kind``."""
     picks: dict[str, list[int]] = {}
     for i, d in enumerate(oof.defects):
-        if d.image.size and len(picks.setdefault(d.kind, [])) < per_kind:
-            picks[d.kind].append(i)
-    order = {k: n for n, k in enumerate(DEFECT_KINDS)}
-    return {k: picks[k] for k in sorted((k for k in picks if picks[k]), key=lambda k: (order.get(k, len(order)), k))}
+        if d.image.size and len(picks.get(d.kind, [])) < per_kind:
+            picks.setdefault(d.kind, []).append(i)
+    return {k: picks[k] for k in sorted(picks)}
 
 
 def example_sheet(det: Any, oof: Any, path: Path, per_kind: int = EXAMPLE_IMAGES, tile: int = 128) -> Path | None:

@@ -160,8 +160,7 @@ def _warn_unused_mask_files(root: Path, folders: list[Path], samples: list[Sampl
     for group, what in ((orphans, "belong to no anomalous image"), (misnamed, "are not named <stem>_mask.<ext>")):
         if group:
             warnings.warn(f"{len(group)} files in the mask folders of {root} {what} (e.g. {_under(root, group[0])}); "
-                          "not used: the "
-                          "mask of an anomalous image <stem>.<ext> is <stem>_mask.<ext> (MVTec AD: "
+                          "not used: the mask of an anomalous image <stem>.<ext> is <stem>_mask.<ext> (MVTec AD: "
                           "ground_truth/<defect>/)", stacklevel=4)
 
 

@@ -161,9 +161,9 @@ def out_of_fold(det: Detector, images: Sequence, k: int = DEFAULT_FOLDS, seed: i
 
 def _defects_for(arrays: list[np.ndarray], index: np.ndarray, seed: int, synthetic: bool,
                  kinds: Sequence[str], start: int = 0) -> list[SyntheticDefect]:
-    """One synthetic defect per normal of a fold, the kinds taken in turn from the ``start``-th (the defects the
-    folds before made): each fold began again at the first kind, so folds of 1-5 normals never made the last
-    ones (20 normals in 5 folds: no blob, no missing piece)."""
+    """One synthetic defect per normal of a fold, the kinds taken in turn from the ``start``-th (callers: fold number
+    x fold size, about the defects the folds before made): each fold began again at the first kind, so folds of
+    1-5 normals never made the last ones (20 normals in 5 folds: no blob, no missing piece)."""
     if not synthetic or len(arrays) < 1:
         return []
     turn = int(start) % max(len(kinds), 1)
