@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from insightad.decide.decisions import DecisionRecord
 from insightad.errors import InsightADError
 from insightad.io import atomic_write
-from insightad.methods.crossfit import EXAMPLE_IMAGES
+from insightad.methods.crossfit import EXAMPLE_IMAGES, untried_kinds
 from insightad.render.colormap import MapScale, blend, with_colorbar
 
 
@@ -30,17 +30,29 @@ def _outline(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (
     return out
 
 
-def example_sheet(det: Any, oof: Any, path: Path, per_kind: int = EXAMPLE_IMAGES, tile: int = 128) -> Path:
+def _examples(oof: Any, per_kind: int) -> dict[str, list[int]]:
+    """Per defect kind (by name, as the recall table), the defects whose images validation kept, at most ``per_kind``."""
+    picks: dict[str, list[int]] = {}
+    for i, d in enumerate(oof.defects):
+        if d.image.size and len(picks.get(d.kind, [])) < per_kind:
+            picks.setdefault(d.kind, []).append(i)
+    return {k: picks[k] for k in sorted(picks)}
+
+
+def example_sheet(det: Any, oof: Any, path: Path, per_kind: int = EXAMPLE_IMAGES, tile: int = 128) -> Path | None:
     """Rows per defect kind: each synthetic defect (true mask outlined) and, for map methods, its map;
     the caption says its score and whether the threshold catches it. Validation keeps the images of the first
-    ``EXAMPLE_IMAGES`` defects of each kind only."""
-    kinds = sorted(set(oof.defect_kinds))
-    cols = per_kind * (2 if oof.defect_maps is not None else 1)
-    sheet = Image.new("RGB", (cols * tile, len(kinds) * (tile + 14)), (255, 255, 255))
+    ``EXAMPLE_IMAGES`` defects of each kind only. As many columns as the fullest row has (a validation of 2 normals
+    drew 2 examples beside a blank third); None, and nothing written, where no defect image was kept."""
+    rows = _examples(oof, per_kind)
+    if not rows:
+        return None
+    per = 2 if oof.defect_maps is not None else 1
+    cols = per * max(len(picks) for picks in rows.values())
+    sheet = Image.new("RGB", (cols * tile, len(rows) * (tile + 14)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     scale = MapScale.for_detector(det)
-    for r, kind in enumerate(kinds):
-        picks = [i for i, d in enumerate(oof.defects) if d.kind == kind and d.image.size][:per_kind]
+    for r, (kind, picks) in enumerate(rows.items()):
         for j, i in enumerate(picks):
             d = oof.defects[i]
             rgb = d.image if d.image.ndim == 3 else np.repeat(d.image[..., None], 3, axis=2)
@@ -69,9 +81,13 @@ def write_train_report(det: Any, out_dir: str | Path) -> dict[str, Any]:
         raise InsightADError(f"{out}: --report expects a folder, and this is a file")
     out.mkdir(parents=True, exist_ok=True)
     rec = DecisionRecord.from_dict(rec_d)
-    files = {"examples": example_sheet(det, oof, out / "synthetic_examples.png").name}
+    sheet = example_sheet(det, oof, out / "synthetic_examples.png")
+    if sheet is None:  # an earlier report's sheet would stand beside this report as if it were this model's
+        (out / "synthetic_examples.png").unlink(missing_ok=True)
+    files = {"examples": sheet.name} if sheet is not None else {}
     body = {"method": det.method, "threshold": det.threshold_, "strategy": det.threshold_strategy_,
-            "decision": rec.to_dict(), "selection": getattr(det, "selection_", None), "files": files}
+            "decision": rec.to_dict(), "selection": getattr(det, "selection_", None), "files": files,
+            "untried_kinds": untried_kinds(oof.defect_kinds)}
     atomic_write_text(out / "decision.json", json.dumps(body, indent=2, default=float) + "\n")
     lines = [f"# Training: {det.method}", "", f"- threshold {det.threshold_:.6g} ({det.threshold_strategy_})",
              f"- {rec.summary()}", f"- validation: {rec.validation}, {rec.n_normal} normals scored out of fold, "
@@ -90,6 +106,7 @@ def write_train_report(det: Any, out_dir: str | Path) -> dict[str, Any]:
 
         lines += ["", "## --method auto", "", "```", format_table(sel["candidates"], sel["chosen"]), "```"]
     lines += ["", "## Synthetic examples (true defect outlined; map in the model's colours)", "",
-              f"![examples]({files['examples']})", ""]
+              f"![examples]({files['examples']})" if files else "No synthetic defect images were kept to show "
+              "(the validation made none on the normals it scored).", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return body

@@ -101,7 +101,8 @@ def format_resampled(report: dict) -> str:
     lines = []
     for kind in ("balanced", "unbalanced"):
         r = report[kind]
-        if not r.get("available"):
+        if not r.get("available"):  # said, not a blank line
+            lines.append(f"[{kind.capitalize()}] n/a ({r.get('reason', 'not computed')})")
             continue
         vals = ", ".join(f"{k}={mean_std_text(r, k)}" for k in ("auc", "accuracy", "precision", "recall", "f1"))
         lines.append(f"[{kind.capitalize()}] {r['n_normal']} normal + {r['n_anomalous']} defective, "

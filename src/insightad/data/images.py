@@ -260,16 +260,44 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, image_path:
         of = f" of {image_path}" if image_path else ""
         raise InsightADError(f"{path}: mask is {img.size[0]}x{img.size[1]} but the image{of} is "
                              f"{size[0]}x{size[1]}; a mask must match its image's size")
-    return mask_pixels(img, str(path))
+    wide = _wide_colour_png(path) if img.format == "PNG" else None
+    return _colour_marks(wide, wide.shape[2] == 4) if wide is not None else mask_pixels(img, str(path))
+
+
+def _wide_colour_png(path: str | Path) -> np.ndarray | None:
+    """The pixels of a PNG of 16 bits per colour channel (RGB or RGBA) as libspng decodes them, or None for any other
+    file: Pillow reads such a file as 8 bits a channel, so a colour mask of label 1 became all 0."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+        if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR" or len(head) < 26 or head[24] != 16 \
+                or head[25] not in (2, 6):
+            return None
+        data = head + f.read()
+    import pyspng
+
+    arr = np.asarray(pyspng.load(data))
+    return arr if arr.ndim == 3 and arr.shape[2] in (3, 4) else None
+
+
+def _colour_marks(arr: np.ndarray, alpha: bool) -> np.ndarray:
+    """Where any colour channel of (H, W, 3 or 4) pixels is non-zero; with ``alpha``, only where not transparent."""
+    marked: np.ndarray = np.any(arr[..., :3] != 0, axis=2)
+    return marked & (arr[..., 3] > 0) if alpha else marked
 
 
 def mask_pixels(img: Image.Image, name: str) -> np.ndarray:
-    """Where a mask image is non-zero. Gray masks of more than 8 bits are read from their own values: a
-    16-bit mask of label 1, or a 32-bit or float mask of one constant value, scaled to 8 bits was all 0.
-    Colour and palette masks: their 8-bit luma (as ever)."""
+    """Where a mask image marks a defect: any non-zero value. Gray masks of more than 8 bits are read from their
+    own values (a 16-bit mask of label 1, or a 32-bit or float mask of one constant value, scaled to 8 bits was
+    all 0). Colour and palette masks: wherever any colour channel is non-zero (palettes through their RGB
+    colours); their luma lost dark marks (RGB (1, 0, 0), a dark blue: luma 0). Masks with transparency (RGBA, LA,
+    a palette with a transparent entry, as annotation tools write them): a fully transparent pixel is never a
+    defect, whatever colour it holds (editors keep white or old colours under alpha 0); alpha is not otherwise
+    read, so an opaque black background is defect-free. (``load_mask`` reads 16-bit colour PNGs at 16 bits.)"""
     if img.mode == "F":
         check_finite(img, name)
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         return np.asarray(img) != 0
-    img = to_8bit(img)
-    return np.asarray(img if img.mode == "L" else img.convert("L")) > 0
+    if img.mode in ("1", "L"):
+        return np.asarray(img.convert("L")) > 0
+    with_alpha = "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info
+    return _colour_marks(np.asarray(img.convert("RGBA" if with_alpha else "RGB")), with_alpha)

@@ -6,6 +6,7 @@ import functools
 import os
 import random
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -99,17 +100,46 @@ def _find_dir(root: Path, name: str) -> Path | None:
     return None
 
 
-def _mask_index(*folders: Path) -> dict[str, Path]:
-    """Stem of the image -> mask file, from ``<stem>_mask.<ext>`` files under the given folders."""
-    index: dict[str, Path] = {}
+def _mask_index(*folders: Path) -> dict[str, list[Path]]:
+    """``<defect>/<stem>`` and ``<stem>`` of the image -> its mask files, from ``<stem>_mask.<ext>`` files under the
+    given folders (several where a name is not unique: :func:`_match_masks` gives those to no image)."""
+    index: dict[str, list[Path]] = {}
     for folder in folders:
         if folder is None or not folder.is_dir():
             continue
         for p in sorted(folder.rglob("*.*")):
             if _is_mask_name(p) and p.is_file():
-                index.setdefault(_defect_key(p.parent.name, p.stem[: -len("_mask")]), p)
-                index.setdefault(p.stem[: -len("_mask")], p)
+                for key in (_defect_key(p.parent.name, p.stem[: -len("_mask")]), p.stem[: -len("_mask")]):
+                    if p not in index.setdefault(key, []):
+                        index[key].append(p)
     return index
+
+
+def _match_masks(root: Path, images: list[tuple[Path, str]], masks: dict[str, list[Path]]) -> list[Path | None]:
+    """The mask of each anomalous (image, defect): by ``<defect>/<stem>``, else by ``<stem>``. A name that several
+    mask files hold, or that several images would take, gives none of them a mask (one warning line): two images
+    of one name in two defect folders took one flat ``masks/000_mask.png`` between them, unsaid."""
+    keys = [_defect_key(d, p.stem) if _defect_key(d, p.stem) in masks else p.stem for p, d in images]
+    takers = Counter(keys)
+    out: list[Path | None] = []
+    unclear: list[tuple[Path, str]] = []
+    for (p, _), key in zip(images, keys):
+        files = masks.get(key, [])
+        out.append(files[0] if len(files) == 1 and takers[key] == 1 else None)
+        if files and out[-1] is None:
+            unclear.append((p, key))
+    if unclear:
+        p, key = unclear[0]
+        warnings.warn(f"{len(unclear)} anomalous images of {root} cannot be matched to one mask (e.g. "
+                      f"{_under(root, p)}: '{key}' names {len(masks[key])} mask files and {takers[key]} images); "
+                      "they get none, so the pixel metrics leave them out: give each defect its own mask folder "
+                      "with one <stem>_mask.<ext> per image (<masks>/<defect>/<stem>_mask.<ext>)", stacklevel=4)
+    return out
+
+
+def _under(root: Path, path: Path) -> str:
+    """``path`` relative to ``root`` with forward slashes where it lies under it, else as given."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def _defect_key(defect: str, stem: str) -> str:
@@ -117,20 +147,20 @@ def _defect_key(defect: str, stem: str) -> str:
 
 
 def _warn_unused_mask_files(root: Path, folders: list[Path], samples: list[Sample],
-                            normal_stems: frozenset[str] = frozenset()) -> None:
+                            normal_stems: frozenset[str] = frozenset(),
+                            unclear: frozenset[Path] = frozenset()) -> None:
     """Say which image files of the mask folders no image uses: a mask whose ``<stem>`` names no anomalous image
     (nor one of ``normal_stems``, whose masks mark nothing), or a file not named ``<stem>_mask.<ext>`` at all.
     A naming slip left the pixel metrics out, or scored the image it meant without its mask, without a word."""
     used = {s.mask for s in samples if s.mask is not None}
     files = [p for folder in folders if folder.is_dir() for p in sorted(folder.rglob("*.*"))
-             if has_image_name(p) and p.is_file() and p not in used]
+             if has_image_name(p) and p.is_file() and p not in used and p not in unclear]  # (said already)
     orphans = [p for p in files if _is_mask_name(p) and p.stem[: -len("_mask")] not in normal_stems]
     misnamed = [p for p in files if not _is_mask_name(p)]
     for group, what in ((orphans, "belong to no anomalous image"), (misnamed, "are not named <stem>_mask.<ext>")):
         if group:
-            where = group[0].relative_to(root).as_posix() if group[0].is_relative_to(root) else str(group[0])
-            warnings.warn(f"{len(group)} files in the mask folders of {root} {what} (e.g. {where}); not used: the "
-                          "mask of an anomalous image <stem>.<ext> is <stem>_mask.<ext> (MVTec AD: "
+            warnings.warn(f"{len(group)} files in the mask folders of {root} {what} (e.g. {_under(root, group[0])}); "
+                          "not used: the mask of an anomalous image <stem>.<ext> is <stem>_mask.<ext> (MVTec AD: "
                           "ground_truth/<defect>/)", stacklevel=4)
 
 
@@ -143,14 +173,19 @@ def _mvtec(root: Path) -> Dataset:
     if not test.is_dir():
         raise InsightADError(f"{root}: MVTec AD layout needs a test/ folder")
     gt = root / "ground_truth"
+    unclear: set[Path] = set()
     for sub in sorted(p for p in test.iterdir() if p.is_dir()):
-        masks = _mask_index(gt / sub.name) if sub.name != "good" else {}
-        for p in _images_in(sub):
-            label = NORMAL if sub.name == "good" else ANOMALOUS
-            samples.append(Sample(p, label, sub.name, "test", masks.get(p.stem)))
+        if sub.name == "good":
+            samples += [Sample(p, NORMAL, "good", "test") for p in _images_in(sub)]
+            continue
+        masks = {k: v for k, v in _mask_index(gt / sub.name).items() if "/" not in k}
+        images = _images_in(sub)
+        found = _match_masks(root, [(p, sub.name) for p in images], masks)
+        samples += [Sample(p, ANOMALOUS, sub.name, "test", m) for p, m in zip(images, found)]
+        unclear.update(f for (p, m) in zip(images, found) if m is None for f in masks.get(p.stem, []))
     if not any(s.split == "test" for s in samples):
         raise InsightADError(f"{test}: no test images found")
-    _warn_unused_mask_files(root, [gt], samples)
+    _warn_unused_mask_files(root, [gt], samples, unclear=frozenset(unclear))
     loose = [p for folder in (root / "train", test) for p in sorted(folder.iterdir())
              if is_image_file(p) and is_regular_file(p)]
     if loose:  # said, not skipped unseen: MVTec AD's labels are its folders
@@ -164,15 +199,21 @@ def _labelled(root: Path, normal: Path, abnormal: Path | None, layout: str) -> D
     masks = _mask_index(*[root / d for d in MASK_DIRS], normal, *(x for x in [abnormal] if x))
     samples = [Sample(p, NORMAL, "good", "train") for p in _require_images(normal, "normal images")]
     if abnormal is not None:
-        for p in _images_in(abnormal):
-            parts = p.relative_to(abnormal).parts
-            defect = parts[0] if len(parts) > 1 else abnormal.name.lower()
-            mask = masks.get(_defect_key(defect, p.stem)) or masks.get(p.stem)
-            samples.append(Sample(p, ANOMALOUS, defect, "test", mask))
+        images = [(p, _defect_of(p, abnormal)) for p in _images_in(abnormal)]
+        found = _match_masks(root, images, masks)
+        samples += [Sample(p, ANOMALOUS, defect, "test", m) for (p, defect), m in zip(images, found)]
+        unclear = {f for (p, d), m in zip(images, found) if m is None
+                   for f in masks.get(_defect_key(d, p.stem), masks.get(p.stem, []))}
         # (masks of normal images mark nothing: normal images count as defect-free with or without one)
         _warn_unused_mask_files(root, [root / d for d in MASK_DIRS], samples,
-                                frozenset(s.path.stem for s in samples if s.label == NORMAL))
+                                frozenset(s.path.stem for s in samples if s.label == NORMAL), frozenset(unclear))
     return Dataset(root, layout, samples, has_test_split=False)
+
+
+def _defect_of(image: Path, abnormal: Path) -> str:
+    """An anomalous image's defect type: its folder under ``abnormal``, or the folder's own name for one directly in it."""
+    parts = image.relative_to(abnormal).parts
+    return parts[0] if len(parts) > 1 else abnormal.name.lower()
 
 
 def _images_only(root: Path) -> Dataset:

@@ -19,9 +19,11 @@ def undefined_text(m: dict, key: str) -> str:
 
 def pixel_coverage(m: dict) -> str:
     """How many images the pixel metrics judged, and why the others were left out."""
-    skipped = int(m.get("pixel_images_skipped") or 0)
+    empty = int(m.get("pixel_images_empty_mask") or 0)
+    unmasked = int(m.get("pixel_images_skipped") or 0) - empty
     return (f"{m.get('pixel_images', 0)} images judged pixel by pixel"
-            + (f"; {skipped} anomalous images without a mask left out" if skipped else ""))
+            + (f"; {unmasked} anomalous images without a mask left out" if unmasked else "")
+            + (f"; {empty} anomalous images whose mask marks no defect pixel left out" if empty else ""))
 
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | int | list[float] | None]:

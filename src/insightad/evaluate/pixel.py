@@ -16,6 +16,7 @@ FPR in [0, 0.3] and divided by 0.3, so a perfect map scores 1.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,33 @@ def _gt(sample: Sample, shape: tuple[int, ...], resolution: int | None) -> np.nd
     return None
 
 
+def _marks_nothing(sample: Sample, gt: np.ndarray) -> bool:
+    """An anomalous image whose mask holds no defect pixel at the comparison resolution (all 0, or a mark read as
+    0, or one too small to survive the resize): its defect cannot be judged, and its pixels counted as defect-free
+    would blame the map for finding it."""
+    return sample.label != 0 and not gt.any()
+
+
+def _warn_empty(empty: list[Sample], resolution: int | None) -> None:
+    """Say which anomalous images' masks mark nothing: left out of the pixel metrics, not counted defect-free."""
+    if empty:
+        at = f" at the {resolution} px comparison" if resolution else ""
+        warnings.warn(f"{len(empty)} anomalous images have a mask with no defect pixel{at} (e.g. {empty[0].mask}): "
+                      "the pixel metrics leave them out (a mask marks defects with non-zero values)", stacklevel=3)
+
+
+NEARLY_ALL = 0.95  # a mask marking more of its image than this is said: an inverted mask (white background) reads so
+
+
+def _warn_nearly_all(full: list[Sample], n_masks: int) -> None:
+    """Say which masks mark nearly their whole image as defect: a mask drawn black on white reads as all defect
+    (its background is non-zero), and the pixel metrics came out poor without a hint why."""
+    if full:
+        warnings.warn(f"{len(full)} of {n_masks} masks mark over {NEARLY_ALL:.0%} of their image as defect (e.g. "
+                      f"{full[0].mask}): a mask marks defects non-zero on a zero (black) background; is it inverted?",
+                      stacklevel=3)
+
+
 def _edges(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], resolution: int | None,
            n_bins: int) -> np.ndarray:
     picks = []
@@ -89,8 +117,9 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
     """Pixel AUROC, AUPRO and pixel AP of ``maps`` against the masks of ``samples``.
 
     ``maps[i]`` is a float array at image i's own resolution (or None: not scored). Normal images
-    without a mask count as defect-free; anomalous images without a mask are skipped (counted in
-    ``pixel_images_skipped``). Metrics that are undefined for the data (no defect pixels, no
+    without a mask count as defect-free; anomalous images without a mask, or whose mask marks no pixel at
+    ``resolution``, are skipped (counted in ``pixel_images_skipped``; the second kind also in
+    ``pixel_images_empty_mask``, and said in a warning). Metrics that are undefined for the data (no defect pixels, no
     defect-free pixels) are None. ``shapes[i]``: image i's (height, width) when its map was already
     brought to ``resolution`` (masks are still checked against the image's own size).
     """
@@ -104,14 +133,20 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
     pos = np.zeros(nb, dtype=np.int64)
     pro_sum = np.zeros(nb, dtype=np.float64)
     n_regions = used = skipped = 0
+    empty: list[Sample] = []
+    full: list[Sample] = []
     for i, (s, m) in enumerate(zip(samples, maps)):
         if m is None:
             continue
         gt = _gt(s, tuple(shapes[i]) if shapes is not None else np.asarray(m).shape, resolution)
-        if gt is None:
+        if gt is None or _marks_nothing(s, gt):
             skipped += 1
+            if gt is not None:
+                empty.append(s)
             continue
         used += 1
+        if s.mask is not None and gt.mean() > NEARLY_ALL:
+            full.append(s)
         r = resize_map(m, resolution)
         if r.shape != gt.shape:
             raise InsightADError(f"{s.path}: map is {r.shape[1]}x{r.shape[0]} but its mask is {gt.shape[1]}x{gt.shape[0]}")
@@ -125,10 +160,14 @@ def pixel_metrics(samples: Sequence[Sample], maps: Sequence[np.ndarray | None], 
             pro_sum += (covered / covered[:, :1]).sum(0)
             n_regions += k
     out: dict[str, Any] = {"pixel_auroc": None, "aupro": None, "pixel_ap": None, "pixel_resolution": resolution,
-                           "pixel_images": used, "pixel_images_skipped": skipped, "defect_regions": n_regions}
+                           "pixel_images": used, "pixel_images_skipped": skipped, "pixel_images_empty_mask": len(empty),
+                           "defect_regions": n_regions}
+    _warn_empty(empty, resolution)
+    _warn_nearly_all(full, sum(s.mask is not None for s in samples))
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
     if n_pos == 0 or n_neg == 0:  # said, not left as a bare n/a or null
-        out["pixel_undefined"] = ("no image could be judged pixel by pixel (defective images without masks)"
+        out["pixel_undefined"] = ("the masks hold no defect pixels: all are 0" if n_pos == 0 and empty else
+                                  "no image could be judged pixel by pixel (defective images without masks)"
                                   if not used else "the masks hold no defect pixels: all are 0" if n_pos == 0 else
                                   "no defect-free pixels (every mask is all defect and no normal image was scored)")
         return out

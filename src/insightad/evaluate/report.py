@@ -352,6 +352,8 @@ def report_markdown(report: dict[str, Any], rows: list[dict[str, Any]], thr: flo
                        + " | ".join(mean_std_text(r, k) for k in RESAMPLED_METRICS) + " |")
         if u.get("note"):
             out.append(f"\n{u['note']}")
+    else:
+        out += ["", "## Balanced and unbalanced", "", f"- n/a ({b.get('reason', 'not computed')})"]
     out += ["", "## Per defect type", "", per_defect_markdown(rows, thr)]
     p = report["pixel"]
     out += ["## Pixel level", ""]

@@ -69,6 +69,24 @@ def _warn_unmasked(samples: list[Sample]) -> None:
                       "metrics leave them out", stacklevel=3)
 
 
+ENLARGED = 4  # an image enlarged more than this to the model's size is said: its score says little
+
+
+def _warn_small(det: Detector, samples: list[Sample]) -> None:
+    """Images far smaller than the model's working size are enlarged to it without a word: a 1x1 image was scored
+    (and judged pixel by pixel) on a 64x64 model like any other. Said in one line."""
+    size = getattr(getattr(det, "preprocessing_", None), "size", None)
+    if not size:
+        return
+    side = min(int(size[0]), int(size[1]))
+    small = [(s.path, wh) for s in samples if min(wh := image_size(s.path)) * ENLARGED < side]
+    if small:
+        path, (w, h) = small[0]
+        warnings.warn(f"{len(small)} of {len(samples)} images are over {ENLARGED} times smaller than the model's "
+                      f"{size[1]}x{size[0]} working size (e.g. {path}, {w}x{h}): they are enlarged to be scored, so "
+                      "their scores say little", stacklevel=3)
+
+
 def _warn_unknown_split(det: Detector, root: Path, has_test_split: bool) -> None:
     """An ONNX export made before exports recorded the training split cannot tell training images from held-out
     ones: on a dataset without a test split every normal image is scored, training images included."""
@@ -92,6 +110,7 @@ def evaluate_model(det: Detector, data: str | Path, dp: DataParams, threshold: f
     for s in samples:  # before scoring, for every method: a wrong mask is a wrong dataset
         if s.mask is not None:
             check_mask_size(s.mask, s.path)
+    _warn_small(det, samples)
     want_maps = det.has_maps and any(s.mask is not None for s in samples)
     if want_maps:
         _warn_unmasked(samples)

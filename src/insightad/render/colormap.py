@@ -103,6 +103,17 @@ def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def tick_labels(values: list[float]) -> list[str]:
+    """``values`` with 3 significant digits, or as many more (up to 9) as keep them apart: a narrow spread about a
+    large level (632 +- 0.04, a validation of 2 normals) labelled every tick of the colour bar '632'."""
+    labels = [f"{v:.3g}" for v in values]
+    for digits in range(4, 10):
+        if len(set(labels)) == len(labels):
+            break
+        labels = [f"{v:.{digits}g}" for v in values]
+    return labels
+
+
 def colorbar(scale: MapScale, height: int = 256, width: int = 110) -> Image.Image:
     """A vertical colour bar labelled with the raw map values it stands for (threshold marked)."""
     bar_w = max(12, width // 5)
@@ -113,9 +124,9 @@ def colorbar(scale: MapScale, height: int = 256, width: int = 110) -> Image.Imag
     canvas.paste(Image.fromarray(np.repeat(column[:, None, :], bar_w, axis=1)), (4, pad))
     draw = ImageDraw.Draw(canvas)
     fnt = font(max(9, height // 22))
-    for v in TICKS:
+    for v, value in zip(TICKS, tick_labels([scale.value_at(v) for v in TICKS])):
         y = pad + round((1.0 - v) * (inner - 1))
-        label = f"{scale.value_at(v):.3g}" + (" (thr)" if v == 0.5 else "")
+        label = value + (" (thr)" if v == 0.5 else "")
         draw.line([(4, y), (4 + bar_w + 3, y)], fill=(0, 0, 0), width=2 if v == 0.5 else 1)
         draw.text((bar_w + 10, y - getattr(fnt, "size", 10) // 2), label, fill=(0, 0, 0), font=fnt)
     return canvas
