@@ -83,7 +83,7 @@ def test_dry_run_changes_nothing(model, mvtec_dir, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--strategy", "f1", "--data", "{extra}"], "strategy f1 needs defective images and found none"),
-    (["--data", "{train}"], "was used to train the model; refusing"),
+    (["--data", "{train}"], "all 30 were used to train the model"),
     (["--percentile", "120"], "--percentile: expected a value between 0 and 100"),
     (["--out", "{tmp}/thr.pkl"], "--out: expected a .json file name"),
     (["--strategy", "roc"], "invalid choice: 'roc'"),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from insightad.cli import main
+from insightad.model_file import read_metadata
 from tests.conftest import SIZE
 
 
@@ -39,11 +42,21 @@ def test_train_predict_evaluate_on_holdout_layout(crack_dir, tmp_path, capsys):
     assert code == 0 and "normal" in out and "1e+09" in out
 
 
-def test_evaluate_refuses_training_images(crack_dir, tmp_path, capsys):
+def test_evaluate_leaves_training_images_out(crack_dir, tmp_path, capsys):
+    """The training folder itself: its training images are left out (one warning line naming the first and how
+    many), the held-out normals in it are evaluated; only training images is an error."""
     model = tmp_path / "m.safetensors"
     assert run(capsys, "train", "--data", crack_dir, "--out", model, "--image-size", SIZE)[0] == 0
-    code, _, err = run(capsys, "evaluate", "--model", model, "--data", crack_dir / "Negative")
-    assert code == 1 and "used to train the model" in err and err.count("\n") == 1
+    code, out, err = run(capsys, "evaluate", "--model", model, "--data", crack_dir / "Negative", "--json")
+    assert code == 0 and err.count("\n") == 1 and "this image (and 23 more) was used to train the model" in err
+    assert "left out of the evaluation" in err and json.loads(out)["n_normal"] == 6  # the held-out normals
+    only = tmp_path / "only"
+    only.mkdir()
+    train = read_metadata(model)["split"]["train"]
+    for name in train[:3]:
+        shutil.copy(crack_dir / name, only / Path(name).name)
+    code, _, err = run(capsys, "evaluate", "--model", model, "--data", only)
+    assert code == 1 and "no images left to evaluate: all 3 were used to train the model" in err
 
 
 def test_table_output_and_mvtec(baseline_model, mvtec_dir, capsys):

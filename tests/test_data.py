@@ -167,9 +167,10 @@ def test_evaluation_samples_same_path_other_path_and_refusal(folder_dir, tmp_pat
     for i, s in enumerate(ds.samples[-5:]):
         (other / f"{i}_{s.path.name}").write_bytes(s.path.read_bytes())
     assert len(evaluation_samples(discover(other), split)) == 5
-    # Pointing at the training folder itself: training images are refused, with a count.
-    with pytest.raises(InsightADError, match="used to train the model"):
-        evaluation_samples(discover(folder_dir / "normal"), split)
+    # Pointing at the training folder itself: training images are left out, with a count; the held-out remain.
+    with pytest.warns(UserWarning, match=f"and {len(train) - 1} more\\) was used to train the model"):
+        rest = evaluation_samples(discover(folder_dir / "normal"), split)
+    assert sorted(s.path.name for s in rest) == sorted(s.path.name for s in held)
 
 
 def _pillow_decode(prep: Preprocessing, source) -> np.ndarray:

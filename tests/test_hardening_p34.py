@@ -40,12 +40,16 @@ def test_p34_a_copy_of_the_dataset_is_evaluated_on_its_held_out_split(crack_mode
     assert not {s.path.name for s in there} & {name.split("/")[-1] for name in split["train"]}
 
 
-def test_p34_a_renamed_training_image_elsewhere_is_refused(crack_model, crack_dir, tmp_path):
+def test_p34_a_renamed_training_image_elsewhere_is_left_out(crack_model, crack_dir, tmp_path):
     split = read_metadata(crack_model)["split"]
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(crack_dir / split["train"][0], other / "renamed.jpg")
-    with pytest.raises(InsightADError, match=r"renamed.jpg: this image was used to train the model"):
+    shutil.copy(crack_dir / split["holdout"][0], other / "new.jpg")
+    with pytest.warns(UserWarning, match=r"renamed.jpg: this image was used to train the model \(its content, as"):
+        assert [s.path.name for s in evaluation_samples(discover(other), split)] == ["new.jpg"]
+    (other / "new.jpg").unlink()
+    with pytest.raises(InsightADError, match="no images left to evaluate: all 1 were used to train the model"):
         evaluation_samples(discover(other), split)
 
 
@@ -54,5 +58,6 @@ def test_p34_a_changed_copy_is_not_taken_for_the_training_dataset(crack_model, c
     copy = tmp_path / "changed"
     shutil.copytree(crack_dir, copy)
     (copy / split["train"][0]).write_bytes((copy / split["holdout"][0]).read_bytes())  # one training file differs
-    with pytest.raises(InsightADError, match="was used to train the model"):  # the rest are still training images
-        evaluation_samples(discover(copy), split)
+    with pytest.warns(UserWarning, match="was used to train the model"):  # the rest are still training images
+        chosen = evaluation_samples(discover(copy), split)
+    assert not {s.path.name for s in chosen} & {name.split("/")[-1] for name in split["train"][1:]}

@@ -77,7 +77,7 @@ def _warn_backbone_saw_held_out(backbone: dict[str, Any], ds: Dataset, held: lis
     overlap = [s.path for s in held if s.path.resolve() in seen]
     if overlap:
         warnings.warn(f"the backbone {backbone['file']} was fine-tuned on {len(overlap)} of the {len(held)} images "
-                      f"held out from {ds.root} (e.g. {overlap[0].name}); evaluate will refuse them. Fine-tune it "
+                      f"held out from {ds.root} (e.g. {overlap[0].name}); evaluate will leave them out. Fine-tune it "
                       "with the same --holdout and --seed as this model", stacklevel=2)
 
 

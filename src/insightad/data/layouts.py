@@ -303,29 +303,49 @@ def holdout_split(ds: Dataset, fraction: float, seed: int) -> tuple[list[Sample]
     return train, [replace(s, split="test") for s in held]
 
 
-def refuse_training_images(paths: list[Path], split: dict | None, root: Path | None = None,
-                           digest: Callable[[Path], str] | None = None) -> None:
-    """Refuse, in one line naming the first, images a model was trained on (or its ``ssl:`` backbone was
-    fine-tuned on), given the training split it recorded, by path (under its root, or ``root`` for a dataset
-    that moved) and by content where the record keeps hashes (a copied or renamed training image): its scores on
-    them say nothing (evaluate, calibrate --data and calibrate --labels all go through here). ``digest``:
-    the sha256 of a file, memoised by a caller that hashes the same images elsewhere."""
+def training_overlap(paths: list[Path], split: dict | None, root: Path | None = None,
+                     digest: Callable[[Path], str] | None = None) -> list[tuple[list[Path], str, str]]:
+    """The ``paths`` a model was trained on (or its ``ssl:`` backbone was fine-tuned on), given the training split
+    it recorded, by path (under its root, or ``root`` for a dataset that moved) and by content where the record
+    keeps hashes (a copied or renamed training image): (images, what they were used for, what to do instead) per
+    record that has any. ``digest``: the sha256 of a file, memoised by a caller that hashes the same images."""
     if not split:
-        return
+        return []
     digest = digest or functools.cache(file_sha256)  # the model's and the backbone's records: each file once
     backbone = split.get("backbone") or {}
-    for record, base, why in (
-            (split, root, "was used to train the model{copy}; refusing to score training images (give images "
-                          "the model was not trained on: its held-out or new ones)"),
-            (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}){{copy}}; refusing "
-                             "to score it (fine-tune the backbone with the model's --holdout and --seed, or evaluate "
-                             "on new images)")):
+    out = []
+    for record, base, used, instead in (
+            (split, root, "was used to train the model{copy}",
+             "give images the model was not trained on: its held-out or new ones"),
+            (backbone, None, f"was used to fine-tune the model's backbone ({backbone.get('file')}){{copy}}",
+             "fine-tune the backbone with the model's --holdout and --seed, or evaluate on new images")):
         overlap = _seen(paths, record, base, digest)
         if overlap:
-            more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
             first, twin = overlap[0]
-            copy = f" (its content, as {twin})" if twin else ""  # a copy: say of which file (this one was not)
-            raise InsightADError(f"{first}: this image{more} {why.replace('{copy}', copy)}")
+            used = used.replace("{copy}", f" (its content, as {twin})" if twin else "")  # a copy: of which file
+            more = f" (and {len(overlap) - 1} more)" if len(overlap) > 1 else ""
+            out.append(([p for p, _ in overlap], f"{first}: this image{more} {used}", instead))
+    return out
+
+
+def refuse_training_images(paths: list[Path], split: dict | None, root: Path | None = None,
+                           digest: Callable[[Path], str] | None = None) -> None:
+    """Refuse, in one line naming the first, images a model was trained on (``training_overlap``): its scores on
+    them say nothing (``calibrate --labels``: a threshold chosen on a labelled list the user gave)."""
+    for _, said, instead in training_overlap(paths, split, root, digest)[:1]:
+        raise InsightADError(f"{said}; refusing to score training images ({instead})")
+
+
+def without_training_images(samples: list[Sample], split: dict | None, root: Path | None = None,
+                            digest: Callable[[Path], str] | None = None) -> list[Sample]:
+    """``samples`` less the images a model was trained on (``training_overlap``), with one warning line per record
+    naming the first and how many: its scores on them say nothing, and one duplicate in a dataset (concrete_crack
+    has byte-identical negatives) must not refuse the whole evaluation of the images the model never saw."""
+    left_out: set[Path] = set()
+    for images, said, instead in training_overlap([s.path for s in samples], split, root, digest):
+        left_out.update(images)
+        warnings.warn(f"{said}; left out of the evaluation, which scores the rest ({instead})", stacklevel=3)
+    return [s for s in samples if s.path not in left_out]
 
 
 def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
@@ -333,9 +353,9 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
 
     Same dataset as training (the recorded root, or a copy of it elsewhere: every training file found at its
     relative path with the recorded content): the test split, or the held-out normals plus the anomalous
-    images. Another path: every image. Either way an image the model was trained on is refused, by path or by
-    content (a renamed or copied training image), and so is an image its ``ssl:`` backbone was fine-tuned on
-    (``split["backbone"]``) (``refuse_training_images``).
+    images. Another path: every image. Either way an image the model was trained on is left out, with a warning,
+    by path or by content (a renamed or copied training image), and so is an image its ``ssl:`` backbone was
+    fine-tuned on (``split["backbone"]``) (``without_training_images``); none left is an error.
     """
     split = split or {}
     digest = functools.cache(file_sha256)  # new normals are hashed, then checked against training content
@@ -350,10 +370,13 @@ def evaluation_samples(ds: Dataset, split: dict | None) -> list[Sample]:
             chosen += _new_normals(ds, split, held, digest)
     else:
         chosen = [replace(s, split="test") for s in (ds.test if ds.has_test_split else ds.samples)]
-    refuse_training_images([s.path for s in chosen], split, ds.root if same_root else None, digest)
     if not chosen:
         raise InsightADError(f"{ds.root}: no images left to evaluate (all normal images were used for training)")
-    return chosen
+    kept = without_training_images(chosen, split, ds.root if same_root else None, digest)
+    if not kept:
+        raise InsightADError(f"{ds.root}: no images left to evaluate: all {len(chosen)} were used to train the model "
+                             "(give images the model was not trained on: its held-out or new ones)")
+    return kept
 
 
 def _new_normals(ds: Dataset, split: dict, held: set[Path], digest: Callable[[Path], str]) -> list[Sample]:
@@ -393,8 +416,8 @@ def check_training_content(ds: Dataset, train: list[Sample], held: list[Sample])
         (s, twin), n = copies[0], len(copies)
         what = "is a copy" if n == 1 else "are copies"
         warnings.warn(f"{n} of the {len(held)} held-out images of {ds.root} {what} of training images (e.g. "
-                      f"{ds.rel(s.path)} = {ds.rel(twin.path)}); evaluate and calibrate will refuse them as training "
-                      "images (remove the duplicates)", stacklevel=2)
+                      f"{ds.rel(s.path)} = {ds.rel(twin.path)}); evaluate and calibrate leave them out as training "
+                      "images", stacklevel=2)
     return hashes
 
 
