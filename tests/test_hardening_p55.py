@@ -233,26 +233,35 @@ def test_p55_client_is_the_peer_not_a_forwarded_header(baseline_model):
     assert uvicorn_config(app, ServeParams()).proxy_headers is False  # unless --trusted-proxies names proxies
 
 
-def test_p55_on_uvicorn_the_client_is_the_connection_peer(baseline_model, payload):
-    """On a real uvicorn with ``insightad serve``'s options: a request held open from 127.0.0.1 (its body not
-    sent) counts against 127.0.0.1 whatever X-Forwarded-For says; 127.0.0.2 (another peer) is served."""
+def _held_on_uvicorn(model, payload: bytes, settings: ServeParams, forwarded: str | None, counted: str,
+                     posts: list[tuple[str | None, str]]) -> tuple[list[httpx.Response], bytes]:
+    """On a real uvicorn with ``insightad serve``'s options: one request held open from 127.0.0.1 (its body not
+    sent; X-Forwarded-For ``forwarded`` if given) until it is counted against ``counted``; meanwhile each of
+    ``posts`` (X-Forwarded-For or None, local address) is sent whole. (their answers, the held one's)."""
     from tests.test_hardening_p42 import served
     from tests.test_serve_http import wait_for
 
-    settings = ServeParams(max_requests_per_client=1)
-    app = create_app(baseline_model, settings)
+    app = create_app(model, settings)
+    header = b"" if forwarded is None else b"X-Forwarded-For: %s\r\n" % forwarded.encode()
     with served(app, settings) as port, socket.create_connection(("127.0.0.1", port)) as held:
-        held.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(payload))
-        wait_for(lambda: app.state.service.clients.open == {"127.0.0.1": 1}, "the held request to be counted")
-        url = f"http://127.0.0.1:{port}/infer"
-        refused = httpx.post(url, content=payload, headers={"Content-Type": "application/json",
-                                                            "X-Forwarded-For": "10.9.9.9"}, timeout=30)
-        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
-        with other:
-            served_other = other.post(url, content=payload, headers={"Content-Type": "application/json"})
+        held.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+                     b"Content-Length: %d\r\n\r\n" % (header, len(payload)))
+        wait_for(lambda: app.state.service.clients.open == {counted: 1}, "the held request to be counted")
+        answers = []
+        for fwd, local in posts:
+            headers = {"Content-Type": "application/json", **({"X-Forwarded-For": fwd} if fwd else {})}
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=local), timeout=30) as c:
+                answers.append(c.post(f"http://127.0.0.1:{port}/infer", content=payload, headers=headers))
         held.sendall(payload)
-        answer = held.recv(65536)
+        return answers, held.recv(65536)
+
+
+def test_p55_on_uvicorn_the_client_is_the_connection_peer(baseline_model, payload):
+    """A request held open from 127.0.0.1 counts against 127.0.0.1 whatever X-Forwarded-For says; 127.0.0.2
+    (another peer) is served."""
+    (refused, served_other), answer = _held_on_uvicorn(
+        baseline_model, payload, ServeParams(max_requests_per_client=1), None, "127.0.0.1",
+        [("10.9.9.9", "127.0.0.1"), (None, "127.0.0.2")])
     assert refused.status_code == 429 and "127.0.0.1" in refused.json()["detail"]
     assert served_other.status_code == 200 and answer.startswith(b"HTTP/1.1 200")
 
@@ -261,25 +270,10 @@ def test_p55_trusted_proxies_name_the_client(baseline_model, payload):
     """Behind a reverse proxy every client arrives from the proxy's address: with ``--trusted-proxies`` its
     X-Forwarded-For names the client (the limit counts it and the access log shows it); a peer that is not
     listed is still taken as it is, whatever header it sends."""
-    from tests.test_hardening_p42 import served
-    from tests.test_serve_http import wait_for
-
     settings = ServeParams(max_requests_per_client=1, trusted_proxies="127.0.0.1")
-    app = create_app(baseline_model, settings)
-    with served(app, settings) as port, socket.create_connection(("127.0.0.1", port)) as held:
-        held.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Forwarded-For: "
-                     b"10.9.9.9\r\nContent-Length: %d\r\n\r\n" % len(payload))
-        wait_for(lambda: app.state.service.clients.open == {"10.9.9.9": 1}, "the held request to be counted")
-        url = f"http://127.0.0.1:{port}/infer"
-
-        def post(forwarded: str, local: str = "127.0.0.1") -> httpx.Response:
-            with httpx.Client(transport=httpx.HTTPTransport(local_address=local), timeout=30) as c:
-                return c.post(url, content=payload, headers={"Content-Type": "application/json",
-                                                             "X-Forwarded-For": forwarded})
-
-        same, other, untrusted = post("10.9.9.9"), post("10.8.8.8"), post("10.9.9.9", local="127.0.0.2")
-        held.sendall(payload)
-        answer = held.recv(65536)
+    (same, other, untrusted), answer = _held_on_uvicorn(
+        baseline_model, payload, settings, "10.9.9.9", "10.9.9.9",
+        [("10.9.9.9", "127.0.0.1"), ("10.8.8.8", "127.0.0.1"), ("10.9.9.9", "127.0.0.2")])
     assert same.status_code == 429 and "10.9.9.9" in same.json()["detail"]
     assert other.status_code == 200 and untrusted.status_code == 200 and answer.startswith(b"HTTP/1.1 200")
 
