@@ -293,3 +293,15 @@ def test_p54_an_export_and_its_model_file_give_the_same_metrics(baseline_model, 
     assert (a["n_normal"], a["n_anomalous"]) == (b["n_normal"], b["n_anomalous"])
     for key in ("image_auroc", "average_precision", "accuracy", "f1", "threshold"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_p54_the_small_image_check_leaves_an_unreadable_file_to_the_scoring(baseline_model, mvtec_dir, tmp_path,
+                                                                            capsys):
+    """The check for images far below the working size read every header first: an unreadable test image was named
+    as 'unreadable image (cannot identify image file ...)' there, not with what the scoring expects."""
+    data = tmp_path / "disc"
+    shutil.copytree(mvtec_dir, data)
+    (data / "test" / "good" / "999.png").write_bytes(b"garbage")
+    assert main(["evaluate", "--model", str(baseline_model), "--data", str(data), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "999.png: not a readable image (expected PNG, JPEG, BMP or TIFF)" in err and "Traceback" not in err

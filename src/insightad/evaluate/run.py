@@ -79,12 +79,21 @@ def _warn_small(det: Detector, samples: list[Sample]) -> None:
     if not size:
         return
     side = min(int(size[0]), int(size[1]))
-    small = [(s.path, wh) for s in samples if min(wh := image_size(s.path)) * ENLARGED < side]
+    small = [(s.path, wh) for s in samples if (wh := _header_size(s.path)) and min(wh) * ENLARGED < side]
     if small:
         path, (w, h) = small[0]
         warnings.warn(f"{len(small)} of {len(samples)} images are over {ENLARGED} times smaller than the model's "
                       f"{size[1]}x{size[0]} working size (e.g. {path}, {w}x{h}): they are enlarged to be scored, so "
                       "their scores say little", stacklevel=3)
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the header; None for a file that does not open (the scoring names it, with what was
+    expected)."""
+    try:
+        return image_size(path)
+    except InsightADError:
+        return None
 
 
 def _warn_unknown_split(det: Detector, root: Path, has_test_split: bool) -> None:
