@@ -292,23 +292,18 @@ def _reference_input(images: Batch, resize_to: tuple[int, int] | None) -> torch.
 
 def _references(module: nn.Module, batches: Sequence[Batch], resize_to: tuple[int, int] | None) -> list[list[np.ndarray]]:
     """The module's outputs on every batch (what the graph must reproduce), as arrays."""
-    refs = []
     with torch.inference_mode():
-        for images in batches:
-            arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-            refs.append([t.float().numpy() for t in module(_reference_input(arr, resize_to))])
-    return refs
+        return [[t.float().numpy() for t in module(_reference_input(images, resize_to))] for images in batches]
 
 
-def verify(module: nn.Module | list[list[np.ndarray]], model: str | bytes, batches: Sequence[Batch], what: str,
+def verify(refs: list[list[np.ndarray]], model: str | bytes, batches: Sequence[Batch], what: str,
            rtol: float = PARITY_RTOL, resize_to: tuple[int, int] | None = None) -> None:
-    """ONNX Runtime must reproduce every output of ``module`` (or the outputs ``_references`` took from it)
+    """ONNX Runtime must reproduce every output the module gave on each batch (``refs``, from ``_references``)
     within ``rtol`` (relative to the output's largest magnitude) on every batch; otherwise one line saying which
     output and by how much. With ``resize_to`` the graph gets each batch as it is (uint8, its own size) and the
     module the batch resized by ``data.resize``: the check covers the in-graph resize too. A graph file is
     checked through its ready copy (``engines.cache``), the form every later run opens: what is verified is
     what runs, and the first predict after an export opens at once."""
-    refs = _references(module, batches, resize_to) if isinstance(module, nn.Module) else module
     sess = make_session(model, threads=None, arena=False, ready=True)  # run once: no arena kept
     names = [o.name for o in sess.get_outputs()]
     feed_name = sess.get_inputs()[0].name

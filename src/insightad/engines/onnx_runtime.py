@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,54 +148,50 @@ def _read_varint(f: Any) -> int | None:
             raise ValueError("varint too long")
 
 
-def _entry(data: bytes) -> tuple[str, str]:
-    """A StringStringEntryProto's (key, value)."""
-    import io
+_METADATA_FIELD = 14  # ModelProto.metadata_props (StringStringEntryProto: key = 1, value = 2)
+_MAX_FIELD = 16 * 1024**2  # a metadata field larger than this is not one an exporter of ours wrote
 
-    fields: dict[int, str] = {}
-    f = io.BytesIO(data)
+
+def _fields(f: Any, wanted: frozenset[int]) -> Iterator[tuple[int, bytes]]:
+    """(field number, bytes) of the length-delimited fields of the protobuf message read from ``f`` whose numbers are
+    ``wanted``; every other field is skipped by seeking past it (a graph's constants are never read). ValueError
+    for what is not a protobuf message, or stops short."""
     while (tag := _read_varint(f)) is not None:
-        if tag & 7 != 2:
-            raise ValueError("unexpected wire type in a metadata entry")
-        size = _read_varint(f) or 0
-        fields[tag >> 3] = f.read(size).decode("utf-8")
-    return fields.get(1, ""), fields.get(2, "")
-
-
-_METADATA_FIELD = 14  # ModelProto.metadata_props
-_MAX_ENTRY = 16 * 1024**2  # a metadata entry larger than this is not one an exporter of ours wrote
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _read_varint(f)
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, 1)
+        elif wire == 2:
+            size = _read_varint(f)
+            if size is None:
+                raise ValueError("truncated field")
+            if field not in wanted:
+                f.seek(size, 1)
+                continue
+            if size > _MAX_FIELD:
+                raise ValueError("metadata field too large")
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("truncated field")
+            yield field, data
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+    if f.tell() > f.seek(0, 2):  # a field's length ran past the end
+        raise ValueError("truncated file")
 
 
 def metadata_props(path: str | Path) -> dict[str, str]:
     """An ONNX file's metadata (key -> value), read by walking the ModelProto's top-level fields and seeking past
     the graph: reading one stamp costs no parse of the constants (ONNX Runtime loading PaDiM's graph to read it
     held 400 MB more). Raises ValueError/OSError for a file that is not a protobuf message."""
+    import io
+
     props: dict[str, str] = {}
     with open(path, "rb") as f:
-        while (tag := _read_varint(f)) is not None:
-            field, wire = tag >> 3, tag & 7
-            if wire == 0:
-                _read_varint(f)
-            elif wire in (1, 5):
-                f.seek(8 if wire == 1 else 4, 1)
-            elif wire == 2:
-                size = _read_varint(f)
-                if size is None:
-                    raise ValueError("truncated field")
-                if field == _METADATA_FIELD:
-                    if size > _MAX_ENTRY:
-                        raise ValueError("metadata entry too large")
-                    data = f.read(size)
-                    if len(data) != size:
-                        raise ValueError("truncated metadata entry")
-                    key, value = _entry(data)
-                    props[key] = value
-                else:
-                    f.seek(size, 1)
-            else:
-                raise ValueError(f"unexpected wire type {wire}")
-        if f.tell() > f.seek(0, 2):
-            raise ValueError("truncated file")
+        for _, entry in _fields(f, frozenset({_METADATA_FIELD})):
+            parts = dict(_fields(io.BytesIO(entry), frozenset({1, 2})))
+            props[parts.get(1, b"").decode("utf-8")] = parts.get(2, b"").decode("utf-8")
     return props
 
 

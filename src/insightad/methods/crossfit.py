@@ -371,16 +371,18 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
 # ------------------------------------------------------------------------------ the decision
 def untried_kinds(made: Sequence[str]) -> list[str]:
     """The synthetic defect kinds (``DEFECT_KINDS``) the validation never made."""
-    return [k for k in DEFECT_KINDS if k not in set(made)]
+    seen = set(made)
+    return [k for k in DEFECT_KINDS if k not in seen]
 
 
 def untried_note(made: Sequence[str], n_normal: int) -> str:
     """The warning that only some defect kinds were tried: with one synthetic defect per validation normal, a few
     normals make a few kinds, and the recall per kind and the train report's examples showed those as if they
     were the whole picture."""
-    tried = [k for k in DEFECT_KINDS if k in set(made)]
+    untried = untried_kinds(made)
+    tried = [k for k in DEFECT_KINDS if k not in untried]
     return (f"only {len(made)} synthetic defects ({', '.join(tried) or 'none'}) on {n_normal} validation normals: "
-            f"{', '.join(untried_kinds(made))} never tried, so the recall says nothing about them (train on more "
+            f"{', '.join(untried)} never tried, so the recall says nothing about them (train on more "
             "normal images)")
 
 

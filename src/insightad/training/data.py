@@ -56,15 +56,14 @@ def content_digest(sources: Sequence[ImageSource]) -> str:
     import hashlib
 
     from insightad.data.loader import source_path
+    from insightad.io import file_sha256
 
     h = hashlib.sha1()
     for s in sources:
         path = source_path(s)
         if path is not None:
             try:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
+                h.update(file_sha256(path).encode())
             except OSError:
                 pass
         elif isinstance(s, (bytes, bytearray)):

@@ -593,8 +593,8 @@ def _refuse_fields_in_query(request: Request) -> None:
 
 
 def client_address(request: Request) -> str:
-    """Who sent ``request``, for the per-client limit: the connection's peer address (X-Forwarded-For is not read:
-    uvicorn runs without proxy headers, ``server.uvicorn_config``)."""
+    """Who sent ``request``, for the per-client limit: the connection's peer address, or the X-Forwarded-For client
+    of a proxy named by --trusted-proxies (uvicorn reads the header from those only, ``server.uvicorn_config``)."""
     return request.client.host if request.client else "unknown"
 
 
