@@ -43,6 +43,17 @@ def crack_dir(tmp_path_factory) -> Path:
                          n_test_good=6, n_per_defect=4, defects=("crack",), size=96, seed=3, image_format="jpg")
 
 
+def good_test_images(mvtec_dir: Path, folder: Path, n: int, prefix: str = "") -> Path:
+    """``folder`` (made) holding copies of the first ``n`` good test images of ``mvtec_dir``, named
+    ``<prefix><i>.png``: inputs a test may change or fill with outputs."""
+    import shutil
+
+    folder.mkdir()
+    for i, p in enumerate(sorted((mvtec_dir / "test" / "good").glob("*.png"))[:n]):
+        shutil.copy(p, folder / f"{prefix}{i}.png")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def baseline_model(mvtec_dir, tmp_path_factory) -> Path:
     """A baseline model file trained on ``mvtec_dir`` at test resolution."""

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from insightad.cli import main
+from tests.conftest import good_test_images
 
 pytest.importorskip("pyarrow")
 
@@ -27,11 +28,7 @@ def _png(path: Path, seed: int, size: int = 32, **kw) -> Path:
 
 @pytest.fixture
 def test_dir(mvtec_dir, tmp_path) -> Path:
-    d = tmp_path / "test"
-    d.mkdir()
-    for i, p in enumerate(sorted((mvtec_dir / "test" / "good").glob("*.png"))[:2]):
-        shutil.copy(p, d / f"t{i}.png")
-    return d
+    return good_test_images(mvtec_dir, tmp_path / "test", 2, prefix="t")
 
 
 def _refused(capsys, argv: list[str], *words: str) -> str:

@@ -21,15 +21,12 @@ from insightad.cli import main
 from insightad.data.synthetic import write_dataset
 from insightad.errors import InsightADError
 from insightad.io import LOCK_NAME, file_lock
+from tests.conftest import good_test_images
 
 
 @pytest.fixture
 def images(mvtec_dir, tmp_path) -> Path:
-    root = tmp_path / "in"
-    root.mkdir()
-    for i, p in enumerate(sorted((mvtec_dir / "test" / "good").glob("*.png"))[:4]):
-        shutil.copy(p, root / f"{i}.png")
-    return root
+    return good_test_images(mvtec_dir, tmp_path / "in", 4)
 
 
 def _locks(folder: Path) -> list[str]:
