@@ -133,11 +133,11 @@ def test_a_failing_job_does_not_fail_its_batch_neighbours():
 def test_mmap_threshold_is_pinned_on_glibc(monkeypatch):
     import platform
 
-    from insightad.runtime import TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
+    from insightad.runtime import TRAIN_ARENAS, TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert pin_mmap_threshold() is False  # the user's own setting wins
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     if platform.libc_ver()[0] == "glibc":
         assert pin_mmap_threshold() is True
-        assert pin_mmap_threshold(TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD) is True
+        assert pin_mmap_threshold(TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, TRAIN_ARENAS) is True

@@ -69,12 +69,15 @@ def release_free_memory() -> None:
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 SERVE_MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
 TRAIN_MMAP_THRESHOLD = 16 << 20
 TRAIN_TRIM_THRESHOLD = 64 << 20
+TRAIN_ARENAS = 2
 
 
-def pin_mmap_threshold(nbytes: int = SERVE_MMAP_THRESHOLD, trim: int | None = None) -> bool:
+def pin_mmap_threshold(nbytes: int = SERVE_MMAP_THRESHOLD, trim: int | None = None, arenas: int | None = None
+                       ) -> bool:
     """Fix glibc's mmap threshold at ``nbytes`` for this process: every C-heap block that large gets its own
     mapping, handed back to the system when freed. By default each such free raises the threshold to the
     block's size (up to 32 MB), after which those buffers come from the heap arenas, where fragmentation keeps
@@ -83,17 +86,22 @@ def pin_mmap_threshold(nbytes: int = SERVE_MMAP_THRESHOLD, trim: int | None = No
 
     - ``serve``, 128 kB: after the first decoded image (~2.4 MB for 900x900 RGB) every image buffer and
       activation came from the heap; under a load test RSS crept up ~10% in five minutes and stayed there.
-    - ``train``, 16 MB and trim 64 MB: a fit's 16-32 MB temporaries (feature batches, distance blocks) stayed
-      resident under the next phase. PatchCore's train on bottle: 1.64-1.69 GB -> 1.25 GB at the same speed;
-      PaDiM's a few tens of MB lower (docs/benchmarks.md). With trim at 128 kB both go lower (PatchCore 1.20 GB,
-      PaDiM 1.46-1.51 GB) but 8-30% slower: the heap is handed back and faulted in again at every large free.
+    - ``train``, 16 MB, trim 64 MB and 2 heap arenas: a fit's 16-32 MB temporaries (feature batches, distance
+      blocks) stayed resident under the next phase. PatchCore's train on bottle: 1.64-1.69 GB -> 1.25 GB at the
+      same speed. Two arenas instead of glibc's 8 per core (the image decoding threads' blocks kept in arenas of
+      their own): PaDiM's train on bottle 1204-1221 -> 1185-1186 MB (docs/benchmarks.md). With trim at 128 kB or
+      the threshold at 4 MB both go lower but 8-30% slower: memory is handed back and faulted in again at every
+      large free (ONNX Runtime's activations are 4-16 MB).
 
-    False where not applicable: not Linux glibc, or the user set ``MALLOC_MMAP_THRESHOLD_``, which glibc obeys."""
+    ``arenas`` caps glibc's heap arenas (by default 8 per core, one for each thread that allocates). False where
+    not applicable: not Linux glibc, or the user set ``MALLOC_MMAP_THRESHOLD_``, which glibc obeys."""
     libc = _glibc()
     if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     if trim is not None and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         libc.mallopt(M_TRIM_THRESHOLD, int(trim))
+    if arenas is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(M_ARENA_MAX, int(arenas))
     return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
 
 

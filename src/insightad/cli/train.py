@@ -175,11 +175,11 @@ def train_inputs(args: argparse.Namespace, params) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from insightad.apps.train import BACKBONE_METHODS, params_class
-    from insightad.runtime import TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
+    from insightad.runtime import TRAIN_ARENAS, TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, pin_mmap_threshold
 
     if args.method in BACKBONE_METHODS:
         return run_backbone(args)
-    pin_mmap_threshold(TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD)  # lower peak RSS (runtime.pin_mmap_threshold)
+    pin_mmap_threshold(TRAIN_MMAP_THRESHOLD, TRAIN_TRIM_THRESHOLD, TRAIN_ARENAS)  # lower peak RSS (runtime.pin_mmap_threshold)
     if args.method == "auto":
         given = {k: v for k, v in vars(gather(args, config.DetectorParams)).items()
                  if k in vars(args)}  # only what the user typed: each candidate keeps its own defaults

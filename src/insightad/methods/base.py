@@ -235,10 +235,10 @@ class Detector(Scorer):
     def _fit_sharded(self, images: Sequence[ImageSource], progress: bool, shards: ShardRunner) -> None:
         raise NotImplementedError
 
-    def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True
-                 ) -> Iterator[TensorBatch]:
+    def _batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True,
+                 batch_size: int | None = None) -> Iterator[TensorBatch]:
         """Images at model size as tensors, for fitting (the prediction loop reads ``_input_batches``)."""
-        for b in self._input_batches(images, progress, desc, strict):
+        for b in self._input_batches(images, progress, desc, strict, batch_size):
             x = torch.from_numpy(b.stacked()) if b.images else torch.empty(0, dtype=torch.float32)
             yield TensorBatch(x, b.sizes, b.indices, b.errors)
 

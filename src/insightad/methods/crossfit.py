@@ -315,10 +315,21 @@ def _gaussian_growth(emb: torch.Tensor, held: np.ndarray, fold_distances: torch.
 
 
 # ------------------------------------------------------------------------------ PaDiM, exact
-def _padim_features(det: PadimDetector, arrays_or_paths: Sequence, features: FeatureFn) -> torch.Tensor:
-    """Reduced patch features (N, P, d) of images, through the fitted model's own layers and its fit's engine."""
-    out = torch.empty(len(arrays_or_paths), *det._model_as(PadimModel).mean.shape)  # filled in place: no copies
-    return out[:det.embed_into(arrays_or_paths, out, "padim: validation", features)]
+def _padim_features(det: PadimDetector, arrays_or_paths: Sequence, features: FeatureFn, half: bool = False
+                    ) -> torch.Tensor:
+    """Reduced patch features (N, P, d) of images, through the fitted model's own layers and its fit's engine.
+
+    ``half``: kept at half precision (39 instead of 78 MB for a fold's synthetic defects on bottle, under the
+    factors at train's peak), for features that are only scored (each chunk of positions is converted to
+    float32 for it); features beyond half precision's range are taken again at full precision. Never for
+    features whose sums are subtracted from the model's: with few images the covariances are near singular
+    and the rounding moved out-of-fold scores by 1.5% (12 images, 24 features)."""
+    shape = (len(arrays_or_paths), *det._model_as(PadimModel).mean.shape)
+    out = torch.empty(shape, dtype=torch.float16 if half else torch.float32)
+    n = det.embed_into(arrays_or_paths, out, "padim: validation", features)
+    if half and not all(bool(torch.isfinite(image).all()) for image in out[:n]):  # image by image: no big temporaries
+        return _padim_features(det, arrays_or_paths, features)
+    return out[:n]
 
 
 def _all_images_statistics(det: PadimDetector, model: PadimModel, images: Sequence,
@@ -332,6 +343,28 @@ def _all_images_statistics(det: PadimDetector, model: PadimModel, images: Sequen
     for z in det.embeddings(images, what="padim: validation", features=features):
         total.update(z)
     return total
+
+
+def _padim_fold(det: PadimDetector, images: Sequence, held: np.ndarray, total: PatchGaussianAccumulator,
+                features: FeatureFn, seed: int, synthetic: bool, kinds: Sequence[str], start: int, measure: bool
+                ) -> tuple[list[SyntheticDefect], torch.Tensor, float | None]:
+    """One fold: (its synthetic defects, the patch distances (normals first) under every image's statistics
+    minus the fold's, unscaled, and with ``measure`` the growth c measured on this fold).
+
+    The fold's float images go once their features and defects are made, and freed memory is handed back
+    before the distances: the defects' backbone pass is train's peak, and each fold's leftovers (images, maps)
+    sat under the next one's (PaDiM train on bottle: docs/benchmarks.md)."""
+    arrays = at_model_size(det, [images[int(i)] for i in held])
+    made = _defects_for(arrays, held, seed, synthetic, kinds, start)
+    z = _padim_features(det, arrays, features)
+    del arrays
+    release_free_memory()  # each backbone pass's freed activations, before the next pass and the distances
+    z_made = _padim_features(det, [d.image for d in made], features, half=True) if made else z[:0]
+    release_free_memory()
+    with torch.inference_mode():  # the fold's model: every image's sums minus the fold's own
+        distances = torch.cat(total.distances_without(z, det.epsilon, z, z_made, shrinkage=det.shrinkage))
+        growth = total.growth(z, distances, det.epsilon, shrinkage=det.shrinkage) if measure else None
+    return made, distances, growth
 
 
 def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, synthetic: bool,
@@ -349,20 +382,17 @@ def _padim_exact(det: Detector, images: Sequence, folds: np.ndarray, seed: int, 
     for f in fold_list:  # pass 2: each fold's model = total minus the fold
         release_free_memory()  # glibc keeps the last fold's freed features and temporaries resident under this one
         held = np.flatnonzero(folds == f)
-        arrays = at_model_size(det, [images[int(i)] for i in held])
-        z = _padim_features(det, arrays, features)
-        made = _defects_for(arrays, held, seed + 101 * f, synthetic, kinds, f * len(held))
-        z_made = _padim_features(det, [d.image for d in made], features) if made else z[:0]
-        with torch.inference_mode():  # the fold's model: every image's sums minus the fold's own
-            distances = torch.cat(total.distances_without(z, det.epsilon, z, z_made, shrinkage=det.shrinkage))
-            if c is None:
-                c = total.growth(z, distances, det.epsilon, shrinkage=det.shrinkage)
-            factor = sample_size_factor(total.n, total.n - len(held), c)  # fold models see fewer images
+        made, distances, growth = _padim_fold(det, images, held, total, features, seed + 101 * f, synthetic, kinds,
+                                              f * len(held), c is None)
+        if c is None:
+            c = growth or 0.0
+        factor = sample_size_factor(total.n, total.n - len(held), c)  # fold models see fewer images
+        with torch.inference_mode():
             distances *= factor
-            del z, z_made
             s_t, maps_t = model.score_distances(distances.to(getattr(det, "device_", "cpu")))
-        s, maps = s_t.cpu().double().numpy(), maps_t.float().cpu().numpy()
-        gathered.add(held, made, s, maps)
+        del distances
+        gathered.add(held, made, s_t.cpu().double().numpy(), maps_t.float().cpu().numpy())
+        del s_t, maps_t, made  # not alive under the next fold's backbone pass
     out = gathered.result()
     out.size_correction = {"effective_c": round(float(c or 0.0), 2), "last_fold_factor": round(factor, 4)}
     return out

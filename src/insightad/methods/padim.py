@@ -25,12 +25,18 @@ from insightad.methods.base import Detector
 from insightad.methods.components.maps import MapSmoother, concat_levels, feature_grid, top_mean
 from insightad.methods.components.patch_gaussian import PatchGaussianAccumulator
 from insightad.methods.registry import register_method
-from insightad.runtime import resolve_device
+from insightad.runtime import release_free_memory, resolve_device
 
 if TYPE_CHECKING:
     from insightad.engines.features import FeatureFn
 
 MAX_HELD_OUT = 64  # held-out images' features wait in memory until the statistics are complete
+# Images per batch read for the statistics (FIT_BATCH) and for cross-fitting's features (EMBED_BATCH), whatever
+# ``batch_size`` says: the loader reads two batches ahead, and 32 images at 256 px were ~100 MB of float images and
+# their features under the factors (a fold's features too). Cross-fitting's pass over a fold: +180 MB at 8 images
+# a batch, +120 MB at 2 (0.45 -> 0.6 s for 42 images); the statistics' update is slower in batches of 2.
+FIT_BATCH = 8
+EMBED_BATCH = 2
 REDUCE_CHUNK = 8  # images whose full-width patch features (176 channels at 64x64 on lite0: 2.9 MB each) exist at once
 
 
@@ -60,6 +66,21 @@ class PadimParams(TileParams, DetectorParams):
 def level_patches(feats: list[torch.Tensor]) -> torch.Tensor:
     """Backbone levels -> concatenated features per patch position (B, P, C)."""
     return concat_levels(feats).flatten(2).transpose(1, 2)
+
+
+def selected_channels(centre: torch.Tensor, projection: torch.Tensor, level_channels: Sequence[int]
+                      ) -> list[torch.Tensor] | None:
+    """Per level, the channels a projection keeps where it only selects them in order (random or no reduction:
+    zero centre, one-hot columns in increasing channel order), else None. Upsampling is per channel, so
+    selecting them before the levels are upsampled and concatenated gives ``reduce(level_patches(...))`` (up to
+    float32 rounding: the upsampling kernel vectorises differently by channel count) without the full-width
+    features (176 channels at 64x64 on lite0, and two copies of them in ``reduce``)."""
+    idx = projection.argmax(0)
+    one_hot = bool(((projection == 0) | (projection == 1)).all()) and bool((projection.sum(0) == 1).all())
+    if not one_hot or bool(centre.any()) or not bool((idx.diff() > 0).all()):
+        return None
+    bounds = torch.tensor([0, *level_channels]).cumsum(0).tolist()
+    return [idx[(idx >= lo) & (idx < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def random_projection(channels: int, dim: int, seed: int) -> torch.Tensor:
@@ -206,7 +227,8 @@ class PadimDetector(PadimParams, Detector):
         pos = 0
         features = self._feature_runner(model.extractor)  # the frozen backbone on the fast engine
         with torch.inference_mode():
-            for batch in self._batches([images[i] for i in order], progress, "padim: statistics"):
+            for batch in self._batches([images[i] for i in order], progress, "padim: statistics",
+                                       batch_size=min(self.batch_size, FIT_BATCH)):
                 feats = features(batch.images)
                 if not pca_ready:  # the projection is fitted on the first images' full-width features
                     pending.append((level_patches(feats).cpu(), pos))
@@ -227,6 +249,7 @@ class PadimDetector(PadimParams, Detector):
                 images: Sequence) -> None:
         """Score the held-out images by the Gaussians of the others, add them, invert, set the threshold."""
         scores = None
+        release_free_memory()  # the statistics pass's freed batches, under the factors about to be formed
         with torch.inference_mode():
             if len(z_held):
                 # Scored by the Gaussians of the other images, then added to the statistics.
@@ -263,7 +286,7 @@ class PadimDetector(PadimParams, Detector):
         features = features or self._feature_runner(model.extractor)
         at = 0
         with torch.inference_mode():
-            for batch in self._batches(list(images), False, what):
+            for batch in self._batches(list(images), False, what, batch_size=min(self.batch_size, EMBED_BATCH)):
                 n = len(batch.images)
                 self._reduced(model, features(batch.images), out[at:at + n])
                 at += n
@@ -275,9 +298,13 @@ class PadimDetector(PadimParams, Detector):
         reducing them makes) were the largest transient of the fit and of cross-fitting."""
         n = int(feats[0].shape[0])
         out = torch.empty(n, *model.mean.shape) if out is None else out
+        kept = selected_channels(model.centre, model.projection, [int(f.shape[1]) for f in feats])
         for a in range(0, n, REDUCE_CHUNK):
-            part = level_patches([f[a:a + REDUCE_CHUNK].to(self.device_) for f in feats])
-            out[a:a + REDUCE_CHUNK] = model.reduce(part).float().cpu()
+            part = [f[a:a + REDUCE_CHUNK].to(self.device_) for f in feats]
+            if kept is not None:  # only the kept channels are upsampled
+                out[a:a + REDUCE_CHUNK] = level_patches([f.index_select(1, k) for f, k in zip(part, kept)]).float().cpu()
+            else:
+                out[a:a + REDUCE_CHUNK] = model.reduce(level_patches(part)).float().cpu()
         return out
 
     # ------------------------------------------------------------------ distributed fit (a reduction)

@@ -129,10 +129,12 @@ class Scorer:
         return (np.concatenate(scores) if scores else np.empty(0, np.float32)), maps
 
     # ------------------------------------------------------------------ the prediction loop
-    def _input_batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True
-                       ) -> Iterable[Batch]:
-        batches = iter_batches(images, self.load_input, self.batch_size, self.workers, strict=strict)
-        n = (len(images) + self.batch_size - 1) // self.batch_size
+    def _input_batches(self, images: Sequence[ImageSource], progress: bool, desc: str, strict: bool = True,
+                       batch_size: int | None = None) -> Iterable[Batch]:
+        """Batches of ``batch_size`` images (default: the detector's) read ahead by the loader's threads."""
+        size = batch_size or self.batch_size
+        batches = iter_batches(images, self.load_input, size, self.workers, strict=strict)
+        n = (len(images) + size - 1) // size
         return tqdm(batches, total=n, desc=desc, unit="batch", disable=not progress, leave=False)
 
     def iter_predict(self, images: Sequence[ImageSource] | ImageSource, *, chunk: int = 64, maps: bool = True,
