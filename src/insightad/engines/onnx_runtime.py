@@ -116,19 +116,15 @@ class OnnxEngine:
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The InsightAD metadata of an ONNX file, or a clear refusal (read by ONNX Runtime, graph not optimised)."""
-    import onnxruntime as ort
-
+    """The InsightAD metadata of an ONNX file checked against its graph's input, or a clear refusal; read from the
+    file's protobuf fields (``metadata_props``, ``graph_inputs``): the graph is not loaded."""
     path = require_file(path, "ONNX file")
     check_content(path)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 4
     try:
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises several types for a damaged file
-        raise InsightADError(f"{path}: not a readable ONNX file ({(str(e).splitlines() or [''])[0][:120]})") from None
-    return check_metadata(session, path)
+        props, inputs = metadata_props(path), graph_inputs(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InsightADError(f"{path}: not a readable ONNX file ({e})") from None
+    return check_props(props, inputs, path)
 
 
 def _read_varint(f: Any) -> int | None:
@@ -152,29 +148,38 @@ _METADATA_FIELD = 14  # ModelProto.metadata_props (StringStringEntryProto: key =
 _MAX_FIELD = 16 * 1024**2  # a metadata field larger than this is not one an exporter of ours wrote
 
 
-def _fields(f: Any, wanted: frozenset[int]) -> Iterator[tuple[int, bytes]]:
-    """(field number, bytes) of the length-delimited fields of the protobuf message read from ``f`` whose numbers are
-    ``wanted``; every other field is skipped by seeking past it (a graph's constants are never read). ValueError
-    for what is not a protobuf message, or stops short."""
-    while (tag := _read_varint(f)) is not None:
+def _fields(f: Any, wanted: frozenset[int], spans: frozenset[int] = frozenset(), end: int | None = None
+            ) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of the fields of the protobuf message read from ``f`` (up to byte ``end``) whose numbers
+    are ``wanted``: bytes for length-delimited fields, ints for varints. Fields in ``spans`` are yielded as (offset,
+    size) with the file at the offset, for the caller to walk in place (a graph: never read whole); every other
+    field is skipped by seeking past it (a graph's constants are never read). ValueError for what is not a protobuf
+    message, or stops short."""
+    while (end is None or f.tell() < end) and (tag := _read_varint(f)) is not None:
         field, wire = tag >> 3, tag & 7
         if wire == 0:
-            _read_varint(f)
+            value = _read_varint(f)
+            if field in wanted:
+                yield field, value
         elif wire in (1, 5):
             f.seek(8 if wire == 1 else 4, 1)
         elif wire == 2:
             size = _read_varint(f)
             if size is None:
                 raise ValueError("truncated field")
-            if field not in wanted:
+            if field in spans:
+                at = f.tell()
+                yield field, (at, size)
+                f.seek(at + size)
+            elif field not in wanted:
                 f.seek(size, 1)
-                continue
-            if size > _MAX_FIELD:
-                raise ValueError("metadata field too large")
-            data = f.read(size)
-            if len(data) != size:
-                raise ValueError("truncated field")
-            yield field, data
+            else:
+                if size > _MAX_FIELD:
+                    raise ValueError("metadata field too large")
+                data = f.read(size)
+                if len(data) != size:
+                    raise ValueError("truncated field")
+                yield field, data
         else:
             raise ValueError(f"unexpected wire type {wire}")
     if f.tell() > f.seek(0, 2):  # a field's length ran past the end
@@ -185,14 +190,50 @@ def metadata_props(path: str | Path) -> dict[str, str]:
     """An ONNX file's metadata (key -> value), read by walking the ModelProto's top-level fields and seeking past
     the graph: reading one stamp costs no parse of the constants (ONNX Runtime loading PaDiM's graph to read it
     held 400 MB more). Raises ValueError/OSError for a file that is not a protobuf message."""
-    import io
-
     props: dict[str, str] = {}
     with open(path, "rb") as f:
         for _, entry in _fields(f, frozenset({_METADATA_FIELD})):
-            parts = dict(_fields(io.BytesIO(entry), frozenset({1, 2})))
+            parts = dict(_message(entry, frozenset({1, 2})))
             props[parts.get(1, b"").decode("utf-8")] = parts.get(2, b"").decode("utf-8")
     return props
+
+
+_GRAPH_FIELD, _GRAPH_INPUT = 7, 11  # ModelProto.graph, GraphProto.input (ValueInfoProto: name = 1, type = 2)
+_ELEM_TYPES = {1: "float", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "double"}  # TensorProto.DataType, named as ONNX Runtime names input types
+
+
+def _message(data: bytes, wanted: frozenset[int]) -> list[tuple[int, Any]]:
+    """The ``wanted`` fields of a small protobuf message held in memory."""
+    import io
+
+    return list(_fields(io.BytesIO(data), wanted))
+
+
+def _value_info(data: bytes) -> tuple[str, str, list[int | str | None]]:
+    """(name, 'tensor(<element type>)', dims: int, a symbolic name, or None) of a ValueInfoProto."""
+    parts = dict(_message(data, frozenset({1, 2})))
+    tensor = dict(_message(parts.get(2, b""), frozenset({1}))).get(1, b"")  # TypeProto.tensor_type
+    kind = dict(_message(tensor, frozenset({1, 2})))  # elem_type, shape
+    dims: list[int | str | None] = []
+    for _, dim in _message(kind.get(2, b""), frozenset({1})):  # TensorShapeProto.dim
+        d = dict(_message(dim, frozenset({1, 2})))  # dim_value, dim_param
+        dims.append(int(d[1]) if 1 in d else d[2].decode("utf-8") if 2 in d else None)
+    elem = int(kind.get(1, 0))
+    return parts.get(1, b"").decode("utf-8"), f"tensor({_ELEM_TYPES.get(elem, f'type {elem}')})", dims
+
+
+def graph_inputs(path: str | Path) -> dict[str, tuple[str, list[int | str | None]]]:
+    """The graph's inputs (name -> (type, dims)) as ONNX Runtime reports them, read by walking the file's protobuf
+    fields in place: the graph's nodes and constants are skipped, never parsed (``info`` on a PaDiM graph loaded
+    it whole in ONNX Runtime, ~500 MB, to check one input). Raises ValueError/OSError for what is not a model."""
+    out: dict[str, tuple[str, list[int | str | None]]] = {}
+    with open(path, "rb") as f:
+        for _, (at, size) in _fields(f, frozenset(), spans=frozenset({_GRAPH_FIELD})):
+            for _, data in _fields(f, frozenset({_GRAPH_INPUT}), end=at + size):
+                name, kind, dims = _value_info(data)
+                out[name] = (kind, dims)
+    return out
 
 
 def read_stamp(path: str | Path) -> str | None:
@@ -212,7 +253,13 @@ def read_stamp(path: str | Path) -> str | None:
 
 def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
     """The InsightAD metadata of a loaded session, checked against its graph's input, or a clear refusal."""
-    props = session.get_modelmeta().custom_metadata_map
+    inputs = {i.name: (i.type, list(i.shape)) for i in session.get_inputs()}
+    return check_props(session.get_modelmeta().custom_metadata_map, inputs, path)
+
+
+def check_props(props: dict[str, str], inputs: dict[str, tuple[str, list[Any]]], path: str | Path) -> dict[str, Any]:
+    """The InsightAD metadata of a graph (its metadata entries, its inputs: name -> (type, dims)), checked against
+    its 'images' input, or a clear refusal."""
     try:
         meta = json.loads(props[META_KEY])
         assert isinstance(meta, dict) and meta.get("format") == ONNX_FORMAT
@@ -231,12 +278,11 @@ def check_metadata(session: Any, path: str | Path) -> dict[str, Any]:
                       f"{props.get(REVISION_KEY, '1')}; now {GRAPH_REVISION}): its scores can differ from the model "
                       "file's (tiled graphs on batches past 16 tiles, baseline and SVDD on flat areas); export the "
                       "model again with 'insightad export'", stacklevel=2)
-    inputs = {i.name: i for i in session.get_inputs()}
     if "images" not in inputs:
         raise InsightADError(f"{path}: ONNX graph has no 'images' input; its metadata does not match the graph")
-    dims = list(inputs["images"].shape)
+    kind, dims = inputs["images"]
     any_size = len(dims) == 4 and not any(isinstance(d, int) for d in dims[2:])  # must take any H, W
-    if inputs["images"].type != "tensor(uint8)" or not any_size or dims[1] != meta.get("channels"):
+    if kind != "tensor(uint8)" or not any_size or dims[1] != meta.get("channels"):
         raise InsightADError(f"{path}: graph input is not uint8 N x {meta.get('channels')} x H x W (any H, W) as its "
                              "metadata says; refusing a file whose metadata does not match its graph")
     return meta
