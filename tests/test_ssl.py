@@ -286,3 +286,74 @@ def test_backbone_ssl_checks_its_backbone_file_before_fine_tuning(crack_dir, tmp
     err = capsys.readouterr().err
     assert rc == 1 and "--backbone ssl" in err and "fine-tuning" not in err and err.count("\n") == 1
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_frozen_levels_keep_their_weights_and_statistics(arrow_dir, tmp_path):
+    """--freeze-levels N: everything up to the end of level N-1 leaves the run exactly as it started (weights and
+    batch-norm statistics); the deeper blocks train."""
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    from insightad.backbones import build_extractor
+    from insightad.backbones.ssl import modules_through
+
+    start, _, _ = build_extractor("test_efficientnet", [0, 1, 2, 3, 4], None, pretrained=False)
+    start_sd = {k: v.numpy().copy() for k, v in start.body.state_dict().items()}
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in start.body.state_dict().items()}, str(weights))
+    flags = [f if f != "3" else "1" for f in TINY_FLAGS if f != "random"]
+    flags[flags.index("--init") + 1:flags.index("--init") + 1] = ["imagenet", "--weights", str(weights)]
+    files = {}
+    for n in ("0", "2"):
+        out = tmp_path / f"f{n}.safetensors"
+        assert main(["train", "--method", "ssl", "--pretext", "cutpaste", "--data", str(arrow_dir), "--out", str(out),
+                     "--freeze-levels", n, *flags]) == 0
+        files[n] = load_file(str(out))
+    names = {id(m): k for k, m in start.body.named_modules()}
+    frozen = {names[id(m)] for m in modules_through(start.body, start.module_names[1])}
+    assert "conv_stem" in frozen and any(k.startswith("blocks.1.") for k in frozen)
+    assert not any(k.startswith("blocks.2") for k in frozen)
+    for k, v in files["2"].items():
+        if k.rsplit(".", 1)[0] in frozen:
+            np.testing.assert_array_equal(v, start_sd[k], err_msg=k)
+    moved = [k for k, v in files["2"].items() if k.rsplit(".", 1)[0] not in frozen and not np.array_equal(v, start_sd[k])]
+    assert any(k.startswith("blocks.2") for k in moved), "the deeper blocks did not train"
+    assert not np.array_equal(files["0"]["conv_stem.weight"], start_sd["conv_stem.weight"])  # unfrozen: it trains
+
+
+def test_freezing_every_level_is_refused(arrow_dir, tmp_path, capsys):
+    rc = main(["train", "--method", "ssl", "--data", str(arrow_dir), "--out", str(tmp_path / "b.safetensors"),
+               "--freeze-levels", "5", *TINY_FLAGS])
+    err = capsys.readouterr().err
+    assert rc == 1 and "freeze_levels: test_efficientnet has 5 feature levels; at most 4" in err
+    assert "Traceback" not in err and not (tmp_path / "b.safetensors").exists()
+
+
+def test_a_fine_tuning_run_asks_for_huge_pages_before_pytorch_is_imported():
+    """train --method ssl / --backbone ssl switch PyTorch's huge-page allocation on before importing it (it reads
+    the switch once); other methods, a user's own setting and a process that already imported PyTorch are left
+    alone."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, sys\n"
+             "import insightad.cli.train as t\n"
+             "t.run = lambda a: print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules) or 0\n"
+             "from insightad.cli import main\n"
+             "main(sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+    def seen(*argv: str, **extra: str) -> str:
+        out = subprocess.run([sys.executable, "-c", probe, "train", "--data", "x", *argv], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert seen("--method", "ssl") == "1 True"
+    assert seen("--method", "svdd", "--backbone", "ssl") == "1 True"
+    assert seen("--method", "padim") == "None True"
+    assert seen("--method", "ssl", THP_MEM_ALLOC_ENABLE="0") == "0 True"
+    from insightad.runtime import huge_pages_for_tensors
+
+    before = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    assert huge_pages_for_tensors() is False and os.environ.get("THP_MEM_ALLOC_ENABLE") == before  # torch is loaded

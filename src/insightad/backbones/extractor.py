@@ -45,6 +45,7 @@ class FeatureExtractor(nn.Module):
         info = cast("FeatureInfo", self.body.feature_info)
         self.channels = list(info.channels())
         self.reductions = list(info.reduction())
+        self.module_names = list(info.module_name())  # the body's submodule that ends each requested level
 
     def _truncate(self) -> None:
         body = self.body

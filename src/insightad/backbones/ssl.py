@@ -79,6 +79,10 @@ class SSLParams(TrainLoopParams):
                                         "activations in the backward pass: about half the memory (CutPaste at "
                                         "256 px, batch 32: 11.1 -> 5.3 GB peak), one more forward pass per step; the "
                                         "same training otherwise")
+    freeze_levels: int = param(0, "keep the backbone's first N feature levels (and everything before them) at "
+                               "their starting weights and batch-norm statistics; only the deeper part trains: "
+                               "no backward pass through the largest activations, so less time and memory",
+                               minimum=0)
     time_budget: float = param(900.0, "seconds of training after which it stops (after the current step; the "
                                "best weights so far are kept; 0: no budget). The default 5 epochs at 256 px took "
                                "11 minutes on a 2-core CPU", minimum=0.0)
@@ -100,10 +104,21 @@ class PretextNet(nn.Module):
     """uint8 images -> pretext logits (B, classes): normalisation, the backbone body, pooled deepest level,
     linear head (4 rotations, or the 3 CutPaste classes)."""
 
-    def __init__(self, normalize: Normalize, body: nn.Module, channels: int, classes: int = ROTATIONS) -> None:
+    def __init__(self, normalize: Normalize, body: nn.Module, channels: int, classes: int = ROTATIONS,
+                 frozen: Sequence[nn.Module] = ()) -> None:
         super().__init__()
         self.normalize, self.body = normalize, body
         self.head = nn.Linear(channels, classes)
+        self._frozen = list(frozen)  # a plain list: not registered twice (they are the body's)
+        for m in self._frozen:
+            m.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> PretextNet:
+        """As ``nn.Module.train``, but the frozen modules stay in eval mode (their batch-norm statistics fixed)."""
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         deepest = self.body(self.normalize(x))[-1]
@@ -123,6 +138,22 @@ class RotationObjective:
 
     def end_epoch(self, model: nn.Module, epoch: int) -> None:
         pass
+
+
+def modules_through(body: nn.Module, last: str) -> list[nn.Module]:
+    """The modules of ``body`` holding their own weights or statistics, registered before or inside its
+    submodule ``last`` (timm's feature bodies register their modules in the order they run): what
+    ``--freeze-levels`` keeps fixed."""
+    out: list[nn.Module] = []
+    inside = False
+    for name, m in body.named_modules():
+        if name == last or name.startswith(last + "."):
+            inside = True
+        elif inside:
+            break
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            out.append(m)
+    return out
 
 
 def level_count(arch: str) -> int:
@@ -172,7 +203,14 @@ class SSLTrainer:
         extractor.requires_grad_(True)
         norm = Normalize(spec.mean, spec.std, 3)
         classes = ROTATIONS if p.pretext == "rotation" else CUTPASTE_CLASSES
-        net = PretextNet(norm, extractor.body, extractor.channels[-1], classes)
+        frozen: list[nn.Module] = []
+        if p.freeze_levels:
+            names = extractor.module_names
+            if p.freeze_levels >= len(names):
+                raise InsightADError(f"freeze_levels: {p.backbone} has {len(names)} feature levels; at most "
+                                     f"{len(names) - 1} can be frozen (got {p.freeze_levels})")
+            frozen = modules_through(extractor.body, names[p.freeze_levels - 1])
+        net = PretextNet(norm, extractor.body, extractor.channels[-1], classes, frozen)
         data = load_images(images, self.preprocessing_, p.batch_size, p.workers, progress, "ssl: load images")
         tr, va = validation_split(len(images), p.val_fraction, p.seed)
         objective = RotationObjective() if p.pretext == "rotation" else CutPasteObjective(p.seed)

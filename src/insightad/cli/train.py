@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from insightad import config
+from insightad.backbones.registry import SSL_FINE_TUNE
 from insightad.cli.common import (
     add_data_flags,
     add_progress_flag,
@@ -50,10 +51,22 @@ def _method_from(argv: list[str]) -> str:
     return "baseline"
 
 
+def _fine_tunes_a_backbone(argv: list[str], method: str) -> bool:
+    """Whether this run fine-tunes a backbone (``--method ssl``, ``--backbone ssl`` on the command line)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backbone")
+    known, _ = pre.parse_known_args(argv)
+    return method == "ssl" or known.backbone == SSL_FINE_TUNE
+
+
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
-    from insightad.apps.train import BACKBONE_METHODS, params_class
+    from insightad.runtime import huge_pages_for_tensors
 
     method = _method_from(argv)
+    if _fine_tunes_a_backbone(argv, method):
+        huge_pages_for_tensors()  # must come before PyTorch is imported (the next line imports it)
+    from insightad.apps.train import BACKBONE_METHODS, params_class
+
     p = new_parser(sub, "train", "fit a detector on normal images and write its model file",
                    "Fit a detector on the normal training images of --data and write one model file. "
                    "Where the layout has no test split, --holdout of the normal images are kept aside "
