@@ -35,7 +35,8 @@ INSIGHTAD = [sys.executable, "-m", "insightad"]
 
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd`` to completion: wall seconds from start to exit, peak RSS (MB) of that process."""
+    """Run ``cmd`` to completion: wall seconds from start to exit, peak RSS (MB), user and system CPU seconds and
+    minor page faults of that process (children included)."""
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:  # files, not pipes: a full
         t0 = time.perf_counter()                                                # pipe would stall the child
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
@@ -46,7 +47,8 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
         out, err = out_f.read(), err_f.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": out.decode()}
+    return {"wall_s": round(wall, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "user_s": round(usage.ru_utime, 1),
+            "sys_s": round(usage.ru_stime, 1), "minor_faults": usage.ru_minflt, "stdout": out.decode()}
 
 
 def cpu_model() -> str:

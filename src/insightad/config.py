@@ -258,8 +258,8 @@ class DetectorParams:
 
     backbone: str = param(DEFAULT_BACKBONE, "backbone name (tf_efficientnet_lite0, tf_efficientnet_lite2, "
                           "resnet18, wide_resnet50_2, any timm name), ssl:PATH (a backbone file of 'train --method "
-                          "ssl'), or ssl: fine-tune one on the training images first (CutPaste, about 11 minutes "
-                          "on a 2-core CPU; written beside the model as <model>.backbone.safetensors)")
+                          "ssl'), or ssl: fine-tune one on the training images first (CutPaste, about 8 minutes "
+                          "and 5 GB on a 2-core CPU; written beside the model as <model>.backbone.safetensors)")
     weights: str | None = param(None, "backbone weights: a .safetensors/.pth file, 'random', or unset to "
                                 "use the installed weight package / hub cache", path=True)
     image_size: int = param(256, "side of the square image the model works at", minimum=16,

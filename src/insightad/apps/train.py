@@ -215,12 +215,12 @@ def _fine_tune_first(ds: Dataset, train: list, held: list, dp: DataParams, param
     shared.update(backbone=FINE_TUNE_FROM, seed=dp.seed)
     path = fine_tuned_backbone_path(out)
     if params.get("resume") and (training_dir(path) / CHECKPOINT_FILE).is_file():
-        shared["resume"] = True  # the detector's --resume: the fine-tune's own checkpoint, not 11 minutes again
+        shared["resume"] = True  # the detector's --resume: the fine-tune's own checkpoint, not 8 minutes again
     if log and shared.get("resume"):
         log(f"continuing the CutPaste fine-tune of the backbone from its checkpoint in {training_dir(path)} -> {path}")
     elif log:
         log(f"fine-tuning a CutPaste backbone ({FINE_TUNE_FROM}) on the {len(train)} training images first "
-            f"(docs/ssl.md; 200 images at 256 px took 11 minutes on a 2-core CPU) -> {path}")
+            f"(docs/ssl.md; 200 images at 256 px take about 8 minutes on a 2-core CPU) -> {path}")
     trainer, path, _ = _fit_backbone(ds, train, held, dp, shared, path, progress)
     if log:
         acc = trainer.metadata()["pretext_accuracy"]
