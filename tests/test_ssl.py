@@ -329,7 +329,7 @@ def test_freezing_every_level_is_refused(arrow_dir, tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "b.safetensors").exists()
 
 
-def test_a_fine_tuning_run_asks_for_huge_pages_before_pytorch_is_imported():
+def test_a_fine_tuning_run_asks_for_huge_pages_before_pytorch_is_imported(tmp_path):
     """train --method ssl / --backbone ssl switch PyTorch's huge-page allocation on before importing it (it reads
     the switch once); other methods, a user's own setting and a process that already imported PyTorch are left
     alone."""
@@ -352,6 +352,9 @@ def test_a_fine_tuning_run_asks_for_huge_pages_before_pytorch_is_imported():
     assert seen("--method", "ssl") == "1 True"
     assert seen("--method", "svdd", "--backbone", "ssl") == "1 True"
     assert seen("--method", "padim") == "None True"
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\nmethod = "svdd"\nbackbone = "ssl"\n')
+    assert seen("--config", str(config)) == "1 True"
     assert seen("--method", "ssl", THP_MEM_ALLOC_ENABLE="0") == "0 True"
     from insightad.runtime import huge_pages_for_tensors
 

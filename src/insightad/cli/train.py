@@ -51,20 +51,29 @@ def _method_from(argv: list[str]) -> str:
     return "baseline"
 
 
-def _fine_tunes_a_backbone(argv: list[str], method: str) -> bool:
-    """Whether this run fine-tunes a backbone (``--method ssl``, ``--backbone ssl`` on the command line)."""
+def _fine_tunes_a_backbone(argv: list[str]) -> bool:
+    """Whether this run fine-tunes a backbone: ``--method ssl`` or ``--backbone ssl``, on the command line, else in
+    the config file. Read raw, before ``_method_from`` (which checks the method's name, importing PyTorch)."""
     pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", "--mode", dest="method")
     pre.add_argument("--backbone")
+    pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    return method == "ssl" or known.backbone == SSL_FINE_TUNE
+    method, backbone = known.method, known.backbone
+    if known.config and (method is None or backbone is None):
+        cfg = load_config_file(path_arg(known.config), "train")
+        section, flat = cfg["__section__"], cfg["__flat__"]
+        method = method or section.get("method") or flat.get("method") or flat.get("mode")
+        backbone = backbone or section.get("backbone", flat.get("backbone"))
+    return method == "ssl" or backbone == SSL_FINE_TUNE
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     from insightad.runtime import huge_pages_for_tensors
 
+    if _fine_tunes_a_backbone(argv):
+        huge_pages_for_tensors()  # before PyTorch is imported (by _method_from with a config file, or just below)
     method = _method_from(argv)
-    if _fine_tunes_a_backbone(argv, method):
-        huge_pages_for_tensors()  # must come before PyTorch is imported (the next line imports it)
     from insightad.apps.train import BACKBONE_METHODS, params_class
 
     p = new_parser(sub, "train", "fit a detector on normal images and write its model file",
