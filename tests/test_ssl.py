@@ -123,6 +123,8 @@ def test_ssl_cli_prints_the_warning(tmp_path, capsys):
     (["--lr", "0"], "lr: expected a value > 0.0, got 0.0"),
     (["--lr", "nan"], "lr: expected a finite number, got nan"),
     (["--init", "random", "--weights", "w.pth"], "weights: only used with --init imagenet"),
+    (["--init", "random", "--freeze-levels", "2"], "freeze_levels: only with --init imagenet"),
+    (["--freeze-levels", "-1"], "freeze_levels: expected a value >= 0, got -1"),
     (["--init", "random", "--resume"], "no checkpoint to resume from"),
 ])
 def test_ssl_bad_settings_are_clear_errors(flags, message, arrow_dir, tmp_path, capsys):
@@ -288,21 +290,29 @@ def test_backbone_ssl_checks_its_backbone_file_before_fine_tuning(crack_dir, tmp
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def _from_weights_file(extractor, tmp_path) -> list[str]:
+    """TINY_FLAGS (one epoch) starting from ``extractor``'s weights written to a file (levels can only be frozen
+    at starting weights that mean something: --init imagenet, here with --weights)."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in extractor.body.state_dict().items()}, str(weights))
+    flags = [f if f != "3" else "1" for f in TINY_FLAGS if f != "random"]
+    flags[flags.index("--init") + 1:flags.index("--init") + 1] = ["imagenet", "--weights", str(weights)]
+    return flags
+
+
 def test_frozen_levels_keep_their_weights_and_statistics(arrow_dir, tmp_path):
     """--freeze-levels N: everything up to the end of level N-1 leaves the run exactly as it started (weights and
     batch-norm statistics); the deeper blocks train."""
     from safetensors.numpy import load_file
-    from safetensors.torch import save_file
 
     from insightad.backbones import build_extractor
     from insightad.backbones.ssl import modules_through
 
     start, _, _ = build_extractor("test_efficientnet", [0, 1, 2, 3, 4], None, pretrained=False)
     start_sd = {k: v.numpy().copy() for k, v in start.body.state_dict().items()}
-    weights = tmp_path / "start.safetensors"
-    save_file({k: v.contiguous() for k, v in start.body.state_dict().items()}, str(weights))
-    flags = [f if f != "3" else "1" for f in TINY_FLAGS if f != "random"]
-    flags[flags.index("--init") + 1:flags.index("--init") + 1] = ["imagenet", "--weights", str(weights)]
+    flags = _from_weights_file(start, tmp_path)
     files = {}
     for n in ("0", "2"):
         out = tmp_path / f"f{n}.safetensors"
@@ -322,8 +332,11 @@ def test_frozen_levels_keep_their_weights_and_statistics(arrow_dir, tmp_path):
 
 
 def test_freezing_every_level_is_refused(arrow_dir, tmp_path, capsys):
+    from insightad.backbones import build_extractor
+
+    start, _, _ = build_extractor("test_efficientnet", [0, 1, 2, 3, 4], None, pretrained=False)
     rc = main(["train", "--method", "ssl", "--data", str(arrow_dir), "--out", str(tmp_path / "b.safetensors"),
-               "--freeze-levels", "5", *TINY_FLAGS])
+               "--freeze-levels", "5", *_from_weights_file(start, tmp_path)])
     err = capsys.readouterr().err
     assert rc == 1 and "freeze_levels: test_efficientnet has 5 feature levels; at most 4" in err
     assert "Traceback" not in err and not (tmp_path / "b.safetensors").exists()

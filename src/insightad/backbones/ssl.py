@@ -174,6 +174,9 @@ class SSLTrainer:
         p = config.build(self.Params, params, where=self.method)
         if p.init == "random" and p.weights:
             raise InsightADError("weights: only used with --init imagenet (got --init random)")
+        if p.init == "random" and p.freeze_levels:
+            raise InsightADError(f"freeze_levels: only with --init imagenet (got --init random: levels frozen at "
+                                 f"random weights would stay random); use --freeze-levels 0")
         self.params = p
 
     def get_params(self) -> dict[str, Any]:
