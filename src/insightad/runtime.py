@@ -111,10 +111,11 @@ THP_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's own switch (c10's CPU allocator), 
 def huge_pages_for_tensors() -> bool:
     """Have PyTorch back its CPU tensors of 2 MB and more with transparent huge pages, for a backbone's
     fine-tuning. Its activations (up to 230 MB per tensor at 256 px, batch 32 x 3) are each a fresh mapping,
-    faulted in 4 kB page by page at every step: 180 million page faults and 45% of the CPU time of a CutPaste
-    run were the kernel's. With huge pages the same step faults 17 times less, at the same peak RSS
-    (docs/ssl.md). Only before PyTorch is imported (it reads the switch once), and never over the user's own
-    setting; the kernel decides in the end (``/sys/kernel/mm/transparent_hugepage``). True when set here."""
+    faulted in 4 kB page by page at every step: one CutPaste epoch on crack made 68-70 million page faults and
+    the kernel's share of its CPU time was over half; with huge pages 1.7-1.8 million, 95-103 s instead of
+    144-146 s, peak 5.1 instead of 5.5 GB (docs/ssl.md). Only before PyTorch is imported (it reads the switch
+    once), and never over the user's own setting; the kernel decides in the end
+    (``/sys/kernel/mm/transparent_hugepage``). True when set here."""
     if "torch" in sys.modules or THP_ENV in os.environ or not sys.platform.startswith("linux"):
         return False
     os.environ[THP_ENV] = "1"

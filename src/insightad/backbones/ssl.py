@@ -175,8 +175,8 @@ class SSLTrainer:
         if p.init == "random" and p.weights:
             raise InsightADError("weights: only used with --init imagenet (got --init random)")
         if p.init == "random" and p.freeze_levels:
-            raise InsightADError(f"freeze_levels: only with --init imagenet (got --init random: levels frozen at "
-                                 f"random weights would stay random); use --freeze-levels 0")
+            raise InsightADError("freeze_levels: only with --init imagenet (got --init random: levels frozen at "
+                                 "random weights would stay random); use --freeze-levels 0")
         self.params = p
 
     def get_params(self) -> dict[str, Any]:
