@@ -29,6 +29,11 @@ from pathlib import Path
 def run_one(spec: dict) -> dict:
     import resource
 
+    from insightad.backbones.registry import SSL_FINE_TUNE
+    from insightad.runtime import huge_pages_for_tensors
+
+    if spec["set"].get("backbone") == SSL_FINE_TUNE:
+        huge_pages_for_tensors()  # as `insightad train --backbone ssl` does, before PyTorch is imported
     from insightad.apps.train import train_model
     from insightad.config import DataParams, DecisionParams
     from insightad.evaluate.run import evaluate_model
