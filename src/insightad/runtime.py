@@ -105,6 +105,19 @@ def pin_mmap_threshold(nbytes: int = SERVE_MMAP_THRESHOLD, trim: int | None = No
     return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says new work could still use without swapping (``MemAvailable``); None where
+    ``/proc/meminfo`` does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 THP_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's own switch (c10's CPU allocator), read once per process
 
 

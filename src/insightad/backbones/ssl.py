@@ -37,6 +37,7 @@ from insightad.config import DEFAULT_BACKBONE, MAX_IMAGE_SIDE, TrainLoopParams, 
 from insightad.data.loader import ImageSource
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
+from insightad.runtime import on_gpu
 from insightad.training import TrainingLoop, TrainResult, data_fingerprint, fingerprint, load_images, validation_split
 from insightad.training.augment import Augment
 from insightad.training.recompute import recomputed_activations
@@ -90,6 +91,33 @@ class SSLParams(TrainLoopParams):
 
 class RotationUnlearnableWarning(UserWarning):
     """The rotation task stayed near chance: the backbone learned little from these images."""
+
+
+class MemoryShortWarning(UserWarning):
+    """A fine-tune on the CPU likely to need more memory than the machine has available."""
+
+
+def peak_estimate(p: SSLParams) -> int:
+    """About the peak memory (bytes) of a fine-tune on the CPU, from the runs measured with tf_efficientnet_lite0
+    at 256 px (docs/ssl.md): 1 GB for the process and its images, plus per image version in a batch (3 per image
+    for CutPaste, 4 for rotation) 44 MB with every level training and activations recomputed, 24 MB with
+    --freeze-levels, 2.2 times as much without recomputation; scaled with the image's area. A larger backbone
+    needs more."""
+    versions = p.batch_size * (ROTATIONS if p.pretext == "rotation" else CUTPASTE_CLASSES)
+    per_version = (24.0 if p.freeze_levels else 44.0) * (1.0 if p.recompute_activations else 2.2)
+    return int((1024 + versions * per_version * (p.image_size / 256) ** 2) * 2**20)
+
+
+def warn_if_short_of_memory(p: SSLParams) -> None:
+    """Say before the fine-tune starts (not when the kernel kills it minutes in) that memory looks short."""
+    from insightad.runtime import available_memory
+
+    need, have = peak_estimate(p), available_memory()
+    if have is not None and need > have:
+        warnings.warn(f"ssl: this fine-tune needs about {need / 2**30:.1f} GB on the CPU (batch {p.batch_size} at "
+                      f"{p.image_size} px) and {have / 2**30:.1f} GB are available: it may be killed before it ends; "
+                      "lower --batch-size or --image-size, or use --freeze-levels 2 (docs/ssl.md)",
+                      MemoryShortWarning, stacklevel=3)
 
 
 def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +230,8 @@ class SSLTrainer:
                             curve_metrics={"accuracy": chance})
         torch.manual_seed(p.seed)
         pretrained = p.init == "imagenet"
+        if not on_gpu(p.device):
+            warn_if_short_of_memory(p)
         probe_spec_arch = _arch_of(p.backbone)
         levels = list(range(level_count(probe_spec_arch)))
         extractor, spec, source = build_extractor(p.backbone, levels, p.weights, pretrained=pretrained)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from insightad import config
 from insightad.backbones.registry import SSL_FINE_TUNE
@@ -302,11 +303,22 @@ def run_backbone(args: argparse.Namespace) -> int:
     import warnings
 
     from insightad.apps.train import params_class, train_backbone
+    from insightad.backbones.ssl import RotationUnlearnableWarning
 
     params = gather(args, params_class(args.method))
     check_outputs(args, params)
-    with warnings.catch_warnings(record=True) as caught, output_lock(args.out):
+    caught: list[Warning | str] = []  # the verdict on the rotation task reads best after the accuracy line
+    shown = warnings.showwarning  # every other warning (memory, a long CPU run) is said when it is raised
+
+    def defer_verdict(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if issubclass(category, RotationUnlearnableWarning):
+            caught.append(message)
+        else:
+            shown(message, category, *rest, **kw)
+
+    with warnings.catch_warnings(), output_lock(args.out):
         warnings.simplefilter("always")
+        warnings.showwarning = defer_verdict
         trainer, path, split = train_backbone(args.data, args.method, vars(params), data_params(args), args.out,
                                               args.progress)
     r = trainer.result_
@@ -318,6 +330,6 @@ def run_backbone(args: argparse.Namespace) -> int:
     print(f"{params.pretext} accuracy {trainer.accuracy_:.3f} on {where} (chance {chance:.2f})")
     print(f"backbone written to {path}; use it with --backbone ssl:{path}")
     sys.stdout.flush()
-    for w in caught:
-        print(f"insightad: warning: {w.message}", file=sys.stderr)
+    for message in caught:
+        print(f"insightad: warning: {message}", file=sys.stderr)
     return 0
