@@ -388,9 +388,9 @@ def test_the_memory_estimate_follows_the_measured_runs():
 @pytest.mark.parametrize("available, warned", [(2**20, True), (2**40, False)])
 def test_a_fine_tune_says_before_it_starts_when_memory_looks_short(available, warned, arrow_dir, tmp_path, capsys,
                                                                    monkeypatch):
-    import insightad.runtime
+    import insightad.backbones.ssl
 
-    monkeypatch.setattr(insightad.runtime, "available_memory", lambda: available)
+    monkeypatch.setattr(insightad.backbones.ssl, "available_memory", lambda: available)
     flags = [f if f != "3" else "1" for f in TINY_FLAGS]
     assert main(["train", "--method", "ssl", "--data", str(arrow_dir), "--out", str(tmp_path / "b.safetensors"),
                  "--pretext", "cutpaste", "--device", "cpu", *flags]) == 0

@@ -37,7 +37,7 @@ from insightad.config import DEFAULT_BACKBONE, MAX_IMAGE_SIDE, TrainLoopParams, 
 from insightad.data.loader import ImageSource
 from insightad.data.preprocess import Preprocessing
 from insightad.errors import InsightADError
-from insightad.runtime import on_gpu
+from insightad.runtime import available_memory, on_gpu
 from insightad.training import TrainingLoop, TrainResult, data_fingerprint, fingerprint, load_images, validation_split
 from insightad.training.augment import Augment
 from insightad.training.recompute import recomputed_activations
@@ -110,8 +110,6 @@ def peak_estimate(p: SSLParams) -> int:
 
 def warn_if_short_of_memory(p: SSLParams) -> None:
     """Say before the fine-tune starts (not when the kernel kills it minutes in) that memory looks short."""
-    from insightad.runtime import available_memory
-
     need, have = peak_estimate(p), available_memory()
     if have is not None and need > have:
         warnings.warn(f"ssl: this fine-tune needs about {need / 2**30:.1f} GB on the CPU (batch {p.batch_size} at "

@@ -33,39 +33,39 @@ def method_names() -> list[str]:
     return list_methods() + list(BACKBONE_METHODS)
 
 
-def _method_from(argv: list[str]) -> str:
-    """The method named on the command line or in the config file: it decides which flags exist."""
+def _named(argv: list[str]) -> tuple[str | None, str | None, str | None]:
+    """(method, backbone, the config file the method came from) as the command line names them, else the config
+    file (its [train] table, then its top level; ``mode`` is the method's old name): raw and unchecked, read
+    without importing PyTorch."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", "--mode", dest="method")
+    pre.add_argument("--backbone")
     pre.add_argument("--config")  # not path_arg: an empty one is refused by train's parser, with train's usage
     known, _ = pre.parse_known_args(argv)
-    if known.method:
-        return known.method
-    if known.config:
+    method, backbone, source = known.method, known.backbone, None
+    if known.config and not (method and backbone):
         cfg = load_config_file(path_arg(known.config), "train")
-        m = cfg["__section__"].get("method") or cfg["__flat__"].get("method") or cfg["__flat__"].get("mode")
-        if m and m not in [*method_names(), "auto"]:  # else: "unrecognized arguments: --image-size"
-            raise InsightADError(f"{known.config}: key 'method': expected one of {', '.join(method_names())}, auto; "
-                                 f"got {json.dumps(m)}")
-        if m:
-            return str(m)
-    return "baseline"
+        section, flat = cfg["__section__"], cfg["__flat__"]
+        if not method:
+            method = section.get("method") or flat.get("method") or flat.get("mode")
+            source = known.config if method else None
+        backbone = backbone or section.get("backbone", flat.get("backbone"))
+    return method, backbone, source
+
+
+def _method_from(argv: list[str]) -> str:
+    """The method named on the command line or in the config file: it decides which flags exist."""
+    method, _, source = _named(argv)
+    if source and method not in [*method_names(), "auto"]:  # else: "unrecognized arguments: --image-size"
+        raise InsightADError(f"{source}: key 'method': expected one of {', '.join(method_names())}, auto; "
+                             f"got {json.dumps(method)}")
+    return str(method) if method else "baseline"
 
 
 def _fine_tunes_a_backbone(argv: list[str]) -> bool:
     """Whether this run fine-tunes a backbone: ``--method ssl`` or ``--backbone ssl``, on the command line, else in
-    the config file. Read raw, before ``_method_from`` (which checks the method's name, importing PyTorch)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", "--mode", dest="method")
-    pre.add_argument("--backbone")
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    method, backbone = known.method, known.backbone
-    if known.config and (method is None or backbone is None):
-        cfg = load_config_file(path_arg(known.config), "train")
-        section, flat = cfg["__section__"], cfg["__flat__"]
-        method = method or section.get("method") or flat.get("method") or flat.get("mode")
-        backbone = backbone or section.get("backbone", flat.get("backbone"))
+    the config file; known before ``_method_from`` checks the method's name (which imports PyTorch)."""
+    method, backbone, _ = _named(argv)
     return method == "ssl" or backbone == SSL_FINE_TUNE
 
 
