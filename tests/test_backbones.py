@@ -85,6 +85,9 @@ def test_unknown_backbone():
         get_spec("not_a_net")
     with pytest.raises(InsightADError, match="backbone file not found"):
         get_spec("ssl:/nonexistent/file.safetensors")
+    for empty in ("ssl:", "ssl: "):  # not "backbone file not found: ." (the empty path is the current folder)
+        with pytest.raises(InsightADError, match="names no file; expected ssl:PATH"):
+            get_spec(empty)
 
 
 def _resnet18_weights() -> dict:

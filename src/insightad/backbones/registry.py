@@ -68,6 +68,9 @@ def read_backbone_file_meta(path: Path) -> dict:
 def get_spec(name: str) -> BackboneSpec:
     """The spec for a registered name, an ``ssl:PATH`` checkpoint, or any other timm architecture."""
     if name.startswith(SSL_PREFIX):
+        if not name[len(SSL_PREFIX):].strip():  # Path("") is ".", which read as "backbone file not found: ."
+            raise InsightADError(f"backbone: {name!r} names no file; expected ssl:PATH, the file 'insightad train "
+                                 "--method ssl' wrote (or 'ssl' alone, for train to fine-tune one first)")
         path = Path(name[len(SSL_PREFIX):]).expanduser()
         meta = read_backbone_file_meta(path)
         base = BACKBONES.get(meta["arch"])
