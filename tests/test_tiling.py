@@ -93,3 +93,28 @@ def test_cli_predict_retiles_a_model_and_refuses_what_cannot(mvtec_dir, tmp_path
     assert "--search: only patchcore" in capsys.readouterr().err
     with pytest.raises(InsightADError, match="tile"):
         create_detector("padim", tile=0)
+
+
+def test_train_notes_large_images_that_could_be_tiled(tmp_path, capsys):
+    from insightad.apps.train import large_images_note
+    from insightad.cli import main
+
+    paths = []
+    for i, side in enumerate((300, 310, 320)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((side, side + 20, 3), 90 + i, np.uint8)).save(paths[-1])
+    note = large_images_note(paths, {"image_size": 100, "tile": 1})
+    assert note is not None and "about 330 x 310 px" in note and "3.1 times smaller" in note and "--tile 2" in note
+    assert large_images_note(paths, {"image_size": 110, "tile": 1}) is None  # 310 / 110 < 3
+    assert large_images_note(paths, {"image_size": 100, "tile": 2}) is None  # tiled already
+    assert large_images_note(paths, {"image_size": 100}) is None  # a method that cannot tile (svdd)
+    assert large_images_note([tmp_path / "gone.png"], {"image_size": 100, "tile": 1}) is None
+
+    from insightad.data.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "big", kind="plate", layout="folder", n_train=8, n_test_good=2, n_per_defect=1,
+                         size=200, seed=4)
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--method", "baseline", "--image-size", "64", "--holdout", "0",
+                 "--threshold-strategy", "percentile", "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert "note: the training images are about 200 x 200 px and are scored at 64 px" in capsys.readouterr().err
