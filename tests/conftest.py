@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("INSIGHTAD_OFFLINE", "1")  # tests never reach for the network
+# PyTorch's own default (no huge pages; torch is imported above, so it changes nothing): the tests' small fine-tunes
+# do not warn that they could run faster (runtime.huge_pages_missed; tested in test_ssl with the variable unset).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 if "INSIGHTAD_CACHE" not in os.environ:  # exported ONNX graphs are cached per test session, not in ~/.cache
     import tempfile
 

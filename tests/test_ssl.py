@@ -375,6 +375,35 @@ def test_a_fine_tuning_run_asks_for_huge_pages_before_pytorch_is_imported(tmp_pa
     assert huge_pages_for_tensors() is False and os.environ.get("THP_MEM_ALLOC_ENABLE") == before  # torch is loaded
 
 
+def test_a_fine_tune_without_huge_pages_says_how_to_have_them(tmp_path, monkeypatch):
+    """A Python program that imported PyTorch without THP_MEM_ALLOC_ENABLE gets one warning naming the variable,
+    where the kernel offers huge pages; not where it does not, nor when the variable is set (a user's 0 too)."""
+    import warnings
+
+    from insightad import runtime
+    from insightad.backbones.ssl import SlowerWarning, warn_if_without_huge_pages
+
+    mode = tmp_path / "enabled"
+    monkeypatch.setattr(runtime, "THP_MODE_FILE", str(mode))
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+
+    def said() -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            warn_if_without_huge_pages()
+        return [str(w.message) for w in seen if issubclass(w.category, SlowerWarning)]
+
+    mode.write_text("always [madvise] never\n")
+    assert len(said()) == 1 and "THP_MEM_ALLOC_ENABLE=1" in said()[0] and "before importing torch" in said()[0]
+    mode.write_text("always madvise [never]\n")
+    assert said() == []
+    mode.unlink()
+    assert said() == []  # no such file: not Linux's THP, nothing to say
+    mode.write_text("[always] madvise never\n")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert said() == []
+
+
 def test_the_memory_estimate_follows_the_measured_runs():
     """Defaults (all levels, recomputation, batch 32 x 3 at 256 px): 5.12-5.39 GB measured; --freeze-levels 2:
     3.2-3.3 GB; without recomputation 11.1 GB (docs/ssl.md)."""

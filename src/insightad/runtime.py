@@ -135,6 +135,23 @@ def huge_pages_for_tensors() -> bool:
     return True
 
 
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_missed() -> bool:
+    """Whether a CPU fine-tune in this process runs without the huge pages it could have had: on Linux, the
+    kernel offers them (``madvise`` or ``always``) but ``THP_MEM_ALLOC_ENABLE`` is not set at all (``insightad
+    train`` sets it before PyTorch is imported; a Python program must itself; a user's 0 is a choice, not missed)."""
+    if not sys.platform.startswith("linux") or THP_ENV in os.environ:  # set: by train, or by the user's choice
+        return False
+    try:
+        with open(THP_MODE_FILE, encoding="ascii") as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
 def nvidia_driver_present() -> bool:
     """Whether an NVIDIA driver is visible, without importing PyTorch (a machine without one needs no check)."""
     return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl") or bool(shutil.which("nvidia-smi"))
