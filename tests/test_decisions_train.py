@@ -57,6 +57,29 @@ def test_decision_fields_round_trip_through_the_model_file(decided):
     assert back.threshold_info_["pixel_threshold"] == rec["pixel_threshold"]
 
 
+def test_refit_folds_all_validates_every_training_normal(mvtec_dir, tmp_path):
+    """--refit-folds all: a method validated by refitting (here the stub, as svdd and the autoencoder) is refitted
+    on every fold, so every training normal is scored out of fold (30, not the held-out fold's 6); the exactly
+    cross-fitted methods are unchanged; an ensemble passes it to its members' validations."""
+    from insightad.apps.train import train_model
+    from insightad.methods import create_detector
+    from insightad.methods.crossfit import scheme_for
+
+    register_meandev()
+    det, _, split = train_model(mvtec_dir, NAME, {"image_size": 64}, DataParams(), tmp_path / "m.safetensors",
+                                progress=False, decision=DecisionParams(refit_folds="all"))
+    rec = det.threshold_info_["decision"]
+    assert rec["validation"] == "kfold-refit (k=5)" and rec["n_normal"] == len(split["train"]) == 30
+    assert not any("validation set is small" in w for w in rec["warnings"])
+    assert scheme_for(create_detector("padim"), "all") == "kfold-exact"
+    paths = sorted((mvtec_dir / "train" / "good").glob("*.png"))[:12]
+    ens = create_detector("ensemble", members=["baseline", NAME], image_size=64, refit_folds="all").fit(paths)
+    schemes = [m.validation_.scheme for m in ens.members_]
+    assert schemes == ["kfold-exact (k=5)", "kfold-refit (k=5)"] and len(ens.decision_scores_) == 12
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "svdd", "--refit-folds", "every", "--data", str(mvtec_dir)])
+
+
 def _labels_csv(path, rows, header):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)

@@ -202,6 +202,14 @@ class DataParams:
     seed: int = param(0, "random seed (hold-out split, sampling, initialisation)", minimum=0, maximum=SEED_MAX)
 
 
+REFIT_FOLDS = ("one", "all")
+REFIT_FOLDS_HELP = ("the trained methods (svdd, autoencoder, an ensemble's members) and tiled models are validated by "
+                    "refitting without the normals scored: one: on one held-out fold (one refit, 1/k of the normals "
+                    "scored); all: on every fold (k refits, k times the validation's time, every training normal "
+                    "scored: a steadier threshold; docs/decisions.md). Other methods are validated exactly on "
+                    "every fold either way")
+
+
 @dataclass
 class DecisionParams:
     """How the default threshold is chosen right after training (out-of-fold normals, synthetic defects)."""
@@ -213,6 +221,7 @@ class DecisionParams:
     max_false_alarms: float = param(0.02, "false-alarm rate the default threshold allows (strategy fpr)",
                                     minimum=0.0, maximum=0.5, exclusive_min=True)
     folds: int = param(5, "folds of the out-of-fold validation over the training normals", minimum=2)
+    refit_folds: str = param("one", REFIT_FOLDS_HELP, choices=REFIT_FOLDS)
     candidates: list[str] = param(["baseline", "padim", "patchcore"], "methods --method auto compares")
     time_budget: float = param(300.0, "seconds --method auto may spend fitting candidates (the one running "
                                "when it runs out finishes)", minimum=0.0, exclusive_min=True)

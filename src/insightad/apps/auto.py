@@ -85,7 +85,7 @@ def auto_fit(images: Sequence, common: dict[str, Any], decision: DecisionParams,
         det = factory(m, common)
         det.fit(list(images), progress=progress)
         _, rec = validate_and_decide(det, images, decision.threshold_strategy, decision.max_false_alarms,
-                                     decision.folds, seed)
+                                     decision.folds, seed, decision.refit_folds)
         fit_s = time.perf_counter() - t
         row = {"method": m, "synthetic_auroc": rec.synthetic_auroc, "fit_seconds": round(fit_s, 2),
                "predict_ms_per_image": round(_predict_ms(det, images), 2), "size_mb": round(_size_mb(det), 2),

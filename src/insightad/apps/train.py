@@ -173,7 +173,8 @@ def _validate(det: Detector, paths: list[Path], decision: DecisionParams, seed: 
     from insightad.methods.crossfit import validate_and_decide
 
     try:
-        validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms, decision.folds, seed)
+        validate_and_decide(det, paths, decision.threshold_strategy, decision.max_false_alarms, decision.folds, seed,
+                            decision.refit_folds)
     except KeyboardInterrupt:
         checkpoint = getattr(getattr(det, "training_", None), "checkpoint", None)
         if checkpoint is not None:

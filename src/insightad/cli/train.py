@@ -153,8 +153,10 @@ def _say_when_percentile_counts(p: argparse.ArgumentParser) -> None:
 
 def decision_skip(method: str) -> tuple[str, ...]:
     """The DecisionParams fields only ``--method auto`` takes as flags (any other method's --time-budget is its
-    training loop's, 0 meaning none, not auto's budget, which must be above 0)."""
-    return () if method == "auto" else ("candidates", "time_budget")
+    training loop's, 0 meaning none, not auto's budget, which must be above 0); an ensemble's --refit-folds is its
+    own (its members are validated inside its fit)."""
+    skip = () if method == "auto" else ("candidates", "time_budget")
+    return (*skip, "refit_folds") if method == "ensemble" else skip
 
 
 def check_outputs(args: argparse.Namespace, params) -> None:

@@ -115,7 +115,7 @@ def at_model_size(det: Detector, images: Sequence) -> list[np.ndarray]:
     return out
 
 
-def scheme_for(det: Detector) -> str:
+def scheme_for(det: Detector, refit_folds: str = "one") -> str:
     """How ``det`` is validated out of fold. The exact schemes read whole-image features through the method's
     own model; a tiled model fits on tiles, so it is refitted on the other folds instead (its whole-image
     features at the working size are not what it scores: padim failed on them, baseline took a wrong threshold)."""
@@ -124,11 +124,11 @@ def scheme_for(det: Detector) -> str:
         return "kfold-exact"
     if isinstance(det, PatchCoreDetector) and getattr(det, "bank_source_", None) is not None and not is_tiled(det):
         return "bank-without-image"  # (a tiled bank's patches come from tiles, not from whole images)
-    return "kfold-refit" if det.method in REFIT_ALL_FOLDS else "heldout-fold"
+    return "kfold-refit" if refit_folds == "all" or det.method in REFIT_ALL_FOLDS else "heldout-fold"
 
 
 def out_of_fold(det: Detector, images: Sequence, k: int = DEFAULT_FOLDS, seed: int = 0, synthetic: bool = True,
-                kinds: Sequence[str] = DEFECT_KINDS, scheme: str | None = None) -> OutOfFold:
+                kinds: Sequence[str] = DEFECT_KINDS, scheme: str | None = None, refit_folds: str = "one") -> OutOfFold:
     """Out-of-fold scores for ``images`` (the training normals) with ``det``'s hyper-parameters.
 
     ``det`` is the final model, already fitted on all ``images`` (kfold-exact reads its projection
@@ -143,7 +143,7 @@ def out_of_fold(det: Detector, images: Sequence, k: int = DEFAULT_FOLDS, seed: i
             res.seconds = time.perf_counter() - t0
             res.scheme = f"members (k={int(folds.max()) + 1}, the normals and defects every member scored)"
             return res
-    scheme = scheme or scheme_for(det)
+    scheme = scheme or scheme_for(det, refit_folds)
     if scheme == "kfold-exact" and det.method in ("padim", "baseline"):
         exact = _padim_exact if det.method == "padim" else _baseline_exact
         res = exact(det, images, folds, seed, synthetic, kinds)
@@ -418,14 +418,14 @@ def untried_note(made: Sequence[str], n_normal: int) -> str:
 
 def validate_and_decide(det: Detector, images: Sequence, strategy: str = "fpr",
                         max_false_alarms: float = DEFAULT_MAX_FALSE_ALARMS, folds: int = DEFAULT_FOLDS,
-                        seed: int = 0) -> tuple[OutOfFold, DecisionRecord]:
+                        seed: int = 0, refit_folds: str = "one") -> tuple[OutOfFold, DecisionRecord]:
     """Out-of-fold scores of the training normals and synthetic defects -> ``det``'s threshold, with
     the false-alarm rate and synthetic recall expected at it recorded in ``threshold_info_``.
 
     The out-of-fold normal scores become ``decision_scores_``; the scale of ``score_normalized`` is
     their spread. The previous (in-method) threshold is kept under ``method_default``.
     """
-    oof = out_of_fold(det, images, k=folds, seed=seed)
+    oof = out_of_fold(det, images, k=folds, seed=seed, refit_folds=refit_folds)
     masks = [d.mask for d in oof.defects] if oof.defect_maps is not None else None
     rec = decide(strategy, oof.normal_scores, oof.defect_scores, oof.defect_kinds,
                  max_false_alarms=max_false_alarms, percentile=float(getattr(det, "threshold_percentile", 99.0)),

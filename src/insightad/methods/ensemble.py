@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from insightad.config import DetectorParams, param, params
+from insightad.config import REFIT_FOLDS, REFIT_FOLDS_HELP, DetectorParams, param, params
 from insightad.errors import InsightADError
 from insightad.methods.base import Detector
 from insightad.methods.crossfit import DEFAULT_FOLDS, OutOfFold, validate_and_decide
@@ -51,6 +51,7 @@ class EnsembleParams(DetectorParams):
                            "equal: the plain mean", choices=("validation", "equal"))
     threshold_percentile: float = param(99.0, "default threshold before validation: this percentile of the "
                                         "combined out-of-fold normal scores", minimum=0.0, maximum=100.0)
+    refit_folds: str = param("one", REFIT_FOLDS_HELP, choices=REFIT_FOLDS)
 
 
 class EnsembleModel(nn.Module):
@@ -166,7 +167,7 @@ class EnsembleDetector(EnsembleParams, Detector):
         members = self._member_detectors()
         for m in members:
             m.fit(images, progress=progress)
-            validate_and_decide(m, images, folds=DEFAULT_FOLDS, seed=self.seed)
+            validate_and_decide(m, images, folds=DEFAULT_FOLDS, seed=self.seed, refit_folds=self.refit_folds)
         first = members[0].preprocessing_
         for m in members[1:]:
             if m.preprocessing_ != first:
