@@ -12,6 +12,7 @@ from torch import nn
 
 from insightad.cli import main
 from insightad.config import DataParams, DecisionParams
+from insightad.errors import InsightADError
 from insightad.model_file import load_model, read_metadata
 from tests.mapdetector import NAME, MeanDeviationDetector, register_meandev
 
@@ -72,6 +73,8 @@ def test_refit_folds_all_validates_every_training_normal(mvtec_dir, tmp_path):
     assert rec["validation"] == "kfold-refit (k=5)" and rec["n_normal"] == len(split["train"]) == 30
     assert not any("validation set is small" in w for w in rec["warnings"])
     assert scheme_for(create_detector("padim"), "all") == "kfold-exact"
+    with pytest.raises(InsightADError, match="refit_folds: expected one of one, all, got 'al'"):
+        scheme_for(det, "al")
     paths = sorted((mvtec_dir / "train" / "good").glob("*.png"))[:12]
     ens = create_detector("ensemble", members=["baseline", NAME], image_size=64, refit_folds="all").fit(paths)
     schemes = [m.validation_.scheme for m in ens.members_]

@@ -23,6 +23,8 @@ Schemes, by method:
 - every other method (the trained ``svdd`` and ``autoencoder``, and every tiled model): one held-out
   fold (1/k of the images); the method is refitted once on the other folds. Train time grows by
   under 2x instead of k x, and the validation set is the fold (its size is stated and warned about).
+  ``refit_folds="all"`` (``train --refit-folds all``) refits every fold instead: all training normals
+  scored, k refits.
 
 The final model is always fitted on all training normals (by the caller): validation models
 are thrown away.
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
+from insightad.config import REFIT_FOLDS
 from insightad.data.defects import DEFECT_KINDS, SyntheticDefect, make_defects
 from insightad.decide.decisions import DEFAULT_MAX_FALSE_ALARMS, DecisionRecord, decide
 from insightad.decide.normalize import robust_scale
@@ -118,7 +121,10 @@ def at_model_size(det: Detector, images: Sequence) -> list[np.ndarray]:
 def scheme_for(det: Detector, refit_folds: str = "one") -> str:
     """How ``det`` is validated out of fold. The exact schemes read whole-image features through the method's
     own model; a tiled model fits on tiles, so it is refitted on the other folds instead (its whole-image
-    features at the working size are not what it scores: padim failed on them, baseline took a wrong threshold)."""
+    features at the working size are not what it scores: padim failed on them, baseline took a wrong threshold).
+    ``refit_folds``: what a refitted method refits, ``one`` held-out fold or ``all`` of them."""
+    if refit_folds not in REFIT_FOLDS:
+        raise InsightADError(f"refit_folds: expected one of {', '.join(REFIT_FOLDS)}, got {refit_folds!r}")
     exact = (det.method == "padim" and getattr(det, "reduction", "random") != "pca") or det.method == "baseline"
     if exact and not is_tiled(det):
         return "kfold-exact"
