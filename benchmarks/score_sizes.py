@@ -18,47 +18,25 @@ the other way round, averaged), so no normal is scored by statistics it helped t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from insightad.config import DataParams
-from insightad.data.layouts import discover, evaluation_samples, holdout_split
-from insightad.methods import create_detector, crossfit
+from insightad.methods import create_detector
 from insightad.methods.components.maps import top_mean
-from score_sweep import recorded
+from score_sweep import crack_or_mvtec_split, emit, recorded, validation
 
 SIZES = (("small", 0.0, 0.01), ("medium", 0.01, 0.03), ("large", 0.03, 1.01))  # mask area / image area
 
 
 def validation_maps(method: str, det, paths: list, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(normal maps (N, h*w), defect maps (M, h*w), defect mask areas (M,)) of ``train``'s validation."""
-    parts: list[tuple[int, torch.Tensor]] = []
-    if method == "patchcore":  # every normal against the bank without its own patches, fold by fold
-        original = det.score_without_source
-
-        def keep(images, sources, features=None):
-            scores, maps = original(images, sources, features)
-            parts.append((len(images), torch.from_numpy(np.asarray(maps)).flatten(1)))
-            return scores, maps
-
-        det.score_without_source = keep
-        oof = crossfit.out_of_fold(det, paths, k=crossfit.DEFAULT_FOLDS, seed=seed)
-        del det.score_without_source
-    else:
-        with recorded(method) as seen:
-            oof = crossfit.out_of_fold(det, paths, k=crossfit.DEFAULT_FOLDS, seed=seed)
-        parts = [(len(m), m) for _, m in seen]
-    folds = crossfit.fold_ids(len(paths), crossfit.DEFAULT_FOLDS, seed)
-    counts = [int((folds == f).sum()) for f in sorted(set(folds.tolist()))]
-    assert len(parts) == len(counts), (len(parts), len(counts))
-    normal = torch.cat([m[:k] for (_, m), k in zip(parts, counts)])
-    defect = torch.cat([m[k:] for (_, m), k in zip(parts, counts)])
+    (_, normal), (_, defect), oof = validation(method, det, paths, seed)
     areas = np.array([float(np.mean(d.mask > 0)) for d in oof.defects])
-    assert len(areas) == defect.shape[0], (len(areas), defect.shape)
+    if len(areas) != defect.shape[0]:
+        raise RuntimeError(f"validation: {len(areas)} defect masks for {defect.shape[0]} maps")
     return normal.float(), defect.float(), areas
 
 
@@ -98,13 +76,7 @@ def main() -> None:
     multis = args.multi or [[0.0, 0.05], [0.001, 0.05], [0.0, 0.005, 0.05]]
     torch.set_num_threads(1)
     for seed in args.seeds:
-        dp = DataParams(seed=seed)
-        ds = discover(args.data, dp.layout, dp.normal_dir, dp.abnormal_dir)
-        train, held = holdout_split(ds, dp.holdout, dp.seed)
-        split = {"root": str(ds.root), "train": [ds.rel(s.path) for s in train],
-                 "holdout": [ds.rel(s.path) for s in held]}
-        tests = evaluation_samples(ds, split)
-        labels = np.array([s.label for s in tests])
+        name, train, tests, labels = crack_or_mvtec_split(args.data, seed)
         det = create_detector(args.method, seed=seed).fit([s.path for s in train])
         normal, defect, areas = validation_maps(args.method, det, [s.path for s in train], seed)
         with recorded(args.method) as seen:
@@ -134,13 +106,9 @@ def main() -> None:
             row["test"] = auroc(t[labels == 0], t[labels == 1])
             rows.append(row)
         for row in rows:
-            line = {"data": ds.root.name, "method": args.method, "seed": seed, **row, "n_normal": len(normal),
-                    "n_defects": counts}
-            print(json.dumps(line), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(line) + "\n")
-        print(f"done {ds.root.name} seed {seed}", file=sys.stderr)
+            emit({"data": name, "method": args.method, "seed": seed, **row, "n_normal": len(normal),
+                  "n_defects": counts}, args.out)
+        print(f"done {name} seed {seed}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -65,23 +65,54 @@ def joined(seen: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
     return torch.cat([s for s, _ in seen]), torch.cat([m for _, m in seen])
 
 
-def validation(method: str, det, paths: list, seed: int) -> tuple[tuple, tuple]:
-    """((scores, maps) of the out-of-fold normals, the same of the synthetic defects), as ``train`` makes them."""
-    with recorded(method) as seen:
-        oof = crossfit.out_of_fold(det, paths, k=crossfit.DEFAULT_FOLDS, seed=seed)
+def validation(method: str, det, paths: list, seed: int) -> tuple[tuple, tuple, crossfit.OutOfFold]:
+    """((scores, maps) of the out-of-fold normals, the same of the synthetic defects, the validation itself), as
+    ``train`` makes them: fold by fold, each fold's normals then its defects (PaDiM: one model call per fold;
+    PatchCore: every normal and defect against the bank without its source image's patches)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if method == "patchcore":
+        original = det.score_without_source
+
+        def keep(images, sources, features=None):
+            scores, maps = original(images, sources, features)
+            seen.append((torch.from_numpy(np.asarray(scores)), torch.from_numpy(np.asarray(maps)).flatten(1)))
+            return scores, maps
+
+        det.score_without_source = keep
+        try:
+            oof = crossfit.out_of_fold(det, paths, k=crossfit.DEFAULT_FOLDS, seed=seed)
+        finally:
+            del det.score_without_source
+    else:
+        with recorded(method) as seen:
+            oof = crossfit.out_of_fold(det, paths, k=crossfit.DEFAULT_FOLDS, seed=seed)
     folds = crossfit.fold_ids(len(paths), crossfit.DEFAULT_FOLDS, seed)
-    if method == "padim":  # one call per fold: its normals, then its defects
-        counts = [int((folds == f).sum()) for f in sorted(set(folds.tolist()))]
-        parts = [(s[:n], m[:n], s[n:], m[n:]) for (s, m), n in zip(seen, counts)]
-        normal = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        defect = (torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
-        return normal, defect
-    # One held-out fold predicted in batches (its normals, then its defects) after the fold model's fit, whose
-    # own threshold scoring comes first: the last rows are the predictions.
-    scores, maps = joined(seen)
-    n, m = len(oof.normal_scores), len(oof.defect_scores)
-    scores, maps = scores[-(n + m):], maps[-(n + m):]
-    return (scores[:n], maps[:n]), (scores[n:], maps[n:])
+    counts = [int((folds == f).sum()) for f in sorted(set(folds.tolist()))]
+    if len(seen) != len(counts):
+        raise RuntimeError(f"validation: {len(seen)} scoring calls for {len(counts)} folds")
+    parts = [(s[:n], m[:n], s[n:], m[n:]) for (s, m), n in zip(seen, counts)]
+    normal = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    defect = (torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
+    return normal, defect, oof
+
+
+def crack_or_mvtec_split(data: str, seed: int) -> tuple[str, list, list, np.ndarray]:
+    """``insightad train``'s split of ``data`` for ``seed``: (dataset name, training samples, test samples, test
+    labels); the test samples are what ``evaluate`` scores (MVTec test split; crack: held-out and positives)."""
+    dp = DataParams(seed=seed)
+    ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
+    train, held = holdout_split(ds, dp.holdout, dp.seed)
+    split = {"root": str(ds.root), "train": [ds.rel(s.path) for s in train], "holdout": [ds.rel(s.path) for s in held]}
+    tests = evaluation_samples(ds, split)
+    return ds.root.name, train, tests, np.array([s.label for s in tests])
+
+
+def emit(row: dict, out: str | None) -> None:
+    """One JSON line to stdout, and appended to ``out`` when given."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def image_scores(scores: torch.Tensor, maps: torch.Tensor, q: float) -> np.ndarray:
@@ -99,32 +130,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     for seed in args.seeds:
-        dp = DataParams(seed=seed)
-        ds = discover(args.data, dp.layout, dp.normal_dir, dp.abnormal_dir)
-        train, held = holdout_split(ds, dp.holdout, dp.seed)
-        split = {"root": str(ds.root), "train": [ds.rel(s.path) for s in train],
-                 "holdout": [ds.rel(s.path) for s in held]}
-        tests = evaluation_samples(ds, split)
-        labels = np.array([s.label for s in tests])
+        name, train, tests, labels = crack_or_mvtec_split(args.data, seed)
         paths = [s.path for s in train]
         for a in (args.shrinkage if args.method == "padim" else [None]):
             own = {"shrinkage": a, "score_top": 0.0} if args.method == "padim" else {}
             det = create_detector(args.method, seed=seed, **own).fit(paths)
-            normal, defect = validation(args.method, det, paths, seed)
+            normal, defect, _ = validation(args.method, det, paths, seed)
             with recorded(args.method) as seen:
                 det.predict([s.path for s in tests], maps=False)
             test = joined(seen)
             truth = np.r_[np.zeros(len(normal[0])), np.ones(len(defect[0]))]
             for q in args.fractions:
                 val = np.r_[image_scores(*normal, q), image_scores(*defect, q)]
-                row = {"data": ds.root.name, "method": args.method, "seed": seed, "shrinkage": a, "score_top": q,
+                row = {"data": name, "method": args.method, "seed": seed, "shrinkage": a, "score_top": q,
                        "val_auroc": round(float(roc_auc_score(truth, val)), 4),
                        "test_auroc": round(float(roc_auc_score(labels, image_scores(*test, q))), 4)}
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-        print(f"done {ds.root.name} seed {seed}", file=sys.stderr)
+                emit(row, args.out)
+        print(f"done {name} seed {seed}", file=sys.stderr)
 
 
 if __name__ == "__main__":
