@@ -9,8 +9,9 @@ once per shrinkage a, each position's covariance pulled towards the mean covaria
 
 - validation: out-of-fold maps of the training normals and of synthetic defects made from them
   (``methods.crossfit``, exactly what ``insightad train`` computes for its threshold: PaDiM's exact
-  k-fold, PatchCore's held-out fold refitted on the others), AUROC normal vs defect; this is what a
-  default may be chosen on;
+  k-fold, PatchCore's every normal against the bank without its own patches; until 2026-12-04 one
+  held-out fold refitted on the others, what docs/defaults.md's PatchCore sweep used), AUROC normal vs
+  defect; this is what a default may be chosen on;
 - test: the dataset's test images (MVTec split; crack: the held-out negatives and all positives).
 
 q = 0 is the method's own image score (PaDiM: the map's maximum; PatchCore: the paper's re-weighted
