@@ -110,6 +110,15 @@ def large_images_note(paths: list[Path], params: dict[str, Any], method: str = "
             "docs/defaults.md, 'Tiled work')")
 
 
+def _say_large_images(paths: list[Path], det: Detector, log: Callable[[str], None] | None) -> None:
+    """``large_images_note`` for ``det``, through ``log``; no image header is read without one."""
+    if log is None:
+        return
+    note = large_images_note(paths, det.get_params(), det.method)
+    if note:
+        log(note)
+
+
 def _check_validation_size(params: dict[str, Any]) -> None:
     """The default threshold is chosen on synthetic defects drawn on images at the model's size: below their
     smallest side, refused before the fit (the validation refused it after)."""
@@ -148,14 +157,13 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
 
         det, _ = auto_fit(paths, params, decision or DecisionParams(), seed=dp.seed, progress=progress,
                           log=log)
+        _say_large_images(paths, det, log)
     else:
         det = create_detector(method, **with_training_dir(method, params, out))
+        _say_large_images(paths, det, log)  # before the fit: whoever wants to tile can stop and start again
         det.fit(paths, progress=progress, shards=shards)
         if decision is not None:
             _validate(det, paths, decision, dp.seed)
-    note = large_images_note(paths, det.get_params(), det.method)
-    if note and log:
-        log(note)
     det.split_ = split_record(ds, train, held, dp, hashes)
     backbone = backbone_training(det)
     if backbone is not None:
