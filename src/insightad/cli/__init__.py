@@ -96,9 +96,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         command = getattr(args, "command", None)
         hint = ""
         if command == "train":  # its flags depend on the method (command line, else --config, else baseline)
-            from insightad.cli.train import _method_from, other_methods_flags
+            from insightad.cli.train import _method_from, _named, other_methods_flags
 
-            hint = other_methods_flags(extra, _method_from(argv))
+            hint = other_methods_flags(extra, _method_from(_named(argv)))
         (_subparser(parser, command) if command else parser).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     return args
 

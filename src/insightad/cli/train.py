@@ -53,28 +53,29 @@ def _named(argv: list[str]) -> tuple[str | None, str | None, str | None]:
     return method, backbone, source
 
 
-def _method_from(argv: list[str]) -> str:
-    """The method named on the command line or in the config file: it decides which flags exist."""
-    method, _, source = _named(argv)
+def _method_from(named: tuple[str | None, str | None, str | None]) -> str:
+    """The method ``_named`` found on the command line or in the config file, checked: it decides which flags exist."""
+    method, _, source = named
     if source and method not in [*method_names(), "auto"]:  # else: "unrecognized arguments: --image-size"
         raise InsightADError(f"{source}: key 'method': expected one of {', '.join(method_names())}, auto; "
                              f"got {json.dumps(method)}")
     return str(method) if method else "baseline"
 
 
-def _fine_tunes_a_backbone(argv: list[str]) -> bool:
+def _fine_tunes_a_backbone(named: tuple[str | None, str | None, str | None]) -> bool:
     """Whether this run fine-tunes a backbone: ``--method ssl`` or ``--backbone ssl``, on the command line, else in
-    the config file; known before ``_method_from`` checks the method's name (which imports PyTorch)."""
-    method, backbone, _ = _named(argv)
+    the config file (``_named``); known before ``_method_from`` checks the method's name (which imports PyTorch)."""
+    method, backbone, _ = named
     return method == "ssl" or backbone == SSL_FINE_TUNE
 
 
 def add_parser(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     from insightad.runtime import huge_pages_for_tensors
 
-    if _fine_tunes_a_backbone(argv):
-        huge_pages_for_tensors()  # before PyTorch is imported (by _method_from with a config file, or just below)
-    method = _method_from(argv)
+    named = _named(argv)  # the config file read once, for both
+    if _fine_tunes_a_backbone(named):
+        huge_pages_for_tensors()  # before PyTorch is imported (by _method_from's check of the name, or just below)
+    method = _method_from(named)
     from insightad.apps.train import BACKBONE_METHODS, params_class
 
     p = new_parser(sub, "train", "fit a detector on normal images and write its model file",
