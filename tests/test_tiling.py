@@ -120,3 +120,7 @@ def test_train_notes_large_images_that_could_be_tiled(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--method", "baseline", "--image-size", "64", "--holdout", "0",
                  "--threshold-strategy", "percentile", "--out", str(tmp_path / "m.safetensors")]) == 0
     assert "note: the training images are about 200 x 200 px and are scored at 64 px" in capsys.readouterr().err
+    # who typed --tile 1 (or set it in --config) chose it: no note suggesting otherwise
+    assert main(["train", "--data", str(data), "--method", "baseline", "--image-size", "64", "--holdout", "0",
+                 "--tile", "1", "--threshold-strategy", "percentile", "--out", str(tmp_path / "m1.safetensors")]) == 0
+    assert "note: the training images" not in capsys.readouterr().err

@@ -132,12 +132,12 @@ def _check_validation_size(params: dict[str, Any]) -> None:
 
 def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataParams,
                 out: str | Path | None = None, progress: bool = True, decision: DecisionParams | None = None,
-                log: Callable[[str], None] | None = None, shards: ShardRunner | None = None
-                ) -> tuple[Detector, Path, dict]:
+                log: Callable[[str], None] | None = None, shards: ShardRunner | None = None,
+                tile_given: bool = False) -> tuple[Detector, Path, dict]:
     """Fit ``method`` (or ``auto``) on the normal training images of ``data``; returns (detector, model
     path, split). With ``decision``, the threshold is chosen on out-of-fold normals and synthetic defects
     (``methods.crossfit``); without it, the method's own default stays. ``shards`` spreads a reduction fit
-    over workers (see ``apps.train_ray``)."""
+    over workers (see ``apps.train_ray``). ``tile_given``: the user chose ``tile`` (no note suggesting it)."""
     ds = discover(data, dp.layout, dp.normal_dir, dp.abnormal_dir)
     train, held = holdout_split(ds, dp.holdout, dp.seed)
     hashes = check_training_content(ds, train, held)  # before any fit: identical images are refused
@@ -150,6 +150,7 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
                              + (", or lower --holdout)" if held else ")"))
     out = Path(out or default_model_path(ds.root, method))
     paths = [s.path for s in train]
+    note = None if tile_given else log
     if params.get("backbone") == SSL_FINE_TUNE:
         params = _fine_tune_first(ds, train, held, dp, params, out, progress, log)
     if method == "auto":
@@ -157,10 +158,10 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
 
         det, _ = auto_fit(paths, params, decision or DecisionParams(), seed=dp.seed, progress=progress,
                           log=log)
-        _say_large_images(paths, det, log)
+        _say_large_images(paths, det, note)
     else:
         det = create_detector(method, **with_training_dir(method, params, out))
-        _say_large_images(paths, det, log)  # before the fit: whoever wants to tile can stop and start again
+        _say_large_images(paths, det, note)  # before the fit: whoever wants to tile can stop and start again
         det.fit(paths, progress=progress, shards=shards)
         if decision is not None:
             _validate(det, paths, decision, dp.seed)

@@ -238,7 +238,7 @@ def _train(args: argparse.Namespace, given: dict) -> int:
     with warnings_as_lines():
         det, path, split = train_model(args.data, args.method, given, data_params(args), args.out, args.progress,
                                        decision=decision, log=lambda m: print(m, file=sys.stderr, flush=True),
-                                       shards=shards)
+                                       shards=shards, tile_given="tile" in vars(args))  # typed or from --config
     held = f", {len(split['holdout'])} normal images held out" if split["holdout"] else ""
     print(f"trained {det.method} on {len(split['train'])} normal images of {split['root']} "
           f"({split['layout']} layout{held}) in {det.fit_seconds_:.1f} s")
