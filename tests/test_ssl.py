@@ -425,4 +425,5 @@ def test_a_fine_tune_says_before_it_starts_when_memory_looks_short(available, wa
                  "--pretext", "cutpaste", "--device", "cpu", *flags]) == 0
     err = capsys.readouterr().err
     assert ("insightad: warning: ssl: this fine-tune needs about" in err) is warned
+    assert ("then --backbone ssl:FILE" in err) is warned  # where the one-command form cannot take --freeze-levels
     assert err.count("this fine-tune needs") <= 1 and "Traceback" not in err

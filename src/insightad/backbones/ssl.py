@@ -118,7 +118,9 @@ def warn_if_short_of_memory(p: SSLParams) -> None:
     if have is not None and need > have:
         warnings.warn(f"ssl: this fine-tune needs about {need / 2**30:.1f} GB on the CPU (batch {p.batch_size} at "
                       f"{p.image_size} px) and {have / 2**30:.1f} GB are available: it may be killed before it ends; "
-                      "lower --batch-size or --image-size, or use --freeze-levels 2 (docs/ssl.md)",
+                      "lower --batch-size or --image-size, or use --freeze-levels 2 (docs/ssl.md; under train "
+                      "--backbone ssl, --batch-size is the detector's and --freeze-levels is not taken: run train "
+                      "--method ssl with them first, then --backbone ssl:FILE)",
                       MemoryShortWarning, stacklevel=3)
 
 
