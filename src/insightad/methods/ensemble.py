@@ -70,15 +70,25 @@ class EnsembleModel(nn.Module):
         self.register_buffer("centre", centre)
         self.register_buffer("scale", scale)
         self.shared = False  # set by share_backbone once the tensors are in place
+        self.host = 0  # shared: the member whose backbone runs, and each member's levels among its outputs
+        self.picks: list[list[int]] = []
         self.register_load_state_dict_post_hook(_share_after_load)
 
     def share_backbone(self) -> bool:
-        """Run the backbone once for every member where each member can take computed levels and all
-        members hold the same backbone (normalisation and extractor: architecture, levels and weights equal).
-        Call after the members' tensors are final (fit, or load_state_dict)."""
-        parts = [_backbone_of(m) for m in self.members]
-        first = parts[0]
-        self.shared = first is not None and all(p is not None and _same(first, p) for p in parts[1:])
+        """Run the backbone once for every member where each member can take computed levels and one member's
+        backbone computes every other's (normalisation and extractor: same architecture and weights, its levels
+        a superset of theirs: SVDD's levels 0-3 serve PaDiM's 1-3). Call after the members' tensors are final
+        (fit, or load_state_dict)."""
+        found = [p for p in map(_backbone_of, self.members) if p is not None]
+        self.shared = False
+        if len(found) < len(self.members):
+            return False
+        for host, candidate in enumerate(found):
+            if all(_covers(candidate, other) for other in found):
+                levels = list(cast(Any, candidate[1]).layers)
+                self.host, self.shared = host, True
+                self.picks = [[levels.index(level) for level in cast(Any, other[1]).layers] for other in found]
+                break
         return self.shared
 
     def combine(self, outputs: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
@@ -91,9 +101,10 @@ class EnsembleModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.shared:
-            normalize, extractor = cast(Any, self.members[0]).backbone()
+            normalize, extractor = cast(Any, self.members[self.host]).backbone()
             levels = extractor(normalize(x))
-            return self.combine([cast(Any, m).from_levels(levels) for m in self.members])
+            return self.combine([cast(Any, m).from_levels([levels[i] for i in pick])
+                                 for m, pick in zip(self.members, self.picks)])
         return self.combine([m(x) for m in self.members])
 
 
@@ -313,11 +324,12 @@ def _backbone_of(member: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return cast(Any, member).backbone()
 
 
-def _same(a: tuple[nn.Module, nn.Module], b: tuple[nn.Module, nn.Module]) -> bool:
-    """Whether two (normalize, extractor) pairs compute the same thing: same extractor architecture and levels,
-    equal tensors."""
-    if (getattr(a[1], "arch", None), getattr(a[1], "layers", None)) != (getattr(b[1], "arch", None),
-                                                                         getattr(b[1], "layers", None)):
+def _covers(a: tuple[nn.Module, nn.Module], b: tuple[nn.Module, nn.Module]) -> bool:
+    """Whether the (normalize, extractor) pair ``a`` computes every level ``b`` does, as ``b`` does: same extractor
+    architecture, ``b``'s levels among ``a``'s, equal tensors (a backbone cut after another deepest level has
+    other tensors)."""
+    if getattr(a[1], "arch", None) != getattr(b[1], "arch", None) or not set(getattr(b[1], "layers", ())) <= set(
+            getattr(a[1], "layers", ())):
         return False
     for x, y in zip(a, b):
         sx, sy = x.state_dict(), y.state_dict()

@@ -1,6 +1,6 @@
 """Deep SVDD (Ruff et al., ICML 2018): normal images mapped close to a centre c; score = distance to c.
 
-The network is a frozen backbone (per level, the channel means and spatial standard deviations,
+The network is a frozen backbone (levels 0-3; per level, the channel means and spatial standard deviations,
 each L2-normalised), by default standardised per feature with the training normals' mean and
 standard deviation (fixed buffers), followed by a trainable projection head. The paper's guards
 against the trivial solution (every image mapped onto c) are kept: the head has no bias terms, c
@@ -59,7 +59,8 @@ SAD_EPS = 1e-6  # Deep SAD's guard in eta / (d^2 + eps): a labelled anomaly at c
 class SVDDParams(TrainLoopParams, DetectorParams):
     """Deep SVDD: a bias-free projection head on frozen pooled backbone features, pulled towards a centre c."""
 
-    layers: list[int] = param([1, 2, 3], "backbone feature levels to pool (0 = finest)")
+    layers: list[int] = param([0, 1, 2, 3], "backbone feature levels to pool (0 = finest, stride 2: sees thin "
+                              "cracks that levels 1-3 blur; docs/svdd.md)")
     pooling: str = param("mean_std", "per-channel statistics of each level: mean, or mean and spatial "
                          "standard deviation (sees thin local defects such as cracks better)",
                          choices=("mean", "mean_std"))
