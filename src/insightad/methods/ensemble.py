@@ -85,9 +85,9 @@ class EnsembleModel(nn.Module):
             return False
         for host, candidate in enumerate(found):
             if all(_covers(candidate, other) for other in found):
-                levels = list(cast(Any, candidate[1]).layers)
+                levels = sorted(cast(Any, candidate[1]).layers)  # an extractor returns its levels finest first
                 self.host, self.shared = host, True
-                self.picks = [[levels.index(level) for level in cast(Any, other[1]).layers] for other in found]
+                self.picks = [[levels.index(level) for level in sorted(cast(Any, other[1]).layers)] for other in found]
                 break
         return self.shared
 
