@@ -113,34 +113,9 @@ def test_cli_trains_an_ensemble_of_two_map_methods(mvtec_dir, tmp_path, capsys):
     assert '"score"' in line
 
 
-def test_members_on_the_same_backbone_share_one_pass(mvtec_dir):
-    """PaDiM and SVDD read the same levels of the same backbone: the ensemble runs it once, with the same
-    result as running each member whole; a member whose backbone differs is run on its own."""
-    import torch
-
-    from insightad.methods.ensemble import EnsembleModel
-
-    train = sorted(str(p) for p in (mvtec_dir / "train" / "good").glob("*.png"))[:16]
-    padim = create_detector("padim", image_size=SIZE, n_features=16).fit(train)
-    svdd = create_detector("svdd", image_size=SIZE, epochs=5, patience=0, val_fraction=0.0).fit(train)
-    model = EnsembleModel([padim.model_, svdd.model_], torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25]),
-                          [True, False]).eval()
-    assert model.share_backbone()
-    x = torch.from_numpy(np.stack([padim.load_input(p)[0] for p in _test_images(mvtec_dir)[:3]]))
-    with torch.inference_mode():
-        shared = model(x)
-        model.shared = False
-        whole = model(x)
-    for a, b in zip(shared, whole):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    with torch.no_grad():
-        next(svdd.model_.features.extractor.parameters()).add_(1.0)
-    assert not model.share_backbone()
-
-
-def test_a_member_whose_levels_cover_the_others_runs_the_backbone_for_all(mvtec_dir):
-    """SVDD on levels 0-3 computes PaDiM's 1-3 too: one pass (SVDD's), each member given its own levels, the same
-    result as running each whole; a backbone cut after another deepest level (2-4) is not shared."""
+def _padim_and_svdd(mvtec_dir, svdd_layers):
+    """A PaDiM on levels 1-3 and an SVDD on ``svdd_layers`` fitted on the same images, their ensemble model, and a
+    batch of test images."""
     import torch
 
     from insightad.methods.ensemble import EnsembleModel
@@ -148,20 +123,46 @@ def test_a_member_whose_levels_cover_the_others_runs_the_backbone_for_all(mvtec_
     train = sorted(str(p) for p in (mvtec_dir / "train" / "good").glob("*.png"))[:16]
     padim = create_detector("padim", image_size=SIZE, n_features=16, layers=[1, 2, 3]).fit(train)
     svdd = create_detector("svdd", image_size=SIZE, epochs=5, patience=0, val_fraction=0.0,
-                           layers=[0, 1, 2, 3]).fit(train)
+                           layers=svdd_layers).fit(train)
     model = EnsembleModel([padim.model_, svdd.model_], torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25]),
                           [True, False]).eval()
-    assert model.share_backbone() and model.host == 1 and model.picks == [[1, 2, 3], [0, 1, 2, 3]]
     x = torch.from_numpy(np.stack([padim.load_input(p)[0] for p in _test_images(mvtec_dir)[:3]]))
+    return svdd, model, x
+
+
+def _shared_pass_scores_as_whole(model, x) -> None:
+    import torch
+
     with torch.inference_mode():
         shared = model(x)
         model.shared = False
         whole = model(x)
     for a, b in zip(shared, whole):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    deeper = create_detector("svdd", image_size=SIZE, epochs=2, patience=0, val_fraction=0.0, layers=[2, 3, 4]).fit(train)
-    assert not EnsembleModel([padim.model_, deeper.model_], torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25]),
-                             [True, False]).share_backbone()
+
+
+def test_members_on_the_same_backbone_share_one_pass(mvtec_dir):
+    """PaDiM and SVDD on the same levels of the same backbone: the ensemble runs it once, with the same result as
+    running each member whole; a member whose backbone differs is run on its own."""
+    import torch
+
+    svdd, model, x = _padim_and_svdd(mvtec_dir, [1, 2, 3])
+    assert model.share_backbone() and model.picks == [[0, 1, 2], [0, 1, 2]]
+    _shared_pass_scores_as_whole(model, x)
+    with torch.no_grad():
+        next(svdd.model_.features.extractor.parameters()).add_(1.0)
+    assert not model.share_backbone()
+
+
+def test_a_member_whose_levels_cover_the_others_runs_the_backbone_for_all(mvtec_dir):
+    """SVDD on levels 0-3 (its default) computes PaDiM's 1-3 too: one pass (SVDD's), each member given its own
+    levels, the same result as running each whole; a backbone cut after another deepest level (2-4) is not
+    shared."""
+    _, model, x = _padim_and_svdd(mvtec_dir, [0, 1, 2, 3])
+    assert model.share_backbone() and model.host == 1 and model.picks == [[1, 2, 3], [0, 1, 2, 3]]
+    _shared_pass_scores_as_whole(model, x)
+    _, deeper, _ = _padim_and_svdd(mvtec_dir, [2, 3, 4])
+    assert not deeper.share_backbone()
 
 
 def test_a_file_from_before_the_weights_loads_as_the_plain_mean(ensemble, tmp_path, mvtec_dir):
