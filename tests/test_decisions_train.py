@@ -83,6 +83,23 @@ def test_refit_folds_all_validates_every_training_normal(mvtec_dir, tmp_path):
         main(["train", "--method", "svdd", "--refit-folds", "every", "--data", str(mvtec_dir)])
 
 
+def test_refit_folds_all_says_when_it_changes_nothing(mvtec_dir, tmp_path, capsys):
+    """baseline is validated exactly on every fold: --refit-folds all asked for it gets one note, not a silent no-op;
+    a method that refits (the stub) gets none."""
+    register_meandev()
+    out = tmp_path / "b.safetensors"
+    assert main(["train", "--method", "baseline", "--data", str(mvtec_dir), "--image-size", "64",
+                 "--refit-folds", "all", "--out", str(out)]) == 0
+    assert "note: --refit-folds all changed nothing for baseline: it is validated on every training normal without " \
+           "refitting (kfold-exact (k=5))" in capsys.readouterr().err
+    from insightad.apps.train import train_model
+
+    said: list[str] = []
+    train_model(mvtec_dir, NAME, {"image_size": 64}, DataParams(), tmp_path / "m.safetensors", progress=False,
+                decision=DecisionParams(refit_folds="all"), log=said.append)
+    assert not any("--refit-folds" in line for line in said)
+
+
 def _labels_csv(path, rows, header):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)

@@ -165,6 +165,8 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
         det.fit(paths, progress=progress, shards=shards)
         if decision is not None:
             _validate(det, paths, decision, dp.seed)
+    if log is not None and decision is not None:
+        _say_refit_folds_unused(det, decision, log)
     det.split_ = split_record(ds, train, held, dp, hashes)
     backbone = backbone_training(det)
     if backbone is not None:
@@ -172,6 +174,15 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
         _warn_backbone_saw_held_out(backbone, ds, held)
     path = save_model(det, out)
     return det, path, det.split_
+
+
+def _say_refit_folds_unused(det: Detector, decision: DecisionParams, log: Callable[[str], None]) -> None:
+    """``--refit-folds all`` asked for, and the model was validated without refitting (baseline, PaDiM and PatchCore
+    score every training normal out of fold exactly): one note line, so nobody waits for a difference."""
+    validation = str(((getattr(det, "threshold_info_", None) or {}).get("decision") or {}).get("validation", ""))
+    if decision.refit_folds == "all" and validation and not validation.startswith(("kfold-refit", "members")):
+        log(f"note: --refit-folds all changed nothing for {det.method}: it is validated on every training normal "
+            f"without refitting ({validation})")
 
 
 def _validate(det: Detector, paths: list[Path], decision: DecisionParams, seed: int) -> None:
