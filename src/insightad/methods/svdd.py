@@ -59,8 +59,8 @@ SAD_EPS = 1e-6  # Deep SAD's guard in eta / (d^2 + eps): a labelled anomaly at c
 class SVDDParams(TrainLoopParams, DetectorParams):
     """Deep SVDD: a bias-free projection head on frozen pooled backbone features, pulled towards a centre c."""
 
-    layers: list[int] = param([0, 1, 2, 3], "backbone feature levels to pool (0 = finest, stride 2: sees thin "
-                              "cracks that levels 1-3 blur; docs/svdd.md)")
+    layers: list[int] = param([0, 1, 2, 3], "backbone feature levels to pool (0 = finest, stride 2; adding it to "
+                              "1-3 raised crack image AUROC 0.984 -> 0.990, docs/svdd.md)")
     pooling: str = param("mean_std", "per-channel statistics of each level: mean, or mean and spatial "
                          "standard deviation (sees thin local defects such as cracks better)",
                          choices=("mean", "mean_std"))
