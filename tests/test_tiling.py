@@ -124,3 +124,8 @@ def test_train_notes_large_images_that_could_be_tiled(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--method", "baseline", "--image-size", "64", "--holdout", "0",
                  "--tile", "1", "--threshold-strategy", "percentile", "--out", str(tmp_path / "m1.safetensors")]) == 0
     assert "note: the training images" not in capsys.readouterr().err
+    (tmp_path / "tile.toml").write_text("tile = 1\n", encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "tile.toml"), "--data", str(data), "--method", "baseline",
+                 "--image-size", "64", "--holdout", "0", "--threshold-strategy", "percentile",
+                 "--out", str(tmp_path / "m2.safetensors")]) == 0
+    assert "note: the training images" not in capsys.readouterr().err
