@@ -178,11 +178,15 @@ def train_model(data: str | Path, method: str, params: dict[str, Any], dp: DataP
 
 def _say_refit_folds_unused(det: Detector, decision: DecisionParams, log: Callable[[str], None]) -> None:
     """``--refit-folds all`` asked for, and the model was validated without refitting (baseline, PaDiM and PatchCore
-    score every training normal out of fold exactly): one note line, so nobody waits for a difference."""
-    validation = str(((getattr(det, "threshold_info_", None) or {}).get("decision") or {}).get("validation", ""))
-    if decision.refit_folds == "all" and validation and not validation.startswith(("kfold-refit", "members")):
-        log(f"note: --refit-folds all changed nothing for {det.method}: it is validated on every training normal "
-            f"without refitting ({validation})")
+    score every training normal out of fold exactly; ``crossfit.scheme_for`` decides): one note line, so nobody
+    waits for a difference."""
+    from insightad.methods.crossfit import scheme_for
+
+    if decision.refit_folds != "all" or scheme_for(det, "all") == "kfold-refit":
+        return
+    validation = ((getattr(det, "threshold_info_", None) or {}).get("decision") or {}).get("validation")
+    log(f"note: --refit-folds all changed nothing for {det.method}: it is validated on every training normal "
+        f"without refitting ({validation or scheme_for(det, 'all')})")
 
 
 def _validate(det: Detector, paths: list[Path], decision: DecisionParams, seed: int) -> None:
